@@ -1,0 +1,281 @@
+//! HF model directory -> `VipLlava` module, and Burn-native (burnpack) checkpoints.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, Device};
+use burn_store::{
+    BurnToPyTorchAdapter, BurnpackStore, FloatCastAdapter, KeyRemapper, ModuleAdapter, ModuleSnapshot,
+    PyTorchToBurnAdapter, SafetensorsStore,
+};
+use vipllava_model::{VipLlava, VipLlavaConfig};
+
+use crate::checkpoint::{Checkpoint, DiskDType, KeyLayout};
+use crate::error::ConvertError;
+
+/// File name of the resolved config written beside a burnpack checkpoint.
+pub const BURNPACK_CONFIG: &str = "vipllava_config.json";
+/// File name of the burnpack weights.
+pub const BURNPACK_WEIGHTS: &str = "model.bpk";
+
+/// How to load.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Float dtype of the loaded parameters (f32 by default, whatever the file holds).
+    pub dtype: DType,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32 }
+    }
+}
+
+/// Where the weights came from.
+#[derive(Debug, Clone, serde::Serialize)]
+pub enum WeightFormat {
+    /// HF safetensors in the given key layout.
+    Safetensors(KeyLayout),
+    /// A Burn-native burnpack file.
+    Burnpack,
+}
+
+/// What was loaded.
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    /// Format and key layout.
+    pub format: WeightFormat,
+    /// Weight files read.
+    pub files: Vec<PathBuf>,
+    /// On-disk float dtypes.
+    pub disk_dtypes: Vec<DiskDType>,
+    /// Tensors applied to the model.
+    pub tensors_loaded: usize,
+    /// Tensors in the files that the model does not use (e.g. `post_layernorm`, vision
+    /// layers deeper than the deepest selected hidden state, `position_ids` buffers).
+    pub unused: Vec<String>,
+}
+
+/// A loaded model with its resolved config.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// The module, ready for inference.
+    pub model: VipLlava,
+    /// Resolved config (feature layers reconciled with the weights).
+    pub config: VipLlavaConfig,
+    /// Loading details.
+    pub report: LoadReport,
+}
+
+/// Reads and resolves `config.json` of a HF model directory.
+pub fn read_config(dir: &Path) -> Result<VipLlavaConfig, ConvertError> {
+    let path = dir.join("config.json");
+    if !path.is_file() {
+        return Err(ConvertError::NoConfig {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| ConvertError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    VipLlavaConfig::from_json_str(&text).map_err(|source| ConvertError::Config { path, source })
+}
+
+/// Resolves the config against the weights' headers: the projector width decides the
+/// stray scalar `vision_feature_layer` and must agree with the layers otherwise.
+pub fn reconcile_config(
+    dir: &Path,
+    config: &mut VipLlavaConfig,
+    checkpoint: &Checkpoint,
+) -> Result<KeyLayout, ConvertError> {
+    let layout = checkpoint.layout()?;
+    let key = "multi_modal_projector.projector_layernorm.weight";
+    let Some((_, entry)) = checkpoint.find(layout, key) else {
+        return Err(ConvertError::MissingTensor {
+            key: layout.file_key(key),
+            expected: vec![config.projector_input_width()],
+            hint: String::new(),
+        });
+    };
+    let width = entry.shape.first().copied().unwrap_or(0);
+    config
+        .reconcile_projector_width(width)
+        .map_err(|source| ConvertError::Config {
+            path: dir.join("config.json"),
+            source,
+        })?;
+    Ok(layout)
+}
+
+/// Loads a model directory: a HF directory (`config.json` + safetensors, single or
+/// sharded, any known key layout, f32/f16/bf16) or a burnpack directory written by
+/// [`save_burnpack`].
+pub fn load_model(dir: &Path, device: &Device, options: &LoadOptions) -> Result<LoadedModel, ConvertError> {
+    if dir.join(BURNPACK_WEIGHTS).is_file() && dir.join(BURNPACK_CONFIG).is_file() {
+        return load_burnpack(dir, device);
+    }
+    let mut config = read_config(dir)?;
+    let checkpoint = Checkpoint::open(dir)?;
+    let layout = reconcile_config(dir, &mut config, &checkpoint)?;
+    let mut model = VipLlava::new(&config, device);
+
+    // Check every tensor the model needs before reading any data, so that errors name
+    // the file key with expected and found shapes.
+    let expected = model.collect(None, Some(Box::new(BurnToPyTorchAdapter)), false);
+    let mut needed: BTreeSet<String> = BTreeSet::new();
+    for tensor in &expected {
+        let shape: Vec<usize> = tensor.shape.to_vec();
+        let Some((key, entry)) = checkpoint.find(layout, &tensor.name) else {
+            let hint = if tensor.name == "lm_head.weight" {
+                " (if the checkpoint ties lm_head to the embeddings, set `tie_word_embeddings: true` in config.json)"
+                    .to_string()
+            } else {
+                String::new()
+            };
+            return Err(ConvertError::MissingTensor {
+                key: layout.file_key(&tensor.name),
+                expected: shape,
+                hint,
+            });
+        };
+        if entry.shape != shape {
+            return Err(ConvertError::ShapeMismatch {
+                key,
+                expected: shape,
+                found: entry.shape.clone(),
+            });
+        }
+        if !entry.dtype.is_float() {
+            return Err(ConvertError::UnsupportedDtype {
+                key,
+                dtype: entry.dtype.name().to_string(),
+                file: checkpoint.files[entry.file].clone(),
+            });
+        }
+        needed.insert(key);
+    }
+
+    let remapper = layout_remapper().map_err(|message| ConvertError::Store {
+        file: dir.to_path_buf(),
+        message,
+    })?;
+    let mut loaded = 0usize;
+    for file in &checkpoint.files {
+        let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(options.dtype));
+        let mut store = SafetensorsStore::from_file(file)
+            .with_from_adapter(adapter)
+            .remap(remapper.clone())
+            .allow_partial(true)
+            .validate(false);
+        let result = model.load_from(&mut store).map_err(|e| ConvertError::Store {
+            file: file.clone(),
+            message: e.to_string(),
+        })?;
+        if let Some(err) = result.errors.first() {
+            return Err(ConvertError::Store {
+                file: file.clone(),
+                message: format!("{err} ({} error(s) in this file)", result.errors.len()),
+            });
+        }
+        loaded += result.applied.len();
+    }
+    if loaded != expected.len() {
+        return Err(ConvertError::Store {
+            file: dir.to_path_buf(),
+            message: format!("{loaded} tensors applied but the model has {}", expected.len()),
+        });
+    }
+    let unused = checkpoint
+        .tensors
+        .keys()
+        .filter(|k| !needed.contains(*k))
+        .cloned()
+        .collect();
+    Ok(LoadedModel {
+        model,
+        config,
+        report: LoadReport {
+            format: WeightFormat::Safetensors(layout),
+            files: checkpoint.files.clone(),
+            disk_dtypes: checkpoint.float_dtypes(),
+            tensors_loaded: loaded,
+            unused,
+        },
+    })
+}
+
+/// File-key prefixes of every known layout, rewritten to the model's module paths.
+fn layout_remapper() -> Result<KeyRemapper, String> {
+    KeyRemapper::from_patterns(vec![
+        (r"^model\.vision_tower\.vision_model\.", "vision_tower."),
+        (r"^model\.vision_tower\.", "vision_tower."),
+        (r"^vision_tower\.vision_model\.", "vision_tower."),
+        (r"^language_model\.lm_head\.", "lm_head."),
+        (r"^model\.language_model\.", "language_model."),
+        (r"^language_model\.model\.", "language_model."),
+        (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    ])
+    .map_err(|e| e.to_string())
+}
+
+/// Writes a Burn-native checkpoint: `model.bpk` (burnpack, loads memory-mapped) and the
+/// resolved config as `vipllava_config.json` beside it.
+pub fn save_burnpack(model: &VipLlava, config: &VipLlavaConfig, out_dir: &Path) -> Result<(), ConvertError> {
+    std::fs::create_dir_all(out_dir).map_err(|source| ConvertError::Io {
+        path: out_dir.to_path_buf(),
+        source,
+    })?;
+    let weights = out_dir.join(BURNPACK_WEIGHTS);
+    let mut store = BurnpackStore::from_file(&weights).overwrite(true);
+    model.save_into(&mut store).map_err(|e| ConvertError::Write {
+        path: weights.clone(),
+        message: e.to_string(),
+    })?;
+    let config_path = out_dir.join(BURNPACK_CONFIG);
+    let json = serde_json::to_string_pretty(config).map_err(|e| ConvertError::Write {
+        path: config_path.clone(),
+        message: e.to_string(),
+    })?;
+    std::fs::write(&config_path, json).map_err(|source| ConvertError::Io {
+        path: config_path,
+        source,
+    })
+}
+
+/// Loads a checkpoint written by [`save_burnpack`].
+pub fn load_burnpack(dir: &Path, device: &Device) -> Result<LoadedModel, ConvertError> {
+    let config_path = dir.join(BURNPACK_CONFIG);
+    let text = std::fs::read_to_string(&config_path).map_err(|source| ConvertError::Io {
+        path: config_path.clone(),
+        source,
+    })?;
+    let config: VipLlavaConfig = serde_json::from_str(&text).map_err(|e| ConvertError::Config {
+        path: config_path,
+        source: vipllava_model::ConfigError::Json(e.to_string()),
+    })?;
+    let mut model = VipLlava::new(&config, device);
+    let weights = dir.join(BURNPACK_WEIGHTS);
+    let mut store = BurnpackStore::from_file(&weights);
+    let result = model.load_from(&mut store).map_err(|e| ConvertError::Store {
+        file: weights.clone(),
+        message: e.to_string(),
+    })?;
+    if let Some(err) = result.errors.first() {
+        return Err(ConvertError::Store {
+            file: weights,
+            message: err.to_string(),
+        });
+    }
+    Ok(LoadedModel {
+        model,
+        config,
+        report: LoadReport {
+            format: WeightFormat::Burnpack,
+            files: vec![weights],
+            disk_dtypes: Vec::new(),
+            tensors_loaded: result.applied.len(),
+            unused: result.unused,
+        },
+    })
+}

@@ -1,0 +1,75 @@
+//! Small building blocks shared by the vision tower, projector and language model.
+
+use burn::module::{Module, Param};
+use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::tensor::activation::{gelu, gelu_approximate, relu, sigmoid, silu};
+use burn::tensor::{DType, Device, Tensor};
+
+use crate::config::Activation;
+
+/// Applies one of the activations named in HF configs.
+pub fn activate<const D: usize>(act: Activation, x: Tensor<D>) -> Tensor<D> {
+    match act {
+        Activation::Gelu => gelu(x),
+        Activation::GeluTanh => gelu_approximate(x),
+        // CLIP's quick_gelu: x * sigmoid(1.702 x); burn has no built-in for it.
+        Activation::QuickGelu => x.clone() * sigmoid(x * 1.702),
+        Activation::Silu => silu(x),
+        Activation::Relu => relu(x),
+    }
+}
+
+/// A `Linear` with the given bias flag, initialised lazily (weights loaded later replace it).
+pub fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out)
+        .with_bias(bias)
+        .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+        .init(device)
+}
+
+/// Llama's RMSNorm: normalises in f32 and multiplies by the weight after casting back,
+/// as transformers' `LlamaRMSNorm` does.
+///
+/// Named `LlamaRmsNorm` (not `RmsNorm`) so that the PyTorch adapter keeps the HF
+/// parameter name `weight`.
+#[derive(Module, Debug)]
+pub struct LlamaRmsNorm {
+    /// Per-channel scale, `[hidden]`.
+    pub weight: Param<Tensor<1>>,
+    /// Added to the mean square before the reciprocal square root.
+    pub eps: f64,
+}
+
+impl LlamaRmsNorm {
+    /// A norm of width `d` with unit weight.
+    pub fn new(d: usize, eps: f64, device: &Device) -> Self {
+        Self {
+            weight: Initializer::Ones.init([d], device),
+            eps,
+        }
+    }
+
+    /// Normalises the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        let xf = if dtype == DType::F32 {
+            x
+        } else {
+            x.cast(DType::F32)
+        };
+        let variance = xf.clone().square().mean_dim(D - 1);
+        let normed = xf * (variance + self.eps).sqrt().recip();
+        let normed = if dtype == DType::F32 {
+            normed
+        } else {
+            normed.cast(dtype)
+        };
+        let weight = self.weight.val();
+        let weight = if weight.dtype() == dtype {
+            weight
+        } else {
+            weight.cast(dtype)
+        };
+        normed * weight.unsqueeze()
+    }
+}

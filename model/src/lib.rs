@@ -1,0 +1,25 @@
+//! # vipllava-model
+//!
+//! The VipLlava (ViP-LLaVA) vision-language model in Burn: HF config dialects, the CLIP
+//! vision tower, the multi-modal projector, the Llama decoder with a KV cache, and the
+//! merge of image features into the token sequence.
+//!
+//! This crate knows nothing of files or tokenizers: `vipllava-convert` loads checkpoints
+//! into these modules and `vipllava-processor` prepares inputs. Every constructor takes a
+//! `&Device`, so the same code runs on any Burn backend compiled in.
+
+pub mod clip;
+pub mod config;
+pub mod layers;
+pub mod llama;
+pub mod vipllava;
+
+pub use config::{
+    Activation, ClipVisionConfig, ConfigError, DEFAULT_VISION_FEATURE_LAYERS, FeatureLayerSource,
+    LlamaConfig, RopeScaling, VipLlavaConfig,
+};
+pub use llama::KvCache;
+pub use vipllava::{ForwardError, ForwardInput, LogitsMode, VipLlava};
+
+/// Re-export of the Burn version this crate is built against.
+pub use burn;

@@ -1,0 +1,326 @@
+//! The full VipLlava model: vision tower, multi-modal projector, Llama, and the merge of
+//! image features into the token embeddings.
+
+use burn::module::Module;
+use burn::nn::{LayerNorm, LayerNormConfig, Linear};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use crate::clip::ClipVisionTower;
+use crate::config::{Activation, VipLlavaConfig};
+use crate::layers::{activate, linear};
+use crate::llama::{DecoderStep, KvCache, LlamaModel};
+
+/// Errors of a forward pass caused by its inputs.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum ForwardError {
+    /// The number of `<image>` token positions differs from the number of image features.
+    #[error(
+        "Image features and image tokens do not match: tokens: {tokens}, features: {features} ({images} image(s) x {per_image} features each)"
+    )]
+    ImageTokenMismatch {
+        /// Positions holding the image token.
+        tokens: usize,
+        /// Image feature vectors available.
+        features: usize,
+        /// Images given.
+        images: usize,
+        /// Features per image.
+        per_image: usize,
+    },
+    /// Pixel values of the wrong shape.
+    #[error("pixel_values must be [batch, {channels}, {size}, {size}], found {found:?}")]
+    PixelShape {
+        /// Expected channels.
+        channels: usize,
+        /// Expected side.
+        size: usize,
+        /// Found shape.
+        found: Vec<usize>,
+    },
+    /// A token id outside the vocabulary.
+    #[error("token id {id} at position {position} is outside the vocabulary (vocab_size {vocab_size})")]
+    TokenOutOfVocab {
+        /// The id.
+        id: i64,
+        /// Flat position.
+        position: usize,
+        /// Vocabulary size.
+        vocab_size: usize,
+    },
+    /// Position ids / mask do not match the input.
+    #[error("invalid forward inputs: {0}")]
+    BadInput(String),
+}
+
+/// LayerNorm -> Linear -> activation -> Linear over the concatenated vision states.
+#[derive(Module, Debug)]
+pub struct VipLlavaProjector {
+    /// Norm over `layers x vision hidden` channels.
+    pub projector_layernorm: LayerNorm,
+    /// To the text hidden size.
+    pub linear_1: Linear,
+    /// Text hidden to text hidden.
+    pub linear_2: Linear,
+    /// Activation between the linears.
+    #[module(skip)]
+    pub act: Activation,
+}
+
+impl VipLlavaProjector {
+    /// `[B, P, layers x vision hidden]` to `[B, P, text hidden]`.
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self.linear_1.forward(self.projector_layernorm.forward(x));
+        self.linear_2.forward(activate(self.act, h))
+    }
+}
+
+/// `VipLlavaForConditionalGeneration` in Burn. Module paths follow HF names
+/// (`vision_tower.*`, `multi_modal_projector.*`, `language_model.*`, `lm_head.*`) so
+/// checkpoints map one to one.
+#[derive(Module, Debug)]
+pub struct VipLlava {
+    /// CLIP tower (truncated to the layers used).
+    pub vision_tower: ClipVisionTower,
+    /// Projector.
+    pub multi_modal_projector: VipLlavaProjector,
+    /// Decoder.
+    pub language_model: LlamaModel,
+    /// Output head; `None` when tied to the embeddings.
+    pub lm_head: Option<Linear>,
+    /// Image token id.
+    pub image_token_index: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Resolved, non-negative vision hidden-state indices, in projector order.
+    pub feature_indices: Vec<usize>,
+}
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogitsMode {
+    /// Every position `[batch, seq, vocab]`.
+    #[default]
+    All,
+    /// The last position only `[batch, 1, vocab]` (what generation needs).
+    LastOnly,
+}
+
+/// One forward call: new token ids, optional images (prefill only), positions.
+pub struct ForwardInput {
+    /// `[batch, seq]` token ids of the new tokens.
+    pub input_ids: Tensor<2, Int>,
+    /// `[images, 3, H, W]` pixels, required when the ids hold image tokens.
+    pub pixel_values: Option<Tensor<4>>,
+    /// Position ids `[batch][seq]`; `None` = `cache.len() .. cache.len() + seq` for every row.
+    pub positions: Option<Vec<Vec<i64>>>,
+    /// Key padding mask over cached + new positions (`true` = real token).
+    pub key_mask: Option<Tensor<2, Bool>>,
+    /// Which logits to compute.
+    pub logits: LogitsMode,
+}
+
+impl ForwardInput {
+    /// Ids only, default positions, all logits.
+    pub fn new(input_ids: Tensor<2, Int>) -> Self {
+        Self {
+            input_ids,
+            pixel_values: None,
+            positions: None,
+            key_mask: None,
+            logits: LogitsMode::All,
+        }
+    }
+
+    /// Adds pixel values.
+    pub fn with_pixels(mut self, pixel_values: Tensor<4>) -> Self {
+        self.pixel_values = Some(pixel_values);
+        self
+    }
+
+    /// Selects which logits to compute.
+    pub fn with_logits(mut self, mode: LogitsMode) -> Self {
+        self.logits = mode;
+        self
+    }
+}
+
+impl VipLlava {
+    /// Builds the model from a resolved config with lazily initialised (random) parameters;
+    /// load weights with `vipllava-convert`.
+    pub fn new(config: &VipLlavaConfig, device: &Device) -> Self {
+        let t = &config.text;
+        let width = config.projector_input_width();
+        Self {
+            vision_tower: ClipVisionTower::new(&config.vision, config.vision_layers_used(), device),
+            multi_modal_projector: VipLlavaProjector {
+                projector_layernorm: LayerNormConfig::new(width)
+                    .with_epsilon(config.projector_layernorm_eps)
+                    .init(device),
+                linear_1: linear(width, t.hidden_size, true, device),
+                linear_2: linear(t.hidden_size, t.hidden_size, true, device),
+                act: config.projector_hidden_act,
+            },
+            language_model: LlamaModel::new(t, device),
+            lm_head: (!t.tie_word_embeddings).then(|| linear(t.hidden_size, t.vocab_size, false, device)),
+            image_token_index: config.image_token_index,
+            vocab_size: t.vocab_size,
+            feature_indices: config.resolved_feature_indices(),
+        }
+    }
+
+    /// The selected vision hidden states (CLS included), in config order.
+    pub fn vision_hidden_states(&self, pixel_values: Tensor<4>) -> Result<Vec<Tensor<3>>, ForwardError> {
+        self.check_pixels(&pixel_values)?;
+        Ok(self
+            .vision_tower
+            .hidden_states(pixel_values, &self.feature_indices))
+    }
+
+    /// Projected image features `[images, patches, text hidden]` (HF `get_image_features`).
+    pub fn image_features(&self, pixel_values: Tensor<4>) -> Result<Tensor<3>, ForwardError> {
+        let states = self.vision_hidden_states(pixel_values)?;
+        let without_cls: Vec<Tensor<3>> = states
+            .into_iter()
+            .map(|s| {
+                let [b, t, d] = s.dims();
+                s.slice([0..b, 1..t, 0..d])
+            })
+            .collect();
+        Ok(self.multi_modal_projector.forward(Tensor::cat(without_cls, 2)))
+    }
+
+    fn check_pixels(&self, pixel_values: &Tensor<4>) -> Result<(), ForwardError> {
+        let dims = pixel_values.dims();
+        let channels = self.vision_tower.embeddings.patch_embedding.weight.dims()[1];
+        let size = self.vision_tower.image_size;
+        if dims[1] != channels || dims[2] != size || dims[3] != size || dims[0] == 0 {
+            return Err(ForwardError::PixelShape {
+                channels,
+                size,
+                found: dims.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Token embeddings with image features written at the image-token positions, in
+    /// row-major order (batch, then sequence), as transformers' `masked_scatter`.
+    pub fn merged_embeddings(
+        &self,
+        input_ids: Tensor<2, Int>,
+        image_features: Option<Tensor<3>>,
+    ) -> Result<Tensor<3>, ForwardError> {
+        let [b, t] = input_ids.dims();
+        let ids: Vec<i64> = input_ids
+            .to_data()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .map_err(|e| ForwardError::BadInput(format!("{e:?}")))?;
+        for (position, &id) in ids.iter().enumerate() {
+            if id < 0 || id as usize >= self.vocab_size {
+                return Err(ForwardError::TokenOutOfVocab {
+                    id,
+                    position,
+                    vocab_size: self.vocab_size,
+                });
+            }
+        }
+        let image_positions: Vec<usize> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, id)| **id == self.image_token_index as i64)
+            .map(|(i, _)| i)
+            .collect();
+        let embeds = self.language_model.embed(input_ids);
+        let (images, per_image, d) = match &image_features {
+            Some(f) => {
+                let [n, p, d] = f.dims();
+                (n, p, d)
+            }
+            None => (0, 0, 0),
+        };
+        if image_positions.len() != images * per_image {
+            return Err(ForwardError::ImageTokenMismatch {
+                tokens: image_positions.len(),
+                features: images * per_image,
+                images,
+                per_image,
+            });
+        }
+        let Some(features) = image_features.filter(|_| !image_positions.is_empty()) else {
+            return Ok(embeds);
+        };
+        let device = embeds.device();
+        let hidden = embeds.dims()[2];
+        let flat = embeds.reshape([b * t, hidden]);
+        let feats = features.reshape([images * per_image, d]);
+        // Gather from [text rows; feature rows]: image positions take the next feature.
+        let mut index: Vec<i64> = (0..(b * t) as i64).collect();
+        for (k, &pos) in image_positions.iter().enumerate() {
+            index[pos] = (b * t + k) as i64;
+        }
+        let index = Tensor::<1, Int>::from_data(TensorData::new(index, [b * t]), &device);
+        Ok(Tensor::cat(vec![flat, feats], 0)
+            .select(0, index)
+            .reshape([b, t, hidden]))
+    }
+
+    /// Logits from final hidden states.
+    pub fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let w = self.language_model.embed_tokens.weight.val(); // [vocab, hidden]
+                hidden.matmul(w.transpose().unsqueeze())
+            }
+        }
+    }
+
+    /// One forward pass over new tokens, appending to `cache`. On the prefill pass give
+    /// the pixel values; decode steps pass ids only.
+    pub fn forward(&self, input: ForwardInput, cache: &mut KvCache) -> Result<Tensor<3>, ForwardError> {
+        let [b, t] = input.input_ids.dims();
+        if b == 0 || t == 0 {
+            return Err(ForwardError::BadInput("empty input_ids".into()));
+        }
+        let features = match input.pixel_values {
+            Some(p) => Some(self.image_features(p)?),
+            None => None,
+        };
+        let embeds = self.merged_embeddings(input.input_ids, features)?;
+        let positions = match input.positions {
+            Some(p) => {
+                if p.len() != b || p.iter().any(|r| r.len() != t) {
+                    return Err(ForwardError::BadInput(format!("positions must be [{b}][{t}]")));
+                }
+                p
+            }
+            None => {
+                let start = cache.len() as i64;
+                vec![(start..start + t as i64).collect(); b]
+            }
+        };
+        if let Some(mask) = &input.key_mask {
+            let [mb, mt] = mask.dims();
+            if mb != b || mt != cache.len() + t {
+                return Err(ForwardError::BadInput(format!(
+                    "key mask must be [{b}, {}], found [{mb}, {mt}]",
+                    cache.len() + t
+                )));
+            }
+        }
+        let step = DecoderStep {
+            positions: &positions,
+            key_mask: input.key_mask,
+        };
+        let hidden = self.language_model.forward(embeds, &step, cache);
+        let hidden = match input.logits {
+            LogitsMode::All => hidden,
+            LogitsMode::LastOnly => {
+                let d = hidden.dims()[2];
+                hidden.slice([0..b, t - 1..t, 0..d])
+            }
+        };
+        Ok(self.lm_logits(hidden))
+    }
+}

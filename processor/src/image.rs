@@ -1,0 +1,1 @@
+//! CLIP image preprocessing (to be written).

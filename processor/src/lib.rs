@@ -1,0 +1,7 @@
+//! # vipllava-processor
+//!
+//! Everything between a user's image + question and the model's inputs, usable without
+//! the model crate: CLIP image preprocessing reproducing transformers' PIL backend
+//! bit for bit ([`image`]), and (next) tokenizer, chat template and `<image>` expansion.
+
+pub mod image;

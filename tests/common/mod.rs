@@ -1,0 +1,106 @@
+//! Shared helpers for the integration tests: fixture paths and reference tensors.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use safetensors::{Dtype, SafeTensors};
+
+/// The tiny checkpoints made by `scripts/make_fixtures.py`.
+pub const FIXTURES: [&str; 4] = [
+    "tiny-5x-f32",
+    "tiny-hub-bf16-sharded",
+    "tiny-gqa-f16",
+    "tiny-hub-tied-dynamic",
+];
+
+/// Path of a fixture directory.
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A reference tensor recorded with transformers.
+pub struct RefTensor {
+    pub shape: Vec<usize>,
+    pub f32: Vec<f32>,
+    pub i64: Vec<i64>,
+}
+
+/// Reads `reference.safetensors` of a fixture.
+pub struct Reference {
+    bytes: Vec<u8>,
+}
+
+impl Reference {
+    pub fn open(name: &str) -> Self {
+        Self::open_file(&fixture(name).join("reference.safetensors"))
+    }
+
+    pub fn open_file(path: &std::path::Path) -> Self {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Self { bytes }
+    }
+
+    pub fn get(&self, key: &str) -> RefTensor {
+        let st = SafeTensors::deserialize(&self.bytes).expect("reference safetensors");
+        let view = st
+            .tensor(key)
+            .unwrap_or_else(|_| panic!("reference tensor {key}"));
+        let data = view.data();
+        let (f32, i64) = match view.dtype() {
+            Dtype::F32 => (
+                data.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Vec::new(),
+            ),
+            Dtype::I64 => (
+                Vec::new(),
+                data.chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
+            ),
+            other => panic!("unexpected dtype {other:?}"),
+        };
+        RefTensor {
+            shape: view.shape().to_vec(),
+            f32,
+            i64,
+        }
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        SafeTensors::deserialize(&self.bytes)
+            .expect("reference")
+            .tensor(key)
+            .is_ok()
+    }
+
+    pub fn float<const D: usize>(&self, key: &str, device: &Device) -> Tensor<D> {
+        let t = self.get(key);
+        Tensor::from_data(TensorData::new(t.f32, t.shape), device)
+    }
+
+    pub fn ids(&self, device: &Device) -> Tensor<2, Int> {
+        let t = self.get("input_ids");
+        Tensor::from_data(TensorData::new(t.i64, t.shape), device)
+    }
+}
+
+/// Max |a - b| over two tensors of the same shape.
+pub fn max_abs_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    let a: Vec<f32> = a
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data");
+    let b: Vec<f32> = b
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 data");
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
