@@ -4,19 +4,22 @@
 Everything is built locally with random (seeded) weights; nothing is downloaded.
 The outputs are committed under ``tests/fixtures/`` and read by the Rust tests.
 
-Set-up (CPU only is enough)::
+Set-up (CPU only is enough; the committed files were made with torch 2.15, transformers 5.24.0,
+tokenizers 0.23.3, Pillow 13.0, scikit-image 0.26)::
 
     python3 -m venv /work/venv
     /work/venv/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
-    /work/venv/bin/pip install "transformers>=5,<6" safetensors numpy pillow tokenizers
+    /work/venv/bin/pip install "transformers>=5,<6" safetensors numpy pillow tokenizers scikit-image
 
-Run (from the repository root; about 30 s on 2 cores)::
+Run (from the repository root; about 15 s on 2 cores)::
 
     /work/venv/bin/python scripts/make_fixtures.py            # writes tests/fixtures/
     /work/venv/bin/python scripts/make_fixtures.py --out /tmp/fx --only tiny-gqa-f16
+    /work/venv/bin/python scripts/make_fixtures.py --no-phase2   # checkpoints + reference.* only
 
-Re-running with the same torch/transformers versions rewrites byte-identical
-files (fixed seeds, one CPU thread, sorted JSON).
+Re-running with the same library versions rewrites byte-identical files (fixed seeds, one CPU
+thread, sorted JSON; the BPE training and PNG encoding are deterministic too). Phase 2 does not
+touch the phase-1 files (weights, config.json, generation_config.json, reference.*).
 
 Fixtures (one directory each, laid out like a HF hub repo)::
 
@@ -44,9 +47,25 @@ vision_hidden_state.{k}, image_features, logits, logits_last, rope_inv_freq) and
 Reference outputs are computed in float32 eval mode from the weights *as stored*
 (f16/bf16 weights are rounded to the file dtype first, then upcast).
 
-Extending (phase 2: tokenizer/processor/chat template/image inputs): add a function
-that takes a fixture directory and writes the extra files, and call it from the
-corresponding ``make_*`` function, or add a new entry to ``FIXTURES``.
+Phase 2 (tokenizer, processor, images, generation; layout and quirks in tests/fixtures/README.md)::
+
+    images/*.png, images/pixel_values.safetensors, images/inputs.json
+                             6 small PNGs from skimage.data (RGB, grayscale L, RGBA with transparency,
+                             3:1), their pixel_values [1,3,56,56] and per-image question/prompt/input_ids
+    <tiny fixture>/          tokenizer + processor files: 5.x set (processor_config.json with nested image
+                             processor, chat_template.jinja, tokenizer.json, tokenizer_config.json) for
+                             tiny-5x-f32 / tiny-gqa-f16; hub 4.x set (preprocessor_config.json,
+                             processor_config.json, chat_template.json, tokenizer.json, tokenizer_config.json,
+                             special_tokens_map.json) for the two tiny-hub-* fixtures
+    <tiny fixture>/generation_reference.{json,safetensors}
+                             per image: input_ids, logits_last [1,512], 20 greedy tokens + decoded text
+    <tiny fixture>/cached_reference.{json,safetensors}
+                             prefill L-8 tokens of the phase-1 input, then 8 cached single-token steps:
+                             cached_step_logits [8,512]
+    chat_template_vectors.json, tokenizer_vectors.json, tokenizer-legacy-4x/
+
+Phase 2 reuses the in-memory models of phase 1 (``BUILT_MODELS``), so the hub-4.x fixtures need no
+config workaround, and it resets the (stateful) dynamic-rope state before every reference run.
 """
 
 from __future__ import annotations
@@ -777,6 +796,707 @@ def make_hub_7b_config(out: Path) -> dict:
     return info
 
 
+# --------------------------------------------------------------------------------------------
+# phase 2: tokenizer, processor files, images, generation / cached-decoding / template vectors
+# --------------------------------------------------------------------------------------------
+
+# The chat template published with llava-hf/vip-llava-7b-hf (verbatim; DESIGN.md section 7).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }}"
+    "{% elif message['role'] == 'user' %}{{ '###Human: '}}{% else %}{{ '###' + message['role'].title() + ': '}}"
+    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', "
+    "'image') %}{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}{% endfor %}{% if "
+    "add_generation_prompt %}{{ '###Assistant:' }}{% endif %}"
+)
+BASE_VOCAB = 500  # <unk> <s> </s>, 256 byte tokens, alphabet, merges
+IMAGE_SIZE_PROC = VISION["image_size"]
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+TINY_FIXTURES = ["tiny-5x-f32", "tiny-hub-bf16-sharded", "tiny-gqa-f16", "tiny-hub-tied-dynamic"]
+HUB4_FILESET = {"tiny-hub-bf16-sharded", "tiny-hub-tied-dynamic"}
+MAX_NEW_TOKENS = 20
+CACHED_STEPS = 8
+
+# Training text for the tiny BPE (questions/answers about marked images, a few KB).
+CORPUS = """\
+###Human: What is inside the red rectangle?###Assistant: The red rectangle contains a small grey cat sitting on a wooden chair.
+###Human: Describe the object within the green circle.###Assistant: It is a white cup of coffee on a saucer, next to a spoon.
+###Human: What colour is the shape that the yellow arrow points at?###Assistant: The arrow points at a blue triangle near the window.
+###Human: How many people are standing inside the purple box?###Assistant: There are two people standing inside the purple box.
+###Human: What is the person in the orange ellipse holding?###Assistant: The person in the orange ellipse is holding a camera.
+###Human: Is the square on the left brighter than the circle on the right?###Assistant: Yes, the square on the left is brighter.
+###Human: What animal is marked by the red scribble?###Assistant: The red scribble marks a cat with green eyes and striped fur.
+###Human: Which object is closest to the arrow tip?###Assistant: The closest object to the arrow tip is a silver spoon.
+###Human: What is written on the sign inside the blue rectangle?###Assistant: The sign inside the blue rectangle says stop.
+###Human: Describe the region covered by the mask.###Assistant: The masked region shows part of a sky with white clouds.
+The image shows an astronaut in a white suit standing in front of a flag with red and white stripes.
+A woman in a space suit smiles at the camera; behind her there is a model of a space shuttle.
+A ginger cat with dark stripes looks to the right. Its eyes are green and its ears are pointed.
+The cat is lying on a soft blanket, and the background is dark and out of focus.
+A cup of coffee with milk foam sits on a saucer on a brown wooden table, with a spoon beside it.
+The coffee is hot, the cup is white, and the saucer is round.
+A man in a dark coat stands on a field holding a camera on a tripod. The photograph is black and white.
+The picture is grey: there is no colour, only light and dark shades of grey.
+Red, green, blue, yellow, orange, purple, pink, brown, black, white and grey are colours.
+A circle is round. A square has four equal sides. A rectangle has four sides and four right angles.
+A triangle has three sides. An ellipse looks like a stretched circle. An arrow points in one direction.
+The red box is on the left, the green circle is in the middle, and the blue arrow is on the right.
+The object at the top of the image is larger than the object at the bottom.
+What is the colour of the car inside the box? The car inside the box is red.
+Where is the dog in the picture? The dog is under the table, next to the green ball.
+What is the man wearing? He is wearing a blue shirt and black trousers.
+Can you see any text in the image? No, there is no visible text in the image.
+How many cups are on the table? There are three cups on the table: one red, one white and one blue.
+Is the light on or off? The light is on, and the room is bright.
+What shape is drawn around the bird? A yellow circle is drawn around the bird.
+Point 1 is at the top left corner and point 2 is at the bottom right corner of the image.
+The first mark is a red dot, the second mark is a green dot, and the third mark is a blue dot.
+Please describe the image in detail. The image shows a kitchen with a table, two chairs and a window.
+Answer with one word: yes or no. Yes.
+The visual prompt is a bounding box drawn on the image; the model must describe what is inside it.
+Visual prompts can be boxes, circles, arrows, scribbles, masks, contours, points or triangles.
+"""
+
+# One question per image (10-20 words). The first four were picked (once, offline) from a small grid of
+# wordings so that greedy decoding of every tiny fixture emits eos part-way for at least one image, with a
+# top1-top2 logit margin >= 0.01 at every greedy step of every fixture (so f32 ports cannot flip a token).
+IMAGE_QUESTIONS = {
+    "astronaut": "What colour is the man near the yellow arrow, and is it bright or dark?",
+    "chelsea": "What colour is the arrow inside the red rectangle, and is it large or small?",
+    "coffee": "Can you tell me what is behind the arrow in this picture, and is it large or small?",
+    "camera": "What colour is the cat inside the red rectangle, and is it bright or dark?",
+    "chelsea_rgba": "Which part of this picture is transparent, and what animal can you see near the yellow arrow?",
+    "coffee_wide": "How many objects are visible in this wide picture, and which one is closest to the left edge?",
+}
+
+
+def _added_token_json(content: str) -> dict:
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": True}
+
+
+_TOKENIZER_CACHE: dict = {}
+
+
+def build_tokenizer():
+    """Llama-style SentencePiece-BPE: trained with `tokenizers`, wrapped in transformers 5.x LlamaTokenizer."""
+    if "tok" in _TOKENIZER_CACHE:
+        return _TOKENIZER_CACHE["tok"]
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    trainer_tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    # train on "▁word" units (as sentencepiece does); runtime uses Llama's split=False Metaspace
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trainer = trainers.BpeTrainer(vocab_size=BASE_VOCAB, special_tokens=specials, show_progress=False)
+    trainer_tok.train_from_iterator(CORPUS.splitlines(), trainer)
+    trained = json.loads(trainer_tok.to_str())
+    vocab = trained["model"]["vocab"]
+    merges = [tuple(m) if not isinstance(m, str) else tuple(m.split(" ")) for m in trained["model"]["merges"]]
+    assert len(vocab) == BASE_VOCAB, f"BPE trainer produced {len(vocab)} tokens (corpus too small?)"
+    assert not any(x in t for t in vocab for x in ("<image>", "<pad>", "<s>", "</s>") if t not in specials)
+    assert [vocab[s] for s in specials] == list(range(len(specials)))
+
+    tok = LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, add_bos_token=True, add_eos_token=False)
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    tok.add_special_tokens({"pad_token": AddedToken("<pad>", special=True, normalized=False)})
+    assert tok.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<image>", "<pad>"]) == [0, BOS, EOS, IMAGE_TOKEN, PAD_TOKEN]
+    assert len(tok) == BASE_VOCAB + 2
+    _TOKENIZER_CACHE["tok"] = tok
+    return tok
+
+
+def build_processor():
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE_PROC},
+        crop_size={"height": IMAGE_SIZE_PROC, "width": IMAGE_SIZE_PROC},
+        resample=3,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=VISION["patch_size"],
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def write_processor_files_5x(path: Path) -> list[str]:
+    """What `LlavaProcessor.save_pretrained` writes in transformers 5.x."""
+    before = set(os.listdir(path))
+    build_processor().save_pretrained(str(path))
+    return sorted(set(os.listdir(path)) - before)
+
+
+def write_processor_files_hub4(path: Path) -> list[str]:
+    """The file set of the llava-hf hub repos written by transformers 4.x: preprocessor_config.json,
+    processor_config.json, chat_template.json, tokenizer.json, tokenizer_config.json (no chat_template),
+    special_tokens_map.json."""
+    tok = build_tokenizer()
+    write_json(
+        path / "preprocessor_config.json",
+        {
+            "crop_size": {"height": IMAGE_SIZE_PROC, "width": IMAGE_SIZE_PROC},
+            "do_center_crop": True,
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": CLIP_MEAN,
+            "image_processor_type": "CLIPImageProcessor",
+            "image_std": CLIP_STD,
+            "processor_class": "LlavaProcessor",
+            "resample": 3,
+            "rescale_factor": 0.00392156862745098,
+            "size": {"shortest_edge": IMAGE_SIZE_PROC},
+        },
+    )
+    write_json(
+        path / "processor_config.json",
+        {
+            "image_token": "<image>",
+            "num_additional_image_tokens": 1,
+            "patch_size": VISION["patch_size"],
+            "processor_class": "LlavaProcessor",
+            "vision_feature_select_strategy": "default",
+        },
+    )
+    write_json(path / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+    # the same tokenizers serialization as the 5.x set (for model_type vipllava, transformers 5.x loads it as
+    # TokenizersBackend, i.e. exactly as the file says; see tokenizer_vectors)
+    tok.backend_tokenizer.save(str(path / "tokenizer.json"))
+    write_hub4_tokenizer_config(path)
+    return ["chat_template.json", "preprocessor_config.json", "processor_config.json", "special_tokens_map.json",
+            "tokenizer.json", "tokenizer_config.json"]
+
+
+def write_hub4_tokenizer_config(path: Path) -> None:
+    """tokenizer_config.json + special_tokens_map.json as transformers 4.3x wrote them for llava-hf repos."""
+    added = {str(i): _added_token_json(t) for i, t in [(0, "<unk>"), (BOS, "<s>"), (EOS, "</s>"),
+                                                        (IMAGE_TOKEN, "<image>"), (PAD_TOKEN, "<pad>")]}
+    write_json(
+        path / "tokenizer_config.json",
+        {
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "added_tokens_decoder": added,
+            "bos_token": "<s>",
+            "clean_up_tokenization_spaces": False,
+            "eos_token": "</s>",
+            "legacy": False,
+            "model_max_length": 1000000000000000019884624838656,
+            "pad_token": "<pad>",
+            "padding_side": "left",
+            "processor_class": "LlavaProcessor",
+            "sp_model_kwargs": {},
+            "tokenizer_class": "LlamaTokenizer",
+            "trust_remote_code": False,
+            "unk_token": "<unk>",
+            "use_default_system_prompt": False,
+        },
+    )
+    tokd = {"pad_token": "<pad>"}
+    for key, content in [("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")]:
+        tokd[key] = {k: v for k, v in _added_token_json(content).items() if k != "special"}
+    write_json(path / "special_tokens_map.json", tokd)
+
+
+def load_processor(path: Path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(path), backend="pil")
+
+
+# ---- images -------------------------------------------------------------------------------------
+
+
+def _downsize(img, max_side: int = 160):
+    from PIL import Image
+
+    w, h = img.size
+    s = max_side / max(w, h)
+    if s >= 1:
+        return img
+    return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.LANCZOS)
+
+
+def make_images(out: Path) -> dict:
+    """Write the test images (PNG) and return {name: info}; the PNGs are the inputs for Python and Rust."""
+    import numpy as np
+    import skimage
+    import skimage.data as skd
+    from PIL import Image
+
+    d = out / "images"
+    d.mkdir(parents=True, exist_ok=True)
+    imgs = {
+        "astronaut": (Image.fromarray(skd.astronaut()), "skimage.data.astronaut()"),
+        "chelsea": (Image.fromarray(skd.chelsea()), "skimage.data.chelsea()"),
+        "coffee": (Image.fromarray(skd.coffee()), "skimage.data.coffee()"),
+        "camera": (Image.fromarray(skd.camera()), "skimage.data.camera() (8-bit grayscale, PNG mode L)"),
+    }
+    # RGBA with real transparency: chelsea, alpha falls off left->right (255 .. 0) and a fully transparent
+    # disc in the upper-left quarter
+    c = skd.chelsea()
+    h, w = c.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    alpha = np.round(255.0 * (1.0 - xx / (w - 1))).astype(np.uint8)
+    alpha[(yy - h // 4) ** 2 + (xx - w // 4) ** 2 < (h // 6) ** 2] = 0
+    imgs["chelsea_rgba"] = (
+        Image.fromarray(np.dstack([c, alpha])),
+        "skimage.data.chelsea() + alpha gradient 255->0 (left->right) + transparent disc (PNG mode RGBA)",
+    )
+    # non-square 3:1: a 600x200 band of coffee (rows 100..300) -> 160x53 (upsampled by the processor)
+    imgs["coffee_wide"] = (Image.fromarray(skd.coffee()[100:300, :, :]), "skimage.data.coffee()[100:300] (3:1)")
+
+    info = {}
+    for name, (img, source) in imgs.items():
+        small = _downsize(img)
+        fn = d / f"{name}.png"
+        small.save(str(fn), format="PNG")
+        info[name] = {
+            "file": f"images/{name}.png",
+            "source": source + f", downsized with PIL LANCZOS to long side 160 (skimage {skimage.__version__})",
+            "original_size_wh": list(img.size),
+            "size_wh": list(small.size),
+            "mode": small.mode,
+        }
+    return info
+
+
+def open_image(out: Path, name: str):
+    from PIL import Image
+
+    img = Image.open(str(out / "images" / f"{name}.png"))
+    img.load()
+    return img
+
+
+def render_prompt(processor, question: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def reset_rope_state(model) -> None:
+    """Dynamic rope in transformers is stateful (inv_freq grows with the longest sequence seen and only resets
+    below max_position_embeddings). Put it back to the state of a freshly loaded model before each run."""
+    rot = model.model.language_model.rotary_emb
+    rot.inv_freq = rot.original_inv_freq.clone()
+    rot.max_seq_len_cached = rot.original_max_seq_len
+
+
+GEN_KEYS = ["do_sample", "num_beams", "max_new_tokens", "eos_token_id", "pad_token_id", "bos_token_id",
+            "temperature", "top_k", "top_p", "repetition_penalty", "use_cache"]
+
+
+@torch.no_grad()
+def generation_reference(path: Path, out: Path, model, pixel_values_shared: dict, shared_inputs: dict) -> dict:
+    from transformers import GenerationConfig
+
+    processor = load_processor(path)
+    tok = processor.tokenizer
+    gen_cfg = GenerationConfig.from_pretrained(str(path))
+    tensors, per_image = {}, {}
+    for name, question in IMAGE_QUESTIONS.items():
+        prompt = render_prompt(processor, question)
+        inputs = processor(text=prompt, images=open_image(out, name), return_tensors="pt")
+        assert torch.equal(inputs["pixel_values"], pixel_values_shared[name]), f"{path.name}/{name}: pixel_values differ"
+        assert prompt == shared_inputs[name]["prompt"]
+        assert inputs["input_ids"][0].tolist() == shared_inputs[name]["input_ids"], f"{path.name}/{name}: input_ids"
+        ids, pv = inputs["input_ids"], inputs["pixel_values"].float()
+
+        reset_rope_state(model)
+        logits = model(input_ids=ids, pixel_values=pv, use_cache=False).logits
+        last = logits[:, -1, :].float().clone()
+
+        reset_rope_state(model)
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=inputs["attention_mask"],
+            pixel_values=pv,
+            generation_config=gen_cfg,
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+        new_ids = gen.sequences[0, ids.shape[1]:].clone()
+        scores = torch.stack([s[0] for s in gen.scores])  # [n, vocab]
+        top2 = scores.topk(2, dim=-1).values
+        margins = (top2[:, 0] - top2[:, 1]).tolist()
+        tensors[f"input_ids.{name}"] = ids.clone()
+        tensors[f"logits_last.{name}"] = last
+        tensors[f"generated_ids.{name}"] = new_ids.unsqueeze(0).to(torch.int64)
+        gl = new_ids.tolist()
+        per_image[name] = {
+            "image": f"images/{name}.png",
+            "question": question,
+            "prompt": prompt,
+            "input_ids": ids[0].tolist(),
+            "num_prompt_tokens": ids.shape[1],
+            "generated_ids": gl,
+            "num_generated": len(gl),
+            "stopped_at_eos": bool(len(gl) < MAX_NEW_TOKENS and gl and gl[-1] == EOS),
+            "text": tok.decode(gl, skip_special_tokens=True),
+            "text_with_special": tok.decode(gl, skip_special_tokens=False),
+            "greedy_min_top2_margin": min(margins),
+            "first_step_score_vs_logits_last_max_abs_diff": float((scores[0] - last[0]).abs().max()),
+            "argmax_logits_last": int(last[0].argmax()),
+        }
+    used = {k: getattr(gen_cfg, k, None) for k in GEN_KEYS}
+    used.update(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    used["note"] = ("None = unset in generation_config.json and not applied: greedy search (num_beams 1), no "
+                    "temperature/top-k/top-p/repetition processors; generation stops after emitting eos_token_id "
+                    "(the eos is included in generated_ids) or after max_new_tokens")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "generation_reference.safetensors"),
+              metadata={"format": "pt"})
+    info = {
+        "fixture": path.name,
+        "generated_by": "scripts/make_fixtures.py (phase 2)",
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "processor_files": "hub4" if path.name in HUB4_FILESET else "hf5",
+        "processor_loaded_with": "AutoProcessor.from_pretrained(dir, backend='pil') -> "
+        + f"{type(processor).__name__}({type(processor.image_processor).__name__}, {type(tok).__name__})",
+        "model": "the in-memory f32 model of phase 1 (weights rounded to the file dtype), eval, sdpa attention; "
+        "dynamic-rope state reset to that of a freshly loaded model before every forward/generate",
+        "generation_config_file": json.loads((path / "generation_config.json").read_text()),
+        "generation_settings_used": used,
+        "generate_call": "model.generate(input_ids, attention_mask, pixel_values, "
+        "generation_config=GenerationConfig.from_pretrained(dir), max_new_tokens=20, do_sample=False)",
+        "images": per_image,
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                    for k, v in sorted(tensors.items())},
+        "notes": {
+            "logits_last.<image>": "f32 logits at the last prompt position, one forward without cache",
+            "generated_ids.<image>": "new tokens only (prompt excluded); stops early when eos (2) is produced",
+            "text": "tokenizer.decode(generated_ids, skip_special_tokens=True)",
+            "greedy_min_top2_margin": "smallest top1-top2 logit gap over the greedy steps (ties break greedy ports)",
+        },
+    }
+    write_json(path / "generation_reference.json", info)
+    return info
+
+
+@torch.no_grad()
+def cached_reference(path: Path, model) -> dict:
+    """Prefill L-8 tokens of the phase-1 input (with pixel_values), then 8 single-token steps with the cache."""
+    from safetensors.torch import load_file
+
+    ref = load_file(str(path / "reference.safetensors"))
+    ids, pv = ref["input_ids"], ref["pixel_values"]
+    L = ids.shape[1]
+    P = L - CACHED_STEPS
+    assert (ids[0, P:] != IMAGE_TOKEN).all(), "image tokens must all be in the prefill"
+    reset_rope_state(model)
+    out = model(input_ids=ids[:, :P], pixel_values=pv, use_cache=True)
+    past = out.cache
+    prefill_last = out.logits[:, -1, :].float().clone()
+    inv_freq_prefill = model.model.language_model.rotary_emb.inv_freq.float().clone()
+    steps = []
+    for i in range(CACHED_STEPS):
+        o = model(input_ids=ids[:, P + i : P + i + 1], cache=past, use_cache=True)
+        past = o.cache
+        steps.append(o.logits[0, -1, :].float().clone())
+    step_logits = torch.stack(steps)
+    inv_freq_last = model.model.language_model.rotary_emb.inv_freq.float().clone()
+    reset_rope_state(model)
+    tensors = {
+        "cached_step_logits": step_logits.contiguous(),
+        "cached_prefill_logits_last": prefill_last.contiguous(),
+        "cached_step_input_ids": ids[0, P:].clone().contiguous(),
+        "rope_inv_freq_after_prefill": inv_freq_prefill.contiguous(),
+        "rope_inv_freq_after_last_step": inv_freq_last.contiguous(),
+    }
+    save_file(tensors, str(path / "cached_reference.safetensors"), metadata={"format": "pt"})
+    full = ref["logits"][0]
+    info = {
+        "fixture": path.name,
+        "inputs": "input_ids / pixel_values of reference.safetensors",
+        "prefill_len": P,
+        "num_steps": CACHED_STEPS,
+        "positions_of_steps": list(range(P, L)),
+        "max_abs_diff_vs_full_forward_logits": float((step_logits - full[P:]).abs().max()),
+        "prefill_last_max_abs_diff_vs_full_forward": float((prefill_last[0] - full[P - 1]).abs().max()),
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                    for k, v in sorted(tensors.items())},
+        "notes": "model(input_ids[:, :P], pixel_values, use_cache=True), then model(input_ids[:, P+i:P+i+1], "
+        "cache=<returned cache>) for i in 0..8 (position P+i, no pixel_values); cached_step_logits[i] are the logits for position P+i. "
+        "Rope state reset to a fresh model first. Dynamic rope (transformers semantics): inv_freq is recomputed "
+        "for seq_len = max(position_ids)+1 whenever that exceeds the largest seq_len seen so far (starting at "
+        "max_position_embeddings); keys already in the cache keep the rotation they were computed with, so cached "
+        "decoding differs from a full forward.",
+    }
+    write_json(path / "cached_reference.json", info)
+    return info
+
+
+# ---- chat-template and tokenizer vectors --------------------------------------------------------
+
+CHAT_CASES = [
+    ("single user turn with image",
+     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is inside the red box?"}]}], True),
+    ("text-only user turn",
+     [{"role": "user", "content": [{"type": "text", "text": "Name three colours."}]}], True),
+    ("system + user (system text appears twice: first branch and the text loop)",
+     [{"role": "system", "content": [{"type": "text", "text": "You are a helpful assistant."}]},
+      {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}], True),
+    ("multi-turn user/assistant/user",
+     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What animal is this?"}]},
+      {"role": "assistant", "content": [{"type": "text", "text": "It is a cat."}]},
+      {"role": "user", "content": [{"type": "text", "text": "What colour are its eyes?"}]}], True),
+    ("two images in one message",
+     [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                   {"type": "text", "text": "Compare the two pictures."}]}], True),
+    ("image after text in content order (images are still rendered first)",
+     [{"role": "user", "content": [{"type": "text", "text": "Look at this:"}, {"type": "image"},
+                                   {"type": "text", "text": " what is in the circle?"}]}], True),
+    ("add_generation_prompt false",
+     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is inside the red box?"}]}],
+     False),
+    ("assistant message last",
+     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+      {"role": "assistant", "content": [{"type": "text", "text": "A cup of coffee."}]}], False),
+    ("assistant message last with add_generation_prompt true",
+     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+      {"role": "assistant", "content": [{"type": "text", "text": "A cup of coffee."}]}], True),
+    ("plain string content",
+     [{"role": "user", "content": "What is inside the red box?"}], True),
+    ("image given as url/path entry (type image with extra keys)",
+     [{"role": "user", "content": [{"type": "image", "url": "images/chelsea.png"},
+                                   {"type": "text", "text": "What is this?"}]}], True),
+    ("other role name (title-cased by the template)",
+     [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+      {"role": "tool", "content": [{"type": "text", "text": "42"}]}], True),
+    ("empty conversation", [], True),
+    ("newlines and unicode in text",
+     [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Line one\nLine two café 🐱"}]}], True),
+]
+
+
+def chat_template_vectors(out: Path) -> list:
+    processor = build_processor()
+    vectors = []
+    for desc, messages, agp in CHAT_CASES:
+        entry = {"description": desc, "messages": copy.deepcopy(messages), "add_generation_prompt": agp}
+        try:
+            entry["rendered"] = processor.apply_chat_template(
+                copy.deepcopy(messages), tokenize=False, add_generation_prompt=agp
+            )
+        except Exception as e:  # noqa: BLE001 - recorded
+            entry["rendered"] = None
+            entry["error"] = f"{type(e).__name__}: {e}"[:300]
+        vectors.append(entry)
+    write_json(out / "chat_template_vectors.json", vectors)
+    return vectors
+
+
+TOKENIZER_STRINGS = [
+    "What is inside the red rectangle?",
+    "hello world",
+    " leading space",
+    "trailing space ",
+    "multiple   spaces  between words",
+    "   ",
+    "",
+    "line one\nline two\n\nline four",
+    "\ttab and\r\ncarriage return",
+    "###Human: <image>\nWhat is inside the red rectangle?###Assistant:",
+    "###Human: <image>\n<image>\nCompare them.###Assistant: The first one.</s>",
+    "café naïve résumé",
+    "emoji 🐱👍🏽 end",
+    "中文字符 and 日本語",
+    "literal <image> and <pad> and <s> tokens",
+    "<image>",
+    "<pad><pad>",
+    "UPPER lower MiXeD 12345 3.14 x=y+z; (a,b) [c] {d} \"quoted\" 'single' back\\slash",
+    "Ünïcödé ẞ ﬁ Ω ½ → ✓",
+]
+
+
+# transformers <= 4.40's LlamaConverter pipeline (what 4.3x-era hub tokenizer.json files hold): the dummy prefix
+# comes from a normalizer that runs on every text segment between added tokens; no pre-tokenizer
+LEGACY_NORMALIZER = {
+    "type": "Sequence",
+    "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+    ],
+}
+
+
+def _encode_vectors(tok, strings: list[str]) -> list[dict]:
+    vectors = []
+    for s in strings:
+        ids = tok(s).input_ids
+        vectors.append({
+            "text": s,
+            "input_ids": ids,
+            "input_ids_no_special": tok(s, add_special_tokens=False).input_ids,
+            "tokens": tok.convert_ids_to_tokens(ids),
+            "decode": tok.decode(ids, skip_special_tokens=False),
+            "decode_skip_special": tok.decode(ids, skip_special_tokens=True),
+            # incremental (streaming) decode data: decode(ids[:k], skip_special_tokens=True) for k = 1..n
+            "prefix_decodes_skip_special": [
+                tok.decode(ids[:k], skip_special_tokens=True) for k in range(1, len(ids) + 1)
+            ],
+        })
+    return vectors
+
+
+def _load_tokenizer_two_ways(files_dir: Path, scratch: Path):
+    """AutoTokenizer on (a) a vipllava model directory (config.json present) and (b) a bare tokenizer directory.
+    transformers 5.24 lists vipllava in MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS, so (a) ignores
+    tokenizer_class and loads TokenizersBackend = the tokenizer.json pipeline as written; (b) honours
+    tokenizer_class LlamaTokenizer, which keeps only vocab/merges/post-processor and rebuilds the pipeline."""
+    from transformers import AutoTokenizer
+
+    loaded = {}
+    for kind in ("vipllava_dir", "bare_dir"):
+        d = scratch / kind
+        if d.exists():
+            shutil.rmtree(d)
+        shutil.copytree(files_dir, d)
+        if kind == "vipllava_dir":
+            write_json(d / "config.json", {"model_type": "vipllava"})
+        loaded[kind] = AutoTokenizer.from_pretrained(str(d))
+    shutil.rmtree(scratch)
+    return loaded
+
+
+def _pipeline(tok) -> dict:
+    j = json.loads(tok.backend_tokenizer.to_str())
+    return {k: j[k] for k in ("normalizer", "pre_tokenizer", "decoder", "post_processor")}
+
+
+def tokenizer_vectors(out: Path) -> dict:
+    from tokenizers import Tokenizer
+
+    scratch = out / ".tokenizer_check"
+    # the fixture tokenizer (identical tokenizer.json in all four tiny fixtures)
+    files = scratch / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    build_tokenizer().save_pretrained(str(files))
+    loaded = _load_tokenizer_two_ways(files, out / ".tokenizer_check2")
+    shutil.rmtree(scratch)
+    tok = loaded["vipllava_dir"]
+    vectors = _encode_vectors(tok, TOKENIZER_STRINGS)
+    assert vectors == _encode_vectors(loaded["bare_dir"], TOKENIZER_STRINGS), "load paths disagree"
+
+    # ids the model can emit but the tokenizer lacks (502..511: vocab padded to 512), specials, raw bytes
+    extra_ids = [[1, 505, 3, 4], [500, 501, 2, 0], [3 + 0xF0, 3 + 0x9F, 3 + 0x90],
+                 [3 + 0xF0, 3 + 0x9F, 3 + 0x90, 3 + 0xB1]]
+    decode_only = []
+    for ids in extra_ids:
+        entry = {"ids": ids}
+        for key, skip in (("decode", False), ("decode_skip_special", True)):
+            try:
+                entry[key] = tok.decode(ids, skip_special_tokens=skip)
+            except Exception as e:  # noqa: BLE001 - recorded
+                entry[key] = None
+                entry[key + "_error"] = f"{type(e).__name__}: {e}"[:300]
+        decode_only.append(entry)
+
+    # the same vocabulary with a transformers-4.3x-style pipeline (tests/fixtures/tokenizer-legacy-4x/)
+    legacy_dir = fresh_dir(out / "tokenizer-legacy-4x")
+    j = json.loads(build_tokenizer().backend_tokenizer.to_str())
+    j["normalizer"] = LEGACY_NORMALIZER
+    j["pre_tokenizer"] = None
+    (legacy_dir / "tokenizer.json").write_text(json.dumps(j, indent=2, ensure_ascii=False) + "\n")
+    write_hub4_tokenizer_config(legacy_dir)
+    leg = _load_tokenizer_two_ways(legacy_dir, scratch)
+    raw = Tokenizer.from_file(str(legacy_dir / "tokenizer.json"))
+    legacy_strings = TOKENIZER_STRINGS + [render_prompt(build_processor(), q) for q in IMAGE_QUESTIONS.values()][:2]
+    legacy_vectors = _encode_vectors(leg["vipllava_dir"], legacy_strings)
+    for v in legacy_vectors:
+        assert raw.encode(v["text"]).ids == v["input_ids"], "tokenizers file pipeline != transformers"
+    bare_ids = [v["input_ids"] for v in _encode_vectors(leg["bare_dir"], legacy_strings)]
+    fixture_ids = [v["input_ids"] for v in _encode_vectors(tok, legacy_strings)]
+    for v, b, f in zip(legacy_vectors, bare_ids, fixture_ids):
+        v["same_ids_as_fixture_tokenizer"] = v["input_ids"] == f
+        v["input_ids_if_loaded_as_LlamaTokenizer"] = b
+
+    info = {
+        "generated_by": "scripts/make_fixtures.py (phase 2)",
+        "transformers_version": transformers.__version__,
+        "tokenizer": "the fixture tokenizer.json, loaded with AutoTokenizer.from_pretrained from a directory whose "
+        f"config.json has model_type vipllava -> {type(tok).__name__}; a bare directory gives "
+        f"{type(loaded['bare_dir']).__name__} (rebuilt Metaspace pipeline); both give identical vectors here",
+        "vocab_size_base": tok.vocab_size,
+        "len_with_added": len(tok),
+        "special_ids": {"unk": tok.unk_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id,
+                        "pad": tok.pad_token_id, "image": tok.convert_tokens_to_ids("<image>")},
+        "backend_pipeline": _pipeline(tok),
+        "vectors": vectors,
+        "decode_only": decode_only,
+        "legacy_4x_pipeline": {
+            "files": "tokenizer-legacy-4x/ (tokenizer.json = same vocab/merges/added tokens, normalizer "
+            "Prepend('\u2581') + Replace(' ', '\u2581'), pre_tokenizer null; hub-4.x tokenizer_config.json)",
+            "loaded_as": {k: type(v).__name__ for k, v in leg.items()},
+            "note": "what transformers 5.24 does for a vipllava checkpoint whose tokenizer.json carries the old "
+            "normalizer: it follows the file (TokenizersBackend), so every segment after an added token such as "
+            "<image> gets its own dummy-prefix '\u2581'. Loaded as LlamaTokenizer (bare directory, or other "
+            "model types) the normalizer is dropped and Metaspace(prepend_scheme='first') is used instead "
+            "(input_ids_if_loaded_as_LlamaTokenizer). raw tokenizers.Tokenizer.from_file agrees with the "
+            "vipllava path (checked).",
+            "backend_pipeline": _pipeline(leg["vipllava_dir"]),
+            "vectors": legacy_vectors,
+        },
+    }
+    write_json(out / "tokenizer_vectors.json", info)
+    return info
+
+
+def make_shared_inputs(out: Path) -> tuple[dict, dict]:
+    """images/*.png, images/pixel_values.safetensors, images/inputs.json (shared by every tiny fixture)."""
+    img_info = make_images(out)
+    processor = build_processor()
+    pv, inputs_info = {}, {}
+    for name, question in IMAGE_QUESTIONS.items():
+        prompt = render_prompt(processor, question)
+        enc = processor(text=prompt, images=open_image(out, name), return_tensors="pt")
+        pv[name] = enc["pixel_values"].float().contiguous().clone()
+        ids = enc["input_ids"][0].tolist()
+        assert ids.count(IMAGE_TOKEN) == NUM_IMAGE_TOKENS and ids[0] == BOS
+        inputs_info[name] = dict(img_info[name], question=question, prompt=prompt, input_ids=ids,
+                                 num_image_tokens=ids.count(IMAGE_TOKEN),
+                                 pixel_values_key=name)
+    save_file(pv, str(out / "images" / "pixel_values.safetensors"), metadata={"format": "pt"})
+    write_json(out / "images" / "inputs.json", {
+        "generated_by": "scripts/make_fixtures.py (phase 2)",
+        "transformers_version": transformers.__version__,
+        "processor": "CLIPImageProcessorPil(size={shortest_edge: 56}, crop_size=56x56, resample=3 (bicubic), "
+        "CLIP mean/std, do_convert_rgb) + LlavaProcessor(patch_size=14, 'default', num_additional_image_tokens=1)",
+        "pixel_values": "images/pixel_values.safetensors, key = image name, [1, 3, 56, 56] f32; identical for the "
+        "hf5 and hub4 processor file sets (checked)",
+        "images": inputs_info,
+    })
+    return pv, inputs_info
+
+
+def phase2_fixture(name: str, out: Path, shared) -> dict:
+    path = out / name
+    model = BUILT_MODELS[name]
+    if name in HUB4_FILESET:
+        files = write_processor_files_hub4(path)
+    else:
+        files = write_processor_files_5x(path)
+    pv, inputs = shared
+    g = generation_reference(path, out, model, pv, inputs)
+    c = cached_reference(path, model)
+    return {"processor_files": files, "generated": {k: v["num_generated"] for k, v in g["images"].items()},
+            "stopped_at_eos": [k for k, v in g["images"].items() if v["stopped_at_eos"]],
+            "cached_vs_full": c["max_abs_diff_vs_full_forward_logits"]}
+
+
 FIXTURES = {
     "tiny-5x-f32": make_tiny_5x_f32,
     "tiny-hub-bf16-sharded": make_tiny_hub_bf16_sharded,
@@ -790,6 +1510,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: tests/fixtures)")
     ap.add_argument("--only", action="append", choices=sorted(FIXTURES), help="build only these fixtures")
+    ap.add_argument("--no-phase2", action="store_true", help="only the checkpoints and reference.* (phase 1)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)  # reproducible reductions
@@ -798,11 +1519,23 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    for name in args.only or list(FIXTURES):
+    names = args.only or list(FIXTURES)
+    shared = None
+    if not args.no_phase2:
+        t0 = time.time()
+        shared = make_shared_inputs(args.out)
+        chat_template_vectors(args.out)
+        tokenizer_vectors(args.out)
+        log(f"shared (tokenizer, images, pixel_values, chat/tokenizer vectors): {time.time() - t0:.1f}s")
+    for name in names:
         t0 = time.time()
         info = FIXTURES[name](args.out)
         summary = {k: info[k] for k in ("num_parameters", "max_abs_logit", "crosscheck_from_pretrained") if k in info}
         log(f"{name}: {time.time() - t0:.1f}s {json.dumps(summary)}")
+        if shared is not None and name in TINY_FIXTURES:
+            t0 = time.time()
+            summary2 = phase2_fixture(name, args.out, shared)
+            log(f"{name} phase 2: {time.time() - t0:.1f}s {json.dumps(summary2)}")
     return 0
 
 

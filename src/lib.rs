@@ -4,12 +4,22 @@
 //! photo. This facade wires the crates together:
 //! - [`model`] (`vipllava-model`): configs, CLIP tower, projector, Llama, KV cache;
 //! - [`convert`] (`vipllava-convert`): HF checkpoints (any published layout) into Burn;
+//! - [`processor`] (`vipllava-processor`): PIL-exact image preprocessing, tokenizer,
+//!   chat template, `<image>` expansion;
+//! - [`pipeline`]: load -> preprocess -> prefill -> decode -> stream;
+//! - [`generate`]: greedy/sampled token selection and streaming detokenization;
+//! - [`hub`]: `--model` as a local directory or a HuggingFace hub id;
 //! - [`info`]: a summary of a model directory, from `config.json` and weight headers.
 
+pub mod generate;
+pub mod hub;
 pub mod info;
+pub mod pipeline;
 
 pub use vipllava_convert as convert;
 pub use vipllava_model as model;
+pub use vipllava_processor as processor;
 
+pub use pipeline::{Generation, Pipeline, PipelineError, Prompt, StopReason};
 pub use vipllava_convert::{LoadOptions, LoadedModel, load_model};
 pub use vipllava_model::{ForwardInput, KvCache, LogitsMode, VipLlava, VipLlavaConfig};

@@ -5,3 +5,6 @@
 //! bit for bit ([`image`]), and (next) tokenizer, chat template and `<image>` expansion.
 
 pub mod image;
+pub mod text;
+
+pub use text::{ChatMessage, ChatTemplate, ContentPart, ImageTokenConfig, TextError, TextTokenizer};

@@ -1,1 +1,0 @@
-//! CLIP image preprocessing (to be written).
