@@ -16,9 +16,10 @@ Run (from the repository root; about 15 s on 2 cores)::
     /work/venv/bin/python scripts/make_fixtures.py            # writes tests/fixtures/
     /work/venv/bin/python scripts/make_fixtures.py --out /tmp/fx --only tiny-gqa-f16
     /work/venv/bin/python scripts/make_fixtures.py --no-phase2   # checkpoints + reference.* only
+    /work/venv/bin/python scripts/make_fixtures.py --no-phase3   # phases 1 and 2 only
 
 Re-running with the same library versions rewrites byte-identical files (fixed seeds, one CPU
-thread, sorted JSON; the BPE training and PNG encoding are deterministic too). Phase 2 does not
+thread, sorted JSON; the BPE training and PNG encoding are deterministic too). Phases 2 and 3 do not
 touch the phase-1 files (weights, config.json, generation_config.json, reference.*).
 
 Fixtures (one directory each, laid out like a HF hub repo)::
@@ -63,6 +64,13 @@ Phase 2 (tokenizer, processor, images, generation; layout and quirks in tests/fi
                              prefill L-8 tokens of the phase-1 input, then 8 cached single-token steps:
                              cached_step_logits [8,512]
     chat_template_vectors.json, tokenizer_vectors.json, tokenizer-legacy-4x/
+
+Phase 3 (batched / multi-image / multi-turn; layout in tests/fixtures/README.md)::
+
+    <tiny fixture>/batch_reference.{json,safetensors}
+                             3 requests of different lengths, left-padded and generated as one batch (20 greedy
+                             tokens) and each alone; one prompt with two images (10 greedy tokens, last logits);
+                             a user/assistant/user conversation (last logits of one full forward)
 
 Phase 2 reuses the in-memory models of phase 1 (``BUILT_MODELS``), so the hub-4.x fixtures need no
 config workaround, and it resets the (stateful) dynamic-rope state before every reference run.
@@ -1239,6 +1247,275 @@ def cached_reference(path: Path, model) -> dict:
     return info
 
 
+# --------------------------------------------------------------------------------------------
+# phase 3: batched (left-padded) generation, multi-image prompt, multi-turn logits
+# --------------------------------------------------------------------------------------------
+
+# Three requests of clearly different lengths (3 / 13 / 28 words), one image each. Picked (once, offline) from a
+# small grid of wordings so that in two fixtures one batched row stops at eos while the others run to
+# max_new_tokens (tiny-gqa-f16: row 0; tiny-hub-tied-dynamic: row 1, batched run only), with a top1-top2 logit
+# margin >= 0.01 at every greedy step of every batched and solo run.
+BATCH_REQUESTS = [
+    ("chelsea", "Why are these?"),
+    ("coffee_wide", "What colour is the man near the right edge of this small picture?"),
+    ("camera", "What is the man near the yellow arrow doing in this grey picture, and can you tell me what colour "
+               "the sky behind him is in the image?"),
+]
+MULTI_IMAGE = (["astronaut", "coffee"], "Compare the two pictures.")
+MULTI_IMAGE_NEW_TOKENS = 10
+MULTI_TURN_IMAGE = "chelsea"
+MULTI_TURN_MESSAGES = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]},
+    {"role": "user", "content": [{"type": "text", "text": "What colour is it?"}]},
+]
+
+
+def _greedy(model, gen_cfg, max_new_tokens: int, **inputs):
+    """model.generate (greedy) -> (sequences [B, L+n], scores [n, B, vocab])."""
+    reset_rope_state(model)
+    gen = model.generate(
+        **inputs,
+        generation_config=gen_cfg,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    reset_rope_state(model)
+    return gen.sequences, torch.stack(gen.scores)
+
+
+def _truncate_at_eos(ids: list[int]) -> list[int]:
+    return ids[: ids.index(EOS) + 1] if EOS in ids else list(ids)
+
+
+def _margins(scores_row: torch.Tensor) -> list[float]:
+    """top1 - top2 logit gap per step, scores_row [n, vocab]."""
+    top2 = scores_row.topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]).tolist()
+
+
+@torch.no_grad()
+def batch_reference(path: Path, out: Path, model, pixel_values_shared: dict) -> dict:
+    from transformers import GenerationConfig
+
+    processor = load_processor(path)
+    tok = processor.tokenizer
+    gen_cfg = GenerationConfig.from_pretrained(str(path))
+    default_padding_side = tok.padding_side
+    tok.padding_side = "left"
+    tensors = {}
+
+    # ---- 1. batched greedy generation with left padding ----------------------------------------
+    names = [n for n, _ in BATCH_REQUESTS]
+    questions = [q for _, q in BATCH_REQUESTS]
+    prompts = [render_prompt(processor, q) for q in questions]
+    images = [open_image(out, n) for n in names]
+    inputs = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    B, L = ids.shape
+    for i, n in enumerate(names):
+        assert torch.equal(inputs["pixel_values"][i : i + 1], pixel_values_shared[n]), f"{path.name}: pixel_values {n}"
+        n_pad = int((mask[i] == 0).sum())
+        assert (mask[i, :n_pad] == 0).all() and (mask[i, n_pad:] == 1).all(), "expected left padding"
+        assert (ids[i, :n_pad] == tok.pad_token_id).all() and ids[i, n_pad] == BOS
+    # the position ids generate derives from the mask (GenerationMixin._prepare_position_ids_for_generation)
+    position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+    # one plain forward of the padded batch (what the first generate step sees, minus the cache)
+    reset_rope_state(model)
+    fwd = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"].float(),
+                position_ids=position_ids, use_cache=False).logits
+    batch_logits_last = fwd[:, -1, :].float().clone()
+    # the same forward without position_ids: the model then uses 0..L-1 for every row, pads included
+    reset_rope_state(model)
+    fwd_nopos = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"].float(),
+                      use_cache=False).logits[:, -1, :].float()
+    nopos_diff = (fwd_nopos - batch_logits_last).abs().amax(dim=-1).tolist()
+
+    seqs, scores = _greedy(model, gen_cfg, MAX_NEW_TOKENS, input_ids=ids, attention_mask=mask,
+                           pixel_values=inputs["pixel_values"].float())
+    raw_rows = seqs[:, L:].tolist()
+    rows = []
+    for i, (n, q, prompt) in enumerate(zip(names, questions, prompts)):
+        gen_row = _truncate_at_eos(raw_rows[i])
+        margins = _margins(scores[: len(gen_row), i, :])
+        solo_in = processor(text=prompt, images=open_image(out, n), return_tensors="pt")
+        solo_ids = solo_in["input_ids"]
+        n_pad = int((mask[i] == 0).sum())
+        assert torch.equal(solo_ids[0], ids[i, n_pad:]), "solo ids != unpadded batch row"
+        solo_seqs, solo_scores = _greedy(model, gen_cfg, MAX_NEW_TOKENS, input_ids=solo_ids,
+                                         attention_mask=solo_in["attention_mask"],
+                                         pixel_values=solo_in["pixel_values"].float())
+        solo = solo_seqs[0, solo_ids.shape[1]:].tolist()
+        k = min(len(solo), len(gen_row))
+        rows.append({
+            "image": f"images/{n}.png",
+            "question": q,
+            "num_question_words": len(q.split()),
+            "prompt": prompt,
+            "num_prompt_tokens": solo_ids.shape[1],
+            "num_left_pad": n_pad,
+            "generated_ids": gen_row,
+            "generated_ids_raw": raw_rows[i],
+            "num_generated": len(gen_row),
+            "stopped_at_eos": bool(gen_row and gen_row[-1] == EOS and len(gen_row) < MAX_NEW_TOKENS),
+            "text": tok.decode(gen_row, skip_special_tokens=True),
+            "solo_generated_ids": solo,
+            "batched_equals_solo": gen_row == solo,
+            "greedy_min_top2_margin_batched": min(margins),
+            "greedy_top2_margins_batched": margins,
+            "greedy_min_top2_margin_solo": min(_margins(solo_scores[:, 0, :])),
+            "first_step_scores_batched_vs_solo_max_abs_diff": float((scores[0, i] - solo_scores[0, 0]).abs().max()),
+            "scores_batched_vs_solo_max_abs_diff_common_prefix": (
+                float((scores[:k, i] - solo_scores[:k, 0]).abs().max()) if gen_row[:k] == solo[:k] else None),
+            "batch_logits_last_vs_first_step_score_max_abs_diff": float((batch_logits_last[i] - scores[0, i]).abs().max()),
+            "batch_logits_last_if_position_ids_omitted_max_abs_diff": nopos_diff[i],
+        })
+    tensors["batch_input_ids"] = ids.clone()
+    tensors["batch_attention_mask"] = mask.clone()
+    tensors["batch_logits_last"] = batch_logits_last
+
+    # ---- 2. one message with two images ------------------------------------------------------------
+    mi_names, mi_q = MULTI_IMAGE
+    mi_messages = [{"role": "user", "content": [{"type": "image"} for _ in mi_names] + [{"type": "text", "text": mi_q}]}]
+    mi_prompt = processor.apply_chat_template(mi_messages, tokenize=False, add_generation_prompt=True)
+    assert mi_prompt.count("<image>") == len(mi_names)
+    mi_in = processor(text=mi_prompt, images=[open_image(out, n) for n in mi_names], return_tensors="pt")
+    mi_ids, mi_pv = mi_in["input_ids"], mi_in["pixel_values"].float()
+    assert mi_ids[0].tolist().count(IMAGE_TOKEN) == len(mi_names) * NUM_IMAGE_TOKENS
+    for j, n in enumerate(mi_names):
+        assert torch.equal(mi_pv[j : j + 1], pixel_values_shared[n])
+    reset_rope_state(model)
+    mi_logits_last = model(input_ids=mi_ids, pixel_values=mi_pv, use_cache=False).logits[:, -1, :].float().clone()
+    mi_seqs, mi_scores = _greedy(model, gen_cfg, MULTI_IMAGE_NEW_TOKENS, input_ids=mi_ids,
+                                 attention_mask=mi_in["attention_mask"], pixel_values=mi_pv)
+    mi_gen = mi_seqs[0, mi_ids.shape[1]:].tolist()
+    tensors["multi_image_logits_last"] = mi_logits_last
+
+    # ---- 3. multi-turn conversation: one full forward -----------------------------------------------
+    mt_prompt = processor.apply_chat_template(copy.deepcopy(MULTI_TURN_MESSAGES), tokenize=False,
+                                              add_generation_prompt=True)
+    mt_in = processor(text=mt_prompt, images=open_image(out, MULTI_TURN_IMAGE), return_tensors="pt")
+    mt_ids = mt_in["input_ids"]
+    assert torch.equal(mt_in["pixel_values"], pixel_values_shared[MULTI_TURN_IMAGE])
+    reset_rope_state(model)
+    mt_logits_last = model(input_ids=mt_ids, pixel_values=mt_in["pixel_values"].float(),
+                           use_cache=False).logits[:, -1, :].float().clone()
+    tensors["multi_turn_logits_last"] = mt_logits_last
+    # earlier stages of the same conversation (for cache-reuse tests): are their ids a prefix of the full ids?
+    stages = []
+    for desc, msgs, agp in (
+        ("first user turn + generation prompt", MULTI_TURN_MESSAGES[:1], True),
+        ("first user turn + assistant answer", MULTI_TURN_MESSAGES[:2], False),
+    ):
+        p = processor.apply_chat_template(copy.deepcopy(msgs), tokenize=False, add_generation_prompt=agp)
+        s_ids = processor(text=p, images=open_image(out, MULTI_TURN_IMAGE), return_tensors="pt")["input_ids"][0].tolist()
+        stages.append({"description": desc, "messages": copy.deepcopy(msgs), "add_generation_prompt": agp,
+                       "rendered": p, "input_ids": s_ids,
+                       "is_prefix_of_full_input_ids": mt_ids[0].tolist()[: len(s_ids)] == s_ids,
+                       "rendered_is_prefix_of_full_prompt": mt_prompt.startswith(p)})
+
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path / "batch_reference.safetensors"), metadata={"format": "pt"})
+    eos_rows = [i for i, r in enumerate(rows) if r["stopped_at_eos"]]
+    info = {
+        "fixture": path.name,
+        "generated_by": "scripts/make_fixtures.py (phase 3)",
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "processor_files": "hub4" if path.name in HUB4_FILESET else "hf5",
+        "model": "the in-memory f32 model of phase 1 (weights rounded to the file dtype), eval, sdpa attention; "
+        "dynamic-rope state reset to that of a freshly loaded model before every forward/generate",
+        "generation_config_file": json.loads((path / "generation_config.json").read_text()),
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                    for k, v in sorted(tensors.items())},
+        "batch": {
+            "images": [f"images/{n}.png" for n in names],
+            "questions": questions,
+            "prompts": prompts,
+            "tokenizer_padding_side_default": default_padding_side,
+            "padding_side_used": tok.padding_side,
+            "pad_token_id": tok.pad_token_id,
+            "call": "tokenizer.padding_side = 'left'; processor(text=prompts, images=images, padding=True, "
+            "return_tensors='pt'); model.generate(**inputs, generation_config=GenerationConfig.from_pretrained(dir), "
+            "max_new_tokens=20, do_sample=False)",
+            "input_ids": ids.tolist(),
+            "attention_mask": mask.tolist(),
+            "position_ids": position_ids.tolist(),
+            "pixel_values": "rows equal images/pixel_values.safetensors[<image>] (checked)",
+            "rows": rows,
+            "rows_stopped_at_eos": eos_rows,
+            "all_batched_equal_solo": all(r["batched_equals_solo"] for r in rows),
+            "generated_ids_raw_note": "sequences[:, L:] as generate returns them: generation runs until every row "
+            "has produced eos (or max_new_tokens); a row that finished early is filled with pad_token_id",
+            "notes": {
+                "position_ids": "generate derives them from the mask: cumsum(mask)-1, 0 at pad positions; decode "
+                "steps continue from the row's last position (so each row's positions match its solo run)",
+                "batch_logits_last": "[3, 512] logits at the last (common) position of one forward of the padded "
+                "batch with attention_mask and the position_ids above (= generate's first-step scores)",
+                "batch_logits_last_if_position_ids_omitted_max_abs_diff": "how far the padded forward moves if "
+                "position_ids are not passed (the model then uses 0..L-1 for every row, pads included): row-wise max "
+                "abs diff against batch_logits_last. Only float noise: rope attention depends on position differences, "
+                "so a per-row constant offset cancels (pad keys are masked), and max(position_ids), which dynamic rope "
+                "scales with, is L-1 either way because the longest row has no padding",
+                "solo": "each request generated alone (batch of 1, no padding), same settings",
+                "greedy_top2_margins_batched": "top1-top2 logit gap at every greedy step of the batched run",
+            },
+        },
+        "multi_image": {
+            "images": [f"images/{n}.png" for n in mi_names],
+            "messages": mi_messages,
+            "prompt": mi_prompt,
+            "input_ids": mi_ids[0].tolist(),
+            "num_prompt_tokens": mi_ids.shape[1],
+            "image_token_runs": _runs(mi_ids[0].tolist(), IMAGE_TOKEN),
+            "pixel_values_shape": list(mi_pv.shape),
+            "pixel_values": "row j equals images/pixel_values.safetensors[images[j]] (checked)",
+            "generated_ids": mi_gen,
+            "max_new_tokens": MULTI_IMAGE_NEW_TOKENS,
+            "text": tok.decode(mi_gen, skip_special_tokens=True),
+            "greedy_min_top2_margin": min(_margins(mi_scores[:, 0, :])),
+            "argmax_logits_last": int(mi_logits_last[0].argmax()),
+            "logits_last_top2_margin": _margins(mi_logits_last)[0],
+            "first_step_score_vs_logits_last_max_abs_diff": float((mi_scores[0, 0] - mi_logits_last[0]).abs().max()),
+            "notes": "processor(text=prompt, images=[img0, img1]); image features are scattered into the <image> "
+            "positions in order (first 16 = images[0], next 16 = images[1]); multi_image_logits_last [1, 512] from "
+            "one forward without cache",
+        },
+        "multi_turn": {
+            "image": f"images/{MULTI_TURN_IMAGE}.png",
+            "messages": copy.deepcopy(MULTI_TURN_MESSAGES),
+            "add_generation_prompt": True,
+            "prompt": mt_prompt,
+            "input_ids": mt_ids[0].tolist(),
+            "num_prompt_tokens": mt_ids.shape[1],
+            "argmax_logits_last": int(mt_logits_last[0].argmax()),
+            "logits_last_top2_margin": _margins(mt_logits_last)[0],
+            "earlier_stages": stages,
+            "notes": "multi_turn_logits_last [1, 512]: logits at the last position of one full forward without cache",
+        },
+    }
+    write_json(path / "batch_reference.json", info)
+    return info
+
+
+def _runs(ids: list[int], token: int) -> list[list[int]]:
+    """[start, length] of each run of `token` in ids."""
+    runs, i = [], 0
+    while i < len(ids):
+        if ids[i] == token:
+            j = i
+            while j < len(ids) and ids[j] == token:
+                j += 1
+            runs.append([i, j - i])
+            i = j
+        else:
+            i += 1
+    return runs
+
+
 # ---- chat-template and tokenizer vectors --------------------------------------------------------
 
 CHAT_CASES = [
@@ -1511,6 +1788,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory (default: tests/fixtures)")
     ap.add_argument("--only", action="append", choices=sorted(FIXTURES), help="build only these fixtures")
     ap.add_argument("--no-phase2", action="store_true", help="only the checkpoints and reference.* (phase 1)")
+    ap.add_argument("--no-phase3", action="store_true", help="skip batch_reference.* (phase 3)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)  # reproducible reductions
@@ -1536,6 +1814,13 @@ def main(argv=None) -> int:
             t0 = time.time()
             summary2 = phase2_fixture(name, args.out, shared)
             log(f"{name} phase 2: {time.time() - t0:.1f}s {json.dumps(summary2)}")
+            if not args.no_phase3:
+                t0 = time.time()
+                b = batch_reference(args.out / name, args.out, BUILT_MODELS[name], shared[0])["batch"]
+                summary3 = {"batched_equals_solo": [r["batched_equals_solo"] for r in b["rows"]],
+                            "generated": [r["num_generated"] for r in b["rows"]],
+                            "rows_stopped_at_eos": b["rows_stopped_at_eos"]}
+                log(f"{name} phase 3: {time.time() - t0:.1f}s {json.dumps(summary3)}")
     return 0
 
 

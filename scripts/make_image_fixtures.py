@@ -199,7 +199,7 @@ def make_inputs(d: Path) -> dict[str, str]:
     write_png(d / "interlaced.png", inter, 8, 2, interlace=True)
     desc["interlaced.png"] = "45x33 RGB Adam7-interlaced"
     tall = np.array(astro.resize((4, 500), Image.Resampling.BILINEAR))
-    save("tall.png", Image.fromarray(tall), "4x500 RGB (Pillow resizes >100:1 images vertical-first)")
+    save("tall.png", Image.fromarray(tall), "4x500 RGB (Pillow 13 resizes it vertical pass first)")
 
     photo = chelsea.crop((40, 20, 200, 132))
     photo.save(d / "photo.jpg", quality=90)
@@ -380,7 +380,9 @@ def main() -> None:
     resize_dir = OUT / "resize"
     resize_dir.mkdir()
     resize_cases = []
-    sources = {"odd.png": [(11, 7), (37, 23), (100, 61), (20, 50), (37, 9), (5, 23)],
+    # Pillow 13 runs the vertical pass first iff in_h - out_h > 2 * (in_w - out_w) (and the
+    # height shrinks): 37x23 -> 27x3 is the tie (horizontal first), 28x3 just past it.
+    sources = {"odd.png": [(11, 7), (37, 23), (100, 61), (20, 50), (37, 9), (5, 23), (27, 3), (28, 3)],
                "astronaut.png": [(37, 29), (61, 200), (150, 60)],
                "tall.png": [(3, 60), (9, 100), (4, 499), (2, 7)]}
     for src, sizes in sources.items():
@@ -393,6 +395,34 @@ def main() -> None:
                 name = f"{Path(src).stem}_{w}x{h}_f{f}.png"
                 out.save(resize_dir / name, optimize=True)
                 resize_cases.append({"source": src, "width": w, "height": h, "filter": f, "expected": f"resize/{name}"})
+
+    # LLaVA's expand2square (image_aspect_ratio "pad"), then the processor.
+    def expand2square(pil_img, background_color):
+        width, height = pil_img.size
+        if width == height:
+            return pil_img
+        if width > height:
+            result = Image.new(pil_img.mode, (width, width), background_color)
+            result.paste(pil_img, (0, (width - height) // 2))
+        else:
+            result = Image.new(pil_img.mode, (height, height), background_color)
+            result.paste(pil_img, ((height - width) // 2, 0))
+        return result
+
+    pad_color = tuple(int(x * 255) for x in processors["clip336"].image_mean)
+    assert pad_color == (122, 116, 104), pad_color
+    expand_cases = []
+    for img_name in ["chelsea.png", "coffee_portrait.png", "odd.png"]:
+        ip = processors["tiny56"]
+        square = expand2square(Image.open(inputs / img_name).convert("RGB"), pad_color)
+        full = ip(images=square, return_tensors="np")["pixel_values"][0]
+        raw = ip(images=square, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"][0]
+        recon = np.stack([luts["tiny56"][c][raw[c]] for c in range(3)])
+        assert np.array_equal(recon, f32_bits(full))
+        out_name = f"{Path(img_name).stem}__expand2square_tiny56.png"
+        (expected_dir / out_name).write_bytes(to_png_bytes(raw))
+        expand_cases.append({"image": img_name, "setting": "tiny56", "expected": f"expected/{out_name}",
+                             "shape": list(full.shape), "content_shape": list(raw.shape[1:])})
 
     # Inputs Pillow refuses, for the error tests.
     errors = OUT / "errors"
@@ -423,6 +453,7 @@ def main() -> None:
         "inputs": descriptions,
         "settings": settings_manifest,
         "cases": cases,
+        "expand2square": expand_cases,
         "resize": resize_cases,
         "jpeg": jpeg,
     }

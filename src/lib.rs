@@ -7,10 +7,12 @@
 //! - [`processor`] (`vipllava-processor`): PIL-exact image preprocessing, tokenizer,
 //!   chat template, `<image>` expansion;
 //! - [`pipeline`]: load -> preprocess -> prefill -> decode -> stream;
+//! - [`conversation`]: multi-turn chat that reuses the KV cache;
 //! - [`generate`]: greedy/sampled token selection and streaming detokenization;
 //! - [`hub`]: `--model` as a local directory or a HuggingFace hub id;
 //! - [`info`]: a summary of a model directory, from `config.json` and weight headers.
 
+pub mod conversation;
 pub mod generate;
 pub mod hub;
 pub mod info;
@@ -20,6 +22,7 @@ pub use vipllava_convert as convert;
 pub use vipllava_model as model;
 pub use vipllava_processor as processor;
 
+pub use conversation::Conversation;
 pub use pipeline::{Generation, Pipeline, PipelineError, Prompt, StopReason};
 pub use vipllava_convert::{LoadOptions, LoadedModel, load_model};
 pub use vipllava_model::{ForwardInput, KvCache, LogitsMode, VipLlava, VipLlavaConfig};

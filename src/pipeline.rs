@@ -10,7 +10,9 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Serialize;
 use vipllava_convert::{ConvertError, LoadOptions, load_model};
 use vipllava_model::{ForwardError, ForwardInput, KvCache, LogitsMode, VipLlava, VipLlavaConfig};
-use vipllava_processor::image::{ImageError, ImageProcessorConfig, PixelValues, preprocess};
+use vipllava_processor::image::{
+    ImageError, ImageMode, ImageProcessorConfig, PixelValues, preprocess_with_mode,
+};
 use vipllava_processor::{ChatMessage, ChatTemplate, ImageTokenConfig, TextError, TextTokenizer};
 
 use crate::generate::{GenerationConfigError, GenerationOptions, StreamDecoder, TokenSelector};
@@ -122,6 +124,8 @@ pub struct Pipeline {
     pub image_config: ImageProcessorConfig,
     /// `<image>` expansion settings.
     pub image_tokens: ImageTokenConfig,
+    /// Crop (transformers, default) or pad (ViP-LLaVA training) for non-square images.
+    pub image_mode: ImageMode,
     /// Generation defaults from `generation_config.json`.
     pub generation_defaults: GenerationOptions,
     /// Where tensors live.
@@ -158,6 +162,7 @@ impl Pipeline {
             chat_template,
             image_config,
             image_tokens,
+            image_mode: ImageMode::Crop,
             generation_defaults,
             device: device.clone(),
             dir: dir.to_path_buf(),
@@ -202,7 +207,7 @@ impl Pipeline {
         let prompt_text = self.render_prompt(images.len(), prompt)?;
         let pixel_values = images
             .iter()
-            .map(|img| preprocess(img, &self.image_config))
+            .map(|img| preprocess_with_mode(img, &self.image_config, self.image_mode))
             .collect::<Result<Vec<_>, _>>()?;
         let seq_len = match pixel_values.first() {
             Some(p) => {
@@ -236,20 +241,8 @@ impl Pipeline {
         let ids: Vec<i64> = input.input_ids.iter().map(|&i| i as i64).collect();
         let n = ids.len();
         let ids = Tensor::from_data(TensorData::new(ids, [1, n]), &self.device);
-        let pixels = input.pixel_values.first().map(|first| {
-            let mut data = Vec::with_capacity(first.data.len() * input.pixel_values.len());
-            for p in &input.pixel_values {
-                data.extend_from_slice(&p.data);
-            }
-            let shape = [
-                input.pixel_values.len(),
-                first.channels,
-                first.height,
-                first.width,
-            ];
-            Tensor::from_data(TensorData::new(data, shape), &self.device)
-        });
-        (ids, pixels)
+        let pixels: Vec<&PixelValues> = input.pixel_values.iter().collect();
+        (ids, pixel_tensor(&pixels, &self.device))
     }
 
     /// Runs the prefill and returns the last position's logits and the filled cache.
@@ -269,69 +262,250 @@ impl Pipeline {
         options: &GenerationOptions,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation, PipelineError> {
-        options.validate()?;
-        let start = Instant::now();
-        let (mut logits, mut cache) = self.prefill(input)?;
-        let prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
-        let decode_start = Instant::now();
-        let mut selector = TokenSelector::new(options.clone());
-        let mut history = input.input_ids.clone();
-        let mut generated = Vec::new();
-        let mut stream = StreamDecoder::new();
-        let mut stop_reason = StopReason::MaxNewTokens;
-        let mut searched = 0usize;
-        while generated.len() < options.max_new_tokens {
-            let next = selector.select(&mut logits, &history);
-            generated.push(next);
-            history.push(next);
-            if let Some(text) = stream.push(&self.tokenizer, next)? {
-                on_text(&text);
-            }
-            if options.eos_token_ids.contains(&next) {
-                stop_reason = StopReason::Eos;
-                break;
-            }
-            if !options.stop_strings.is_empty() {
-                let text = stream.text();
-                let from = floor_char_boundary(text, searched.saturating_sub(64));
-                if options
-                    .stop_strings
-                    .iter()
-                    .any(|s| text[from..].contains(s.as_str()))
-                {
-                    stop_reason = StopReason::StopString;
-                    break;
-                }
-                searched = text.len();
-            }
-            if generated.len() == options.max_new_tokens {
-                break;
-            }
-            let ids = Tensor::from_data(TensorData::new(vec![next as i64], [1, 1]), &self.device);
-            let out = self.model.forward(
-                ForwardInput::new(ids).with_logits(LogitsMode::LastOnly),
-                &mut cache,
-            )?;
-            logits = to_vec(out)?;
+        let mut out = self.generate_batch(&[(input.clone(), options.clone())], |_, t| on_text(t))?;
+        out.pop()
+            .ok_or_else(|| PipelineError::Forward(ForwardError::BadInput("no generation".into())))
+    }
+
+    /// Generates answers for several requests in one forward pass per step: prompts are
+    /// left-padded (as transformers recommends for VipLlava), the padding mask is honoured
+    /// in every layer, position ids are `cumsum(mask) - 1`, each row stops on its own (a
+    /// finished row is fed padding and its output ends at its EOS), and the KV cache is
+    /// shared. `on_text(row, text)` receives each row's streamed text.
+    pub fn generate_batch(
+        &self,
+        requests: &[(PreparedInput, GenerationOptions)],
+        mut on_text: impl FnMut(usize, &str),
+    ) -> Result<Vec<Generation>, PipelineError> {
+        let mut on_text = |i: usize, t: &str| on_text(i, t);
+        if requests.is_empty() {
+            return Ok(Vec::new());
         }
-        if let Some(rest) = stream.finish() {
-            on_text(&rest);
+        for (_, options) in requests {
+            options.validate()?;
+        }
+        let start = Instant::now();
+        let batch = requests.len();
+        let longest = requests.iter().map(|(r, _)| r.input_ids.len()).max().unwrap_or(0);
+        let pad = self
+            .tokenizer
+            .pad_token_id
+            .or(self.config.pad_token_id.and_then(|p| u32::try_from(p).ok()))
+            .unwrap_or(0);
+        let padded = requests.iter().any(|(r, _)| r.input_ids.len() != longest);
+        let mut ids = Vec::with_capacity(batch * longest);
+        let mut mask: Vec<Vec<bool>> = Vec::with_capacity(batch);
+        let mut positions: Vec<Vec<i64>> = Vec::with_capacity(batch);
+        for (r, _) in requests {
+            let n_pad = longest - r.input_ids.len();
+            ids.extend(std::iter::repeat_n(pad as i64, n_pad));
+            ids.extend(r.input_ids.iter().map(|&i| i as i64));
+            mask.push((0..longest).map(|j| j >= n_pad).collect());
+            // transformers: cumsum(mask) - 1, padding positions filled with 1.
+            positions.push(
+                (0..longest)
+                    .map(|j| if j < n_pad { 1 } else { (j - n_pad) as i64 })
+                    .collect(),
+            );
+        }
+        let pixel_values: Vec<&PixelValues> =
+            requests.iter().flat_map(|(r, _)| r.pixel_values.iter()).collect();
+        let pixels = pixel_tensor(&pixel_values, &self.device);
+        let input_ids = Tensor::from_data(TensorData::new(ids, [batch, longest]), &self.device);
+        let mut cache = KvCache::new();
+        let forward = ForwardInput {
+            input_ids,
+            pixel_values: pixels,
+            positions: Some(positions.clone()),
+            key_mask: padded.then(|| mask.clone()),
+            logits: LogitsMode::LastOnly,
+        };
+        let logits = rows(self.model.forward(forward, &mut cache)?)?;
+        let prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
+        let histories = requests.iter().map(|(r, _)| r.input_ids.clone()).collect();
+        let options: Vec<GenerationOptions> = requests.iter().map(|(_, o)| o.clone()).collect();
+        let state = DecodeState {
+            logits,
+            positions,
+            mask: padded.then_some(mask),
+            histories,
+            pad,
+            prefill_ms,
+        };
+        self.decode(state, &options, &mut cache, &mut on_text)
+    }
+
+    /// Continues a single, unpadded sequence whose prompt `ids` are already in `cache`,
+    /// from the last position's `logits`.
+    pub(crate) fn continue_generation(
+        &self,
+        logits: Vec<f32>,
+        ids: Vec<u32>,
+        cache: &mut KvCache,
+        options: &GenerationOptions,
+        prefill_ms: f64,
+        on_text: &mut dyn FnMut(&str),
+    ) -> Result<Generation, PipelineError> {
+        let last = ids.len().saturating_sub(1) as i64;
+        let state = DecodeState {
+            logits: vec![logits],
+            positions: vec![vec![last]],
+            mask: None,
+            histories: vec![ids],
+            pad: self.tokenizer.pad_token_id.unwrap_or(0),
+            prefill_ms,
+        };
+        let mut out = self.decode(state, std::slice::from_ref(options), cache, &mut |_, t| {
+            on_text(t)
+        })?;
+        out.pop()
+            .ok_or_else(|| PipelineError::Forward(ForwardError::BadInput("no generation".into())))
+    }
+
+    /// The decode loop shared by batched generation and conversations: picks a token per
+    /// row from `state.logits`, feeds them back with the cache, stops rows individually.
+    fn decode(
+        &self,
+        state: DecodeState,
+        options: &[GenerationOptions],
+        cache: &mut KvCache,
+        on_text: &mut dyn FnMut(usize, &str),
+    ) -> Result<Vec<Generation>, PipelineError> {
+        let DecodeState {
+            mut logits,
+            mut positions,
+            mut mask,
+            histories,
+            pad,
+            prefill_ms,
+        } = state;
+        let batch = options.len();
+        let prompt_tokens: Vec<usize> = histories.iter().map(Vec::len).collect();
+        let decode_start = Instant::now();
+
+        struct Row {
+            selector: TokenSelector,
+            history: Vec<u32>,
+            generated: Vec<u32>,
+            stream: StreamDecoder,
+            stop: Option<StopReason>,
+            searched: usize,
+        }
+        let mut state: Vec<Row> = options
+            .iter()
+            .zip(histories)
+            .map(|(o, history)| Row {
+                selector: TokenSelector::new(o.clone()),
+                history,
+                generated: Vec::new(),
+                stream: StreamDecoder::new(),
+                stop: (o.max_new_tokens == 0).then_some(StopReason::MaxNewTokens),
+                searched: 0,
+            })
+            .collect();
+        let mut decoded = 0usize;
+        loop {
+            let mut next_ids = Vec::with_capacity(batch);
+            for (i, row) in state.iter_mut().enumerate() {
+                if row.stop.is_some() {
+                    next_ids.push(pad);
+                    continue;
+                }
+                let options = &options[i];
+                let next = row.selector.select(&mut logits[i], &row.history);
+                row.generated.push(next);
+                row.history.push(next);
+                next_ids.push(next);
+                if let Some(text) = row.stream.push(&self.tokenizer, next)? {
+                    on_text(i, &text);
+                }
+                if options.eos_token_ids.contains(&next) {
+                    row.stop = Some(StopReason::Eos);
+                } else if !options.stop_strings.is_empty() && {
+                    let text = row.stream.text();
+                    let from = floor_char_boundary(text, row.searched.saturating_sub(64));
+                    row.searched = text.len();
+                    options
+                        .stop_strings
+                        .iter()
+                        .any(|s| text[from..].contains(s.as_str()))
+                } {
+                    row.stop = Some(StopReason::StopString);
+                } else if row.generated.len() >= options.max_new_tokens {
+                    row.stop = Some(StopReason::MaxNewTokens);
+                }
+            }
+            if state.iter().all(|r| r.stop.is_some()) {
+                break;
+            }
+            for row in positions.iter_mut() {
+                let last = row.last().copied().unwrap_or(0);
+                *row = vec![last + 1];
+            }
+            for m in mask.iter_mut().flatten() {
+                m.push(true);
+            }
+            decoded += state.iter().filter(|r| r.stop.is_none()).count();
+            let ids: Vec<i64> = next_ids.iter().map(|&i| i as i64).collect();
+            let forward = ForwardInput {
+                input_ids: Tensor::from_data(TensorData::new(ids, [batch, 1]), &self.device),
+                pixel_values: None,
+                positions: Some(positions.clone()),
+                key_mask: mask.clone(),
+                logits: LogitsMode::LastOnly,
+            };
+            logits = rows(self.model.forward(forward, cache)?)?;
         }
         let decode_s = decode_start.elapsed().as_secs_f64();
-        let decoded = generated.len().saturating_sub(1);
-        Ok(Generation {
-            text: self.tokenizer.decode(&generated, true)?,
-            token_ids: generated,
-            stop_reason,
-            prompt_tokens: input.input_ids.len(),
-            prefill_ms,
-            decode_tokens_per_s: if decode_s > 0.0 && decoded > 0 {
-                decoded as f64 / decode_s
-            } else {
-                0.0
-            },
-        })
+        state
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut row)| {
+                if let Some(rest) = row.stream.finish() {
+                    on_text(i, &rest);
+                }
+                Ok(Generation {
+                    text: self.tokenizer.decode(&row.generated, true)?,
+                    token_ids: row.generated,
+                    stop_reason: row.stop.unwrap_or(StopReason::MaxNewTokens),
+                    prompt_tokens: prompt_tokens[i],
+                    prefill_ms,
+                    decode_tokens_per_s: if decode_s > 0.0 && decoded > 0 {
+                        decoded as f64 / decode_s
+                    } else {
+                        0.0
+                    },
+                })
+            })
+            .collect()
     }
+}
+
+/// Where the decode loop starts: last-position logits per row and the inputs' layout.
+struct DecodeState {
+    logits: Vec<Vec<f32>>,
+    positions: Vec<Vec<i64>>,
+    mask: Option<Vec<Vec<bool>>>,
+    histories: Vec<Vec<u32>>,
+    pad: u32,
+    prefill_ms: f64,
+}
+
+pub(crate) fn pixel_tensor(pixel_values: &[&PixelValues], device: &Device) -> Option<Tensor<4>> {
+    let first = pixel_values.first()?;
+    let mut data = Vec::with_capacity(first.data.len() * pixel_values.len());
+    for p in pixel_values {
+        data.extend_from_slice(&p.data);
+    }
+    let shape = [pixel_values.len(), first.channels, first.height, first.width];
+    Some(Tensor::from_data(TensorData::new(data, shape), device))
+}
+
+/// `[batch, 1, vocab]` logits as one host vector per row.
+fn rows(logits: Tensor<3>) -> Result<Vec<Vec<f32>>, PipelineError> {
+    let [b, _, v] = logits.dims();
+    let flat = to_vec(logits.reshape([1, 1, b * v]))?;
+    Ok(flat.chunks(v.max(1)).map(<[f32]>::to_vec).collect())
 }
 
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {
@@ -341,7 +515,7 @@ fn floor_char_boundary(s: &str, mut i: usize) -> usize {
     i
 }
 
-fn to_vec(logits: Tensor<3>) -> Result<Vec<f32>, PipelineError> {
+pub(crate) fn to_vec(logits: Tensor<3>) -> Result<Vec<f32>, PipelineError> {
     let [_, _, v] = logits.dims();
     logits
         .reshape([v])

@@ -929,7 +929,9 @@ mod tests {
         assert!(e.to_string().contains("\"llava\""), "{e}");
         let e = VipLlavaConfig::from_json_str("{not json").unwrap_err();
         assert!(matches!(e, ConfigError::Json(_)), "{e}");
-        let e = VipLlavaConfig::from_json_str(r#"{"model_type": "vipllava", "vision_feature_layers": [30]}"#)
+        let e = VipLlavaConfig::from_json_str(
+            r#"{"model_type": "vipllava", "text_config": {"vocab_size": 32064}, "vision_feature_layers": [30]}"#,
+        )
             .unwrap_err();
         assert!(
             matches!(e, ConfigError::FeatureLayerOutOfRange { layer: 30, .. }),

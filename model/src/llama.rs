@@ -230,6 +230,19 @@ impl KvCache {
         self.len = 0;
     }
 
+    /// Keeps only the first `len` positions (e.g. to reuse a conversation prefix).
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let [b, h, _, d] = k.dims();
+            *k = k.clone().slice([0..b, 0..h, 0..len, 0..d]);
+            *v = v.clone().slice([0..b, 0..h, 0..len, 0..d]);
+        }
+        self.len = len;
+    }
+
     fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
         if self.layers.len() <= layer {
             self.layers.resize(layer + 1, None);
@@ -247,9 +260,30 @@ impl KvCache {
 pub struct DecoderStep<'a> {
     /// Position ids `[batch][seq]` of the new tokens (for RoPE).
     pub positions: &'a [Vec<i64>],
-    /// Optional key padding mask over all positions (cached + new), `[batch, total]`,
-    /// `true` where the position is a real token. `None` means no padding.
-    pub key_mask: Option<Tensor<2, Bool>>,
+    /// Optional padding mask over all positions (cached + new), `[batch][total]`, `true`
+    /// where the position is a real token. `None` means no padding.
+    pub key_mask: Option<&'a [Vec<bool>]>,
+}
+
+/// Causal + padding mask `[batch, 1, seq, total]` (`true` = masked) for new tokens that
+/// start at absolute position `past`. Real queries never see padding; padding queries see
+/// every earlier key so that no row is fully masked (a fully masked row would produce NaN
+/// keys/values at pad positions, and NaN times a zero weight still poisons real rows).
+fn padding_mask(key_mask: &[Vec<bool>], past: usize, seq: usize, device: &Device) -> Tensor<4, Bool> {
+    let batch = key_mask.len();
+    let total = past + seq;
+    let mut data = Vec::with_capacity(batch * seq * total);
+    for row in key_mask {
+        for i in 0..seq {
+            let q = past + i;
+            let query_real = row.get(q).copied().unwrap_or(true);
+            for j in 0..total {
+                let key_real = row.get(j).copied().unwrap_or(true);
+                data.push(j > q || (query_real && !key_real));
+            }
+        }
+    }
+    Tensor::from_data(TensorData::new(data, [batch, 1, seq, total]), device)
 }
 
 impl LlamaModel {
@@ -299,8 +333,9 @@ impl LlamaModel {
         let (cos, sin) = self.rope.cos_sin(step.positions, &device);
         let mut h = embeds;
         let seq = h.dims()[1];
+        let mask = step.key_mask.map(|m| padding_mask(m, cache.len(), seq, &device));
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(h, i, &cos, &sin, step.key_mask.clone(), cache);
+            h = layer.forward(h, i, &cos, &sin, mask.clone(), cache);
         }
         cache.len += seq;
         self.norm.forward(h)
@@ -314,7 +349,7 @@ impl LlamaDecoderLayer {
         index: usize,
         cos: &Tensor<4>,
         sin: &Tensor<4>,
-        key_mask: Option<Tensor<2, Bool>>,
+        mask: Option<Tensor<4, Bool>>,
         cache: &mut KvCache,
     ) -> Tensor<3> {
         let a = self.self_attn.forward(
@@ -322,7 +357,7 @@ impl LlamaDecoderLayer {
             index,
             cos,
             sin,
-            key_mask,
+            mask,
             cache,
         );
         let h = x + a;
@@ -341,7 +376,7 @@ impl LlamaAttention {
         index: usize,
         cos: &Tensor<4>,
         sin: &Tensor<4>,
-        key_mask: Option<Tensor<2, Bool>>,
+        mask: Option<Tensor<4, Bool>>,
         cache: &mut KvCache,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
@@ -366,16 +401,12 @@ impl LlamaAttention {
         let (k, v) = cache.append(index, k, v);
         let total = k.dims()[2];
         let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
-        // Padding mask: true = masked for burn's attention.
-        let mask = key_mask.map(|m| {
-            m.bool_not()
-                .reshape([b, 1, 1, total])
-                .expand([b, self.num_heads, t, total])
-        });
+        // With padding the explicit mask already holds the causal part.
         let options = AttentionModuleOptions {
-            is_causal: true,
+            is_causal: mask.is_none(),
             ..Default::default()
         };
+        let mask = mask.map(|m| m.expand([b, self.num_heads, t, total]));
         let out = attention(q, k, v, mask, None, options);
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([b, t, self.num_heads * hd]))

@@ -3,7 +3,7 @@
 
 use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::clip::ClipVisionTower;
 use crate::config::{Activation, VipLlavaConfig};
@@ -113,8 +113,8 @@ pub struct ForwardInput {
     pub pixel_values: Option<Tensor<4>>,
     /// Position ids `[batch][seq]`; `None` = `cache.len() .. cache.len() + seq` for every row.
     pub positions: Option<Vec<Vec<i64>>>,
-    /// Key padding mask over cached + new positions (`true` = real token).
-    pub key_mask: Option<Tensor<2, Bool>>,
+    /// Padding mask `[batch][cached + new]` (`true` = real token); `None` = no padding.
+    pub key_mask: Option<Vec<Vec<bool>>>,
     /// Which logits to compute.
     pub logits: LogitsMode,
 }
@@ -301,17 +301,14 @@ impl VipLlava {
             }
         };
         if let Some(mask) = &input.key_mask {
-            let [mb, mt] = mask.dims();
-            if mb != b || mt != cache.len() + t {
-                return Err(ForwardError::BadInput(format!(
-                    "key mask must be [{b}, {}], found [{mb}, {mt}]",
-                    cache.len() + t
-                )));
+            let total = cache.len() + t;
+            if mask.len() != b || mask.iter().any(|r| r.len() != total) {
+                return Err(ForwardError::BadInput(format!("key mask must be [{b}][{total}]")));
             }
         }
         let step = DecoderStep {
             positions: &positions,
-            key_mask: input.key_mask,
+            key_mask: input.key_mask.as_deref(),
         };
         let hidden = self.language_model.forward(embeds, &step, cache);
         let hidden = match input.logits {

@@ -6,5 +6,6 @@
 
 pub mod image;
 pub mod text;
+pub mod visual_prompt;
 
 pub use text::{ChatMessage, ChatTemplate, ContentPart, ImageTokenConfig, TextError, TextTokenizer};

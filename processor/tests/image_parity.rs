@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use image::{DynamicImage, RgbImage};
 use serde_json::Value;
 use vipllava_processor::image::{
-    HeightWidth, ImageError, ImageProcessorConfig, PixelValues, Resample, Size, decode_image,
-    decode_image_with_limit, load_image, preprocess, resize_and_crop, resize_pil, to_rgb,
+    HeightWidth, ImageError, ImageProcessorConfig, LLAVA_PAD_COLOR, PixelValues, Resample, Size,
+    decode_image, decode_image_with_limit, expand_to_square, load_image, preprocess, resize_and_crop,
+    resize_pil, to_rgb,
 };
 
 fn fixtures() -> PathBuf {
@@ -141,6 +142,28 @@ fn pixel_values_match_transformers_pil_backend() {
     assert!(failures.is_empty(), "mismatches:\n{}", failures.join("\n"));
 }
 
+/// LLaVA's `expand2square` padding followed by the processor.
+#[test]
+fn expand_to_square_matches_llava() {
+    let m = manifest();
+    let mut n = 0;
+    for case in m["expand2square"].as_array().expect("expand2square cases") {
+        let (image_name, setting) = (s(case, "image"), s(case, "setting"));
+        let lut = read_lut(s(&m["settings"][setting], "lut"));
+        let (expected, _) = expected_pixels(case, &lut);
+        let img = load_image(&fixtures().join("inputs").join(image_name)).expect("decode input");
+        let square = expand_to_square(&to_rgb(&img), LLAVA_PAD_COLOR);
+        assert_eq!(square.width(), square.height());
+        let got = preprocess(&DynamicImage::ImageRgb8(square), &config(setting)).expect("preprocess");
+        assert_eq!(got.shape(), expected.shape());
+        let diff = max_abs_diff(&got.data, &expected.data);
+        println!("{image_name} expand2square / {setting}: max|diff| {diff:e}");
+        assert!(diff <= 1e-5, "{image_name}: max |diff| {diff}");
+        n += 1;
+    }
+    assert_eq!(n, 3);
+}
+
 #[test]
 fn resize_matches_pil_image_resize_exactly() {
     let m = manifest();
@@ -168,7 +191,7 @@ fn resize_matches_pil_image_resize_exactly() {
             failures.push(format!("{label}: max diff {max}, mean {mean:.4}"));
         }
     }
-    assert!(count >= 60, "too few resize cases: {count}");
+    assert!(count >= 70, "too few resize cases: {count}");
     assert!(
         failures.is_empty(),
         "resize differs from Pillow:\n{}",
@@ -319,6 +342,24 @@ fn bad_configs_are_typed_errors() {
     assert!(
         matches!(missing, Err(ImageError::ConfigMissing { .. })),
         "{missing:?}"
+    );
+    // Null size keys are ignored; `use_square_size` squares CLIP's class default (224).
+    let c = ImageProcessorConfig::from_json_str(r#"{"size": {"shortest_edge": 336, "height": null}}"#);
+    assert_eq!(
+        c.map(|c| c.size).ok(),
+        Some(Size::ShortestEdge {
+            shortest_edge: 336,
+            longest_edge: None
+        })
+    );
+    let c =
+        ImageProcessorConfig::from_json_str(r#"{"size": {"shortest_edge": 336}, "use_square_size": true}"#);
+    assert_eq!(
+        c.map(|c| c.size).ok(),
+        Some(Size::Exact {
+            height: 224,
+            width: 224
+        })
     );
     // Absent fields take CLIPImageProcessor's defaults.
     assert_eq!(

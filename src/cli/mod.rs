@@ -35,6 +35,33 @@ enum Command {
     },
     /// Answer a question about an image, streaming the text.
     Generate(GenerateArgs),
+    /// Chat about an image: follow-up questions reuse the KV cache. Commands: /image
+    /// (print the image path(s)), /reset, /quit.
+    Chat {
+        /// Model directory or hub id.
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: String,
+        /// Image(s) the conversation is about.
+        #[arg(long, required = true)]
+        image: Vec<PathBuf>,
+        /// Maximum new tokens per answer (default: generation_config.json, else 256).
+        #[arg(long)]
+        max_new_tokens: Option<usize>,
+        /// `crop` (transformers) or `pad` (ViP-LLaVA training).
+        #[arg(long, value_enum, default_value_t = ImageModeArg::Crop)]
+        image_mode: ImageModeArg,
+    },
+    /// Draw visual prompts on an image and write it (what `generate` would show the model).
+    Draw {
+        /// Input image.
+        #[arg(long)]
+        image: PathBuf,
+        /// Output image (format from the extension).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        marks: VisualPromptArgs,
+    },
     /// Write the pixel values the model receives, float32 [1, 3, H, W], as .npy.
     Preprocess {
         /// Model directory or hub id.
@@ -46,6 +73,9 @@ enum Command {
         /// Output .npy file.
         #[arg(long)]
         out: PathBuf,
+        /// `crop` (transformers) or `pad` (ViP-LLaVA training).
+        #[arg(long, value_enum, default_value_t = ImageModeArg::Crop)]
+        image_mode: ImageModeArg,
     },
     /// Write the last prompt position's logits, float32 [vocab], as .npy.
     Logits {
@@ -62,15 +92,181 @@ struct InputArgs {
     /// Model directory or hub id (downloaded into the HF cache).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
-    /// Input image.
-    #[arg(long)]
-    image: PathBuf,
-    /// The question; wrapped with the image into one user message by the chat template.
-    #[arg(long, conflicts_with = "raw_prompt", required_unless_present = "raw_prompt")]
+    /// Input image; repeat for several images in one prompt (the model was trained with
+    /// one image per conversation, so several is allowed but untested territory).
+    #[arg(long, required_unless_present = "batch")]
+    image: Vec<PathBuf>,
+    /// The question; wrapped with the images into one user message by the chat template.
+    #[arg(long, conflicts_with = "raw_prompt", required_unless_present_any = ["raw_prompt", "batch"])]
     prompt: Option<String>,
-    /// A pre-formatted prompt (no chat template) that contains `<image>`.
+    /// A pre-formatted prompt (no chat template) with one `<image>` per image.
     #[arg(long)]
     raw_prompt: Option<String>,
+    /// Requests, one JSON object per line: {"image": PATH (or "images": [..]), "prompt":
+    /// TEXT (or "raw_prompt"), optional "max_new_tokens", "do_sample", "temperature",
+    /// "top_k", "top_p", "repetition_penalty", "seed", "stop"}. Relative image paths are
+    /// relative to the file.
+    #[arg(long, conflicts_with_all = ["image", "prompt", "raw_prompt"])]
+    batch: Option<PathBuf>,
+    /// `crop`: transformers' resize + center crop (default). `pad`: pad to a square with
+    /// the CLIP mean colour first, as ViP-LLaVA was trained, so marks near an edge survive.
+    #[arg(long, value_enum, default_value_t = ImageModeArg::Crop)]
+    image_mode: ImageModeArg,
+}
+
+/// Visual prompts drawn on the (first) image before it is processed, in original-image
+/// pixel coordinates, each with an optional `:colour` suffix (default red).
+#[derive(Args, Debug, Default, Clone)]
+struct VisualPromptArgs {
+    /// Rectangle `x0,y0,x1,y1[:colour]` (repeatable).
+    #[arg(long = "box", value_name = "X0,Y0,X1,Y1[:COLOUR]")]
+    boxes: Vec<String>,
+    /// Ellipse inscribed in `x0,y0,x1,y1[:colour]`.
+    #[arg(long = "ellipse", value_name = "X0,Y0,X1,Y1[:COLOUR]")]
+    ellipses: Vec<String>,
+    /// Triangle `x0,y0,x1,y1,x2,y2[:colour]`.
+    #[arg(long = "triangle", value_name = "X0,Y0,X1,Y1,X2,Y2[:COLOUR]")]
+    triangles: Vec<String>,
+    /// Filled dot `x,y[:colour]`.
+    #[arg(long = "point", value_name = "X,Y[:COLOUR]")]
+    points: Vec<String>,
+    /// Arrow from `x0,y0` to the target `x1,y1[:colour]`.
+    #[arg(long = "arrow", value_name = "X0,Y0,X1,Y1[:COLOUR]")]
+    arrows: Vec<String>,
+    /// Smooth curve through `x,y;x,y;...[:colour]`.
+    #[arg(long = "scribble", value_name = "X,Y;X,Y;...[:COLOUR]")]
+    scribbles: Vec<String>,
+    /// Filled mask from a PNG (white = inside) or a polygon `x,y;x,y;x,y`.
+    #[arg(long = "mask", value_name = "PNG|POLYGON[:COLOUR]")]
+    masks: Vec<String>,
+    /// Outline of a mask PNG or polygon.
+    #[arg(long = "mask-contour", value_name = "PNG|POLYGON[:COLOUR]")]
+    mask_contours: Vec<String>,
+    /// Opacity 1..255 of the marks (default 128 for strokes, 88 for filled masks).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
+    alpha: Option<u8>,
+    /// Line width in pixels (default 3 x max(W, H) / 336).
+    #[arg(long)]
+    line_width: Option<f32>,
+    /// Write the image with the marks (what the model sees before resizing) here.
+    #[arg(long, value_name = "PATH")]
+    save_prompted_image: Option<PathBuf>,
+}
+
+impl VisualPromptArgs {
+    fn prompts(&self) -> anyhow::Result<Vec<processor::visual_prompt::VisualPrompt>> {
+        let groups: [(&str, &Vec<String>); 8] = [
+            ("box", &self.boxes),
+            ("ellipse", &self.ellipses),
+            ("triangle", &self.triangles),
+            ("point", &self.points),
+            ("arrow", &self.arrows),
+            ("scribble", &self.scribbles),
+            ("mask", &self.masks),
+            ("mask-contour", &self.mask_contours),
+        ];
+        let mut out = Vec::new();
+        for (kind, specs) in groups {
+            for spec in specs {
+                let prompt = processor::visual_prompt::parse_cli_shape(kind, spec)
+                    .with_context(|| format!("--{kind} {spec}"))?;
+                out.push(prompt);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Draws the marks on `image`; warns (crop mode) when a mark leaves the crop window.
+    fn apply(
+        &self,
+        image: image::DynamicImage,
+        config: &processor::image::ImageProcessorConfig,
+        mode: processor::image::ImageMode,
+    ) -> anyhow::Result<image::DynamicImage> {
+        let prompts = self.prompts()?;
+        if prompts.is_empty() {
+            if let Some(path) = &self.save_prompted_image {
+                image
+                    .save(path)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            return Ok(image);
+        }
+        let options = processor::visual_prompt::DrawOptions {
+            alpha: self.alpha,
+            line_width: self.line_width,
+        };
+        let drawn = processor::visual_prompt::draw(&image, &prompts, &options)?;
+        if mode == processor::image::ImageMode::Crop {
+            let (w, h) = (drawn.width(), drawn.height());
+            let window = crop_window(w, h, config);
+            for prompt in &prompts {
+                if let Some((x0, y0, x1, y1)) =
+                    processor::visual_prompt::bounding_box(prompt, &options, w, h)?
+                    && (x0 < window.0 || y0 < window.1 || x1 > window.2 || y1 > window.3)
+                {
+                    eprintln!(
+                        "warning: the {} {} reaches outside the center crop ({:.0},{:.0})-({:.0},{:.0}) and will be partly cut away; use --image-mode pad",
+                        prompt.colour,
+                        prompt.shape.name(),
+                        window.0,
+                        window.1,
+                        window.2,
+                        window.3
+                    );
+                }
+            }
+        }
+        let drawn = image::DynamicImage::ImageRgb8(drawn);
+        if let Some(path) = &self.save_prompted_image {
+            drawn
+                .save(path)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(drawn)
+    }
+}
+
+/// The part of a `w x h` image that survives resize-shortest-edge + center crop, in
+/// original pixels.
+fn crop_window(w: u32, h: u32, config: &processor::image::ImageProcessorConfig) -> (f32, f32, f32, f32) {
+    if !config.do_center_crop {
+        return (0.0, 0.0, w as f32, h as f32);
+    }
+    let (w, h) = (w as f32, h as f32);
+    let short = w.min(h);
+    let crop_w = config.crop_size.width as f32;
+    let crop_h = config.crop_size.height as f32;
+    let target = match config.size {
+        processor::image::Size::ShortestEdge { shortest_edge, .. } => shortest_edge as f32,
+        _ => return (0.0, 0.0, w, h),
+    };
+    let scale = target / short;
+    let (rw, rh) = (w * scale, h * scale);
+    let left = ((rw - crop_w) / 2.0).max(0.0).floor();
+    let top = ((rh - crop_h) / 2.0).max(0.0).floor();
+    (
+        left / scale,
+        top / scale,
+        ((left + crop_w) / scale).min(w),
+        ((top + crop_h) / scale).min(h),
+    )
+}
+
+/// `--image-mode` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ImageModeArg {
+    Crop,
+    Pad,
+}
+
+impl From<ImageModeArg> for processor::image::ImageMode {
+    fn from(m: ImageModeArg) -> Self {
+        match m {
+            ImageModeArg::Crop => Self::Crop,
+            ImageModeArg::Pad => Self::Pad,
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -104,6 +300,11 @@ struct GenerateArgs {
     /// Stop when the text contains this string (repeatable).
     #[arg(long = "stop")]
     stop: Vec<String>,
+    /// With --batch: at most this many requests share a forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    marks: VisualPromptArgs,
 }
 
 /// Parses arguments, runs, and turns errors into one readable line and a non-zero exit.
@@ -151,6 +352,10 @@ fn load_image(path: &Path) -> anyhow::Result<image::DynamicImage> {
     processor::image::load_image(path).with_context(|| format!("reading image {}", path.display()))
 }
 
+fn load_images(paths: &[PathBuf]) -> anyhow::Result<Vec<image::DynamicImage>> {
+    paths.iter().map(|p| load_image(p)).collect()
+}
+
 fn prompt_of(input: &InputArgs) -> Prompt {
     match (&input.prompt, &input.raw_prompt) {
         (_, Some(raw)) => Prompt::Raw(raw.clone()),
@@ -185,12 +390,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Preprocess { model, image, out } => {
+        Command::Preprocess {
+            model,
+            image,
+            out,
+            image_mode,
+        } => {
             let dir = model_dir(&model)?;
             let config = processor::image::ImageProcessorConfig::from_model_dir(&dir)
                 .with_context(|| format!("reading processor settings of {}", dir.display()))?;
             let img = load_image(&image)?;
-            let pixels = processor::image::preprocess(&img, &config)?;
+            let pixels = processor::image::preprocess_with_mode(&img, &config, image_mode.into())?;
             let shape = [
                 1,
                 pixels.channels as u64,
@@ -202,9 +412,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Logits { input, out } => {
-            let pipeline = load_pipeline(&input.model)?;
-            let img = load_image(&input.image)?;
-            let prepared = pipeline.prepare(&[img], &prompt_of(&input))?;
+            anyhow::ensure!(input.batch.is_none(), "--batch is only for generate");
+            let mut pipeline = load_pipeline(&input.model)?;
+            pipeline.image_mode = input.image_mode.into();
+            let images = load_images(&input.image)?;
+            let prepared = pipeline.prepare(&images, &prompt_of(&input))?;
             let (logits, _) = pipeline.prefill(&prepared)?;
             write_npy(&out, &[logits.len() as u64], &logits)?;
             eprintln!(
@@ -216,11 +428,27 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(args) => generate(args),
+        Command::Draw { image, out, marks } => {
+            let img = load_image(&image)?;
+            let marks = VisualPromptArgs {
+                save_prompted_image: Some(out.clone()),
+                ..marks
+            };
+            let config = processor::image::ImageProcessorConfig::clip_336();
+            marks.apply(img, &config, processor::image::ImageMode::Pad)?;
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
+        Command::Chat {
+            model,
+            image,
+            max_new_tokens,
+            image_mode,
+        } => chat(&model, &image, max_new_tokens, image_mode),
     }
 }
 
-fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let pipeline = load_pipeline(&args.input.model)?;
+fn generation_options(pipeline: &Pipeline, args: &GenerateArgs) -> GenerationOptions {
     let mut options: GenerationOptions = pipeline.generation_defaults.clone();
     if let Some(n) = args.max_new_tokens {
         options.max_new_tokens = n;
@@ -242,34 +470,195 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     }
     options.seed = args.seed;
     options.stop_strings = args.stop.clone();
+    options
+}
 
-    let img = load_image(&args.input.image)?;
-    let prepared = pipeline.prepare(&[img], &prompt_of(&args.input))?;
+fn result_json(result: &vipllava::Generation, load_ms: f64) -> serde_json::Value {
+    json!({
+        "token_ids": result.token_ids,
+        "text": result.text,
+        "stop_reason": result.stop_reason,
+        "prompt_tokens": result.prompt_tokens,
+        "new_tokens": result.token_ids.len(),
+        "load_ms": load_ms,
+        "prefill_ms": result.prefill_ms,
+        "decode_tokens_per_s": result.decode_tokens_per_s,
+    })
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let mut pipeline = load_pipeline(&args.input.model)?;
+    pipeline.image_mode = args.input.image_mode.into();
+    let options = generation_options(&pipeline, &args);
+    if let Some(batch) = &args.input.batch {
+        return generate_batch(&pipeline, &args, batch, &options);
+    }
+    let mut images = load_images(&args.input.image)?;
+    if let Some(first) = images.first_mut() {
+        *first = args
+            .marks
+            .apply(first.clone(), &pipeline.image_config, pipeline.image_mode)?;
+    }
+    let prepared = pipeline.prepare(&images, &prompt_of(&args.input))?;
     let stdout = std::io::stdout();
-    let result = if args.json {
-        pipeline.generate(&prepared, &options, |_| {})?
+    if args.json {
+        let result = pipeline.generate(&prepared, &options, |_| {})?;
+        println!(
+            "{}",
+            serde_json::to_string(&result_json(&result, pipeline.load_ms))?
+        );
     } else {
         let mut out = stdout.lock();
-        let result = pipeline.generate(&prepared, &options, |text| {
+        pipeline.generate(&prepared, &options, |text| {
             // A closed pipe (e.g. `| head`) must not abort generation with a panic.
             let _ = out.write_all(text.as_bytes());
             let _ = out.flush();
         })?;
         let _ = writeln!(out);
-        result
-    };
-    if args.json {
-        let value = json!({
-            "token_ids": result.token_ids,
-            "text": result.text,
-            "stop_reason": result.stop_reason,
-            "prompt_tokens": result.prompt_tokens,
-            "new_tokens": result.token_ids.len(),
-            "load_ms": pipeline.load_ms,
-            "prefill_ms": result.prefill_ms,
-            "decode_tokens_per_s": result.decode_tokens_per_s,
-        });
-        println!("{}", serde_json::to_string(&value)?);
+    }
+    Ok(())
+}
+
+/// One line of a `--batch` file.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchLine {
+    image: Option<PathBuf>,
+    #[serde(default)]
+    images: Vec<PathBuf>,
+    prompt: Option<String>,
+    raw_prompt: Option<String>,
+    max_new_tokens: Option<usize>,
+    do_sample: Option<bool>,
+    temperature: Option<f32>,
+    top_k: Option<usize>,
+    top_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Vec<String>>,
+}
+
+fn generate_batch(
+    pipeline: &Pipeline,
+    args: &GenerateArgs,
+    file: &Path,
+    defaults: &GenerationOptions,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let base = file.parent().unwrap_or(Path::new("."));
+    let mut requests = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = || format!("{} line {}", file.display(), n + 1);
+        let line: BatchLine = serde_json::from_str(line).with_context(at)?;
+        let mut paths: Vec<PathBuf> = line.image.into_iter().chain(line.images).collect();
+        for p in &mut paths {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        let images = load_images(&paths).with_context(at)?;
+        let prompt = match (line.prompt, line.raw_prompt) {
+            (Some(q), None) => Prompt::User(q),
+            (None, Some(r)) => Prompt::Raw(r),
+            _ => anyhow::bail!("{}: give exactly one of \"prompt\" and \"raw_prompt\"", at()),
+        };
+        let prepared = pipeline.prepare(&images, &prompt).with_context(at)?;
+        let mut options = defaults.clone();
+        if let Some(v) = line.max_new_tokens {
+            options.max_new_tokens = v;
+        }
+        if line.temperature.is_some() || line.top_k.is_some() || line.top_p.is_some() {
+            options.do_sample = true;
+        }
+        if let Some(v) = line.do_sample {
+            options.do_sample = v;
+        }
+        if let Some(v) = line.temperature {
+            options.temperature = v;
+        }
+        if let Some(v) = line.top_k {
+            options.top_k = Some(v);
+        }
+        if let Some(v) = line.top_p {
+            options.top_p = v;
+        }
+        if let Some(v) = line.repetition_penalty {
+            options.repetition_penalty = v;
+        }
+        if let Some(v) = line.seed {
+            options.seed = v;
+        }
+        if let Some(v) = line.stop {
+            options.stop_strings = v;
+        }
+        options.validate().with_context(at)?;
+        requests.push((prepared, options));
+    }
+    let mut index = 0usize;
+    for chunk in requests.chunks(args.batch_size) {
+        let results = pipeline.generate_batch(chunk, |_, _| {})?;
+        for result in results {
+            if args.json {
+                let mut value = result_json(&result, pipeline.load_ms);
+                value["index"] = json!(index);
+                println!("{}", serde_json::to_string(&value)?);
+            } else {
+                println!("[{index}] {}", result.text);
+            }
+            index += 1;
+        }
+    }
+    Ok(())
+}
+
+fn chat(
+    model: &str,
+    images: &[PathBuf],
+    max_new_tokens: Option<usize>,
+    image_mode: ImageModeArg,
+) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let mut pipeline = load_pipeline(model)?;
+    pipeline.image_mode = image_mode.into();
+    let mut options = pipeline.generation_defaults.clone();
+    if let Some(n) = max_new_tokens {
+        options.max_new_tokens = n;
+    }
+    let mut conversation = vipllava::Conversation::new(&pipeline, load_images(images)?);
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    eprintln!("Ask about the image. Commands: /image, /reset, /quit.");
+    loop {
+        let _ = write!(out, "> ");
+        let _ = out.flush();
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        match line.trim() {
+            "" => continue,
+            "/quit" | "/exit" => break,
+            "/reset" => {
+                conversation.reset();
+                eprintln!("(conversation reset)");
+            }
+            "/image" => {
+                for p in images {
+                    let _ = writeln!(out, "{}", p.display());
+                }
+            }
+            question => {
+                let result = conversation.ask(question, &options, |text| {
+                    let _ = out.write_all(text.as_bytes());
+                    let _ = out.flush();
+                });
+                let _ = writeln!(out);
+                if let Err(e) = result {
+                    eprintln!("error: {e}");
+                }
+            }
+        }
     }
     Ok(())
 }

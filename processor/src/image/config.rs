@@ -370,7 +370,11 @@ fn parse_size(v: &Value, default_to_square: bool) -> Result<Size, ImageError> {
         .as_object()
         .ok_or_else(|| invalid("size", &format!("unsupported value {v}")))?;
     // Keys holding null are treated as absent.
-    let mut keys: Vec<&str> = obj.iter().filter(|(_, v)| !v.is_null()).map(|(k, _)| k.as_str()).collect();
+    let mut keys: Vec<&str> = obj
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, _)| k.as_str())
+        .collect();
     keys.sort_unstable();
     let get = |k: &str| as_size(&obj[k], &format!("size.{k}"));
     match keys.as_slice() {

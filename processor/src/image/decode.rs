@@ -16,7 +16,8 @@
 //! | any of the above with `tRNS`| `.info["transparency"]` | `LumaA8` / `Rgba8` with the alpha Pillow's `convert("RGBA")` gives |
 //!
 //! Other formats go through the `image` crate (JPEG via zune-jpeg, which differs from
-//! libjpeg-turbo by at most a few levels).
+//! libjpeg-turbo by a few levels). EXIF orientation is not applied: transformers'
+//! processor does not apply it either.
 
 use std::io::Cursor;
 use std::path::Path;

@@ -277,6 +277,28 @@ pub fn center_crop(img: &RgbImage, crop: HeightWidth) -> RgbImage {
     })
 }
 
+/// The background of the original ViP-LLaVA / LLaVA-1.5 `expand2square` padding:
+/// `tuple(int(x * 255) for x in image_mean)` with CLIP's mean.
+pub const LLAVA_PAD_COLOR: [u8; 3] = [122, 116, 104];
+
+/// LLaVA's `expand2square` (`image_aspect_ratio: pad`, how ViP-LLaVA was trained): paste
+/// the image onto a square canvas of `background`, centred along the short axis at
+/// `(long - short) // 2`, so that the processor's center crop removes nothing (and no
+/// visual prompt drawn near an edge is cut away).
+pub fn expand_to_square(img: &RgbImage, background: [u8; 3]) -> RgbImage {
+    let (w, h) = img.dimensions();
+    if w == h {
+        return img.clone();
+    }
+    let side = w.max(h);
+    let (dx, dy) = if w > h { (0, (w - h) / 2) } else { ((h - w) / 2, 0) };
+    let mut out = RgbImage::from_pixel(side, side, image::Rgb(background));
+    for (x, y, p) in img.enumerate_pixels() {
+        out.put_pixel(x + dx, y + dy, *p);
+    }
+    out
+}
+
 /// Steps 1-3 of the pipeline: RGB conversion, resize and center crop, still in 8 bits
 /// (what the model sees, before rescale and normalisation).
 pub fn resize_and_crop(img: &DynamicImage, cfg: &ImageProcessorConfig) -> Result<RgbImage, ImageError> {
@@ -377,6 +399,44 @@ pub fn rescale_normalize(img: &RgbImage, cfg: &ImageProcessorConfig) -> Result<P
 pub fn preprocess(img: &DynamicImage, cfg: &ImageProcessorConfig) -> Result<PixelValues, ImageError> {
     let rgb = resize_and_crop(img, cfg)?;
     rescale_normalize(&rgb, cfg)
+}
+
+/// How a non-square image reaches the square model input.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ImageMode {
+    /// transformers' behaviour: resize the shortest edge, then center-crop (the long
+    /// edge loses its ends).
+    #[default]
+    Crop,
+    /// The original ViP-LLaVA training preprocessing (`image_aspect_ratio: pad`): pad to
+    /// a square with [`LLAVA_PAD_COLOR`] first, so nothing is cropped away.
+    Pad,
+}
+
+impl ImageMode {
+    /// Parses `crop` or `pad`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "crop" => Some(Self::Crop),
+            "pad" => Some(Self::Pad),
+            _ => None,
+        }
+    }
+}
+
+/// [`preprocess`] with a choice of crop (transformers) or pad (ViP-LLaVA training) mode.
+pub fn preprocess_with_mode(
+    img: &DynamicImage,
+    cfg: &ImageProcessorConfig,
+    mode: ImageMode,
+) -> Result<PixelValues, ImageError> {
+    match mode {
+        ImageMode::Crop => preprocess(img, cfg),
+        ImageMode::Pad => {
+            let square = expand_to_square(&to_rgb(img), LLAVA_PAD_COLOR);
+            preprocess(&DynamicImage::ImageRgb8(square), cfg)
+        }
+    }
 }
 
 #[cfg(test)]
