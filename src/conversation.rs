@@ -131,6 +131,7 @@ impl<'p> Conversation<'p> {
         options.validate()?;
         let start = std::time::Instant::now();
         let (logits, ids) = self.advance(question)?;
+        self.pipeline.check_context(ids.len(), options.max_new_tokens)?;
         let prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
         let generation = self.pipeline.continue_generation(
             logits,

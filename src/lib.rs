@@ -7,11 +7,16 @@
 //! - [`processor`] (`vipllava-processor`): PIL-exact image preprocessing, tokenizer,
 //!   chat template, `<image>` expansion;
 //! - [`pipeline`]: load -> preprocess -> prefill -> decode -> stream;
+//! - [`bench`]: prefill/decode throughput per batch size;
 //! - [`conversation`]: multi-turn chat that reuses the KV cache;
 //! - [`generate`]: greedy/sampled token selection and streaming detokenization;
 //! - [`hub`]: `--model` as a local directory or a HuggingFace hub id;
 //! - [`info`]: a summary of a model directory, from `config.json` and weight headers.
 
+// Nothing derived from input may panic: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod bench;
 pub mod conversation;
 pub mod generate;
 pub mod hub;

@@ -55,6 +55,18 @@ pub enum PipelineError {
     /// The prompt is empty.
     #[error("the prompt is empty")]
     EmptyPrompt,
+    /// Prompt plus requested tokens exceed the model's context.
+    #[error(
+        "the prompt has {prompt} tokens and up to {max_new_tokens} new tokens were requested, beyond the model's {max} positions (max_position_embeddings); shorten the prompt or lower --max-new-tokens"
+    )]
+    ContextTooLong {
+        /// Prompt tokens.
+        prompt: usize,
+        /// Requested new tokens.
+        max_new_tokens: usize,
+        /// The model's limit.
+        max: usize,
+    },
 }
 
 /// What the user asks.
@@ -198,6 +210,24 @@ impl Pipeline {
         })
     }
 
+    /// Prompt + new tokens must fit `max_position_embeddings` (dynamic NTK rope is made to
+    /// extend past it, so it is exempt).
+    pub fn check_context(&self, prompt: usize, max_new_tokens: usize) -> Result<(), PipelineError> {
+        let max = self.config.text.max_position_embeddings;
+        let dynamic = matches!(
+            self.config.text.rope_scaling,
+            vipllava_model::RopeScaling::Dynamic { .. }
+        );
+        if !dynamic && prompt.saturating_add(max_new_tokens) > max {
+            return Err(PipelineError::ContextTooLong {
+                prompt,
+                max_new_tokens,
+                max,
+            });
+        }
+        Ok(())
+    }
+
     /// Preprocesses images and tokenizes the prompt as transformers' `LlavaProcessor`.
     pub fn prepare(
         &self,
@@ -281,8 +311,9 @@ impl Pipeline {
         if requests.is_empty() {
             return Ok(Vec::new());
         }
-        for (_, options) in requests {
+        for (input, options) in requests {
             options.validate()?;
+            self.check_context(input.input_ids.len(), options.max_new_tokens)?;
         }
         let start = Instant::now();
         let batch = requests.len();

@@ -9,6 +9,9 @@
 //!
 //! Also saves and loads Burn-native burnpack checkpoints with their resolved config.
 
+// Nothing derived from input may panic: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod checkpoint;
 pub mod error;
 pub mod load;

@@ -138,9 +138,8 @@ impl ClipVisionTower {
     /// Runs the tower and returns `hidden_states[i]` for each requested index, in the
     /// order requested, each `[batch, num_patches + 1, hidden]` (CLS included).
     ///
-    /// Panics if an index is deeper than the layers built; callers pass indices resolved
-    /// from the same config.
-    pub fn hidden_states(&self, pixel_values: Tensor<4>, indices: &[usize]) -> Vec<Tensor<3>> {
+    /// `None` if an index is deeper than the layers built.
+    pub fn hidden_states(&self, pixel_values: Tensor<4>, indices: &[usize]) -> Option<Vec<Tensor<3>>> {
         let deepest = indices.iter().copied().max().unwrap_or(0);
         let mut h = self.pre_layrnorm.forward(self.embeddings.forward(pixel_values));
         let mut states: Vec<Option<Tensor<3>>> = vec![None; deepest + 1];
@@ -151,14 +150,10 @@ impl ClipVisionTower {
                 states[i + 1] = Some(h.clone());
             }
         }
-        indices
-            .iter()
-            .map(|&i| {
-                states[i]
-                    .clone()
-                    .expect("hidden state index within the built layers")
-            })
-            .collect()
+        if deepest > self.encoder.layers.len() {
+            return None;
+        }
+        indices.iter().map(|&i| states[i].clone()).collect()
     }
 }
 

@@ -171,9 +171,15 @@ impl VipLlava {
     /// The selected vision hidden states (CLS included), in config order.
     pub fn vision_hidden_states(&self, pixel_values: Tensor<4>) -> Result<Vec<Tensor<3>>, ForwardError> {
         self.check_pixels(&pixel_values)?;
-        Ok(self
-            .vision_tower
-            .hidden_states(pixel_values, &self.feature_indices))
+        let built = self.vision_tower.encoder.layers.len();
+        self.vision_tower
+            .hidden_states(pixel_values, &self.feature_indices)
+            .ok_or_else(|| {
+                ForwardError::BadInput(format!(
+                    "vision feature layers {:?} need more than the {built} encoder layers built",
+                    self.feature_indices
+                ))
+            })
     }
 
     /// Projected image features `[images, patches, text hidden]` (HF `get_image_features`).

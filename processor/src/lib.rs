@@ -4,6 +4,9 @@
 //! the model crate: CLIP image preprocessing reproducing transformers' PIL backend
 //! bit for bit ([`image`]), and (next) tokenizer, chat template and `<image>` expansion.
 
+// Nothing derived from input may panic: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod image;
 pub mod text;
 pub mod visual_prompt;

@@ -51,6 +51,27 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ImageModeArg::Crop)]
         image_mode: ImageModeArg,
     },
+    /// Measure prefill time and decode tokens/s for several batch sizes on the CPU device.
+    Bench {
+        /// Model directory (or hub id).
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: String,
+        /// Build the model with random weights from config.json alone (no download).
+        #[arg(long)]
+        random_weights: bool,
+        /// Batch sizes to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        batch_sizes: Vec<usize>,
+        /// Text tokens in the prompt besides the image.
+        #[arg(long, default_value_t = 40)]
+        text_tokens: usize,
+        /// Tokens generated per request.
+        #[arg(long, default_value_t = 32)]
+        new_tokens: usize,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Draw visual prompts on an image and write it (what `generate` would show the model).
     Draw {
         /// Input image.
@@ -428,6 +449,41 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(args) => generate(args),
+        Command::Bench {
+            model,
+            random_weights,
+            batch_sizes,
+            text_tokens,
+            new_tokens,
+            json,
+        } => {
+            let dir = model_dir(&model)?;
+            let device = Device::flex();
+            let (m, config) = vipllava::bench::bench_model(&dir, random_weights, &device)?;
+            if !json {
+                println!(
+                    "model {} ({} parameters), device cpu (flex)",
+                    dir.display(),
+                    vipllava::info::thousands(config.num_parameters())
+                );
+                println!("| batch | prompt tokens | prefill ms | decode tokens/s (whole batch) |");
+                println!("|---|---|---|---|");
+            }
+            for b in batch_sizes {
+                anyhow::ensure!(b > 0, "batch sizes must be positive");
+                let row =
+                    vipllava::bench::bench_batch(&m, &config, &device, b, text_tokens, new_tokens.max(2))?;
+                if json {
+                    println!("{}", serde_json::to_string(&row)?);
+                } else {
+                    println!(
+                        "| {} | {} | {:.0} | {:.1} |",
+                        row.batch_size, row.prompt_tokens, row.prefill_ms, row.decode_tokens_per_s
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Draw { image, out, marks } => {
             let img = load_image(&image)?;
             let marks = VisualPromptArgs {
