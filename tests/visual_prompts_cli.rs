@@ -117,14 +117,20 @@ fn every_shape_is_visible_in_the_saved_prompted_image() {
         ("--triangle", "30,30,90,30,60,80:blue".into(), (26, 26, 94, 84)),
         ("--point", "80,80:yellow".into(), (70, 70, 90, 90)),
         ("--arrow", "20,140,80,80:aqua".into(), (14, 70, 90, 146)),
-        ("--scribble", "20,20;60,50;100,30;140,60:fuchsia".into(), (14, 10, 146, 70)),
+        (
+            "--scribble",
+            "20,20;60,50;100,30;140,60:fuchsia".into(),
+            (14, 10, 146, 70),
+        ),
         ("--mask", format!("{mask}:orange"), (20, 100, 60, 140)),
         ("--mask-contour", format!("{mask}:purple"), (20, 100, 60, 140)),
     ];
     let before = image::open(&image).expect("input").to_rgb8();
     for (flag, spec, (x0, y0, x1, y1)) in cases {
         let model = fixture("tiny-5x-f32");
-        let out = tmp.path().join(format!("prompted-{}.png", flag.trim_start_matches('-')));
+        let out = tmp
+            .path()
+            .join(format!("prompted-{}.png", flag.trim_start_matches('-')));
         let r = run(&[
             "generate",
             "--model",
@@ -140,13 +146,20 @@ fn every_shape_is_visible_in_the_saved_prompted_image() {
             "--save-prompted-image",
             out.to_str().expect("utf8"),
         ]);
-        assert!(r.status.success(), "{flag}: {}", String::from_utf8_lossy(&r.stderr));
+        assert!(
+            r.status.success(),
+            "{flag}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
         let after = image::open(&out).expect("saved").to_rgb8();
         let mut changed = 0;
         for (x, y, p) in after.enumerate_pixels() {
             if p != before.get_pixel(x, y) {
                 changed += 1;
-                assert!(x >= x0 && x < x1 && y >= y0 && y < y1, "{flag}: pixel ({x}, {y}) changed outside the shape");
+                assert!(
+                    x >= x0 && x < x1 && y >= y0 && y < y1,
+                    "{flag}: pixel ({x}, {y}) changed outside the shape"
+                );
             }
         }
         assert!(changed > 20, "{flag}: only {changed} pixels changed");

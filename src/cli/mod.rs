@@ -469,6 +469,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 println!("| batch | prompt tokens | prefill ms | decode tokens/s (whole batch) |");
                 println!("|---|---|---|---|");
             }
+            // Untimed warm-up: materialises lazily initialised weights and fills caches.
+            vipllava::bench::bench_batch(&m, &config, &device, 1, text_tokens, 2)?;
             for b in batch_sizes {
                 anyhow::ensure!(b > 0, "batch sizes must be positive");
                 let row =
