@@ -7,22 +7,11 @@ mod common;
 use std::path::Path;
 
 use burn::tensor::Device;
-use common::fixture;
+use common::{copy_fixture, fixture};
 use vipllava::generate::GenerationOptions;
 use vipllava::pipeline::{Pipeline, PipelineError, Prompt};
 use vipllava::processor::image::{ImageProcessorConfig, decode_image, load_image, preprocess};
 use vipllava::{LoadOptions, load_model};
-
-fn copy_fixture(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    for entry in std::fs::read_dir(fixture(name)).expect("fixture dir") {
-        let entry = entry.expect("entry");
-        if entry.file_type().expect("type").is_file() {
-            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
-        }
-    }
-    dir
-}
 
 fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
     let mut v: serde_json::Value =

@@ -4,7 +4,7 @@
 mod common;
 
 use burn::tensor::Device;
-use common::{FIXTURES, Reference, fixture};
+use common::{FIXTURES, Reference, fixture, max_slice_diff};
 use serde_json::Value;
 use vipllava::generate::GenerationOptions;
 use vipllava::pipeline::{Pipeline, Prompt};
@@ -23,10 +23,6 @@ fn ids(v: &Value) -> Vec<u32> {
         .iter()
         .map(|x| x.as_u64().expect("id") as u32)
         .collect()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]
@@ -118,7 +114,7 @@ fn multi_image_prompt_matches_transformers() {
         let expected = Reference::open_file(&fixture(name).join("batch_reference.safetensors"))
             .get("multi_image_logits_last")
             .f32;
-        let diff = max_diff(&logits, &expected);
+        let diff = max_slice_diff(&logits, &expected);
         println!("{name}: two-image prompt logits max|diff| {diff:.2e}");
         assert!(diff <= 1e-4, "{name}: multi-image logits differ by {diff}");
         let options = GenerationOptions {

@@ -5,17 +5,12 @@
 mod common;
 
 use burn::tensor::Device;
-use common::{FIXTURES, Reference, fixture};
+use common::{FIXTURES, Reference, fixture, max_slice_diff};
 use vipllava::generate::GenerationOptions;
 use vipllava::pipeline::{Pipeline, Prompt};
 use vipllava::processor::ChatMessage;
 use vipllava::processor::image::load_image;
 use vipllava::{Conversation, LoadOptions};
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
 
 #[test]
 fn follow_up_reuses_cache_and_matches_fresh_prefill() {
@@ -41,7 +36,7 @@ fn follow_up_reuses_cache_and_matches_fresh_prefill() {
             .prepare(&[image], &Prompt::Messages(messages))
             .expect("prepare");
         let (expected, _) = pipeline.prefill(&fresh).expect("prefill");
-        let diff = max_diff(&follow_up, &expected);
+        let diff = max_slice_diff(&follow_up, &expected);
         println!(
             "{name}: follow-up computed {reused} of {} positions, logits max|diff| vs fresh prefill {diff:.2e}",
             fresh.input_ids.len()
@@ -84,7 +79,7 @@ fn replayed_transcript_matches_transformers_multi_turn_reference() {
             .prepare(std::slice::from_ref(&image), &Prompt::Messages(messages))
             .expect("prepare");
         let (logits, _) = pipeline.prefill(&fresh).expect("prefill");
-        let fresh_diff = max_diff(&logits, &expected);
+        let fresh_diff = max_slice_diff(&logits, &expected);
         assert!(
             fresh_diff <= 1e-4,
             "{name}: multi-turn prefill differs by {fresh_diff}"
@@ -106,7 +101,7 @@ fn replayed_transcript_matches_transformers_multi_turn_reference() {
         let diff = if dynamic {
             fresh_diff
         } else {
-            max_diff(&logits, &expected)
+            max_slice_diff(&logits, &expected)
         };
         println!(
             "{name}: multi-turn logits max|diff| vs transformers: fresh {fresh_diff:.2e}, cached {diff:.2e}"

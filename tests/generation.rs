@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use burn::tensor::Device;
-use common::{FIXTURES, Reference, fixture};
+use common::{FIXTURES, Reference, fixture, max_slice_diff};
 use serde_json::Value;
 use vipllava::generate::GenerationOptions;
 use vipllava::pipeline::{Pipeline, PipelineError, Prompt};
@@ -25,11 +25,6 @@ fn greedy(max_new_tokens: usize, pipeline: &Pipeline) -> GenerationOptions {
         max_new_tokens,
         ..pipeline.generation_defaults.clone()
     }
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]
@@ -66,14 +61,15 @@ fn every_fixture_and_image_matches_transformers() {
             assert_eq!(prepared.input_ids, expected_ids, "{name}/{image_name}: input ids");
 
             let pixels = pixel_reference.get(image_name).f32;
-            let pixel_diff = max_diff(&prepared.pixel_values[0].data, &pixels);
+            let pixel_diff = max_slice_diff(&prepared.pixel_values[0].data, &pixels);
             assert!(
                 pixel_diff <= 1e-5,
                 "{name}/{image_name}: pixel values differ by {pixel_diff}"
             );
 
             let (logits, _) = pipeline.prefill(&prepared).expect("prefill");
-            let logit_diff = max_diff(&logits, &reference.get(&format!("logits_last.{image_name}")).f32);
+            let logit_diff =
+                max_slice_diff(&logits, &reference.get(&format!("logits_last.{image_name}")).f32);
             assert!(
                 logit_diff <= 1e-4,
                 "{name}/{image_name}: logits differ by {logit_diff}"
@@ -208,7 +204,7 @@ fn cli_preprocess_and_logits_write_npy() {
     let expected = Reference::open_file(&fixture("images/pixel_values.safetensors"))
         .get("coffee_wide")
         .f32;
-    assert!(max_diff(&data, &expected) <= 1e-5);
+    assert!(max_slice_diff(&data, &expected) <= 1e-5);
 
     let question = inputs()["images"]["coffee_wide"]["question"]
         .as_str()
@@ -232,7 +228,7 @@ fn cli_preprocess_and_logits_write_npy() {
     let expected = Reference::open_file(&dir.join("generation_reference.safetensors"))
         .get("logits_last.coffee_wide")
         .f32;
-    let diff = max_diff(&data, &expected);
+    let diff = max_slice_diff(&data, &expected);
     assert!(diff <= 1e-4, "logits differ by {diff}");
 }
 

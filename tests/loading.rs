@@ -6,22 +6,11 @@ mod common;
 use std::path::Path;
 
 use burn::tensor::{Device, Tensor};
-use common::{Reference, fixture, max_abs_diff};
+use common::{Reference, copy_fixture, fixture, max_abs_diff};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use vipllava::{ForwardInput, KvCache, LoadOptions, load_model};
 use vipllava_convert::{ConvertError, KeyLayout, WeightFormat, save_burnpack};
-
-fn copy_fixture(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().expect("tempdir");
-    for entry in std::fs::read_dir(fixture(name)).expect("fixture dir") {
-        let entry = entry.expect("entry");
-        if entry.file_type().expect("type").is_file() {
-            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy");
-        }
-    }
-    dir
-}
 
 /// Rewrites a safetensors file through `edit`, which gets (name, dtype, shape, bytes).
 fn rewrite(path: &Path, edit: impl Fn(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) {

@@ -97,6 +97,9 @@ fn marks_near_the_edge_warn_in_crop_mode_not_in_pad_mode() {
     assert_ne!(pad.stdout, plain.stdout, "drawing the box changed nothing");
 }
 
+/// `(x0, y0, x1, y1)`, end-exclusive.
+type Region = (u32, u32, u32, u32);
+
 #[test]
 fn every_shape_is_visible_in_the_saved_prompted_image() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -111,7 +114,7 @@ fn every_shape_is_visible_in_the_saved_prompted_image() {
     m.save(&mask).expect("mask");
     let mask = mask.to_str().expect("utf8").to_string();
     // (flag, spec, region (x0, y0, x1, y1) that must contain every changed pixel)
-    let cases: Vec<(&str, String, (u32, u32, u32, u32))> = vec![
+    let cases: Vec<(&str, String, Region)> = vec![
         ("--box", "40,20,110,90".into(), (38, 18, 112, 92)),
         ("--ellipse", "40,20,110,90:lime".into(), (38, 18, 112, 92)),
         ("--triangle", "30,30,90,30,60,80:blue".into(), (26, 26, 94, 84)),
