@@ -2,7 +2,9 @@
 //!
 //! Everything between a user's image + question and the model's inputs, usable without
 //! the model crate: CLIP image preprocessing reproducing transformers' PIL backend
-//! bit for bit ([`image`]), and (next) tokenizer, chat template and `<image>` expansion.
+//! bit for bit, with ViP-LLaVA's pad mode ([`image`]); visual prompts drawn on the image
+//! as the model was trained ([`visual_prompt`]); the checkpoint's tokenizer, Jinja chat
+//! template and `<image>` expansion ([`text`]).
 
 // Nothing derived from input may panic: no unwrap/expect outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
