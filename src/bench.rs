@@ -113,7 +113,8 @@ pub fn bench_batch(
 }
 
 fn last_tokens(logits: Tensor<3>) -> Result<Vec<i64>, PipelineError> {
-    let [b, _, v] = logits.dims();
-    let flat = crate::pipeline::to_vec(logits.reshape([1, 1, b * v]))?;
-    Ok(flat.chunks(v.max(1)).map(|row| argmax(row) as i64).collect())
+    Ok(crate::pipeline::rows(logits)?
+        .iter()
+        .map(|row| argmax(row) as i64)
+        .collect())
 }

@@ -14,6 +14,8 @@ use crate::pipeline::{Generation, Pipeline, PipelineError, Prompt, pixel_tensor,
 pub struct Conversation<'p> {
     pipeline: &'p Pipeline,
     images: Vec<DynamicImage>,
+    /// The images preprocessed once, on the first turn.
+    pixel_values: Option<Vec<PixelValues>>,
     messages: Vec<ChatMessage>,
     cache: KvCache,
     /// Token ids whose keys and values are in `cache`.
@@ -31,6 +33,7 @@ impl<'p> Conversation<'p> {
         Self {
             pipeline,
             images,
+            pixel_values: None,
             messages: Vec::new(),
             cache: KvCache::new(),
             fed: Vec::new(),
@@ -82,7 +85,13 @@ impl<'p> Conversation<'p> {
         }
         let mut messages = self.messages.clone();
         messages.push(self.user_message(question));
-        let prepared = self.pipeline.prepare(&self.images, &Prompt::Messages(messages))?;
+        if self.pixel_values.is_none() {
+            self.pixel_values = Some(self.pipeline.preprocess_images(&self.images)?);
+        }
+        let pixel_values = self.pixel_values.clone().unwrap_or_default();
+        let prepared = self
+            .pipeline
+            .prepare_preprocessed(pixel_values, &Prompt::Messages(messages))?;
         let ids = prepared.input_ids;
         // Reuse the longest cached prefix, keeping at least one token to feed, and never
         // cutting into the image tokens (their features need the pixels).
@@ -92,9 +101,6 @@ impl<'p> Conversation<'p> {
             common = 0;
         }
         self.cache.truncate(common);
-        if common == 0 {
-            self.cache.clear();
-        }
         let new: Vec<i64> = ids[common..].iter().map(|&i| i as i64).collect();
         let n = new.len();
         let device = &self.pipeline.device;

@@ -54,6 +54,61 @@ impl Default for GenerationOptions {
     }
 }
 
+/// Overrides of the generation defaults, from CLI flags or a batch-file line. Giving a
+/// temperature, top-k or top-p turns sampling on unless `do_sample` says otherwise.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GenerationOverrides {
+    /// Maximum new tokens.
+    pub max_new_tokens: Option<usize>,
+    /// Sample or not.
+    pub do_sample: Option<bool>,
+    /// Sampling temperature.
+    pub temperature: Option<f32>,
+    /// Top-k.
+    pub top_k: Option<usize>,
+    /// Top-p.
+    pub top_p: Option<f32>,
+    /// Repetition penalty.
+    pub repetition_penalty: Option<f32>,
+    /// Sampler seed.
+    pub seed: Option<u64>,
+    /// Stop strings (replace the defaults).
+    pub stop: Option<Vec<String>>,
+}
+
+impl GenerationOverrides {
+    /// Writes the given values over `options`.
+    pub fn apply(&self, options: &mut GenerationOptions) {
+        if self.temperature.is_some() || self.top_k.is_some() || self.top_p.is_some() {
+            options.do_sample = true;
+        }
+        if let Some(v) = self.do_sample {
+            options.do_sample = v;
+        }
+        if let Some(v) = self.max_new_tokens {
+            options.max_new_tokens = v;
+        }
+        if let Some(v) = self.temperature {
+            options.temperature = v;
+        }
+        if let Some(v) = self.top_k {
+            options.top_k = Some(v);
+        }
+        if let Some(v) = self.top_p {
+            options.top_p = v;
+        }
+        if let Some(v) = self.repetition_penalty {
+            options.repetition_penalty = v;
+        }
+        if let Some(v) = self.seed {
+            options.seed = v;
+        }
+        if let Some(v) = &self.stop {
+            options.stop_strings = v.clone();
+        }
+    }
+}
+
 /// A bad generation setting.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum GenerationConfigError {

@@ -42,23 +42,23 @@ pub struct ModelInfo {
 /// Reads a model directory's config and, if present, its weight headers.
 pub fn model_info(dir: &Path) -> Result<ModelInfo, ConvertError> {
     let mut config = vipllava_convert::read_config(dir)?;
-    let has_weights =
-        dir.join("model.safetensors").is_file() || dir.join("model.safetensors.index.json").is_file();
-    let weights = if has_weights {
-        let checkpoint = Checkpoint::open(dir)?;
-        let layout = reconcile_config(dir, &mut config, &checkpoint)?;
-        Some(WeightsInfo {
-            layout: layout.name().to_string(),
-            dtypes: checkpoint
-                .float_dtypes()
-                .iter()
-                .map(|d| d.name().to_string())
-                .collect(),
-            files: checkpoint.files.len(),
-            tensors: checkpoint.tensors.len(),
-        })
-    } else {
-        None
+    let weights = match Checkpoint::open(dir) {
+        Ok(checkpoint) => {
+            let layout = reconcile_config(dir, &mut config, &checkpoint)?;
+            Some(WeightsInfo {
+                layout: layout.name().to_string(),
+                dtypes: checkpoint
+                    .float_dtypes()
+                    .iter()
+                    .map(|d| d.name().to_string())
+                    .collect(),
+                files: checkpoint.files.len(),
+                tensors: checkpoint.tensors.len(),
+            })
+        }
+        // A config-only directory is fine for `info`.
+        Err(ConvertError::NoWeights { .. }) => None,
+        Err(e) => return Err(e),
     };
     let note = match config.vision_feature_layers_source {
         FeatureLayerSource::PluralKey => "from `vision_feature_layers`".to_string(),

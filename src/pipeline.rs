@@ -234,11 +234,28 @@ impl Pipeline {
         images: &[image::DynamicImage],
         prompt: &Prompt,
     ) -> Result<PreparedInput, PipelineError> {
-        let prompt_text = self.render_prompt(images.len(), prompt)?;
-        let pixel_values = images
+        let pixel_values = self.preprocess_images(images)?;
+        self.prepare_preprocessed(pixel_values, prompt)
+    }
+
+    /// Preprocesses images as the model receives them (crop or pad per `image_mode`).
+    pub fn preprocess_images(
+        &self,
+        images: &[image::DynamicImage],
+    ) -> Result<Vec<PixelValues>, PipelineError> {
+        images
             .iter()
-            .map(|img| preprocess_with_mode(img, &self.image_config, self.image_mode))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|img| Ok(preprocess_with_mode(img, &self.image_config, self.image_mode)?))
+            .collect()
+    }
+
+    /// [`Pipeline::prepare`] for images already preprocessed (e.g. once per conversation).
+    pub fn prepare_preprocessed(
+        &self,
+        pixel_values: Vec<PixelValues>,
+        prompt: &Prompt,
+    ) -> Result<PreparedInput, PipelineError> {
+        let prompt_text = self.render_prompt(pixel_values.len(), prompt)?;
         let seq_len = match pixel_values.first() {
             Some(p) => {
                 let n = self.image_tokens.image_seq_len(p.height, p.width);
@@ -258,7 +275,9 @@ impl Pipeline {
             }
             None => 0,
         };
-        let expanded = self.image_tokens.expand(&prompt_text, images.len(), seq_len)?;
+        let expanded = self
+            .image_tokens
+            .expand(&prompt_text, pixel_values.len(), seq_len)?;
         let input_ids = self.tokenizer.encode(&expanded, true)?;
         Ok(PreparedInput {
             prompt_text,
@@ -533,7 +552,7 @@ pub(crate) fn pixel_tensor(pixel_values: &[&PixelValues], device: &Device) -> Op
 }
 
 /// `[batch, 1, vocab]` logits as one host vector per row.
-fn rows(logits: Tensor<3>) -> Result<Vec<Vec<f32>>, PipelineError> {
+pub(crate) fn rows(logits: Tensor<3>) -> Result<Vec<Vec<f32>>, PipelineError> {
     let [b, _, v] = logits.dims();
     let flat = to_vec(logits.reshape([1, 1, b * v]))?;
     Ok(flat.chunks(v.max(1)).map(<[f32]>::to_vec).collect())

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use burn::tensor::Device;
-use common::{FIXTURES, Reference, fixture, max_slice_diff};
+use common::{FIXTURES, Reference, fixture, max_slice_diff, run_cli};
 use serde_json::Value;
 use vipllava::generate::GenerationOptions;
 use vipllava::pipeline::{Pipeline, PipelineError, Prompt};
@@ -112,14 +112,6 @@ fn every_fixture_and_image_matches_transformers() {
     }
 }
 
-fn cli(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_vipllava"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run vipllava")
-}
-
 #[test]
 fn cli_generate_json_and_streaming_agree() {
     let dir = fixture("tiny-gqa-f16");
@@ -139,7 +131,7 @@ fn cli_generate_json_and_streaming_agree() {
         "--max-new-tokens",
         "20",
     ];
-    let out = cli(&[&base[..], &["--json"]].concat());
+    let out = run_cli(&[&base[..], &["--json"]].concat());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).expect("utf8");
     let last = stdout.lines().last().expect("a line");
@@ -170,7 +162,7 @@ fn cli_generate_json_and_streaming_agree() {
         Some(reference.get("input_ids.chelsea").shape[1] as u64)
     );
 
-    let out = cli(&base);
+    let out = run_cli(&base);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let streamed = String::from_utf8(out.stdout).expect("utf8");
     assert_eq!(streamed, format!("{}\n", v["text"].as_str().expect("text")));
@@ -189,7 +181,7 @@ fn cli_preprocess_and_logits_write_npy() {
     let dir = fixture("tiny-hub-tied-dynamic");
     let image = fixture("images/coffee_wide.png");
     let out = tmp.path().join("pixels.npy");
-    let run = cli(&[
+    let run = run_cli(&[
         "preprocess",
         "--model",
         dir.to_str().expect("utf8"),
@@ -211,7 +203,7 @@ fn cli_preprocess_and_logits_write_npy() {
         .expect("q")
         .to_string();
     let out = tmp.path().join("logits.npy");
-    let run = cli(&[
+    let run = run_cli(&[
         "logits",
         "--model",
         dir.to_str().expect("utf8"),
@@ -321,7 +313,7 @@ fn pipeline_errors_are_clear() {
 #[test]
 fn cli_errors_are_one_line_and_nonzero() {
     let dir = fixture("tiny-5x-f32");
-    let missing = cli(&[
+    let missing = run_cli(&[
         "generate",
         "--model",
         dir.to_str().expect("utf8"),

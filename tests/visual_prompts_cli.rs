@@ -2,23 +2,14 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::fixture;
-
-fn run(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_vipllava"))
-        .args(args)
-        .output()
-        .expect("run vipllava")
-}
+use common::{fixture, run_cli};
 
 #[test]
 fn draw_writes_the_marked_image() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let out = tmp.path().join("marked.png");
     let image = fixture("images/astronaut.png");
-    let r = run(&[
+    let r = run_cli(&[
         "draw",
         "--image",
         image.to_str().expect("utf8"),
@@ -41,7 +32,7 @@ fn draw_writes_the_marked_image() {
     );
     assert_eq!(before.get_pixel(5, 150), after.get_pixel(5, 150));
 
-    let r = run(&[
+    let r = run_cli(&[
         "draw",
         "--image",
         image.to_str().expect("utf8"),
@@ -72,14 +63,14 @@ fn marks_near_the_edge_warn_in_crop_mode_not_in_pad_mode() {
         "3",
         "--json",
     ];
-    let crop = run(&base);
+    let crop = run_cli(&base);
     assert!(crop.status.success(), "{}", String::from_utf8_lossy(&crop.stderr));
     assert!(String::from_utf8_lossy(&crop.stderr).contains("--image-mode pad"));
-    let pad = run(&[&base[..], &["--image-mode", "pad"]].concat());
+    let pad = run_cli(&[&base[..], &["--image-mode", "pad"]].concat());
     assert!(pad.status.success(), "{}", String::from_utf8_lossy(&pad.stderr));
     assert!(!String::from_utf8_lossy(&pad.stderr).contains("warning"));
     // The marks reach the model: the answer's prompt differs from an unmarked run's logits.
-    let plain = run(&[
+    let plain = run_cli(&[
         "generate",
         "--model",
         model.to_str().expect("utf8"),
@@ -134,7 +125,7 @@ fn every_shape_is_visible_in_the_saved_prompted_image() {
         let out = tmp
             .path()
             .join(format!("prompted-{}.png", flag.trim_start_matches('-')));
-        let r = run(&[
+        let r = run_cli(&[
             "generate",
             "--model",
             model.to_str().expect("utf8"),

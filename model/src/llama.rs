@@ -232,6 +232,10 @@ impl KvCache {
 
     /// Keeps only the first `len` positions (e.g. to reuse a conversation prefix).
     pub fn truncate(&mut self, len: usize) {
+        if len == 0 {
+            self.clear();
+            return;
+        }
         if len >= self.len {
             return;
         }

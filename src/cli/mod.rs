@@ -9,7 +9,7 @@ use burn::tensor::Device;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
-use vipllava::generate::GenerationOptions;
+use vipllava::generate::{GenerationOptions, GenerationOverrides};
 use vipllava::hub::{DEFAULT_MODEL, resolve_model};
 use vipllava::pipeline::{Pipeline, Prompt};
 use vipllava::{LoadOptions, processor};
@@ -508,26 +508,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
 
 fn generation_options(pipeline: &Pipeline, args: &GenerateArgs) -> GenerationOptions {
     let mut options: GenerationOptions = pipeline.generation_defaults.clone();
-    if let Some(n) = args.max_new_tokens {
-        options.max_new_tokens = n;
+    GenerationOverrides {
+        max_new_tokens: args.max_new_tokens,
+        do_sample: args.do_sample.then_some(true),
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: Some(args.seed),
+        stop: Some(args.stop.clone()),
     }
-    if args.do_sample || args.temperature.is_some() || args.top_k.is_some() || args.top_p.is_some() {
-        options.do_sample = true;
-    }
-    if let Some(t) = args.temperature {
-        options.temperature = t;
-    }
-    if let Some(k) = args.top_k {
-        options.top_k = Some(k);
-    }
-    if let Some(p) = args.top_p {
-        options.top_p = p;
-    }
-    if let Some(r) = args.repetition_penalty {
-        options.repetition_penalty = r;
-    }
-    options.seed = args.seed;
-    options.stop_strings = args.stop.clone();
+    .apply(&mut options);
     options
 }
 
@@ -623,33 +614,17 @@ fn generate_batch(
         };
         let prepared = pipeline.prepare(&images, &prompt).with_context(at)?;
         let mut options = defaults.clone();
-        if let Some(v) = line.max_new_tokens {
-            options.max_new_tokens = v;
+        GenerationOverrides {
+            max_new_tokens: line.max_new_tokens,
+            do_sample: line.do_sample,
+            temperature: line.temperature,
+            top_k: line.top_k,
+            top_p: line.top_p,
+            repetition_penalty: line.repetition_penalty,
+            seed: line.seed,
+            stop: line.stop,
         }
-        if line.temperature.is_some() || line.top_k.is_some() || line.top_p.is_some() {
-            options.do_sample = true;
-        }
-        if let Some(v) = line.do_sample {
-            options.do_sample = v;
-        }
-        if let Some(v) = line.temperature {
-            options.temperature = v;
-        }
-        if let Some(v) = line.top_k {
-            options.top_k = Some(v);
-        }
-        if let Some(v) = line.top_p {
-            options.top_p = v;
-        }
-        if let Some(v) = line.repetition_penalty {
-            options.repetition_penalty = v;
-        }
-        if let Some(v) = line.seed {
-            options.seed = v;
-        }
-        if let Some(v) = line.stop {
-            options.stop_strings = v;
-        }
+        .apply(&mut options);
         options.validate().with_context(at)?;
         requests.push((prepared, options));
     }

@@ -122,3 +122,12 @@ pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     }
     dir
 }
+
+/// Runs the `vipllava` binary offline (no hub access) and returns its output.
+pub fn run_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_vipllava"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run vipllava")
+}
