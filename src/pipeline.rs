@@ -35,6 +35,9 @@ pub enum PipelineError {
     /// Generation settings.
     #[error(transparent)]
     Generation(#[from] GenerationConfigError),
+    /// The device could not be opened.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
     /// The processor's image size and the vision tower disagree.
     #[error(
         "the processor produces {processor} image tokens per image ({height}x{width} px) but the vision tower yields {model} features"

@@ -15,6 +15,7 @@
 pub mod checkpoint;
 pub mod error;
 pub mod load;
+pub mod quantize;
 
 pub use checkpoint::{Checkpoint, DiskDType, KeyLayout, canonical_key};
 pub use error::ConvertError;
@@ -22,3 +23,4 @@ pub use load::{
     BURNPACK_CONFIG, BURNPACK_WEIGHTS, LoadOptions, LoadReport, LoadedModel, WeightFormat, load_burnpack,
     load_model, read_config, reconcile_config, save_burnpack,
 };
+pub use quantize::{Quantization, quantize_model, quantized_parameter_count};

@@ -12,6 +12,7 @@ use vipllava_model::{VipLlava, VipLlavaConfig};
 
 use crate::checkpoint::{Checkpoint, DiskDType, KeyLayout};
 use crate::error::ConvertError;
+use crate::quantize::{Quantization, quantize_model, quantized_parameter_count};
 
 /// File name of the resolved config written beside a burnpack checkpoint.
 pub const BURNPACK_CONFIG: &str = "vipllava_config.json";
@@ -23,11 +24,16 @@ pub const BURNPACK_WEIGHTS: &str = "model.bpk";
 pub struct LoadOptions {
     /// Float dtype of the loaded parameters (f32 by default, whatever the file holds).
     pub dtype: DType,
+    /// Quantize the linear-layer weights after loading (see [`crate::quantize`]).
+    pub quantize: Option<Quantization>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32 }
+        Self {
+            dtype: DType::F32,
+            quantize: None,
+        }
     }
 }
 
@@ -112,9 +118,21 @@ pub fn reconcile_config(
 /// sharded, any known key layout, f32/f16/bf16) or a burnpack directory written by
 /// [`save_burnpack`].
 pub fn load_model(dir: &Path, device: &Device, options: &LoadOptions) -> Result<LoadedModel, ConvertError> {
-    if dir.join(BURNPACK_WEIGHTS).is_file() && dir.join(BURNPACK_CONFIG).is_file() {
-        return load_burnpack(dir, device);
+    let mut loaded = if dir.join(BURNPACK_WEIGHTS).is_file() && dir.join(BURNPACK_CONFIG).is_file() {
+        load_burnpack(dir, device)?
+    } else {
+        load_safetensors(dir, device, options)?
+    };
+    // A burnpack written by `convert --quantize` is already quantized: keep it as saved.
+    if let Some(level) = options.quantize
+        && quantized_parameter_count(&loaded.model) == 0
+    {
+        loaded.model = quantize_model(loaded.model, level);
     }
+    Ok(loaded)
+}
+
+fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Result<LoadedModel, ConvertError> {
     let mut config = read_config(dir)?;
     let checkpoint = Checkpoint::open(dir)?;
     let layout = reconcile_config(dir, &mut config, &checkpoint)?;

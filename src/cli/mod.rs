@@ -14,6 +14,8 @@ use vipllava::hub::{DEFAULT_MODEL, resolve_model};
 use vipllava::pipeline::{Pipeline, Prompt};
 use vipllava::{LoadOptions, processor};
 
+mod compare;
+
 /// VipLlava (ViP-LLaVA) on Burn: ask about boxes, arrows and scribbles drawn on photos.
 #[derive(Parser, Debug)]
 #[command(name = "vipllava", version, about)]
@@ -50,8 +52,11 @@ enum Command {
         /// `crop` (transformers) or `pad` (ViP-LLaVA training).
         #[arg(long, value_enum, default_value_t = ImageModeArg::Crop)]
         image_mode: ImageModeArg,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
     },
-    /// Measure prefill time and decode tokens/s for several batch sizes on the CPU device.
+    /// Measure prefill time and decode tokens/s for several batch sizes on the CPU device,
+    /// or, with --image, compare devices, dtypes and quantizations on the real pipeline.
     Bench {
         /// Model directory (or hub id).
         #[arg(long, default_value = DEFAULT_MODEL)]
@@ -71,6 +76,8 @@ enum Command {
         /// Print JSON lines.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        compare: compare::CompareArgs,
     },
     /// Draw visual prompts on an image and write it (what `generate` would show the model).
     Draw {
@@ -98,6 +105,31 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ImageModeArg::Crop)]
         image_mode: ImageModeArg,
     },
+    /// Convert a model to a Burn-native directory (model.bpk in --dtype, optionally
+    /// quantized, plus the tokenizer and processor files) that loads faster in `generate`.
+    Convert {
+        /// Model directory or hub id.
+        #[arg(long, default_value = DEFAULT_MODEL)]
+        model: String,
+        /// Output directory (must not exist, or be empty; never the input).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
+    },
+    /// Serve this machine's device to `--device remote:ws://HOST:PORT` clients (Burn's remote
+    /// backend over WebSocket: unencrypted, for trusted networks).
+    ServeDevice {
+        /// Device to serve (cpu, ndarray, wgpu, vulkan, metal, cuda[:N]).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// TCP port.
+        #[arg(long, default_value_t = 3000)]
+        port: u16,
+        /// Address to listen on; 0.0.0.0 serves the whole network.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+    },
     /// Write the last prompt position's logits, float32 [vocab], as .npy.
     Logits {
         #[command(flatten)]
@@ -108,8 +140,57 @@ enum Command {
     },
 }
 
+/// Where and in which precision the model runs.
+#[derive(Args, Debug, Clone)]
+struct RuntimeArgs {
+    /// cpu (Flex), ndarray, wgpu, vulkan, metal, cuda[:N] or remote:ws://HOST:PORT; all but
+    /// cpu need the cargo feature of the same name (remote: `remote`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weights and activations: f32, f16 or bf16 (norms and softmax stay in f32).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    dtype: DtypeArg,
+    /// Quantize the linear-layer weights at load time: q8 or q4 (embeddings, lm_head, norms
+    /// and biases stay in --dtype).
+    #[arg(long)]
+    quantize: Option<vipllava::Quantization>,
+}
+
+/// `--dtype` values.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DtypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DtypeArg {
+    fn dtype(self) -> burn::tensor::DType {
+        match self {
+            Self::F32 => burn::tensor::DType::F32,
+            Self::F16 => burn::tensor::DType::F16,
+            Self::Bf16 => burn::tensor::DType::BF16,
+        }
+    }
+}
+
+impl RuntimeArgs {
+    fn device(&self) -> anyhow::Result<Device> {
+        Ok(vipllava::open_device(&self.device)?)
+    }
+
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            dtype: self.dtype.dtype(),
+            quantize: self.quantize,
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 struct InputArgs {
+    #[command(flatten)]
+    runtime: RuntimeArgs,
     /// Model directory or hub id (downloaded into the HF cache).
     #[arg(long, default_value = DEFAULT_MODEL)]
     model: String,
@@ -331,6 +412,11 @@ struct GenerateArgs {
 /// Parses arguments, runs, and turns errors into one readable line and a non-zero exit.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
+    // Ctrl-C: remove half-written output directories before exiting (no destructors run).
+    let _ = ctrlc::set_handler(|| {
+        vipllava::output::remove_staged_on_interrupt();
+        std::process::exit(130);
+    });
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -363,9 +449,10 @@ fn model_dir(spec: &str) -> anyhow::Result<PathBuf> {
     resolve_model(spec).with_context(|| format!("resolving --model {spec}"))
 }
 
-fn load_pipeline(spec: &str) -> anyhow::Result<Pipeline> {
+fn load_pipeline(spec: &str, runtime: &RuntimeArgs) -> anyhow::Result<Pipeline> {
     let dir = model_dir(spec)?;
-    Pipeline::load(&dir, &Device::flex(), &LoadOptions::default())
+    let device = runtime.device()?;
+    Pipeline::load(&dir, &device, &runtime.load_options())
         .with_context(|| format!("loading model {}", dir.display()))
 }
 
@@ -434,7 +521,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Logits { input, out } => {
             anyhow::ensure!(input.batch.is_none(), "--batch is only for generate");
-            let mut pipeline = load_pipeline(&input.model)?;
+            let mut pipeline = load_pipeline(&input.model, &input.runtime)?;
             pipeline.image_mode = input.image_mode.into();
             let images = load_images(&input.image)?;
             let prepared = pipeline.prepare(&images, &prompt_of(&input))?;
@@ -449,6 +536,25 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Generate(args) => generate(args),
+        Command::Convert { model, out, runtime } => {
+            let dir = model_dir(&model)?;
+            let device = runtime.device()?;
+            let start = std::time::Instant::now();
+            let written = vipllava::output::convert_model_dir(&dir, &out, &device, &runtime.load_options())
+                .with_context(|| format!("converting {}", dir.display()))?;
+            eprintln!(
+                "wrote {} ({:?}{}) in {:.1} s",
+                written.display(),
+                runtime.dtype,
+                runtime
+                    .quantize
+                    .map(|q| format!(", {q} weights"))
+                    .unwrap_or_default(),
+                start.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::ServeDevice { device, port, host } => serve_device(&device, &host, port),
         Command::Bench {
             model,
             random_weights,
@@ -456,8 +562,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             text_tokens,
             new_tokens,
             json,
+            compare,
         } => {
             let dir = model_dir(&model)?;
+            if compare.image.is_some() {
+                return compare::run(&dir, &compare, new_tokens, json);
+            }
             let device = Device::flex();
             let (m, config) = vipllava::bench::bench_model(&dir, random_weights, &device)?;
             if !json {
@@ -502,7 +612,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             image,
             max_new_tokens,
             image_mode,
-        } => chat(&model, &image, max_new_tokens, image_mode),
+            runtime,
+        } => chat(&model, &image, max_new_tokens, image_mode, &runtime),
     }
 }
 
@@ -536,7 +647,7 @@ fn result_json(result: &vipllava::Generation, load_ms: f64) -> serde_json::Value
 }
 
 fn generate(args: GenerateArgs) -> anyhow::Result<()> {
-    let mut pipeline = load_pipeline(&args.input.model)?;
+    let mut pipeline = load_pipeline(&args.input.model, &args.input.runtime)?;
     pipeline.image_mode = args.input.image_mode.into();
     let options = generation_options(&pipeline, &args);
     if let Some(batch) = &args.input.batch {
@@ -650,9 +761,10 @@ fn chat(
     images: &[PathBuf],
     max_new_tokens: Option<usize>,
     image_mode: ImageModeArg,
+    runtime: &RuntimeArgs,
 ) -> anyhow::Result<()> {
     use std::io::BufRead;
-    let mut pipeline = load_pipeline(model)?;
+    let mut pipeline = load_pipeline(model, runtime)?;
     pipeline.image_mode = image_mode.into();
     let mut options = pipeline.generation_defaults.clone();
     if let Some(n) = max_new_tokens {
@@ -694,4 +806,28 @@ fn chat(
         }
     }
     Ok(())
+}
+
+#[cfg(feature = "remote")]
+fn serve_device(device: &str, host: &str, port: u16) -> anyhow::Result<()> {
+    let spec: vipllava::DeviceSpec = device.parse()?;
+    anyhow::ensure!(
+        !matches!(spec, vipllava::DeviceSpec::Remote(_)),
+        "a remote device cannot be served again"
+    );
+    let device = spec.open()?;
+    let listener =
+        std::net::TcpListener::bind((host, port)).with_context(|| format!("listening on {host}:{port}"))?;
+    let address = listener.local_addr()?;
+    eprintln!("serving {spec} at ws://{address} (Ctrl-C to stop)");
+    burn::server::RemoteServer::new([device])
+        .serve(burn::server::WebSocketTransport::from_listener(listener))
+        .map_err(|e| anyhow::anyhow!("remote server: {e}"))
+}
+
+#[cfg(not(feature = "remote"))]
+fn serve_device(_device: &str, _host: &str, _port: u16) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "serve-device needs the `remote` cargo feature, which this binary was built without (rebuild with `--features remote`)"
+    )
 }

@@ -1,0 +1,246 @@
+//! Devices, quantization and Burn-native conversion on the CPU: quantized logits against
+//! f32 with explicit bounds, `vipllava convert` round trips, and clear errors for devices
+//! this binary was built without.
+
+mod common;
+
+use burn::tensor::Device;
+use common::{FIXTURES, copy_fixture, fixture, max_slice_diff, run_cli};
+use vipllava::convert::quantized_parameter_count;
+use vipllava::generate::GenerationOptions;
+use vipllava::pipeline::{Pipeline, Prompt};
+use vipllava::processor::image::load_image;
+use vipllava::{LoadOptions, Quantization};
+
+const IMAGE: &str = "images/astronaut.png";
+const QUESTION: &str = "What is in the red box?";
+
+/// Last-position logits and 10 greedy tokens.
+fn run(dir: &std::path::Path, options: &LoadOptions) -> (Vec<f32>, Vec<u32>, Pipeline) {
+    let pipeline = Pipeline::load(dir, &Device::flex(), options).expect("pipeline");
+    let image = load_image(&fixture(IMAGE)).expect("image");
+    let prepared = pipeline
+        .prepare(&[image], &Prompt::User(QUESTION.into()))
+        .expect("prepare");
+    let (logits, _) = pipeline.prefill(&prepared).expect("prefill");
+    let greedy = GenerationOptions {
+        max_new_tokens: 10,
+        ..pipeline.generation_defaults.clone()
+    };
+    let tokens = pipeline
+        .generate(&prepared, &greedy, |_| {})
+        .expect("generate")
+        .token_ids;
+    (logits, tokens, pipeline)
+}
+
+fn max_abs(values: &[f32]) -> f32 {
+    values.iter().fold(0.0, |m, v| m.max(v.abs()))
+}
+
+/// Replaces every quantized parameter by its dequantized f32 value.
+struct Dequantize;
+
+impl burn::module::ModuleMapper for Dequantize {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<burn::tensor::Tensor<D>>,
+    ) -> burn::module::Param<burn::tensor::Tensor<D>> {
+        param.map(|t| {
+            if matches!(t.dtype(), burn::tensor::DType::QFloat(_)) {
+                t.dequantize()
+            } else {
+                t
+            }
+        })
+    }
+}
+
+/// Measured on the tiny random fixtures (whose logits react strongly to weight noise: 14+
+/// random layers, no training), with a 2x margin; the per-value error itself is bounded
+/// in `vipllava-convert`'s unit tests (half a quantization step).
+const Q8_LOGIT_BOUND: f32 = 0.6;
+const Q4_LOGIT_BOUND: f32 = 10.0;
+
+#[test]
+fn quantized_weights_stay_close_to_f32() {
+    use burn::module::Module;
+    println!(
+        "| fixture | quantize | max abs logit | max |diff| vs f32 | greedy tokens equal | vs dequantized f32 |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for name in FIXTURES {
+        let (reference, ref_tokens, _) = run(&fixture(name), &LoadOptions::default());
+        let scale = max_abs(&reference);
+        for (level, bound) in [
+            (Quantization::Q8, Q8_LOGIT_BOUND),
+            (Quantization::Q4, Q4_LOGIT_BOUND),
+        ] {
+            let options = LoadOptions {
+                quantize: Some(level),
+                ..LoadOptions::default()
+            };
+            let (logits, tokens, mut pipeline) = run(&fixture(name), &options);
+            assert!(
+                quantized_parameter_count(&pipeline.model) > 0,
+                "{name}: nothing was quantized"
+            );
+            // The quantized forward pass computes exactly what f32 weights equal to the
+            // dequantized values compute: the inference path adds no error of its own.
+            pipeline.model = pipeline.model.clone().map(&mut Dequantize);
+            assert_eq!(quantized_parameter_count(&pipeline.model), 0);
+            let image = load_image(&fixture(IMAGE)).expect("image");
+            let prepared = pipeline
+                .prepare(&[image], &Prompt::User(QUESTION.into()))
+                .expect("prepare");
+            let (dequantized, _) = pipeline.prefill(&prepared).expect("prefill");
+            let path_diff = max_slice_diff(&logits, &dequantized);
+
+            let diff = max_slice_diff(&logits, &reference);
+            println!(
+                "| {name} | {level} | {scale:.3} | {diff:.2e} | {} | {path_diff:.1e} |",
+                tokens == ref_tokens
+            );
+            assert!(
+                path_diff <= 1e-4,
+                "{name} {level}: quantized path differs from dequantized weights by {path_diff}"
+            );
+            assert!(
+                diff <= bound,
+                "{name} {level}: logits differ from f32 by {diff} (scale {scale})"
+            );
+        }
+    }
+}
+
+#[test]
+fn only_linear_weights_are_quantized() {
+    let options = LoadOptions {
+        quantize: Some(Quantization::Q8),
+        ..LoadOptions::default()
+    };
+    let (_, _, pipeline) = run(&fixture("tiny-gqa-f16"), &options);
+    let config = &pipeline.config;
+    // Per Llama layer 7 projections, per CLIP layer 6 (q, k, v, out, fc1, fc2), and the
+    // projector's two linear layers.
+    let llama = config.text.num_hidden_layers * 7;
+    let clip = pipeline.model.vision_tower.encoder.layers.len() * 6;
+    assert_eq!(quantized_parameter_count(&pipeline.model), llama + clip + 2);
+}
+
+#[test]
+fn convert_writes_a_burnpack_directory_that_generates_the_same() {
+    let out_root = tempfile::tempdir().expect("tempdir");
+    let input = fixture("tiny-5x-f32");
+    for (dtype, quantize) in [("f32", None), ("f32", Some("q8"))] {
+        let out = out_root
+            .path()
+            .join(format!("{dtype}-{}", quantize.unwrap_or("none")));
+        let mut args = vec![
+            "convert",
+            "--model",
+            input.to_str().expect("utf-8"),
+            "--out",
+            out.to_str().expect("utf-8"),
+            "--dtype",
+            dtype,
+        ];
+        if let Some(q) = quantize {
+            args.extend(["--quantize", q]);
+        }
+        let output = run_cli(&args);
+        assert!(
+            output.status.success(),
+            "convert failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(out.join("model.bpk").is_file());
+        assert!(out.join("tokenizer.json").is_file());
+        assert!(!out.join("model.safetensors").exists());
+
+        let options = LoadOptions {
+            dtype: match dtype {
+                "bf16" => burn::tensor::DType::BF16,
+                _ => burn::tensor::DType::F32,
+            },
+            quantize: quantize.map(|q| q.parse().expect("level")),
+        };
+        let (direct, direct_tokens, _) = run(&input, &options);
+        let (converted, converted_tokens, pipeline) = run(&out, &LoadOptions::default());
+        assert_eq!(
+            quantized_parameter_count(&pipeline.model) > 0,
+            quantize.is_some(),
+            "{dtype}: quantization kept across the burnpack"
+        );
+        let diff = max_slice_diff(&direct, &converted);
+        assert!(
+            diff <= 1e-6,
+            "{dtype}/{quantize:?}: converted logits differ by {diff}"
+        );
+        assert_eq!(direct_tokens, converted_tokens);
+    }
+    // Nothing but the finished directories is left behind.
+    let names: Vec<String> = std::fs::read_dir(out_root.path())
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+}
+
+#[test]
+fn convert_refuses_to_overwrite_and_leaves_nothing_on_error() {
+    let model = copy_fixture("tiny-5x-f32");
+    let before: Vec<_> = std::fs::read_dir(model.path()).expect("dir").collect();
+    let model_path = model.path().to_str().expect("utf-8").to_string();
+    let output = run_cli(&["convert", "--model", &model_path, "--out", &model_path]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("input model"), "{stderr}");
+    let after: Vec<_> = std::fs::read_dir(model.path()).expect("dir").collect();
+    assert_eq!(before.len(), after.len(), "the input directory is unchanged");
+
+    // A model that fails to load half-way: no output directory, no staging leftovers.
+    let broken = copy_fixture("tiny-5x-f32");
+    let weights = broken.path().join("model.safetensors");
+    let bytes = std::fs::read(&weights).expect("weights");
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).expect("truncate");
+    let out_root = tempfile::tempdir().expect("tempdir");
+    let out = out_root.path().join("converted");
+    let output = run_cli(&[
+        "convert",
+        "--model",
+        broken.path().to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+    ]);
+    assert!(!output.status.success());
+    assert_eq!(
+        std::fs::read_dir(out_root.path()).expect("dir").count(),
+        0,
+        "no partial output after an error"
+    );
+}
+
+#[test]
+fn devices_not_compiled_in_or_unknown_are_clear_errors() {
+    let model = fixture("tiny-5x-f32");
+    let model = model.to_str().expect("utf-8");
+    let image = fixture(IMAGE);
+    let image = image.to_str().expect("utf-8");
+    let mut cases = vec![("tpu", "unknown device `tpu`".to_string())];
+    for (device, feature) in [("wgpu", "wgpu"), ("cuda:0", "cuda"), ("ndarray", "ndarray")] {
+        let spec: vipllava::DeviceSpec = device.parse().expect("spec");
+        if !spec.is_compiled() {
+            cases.push((device, format!("--features {feature}")));
+        }
+    }
+    for (device, expected) in cases {
+        let output = run_cli(&[
+            "generate", "--model", model, "--image", image, "--prompt", "hi", "--device", device,
+        ]);
+        assert!(!output.status.success(), "{device}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&expected), "{device}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{device}: {stderr}");
+    }
+}

@@ -1,0 +1,122 @@
+//! `--device remote:ws://...` against `vipllava serve-device` on 127.0.0.1: the same logits
+//! and greedy tokens as running on the local CPU. Needs `--features remote`.
+#![cfg(feature = "remote")]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use burn::tensor::Device;
+use common::{fixture, max_slice_diff, run_cli};
+use vipllava::generate::GenerationOptions;
+use vipllava::pipeline::{Pipeline, Prompt};
+use vipllava::processor::image::load_image;
+use vipllava::{LoadOptions, open_device};
+
+/// The server process, killed when the test ends (also on failure).
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `serve-device` on a free loopback port and returns it with its URL.
+fn start_server() -> (Server, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vipllava"))
+        .args([
+            "serve-device",
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start serve-device");
+    let stderr = child.stderr.take().expect("stderr");
+    let server = Server(child);
+    let mut lines = BufReader::new(stderr).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("serve-device exited before serving")
+            .expect("read stderr");
+        if let Some(rest) = line.split(" at ").nth(1) {
+            break rest.split_whitespace().next().expect("url").to_string();
+        }
+    };
+    // Keep draining the server's log so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (server, url)
+}
+
+fn logits_and_tokens(device: &Device) -> (Vec<f32>, Vec<u32>) {
+    let pipeline = Pipeline::load(&fixture("tiny-5x-f32"), device, &LoadOptions::default()).expect("load");
+    let image = load_image(&fixture("images/astronaut.png")).expect("image");
+    let prepared = pipeline
+        .prepare(&[image], &Prompt::User("What is in the red box?".into()))
+        .expect("prepare");
+    let (logits, _) = pipeline.prefill(&prepared).expect("prefill");
+    let options = GenerationOptions {
+        max_new_tokens: 8,
+        ..pipeline.generation_defaults.clone()
+    };
+    let tokens = pipeline
+        .generate(&prepared, &options, |_| {})
+        .expect("generate")
+        .token_ids;
+    (logits, tokens)
+}
+
+#[test]
+fn remote_device_matches_local_cpu() {
+    let (_server, url) = start_server();
+    assert!(url.starts_with("ws://127.0.0.1:"), "{url}");
+    let remote = open_device(&format!("remote:{url}")).expect("connect");
+    let (remote_logits, remote_tokens) = logits_and_tokens(&remote);
+    let (local_logits, local_tokens) = logits_and_tokens(&Device::flex());
+    let diff = max_slice_diff(&remote_logits, &local_logits);
+    println!(
+        "remote vs local cpu: max |diff| of logits {diff:e}, tokens equal: {}",
+        remote_tokens == local_tokens
+    );
+    assert!(diff <= 1e-6, "remote logits differ from local by {diff}");
+    assert_eq!(remote_tokens, local_tokens);
+}
+
+#[test]
+fn unreachable_server_is_a_clear_error() {
+    // Bind a port, then free it: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let model = fixture("tiny-5x-f32");
+    let image = fixture("images/astronaut.png");
+    let device = format!("remote:ws://127.0.0.1:{port}");
+    let output = run_cli(&[
+        "logits",
+        "--model",
+        model.to_str().expect("utf-8"),
+        "--image",
+        image.to_str().expect("utf-8"),
+        "--prompt",
+        "hi",
+        "--out",
+        "/dev/null",
+        "--device",
+        &device,
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot be opened"), "{stderr}");
+    assert!(stderr.contains("serve-device"), "{stderr}");
+}
