@@ -9,7 +9,8 @@ Reads the tiny checkpoints made by ``make_fixtures.py`` (nothing is downloaded) 
     bad.jsonl                  one good sample and three bad ones (missing image, no <image>, empty answer)
     reference.json             per fixture: the labelled input_ids/labels of every sample, the per-step
                                losses of plain SGD (batch 1, file order, several epochs) for
-                               --trainable projector and --trainable all, and the settings used
+                               --trainable projector and --trainable all, the loss of samples 0 and 1
+                               as one right-padded batch with an attention mask, and the settings used
     <fixture>_grads.safetensors  projector gradients of the first step (PyTorch layout: Linear weight
                                [out, in])
 
@@ -197,6 +198,27 @@ def run_sgd(name, encoded, trainable):
     return losses, first_grads
 
 
+@torch.no_grad()
+def batch_loss(name, encoded, pad_id, rows):
+    """Loss of several samples as one right-padded batch with an attention mask (mean over all targets)."""
+    model = load(name)
+    n = max(encoded[i]["input_ids"].shape[1] for i in rows)
+    ids, labels, mask = [], [], []
+    for i in rows:
+        e = encoded[i]
+        k = e["input_ids"].shape[1]
+        ids.append(e["input_ids"][0].tolist() + [pad_id] * (n - k))
+        labels.append(e["labels"][0].tolist() + [-100] * (n - k))
+        mask.append([1] * k + [0] * (n - k))
+    out = model(
+        input_ids=torch.tensor(ids),
+        attention_mask=torch.tensor(mask),
+        pixel_values=torch.cat([encoded[i]["pixel_values"] for i in rows]),
+        labels=torch.tensor(labels),
+    )
+    return float(out.loss)
+
+
 def make():
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -227,6 +249,8 @@ def make():
                 for s, e in zip(SAMPLES, encoded)
             ],
         }
+        entry["batch_loss_rows"] = [0, 1]
+        entry["batch_loss"] = batch_loss(name, encoded, processor.tokenizer.pad_token_id, [0, 1])
         for trainable in ["projector", "all"]:
             losses, grads = run_sgd(name, encoded, trainable)
             entry[f"losses_{trainable}"] = losses

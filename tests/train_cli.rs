@@ -42,7 +42,10 @@ fn json_lines(out: &[u8]) -> Vec<Value> {
 fn no_temp_files(dir: &Path) {
     for e in std::fs::read_dir(dir).expect("out dir") {
         let name = e.expect("entry").file_name().to_string_lossy().to_string();
-        assert!(!name.starts_with(".tmp") && !name.starts_with(".old"), "left behind: {name}");
+        assert!(
+            !name.starts_with(".tmp") && !name.starts_with(".old"),
+            "left behind: {name}"
+        );
     }
 }
 
@@ -71,7 +74,12 @@ fn train_json_checkpoints_and_generate_with_the_result() {
             assert!(out.join(c).join(f).is_file(), "{c}/{f}");
         }
     }
-    for f in ["model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja"] {
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+    ] {
         assert!(out.join(f).is_file(), "{f}");
     }
     no_temp_files(&out);

@@ -189,7 +189,10 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     };
     for b in &trainer.bad_samples {
         if args.json {
-            eprintln!("{}", json!({"bad_sample": b.id, "index": b.index, "reason": b.reason}));
+            eprintln!(
+                "{}",
+                json!({"bad_sample": b.id, "index": b.index, "reason": b.reason})
+            );
         } else {
             eprintln!("skipping sample {} (#{}): {}", b.id, b.index, b.reason);
         }

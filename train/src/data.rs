@@ -166,10 +166,7 @@ pub struct SampleEncoder {
 
 impl SampleEncoder {
     /// Loads the tokenizer, template and processor settings of a model directory.
-    pub fn from_model_dir(
-        dir: &Path,
-        config: &vipllava_model::VipLlavaConfig,
-    ) -> Result<Self, TrainError> {
+    pub fn from_model_dir(dir: &Path, config: &vipllava_model::VipLlavaConfig) -> Result<Self, TrainError> {
         let tokenizer = TextTokenizer::from_model_dir(dir)?;
         let template = ChatTemplate::from_model_dir(dir)?;
         let image_config = ImageProcessorConfig::from_model_dir(dir)?;
@@ -217,7 +214,9 @@ impl SampleEncoder {
             return Err(format!("no `{image_tag}` in the first human turn"));
         }
         if tags != 1 {
-            return Err(format!("{tags} `{image_tag}` tags; exactly one (in the first human turn) is supported"));
+            return Err(format!(
+                "{tags} `{image_tag}` tags; exactly one (in the first human turn) is supported"
+            ));
         }
         if !turns.iter().any(|t| t.from == "gpt") {
             return Err("no gpt answer".into());
@@ -269,11 +268,17 @@ impl SampleEncoder {
                 ContentPart::Text { text } => text.as_str(),
                 ContentPart::Image => continue,
             };
-            let from = if full.starts_with(&prefix) { prefix.len() } else { 0 };
-            let start = full[from..]
-                .find(text)
-                .map(|p| p + from)
-                .ok_or_else(|| format!("the chat template does not reproduce answer {} verbatim", spans.len() + 1))?;
+            let from = if full.starts_with(&prefix) {
+                prefix.len()
+            } else {
+                0
+            };
+            let start = full[from..].find(text).map(|p| p + from).ok_or_else(|| {
+                format!(
+                    "the chat template does not reproduce answer {} verbatim",
+                    spans.len() + 1
+                )
+            })?;
             spans.push((start, start + text.len()));
         }
         // Expansion shifts every offset after an image tag.

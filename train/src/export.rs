@@ -18,11 +18,11 @@ use serde_json::Value;
 use vipllava_convert::{Checkpoint, KeyLayout, canonical_key};
 use vipllava_model::VipLlava;
 
+use crate::params::write_params;
 use crate::trainer::{
     STATE_FILE, TRAINABLE_FILE, TrainState, Trainable, atomic_write, build_model, check_out_dir,
     read_safetensors,
 };
-use crate::params::write_params;
 use crate::{TrainError, io_err};
 
 /// Files copied verbatim from the base model directory when present.
@@ -56,7 +56,11 @@ pub fn write_hf_model(model: &VipLlava, base: &Path, out: &Path) -> Result<(), T
         let v = snapshot_f32(&snap).ok_or_else(|| bad(format!("{}: cannot read as f32", snap.name)))?;
         let key = KeyLayout::Hf5.file_key(&snap.name);
         have.insert(key.clone());
-        raw.push((key, snap.shape.to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect()));
+        raw.push((
+            key,
+            snap.shape.to_vec(),
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
     }
     // Base tensors the model does not hold.
     let checkpoint = Checkpoint::open(base)?;
@@ -76,9 +80,14 @@ pub fn write_hf_model(model: &VipLlava, base: &Path, out: &Path) -> Result<(), T
         let bytes = &file_bytes[&entry.file];
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         let view = st.tensor(file_key).map_err(|e| bad(format!("{file_key}: {e}")))?;
-        let v = to_f32(view.dtype(), view.data()).ok_or_else(|| bad(format!("{file_key}: dtype {:?}", view.dtype())))?;
+        let v = to_f32(view.dtype(), view.data())
+            .ok_or_else(|| bad(format!("{file_key}: dtype {:?}", view.dtype())))?;
         have.insert(key.clone());
-        raw.push((key, view.shape().to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect()));
+        raw.push((
+            key,
+            view.shape().to_vec(),
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = raw
         .iter()
@@ -100,8 +109,9 @@ pub fn write_hf_model(model: &VipLlava, base: &Path, out: &Path) -> Result<(), T
     atomic_write(&out.join("model.safetensors"), &bytes)?;
     // config.json, marked float32.
     let cfg_path = base.join("config.json");
-    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?)
-        .map_err(|e| bad(format!("config.json: {e}")))?;
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?)
+            .map_err(|e| bad(format!("config.json: {e}")))?;
     if let Value::Object(m) = &mut cfg {
         m.insert("dtype".into(), Value::String("float32".into()));
         if m.contains_key("torch_dtype") {
@@ -144,7 +154,10 @@ fn snapshot_f32(snap: &burn_store::burn_pack::Tensor) -> Option<Vec<f32>> {
 fn to_f32(dtype: safetensors::Dtype, data: &[u8]) -> Option<Vec<f32>> {
     use safetensors::Dtype;
     Some(match dtype {
-        Dtype::F32 => data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
         Dtype::F16 => data
             .chunks_exact(2)
             .map(|c| half_to_f32(u16::from_le_bytes([c[0], c[1]])))

@@ -113,7 +113,11 @@ impl<F: Fn(&str) -> bool> ModuleVisitor for Reader<'_, F> {
         let path = self.path.path();
         if (self.keep)(&path) {
             let t = param.base();
-            let t = if t.dtype() == DType::F32 { t } else { t.cast(DType::F32) };
+            let t = if t.dtype() == DType::F32 {
+                t
+            } else {
+                t.cast(DType::F32)
+            };
             self.out.insert(path, t.into_data());
         }
     }
@@ -163,8 +167,16 @@ impl ModuleMapper for Writer<'_> {
         let dtype = tensor.dtype();
         let require_grad = tensor.is_require_grad();
         let new = Tensor::<D>::from_data(data.clone(), &device);
-        let new = if new.dtype() == dtype { new } else { new.cast(dtype) };
-        let new = if require_grad { new.set_require_grad(true) } else { new };
+        let new = if new.dtype() == dtype {
+            new
+        } else {
+            new.cast(dtype)
+        };
+        let new = if require_grad {
+            new.set_require_grad(true)
+        } else {
+            new
+        };
         self.applied.push(path);
         Param::from_mapped_value(id, new, mapper)
     }

@@ -24,8 +24,8 @@ use std::time::Instant;
 
 use burn::module::{Lora, Module, ParamGroup, ParamId};
 use burn::optim::{
-    AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig,
-    decay::WeightDecayConfig, momentum::MomentumConfig,
+    AdamWConfig, GradientsAccumulator, GradientsParams, ModuleOptimizer, SgdConfig, decay::WeightDecayConfig,
+    momentum::MomentumConfig,
 };
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -299,7 +299,8 @@ fn schedule(n: usize, config: &TrainConfig) -> Vec<(usize, Vec<Vec<usize>>)> {
         if config.shuffle {
             use rand::seq::SliceRandom;
             use rand::{SeedableRng, rngs::StdRng};
-            let mut rng = StdRng::seed_from_u64(config.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
+            let mut rng =
+                StdRng::seed_from_u64(config.seed.wrapping_mul(1_000_003).wrapping_add(epoch as u64));
             order.shuffle(&mut rng);
         }
         let micro: Vec<Vec<usize>> = order.chunks(config.batch_size).map(<[usize]>::to_vec).collect();
@@ -315,8 +316,16 @@ fn schedule(n: usize, config: &TrainConfig) -> Vec<(usize, Vec<Vec<usize>>)> {
 
 /// Paths of the LoRA base weights for the given projection names.
 fn lora_regex(modules: &[&str]) -> String {
-    let attn: Vec<&str> = modules.iter().copied().filter(|m| ["q_proj", "k_proj", "v_proj", "o_proj"].contains(m)).collect();
-    let mlp: Vec<&str> = modules.iter().copied().filter(|m| ["gate_proj", "up_proj", "down_proj"].contains(m)).collect();
+    let attn: Vec<&str> = modules
+        .iter()
+        .copied()
+        .filter(|m| ["q_proj", "k_proj", "v_proj", "o_proj"].contains(m))
+        .collect();
+    let mlp: Vec<&str> = modules
+        .iter()
+        .copied()
+        .filter(|m| ["gate_proj", "up_proj", "down_proj"].contains(m))
+        .collect();
     let mut alts = Vec::new();
     if !attn.is_empty() {
         alts.push(format!("self_attn\\.({})", attn.join("|")));
@@ -324,7 +333,10 @@ fn lora_regex(modules: &[&str]) -> String {
     if !mlp.is_empty() {
         alts.push(format!("mlp\\.({})", mlp.join("|")));
     }
-    format!("^language_model\\.layers\\.[0-9]+\\.({})\\.weight$", alts.join("|"))
+    format!(
+        "^language_model\\.layers\\.[0-9]+\\.({})\\.weight$",
+        alts.join("|")
+    )
 }
 
 /// Builds the model as configured: base weights, LoRA adapters when asked, stable ids.
@@ -341,10 +353,45 @@ pub fn build_model(config: &TrainConfig, device: &Device) -> Result<(VipLlava, V
     if config.trainable == Trainable::Lora {
         let group = ParamGroup::from_regex(lora_regex(&config.lora_modules()?))
             .map_err(|e| TrainError::Setup(format!("LoRA targets: {e:?}")))?;
-        device.seed(config.seed);
         model = model.apply_lora(Lora::new(config.lora_rank, config.lora_alpha).set_param_group(group));
+        model = init_lora_factors(canonical_ids(model), config.seed, config.lora_rank)?;
     }
     Ok((canonical_ids(model), loaded.config))
+}
+
+/// Standard LoRA initialisation, `A ~ N(0, 1/rank)` and `B = 0`, drawn from a generator
+/// seeded by `seed` and each factor's path, so that it does not depend on any global random
+/// state (or on other threads drawing from it).
+fn init_lora_factors(model: VipLlava, seed: u64, rank: usize) -> Result<VipLlava, TrainError> {
+    use rand::{RngExt, SeedableRng, rngs::StdRng};
+    let std = 1.0 / rank as f64;
+    let mut values = BTreeMap::new();
+    for p in list_params(&model) {
+        if !p.path.ends_with(".lora.a") {
+            continue;
+        }
+        let mut rng = StdRng::seed_from_u64(seed ^ crate::params::path_id(&p.path).val());
+        let n: usize = p.shape.iter().product();
+        let mut v = Vec::with_capacity(n);
+        while v.len() < n {
+            // Box-Muller: two normals from two uniforms in (0, 1].
+            let u1: f64 = 1.0 - rng.random::<f64>();
+            let u2: f64 = rng.random::<f64>();
+            let r = (-2.0 * u1.ln()).sqrt() * std;
+            let t = 2.0 * std::f64::consts::PI * u2;
+            v.push((r * t.cos()) as f32);
+            if v.len() < n {
+                v.push((r * t.sin()) as f32);
+            }
+        }
+        values.insert(p.path, TensorData::new(v, p.shape));
+    }
+    if values.is_empty() {
+        return Err(TrainError::Setup("the LoRA targets match no weight".into()));
+    }
+    write_params(model, &values)
+        .map(|(m, _)| m)
+        .map_err(TrainError::Setup)
 }
 
 /// True for the paths that train under `trainable`.
@@ -413,7 +460,8 @@ impl Trainer {
             reason,
         };
         let state: TrainState = serde_json::from_str(
-            &std::fs::read_to_string(checkpoint.join(STATE_FILE)).map_err(io_err(checkpoint.join(STATE_FILE)))?,
+            &std::fs::read_to_string(checkpoint.join(STATE_FILE))
+                .map_err(io_err(checkpoint.join(STATE_FILE)))?,
         )
         .map_err(|e| bad(e.to_string()))?;
         let s = &state.config;
@@ -434,7 +482,10 @@ impl Trainer {
         if values.len() != names.len() || names.iter().any(|n| !values.contains_key(*n)) {
             return Err(bad("its trained parameters do not match the model's".into()));
         }
-        let model = std::mem::replace(&mut trainer.model, placeholder(&trainer.model_config, &trainer.device));
+        let model = std::mem::replace(
+            &mut trainer.model,
+            placeholder(&trainer.model_config, &trainer.device),
+        );
         let (model, _) = write_params(model, &values).map_err(bad)?;
         trainer.model = mark_trainable(model, &trainer.trainable);
         let optim = make_optimizer(&trainer.config);
@@ -486,9 +537,16 @@ impl Trainer {
         for r in &rows {
             pix.extend_from_slice(&r.pixel_values.data);
         }
-        let pixels = Tensor::<4>::from_data(TensorData::new(pix, [b, p0.channels, p0.height, p0.width]), &self.device);
+        let pixels = Tensor::<4>::from_data(
+            TensorData::new(pix, [b, p0.channels, p0.height, p0.width]),
+            &self.device,
+        );
         let dtype = self.config.parsed_dtype().unwrap_or(DType::F32);
-        let pixels = if dtype == DType::F32 { pixels } else { pixels.cast(dtype) };
+        let pixels = if dtype == DType::F32 {
+            pixels
+        } else {
+            pixels.cast(dtype)
+        };
         let input_ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [b, t]), &self.device);
         let mut input = ForwardInput::new(input_ids).with_pixels(pixels);
         if mask.iter().any(|m| m.iter().any(|x| !x)) {
@@ -547,7 +605,10 @@ impl Trainer {
         let mut targets = 0;
         for indices in &micro {
             let Some((loss, n, t)) = self.loss(indices)? else {
-                tokens += indices.iter().map(|&i| self.samples[i].input_ids.len()).sum::<usize>();
+                tokens += indices
+                    .iter()
+                    .map(|&i| self.samples[i].input_ids.len())
+                    .sum::<usize>();
                 continue;
             };
             let value: f32 = loss
@@ -585,7 +646,8 @@ impl Trainer {
 
     /// Values (f32, Burn layout) of the trained parameters by path.
     pub fn trainable_values(&self) -> BTreeMap<String, TensorData> {
-        let names: std::collections::BTreeSet<&str> = self.trainable.iter().map(|(p, _)| p.as_str()).collect();
+        let names: std::collections::BTreeSet<&str> =
+            self.trainable.iter().map(|(p, _)| p.as_str()).collect();
         read_params(&self.model, |p| names.contains(p))
     }
 
@@ -667,7 +729,12 @@ fn make_optimizer(config: &TrainConfig) -> ModuleOptimizer {
                 c = c.with_weight_decay(Some(WeightDecayConfig::new(config.weight_decay as f32)));
             }
             if config.momentum > 0.0 {
-                c = c.with_momentum(Some(MomentumConfig::new().with_momentum(config.momentum).with_dampening(0.0).with_nesterov(false)));
+                c = c.with_momentum(Some(
+                    MomentumConfig::new()
+                        .with_momentum(config.momentum)
+                        .with_dampening(0.0)
+                        .with_nesterov(false),
+                ));
             }
             c.init()
         }
@@ -685,7 +752,10 @@ pub fn check_out_dir(model: &Path, out: &Path) -> Result<(), TrainError> {
         Ok(o) => o,
         Err(_) => {
             // Not created yet: resolve its parent.
-            let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let parent = out
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             let p = parent.canonicalize().map_err(io_err(parent))?;
             p.join(out.file_name().unwrap_or_default())
         }
@@ -799,7 +869,10 @@ pub fn write_safetensors(
 
 /// Writes a file through a temporary file in the same directory and a rename.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".tmp-{name}-{}", std::process::id()));
     let r = std::fs::write(&tmp, bytes)
