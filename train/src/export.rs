@@ -73,11 +73,13 @@ pub fn write_hf_model(model: &VipLlava, base: &Path, out: &Path) -> Result<(), T
         if have.contains(&key) || !entry.dtype.is_float() {
             continue;
         }
-        if !file_bytes.contains_key(&entry.file) {
-            let f = &checkpoint.files[entry.file];
-            file_bytes.insert(entry.file, std::fs::read(f).map_err(io_err(f))?);
-        }
-        let bytes = &file_bytes[&entry.file];
+        let bytes = match file_bytes.entry(entry.file) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let f = &checkpoint.files[entry.file];
+                e.insert(std::fs::read(f).map_err(io_err(f))?)
+            }
+        };
         let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
         let view = st.tensor(file_key).map_err(|e| bad(format!("{file_key}: {e}")))?;
         let v = to_f32(view.dtype(), view.data())
@@ -99,13 +101,7 @@ pub fn write_hf_model(model: &VipLlava, base: &Path, out: &Path) -> Result<(), T
         .collect::<Result<_, _>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| bad(e.to_string()))?;
-    // A stale index or shard of an earlier export must not shadow the new file.
-    for stale in ["model.safetensors.index.json"] {
-        let p = out.join(stale);
-        if p.exists() {
-            std::fs::remove_file(&p).map_err(io_err(&p))?;
-        }
-    }
+    remove_stale_shards(out)?;
     atomic_write(&out.join("model.safetensors"), &bytes)?;
     // config.json, marked float32.
     let cfg_path = base.join("config.json");
@@ -137,6 +133,28 @@ pub fn write_hf_model(model: &VipLlava, base: &Path, out: &Path) -> Result<(), T
         }
     }
     Ok(())
+}
+
+/// A sharded model previously in `out` (index + shards) must not shadow the new single file.
+fn remove_stale_shards(out: &Path) -> Result<(), TrainError> {
+    let index = out.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+    if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(&text)
+        && let Some(Value::Object(map)) = m.get("weight_map")
+    {
+        let shards: std::collections::BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
+        for shard in shards {
+            let p = out.join(shard);
+            // Only plain file names inside `out`.
+            if Path::new(shard).components().count() == 1 && p.is_file() {
+                std::fs::remove_file(&p).map_err(io_err(&p))?;
+            }
+        }
+    }
+    std::fs::remove_file(&index).map_err(io_err(&index))
 }
 
 fn snapshot_f32(snap: &burn_store::burn_pack::Tensor) -> Option<Vec<f32>> {

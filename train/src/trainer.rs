@@ -748,16 +748,31 @@ fn make_optimizer(config: &TrainConfig) -> ModuleOptimizer {
 /// Checks `out` against the model directory: never the same directory, never inside it.
 pub fn check_out_dir(model: &Path, out: &Path) -> Result<(), TrainError> {
     let m = model.canonicalize().map_err(io_err(model))?;
-    let o = match out.canonicalize() {
-        Ok(o) => o,
-        Err(_) => {
-            // Not created yet: resolve its parent.
-            let parent = out
-                .parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."));
-            let p = parent.canonicalize().map_err(io_err(parent))?;
-            p.join(out.file_name().unwrap_or_default())
+    // `out` may not exist yet: resolve its deepest existing ancestor.
+    let mut existing = out.to_path_buf();
+    let mut rest = Vec::new();
+    let o = loop {
+        if let Ok(c) = existing.canonicalize() {
+            break rest
+                .iter()
+                .rev()
+                .fold(c, |acc: PathBuf, part: &std::ffi::OsString| acc.join(part));
+        }
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name.to_os_string());
+                existing = if parent.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    parent.to_path_buf()
+                };
+            }
+            _ => {
+                return Err(TrainError::Setup(format!(
+                    "cannot resolve --out {}",
+                    out.display()
+                )));
+            }
         }
     };
     if o == m || o.starts_with(&m) {

@@ -311,7 +311,7 @@ fn export_round_trip_gives_the_merged_model_logits() {
     use burn::tensor::{Int, Tensor};
     use vipllava_model::{ForwardInput, KvCache};
     let tmp = tempfile::tempdir().unwrap();
-    let mut c = lora_config(&tmp.path().join("run"));
+    let mut c = lora_config(&tmp.path().join("runs/nested/run"));
     c.max_steps = Some(3);
     let summary = train(&c, &device(), |_| {}).unwrap();
     assert_eq!(summary.steps, 3);
