@@ -232,3 +232,45 @@ fn lora_export_loads_in_generate() {
     ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
 }
+
+#[test]
+fn dtypes_and_divergence() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = fixture("tiny-5x-f32");
+    let data = fixture("train/data.json");
+    // bf16 parameters train (LoRA + AdamW) and the result loads.
+    let out = tmp.path().join("bf16");
+    let mut args = train_args(&model, &data, &out);
+    args.extend(["--dtype", "bf16", "--max-steps", "2"]);
+    let r = run_cli(&args);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(out.join("model.safetensors").is_file());
+    // AdamW on f16 parameters would underflow: refused up front.
+    let out = tmp.path().join("f16");
+    let mut args = train_args(&model, &data, &out);
+    args.extend(["--dtype", "f16"]);
+    let r = run_cli(&args);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("bf16"));
+    // A diverging run stops with an error and leaves no model behind.
+    let out = tmp.path().join("div");
+    let r = run_cli(&[
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+        "--trainable",
+        "all",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1e12",
+        "--json",
+    ]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("diverged"));
+    assert!(!out.join("model.safetensors").exists());
+}

@@ -210,7 +210,11 @@ impl TrainConfig {
         if self.save_every == Some(0) {
             return bad("--save-every must be at least 1");
         }
-        self.parsed_dtype()?;
+        if self.parsed_dtype()? == DType::F16 && self.optimizer == OptimizerKind::Adamw {
+            return bad(
+                "AdamW cannot train f16 parameters (its epsilon and second moments underflow in f16); use --dtype bf16 or f32, or --optimizer sgd",
+            );
+        }
         Ok(())
     }
 }
@@ -620,6 +624,12 @@ impl Trainer {
                 .ok()
                 .and_then(|v| v.first().copied())
                 .unwrap_or(f32::NAN);
+            if !value.is_finite() {
+                return Err(TrainError::Setup(format!(
+                    "step {}: the loss is {value} (diverged); lower --lr, or train in f32",
+                    self.step + 1
+                )));
+            }
             loss_sum += f64::from(value);
             tokens += t;
             targets += n;
