@@ -412,3 +412,53 @@ pub fn load_dataset(
     }
     Ok((good, bad))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turn(from: &str, value: &str) -> Turn {
+        Turn {
+            from: from.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn image_tag_is_removed_with_one_newline() {
+        assert_eq!(strip_image_tag("<image>\nWhat?", "<image>"), "What?");
+        assert_eq!(strip_image_tag("What?\n<image>", "<image>"), "What?");
+        assert_eq!(strip_image_tag("<image> What?", "<image>"), "What?");
+        assert_eq!(strip_image_tag("A <image> B", "<image>"), "A  B");
+    }
+
+    #[test]
+    fn conversations_become_messages_or_say_why_not() {
+        let m = SampleEncoder::messages(
+            &[
+                turn("system", "S"),
+                turn("human", "<image>\nQ"),
+                turn("gpt", "A"),
+                turn("human", "Q2"),
+                turn("gpt", "A2"),
+            ],
+            "<image>",
+        )
+        .unwrap();
+        let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "user", "assistant"]);
+        assert_eq!(m[1].content[0], ContentPart::Image);
+        assert_eq!(m[1].content[1], ContentPart::Text { text: "Q".into() });
+        let err = |turns: &[Turn]| SampleEncoder::messages(turns, "<image>").unwrap_err();
+        assert!(err(&[]).contains("no conversations"));
+        assert!(err(&[turn("human", "Q"), turn("gpt", "A")]).contains("no `<image>`"));
+        assert!(err(&[turn("human", "<image>Q"), turn("gpt", " ")]).contains("empty answer"));
+        assert!(err(&[turn("human", "<image>Q")]).contains("no gpt answer"));
+        assert!(err(&[turn("human", "<image>Q"), turn("gpt", "A <image>")]).contains("2 `<image>` tags"));
+        assert!(
+            err(&[turn("human", "<image>Q"), turn("bot", "A"), turn("gpt", "B")])
+                .contains("unknown role `bot`")
+        );
+        assert!(err(&[turn("gpt", "A"), turn("gpt", "B")]).contains("no human turn"));
+    }
+}

@@ -40,3 +40,21 @@ pub fn causal_lm_loss(logits: Tensor<3>, labels: &[Vec<i64>]) -> Option<(Tensor<
     let nll = lsm.gather(1, targets).neg(); // [n, 1]
     Some((nll.mean().reshape([1]), n))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+
+    #[test]
+    fn uniform_logits_give_log_vocab_and_ignored_labels_count_nothing() {
+        let device = Device::flex();
+        let logits = Tensor::<3>::zeros([2, 3, 8], &device);
+        let labels = vec![vec![5, 1, -100], vec![-100, -100, 7]];
+        let (loss, n) = causal_lm_loss(logits.clone(), &labels).unwrap();
+        assert_eq!(n, 2); // labels[0][1] and labels[1][2]; labels[*][0] is never a target
+        let v = loss.into_data().convert::<f32>().try_to_vec::<f32>().unwrap()[0];
+        assert!((v - 8f32.ln()).abs() < 1e-6, "{v}");
+        assert!(causal_lm_loss(logits, &[vec![1, -100, -100], vec![-100; 3]]).is_none());
+    }
+}

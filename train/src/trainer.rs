@@ -262,6 +262,9 @@ pub struct TrainState {
     pub config: TrainConfig,
     /// Losses of the steps done so far.
     pub losses: Vec<f64>,
+    /// Ids of the usable samples, in file order (the schedule depends on them).
+    #[serde(default)]
+    pub sample_ids: Vec<String>,
 }
 
 /// File names inside a checkpoint directory.
@@ -481,6 +484,14 @@ impl Trainer {
             ));
         }
         let mut trainer = Self::new(config, device)?;
+        let ids: Vec<String> = trainer.samples.iter().map(|s| s.id.clone()).collect();
+        if !state.sample_ids.is_empty() && state.sample_ids != ids {
+            return Err(bad(format!(
+                "it was trained on other samples ({} then, {} now); resume with the same data",
+                state.sample_ids.len(),
+                ids.len()
+            )));
+        }
         let values = read_safetensors(&checkpoint.join(TRAINABLE_FILE))?;
         let names: Vec<&String> = trainer.trainable.iter().map(|(p, _)| p).collect();
         if values.len() != names.len() || names.iter().any(|n| !values.contains_key(*n)) {
@@ -562,6 +573,15 @@ impl Trainer {
     /// Loss of some samples as one micro-batch (with autodiff graph), its target count and
     /// input tokens. `None` when the samples have no target.
     pub fn loss(&self, indices: &[usize]) -> Result<Option<(Tensor<1>, usize, usize)>, TrainError> {
+        if indices.is_empty() {
+            return Ok(None);
+        }
+        if let Some(&i) = indices.iter().find(|&&i| i >= self.samples.len()) {
+            return Err(TrainError::Setup(format!(
+                "sample index {i} out of range ({} samples)",
+                self.samples.len()
+            )));
+        }
         let (input, labels, tokens) = self.batch(indices);
         let logits = self.model.forward(input, &mut KvCache::new())?;
         Ok(causal_lm_loss(logits, &labels).map(|(l, n)| (l, n, tokens)))
@@ -684,6 +704,7 @@ impl Trainer {
                 step: self.step,
                 config: self.config.clone(),
                 losses: self.losses.clone(),
+                sample_ids: self.samples.iter().map(|s| s.id.clone()).collect(),
             };
             let json = serde_json::to_string_pretty(&state).map_err(|e| TrainError::Checkpoint {
                 path: tmp.clone(),

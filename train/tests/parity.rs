@@ -303,6 +303,15 @@ fn resume_gives_the_uninterrupted_result() {
         }
         assert_eq!(losses, full_losses, "{trainable:?}");
         values_close(&resumed.trainable_values(), &full.trainable_values(), 1e-6);
+        // Other data, or other settings, cannot resume this checkpoint.
+        let mut other = c.clone();
+        other.data = fixtures().join("train/bad.jsonl");
+        let e = Trainer::resume(other, &ckpt, &device()).err().unwrap();
+        assert!(e.to_string().contains("other samples"), "{e}");
+        let mut other = c.clone();
+        other.trainable = Trainable::All;
+        let e = Trainer::resume(other, &ckpt, &device()).err().unwrap();
+        assert!(e.to_string().contains("--trainable"), "{e}");
     }
 }
 
