@@ -26,9 +26,13 @@ Run from the repository root (same venv as make_fixtures.py)::
 
     /work/venv/bin/python scripts/make_train_fixtures.py
 
-Check an exported model against logits our Rust side computed (written by the ignored test
-``export_check_for_python`` in train/tests/parity.rs)::
+Check that transformers loads an export of ours and gives our logits: the Rust test
+``export_round_trip_gives_the_merged_model_logits`` (train/tests/parity.rs) trains LoRA for three steps,
+exports, and, when VIPLLAVA_EXPORT_CHECK_DIR is set, leaves the export there with
+``rust_logits.safetensors`` (input_ids, pixel_values and the logits of our merged model)::
 
+    VIPLLAVA_EXPORT_CHECK_DIR=/tmp/vipllava-export-check \
+        cargo test -p vipllava-train --test parity export_round_trip
     /work/venv/bin/python scripts/make_train_fixtures.py --check-export /tmp/vipllava-export-check
 """
 

@@ -108,7 +108,17 @@ pub fn write_hf_model(model: &VipLlava, base: &Path, out: &Path) -> Result<(), T
     let mut cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?)
             .map_err(|e| bad(format!("config.json: {e}")))?;
+    // The feature layers as resolved against the weights (the 7B hub file's stray scalar
+    // `vision_feature_layer: -2` means five layers to transformers 4.x but one to 5.x): the
+    // list under the 5.x key, and under the 4.x plural key when the base has it.
+    let mut resolved = vipllava_convert::read_config(base)?;
+    vipllava_convert::reconcile_config(base, &mut resolved, &checkpoint)?;
+    let layers = Value::from(resolved.vision_feature_layers.clone());
     if let Value::Object(m) = &mut cfg {
+        m.insert("vision_feature_layer".into(), layers.clone());
+        if m.contains_key("vision_feature_layers") {
+            m.insert("vision_feature_layers".into(), layers);
+        }
         m.insert("dtype".into(), Value::String("float32".into()));
         if m.contains_key("torch_dtype") {
             m.insert("torch_dtype".into(), Value::String("float32".into()));

@@ -540,3 +540,41 @@ fn image_folder_and_visual_prompts() {
         "the box was drawn"
     );
 }
+
+#[test]
+fn exports_of_every_fixture_reload_with_the_trained_logits() {
+    use burn::tensor::{Int, Tensor};
+    use vipllava_model::{ForwardInput, KvCache};
+    for model in ["tiny-hub-bf16-sharded", "tiny-gqa-f16", "tiny-hub-tied-dynamic"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = config(model, Trainable::All, &tmp.path().join("out"));
+        c.max_steps = Some(1);
+        let mut t = Trainer::new(c.clone(), &device()).unwrap();
+        t.step().unwrap();
+        let trained = t.inference_model();
+        vipllava_train::export::write_hf_model(&trained, &c.model, &c.out).unwrap();
+        let loaded = vipllava_convert::load_model(&c.out, &device(), &Default::default()).unwrap();
+        let s = &t.samples[0];
+        let n = s.input_ids.len();
+        let ids: Vec<i64> = s.input_ids.iter().map(|&i| i as i64).collect();
+        let p = &s.pixel_values;
+        let logits = |m: &vipllava_model::VipLlava| -> Vec<f32> {
+            let input = ForwardInput::new(Tensor::<2, Int>::from_data(
+                TensorData::new(ids.clone(), [1, n]),
+                &device(),
+            ))
+            .with_pixels(Tensor::from_data(
+                TensorData::new(p.data.clone(), [1, 3, p.height, p.width]),
+                &device(),
+            ));
+            f32s(&m.forward(input, &mut KvCache::new()).unwrap().into_data())
+        };
+        let (a, b) = (logits(&trained), logits(&loaded.model));
+        let d = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(d < 1e-5, "{model}: reloaded logits differ by {d}");
+        assert_eq!(
+            loaded.config.vision_feature_layers, t.model_config.vision_feature_layers,
+            "{model}"
+        );
+    }
+}
