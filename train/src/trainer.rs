@@ -441,7 +441,7 @@ impl Trainer {
         let pad_id = encoder
             .tokenizer
             .pad_token_id
-            .filter(|&p| (p as usize) < model_config.text.vocab_size)
+            .filter(|&p| (p as usize) < model_config.text.vocab_size && p != encoder.image_token_id)
             .unwrap_or(encoder.eos_token_id);
         Ok(Self {
             config,
