@@ -240,11 +240,17 @@ fn dtypes_and_divergence() {
     let data = fixture("train/data.json");
     // bf16 parameters train (LoRA + AdamW) and the result loads.
     let out = tmp.path().join("bf16");
-    let mut args = train_args(&model, &data, &out);
+    // (and without --json: the progress bar and a summary line on stderr, nothing on stdout)
+    let mut args: Vec<&str> = train_args(&model, &data, &out)
+        .into_iter()
+        .filter(|a| *a != "--json")
+        .collect();
     args.extend(["--dtype", "bf16", "--max-steps", "2"]);
     let r = run_cli(&args);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(out.join("model.safetensors").is_file());
+    assert!(r.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("2 steps; checkpoint"));
     // AdamW on f16 parameters would underflow: refused up front.
     let out = tmp.path().join("f16");
     let mut args = train_args(&model, &data, &out);
