@@ -14,7 +14,8 @@
 //! - [`generate`]: greedy/sampled token selection and streaming detokenization;
 //! - [`hub`]: `--model` as a local directory or a HuggingFace hub id;
 //! - [`output`]: model directories written atomically (convert, export), never over the input;
-//! - [`info`]: a summary of a model directory, from `config.json` and weight headers.
+//! - [`info`]: a summary of a model directory, from `config.json` and weight headers;
+//! - [`train`] (`vipllava-train`): fine-tuning (projector, LoRA, all) and export.
 
 // Nothing derived from input may panic: no unwrap/expect outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -32,6 +33,7 @@ pub mod pipeline;
 pub use vipllava_convert as convert;
 pub use vipllava_model as model;
 pub use vipllava_processor as processor;
+pub use vipllava_train as train;
 
 pub use conversation::Conversation;
 pub use device::{DeviceError, DeviceSpec, open_device};

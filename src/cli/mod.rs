@@ -15,6 +15,7 @@ use vipllava::pipeline::{Pipeline, Prompt};
 use vipllava::{LoadOptions, processor};
 
 mod compare;
+mod train;
 
 /// VipLlava (ViP-LLaVA) on Burn: ask about boxes, arrows and scribbles drawn on photos.
 #[derive(Parser, Debug)]
@@ -37,6 +38,10 @@ enum Command {
     },
     /// Answer a question about an image, streaming the text.
     Generate(GenerateArgs),
+    /// Fine-tune on LLaVA-format data (projector, LoRA or all parameters).
+    Train(train::TrainArgs),
+    /// Merge a fine-tuning checkpoint into its base model and write a HF model directory.
+    Export(train::ExportArgs),
     /// Chat about an image: follow-up questions reuse the KV cache. Commands: /image
     /// (print the image path(s)), /reset, /quit.
     Chat {
@@ -555,6 +560,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::ServeDevice { device, port, host } => serve_device(&device, &host, port),
+        Command::Train(args) => train::train(args),
+        Command::Export(args) => train::export(args),
         Command::Bench {
             model,
             random_weights,

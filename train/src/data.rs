@@ -1,0 +1,464 @@
+//! LLaVA-format training data and the labelling rule.
+//!
+//! # Data
+//!
+//! A JSON list (or JSONL, one object a line) of
+//! `{"id", "image", "conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}`
+//! with `<image>` in the first human turn. Image paths are relative to the data file's
+//! folder, or to `image_folder` when given. Optional `"visual_prompts"`:
+//! `[{"shape": "box", "spec": "x0,y0,x1,y1[:colour]"}, ...]` (the CLI's `--shape`
+//! syntax, see `vipllava_processor::visual_prompt::parse_cli_shape`) are drawn on the image
+//! before preprocessing.
+//!
+//! # Labelling rule
+//!
+//! 1. The conversation becomes chat messages: `human` -> `user`, `gpt` -> `assistant`,
+//!    `system` -> `system`. The `<image>` tag is removed from the first human turn (with
+//!    one adjacent newline: `<image>\n` or `\n<image>`, then the text is trimmed) and the
+//!    image becomes an image content entry of that message.
+//! 2. The whole conversation is rendered with the checkpoint's chat template,
+//!    `add_generation_prompt = false`.
+//! 3. `<image>` is expanded to the image's token count as the processor does, the text is
+//!    tokenized with BOS, and EOS is appended.
+//! 4. A token is a target when its character span in the expanded text overlaps an
+//!    assistant message's text (located after the rendering of the messages before it);
+//!    the appended EOS is a target; every other token, and every image token, is ignored
+//!    (label `-100`).
+//! 5. The loss is the mean cross-entropy over target tokens with next-token shift, as
+//!    transformers' causal-LM loss (`logits[:, :-1]` predicts `labels[:, 1:]`).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+use vipllava_processor::image::{
+    ImageMode, ImageProcessorConfig, PixelValues, load_image, preprocess_with_mode,
+};
+use vipllava_processor::visual_prompt::{DrawOptions, draw, parse_cli_shape};
+use vipllava_processor::{ChatMessage, ChatTemplate, ContentPart, ImageTokenConfig, TextTokenizer};
+
+use crate::TrainError;
+
+/// Label of an ignored position (transformers' `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// One conversation turn as stored in the data file.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+pub struct Turn {
+    /// `human`, `gpt` or `system`.
+    pub from: String,
+    /// The text.
+    pub value: String,
+}
+
+/// A visual prompt to draw on the sample's image.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+pub struct VisualPromptField {
+    /// Shape kind as the CLI's `--shape` (`box`, `ellipse`, `arrow`, ...).
+    pub shape: String,
+    /// Shape spec as the CLI's (`x0,y0,x1,y1[:colour]`, ...).
+    pub spec: String,
+}
+
+/// One sample as stored in the data file.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
+pub struct RawSample {
+    /// Sample id (string or number in the file; reported with errors).
+    #[serde(default)]
+    pub id: Value,
+    /// Image path.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Turns.
+    #[serde(default)]
+    pub conversations: Vec<Turn>,
+    /// Optional visual prompts drawn on the image.
+    #[serde(default)]
+    pub visual_prompts: Vec<VisualPromptField>,
+}
+
+impl RawSample {
+    /// The id as text.
+    pub fn id_text(&self) -> String {
+        match &self.id {
+            Value::String(s) => s.clone(),
+            Value::Null => "<no id>".into(),
+            v => v.to_string(),
+        }
+    }
+}
+
+/// Reads a JSON list or a JSONL file of samples, in file order.
+pub fn read_samples(path: &Path) -> Result<Vec<RawSample>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(|source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bad = |line: Option<usize>, e: serde_json::Error| TrainError::BadData {
+        path: path.to_path_buf(),
+        reason: match line {
+            Some(l) => format!("line {l}: {e}"),
+            None => e.to_string(),
+        },
+    };
+    if text.trim_start().starts_with('[') {
+        serde_json::from_str(&text).map_err(|e| bad(None, e))
+    } else {
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| serde_json::from_str(l).map_err(|e| bad(Some(i + 1), e)))
+            .collect()
+    }
+}
+
+/// What to do with a sample that cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadSample {
+    /// Report it (id and reason) and leave it out.
+    #[default]
+    Skip,
+    /// Stop with an error naming it.
+    Fail,
+}
+
+/// A sample ready for the model.
+#[derive(Debug, Clone)]
+pub struct EncodedSample {
+    /// Sample id.
+    pub id: String,
+    /// Token ids (BOS first, EOS last, image tokens expanded).
+    pub input_ids: Vec<u32>,
+    /// Per-token labels: the id for targets, [`IGNORE_INDEX`] otherwise (not shifted).
+    pub labels: Vec<i64>,
+    /// The preprocessed image.
+    pub pixel_values: PixelValues,
+}
+
+impl EncodedSample {
+    /// Number of target tokens the loss sees after the shift.
+    pub fn num_targets(&self) -> usize {
+        self.labels.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count()
+    }
+}
+
+/// Everything needed to turn raw samples into model inputs.
+#[derive(Debug, Clone)]
+pub struct SampleEncoder {
+    /// Chat template.
+    pub template: ChatTemplate,
+    /// Tokenizer.
+    pub tokenizer: TextTokenizer,
+    /// `<image>` expansion settings.
+    pub image_tokens: ImageTokenConfig,
+    /// Image preprocessing.
+    pub image_config: ImageProcessorConfig,
+    /// Crop or pad.
+    pub image_mode: ImageMode,
+    /// Image token id in the vocabulary.
+    pub image_token_id: u32,
+    /// EOS id appended to every sample.
+    pub eos_token_id: u32,
+    /// Image tokens per image (checked against the vision tower by the caller).
+    pub image_seq_len: usize,
+}
+
+impl SampleEncoder {
+    /// Loads the tokenizer, template and processor settings of a model directory.
+    pub fn from_model_dir(dir: &Path, config: &vipllava_model::VipLlavaConfig) -> Result<Self, TrainError> {
+        let tokenizer = TextTokenizer::from_model_dir(dir)?;
+        let template = ChatTemplate::from_model_dir(dir)?;
+        let image_config = ImageProcessorConfig::from_model_dir(dir)?;
+        let image_tokens = ImageTokenConfig::from_model_dir(
+            dir,
+            config.vision.patch_size,
+            &config.vision_feature_select_strategy,
+        )?;
+        let eos_token_id = tokenizer
+            .eos_token_id
+            .ok_or_else(|| TrainError::Setup("the tokenizer has no EOS token".into()))?;
+        let image_token_id = config.image_token_index as u32;
+        let crop = image_config.crop_size;
+        let image_seq_len = image_tokens.image_seq_len(crop.height as usize, crop.width as usize);
+        if image_seq_len != config.vision.num_patches() {
+            return Err(TrainError::Setup(format!(
+                "the processor makes {image_seq_len} image tokens but the vision tower yields {} features",
+                config.vision.num_patches()
+            )));
+        }
+        Ok(Self {
+            template,
+            tokenizer,
+            image_tokens,
+            image_config,
+            image_mode: ImageMode::Crop,
+            image_token_id,
+            eos_token_id,
+            image_seq_len,
+        })
+    }
+
+    /// Chat messages of a conversation (labelling rule, step 1).
+    pub fn messages(turns: &[Turn], image_tag: &str) -> Result<Vec<ChatMessage>, String> {
+        if turns.is_empty() {
+            return Err("no conversations".into());
+        }
+        let first_human = turns
+            .iter()
+            .position(|t| t.from == "human")
+            .ok_or("no human turn")?;
+        let tags: usize = turns.iter().map(|t| t.value.matches(image_tag).count()).sum();
+        let first_tags = turns[first_human].value.matches(image_tag).count();
+        if first_tags == 0 {
+            return Err(format!("no `{image_tag}` in the first human turn"));
+        }
+        if tags != 1 {
+            return Err(format!(
+                "{tags} `{image_tag}` tags; exactly one (in the first human turn) is supported"
+            ));
+        }
+        if !turns.iter().any(|t| t.from == "gpt") {
+            return Err("no gpt answer".into());
+        }
+        turns
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.from.as_str() {
+                "human" if i == first_human => {
+                    let text = strip_image_tag(&t.value, image_tag);
+                    Ok(ChatMessage {
+                        role: "user".into(),
+                        content: vec![ContentPart::Image, ContentPart::Text { text }],
+                    })
+                }
+                "human" => Ok(ChatMessage::text("user", t.value.clone())),
+                "gpt" => {
+                    if t.value.trim().is_empty() {
+                        Err(format!("empty answer in turn {}", i + 1))
+                    } else {
+                        Ok(ChatMessage::text("assistant", t.value.clone()))
+                    }
+                }
+                "system" => Ok(ChatMessage::text("system", t.value.clone())),
+                other => Err(format!("unknown role `{other}` in turn {}", i + 1)),
+            })
+            .collect()
+    }
+
+    /// Token ids and labels of a conversation (labelling rule, steps 2 to 4).
+    pub fn encode_text(&self, turns: &[Turn]) -> Result<(Vec<u32>, Vec<i64>), String> {
+        let tag = self.image_tokens.image_token.as_str();
+        let messages = Self::messages(turns, tag)?;
+        let render = |m: &[ChatMessage]| -> Result<String, String> {
+            if m.is_empty() {
+                return Ok(String::new());
+            }
+            self.template.render(m, false).map_err(|e| e.to_string())
+        };
+        let full = render(&messages)?;
+        // Assistant text spans in the rendered (unexpanded) text.
+        let mut spans = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            if m.role != "assistant" {
+                continue;
+            }
+            let prefix = render(&messages[..i])?;
+            let text = match &m.content[0] {
+                ContentPart::Text { text } => text.as_str(),
+                ContentPart::Image => continue,
+            };
+            let from = if full.starts_with(&prefix) {
+                prefix.len()
+            } else {
+                0
+            };
+            let start = full[from..].find(text).map(|p| p + from).ok_or_else(|| {
+                format!(
+                    "the chat template does not reproduce answer {} verbatim",
+                    spans.len() + 1
+                )
+            })?;
+            spans.push((start, start + text.len()));
+        }
+        // Expansion shifts every offset after an image tag.
+        let extra = tag.len() * (self.image_seq_len.saturating_sub(1));
+        let shift = |pos: usize| pos + full[..pos].matches(tag).count() * extra;
+        let spans: Vec<(usize, usize)> = spans.into_iter().map(|(a, b)| (shift(a), shift(b))).collect();
+        let expanded = self
+            .image_tokens
+            .expand(&full, 1, self.image_seq_len)
+            .map_err(|e| e.to_string())?;
+        let enc = self
+            .tokenizer
+            .inner()
+            .encode(expanded.as_str(), true)
+            .map_err(|e| e.to_string())?;
+        let mut ids: Vec<u32> = enc.get_ids().to_vec();
+        let mut labels: Vec<i64> = ids
+            .iter()
+            .zip(enc.get_offsets())
+            .map(|(&id, &(s, e))| {
+                let target = id != self.image_token_id && spans.iter().any(|&(a, b)| s < b && a < e);
+                if target { id as i64 } else { IGNORE_INDEX }
+            })
+            .collect();
+        let image_tokens = ids.iter().filter(|&&i| i == self.image_token_id).count();
+        if image_tokens != self.image_seq_len {
+            return Err(format!(
+                "{image_tokens} image tokens after tokenization, expected {}",
+                self.image_seq_len
+            ));
+        }
+        ids.push(self.eos_token_id);
+        labels.push(self.eos_token_id as i64);
+        Ok((ids, labels))
+    }
+
+    /// Encodes one sample: validates it, reads and preprocesses its image (drawing any
+    /// visual prompts), and labels its tokens.
+    pub fn encode(&self, sample: &RawSample, image_root: &Path) -> Result<EncodedSample, String> {
+        let image = sample.image.as_deref().ok_or("no image")?;
+        let path = image_root.join(image);
+        if !path.is_file() {
+            return Err(format!("image {} not found", path.display()));
+        }
+        let (input_ids, labels) = self.encode_text(&sample.conversations)?;
+        let img = load_image(&path).map_err(|e| e.to_string())?;
+        let img = if sample.visual_prompts.is_empty() {
+            img
+        } else {
+            let prompts = sample
+                .visual_prompts
+                .iter()
+                .map(|p| parse_cli_shape(&p.shape, &p.spec))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            let drawn = draw(&img, &prompts, &DrawOptions::default()).map_err(|e| e.to_string())?;
+            image::DynamicImage::ImageRgb8(drawn)
+        };
+        let pixel_values =
+            preprocess_with_mode(&img, &self.image_config, self.image_mode).map_err(|e| e.to_string())?;
+        Ok(EncodedSample {
+            id: sample.id_text(),
+            input_ids,
+            labels,
+            pixel_values,
+        })
+    }
+}
+
+/// `<image>` removed with one adjacent newline, then trimmed (labelling rule, step 1).
+pub fn strip_image_tag(value: &str, tag: &str) -> String {
+    let with_nl_after = format!("{tag}\n");
+    let with_nl_before = format!("\n{tag}");
+    let s = if value.contains(&with_nl_after) {
+        value.replacen(&with_nl_after, "", 1)
+    } else if value.contains(&with_nl_before) {
+        value.replacen(&with_nl_before, "", 1)
+    } else {
+        value.replacen(tag, "", 1)
+    };
+    s.trim().to_string()
+}
+
+/// A sample left out, with the reason.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BadSample {
+    /// Sample id.
+    pub id: String,
+    /// Position in the file (0-based).
+    pub index: usize,
+    /// Why.
+    pub reason: String,
+}
+
+/// Encodes every sample of a data file; bad samples are returned (skip) or stop the load
+/// with [`TrainError::BadSample`] (fail).
+pub fn load_dataset(
+    encoder: &SampleEncoder,
+    data: &Path,
+    image_folder: Option<&Path>,
+    on_bad: OnBadSample,
+) -> Result<(Vec<EncodedSample>, Vec<BadSample>), TrainError> {
+    let samples = read_samples(data)?;
+    let root: PathBuf = match image_folder {
+        Some(f) => f.to_path_buf(),
+        None => data.parent().map(Path::to_path_buf).unwrap_or_default(),
+    };
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for (index, s) in samples.iter().enumerate() {
+        match encoder.encode(s, &root) {
+            Ok(e) => good.push(e),
+            Err(reason) => {
+                let b = BadSample {
+                    id: s.id_text(),
+                    index,
+                    reason,
+                };
+                if on_bad == OnBadSample::Fail {
+                    return Err(TrainError::BadSample(b));
+                }
+                bad.push(b);
+            }
+        }
+    }
+    if good.is_empty() {
+        return Err(TrainError::BadData {
+            path: data.to_path_buf(),
+            reason: format!("no usable samples ({} bad)", bad.len()),
+        });
+    }
+    Ok((good, bad))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turn(from: &str, value: &str) -> Turn {
+        Turn {
+            from: from.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn image_tag_is_removed_with_one_newline() {
+        assert_eq!(strip_image_tag("<image>\nWhat?", "<image>"), "What?");
+        assert_eq!(strip_image_tag("What?\n<image>", "<image>"), "What?");
+        assert_eq!(strip_image_tag("<image> What?", "<image>"), "What?");
+        assert_eq!(strip_image_tag("A <image> B", "<image>"), "A  B");
+    }
+
+    #[test]
+    fn conversations_become_messages_or_say_why_not() {
+        let m = SampleEncoder::messages(
+            &[
+                turn("system", "S"),
+                turn("human", "<image>\nQ"),
+                turn("gpt", "A"),
+                turn("human", "Q2"),
+                turn("gpt", "A2"),
+            ],
+            "<image>",
+        )
+        .unwrap();
+        let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "user", "assistant"]);
+        assert_eq!(m[1].content[0], ContentPart::Image);
+        assert_eq!(m[1].content[1], ContentPart::Text { text: "Q".into() });
+        let err = |turns: &[Turn]| SampleEncoder::messages(turns, "<image>").unwrap_err();
+        assert!(err(&[]).contains("no conversations"));
+        assert!(err(&[turn("human", "Q"), turn("gpt", "A")]).contains("no `<image>`"));
+        assert!(err(&[turn("human", "<image>Q"), turn("gpt", " ")]).contains("empty answer"));
+        assert!(err(&[turn("human", "<image>Q")]).contains("no gpt answer"));
+        assert!(err(&[turn("human", "<image>Q"), turn("gpt", "A <image>")]).contains("2 `<image>` tags"));
+        assert!(
+            err(&[turn("human", "<image>Q"), turn("bot", "A"), turn("gpt", "B")])
+                .contains("unknown role `bot`")
+        );
+        assert!(err(&[turn("gpt", "A"), turn("gpt", "B")]).contains("no human turn"));
+    }
+}
