@@ -12,7 +12,8 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor};
 
 use crate::config::{Activation, ClipVisionConfig};
-use crate::layers::{activate, linear};
+use crate::kernels;
+use crate::layers::{activate, layer_norm_f32, linear};
 
 /// Patch convolution, CLS token and learned position embeddings.
 #[derive(Module, Debug)]
@@ -141,7 +142,7 @@ impl ClipVisionTower {
     /// `None` if an index is deeper than the layers built.
     pub fn hidden_states(&self, pixel_values: Tensor<4>, indices: &[usize]) -> Option<Vec<Tensor<3>>> {
         let deepest = indices.iter().copied().max().unwrap_or(0);
-        let mut h = self.pre_layrnorm.forward(self.embeddings.forward(pixel_values));
+        let mut h = layer_norm_f32(&self.pre_layrnorm, self.embeddings.forward(pixel_values));
         let mut states: Vec<Option<Tensor<3>>> = vec![None; deepest + 1];
         states[0] = Some(h.clone());
         for (i, layer) in self.encoder.layers.iter().take(deepest).enumerate() {
@@ -175,21 +176,24 @@ impl ClipAttention {
         let [b, t, d] = x.dims();
         let hd = d / self.num_heads;
         let split = |y: Tensor<3>| y.reshape([b, t, self.num_heads, hd]).swap_dims(1, 2);
-        let q = split(self.q_proj.forward(x.clone()));
-        let k = split(self.k_proj.forward(x.clone()));
-        let v = split(self.v_proj.forward(x));
+        let q = split(kernels::linear(&self.q_proj, x.clone()));
+        let k = split(kernels::linear(&self.k_proj, x.clone()));
+        let v = split(kernels::linear(&self.v_proj, x));
         let out = attention(q, k, v, None, None, AttentionModuleOptions::default());
-        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, t, d]))
+        kernels::linear(&self.out_proj, out.swap_dims(1, 2).reshape([b, t, d]))
     }
 }
 
 impl ClipEncoderLayer {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
-        let m = self.mlp.fc2.forward(activate(
-            self.mlp.act,
-            self.mlp.fc1.forward(self.layer_norm2.forward(h.clone())),
-        ));
+        let h = x.clone() + self.self_attn.forward(layer_norm_f32(&self.layer_norm1, x));
+        let m = kernels::linear(
+            &self.mlp.fc2,
+            activate(
+                self.mlp.act,
+                kernels::linear(&self.mlp.fc1, layer_norm_f32(&self.layer_norm2, h.clone())),
+            ),
+        );
         h + m
     }
 }

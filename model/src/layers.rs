@@ -1,7 +1,7 @@
 //! Small building blocks shared by the vision tower, projector and language model.
 
 use burn::module::{Module, Param};
-use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::nn::{Initializer, LayerNorm, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, gelu_approximate, relu, sigmoid, silu};
 use burn::tensor::{DType, Device, Tensor};
 
@@ -72,4 +72,21 @@ impl LlamaRmsNorm {
         };
         normed * weight.unsqueeze()
     }
+}
+
+/// `LayerNorm` computed in f32 whatever the input dtype, result cast back: PyTorch's CPU
+/// `layer_norm` for f16/bf16 accumulates and normalises in f32 and rounds once at the end
+/// (Burn's own `LayerNorm` widens f16 only, and does bf16 in bf16).
+pub fn layer_norm_f32<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        return norm.forward(x);
+    }
+    let mut wide = norm.clone();
+    wide.gamma = Param::from_tensor(norm.gamma.val().cast(DType::F32));
+    wide.beta = norm
+        .beta
+        .as_ref()
+        .map(|b| Param::from_tensor(b.val().cast(DType::F32)));
+    wide.forward(x.cast(DType::F32)).cast(dtype)
 }

@@ -7,7 +7,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::clip::ClipVisionTower;
 use crate::config::{Activation, VipLlavaConfig};
-use crate::layers::{activate, linear};
+use crate::kernels;
+use crate::layers::{activate, layer_norm_f32, linear};
 use crate::llama::{DecoderStep, KvCache, LlamaModel};
 
 /// Errors of a forward pass caused by its inputs.
@@ -69,8 +70,8 @@ pub struct VipLlavaProjector {
 impl VipLlavaProjector {
     /// `[B, P, layers x vision hidden]` to `[B, P, text hidden]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.linear_1.forward(self.projector_layernorm.forward(x));
-        self.linear_2.forward(activate(self.act, h))
+        let h = kernels::linear(&self.linear_1, layer_norm_f32(&self.projector_layernorm, x));
+        kernels::linear(&self.linear_2, activate(self.act, h))
     }
 }
 
@@ -171,6 +172,13 @@ impl VipLlava {
     /// The selected vision hidden states (CLS included), in config order.
     pub fn vision_hidden_states(&self, pixel_values: Tensor<4>) -> Result<Vec<Tensor<3>>, ForwardError> {
         self.check_pixels(&pixel_values)?;
+        // Activations follow the weights' dtype (pixels come in as f32).
+        let dtype = self.vision_tower.embeddings.patch_embedding.weight.val().dtype();
+        let pixel_values = if pixel_values.dtype() == dtype {
+            pixel_values
+        } else {
+            pixel_values.cast(dtype)
+        };
         let built = self.vision_tower.encoder.layers.len();
         self.vision_tower
             .hidden_states(pixel_values, &self.feature_indices)
@@ -274,10 +282,20 @@ impl VipLlava {
     /// Logits from final hidden states.
     pub fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => kernels::linear(head, hidden),
             None => {
                 let w = self.language_model.embed_tokens.weight.val(); // [vocab, hidden]
-                hidden.matmul(w.transpose().unsqueeze())
+                let dtype = hidden.dtype();
+                if dtype == burn::tensor::DType::F32 || hidden.device() != Device::flex() {
+                    hidden.matmul(w.transpose().unsqueeze())
+                } else {
+                    // Flex widens bf16/f16 matmuls serially; widen once here instead.
+                    let f32 = burn::tensor::DType::F32;
+                    hidden
+                        .cast(f32)
+                        .matmul(w.cast(f32).transpose().unsqueeze())
+                        .cast(dtype)
+                }
             }
         }
     }
