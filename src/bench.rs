@@ -71,7 +71,7 @@ pub fn bench_model(
     if random_weights {
         let config = read_config(dir)?;
         device.seed(0);
-        Ok((VipLlava::new(&config, device), config))
+        Ok((VipLlava::new_random(&config, device), config))
     } else {
         let loaded = load_model(dir, device, &LoadOptions { dtype })?;
         Ok((loaded.model, loaded.config))

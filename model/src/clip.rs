@@ -6,14 +6,14 @@
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor};
 
 use crate::config::{Activation, ClipVisionConfig};
 use crate::kernels;
-use crate::layers::{activate, layer_norm_f32, linear};
+use crate::layers::{ParamInit, activate, layer_norm_f32, linear};
 
 /// Patch convolution, CLS token and learned position embeddings.
 #[derive(Module, Debug)]
@@ -91,6 +91,16 @@ pub struct ClipVisionTower {
 impl ClipVisionTower {
     /// Builds a tower with `layers_used` encoder layers (lazily initialised parameters).
     pub fn new(config: &ClipVisionConfig, layers_used: usize, device: &Device) -> Self {
+        Self::with_init(config, layers_used, ParamInit::Placeholder, device)
+    }
+
+    /// [`ClipVisionTower::new`] with the given parameter fill.
+    pub fn with_init(
+        config: &ClipVisionConfig,
+        layers_used: usize,
+        init: ParamInit,
+        device: &Device,
+    ) -> Self {
         let d = config.hidden_size;
         let ln = |device: &Device| {
             LayerNormConfig::new(d)
@@ -104,24 +114,26 @@ impl ClipVisionTower {
             )
             .with_stride([config.patch_size, config.patch_size])
             .with_bias(false)
-            .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+            .with_initializer(init.weights())
             .init(device),
-            class_embedding: Initializer::Normal { mean: 0.0, std: 0.02 }.init([d], device),
-            position_embedding: EmbeddingConfig::new(config.num_patches() + 1, d).init(device),
+            class_embedding: init.weights().init([d], device),
+            position_embedding: EmbeddingConfig::new(config.num_patches() + 1, d)
+                .with_initializer(init.weights())
+                .init(device),
         };
         let layers = (0..layers_used)
             .map(|_| ClipEncoderLayer {
                 self_attn: ClipAttention {
-                    q_proj: linear(d, d, true, device),
-                    k_proj: linear(d, d, true, device),
-                    v_proj: linear(d, d, true, device),
-                    out_proj: linear(d, d, true, device),
+                    q_proj: linear(d, d, true, init, device),
+                    k_proj: linear(d, d, true, init, device),
+                    v_proj: linear(d, d, true, init, device),
+                    out_proj: linear(d, d, true, init, device),
                     num_heads: config.num_attention_heads,
                 },
                 layer_norm1: ln(device),
                 mlp: ClipMlp {
-                    fc1: linear(d, config.intermediate_size, true, device),
-                    fc2: linear(config.intermediate_size, d, true, device),
+                    fc1: linear(d, config.intermediate_size, true, init, device),
+                    fc2: linear(config.intermediate_size, d, true, init, device),
                     act: config.hidden_act,
                 },
                 layer_norm2: ln(device),

@@ -19,11 +19,32 @@ pub fn activate<const D: usize>(act: Activation, x: Tensor<D>) -> Tensor<D> {
     }
 }
 
+/// How the constructors fill parameters (both lazily: nothing is computed until read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamInit {
+    /// Zeros: a placeholder that loading replaces. Burn's loader reads every parameter
+    /// once before replacing it, and zeros cost no random-number generation and, being
+    /// freshly zeroed pages, almost no resident memory.
+    Placeholder,
+    /// Normal(0, 0.02) like HF's `initializer_range` (random-weight benchmarks).
+    Random,
+}
+
+impl ParamInit {
+    /// The Burn initializer for weight matrices and embeddings.
+    pub fn weights(self) -> Initializer {
+        match self {
+            ParamInit::Placeholder => Initializer::Zeros,
+            ParamInit::Random => Initializer::Normal { mean: 0.0, std: 0.02 },
+        }
+    }
+}
+
 /// A `Linear` with the given bias flag, initialised lazily (weights loaded later replace it).
-pub fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+pub fn linear(d_in: usize, d_out: usize, bias: bool, init: ParamInit, device: &Device) -> Linear {
     LinearConfig::new(d_in, d_out)
         .with_bias(bias)
-        .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+        .with_initializer(init.weights())
         .init(device)
 }
 

@@ -12,7 +12,7 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::config::{Activation, LlamaConfig, RopeScaling};
 use crate::kernels;
-use crate::layers::{LlamaRmsNorm, activate, linear};
+use crate::layers::{LlamaRmsNorm, ParamInit, activate, linear};
 
 /// Attention projections of one decoder layer.
 #[derive(Module, Debug)]
@@ -294,24 +294,29 @@ fn padding_mask(key_mask: &[Vec<bool>], past: usize, seq: usize, device: &Device
 impl LlamaModel {
     /// Builds the decoder (lazily initialised parameters).
     pub fn new(config: &LlamaConfig, device: &Device) -> Self {
+        Self::with_init(config, ParamInit::Placeholder, device)
+    }
+
+    /// [`LlamaModel::new`] with the given parameter fill.
+    pub fn with_init(config: &LlamaConfig, init: ParamInit, device: &Device) -> Self {
         let h = config.hidden_size;
         let q = config.num_attention_heads * config.head_dim;
         let kv = config.num_key_value_heads * config.head_dim;
         let layers = (0..config.num_hidden_layers)
             .map(|_| LlamaDecoderLayer {
                 self_attn: LlamaAttention {
-                    q_proj: linear(h, q, config.attention_bias, device),
-                    k_proj: linear(h, kv, config.attention_bias, device),
-                    v_proj: linear(h, kv, config.attention_bias, device),
-                    o_proj: linear(q, h, config.attention_bias, device),
+                    q_proj: linear(h, q, config.attention_bias, init, device),
+                    k_proj: linear(h, kv, config.attention_bias, init, device),
+                    v_proj: linear(h, kv, config.attention_bias, init, device),
+                    o_proj: linear(q, h, config.attention_bias, init, device),
                     num_heads: config.num_attention_heads,
                     num_kv_heads: config.num_key_value_heads,
                     head_dim: config.head_dim,
                 },
                 mlp: LlamaMlp {
-                    gate_proj: linear(h, config.intermediate_size, config.mlp_bias, device),
-                    up_proj: linear(h, config.intermediate_size, config.mlp_bias, device),
-                    down_proj: linear(config.intermediate_size, h, config.mlp_bias, device),
+                    gate_proj: linear(h, config.intermediate_size, config.mlp_bias, init, device),
+                    up_proj: linear(h, config.intermediate_size, config.mlp_bias, init, device),
+                    down_proj: linear(config.intermediate_size, h, config.mlp_bias, init, device),
                     act: config.hidden_act,
                 },
                 input_layernorm: LlamaRmsNorm::new(h, config.rms_norm_eps, device),
@@ -319,7 +324,9 @@ impl LlamaModel {
             })
             .collect();
         Self {
-            embed_tokens: EmbeddingConfig::new(config.vocab_size, h).init(device),
+            embed_tokens: EmbeddingConfig::new(config.vocab_size, h)
+                .with_initializer(init.weights())
+                .init(device),
             layers,
             norm: LlamaRmsNorm::new(h, config.rms_norm_eps, device),
             rope: Rope::new(config),

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use crate::clip::ClipVisionTower;
 use crate::config::{Activation, VipLlavaConfig};
 use crate::kernels;
-use crate::layers::{activate, layer_norm_f32, linear};
+use crate::layers::{ParamInit, activate, layer_norm_f32, linear};
 use crate::llama::{DecoderStep, KvCache, LlamaModel};
 
 /// Errors of a forward pass caused by its inputs.
@@ -146,23 +146,39 @@ impl ForwardInput {
 }
 
 impl VipLlava {
-    /// Builds the model from a resolved config with lazily initialised (random) parameters;
-    /// load weights with `vipllava-convert`.
+    /// Builds the model from a resolved config with lazily initialised placeholder (zero)
+    /// parameters; load weights with `vipllava-convert`.
     pub fn new(config: &VipLlavaConfig, device: &Device) -> Self {
+        Self::with_init(config, ParamInit::Placeholder, device)
+    }
+
+    /// A model with random Normal(0, 0.02) weights (benchmarks without a checkpoint).
+    pub fn new_random(config: &VipLlavaConfig, device: &Device) -> Self {
+        Self::with_init(config, ParamInit::Random, device)
+    }
+
+    /// Builds the model with the given parameter fill (lazily initialised).
+    pub fn with_init(config: &VipLlavaConfig, init: ParamInit, device: &Device) -> Self {
         let t = &config.text;
         let width = config.projector_input_width();
         Self {
-            vision_tower: ClipVisionTower::new(&config.vision, config.vision_layers_used(), device),
+            vision_tower: ClipVisionTower::with_init(
+                &config.vision,
+                config.vision_layers_used(),
+                init,
+                device,
+            ),
             multi_modal_projector: VipLlavaProjector {
                 projector_layernorm: LayerNormConfig::new(width)
                     .with_epsilon(config.projector_layernorm_eps)
                     .init(device),
-                linear_1: linear(width, t.hidden_size, true, device),
-                linear_2: linear(t.hidden_size, t.hidden_size, true, device),
+                linear_1: linear(width, t.hidden_size, true, init, device),
+                linear_2: linear(t.hidden_size, t.hidden_size, true, init, device),
                 act: config.projector_hidden_act,
             },
-            language_model: LlamaModel::new(t, device),
-            lm_head: (!t.tie_word_embeddings).then(|| linear(t.hidden_size, t.vocab_size, false, device)),
+            language_model: LlamaModel::with_init(t, init, device),
+            lm_head: (!t.tie_word_embeddings)
+                .then(|| linear(t.hidden_size, t.vocab_size, false, init, device)),
             image_token_index: config.image_token_index,
             vocab_size: t.vocab_size,
             feature_indices: config.resolved_feature_indices(),
