@@ -1,12 +1,14 @@
-//! `vipllava bench`: prefill and decode throughput on the CPU device for several batch
-//! sizes, on a real checkpoint or on random weights built from a `config.json` alone.
+//! `vipllava bench`: load time, image encoding, prefill and decode throughput on the CPU
+//! device for several batch sizes, on a real checkpoint or on random weights built from a
+//! `config.json` alone. The PyTorch side of the comparison is `scripts/bench_pytorch.py`
+//! (same prompt ids, same image preprocessing, same field names in `--json`).
 //!
 //! Timings are printed, never asserted: the machines are shared and noisy.
 
 use std::path::Path;
 use std::time::Instant;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use serde::Serialize;
 use vipllava_convert::{LoadOptions, load_model, read_config};
 use vipllava_model::{ForwardInput, KvCache, LogitsMode, VipLlava, VipLlavaConfig};
@@ -14,68 +16,123 @@ use vipllava_model::{ForwardInput, KvCache, LogitsMode, VipLlava, VipLlavaConfig
 use crate::generate::argmax;
 use crate::pipeline::PipelineError;
 
-/// One measured batch size.
+/// One measured batch size: medians over the repeats.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchRow {
+    /// Which implementation (always `"vipllava"`; the PyTorch script writes `"pytorch"`).
+    pub side: &'static str,
+    /// Weight/activation dtype.
+    pub dtype: String,
+    /// Worker threads of the CPU backend.
+    pub threads: usize,
     /// Requests in the forward pass.
     pub batch_size: usize,
     /// Prompt tokens per request (image tokens included).
     pub prompt_tokens: usize,
-    /// Prefill wall time (image encoding included), milliseconds.
-    pub prefill_ms: f64,
     /// Generated tokens per request.
     pub new_tokens: usize,
-    /// Decode wall time, milliseconds.
+    /// Timed repeats (after one untimed warm-up).
+    pub repeats: usize,
+    /// Model load (or random build) time, milliseconds.
+    pub load_ms: f64,
+    /// Vision tower + projector alone, milliseconds (median).
+    pub image_encode_ms: f64,
+    /// Prefill wall time (image encoding included) up to the first token, milliseconds (median).
+    pub prefill_ms: f64,
+    /// Decode wall time for `new_tokens - 1` steps, milliseconds (median).
     pub decode_ms: f64,
-    /// Generated tokens per second over the whole batch.
+    /// Generated tokens per second over the whole batch (median).
     pub decode_tokens_per_s: f64,
+    /// Peak resident memory of the process so far (`VmHWM`), MiB.
+    pub peak_rss_mb: f64,
+    /// Greedy tokens of the first request in the last repeat.
+    pub tokens: Vec<i64>,
 }
 
-/// Loads the model of `dir`, or builds one with random weights when `random_weights` (only
-/// `config.json` is read then).
+/// Inputs shared by every repeat.
+pub struct BenchInput {
+    /// `[3 * side * side]` pixels of one image (already preprocessed), or `None` for a
+    /// synthetic pattern.
+    pub pixels: Option<Vec<f32>>,
+    /// Text tokens after the image.
+    pub text_tokens: usize,
+    /// Tokens generated per request (>= 1).
+    pub new_tokens: usize,
+}
+
+/// Loads the model of `dir` with `dtype`, or builds one with random weights when
+/// `random_weights` (only `config.json` is read then).
 pub fn bench_model(
     dir: &Path,
     random_weights: bool,
+    dtype: DType,
     device: &Device,
 ) -> Result<(VipLlava, VipLlavaConfig), PipelineError> {
     if random_weights {
         let config = read_config(dir)?;
         device.seed(0);
-        Ok((VipLlava::new(&config, device), config))
+        Ok((VipLlava::new_random(&config, device), config))
     } else {
-        let loaded = load_model(dir, device, &LoadOptions::default())?;
+        let loaded = load_model(dir, device, &LoadOptions { dtype })?;
         Ok((loaded.model, loaded.config))
     }
 }
 
-/// Greedy generation of `new_tokens` tokens for `batch_size` copies of a synthetic prompt
-/// (BOS, one image, `text_tokens` text tokens), timed.
-pub fn bench_batch(
-    model: &VipLlava,
-    config: &VipLlavaConfig,
-    device: &Device,
-    batch_size: usize,
-    text_tokens: usize,
-    new_tokens: usize,
-) -> Result<BenchRow, PipelineError> {
-    let image_tokens = config.image_seq_len();
+/// The benchmark prompt: BOS, the image tokens, then `text_tokens` deterministic text ids
+/// (the same rule as `scripts/bench_pytorch.py`).
+pub fn bench_prompt_ids(config: &VipLlavaConfig, text_tokens: usize) -> Vec<i64> {
     let vocab = config.text.vocab_size as i64;
     let image_token = config.image_token_index as i64;
     let mut row: Vec<i64> = vec![1];
-    row.extend(std::iter::repeat_n(image_token, image_tokens));
+    row.extend(std::iter::repeat_n(image_token, config.image_seq_len()));
     row.extend(
         (0..text_tokens as i64)
             .map(|i| 3 + (i * 7919) % (vocab - 3).max(1))
             .map(|t| if t == image_token { t + 1 } else { t }),
     );
+    row
+}
+
+/// Timings of one greedy run.
+#[derive(Debug, Clone)]
+pub struct RunTimes {
+    /// Image encoding alone, ms.
+    pub image_encode_ms: f64,
+    /// Prefill up to the first token, ms.
+    pub prefill_ms: f64,
+    /// The remaining decode steps, ms.
+    pub decode_ms: f64,
+    /// Greedy tokens of row 0.
+    pub tokens: Vec<i64>,
+}
+
+/// One greedy run of `input.new_tokens` tokens for `batch_size` copies of the benchmark
+/// prompt, timed.
+pub fn bench_run(
+    model: &VipLlava,
+    config: &VipLlavaConfig,
+    device: &Device,
+    batch_size: usize,
+    input: &BenchInput,
+) -> Result<RunTimes, PipelineError> {
+    let row = bench_prompt_ids(config, input.text_tokens);
     let prompt_tokens = row.len();
     let ids: Vec<i64> = (0..batch_size).flat_map(|_| row.clone()).collect();
     let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch_size, prompt_tokens]), device);
     let side = config.vision.image_size;
-    let pixels: Vec<f32> = (0..batch_size * 3 * side * side)
-        .map(|i| ((i % 251) as f32 / 125.0) - 1.0)
-        .collect();
+    let one: Vec<f32> = match &input.pixels {
+        Some(p) => p.clone(),
+        None => (0..3 * side * side)
+            .map(|i| ((i % 251) as f32 / 125.0) - 1.0)
+            .collect(),
+    };
+    let pixels: Vec<f32> = (0..batch_size).flat_map(|_| one.iter().copied()).collect();
     let pixels = Tensor::<4>::from_data(TensorData::new(pixels, [batch_size, 3, side, side]), device);
+
+    let start = Instant::now();
+    let features = model.image_features(pixels.clone())?;
+    let _ = features.slice([0..1, 0..1, 0..1]).into_data();
+    let image_encode_ms = start.elapsed().as_secs_f64() * 1000.0;
 
     let start = Instant::now();
     let mut cache = KvCache::new();
@@ -87,29 +144,109 @@ pub fn bench_batch(
     )?;
     let mut next = last_tokens(logits)?;
     let prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let mut tokens = vec![next[0]];
     let start = Instant::now();
-    for _ in 1..new_tokens {
+    for _ in 1..input.new_tokens {
         let ids = Tensor::<2, Int>::from_data(TensorData::new(next.clone(), [batch_size, 1]), device);
         let logits = model.forward(
             ForwardInput::new(ids).with_logits(LogitsMode::LastOnly),
             &mut cache,
         )?;
         next = last_tokens(logits)?;
+        tokens.push(next[0]);
     }
     let decode_ms = start.elapsed().as_secs_f64() * 1000.0;
-    let decoded = (new_tokens.saturating_sub(1) * batch_size) as f64;
-    Ok(BenchRow {
-        batch_size,
-        prompt_tokens,
+    Ok(RunTimes {
+        image_encode_ms,
         prefill_ms,
-        new_tokens,
+        decode_ms,
+        tokens,
+    })
+}
+
+/// Medians of `repeats` runs (after the caller's warm-up) as one row.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_batch(
+    model: &VipLlava,
+    config: &VipLlavaConfig,
+    device: &Device,
+    batch_size: usize,
+    input: &BenchInput,
+    repeats: usize,
+    load_ms: f64,
+    dtype: DType,
+) -> Result<BenchRow, PipelineError> {
+    let mut runs = Vec::new();
+    for _ in 0..repeats.max(1) {
+        runs.push(bench_run(model, config, device, batch_size, input)?);
+    }
+    let decoded = (input.new_tokens.saturating_sub(1) * batch_size) as f64;
+    let decode_ms = median(runs.iter().map(|r| r.decode_ms).collect());
+    Ok(BenchRow {
+        side: "vipllava",
+        dtype: dtype_name(dtype).to_string(),
+        threads: cpu_threads(),
+        batch_size,
+        prompt_tokens: bench_prompt_ids(config, input.text_tokens).len(),
+        new_tokens: input.new_tokens,
+        repeats: runs.len(),
+        load_ms,
+        image_encode_ms: median(runs.iter().map(|r| r.image_encode_ms).collect()),
+        prefill_ms: median(runs.iter().map(|r| r.prefill_ms).collect()),
         decode_ms,
         decode_tokens_per_s: if decode_ms > 0.0 {
             decoded / (decode_ms / 1000.0)
         } else {
             0.0
         },
+        peak_rss_mb: peak_rss_mb(),
+        tokens: runs.last().map(|r| r.tokens.clone()).unwrap_or_default(),
     })
+}
+
+/// Median of a non-empty list (0 for an empty one).
+pub fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// Peak resident set size (`VmHWM` of `/proc/self/status`) in MiB; NaN where unavailable.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Threads the CPU backend's pool uses (`RAYON_NUM_THREADS` or the available cores).
+pub fn cpu_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// `f32` / `f16` / `bf16`.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "f32",
+    }
 }
 
 fn last_tokens(logits: Tensor<3>) -> Result<Vec<i64>, PipelineError> {

@@ -6,13 +6,14 @@
 
 use burn::module::{Module, Param};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
-use burn::nn::{Embedding, EmbeddingConfig, Initializer, LayerNorm, LayerNormConfig, Linear};
+use burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor};
 
 use crate::config::{Activation, ClipVisionConfig};
-use crate::layers::{activate, linear};
+use crate::kernels;
+use crate::layers::{ParamInit, activate, layer_norm_f32, linear};
 
 /// Patch convolution, CLS token and learned position embeddings.
 #[derive(Module, Debug)]
@@ -90,6 +91,16 @@ pub struct ClipVisionTower {
 impl ClipVisionTower {
     /// Builds a tower with `layers_used` encoder layers (lazily initialised parameters).
     pub fn new(config: &ClipVisionConfig, layers_used: usize, device: &Device) -> Self {
+        Self::with_init(config, layers_used, ParamInit::Placeholder, device)
+    }
+
+    /// [`ClipVisionTower::new`] with the given parameter fill.
+    pub fn with_init(
+        config: &ClipVisionConfig,
+        layers_used: usize,
+        init: ParamInit,
+        device: &Device,
+    ) -> Self {
         let d = config.hidden_size;
         let ln = |device: &Device| {
             LayerNormConfig::new(d)
@@ -103,24 +114,26 @@ impl ClipVisionTower {
             )
             .with_stride([config.patch_size, config.patch_size])
             .with_bias(false)
-            .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+            .with_initializer(init.weights())
             .init(device),
-            class_embedding: Initializer::Normal { mean: 0.0, std: 0.02 }.init([d], device),
-            position_embedding: EmbeddingConfig::new(config.num_patches() + 1, d).init(device),
+            class_embedding: init.weights().init([d], device),
+            position_embedding: EmbeddingConfig::new(config.num_patches() + 1, d)
+                .with_initializer(init.weights())
+                .init(device),
         };
         let layers = (0..layers_used)
             .map(|_| ClipEncoderLayer {
                 self_attn: ClipAttention {
-                    q_proj: linear(d, d, true, device),
-                    k_proj: linear(d, d, true, device),
-                    v_proj: linear(d, d, true, device),
-                    out_proj: linear(d, d, true, device),
+                    q_proj: linear(d, d, true, init, device),
+                    k_proj: linear(d, d, true, init, device),
+                    v_proj: linear(d, d, true, init, device),
+                    out_proj: linear(d, d, true, init, device),
                     num_heads: config.num_attention_heads,
                 },
                 layer_norm1: ln(device),
                 mlp: ClipMlp {
-                    fc1: linear(d, config.intermediate_size, true, device),
-                    fc2: linear(config.intermediate_size, d, true, device),
+                    fc1: linear(d, config.intermediate_size, true, init, device),
+                    fc2: linear(config.intermediate_size, d, true, init, device),
                     act: config.hidden_act,
                 },
                 layer_norm2: ln(device),
@@ -141,7 +154,7 @@ impl ClipVisionTower {
     /// `None` if an index is deeper than the layers built.
     pub fn hidden_states(&self, pixel_values: Tensor<4>, indices: &[usize]) -> Option<Vec<Tensor<3>>> {
         let deepest = indices.iter().copied().max().unwrap_or(0);
-        let mut h = self.pre_layrnorm.forward(self.embeddings.forward(pixel_values));
+        let mut h = layer_norm_f32(&self.pre_layrnorm, self.embeddings.forward(pixel_values));
         let mut states: Vec<Option<Tensor<3>>> = vec![None; deepest + 1];
         states[0] = Some(h.clone());
         for (i, layer) in self.encoder.layers.iter().take(deepest).enumerate() {
@@ -175,21 +188,24 @@ impl ClipAttention {
         let [b, t, d] = x.dims();
         let hd = d / self.num_heads;
         let split = |y: Tensor<3>| y.reshape([b, t, self.num_heads, hd]).swap_dims(1, 2);
-        let q = split(self.q_proj.forward(x.clone()));
-        let k = split(self.k_proj.forward(x.clone()));
-        let v = split(self.v_proj.forward(x));
+        let q = split(kernels::linear(&self.q_proj, x.clone()));
+        let k = split(kernels::linear(&self.k_proj, x.clone()));
+        let v = split(kernels::linear(&self.v_proj, x));
         let out = attention(q, k, v, None, None, AttentionModuleOptions::default());
-        self.out_proj.forward(out.swap_dims(1, 2).reshape([b, t, d]))
+        kernels::linear(&self.out_proj, out.swap_dims(1, 2).reshape([b, t, d]))
     }
 }
 
 impl ClipEncoderLayer {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x));
-        let m = self.mlp.fc2.forward(activate(
-            self.mlp.act,
-            self.mlp.fc1.forward(self.layer_norm2.forward(h.clone())),
-        ));
+        let h = x.clone() + self.self_attn.forward(layer_norm_f32(&self.layer_norm1, x));
+        let m = kernels::linear(
+            &self.mlp.fc2,
+            activate(
+                self.mlp.act,
+                kernels::linear(&self.mlp.fc1, layer_norm_f32(&self.layer_norm2, h.clone())),
+            ),
+        );
         h + m
     }
 }

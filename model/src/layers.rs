@@ -1,7 +1,7 @@
 //! Small building blocks shared by the vision tower, projector and language model.
 
 use burn::module::{Module, Param};
-use burn::nn::{Initializer, Linear, LinearConfig};
+use burn::nn::{Initializer, LayerNorm, Linear, LinearConfig};
 use burn::tensor::activation::{gelu, gelu_approximate, relu, sigmoid, silu};
 use burn::tensor::{DType, Device, Tensor};
 
@@ -19,11 +19,32 @@ pub fn activate<const D: usize>(act: Activation, x: Tensor<D>) -> Tensor<D> {
     }
 }
 
+/// How the constructors fill parameters (both lazily: nothing is computed until read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamInit {
+    /// Zeros: a placeholder that loading replaces. Burn's loader reads every parameter
+    /// once before replacing it, and zeros cost no random-number generation and, being
+    /// freshly zeroed pages, almost no resident memory.
+    Placeholder,
+    /// Normal(0, 0.02) like HF's `initializer_range` (random-weight benchmarks).
+    Random,
+}
+
+impl ParamInit {
+    /// The Burn initializer for weight matrices and embeddings.
+    pub fn weights(self) -> Initializer {
+        match self {
+            ParamInit::Placeholder => Initializer::Zeros,
+            ParamInit::Random => Initializer::Normal { mean: 0.0, std: 0.02 },
+        }
+    }
+}
+
 /// A `Linear` with the given bias flag, initialised lazily (weights loaded later replace it).
-pub fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
+pub fn linear(d_in: usize, d_out: usize, bias: bool, init: ParamInit, device: &Device) -> Linear {
     LinearConfig::new(d_in, d_out)
         .with_bias(bias)
-        .with_initializer(Initializer::Normal { mean: 0.0, std: 0.02 })
+        .with_initializer(init.weights())
         .init(device)
 }
 
@@ -72,4 +93,21 @@ impl LlamaRmsNorm {
         };
         normed * weight.unsqueeze()
     }
+}
+
+/// `LayerNorm` computed in f32 whatever the input dtype, result cast back: PyTorch's CPU
+/// `layer_norm` for f16/bf16 accumulates and normalises in f32 and rounds once at the end
+/// (Burn's own `LayerNorm` widens f16 only, and does bf16 in bf16).
+pub fn layer_norm_f32<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        return norm.forward(x);
+    }
+    let mut wide = norm.clone();
+    wide.gamma = Param::from_tensor(norm.gamma.val().cast(DType::F32));
+    wide.beta = norm
+        .beta
+        .as_ref()
+        .map(|b| Param::from_tensor(b.val().cast(DType::F32)));
+    wide.forward(x.cast(DType::F32)).cast(dtype)
 }

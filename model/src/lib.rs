@@ -13,6 +13,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod kernels;
 pub mod layers;
 pub mod llama;
 pub mod vipllava;

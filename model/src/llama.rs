@@ -11,7 +11,8 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::config::{Activation, LlamaConfig, RopeScaling};
-use crate::layers::{LlamaRmsNorm, activate, linear};
+use crate::kernels;
+use crate::layers::{LlamaRmsNorm, ParamInit, activate, linear};
 
 /// Attention projections of one decoder layer.
 #[derive(Module, Debug)]
@@ -293,24 +294,29 @@ fn padding_mask(key_mask: &[Vec<bool>], past: usize, seq: usize, device: &Device
 impl LlamaModel {
     /// Builds the decoder (lazily initialised parameters).
     pub fn new(config: &LlamaConfig, device: &Device) -> Self {
+        Self::with_init(config, ParamInit::Placeholder, device)
+    }
+
+    /// [`LlamaModel::new`] with the given parameter fill.
+    pub fn with_init(config: &LlamaConfig, init: ParamInit, device: &Device) -> Self {
         let h = config.hidden_size;
         let q = config.num_attention_heads * config.head_dim;
         let kv = config.num_key_value_heads * config.head_dim;
         let layers = (0..config.num_hidden_layers)
             .map(|_| LlamaDecoderLayer {
                 self_attn: LlamaAttention {
-                    q_proj: linear(h, q, config.attention_bias, device),
-                    k_proj: linear(h, kv, config.attention_bias, device),
-                    v_proj: linear(h, kv, config.attention_bias, device),
-                    o_proj: linear(q, h, config.attention_bias, device),
+                    q_proj: linear(h, q, config.attention_bias, init, device),
+                    k_proj: linear(h, kv, config.attention_bias, init, device),
+                    v_proj: linear(h, kv, config.attention_bias, init, device),
+                    o_proj: linear(q, h, config.attention_bias, init, device),
                     num_heads: config.num_attention_heads,
                     num_kv_heads: config.num_key_value_heads,
                     head_dim: config.head_dim,
                 },
                 mlp: LlamaMlp {
-                    gate_proj: linear(h, config.intermediate_size, config.mlp_bias, device),
-                    up_proj: linear(h, config.intermediate_size, config.mlp_bias, device),
-                    down_proj: linear(config.intermediate_size, h, config.mlp_bias, device),
+                    gate_proj: linear(h, config.intermediate_size, config.mlp_bias, init, device),
+                    up_proj: linear(h, config.intermediate_size, config.mlp_bias, init, device),
+                    down_proj: linear(config.intermediate_size, h, config.mlp_bias, init, device),
                     act: config.hidden_act,
                 },
                 input_layernorm: LlamaRmsNorm::new(h, config.rms_norm_eps, device),
@@ -318,7 +324,9 @@ impl LlamaModel {
             })
             .collect();
         Self {
-            embed_tokens: EmbeddingConfig::new(config.vocab_size, h).init(device),
+            embed_tokens: EmbeddingConfig::new(config.vocab_size, h)
+                .with_initializer(init.weights())
+                .init(device),
             layers,
             norm: LlamaRmsNorm::new(h, config.rms_norm_eps, device),
             rope: Rope::new(config),
@@ -366,8 +374,10 @@ impl LlamaDecoderLayer {
         );
         let h = x + a;
         let n = self.post_attention_layernorm.forward(h.clone());
-        let m = self.mlp.down_proj.forward(
-            activate(self.mlp.act, self.mlp.gate_proj.forward(n.clone())) * self.mlp.up_proj.forward(n),
+        let m = kernels::linear(
+            &self.mlp.down_proj,
+            activate(self.mlp.act, kernels::linear(&self.mlp.gate_proj, n.clone()))
+                * kernels::linear(&self.mlp.up_proj, n),
         );
         h + m
     }
@@ -385,26 +395,26 @@ impl LlamaAttention {
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let hd = self.head_dim;
-        let q = self
-            .q_proj
-            .forward(x.clone())
+        let q = kernels::linear(&self.q_proj, x.clone())
             .reshape([b, t, self.num_heads, hd])
             .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
+        let k = kernels::linear(&self.k_proj, x.clone())
             .reshape([b, t, self.num_kv_heads, hd])
             .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
+        let v = kernels::linear(&self.v_proj, x)
             .reshape([b, t, self.num_kv_heads, hd])
             .swap_dims(1, 2);
         let q = apply_rope(q, cos, sin);
         let k = apply_rope(k, cos, sin);
         let (k, v) = cache.append(index, k, v);
         let total = k.dims()[2];
-        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
+        // Flex's attention maps query head `h` to key/value head `h / (heads / kv_heads)`
+        // itself; other backends get HF's `repeat_kv` copies.
+        let (k, v) = if q.device() == Device::flex() {
+            (k, v)
+        } else {
+            (self.repeat_kv(k), self.repeat_kv(v))
+        };
         // With padding the explicit mask already holds the causal part.
         let options = AttentionModuleOptions {
             is_causal: mask.is_none(),
@@ -412,8 +422,10 @@ impl LlamaAttention {
         };
         let mask = mask.map(|m| m.expand([b, self.num_heads, t, total]));
         let out = attention(q, k, v, mask, None, options);
-        self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, t, self.num_heads * hd]))
+        kernels::linear(
+            &self.o_proj,
+            out.swap_dims(1, 2).reshape([b, t, self.num_heads * hd]),
+        )
     }
 
     /// HF `repeat_kv`: query head `h` reads key/value head `h / (heads / kv_heads)`.

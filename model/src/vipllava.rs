@@ -7,7 +7,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::clip::ClipVisionTower;
 use crate::config::{Activation, VipLlavaConfig};
-use crate::layers::{activate, linear};
+use crate::kernels;
+use crate::layers::{ParamInit, activate, layer_norm_f32, linear};
 use crate::llama::{DecoderStep, KvCache, LlamaModel};
 
 /// Errors of a forward pass caused by its inputs.
@@ -69,8 +70,8 @@ pub struct VipLlavaProjector {
 impl VipLlavaProjector {
     /// `[B, P, layers x vision hidden]` to `[B, P, text hidden]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.linear_1.forward(self.projector_layernorm.forward(x));
-        self.linear_2.forward(activate(self.act, h))
+        let h = kernels::linear(&self.linear_1, layer_norm_f32(&self.projector_layernorm, x));
+        kernels::linear(&self.linear_2, activate(self.act, h))
     }
 }
 
@@ -145,23 +146,39 @@ impl ForwardInput {
 }
 
 impl VipLlava {
-    /// Builds the model from a resolved config with lazily initialised (random) parameters;
-    /// load weights with `vipllava-convert`.
+    /// Builds the model from a resolved config with lazily initialised placeholder (zero)
+    /// parameters; load weights with `vipllava-convert`.
     pub fn new(config: &VipLlavaConfig, device: &Device) -> Self {
+        Self::with_init(config, ParamInit::Placeholder, device)
+    }
+
+    /// A model with random Normal(0, 0.02) weights (benchmarks without a checkpoint).
+    pub fn new_random(config: &VipLlavaConfig, device: &Device) -> Self {
+        Self::with_init(config, ParamInit::Random, device)
+    }
+
+    /// Builds the model with the given parameter fill (lazily initialised).
+    pub fn with_init(config: &VipLlavaConfig, init: ParamInit, device: &Device) -> Self {
         let t = &config.text;
         let width = config.projector_input_width();
         Self {
-            vision_tower: ClipVisionTower::new(&config.vision, config.vision_layers_used(), device),
+            vision_tower: ClipVisionTower::with_init(
+                &config.vision,
+                config.vision_layers_used(),
+                init,
+                device,
+            ),
             multi_modal_projector: VipLlavaProjector {
                 projector_layernorm: LayerNormConfig::new(width)
                     .with_epsilon(config.projector_layernorm_eps)
                     .init(device),
-                linear_1: linear(width, t.hidden_size, true, device),
-                linear_2: linear(t.hidden_size, t.hidden_size, true, device),
+                linear_1: linear(width, t.hidden_size, true, init, device),
+                linear_2: linear(t.hidden_size, t.hidden_size, true, init, device),
                 act: config.projector_hidden_act,
             },
-            language_model: LlamaModel::new(t, device),
-            lm_head: (!t.tie_word_embeddings).then(|| linear(t.hidden_size, t.vocab_size, false, device)),
+            language_model: LlamaModel::with_init(t, init, device),
+            lm_head: (!t.tie_word_embeddings)
+                .then(|| linear(t.hidden_size, t.vocab_size, false, init, device)),
             image_token_index: config.image_token_index,
             vocab_size: t.vocab_size,
             feature_indices: config.resolved_feature_indices(),
@@ -171,6 +188,13 @@ impl VipLlava {
     /// The selected vision hidden states (CLS included), in config order.
     pub fn vision_hidden_states(&self, pixel_values: Tensor<4>) -> Result<Vec<Tensor<3>>, ForwardError> {
         self.check_pixels(&pixel_values)?;
+        // Activations follow the weights' dtype (pixels come in as f32).
+        let dtype = self.vision_tower.embeddings.patch_embedding.weight.val().dtype();
+        let pixel_values = if pixel_values.dtype() == dtype {
+            pixel_values
+        } else {
+            pixel_values.cast(dtype)
+        };
         let built = self.vision_tower.encoder.layers.len();
         self.vision_tower
             .hidden_states(pixel_values, &self.feature_indices)
@@ -274,10 +298,20 @@ impl VipLlava {
     /// Logits from final hidden states.
     pub fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => kernels::linear(head, hidden),
             None => {
                 let w = self.language_model.embed_tokens.weight.val(); // [vocab, hidden]
-                hidden.matmul(w.transpose().unsqueeze())
+                let dtype = hidden.dtype();
+                if dtype == burn::tensor::DType::F32 || hidden.device() != Device::flex() {
+                    hidden.matmul(w.transpose().unsqueeze())
+                } else {
+                    // Flex widens bf16/f16 matmuls serially; widen once here instead.
+                    let f32 = burn::tensor::DType::F32;
+                    hidden
+                        .cast(f32)
+                        .matmul(w.cast(f32).transpose().unsqueeze())
+                        .cast(dtype)
+                }
             }
         }
     }

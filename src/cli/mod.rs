@@ -69,6 +69,13 @@ enum Command {
         /// Build the model with random weights from config.json alone (no download).
         #[arg(long)]
         random_weights: bool,
+        /// Image to encode (preprocessed with the model's processor config, CLIP-336 if
+        /// absent); a synthetic pattern when omitted.
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Weight and activation dtype: f32, f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
         /// Batch sizes to measure.
         #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
         batch_sizes: Vec<usize>,
@@ -78,6 +85,9 @@ enum Command {
         /// Tokens generated per request.
         #[arg(long, default_value_t = 32)]
         new_tokens: usize,
+        /// Timed runs per batch size (medians are reported), after one untimed warm-up.
+        #[arg(long, default_value_t = 1)]
+        repeats: usize,
         /// Print JSON lines.
         #[arg(long)]
         json: bool,
@@ -565,39 +575,92 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Bench {
             model,
             random_weights,
+            image,
+            dtype,
             batch_sizes,
             text_tokens,
             new_tokens,
+            repeats,
             json,
             compare,
         } => {
+            use burn::tensor::DType;
+            let dtype = match dtype.as_str() {
+                "f32" => DType::F32,
+                "f16" => DType::F16,
+                "bf16" => DType::BF16,
+                other => anyhow::bail!("unknown dtype {other:?} (expected f32, f16 or bf16)"),
+            };
             let dir = model_dir(&model)?;
             if compare.image.is_some() {
                 return compare::run(&dir, &compare, new_tokens, json);
             }
             let device = Device::flex();
-            let (m, config) = vipllava::bench::bench_model(&dir, random_weights, &device)?;
+            let start = std::time::Instant::now();
+            let (m, config) = vipllava::bench::bench_model(&dir, random_weights, dtype, &device)?;
+            let load_ms = start.elapsed().as_secs_f64() * 1000.0;
+            let pixels = match &image {
+                Some(path) => {
+                    let img = load_image(path)?;
+                    let image_config = processor::image::ImageProcessorConfig::from_model_dir(&dir)
+                        .unwrap_or_else(|_| processor::image::ImageProcessorConfig::clip_336());
+                    let p = processor::image::preprocess_with_mode(
+                        &img,
+                        &image_config,
+                        processor::image::ImageMode::Crop,
+                    )?;
+                    let side = config.vision.image_size;
+                    anyhow::ensure!(
+                        p.height == side && p.width == side,
+                        "the processor gives {}x{} pixels but the model expects {side}x{side}",
+                        p.height,
+                        p.width
+                    );
+                    Some(p.data)
+                }
+                None => None,
+            };
+            let input = vipllava::bench::BenchInput {
+                pixels,
+                text_tokens,
+                new_tokens: new_tokens.max(2),
+            };
             if !json {
                 println!(
-                    "model {} ({} parameters), device cpu (flex)",
+                    "model {} ({} parameters), device cpu (flex), dtype {}, {} threads, load {:.0} ms",
                     dir.display(),
-                    vipllava::info::thousands(config.num_parameters())
+                    vipllava::info::thousands(config.num_parameters()),
+                    vipllava::bench::dtype_name(dtype),
+                    vipllava::bench::cpu_threads(),
+                    load_ms
                 );
-                println!("| batch | prompt tokens | prefill ms | decode tokens/s (whole batch) |");
-                println!("|---|---|---|---|");
+                println!(
+                    "| batch | prompt tokens | image encode ms | prefill ms | decode tokens/s (whole batch) | peak RSS MiB |"
+                );
+                println!("|---|---|---|---|---|---|");
             }
             // Untimed warm-up: materialises lazily initialised weights and fills caches.
-            vipllava::bench::bench_batch(&m, &config, &device, 1, text_tokens, 2)?;
+            let warm = vipllava::bench::BenchInput {
+                pixels: input.pixels.clone(),
+                text_tokens,
+                new_tokens: 2,
+            };
+            vipllava::bench::bench_run(&m, &config, &device, 1, &warm)?;
             for b in batch_sizes {
                 anyhow::ensure!(b > 0, "batch sizes must be positive");
                 let row =
-                    vipllava::bench::bench_batch(&m, &config, &device, b, text_tokens, new_tokens.max(2))?;
+                    vipllava::bench::bench_batch(&m, &config, &device, b, &input, repeats, load_ms, dtype)?;
                 if json {
                     println!("{}", serde_json::to_string(&row)?);
                 } else {
                     println!(
-                        "| {} | {} | {:.0} | {:.1} |",
-                        row.batch_size, row.prompt_tokens, row.prefill_ms, row.decode_tokens_per_s
+                        "| {} | {} | {:.0} | {:.0} | {:.2} | {:.0} |",
+                        row.batch_size,
+                        row.prompt_tokens,
+                        row.image_encode_ms,
+                        row.prefill_ms,
+                        row.decode_tokens_per_s,
+                        row.peak_rss_mb
                     );
                 }
             }

@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""The PyTorch side of the CPU benchmark: transformers' VipLlavaForConditionalGeneration on the
+checkpoint written by scripts/make_bench_checkpoint.py, same inputs as `vipllava bench --image`.
+
+Both sides: 2 threads, the scikit-image astronaut photo (CLIP-336 crop), BOS + 576 image tokens +
+40 text ids (no tokenizer: random vocabulary), one prefill with logits of the last position only,
+then greedy decoding to 32 new tokens with the KV cache. Each figure is the median over
+`--repeats` runs after one untimed warm-up.
+
+    /work/venv/bin/python scripts/bench_pytorch.py --model /work/bench-data/clip-l-llama-1b-f32 \
+        --image /work/bench-data/astronaut.png --dtype f32 --repeats 3 --json
+
+Prints one JSON object (with --json) with the same field names as `vipllava bench --json`.
+
+Driver (interleaves the two sides, one process per run, and prints the ratios us/PyTorch):
+
+    /work/venv/bin/python scripts/bench_pytorch.py --compare --vipllava target/release/vipllava \
+        --model-dir /work/bench-data --image /work/bench-data/astronaut.png --dtypes f32,bf16 \
+        --rounds 2 --repeats 1
+
+It runs, per dtype and round: vipllava, then PyTorch; reports per side the median over rounds of
+each figure, the ratio us/PyTorch, the measured read bandwidth (2 threads summing a 1 GiB
+buffer) and the decode bound: read bandwidth / bytes of the weights one decode step streams
+(every decoder matrix and lm_head).
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+T_START = time.time()
+
+import torch  # noqa: E402
+
+
+def peak_rss_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def bench_prompt_ids(image_tokens, text_tokens, vocab, image_token):
+    ids = [1] + [image_token] * image_tokens
+    for i in range(text_tokens):
+        t = 3 + (i * 7919) % max(vocab - 3, 1)
+        ids.append(t + 1 if t == image_token else t)
+    return ids
+
+
+def read_bandwidth_gbs(threads, gib=1.0, repeats=5):
+    """Read bandwidth: `threads` torch threads summing a buffer much larger than the caches."""
+    torch.set_num_threads(threads)
+    x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def decode_weight_bytes(config_path, dtype):
+    """Bytes one decode step streams: every decoder layer's matrices and norms, the final norm and
+    lm_head (the embedding is a row lookup)."""
+    with open(config_path) as f:
+        c = json.load(f)["text_config"]
+    h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
+    hd = c.get("head_dim", h // heads)
+    per_layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter + 2 * h
+    params = layers * per_layer + h + h * c["vocab_size"]
+    return params * {"f32": 4, "bf16": 2, "f16": 2}[dtype]
+
+
+def compare(args):
+    import subprocess
+    import os
+
+    results = {}
+    for dtype in args.dtypes.split(","):
+        model = os.path.join(args.model_dir, f"clip-l-llama-1b-{dtype}")
+        runs = {"vipllava": [], "pytorch": []}
+        for r in range(args.rounds):
+            ours = [args.vipllava, "bench", "--model", model, "--image", args.image, "--dtype", dtype,
+                    "--batch-sizes", "1", "--text-tokens", str(args.text_tokens), "--new-tokens",
+                    str(args.new_tokens), "--repeats", str(args.repeats), "--json"]
+            theirs = [__import__("sys").executable, os.path.abspath(__file__), "--model", model, "--image",
+                      args.image, "--dtype", dtype, "--threads", str(args.threads), "--text-tokens",
+                      str(args.text_tokens), "--new-tokens", str(args.new_tokens), "--repeats",
+                      str(args.repeats), "--json"]
+            env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+            for side, cmd in (("vipllava", ours), ("pytorch", theirs)):
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                print(f"[{dtype} round {r}] {side}: " + json.dumps({k: row[k] for k in FIELDS}), flush=True)
+                runs[side].append(row)
+        med = {side: {k: statistics.median(x[k] for x in rows) for k in FIELDS} for side, rows in runs.items()}
+        ratio = {k: med["vipllava"][k] / med["pytorch"][k] for k in FIELDS}
+        same = runs["vipllava"][-1]["tokens"] == runs["pytorch"][-1]["tokens"]
+        results[dtype] = {"vipllava": med["vipllava"], "pytorch": med["pytorch"], "ratio": ratio,
+                          "same_greedy_tokens": same,
+                          "weight_bytes_per_decode_step": decode_weight_bytes(os.path.join(model, "config.json"), dtype)}
+    bw = read_bandwidth_gbs(args.threads)
+    for dtype, r in results.items():
+        bound = bw * 1e9 / r["weight_bytes_per_decode_step"]
+        r["read_bandwidth_gbs"] = bw
+        r["decode_bound_tokens_per_s"] = bound
+        r["decode_fraction_of_bound"] = {s: r[s]["decode_tokens_per_s"] / bound for s in ("vipllava", "pytorch")}
+    print(json.dumps(results, indent=2))
+    print("| dtype | figure | vipllava | PyTorch | us/PyTorch |")
+    print("|---|---|---|---|---|")
+    for dtype, r in results.items():
+        for k in FIELDS:
+            print(f"| {dtype} | {k} | {r['vipllava'][k]:.1f} | {r['pytorch'][k]:.1f} | {r['ratio'][k]:.2f} |")
+        print(f"| {dtype} | decode bound tokens/s ({r['read_bandwidth_gbs']:.1f} GB/s / "
+              f"{r['weight_bytes_per_decode_step'] / 1e9:.2f} GB) | "
+              f"{r['decode_fraction_of_bound']['vipllava'] * 100:.0f}% | "
+              f"{r['decode_fraction_of_bound']['pytorch'] * 100:.0f}% | {r['decode_bound_tokens_per_s']:.1f} |")
+
+
+FIELDS = ["load_ms", "image_encode_ms", "prefill_ms", "decode_tokens_per_s", "peak_rss_mb"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model")
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--compare", action="store_true", help="run the interleaved comparison driver")
+    ap.add_argument("--vipllava", default="target/release/vipllava")
+    ap.add_argument("--model-dir", default="/work/bench-data")
+    ap.add_argument("--dtypes", default="f32,bf16")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--text-tokens", type=int, default=40)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attn", default=None, help="attn_implementation (default: transformers' default, sdpa)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if args.compare:
+        return compare(args)
+
+    torch.set_num_threads(args.threads)
+    from PIL import Image
+    from transformers import CLIPImageProcessorPil, VipLlavaForConditionalGeneration
+
+    torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    t0 = time.time()
+    kwargs = {"dtype": torch_dtype}
+    if args.attn:
+        kwargs["attn_implementation"] = args.attn
+    model = VipLlavaForConditionalGeneration.from_pretrained(args.model, **kwargs).eval()
+    load_ms = (time.time() - t0) * 1000.0
+    config = model.config
+
+    processor = CLIPImageProcessorPil.from_pretrained(args.model)
+    image = Image.open(args.image).convert("RGB")
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"].to(torch_dtype)
+    side = config.vision_config.image_size
+    image_tokens = (side // config.vision_config.patch_size) ** 2
+    ids = bench_prompt_ids(image_tokens, args.text_tokens, config.text_config.vocab_size, config.image_token_index)
+    input_ids = torch.tensor([ids])
+
+    def run_once():
+        with torch.inference_mode():
+            t = time.perf_counter()
+            model.model.get_image_features(pixel_values)
+            image_ms = (time.perf_counter() - t) * 1000.0
+            t = time.perf_counter()
+            out = model(input_ids=input_ids, pixel_values=pixel_values, use_cache=True, logits_to_keep=1)
+            nxt = out.logits[:, -1].argmax(-1)
+            prefill_ms = (time.perf_counter() - t) * 1000.0
+            past = out.past_key_values
+            tokens = [int(nxt[0])]
+            t = time.perf_counter()
+            for _ in range(1, args.new_tokens):
+                out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True, logits_to_keep=1)
+                past = out.past_key_values
+                nxt = out.logits[:, -1].argmax(-1)
+                tokens.append(int(nxt[0]))
+            decode_ms = (time.perf_counter() - t) * 1000.0
+        return image_ms, prefill_ms, decode_ms, tokens
+
+    run_once()  # warm-up
+    runs = [run_once() for _ in range(args.repeats)]
+    image_ms = statistics.median(r[0] for r in runs)
+    prefill_ms = statistics.median(r[1] for r in runs)
+    decode_ms = statistics.median(r[2] for r in runs)
+    decoded = args.new_tokens - 1
+    result = {
+        "side": "pytorch",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "attn_implementation": model.config._attn_implementation,
+        "prompt_tokens": len(ids),
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "load_ms": load_ms,
+        "image_encode_ms": image_ms,
+        "prefill_ms": prefill_ms,
+        "decode_ms": decode_ms,
+        "decode_tokens_per_s": decoded / (decode_ms / 1000.0),
+        "peak_rss_mb": peak_rss_mb(),
+        "tokens": runs[-1][3],
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+//! Precision: every fixture loaded as f32, f16 and bf16 (weights and activations; norms,
+//! softmax and the attention scores stay f32 as in transformers). For each, the max |diff|
+//! of the last-position logits against f32 and how many of 10 greedy tokens agree with f32.
+//!
+//! `cargo test --release --test dtype -- --nocapture` prints the table. The bounds below are
+//! the measured values with margin (the fixtures are tiny random models whose logits are
+//! O(1) and whose top-2 margins can be small, so a low-precision token can flip).
+
+mod common;
+
+use burn::tensor::{DType, Device};
+use common::{FIXTURES, fixture, max_slice_diff};
+use serde_json::Value;
+use vipllava::LoadOptions;
+use vipllava::generate::GenerationOptions;
+use vipllava::pipeline::{Pipeline, Prompt};
+use vipllava::processor::image::load_image;
+
+const NEW_TOKENS: usize = 10;
+
+struct Row {
+    fixture: &'static str,
+    dtype: &'static str,
+    max_diff: f32,
+    max_logit: f32,
+    same_prefix: usize,
+}
+
+fn run(name: &str, dtype: DType) -> (Vec<f32>, Vec<u32>) {
+    let device = Device::flex();
+    let pipeline = Pipeline::load(&fixture(name), &device, &LoadOptions { dtype }).expect("pipeline");
+    let inputs: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("images/inputs.json")).expect("inputs"))
+            .expect("json");
+    let info = &inputs["images"]["astronaut"];
+    let image = load_image(&fixture(info["file"].as_str().expect("file"))).expect("image");
+    let prepared = pipeline
+        .prepare(
+            &[image],
+            &Prompt::User(info["question"].as_str().expect("question").into()),
+        )
+        .expect("prepare");
+    let (logits, _) = pipeline.prefill(&prepared).expect("prefill");
+    let options = GenerationOptions {
+        max_new_tokens: NEW_TOKENS,
+        eos_token_ids: Vec::new(),
+        ..pipeline.generation_defaults.clone()
+    };
+    let generation = pipeline.generate(&prepared, &options, |_| {}).expect("generate");
+    (logits, generation.token_ids)
+}
+
+/// Max |diff| of logits vs f32 and the number of leading greedy tokens equal to f32's:
+/// the measured values (table in BENCHMARKS.md) with margin. Low-precision runs are
+/// deterministic (the CPU kernels' summation order does not depend on the thread count).
+fn bound(fixture: &str, dtype: &str) -> (f32, usize) {
+    match (fixture, dtype) {
+        (_, "f16") => (0.06, 8),
+        ("tiny-5x-f32", "bf16") => (0.4, 8),
+        ("tiny-hub-bf16-sharded", "bf16") => (0.4, 7),
+        ("tiny-gqa-f16", "bf16") => (0.4, 8),
+        ("tiny-hub-tied-dynamic", "bf16") => (0.4, 3),
+        _ => (0.0, NEW_TOKENS),
+    }
+}
+
+#[test]
+fn low_precision_logits_and_greedy_tokens_stay_close_to_f32() {
+    let mut rows = Vec::new();
+    for name in FIXTURES {
+        let (ref_logits, ref_tokens) = run(name, DType::F32);
+        assert_eq!(
+            ref_tokens.len(),
+            NEW_TOKENS,
+            "{name}: f32 generated {ref_tokens:?}"
+        );
+        let max_logit = ref_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (dtype, label) in [(DType::F16, "f16"), (DType::BF16, "bf16")] {
+            let (logits, tokens) = run(name, dtype);
+            assert_eq!(logits.len(), ref_logits.len());
+            assert!(
+                logits.iter().all(|v| v.is_finite()),
+                "{name} {label}: non-finite logits"
+            );
+            let same_prefix = tokens.iter().zip(&ref_tokens).take_while(|(a, b)| a == b).count();
+            rows.push(Row {
+                fixture: name,
+                dtype: label,
+                max_diff: max_slice_diff(&logits, &ref_logits),
+                max_logit,
+                same_prefix,
+            });
+        }
+    }
+    println!(
+        "| fixture | dtype | max abs logit (f32) | max abs diff vs f32 | greedy tokens equal to f32 (of {NEW_TOKENS}) |"
+    );
+    println!("|---|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.3} | {:.4} | {} |",
+            r.fixture, r.dtype, r.max_logit, r.max_diff, r.same_prefix
+        );
+    }
+    for r in &rows {
+        let (max_diff, min_prefix) = bound(r.fixture, r.dtype);
+        assert!(
+            r.max_diff <= max_diff,
+            "{} {}: max |diff| {} > {}",
+            r.fixture,
+            r.dtype,
+            r.max_diff,
+            max_diff
+        );
+        assert!(
+            r.same_prefix >= min_prefix,
+            "{} {}: only {} greedy tokens equal to f32 (expected >= {})",
+            r.fixture,
+            r.dtype,
+            r.same_prefix,
+            min_prefix
+        );
+    }
+}
