@@ -7,15 +7,15 @@ Both sides: 2 threads, the scikit-image astronaut photo (CLIP-336 crop), BOS + 5
 then greedy decoding to 32 new tokens with the KV cache. Each figure is the median over
 `--repeats` runs after one untimed warm-up.
 
-    /work/venv/bin/python scripts/bench_pytorch.py --model /work/bench-data/clip-l-llama-1b-f32 \
-        --image /work/bench-data/astronaut.png --dtype f32 --repeats 3 --json
+    .venv/bin/python scripts/bench_pytorch.py --model bench-data/clip-l-llama-1b-f32 \
+        --image bench-data/astronaut.png --dtype f32 --repeats 3 --json
 
 Prints one JSON object (with --json) with the same field names as `vipllava bench --json`.
 
 Driver (interleaves the two sides, one process per run, and prints the ratios us/PyTorch):
 
-    /work/venv/bin/python scripts/bench_pytorch.py --compare --vipllava target/release/vipllava \
-        --model-dir /work/bench-data --image /work/bench-data/astronaut.png --dtypes f32,bf16 \
+    .venv/bin/python scripts/bench_pytorch.py --compare --vipllava target/release/vipllava \
+        --model-dir bench-data --image bench-data/astronaut.png --dtypes f32,bf16 \
         --rounds 2 --repeats 1
 
 It runs, per dtype and round: vipllava, then PyTorch; reports per side the median over rounds of
@@ -131,7 +131,7 @@ def main():
     ap.add_argument("--image", required=True)
     ap.add_argument("--compare", action="store_true", help="run the interleaved comparison driver")
     ap.add_argument("--vipllava", default="target/release/vipllava")
-    ap.add_argument("--model-dir", default="/work/bench-data")
+    ap.add_argument("--model-dir", default="bench-data")
     ap.add_argument("--dtypes", default="f32,bf16")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])

@@ -10,12 +10,12 @@ There is no tokenizer: the vocabulary is random anyway, so both benchmark sides 
 token ids (``bench_prompt_ids`` below, mirrored by ``vipllava bench``). The image processor config
 (CLIP 336) is written so both sides preprocess the photo the same way.
 
-Set-up: see scripts/make_fixtures.py (``/work/venv``). Run::
+Set-up: see scripts/make_fixtures.py (``.venv``). Run::
 
-    /work/venv/bin/python scripts/make_bench_checkpoint.py --out /work/bench-data
+    .venv/bin/python scripts/make_bench_checkpoint.py --out bench-data
 
-writes ``/work/bench-data/clip-l-llama-1b-f32/``, ``/work/bench-data/clip-l-llama-1b-bf16/`` and
-``/work/bench-data/astronaut.png`` (scikit-image's astronaut photo, 512x512).
+writes ``bench-data/clip-l-llama-1b-f32/``, ``bench-data/clip-l-llama-1b-bf16/`` and
+``bench-data/astronaut.png`` (scikit-image's astronaut photo, 512x512).
 """
 
 import argparse
@@ -56,7 +56,7 @@ def bench_prompt_ids(image_tokens, text_tokens, vocab, image_token):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="/work/bench-data")
+    ap.add_argument("--out", default="bench-data")
     ap.add_argument("--dtypes", default="f32,bf16")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

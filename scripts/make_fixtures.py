@@ -7,16 +7,16 @@ The outputs are committed under ``tests/fixtures/`` and read by the Rust tests.
 Set-up (CPU only is enough; the committed files were made with torch 2.15, transformers 5.24.0,
 tokenizers 0.23.3, Pillow 13.0, scikit-image 0.26)::
 
-    python3 -m venv /work/venv
-    /work/venv/bin/pip install torch --index-url https://download.pytorch.org/whl/cpu
-    /work/venv/bin/pip install "transformers>=5,<6" safetensors numpy pillow tokenizers scikit-image
+    python3 -m venv .venv
+    .venv/bin/pip install torch
+    .venv/bin/pip install "transformers>=5,<6" safetensors numpy pillow tokenizers scikit-image
 
 Run (from the repository root; about 15 s on 2 cores)::
 
-    /work/venv/bin/python scripts/make_fixtures.py            # writes tests/fixtures/
-    /work/venv/bin/python scripts/make_fixtures.py --out /tmp/fx --only tiny-gqa-f16
-    /work/venv/bin/python scripts/make_fixtures.py --no-phase2   # checkpoints + reference.* only
-    /work/venv/bin/python scripts/make_fixtures.py --no-phase3   # phases 1 and 2 only
+    .venv/bin/python scripts/make_fixtures.py            # writes tests/fixtures/
+    .venv/bin/python scripts/make_fixtures.py --out /tmp/fx --only tiny-gqa-f16
+    .venv/bin/python scripts/make_fixtures.py --no-phase2   # checkpoints + reference.* only
+    .venv/bin/python scripts/make_fixtures.py --no-phase3   # phases 1 and 2 only
 
 Re-running with the same library versions rewrites byte-identical files (fixed seeds, one CPU
 thread, sorted JSON; the BPE training and PNG encoding are deterministic too). Phases 2 and 3 do not

@@ -4,7 +4,7 @@ for processor/tests/image_parity.rs.
 
 Run with the project's venv (transformers 5.x, Pillow, scikit-image, numpy):
 
-    /work/venv/bin/python scripts/make_image_fixtures.py
+    .venv/bin/python scripts/make_image_fixtures.py
 
 What it writes (all under processor/tests/fixtures/image/):
 

@@ -11,7 +11,7 @@ hub. Text is byte-encoded, so prompts are longer in tokens than with the real vo
 About 14 GB on disk and never committed. Tensors are generated and written shard by shard, so
 the script needs about one shard of memory (5 GB), not the model's.
 
-    /work/venv/bin/python scripts/make_random_checkpoint.py --out /tmp/vip-llava-7b-random
+    .venv/bin/python scripts/make_random_checkpoint.py --out /tmp/vip-llava-7b-random
 
 Used for the 7B memory and speed figures in BENCHMARKS.md (`vipllava generate --dtype bf16`,
 `--quantize q8`).

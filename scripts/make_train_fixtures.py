@@ -24,7 +24,7 @@ target; image tokens and all others are -100. The loss is transformers' own (``l
 
 Run from the repository root (same venv as make_fixtures.py)::
 
-    /work/venv/bin/python scripts/make_train_fixtures.py
+    .venv/bin/python scripts/make_train_fixtures.py
 
 Check that transformers loads an export of ours and gives our logits: the Rust test
 ``export_round_trip_gives_the_merged_model_logits`` (train/tests/parity.rs) trains LoRA for three steps,
@@ -33,7 +33,7 @@ exports, and, when VIPLLAVA_EXPORT_CHECK_DIR is set, leaves the export there wit
 
     VIPLLAVA_EXPORT_CHECK_DIR=/tmp/vipllava-export-check \
         cargo test -p vipllava-train --test parity export_round_trip
-    /work/venv/bin/python scripts/make_train_fixtures.py --check-export /tmp/vipllava-export-check
+    .venv/bin/python scripts/make_train_fixtures.py --check-export /tmp/vipllava-export-check
 """
 
 from __future__ import annotations

@@ -73,7 +73,14 @@ pub fn bench_model(
         device.seed(0);
         Ok((VipLlava::new_random(&config, device), config))
     } else {
-        let loaded = load_model(dir, device, &LoadOptions { dtype })?;
+        let loaded = load_model(
+            dir,
+            device,
+            &LoadOptions {
+                dtype,
+                quantize: None,
+            },
+        )?;
         Ok((loaded.model, loaded.config))
     }
 }

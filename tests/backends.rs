@@ -132,7 +132,7 @@ fn only_linear_weights_are_quantized() {
 fn convert_writes_a_burnpack_directory_that_generates_the_same() {
     let out_root = tempfile::tempdir().expect("tempdir");
     let input = fixture("tiny-5x-f32");
-    for (dtype, quantize) in [("f32", None), ("f32", Some("q8"))] {
+    for (dtype, quantize) in [("bf16", None), ("f32", Some("q8"))] {
         let out = out_root
             .path()
             .join(format!("{dtype}-{}", quantize.unwrap_or("none")));

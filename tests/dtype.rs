@@ -28,7 +28,15 @@ struct Row {
 
 fn run(name: &str, dtype: DType) -> (Vec<f32>, Vec<u32>) {
     let device = Device::flex();
-    let pipeline = Pipeline::load(&fixture(name), &device, &LoadOptions { dtype }).expect("pipeline");
+    let pipeline = Pipeline::load(
+        &fixture(name),
+        &device,
+        &LoadOptions {
+            dtype,
+            quantize: None,
+        },
+    )
+    .expect("pipeline");
     let inputs: Value =
         serde_json::from_str(&std::fs::read_to_string(fixture("images/inputs.json")).expect("inputs"))
             .expect("json");

@@ -28,9 +28,16 @@ pub fn fast_paths_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("VIPLLAVA_FAST_PATHS").map_or(true, |v| v != "0"))
 }
 
+/// Whether `device` is the plain Flex CPU device: the fast paths work on Flex primitives,
+/// which an autodiff device (it compares equal to its inner device) does not hold.
+pub fn is_plain_flex(device: &Device) -> bool {
+    *device == Device::flex() && !device.is_autodiff()
+}
+
 /// `x @ W (+ b)` for a `Linear`, through the streaming kernel where it applies.
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
-    if !fast_paths_enabled() {
+    // Quantized weights (`--quantize`) go through Burn's own quantized matmul.
+    if !fast_paths_enabled() || matches!(layer.weight.val().dtype(), DType::QFloat(_)) {
         return layer.forward(x);
     }
     let dims = x.dims();
@@ -41,7 +48,7 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
         return out;
     }
     let wdtype = layer.weight.val().dtype();
-    if wdtype != DType::F32 && x.device() == Device::flex() {
+    if wdtype != DType::F32 && is_plain_flex(&x.device()) {
         // Many rows: widen once, f32 gemm, round once (Flex would do the same, serially).
         let xf = x.cast(DType::F32);
         let w = layer.weight.val().cast(DType::F32);
@@ -61,7 +68,7 @@ fn flex_tensor<const D: usize>(t: Tensor<D>) -> Option<FlexTensor> {
 fn stream_linear<const D: usize>(layer: &Linear, x: &Tensor<D>, rows: usize) -> Option<Tensor<D>> {
     let weight = layer.weight.val();
     let device = weight.device();
-    if device != Device::flex() {
+    if !is_plain_flex(&device) {
         return None;
     }
     let dtype = weight.dtype();

@@ -410,7 +410,7 @@ impl LlamaAttention {
         let total = k.dims()[2];
         // Flex's attention maps query head `h` to key/value head `h / (heads / kv_heads)`
         // itself; other backends get HF's `repeat_kv` copies.
-        let (k, v) = if q.device() == Device::flex() {
+        let (k, v) = if crate::kernels::is_plain_flex(&q.device()) {
             (k, v)
         } else {
             (self.repeat_kv(k), self.repeat_kv(v))

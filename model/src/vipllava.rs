@@ -302,7 +302,7 @@ impl VipLlava {
             None => {
                 let w = self.language_model.embed_tokens.weight.val(); // [vocab, hidden]
                 let dtype = hidden.dtype();
-                if dtype == burn::tensor::DType::F32 || hidden.device() != Device::flex() {
+                if dtype == burn::tensor::DType::F32 || !crate::kernels::is_plain_flex(&hidden.device()) {
                     hidden.matmul(w.transpose().unsqueeze())
                 } else {
                     // Flex widens bf16/f16 matmuls serially; widen once here instead.

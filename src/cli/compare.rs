@@ -16,54 +16,72 @@ use super::DtypeArg;
 /// Backend-comparison options of `bench`.
 #[derive(Args, Debug, Clone, Default)]
 pub(crate) struct CompareArgs {
-    /// Compare backends on this image with the real pipeline (instead of the batch-size
-    /// throughput run).
-    #[arg(long)]
-    pub image: Option<PathBuf>,
-    /// Question asked about the image.
+    /// Question asked about the image in a backend comparison.
     #[arg(
         long,
         default_value = "What is shown in the image? Describe the main object and its surroundings."
     )]
     pub question: String,
-    /// Devices to compare (see --device of `generate`).
-    #[arg(long, value_delimiter = ',', default_value = "cpu")]
+    /// Backend comparison on --image with the real pipeline: devices to compare (see
+    /// --device of `generate`). Giving --devices, --dtypes or --quantize selects this mode.
+    #[arg(long, value_delimiter = ',')]
     pub devices: Vec<String>,
-    /// Dtypes to compare.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "f32")]
+    /// Dtypes to compare (default f32).
+    #[arg(long, value_enum, value_delimiter = ',')]
     pub dtypes: Vec<DtypeArg>,
     /// Also run each device/dtype with these weight quantizations (q8, q4).
     #[arg(long, value_delimiter = ',')]
     pub quantize: Vec<Quantization>,
-    /// Timed repetitions per combination (after one warm-up); medians are reported.
-    #[arg(long, default_value_t = 3)]
-    pub repeats: usize,
     /// Internal: run one combination in this process and write its logits here.
     #[arg(long, hide = true)]
     pub child_logits: Option<PathBuf>,
 }
 
+impl CompareArgs {
+    /// Whether a backend comparison was asked for.
+    pub fn requested(&self) -> bool {
+        !self.devices.is_empty() || !self.dtypes.is_empty() || !self.quantize.is_empty()
+    }
+}
+
 /// Runs the comparison (or, with `--child-logits`, one combination of it).
-pub(crate) fn run(model: &Path, args: &CompareArgs, new_tokens: usize, json: bool) -> anyhow::Result<()> {
-    let image_path = args.image.as_ref().context("--image is required")?;
-    anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
+pub(crate) fn run(
+    model: &Path,
+    image: Option<&Path>,
+    args: &CompareArgs,
+    repeats: usize,
+    new_tokens: usize,
+    json: bool,
+) -> anyhow::Result<()> {
+    let image_path = image.context("a backend comparison needs --image")?;
+    anyhow::ensure!(repeats > 0, "--repeats must be at least 1");
+    let devices = if args.devices.is_empty() {
+        vec!["cpu".to_string()]
+    } else {
+        args.devices.clone()
+    };
+    let dtypes = if args.dtypes.is_empty() {
+        vec![DtypeArg::F32]
+    } else {
+        args.dtypes.clone()
+    };
     if let Some(logits_path) = &args.child_logits {
         let image = super::load_image(image_path)?;
         let spec = ComboSpec {
-            device: args.devices.first().cloned().unwrap_or_else(|| "cpu".into()),
-            dtype: args.dtypes.first().copied().unwrap_or(DtypeArg::F32).dtype(),
+            device: devices[0].clone(),
+            dtype: dtypes[0].dtype(),
             quantize: args.quantize.first().copied(),
         };
-        let (result, logits) = run_combo(model, &image, &args.question, &spec, args.repeats, new_tokens)?;
+        let (result, logits) = run_combo(model, &image, &args.question, &spec, repeats, new_tokens)?;
         super::write_npy(logits_path, &[logits.len() as u64], &logits)?;
         println!("{}", serde_json::to_string(&result)?);
         return Ok(());
     }
 
     let mut combos: Vec<(String, DtypeArg, Option<Quantization>)> = Vec::new();
-    for device in &args.devices {
+    for device in &devices {
         device.parse::<vipllava::DeviceSpec>()?;
-        for &dtype in &args.dtypes {
+        for &dtype in &dtypes {
             combos.push((device.clone(), dtype, None));
             for &q in &args.quantize {
                 combos.push((device.clone(), dtype, Some(q)));
@@ -95,7 +113,7 @@ pub(crate) fn run(model: &Path, args: &CompareArgs, new_tokens: usize, json: boo
             .arg("--dtypes")
             .arg(format!("{dtype:?}").to_lowercase())
             .arg("--repeats")
-            .arg(args.repeats.to_string())
+            .arg(repeats.to_string())
             .arg("--new-tokens")
             .arg(new_tokens.to_string())
             .arg("--child-logits")

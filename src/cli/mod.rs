@@ -61,7 +61,8 @@ enum Command {
         runtime: RuntimeArgs,
     },
     /// Measure prefill time and decode tokens/s for several batch sizes on the CPU device,
-    /// or, with --image, compare devices, dtypes and quantizations on the real pipeline.
+    /// or, with --devices/--dtypes/--quantize and --image, compare devices, dtypes and
+    /// quantizations on the real pipeline.
     Bench {
         /// Model directory (or hub id).
         #[arg(long, default_value = DEFAULT_MODEL)]
@@ -592,8 +593,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 other => anyhow::bail!("unknown dtype {other:?} (expected f32, f16 or bf16)"),
             };
             let dir = model_dir(&model)?;
-            if compare.image.is_some() {
-                return compare::run(&dir, &compare, new_tokens, json);
+            if compare.requested() {
+                return compare::run(&dir, image.as_deref(), &compare, repeats, new_tokens, json);
             }
             let device = Device::flex();
             let start = std::time::Instant::now();
