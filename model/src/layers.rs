@@ -100,7 +100,9 @@ impl LlamaRmsNorm {
 /// (Burn's own `LayerNorm` widens f16 only, and does bf16 in bf16).
 pub fn layer_norm_f32<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
     let dtype = x.dtype();
-    if dtype == DType::F32 {
+    // Under autodiff the widened copies below would be non-leaf parameters, which Burn
+    // refuses; training uses Burn's own LayerNorm (it widens f16, keeps bf16).
+    if dtype == DType::F32 || x.device().is_autodiff() {
         return norm.forward(x);
     }
     let mut wide = norm.clone();
