@@ -25,6 +25,8 @@ import time
 import torch
 from safetensors.torch import save_file
 
+from make_fixtures import to_hub4_key
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 HUB_CONFIG = os.path.join(HERE, "..", "tests", "fixtures", "hub-7b-config", "config.json")
 SHARD_BYTES = 5 * 1000**3
@@ -55,19 +57,6 @@ CLIP = {
 }
 
 
-def hub4_key(name: str) -> str:
-    """transformers 5.x module names -> hub (4.x) checkpoint names."""
-    for src, dst in (
-        ("model.language_model.", "language_model.model."),
-        ("lm_head.", "language_model.lm_head."),
-        ("model.vision_tower.", "vision_tower.vision_model."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-    ):
-        if name.startswith(src):
-            return dst + name[len(src):]
-    raise KeyError(name)
-
-
 def tensor_shapes(hub_config: dict) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of the hub checkpoint, from transformers on the meta device."""
     from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
@@ -79,7 +68,7 @@ def tensor_shapes(hub_config: dict) -> list[tuple[str, tuple[int, ...]]]:
     cfg.pop("vision_feature_layer", None)
     with torch.device("meta"):
         model = VipLlavaForConditionalGeneration(VipLlavaConfig(**cfg))
-    return [(hub4_key(k), tuple(v.shape)) for k, v in model.state_dict().items()]
+    return [(to_hub4_key(k), tuple(v.shape)) for k, v in model.state_dict().items()]
 
 
 def tokenizer_json() -> dict:

@@ -8,11 +8,8 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use burn::tensor::Device;
-use common::{fixture, max_slice_diff, run_cli};
-use vipllava::generate::GenerationOptions;
-use vipllava::pipeline::{Pipeline, Prompt};
-use vipllava::processor::image::load_image;
-use vipllava::{LoadOptions, open_device};
+use common::{fixture, logits_and_tokens, max_slice_diff, run_cli};
+use vipllava::open_device;
 
 /// The server process, killed when the test ends (also on failure).
 struct Server(Child);
@@ -57,31 +54,13 @@ fn start_server() -> (Server, String) {
     (server, url)
 }
 
-fn logits_and_tokens(device: &Device) -> (Vec<f32>, Vec<u32>) {
-    let pipeline = Pipeline::load(&fixture("tiny-5x-f32"), device, &LoadOptions::default()).expect("load");
-    let image = load_image(&fixture("images/astronaut.png")).expect("image");
-    let prepared = pipeline
-        .prepare(&[image], &Prompt::User("What is in the red box?".into()))
-        .expect("prepare");
-    let (logits, _) = pipeline.prefill(&prepared).expect("prefill");
-    let options = GenerationOptions {
-        max_new_tokens: 8,
-        ..pipeline.generation_defaults.clone()
-    };
-    let tokens = pipeline
-        .generate(&prepared, &options, |_| {})
-        .expect("generate")
-        .token_ids;
-    (logits, tokens)
-}
-
 #[test]
 fn remote_device_matches_local_cpu() {
     let (_server, url) = start_server();
     assert!(url.starts_with("ws://127.0.0.1:"), "{url}");
     let remote = open_device(&format!("remote:{url}")).expect("connect");
-    let (remote_logits, remote_tokens) = logits_and_tokens(&remote);
-    let (local_logits, local_tokens) = logits_and_tokens(&Device::flex());
+    let (remote_logits, remote_tokens) = logits_and_tokens("tiny-5x-f32", &remote, 8);
+    let (local_logits, local_tokens) = logits_and_tokens("tiny-5x-f32", &Device::flex(), 8);
     let diff = max_slice_diff(&remote_logits, &local_logits);
     println!(
         "remote vs local cpu: max |diff| of logits {diff:e}, tokens equal: {}",

@@ -6,39 +6,18 @@
 mod common;
 
 use burn::tensor::Device;
-use common::{fixture, max_slice_diff};
-use vipllava::generate::GenerationOptions;
-use vipllava::pipeline::{Pipeline, Prompt};
-use vipllava::processor::image::load_image;
-use vipllava::{LoadOptions, open_device};
+use common::{logits_and_tokens, max_slice_diff};
+use vipllava::open_device;
 
 /// GPU reductions run in another order than the CPU's: allow float noise, not more.
 const LOGIT_BOUND: f32 = 1e-3;
-
-fn logits_and_tokens(name: &str, device: &Device) -> (Vec<f32>, Vec<u32>) {
-    let pipeline = Pipeline::load(&fixture(name), device, &LoadOptions::default()).expect("load");
-    let image = load_image(&fixture("images/astronaut.png")).expect("image");
-    let prepared = pipeline
-        .prepare(&[image], &Prompt::User("What is in the red box?".into()))
-        .expect("prepare");
-    let (logits, _) = pipeline.prefill(&prepared).expect("prefill");
-    let options = GenerationOptions {
-        max_new_tokens: 8,
-        ..pipeline.generation_defaults.clone()
-    };
-    let tokens = pipeline
-        .generate(&prepared, &options, |_| {})
-        .expect("generate")
-        .token_ids;
-    (logits, tokens)
-}
 
 #[test]
 fn wgpu_matches_cpu() {
     let gpu = open_device("wgpu").expect("wgpu device (is a Vulkan driver installed?)");
     for name in ["tiny-5x-f32", "tiny-gqa-f16"] {
-        let (cpu_logits, cpu_tokens) = logits_and_tokens(name, &Device::flex());
-        let (gpu_logits, gpu_tokens) = logits_and_tokens(name, &gpu);
+        let (cpu_logits, cpu_tokens) = logits_and_tokens(name, &Device::flex(), 8);
+        let (gpu_logits, gpu_tokens) = logits_and_tokens(name, &gpu, 8);
         let diff = max_slice_diff(&gpu_logits, &cpu_logits);
         println!(
             "{name}: wgpu vs cpu max |diff| of logits {diff:e}, tokens equal: {}",

@@ -36,22 +36,28 @@ pub fn is_plain_flex(device: &Device) -> bool {
 
 /// `x @ W (+ b)` for a `Linear`, through the streaming kernel where it applies.
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
-    // Quantized weights (`--quantize`) go through Burn's own quantized matmul.
-    if !fast_paths_enabled() || matches!(layer.weight.val().dtype(), DType::QFloat(_)) {
+    if !fast_paths_enabled() {
+        return layer.forward(x);
+    }
+    // One handle per call: this runs for every projection of every decode step.
+    let weight = layer.weight.val();
+    let wdtype = weight.dtype();
+    // Quantized weights (`--quantize`) and other devices (autodiff, wgpu, ...) go through
+    // Burn's own ops.
+    if matches!(wdtype, DType::QFloat(_)) || !is_plain_flex(&weight.device()) {
         return layer.forward(x);
     }
     let dims = x.dims();
     let rows: usize = dims[..D - 1].iter().product();
     if rows <= MAX_STREAM_ROWS
-        && let Some(out) = stream_linear(layer, &x, rows)
+        && let Some(out) = stream_linear(layer, weight.clone(), &x, rows)
     {
         return out;
     }
-    let wdtype = layer.weight.val().dtype();
-    if wdtype != DType::F32 && is_plain_flex(&x.device()) {
+    if wdtype != DType::F32 {
         // Many rows: widen once, f32 gemm, round once (Flex would do the same, serially).
         let xf = x.cast(DType::F32);
-        let w = layer.weight.val().cast(DType::F32);
+        let w = weight.cast(DType::F32);
         let mut y = xf.matmul(w.unsqueeze());
         if let Some(b) = &layer.bias {
             y = y + b.val().cast(DType::F32).unsqueeze();
@@ -65,12 +71,14 @@ fn flex_tensor<const D: usize>(t: Tensor<D>) -> Option<FlexTensor> {
     t.try_into_primitive::<Flex>().ok()
 }
 
-fn stream_linear<const D: usize>(layer: &Linear, x: &Tensor<D>, rows: usize) -> Option<Tensor<D>> {
-    let weight = layer.weight.val();
+/// The streaming kernel on `weight` (`layer.weight` on the plain Flex device).
+fn stream_linear<const D: usize>(
+    layer: &Linear,
+    weight: Tensor<2>,
+    x: &Tensor<D>,
+    rows: usize,
+) -> Option<Tensor<D>> {
     let device = weight.device();
-    if !is_plain_flex(&device) {
-        return None;
-    }
     let dtype = weight.dtype();
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) || x.dtype() != dtype {
         return None;
