@@ -1,8 +1,6 @@
 //! Pad mode (ViP-LLaVA training preprocessing) versus crop mode (transformers).
 
-mod common;
-
-use common::fixture;
+use crate::common::fixture;
 use vipllava::processor::image::{ImageMode, ImageProcessorConfig, load_image, preprocess_with_mode};
 
 #[test]

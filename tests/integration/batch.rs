@@ -1,10 +1,8 @@
 //! Batched generation (left padding, per-row stopping) token-identical to transformers'
 //! batched `generate` and to each request run alone; multi-image prompts.
 
-mod common;
-
+use crate::common::{FIXTURES, Reference, fixture, max_slice_diff};
 use burn::tensor::Device;
-use common::{FIXTURES, Reference, fixture, max_slice_diff};
 use serde_json::Value;
 use vipllava::generate::GenerationOptions;
 use vipllava::pipeline::{Pipeline, Prompt};

@@ -1,10 +1,8 @@
 //! Logits parity with transformers 5.x for every fixture (layouts, dtypes, GQA, biases,
 //! rope scaling types, tied embeddings), stage by stage, and KV-cache decoding.
 
-mod common;
-
+use crate::common::{FIXTURES, Reference, fixture, max_abs_diff};
 use burn::tensor::{Device, Tensor};
-use common::{FIXTURES, Reference, fixture, max_abs_diff};
 use vipllava::{ForwardInput, KvCache, LoadOptions, LogitsMode, load_model};
 use vipllava_model::RopeScaling;
 use vipllava_model::llama::Rope;

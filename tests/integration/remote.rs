@@ -2,13 +2,11 @@
 //! and greedy tokens as running on the local CPU. Needs `--features remote`.
 #![cfg(feature = "remote")]
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
+use crate::common::{fixture, logits_and_tokens, max_slice_diff, run_cli};
 use burn::tensor::Device;
-use common::{fixture, logits_and_tokens, max_slice_diff, run_cli};
 use vipllava::open_device;
 
 /// The server process, killed when the test ends (also on failure).

@@ -2,14 +2,12 @@
 //! softmax and the attention scores stay f32 as in transformers). For each, the max |diff|
 //! of the last-position logits against f32 and how many of 10 greedy tokens agree with f32.
 //!
-//! `cargo test --release --test dtype -- --nocapture` prints the table. The bounds below are
+//! `cargo test --release --test integration dtype:: -- --nocapture` prints the table. The bounds below are
 //! the measured values with margin (the fixtures are tiny random models whose logits are
 //! O(1) and whose top-2 margins can be small, so a low-precision token can flip).
 
-mod common;
-
+use crate::common::{FIXTURES, fixture, max_slice_diff};
 use burn::tensor::{DType, Device};
-use common::{FIXTURES, fixture, max_slice_diff};
 use serde_json::Value;
 use vipllava::LoadOptions;
 use vipllava::generate::GenerationOptions;

@@ -2,12 +2,10 @@
 //! whose message names the problem (or, where PIL accepts the input, succeed like PIL) —
 //! never panic, hang or allocate unboundedly.
 
-mod common;
-
 use std::path::Path;
 
+use crate::common::{copy_fixture, fixture};
 use burn::tensor::Device;
-use common::{copy_fixture, fixture};
 use vipllava::generate::GenerationOptions;
 use vipllava::pipeline::{Pipeline, PipelineError, Prompt};
 use vipllava::processor::image::{ImageProcessorConfig, decode_image, load_image, preprocess};

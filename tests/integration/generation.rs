@@ -2,13 +2,11 @@
 //! pixel values, last-position logits and 20 greedy tokens; the CLI's JSON and streamed
 //! output; and the error paths of the pipeline and CLI.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
+use crate::common::{FIXTURES, Reference, fixture, max_slice_diff, run_cli};
 use burn::tensor::Device;
-use common::{FIXTURES, Reference, fixture, max_slice_diff, run_cli};
 use serde_json::Value;
 use vipllava::generate::GenerationOptions;
 use vipllava::pipeline::{Pipeline, PipelineError, Prompt};

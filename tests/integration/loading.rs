@@ -1,12 +1,10 @@
 //! Loading every published layout, Burn-native round trips, and the error cases of
 //! checkpoint loading (each must name the file key or file at fault).
 
-mod common;
-
 use std::path::Path;
 
+use crate::common::{Reference, copy_fixture, fixture, max_abs_diff};
 use burn::tensor::{Device, Tensor};
-use common::{Reference, copy_fixture, fixture, max_abs_diff};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use vipllava::{ForwardInput, KvCache, LoadOptions, load_model};

@@ -2,11 +2,9 @@
 //! checkpoints, resume, refusing the model directory, bad samples, export, and `generate`
 //! on the result.
 
-mod common;
-
 use std::path::Path;
 
-use common::{fixture, run_cli};
+use crate::common::{fixture, run_cli};
 use serde_json::Value;
 
 fn s(p: &Path) -> &str {
@@ -140,7 +138,7 @@ fn resume_continues_like_an_uninterrupted_run() {
 
 #[test]
 fn refuses_to_write_into_the_model_directory() {
-    let model = common::copy_fixture("tiny-5x-f32");
+    let model = crate::common::copy_fixture("tiny-5x-f32");
     let data = fixture("train/data.json");
     let before = std::fs::read(model.path().join("model.safetensors")).expect("weights");
     let r = run_cli(&train_args(model.path(), &data, model.path()));

@@ -1,8 +1,6 @@
 //! Visual prompts from the CLI: `draw`, marks on `generate`, the crop warning and pad mode.
 
-mod common;
-
-use common::{fixture, run_cli};
+use crate::common::{fixture, run_cli};
 
 #[test]
 fn draw_writes_the_marked_image() {

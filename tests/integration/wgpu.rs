@@ -3,10 +3,8 @@
 //! Vulkan driver; slow, so it uses the smallest fixtures.
 #![cfg(feature = "wgpu")]
 
-mod common;
-
+use crate::common::{logits_and_tokens, max_slice_diff};
 use burn::tensor::Device;
-use common::{logits_and_tokens, max_slice_diff};
 use vipllava::open_device;
 
 /// GPU reductions run in another order than the CPU's: allow float noise, not more.

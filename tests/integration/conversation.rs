@@ -2,10 +2,8 @@
 //! re-run of earlier turns) and gives the same logits as a fresh prefill of the whole
 //! conversation; multi-image prompts.
 
-mod common;
-
+use crate::common::{FIXTURES, Reference, fixture, max_slice_diff};
 use burn::tensor::Device;
-use common::{FIXTURES, Reference, fixture, max_slice_diff};
 use vipllava::generate::GenerationOptions;
 use vipllava::pipeline::{Pipeline, Prompt};
 use vipllava::processor::ChatMessage;

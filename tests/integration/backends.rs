@@ -2,10 +2,8 @@
 //! f32 with explicit bounds, `vipllava convert` round trips, and clear errors for devices
 //! this binary was built without.
 
-mod common;
-
+use crate::common::{FIXTURES, copy_fixture, fixture, max_slice_diff, run_cli};
 use burn::tensor::Device;
-use common::{FIXTURES, copy_fixture, fixture, max_slice_diff, run_cli};
 use vipllava::convert::quantized_parameter_count;
 use vipllava::generate::GenerationOptions;
 use vipllava::pipeline::{Pipeline, Prompt};

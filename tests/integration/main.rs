@@ -1,0 +1,20 @@
+//! The facade's integration tests, linked into one binary: each test file used to be its
+//! own binary of ~200 MB (Burn is statically linked into every one), which filled CI disks
+//! and spent minutes linking. Run one area with a filter, e.g.
+//! `cargo test --test integration generation::`.
+
+mod common;
+
+mod backends;
+mod bad_inputs;
+mod batch;
+mod conversation;
+mod dtype;
+mod generation;
+mod image_mode;
+mod loading;
+mod parity;
+mod remote;
+mod train_cli;
+mod visual_prompts_cli;
+mod wgpu;
