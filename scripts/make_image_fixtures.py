@@ -11,7 +11,7 @@ What it writes (all under processor/tests/fixtures/image/):
 - inputs/*.png: photos from skimage.data, downsized here once and saved as PNG (both sides
   read these files), plus synthetic PNGs that exercise Pillow's modes: RGBA, LA, palette with
   tRNS, 16-bit RGB / RGBA / gray / gray+alpha, low bit depths with tRNS, interlaced, tiny,
-  odd sizes; inputs/photo.jpg for the JPEG comparison.
+  odd sizes; inputs/photo*.jpg (4:2:0, 4:4:4, progressive 4:2:2, gray) for the JPEG comparison.
 - settings/<name>/: one model directory per processor setting, in the three layouts that
   exist (hub 4.x preprocessor_config.json, 5.x processor_config.json with the image
   processor nested, legacy int sizes); transformers loads them with
@@ -206,6 +206,11 @@ def make_inputs(d: Path) -> dict[str, str]:
     desc["photo.jpg"] = "160x112 crop of chelsea.png saved by Pillow as JPEG quality 90 (4:2:0)"
     photo.save(d / "photo444.jpg", quality=90, subsampling=0)
     desc["photo444.jpg"] = "the same crop saved as JPEG quality 90, 4:4:4"
+    odd = chelsea.crop((41, 21, 198, 130))
+    odd.save(d / "photo_prog422.jpg", quality=80, subsampling=1, progressive=True)
+    desc["photo_prog422.jpg"] = "157x109 crop saved as progressive JPEG quality 80, 4:2:2 (odd size: edge upsampling)"
+    odd.convert("L").save(d / "photo_gray.jpg", quality=85)
+    desc["photo_gray.jpg"] = "the 157x109 crop in grayscale, JPEG quality 85 (Pillow mode L)"
     return desc
 
 
@@ -271,6 +276,7 @@ CASES = (
     + [(img, "nearest_norescale") for img in ["astronaut.png", "odd.png"]]
     + [(img, "box_hamming_custom") for img in ["coffee_portrait.png"]]
     + [("photo.jpg", "tiny56"), ("photo.jpg", "bilinear112"), ("photo444.jpg", "tiny56")]
+    + [("photo_prog422.jpg", "tiny56"), ("photo_gray.jpg", "tiny56")]
 )
 
 
@@ -441,7 +447,7 @@ def main() -> None:
 
     # JPEG: what Pillow (libjpeg-turbo) decodes, for the decoder comparison.
     jpeg = []
-    for name in ["photo.jpg", "photo444.jpg"]:
+    for name in ["photo.jpg", "photo444.jpg", "photo_prog422.jpg", "photo_gray.jpg"]:
         im = Image.open(inputs / name)
         dec = f"expected/{Path(name).stem}_pil_decoded.png"
         im.convert("RGB").save(OUT / dec, optimize=True)

@@ -5,6 +5,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Read;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use crate::error::ConvertError;
@@ -88,6 +89,8 @@ pub struct TensorEntry {
     pub dtype: DiskDType,
     /// Shape.
     pub shape: Vec<usize>,
+    /// Byte range of the tensor's data in its file (absolute offsets).
+    pub bytes: Range<u64>,
 }
 
 /// The weight files of a model directory and their tensors (headers only).
@@ -183,7 +186,7 @@ impl Checkpoint {
         };
         let mut tensors = BTreeMap::new();
         for (i, file) in files.iter().enumerate() {
-            for (key, (dtype, shape)) in read_header(file)? {
+            for (key, tensor) in read_header(file)? {
                 if tensors.contains_key(&key) {
                     return Err(ConvertError::DuplicateTensor {
                         key,
@@ -194,8 +197,9 @@ impl Checkpoint {
                     key,
                     TensorEntry {
                         file: i,
-                        dtype,
-                        shape,
+                        dtype: tensor.dtype,
+                        shape: tensor.shape,
+                        bytes: tensor.bytes,
                     },
                 );
             }
@@ -244,45 +248,94 @@ fn shards_from_index(index: &Path) -> Result<Vec<PathBuf>, ConvertError> {
         path: index.to_path_buf(),
         source,
     })?;
-    let bad = |reason: String| ConvertError::BadIndex {
-        path: index.to_path_buf(),
-        reason,
-    };
-    let value: Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    let map = value
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| bad("no `weight_map` object".into()))?;
     let dir = index.parent().unwrap_or(Path::new("."));
     let mut files: Vec<PathBuf> = Vec::new();
-    for (key, file) in map {
-        let name = file
-            .as_str()
-            .ok_or_else(|| bad(format!("weight_map entry {key:?} is not a file name")))?;
-        if name.contains('/') || name.contains('\\') || name.starts_with("..") {
-            return Err(bad(format!(
-                "weight_map entry {key:?} names a path outside the model directory: {name:?}"
-            )));
-        }
+    for (key, name) in parse_index(&text, index)? {
         let path = dir.join(name);
         if !files.contains(&path) {
             if !path.is_file() {
-                return Err(ConvertError::MissingShard {
-                    shard: path,
-                    key: key.clone(),
-                });
+                return Err(ConvertError::MissingShard { shard: path, key });
             }
             files.push(path);
         }
     }
     files.sort();
-    if files.is_empty() {
-        return Err(bad("`weight_map` is empty".into()));
-    }
     Ok(files)
 }
 
-type Header = Vec<(String, (DiskDType, Vec<usize>))>;
+/// Parses `model.safetensors.index.json` (read from `index`, named in errors): the
+/// `(tensor key, shard file name)` pairs of its `weight_map`, each shard a plain file name
+/// inside the model directory. Pure, so that it can be fuzzed.
+pub fn parse_index(text: &str, index: &Path) -> Result<Vec<(String, String)>, ConvertError> {
+    let bad = |reason: String| ConvertError::BadIndex {
+        path: index.to_path_buf(),
+        reason,
+    };
+    let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map = value
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut entries = Vec::with_capacity(map.len());
+    for (key, file) in map {
+        let name = file
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map entry {key:?} is not a file name")))?;
+        if name.is_empty() || name.contains('/') || name.contains('\\') || name.starts_with("..") {
+            return Err(bad(format!(
+                "weight_map entry {key:?} names a path outside the model directory: {name:?}"
+            )));
+        }
+        entries.push((key.clone(), name.to_string()));
+    }
+    if entries.is_empty() {
+        return Err(bad("`weight_map` is empty".into()));
+    }
+    Ok(entries)
+}
+
+/// One tensor of a safetensors header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderTensor {
+    /// On-disk dtype.
+    pub dtype: DiskDType,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Byte range of the data in the file (absolute offsets, already checked to lie inside
+    /// the file and to match shape and dtype).
+    pub bytes: Range<u64>,
+}
+
+/// The tensors a safetensors header lists, by key, in header order.
+pub type Header = Vec<(String, HeaderTensor)>;
+
+/// Reads and validates the header of an in-memory safetensors file (`path` only names it
+/// in errors), as [`read_header`] does for a file on disk.
+pub fn parse_safetensors_bytes(bytes: &[u8], path: &Path) -> Result<Header, ConvertError> {
+    let file_len = bytes.len() as u64;
+    let bad = |reason: String| ConvertError::BadSafetensors {
+        file: path.to_path_buf(),
+        reason,
+    };
+    let len_bytes: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| bad(format!("file is {file_len} bytes, too short for a header")))?;
+    let header_len = checked_header_len(u64::from_le_bytes(len_bytes), file_len, path)?;
+    let header = &bytes[8..8 + header_len];
+    parse_header(header, 8 + header_len as u64, file_len, path)
+}
+
+/// The header length field, refused when it is beyond the file or [`MAX_HEADER_BYTES`].
+fn checked_header_len(header_len: u64, file_len: u64, path: &Path) -> Result<usize, ConvertError> {
+    if header_len > MAX_HEADER_BYTES || header_len > file_len.saturating_sub(8) {
+        return Err(ConvertError::BadSafetensors {
+            file: path.to_path_buf(),
+            reason: format!("header length {header_len} is beyond the file ({file_len} bytes)"),
+        });
+    }
+    Ok(header_len as usize)
+}
 
 /// Reads and validates one safetensors header without touching the tensor data.
 pub fn read_header(path: &Path) -> Result<Header, ConvertError> {
@@ -299,20 +352,26 @@ pub fn read_header(path: &Path) -> Result<Header, ConvertError> {
     let mut len_bytes = [0u8; 8];
     file.read_exact(&mut len_bytes)
         .map_err(|_| bad(format!("file is {file_len} bytes, too short for a header")))?;
-    let header_len = u64::from_le_bytes(len_bytes);
-    if header_len > MAX_HEADER_BYTES || header_len > file_len - 8 {
-        return Err(bad(format!(
-            "header length {header_len} is beyond the file ({file_len} bytes)"
-        )));
-    }
-    let mut header = vec![0u8; header_len as usize];
+    let header_len = checked_header_len(u64::from_le_bytes(len_bytes), file_len, path)?;
+    let mut header = vec![0u8; header_len];
     file.read_exact(&mut header).map_err(io)?;
+    parse_header(&header, 8 + header_len as u64, file_len, path)
+}
+
+/// Validates the JSON header of a safetensors file of `file_len` bytes whose data section
+/// starts at `data_start`: known dtypes, shapes, offsets inside the data, byte lengths
+/// agreeing with the shapes, no overlaps.
+fn parse_header(header: &[u8], data_start: u64, file_len: u64, path: &Path) -> Result<Header, ConvertError> {
+    let data_len = file_len - data_start;
+    let bad = |reason: String| ConvertError::BadSafetensors {
+        file: path.to_path_buf(),
+        reason,
+    };
     let value: Value =
         serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
     let obj = value
         .as_object()
         .ok_or_else(|| bad("header is not a JSON object".into()))?;
-    let data_len = file_len - 8 - header_len;
     let mut out = Vec::with_capacity(obj.len());
     let mut spans: Vec<(u64, u64, String)> = Vec::new();
     for (key, entry) in obj {
@@ -359,7 +418,14 @@ pub fn read_header(path: &Path) -> Result<Header, ConvertError> {
             )));
         }
         spans.push((begin, end, key.clone()));
-        out.push((key.clone(), (dtype, shape)));
+        out.push((
+            key.clone(),
+            HeaderTensor {
+                dtype,
+                shape,
+                bytes: data_start + begin..data_start + end,
+            },
+        ));
     }
     spans.sort();
     for pair in spans.windows(2) {

@@ -1,18 +1,21 @@
 //! HF model directory -> `VipLlava` module, and Burn-native (burnpack) checkpoints.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{DType, Device};
+use burn::tensor::{Bytes, DType, Device, Shape, TensorData};
+use burn_store::burn_pack::{Error as PackError, Tensor as PackTensor};
 use burn_store::{
-    BurnToPyTorchAdapter, BurnpackStore, FloatCastAdapter, KeyRemapper, ModuleAdapter, ModuleSnapshot,
-    PyTorchToBurnAdapter, SafetensorsStore,
+    BurnToPyTorchAdapter, BurnpackStore, FloatCastAdapter, ModuleAdapter, ModuleSnapshot,
+    PyTorchToBurnAdapter, bridge,
 };
 use vipllava_model::{VipLlava, VipLlavaConfig};
 
-use crate::checkpoint::{Checkpoint, DiskDType, KeyLayout};
+use crate::checkpoint::{Checkpoint, DiskDType, KeyLayout, TensorEntry};
 use crate::error::ConvertError;
-use crate::quantize::{Quantization, quantize_model, quantized_parameter_count};
+use crate::quantize::{Quantization, quantize_model, quantize_module, quantized_parameter_count};
 
 /// File name of the resolved config written beside a burnpack checkpoint.
 pub const BURNPACK_CONFIG: &str = "vipllava_config.json";
@@ -174,29 +177,34 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
         needed.insert(key);
     }
 
-    let remapper = layout_remapper().map_err(|message| ConvertError::Store {
-        file: dir.to_path_buf(),
-        message,
-    })?;
+    // Apply the tensors group by group (everything outside the layer stacks, then one
+    // layer at a time), quantizing each group as soon as it is loaded: the peak is the
+    // model in its final form plus one layer, never the unquantized model.
+    let mut groups: BTreeMap<LoadGroup, Vec<PackTensor>> = BTreeMap::new();
+    for tensor in &expected {
+        let Some((key, entry)) = checkpoint.find(layout, &tensor.name) else {
+            continue; // checked above
+        };
+        let file = checkpoint.files[entry.file].clone();
+        groups
+            .entry(LoadGroup::of(&tensor.name))
+            .or_default()
+            .push(file_tensor(file, tensor.name.clone(), key, entry));
+    }
     let mut loaded = 0usize;
-    for file in &checkpoint.files {
+    for (group, tensors) in groups {
         let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(options.dtype));
-        let mut store = SafetensorsStore::from_file(file)
-            .with_from_adapter(adapter)
-            .remap(remapper.clone())
-            .allow_partial(true)
-            .validate(false);
-        let result = model.load_from(&mut store).map_err(|e| ConvertError::Store {
-            file: file.clone(),
-            message: e.to_string(),
-        })?;
+        let result = model.apply(tensors, None, Some(Box::new(adapter)), false);
         if let Some(err) = result.errors.first() {
             return Err(ConvertError::Store {
-                file: file.clone(),
-                message: format!("{err} ({} error(s) in this file)", result.errors.len()),
+                file: dir.to_path_buf(),
+                message: format!("{err} ({} error(s) loading {group:?})", result.errors.len()),
             });
         }
         loaded += result.applied.len();
+        if let Some(level) = options.quantize {
+            group.quantize(&mut model, level);
+        }
     }
     if loaded != expected.len() {
         return Err(ConvertError::Store {
@@ -223,18 +231,73 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
     })
 }
 
-/// File-key prefixes of every known layout, rewritten to the model's module paths.
-fn layout_remapper() -> Result<KeyRemapper, String> {
-    KeyRemapper::from_patterns(vec![
-        (r"^model\.vision_tower\.vision_model\.", "vision_tower."),
-        (r"^model\.vision_tower\.", "vision_tower."),
-        (r"^vision_tower\.vision_model\.", "vision_tower."),
-        (r"^language_model\.lm_head\.", "lm_head."),
-        (r"^model\.language_model\.", "language_model."),
-        (r"^language_model\.model\.", "language_model."),
-        (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
-    ])
-    .map_err(|e| e.to_string())
+/// A unit of loading: the tensors outside the layer stacks, or one encoder/decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum LoadGroup {
+    Rest,
+    VisionLayer(usize),
+    LanguageLayer(usize),
+}
+
+impl LoadGroup {
+    /// The group of a model (canonical) tensor path.
+    fn of(name: &str) -> Self {
+        let layer = |prefix: &str| {
+            name.strip_prefix(prefix)
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok())
+        };
+        if let Some(i) = layer("language_model.layers.") {
+            Self::LanguageLayer(i)
+        } else if let Some(i) = layer("vision_tower.encoder.layers.") {
+            Self::VisionLayer(i)
+        } else {
+            Self::Rest
+        }
+    }
+
+    /// Quantizes the linear weights of this group's modules (the projector for `Rest`).
+    fn quantize(self, model: &mut VipLlava, level: Quantization) {
+        match self {
+            Self::Rest => {
+                model.multi_modal_projector = quantize_module(model.multi_modal_projector.clone(), level);
+            }
+            Self::VisionLayer(i) => {
+                if let Some(layer) = model.vision_tower.encoder.layers.get_mut(i) {
+                    *layer = quantize_module(layer.clone(), level);
+                }
+            }
+            Self::LanguageLayer(i) => {
+                if let Some(layer) = model.language_model.layers.get_mut(i) {
+                    *layer = quantize_module(layer.clone(), level);
+                }
+            }
+        }
+    }
+}
+
+/// A checkpoint tensor under its model path, read from its file by one positioned read when
+/// the model asks for it. No memory map: mapped pages would count in the process's resident
+/// memory on top of the loaded model (a load peaked at model + shard size).
+fn file_tensor(file: PathBuf, name: String, key: String, entry: &TensorEntry) -> PackTensor {
+    let dtype = match entry.dtype {
+        DiskDType::F64 => DType::F64,
+        DiskDType::F16 => DType::F16,
+        DiskDType::BF16 => DType::BF16,
+        // Integer tensors were refused before loading.
+        DiskDType::F32 | DiskDType::Integer(_) => DType::F32,
+    };
+    let shape = Shape::from(entry.shape.clone());
+    let range = entry.bytes.clone();
+    bridge::deferred(name, dtype, shape.clone(), None, move || {
+        let io = |e: std::io::Error| PackError::IoError(format!("{}: tensor {key}: {e}", file.display()));
+        let mut reader = File::open(&file).map_err(io)?;
+        reader.seek(SeekFrom::Start(range.start)).map_err(io)?;
+        let mut bytes = vec![0u8; (range.end - range.start) as usize];
+        reader.read_exact(&mut bytes).map_err(io)?;
+        TensorData::try_from_bytes(Bytes::from_bytes_vec(bytes), shape.clone(), dtype)
+            .map_err(|e| PackError::TensorBytesSizeMismatch(format!("tensor {key}: {e}")))
+    })
 }
 
 /// Writes a Burn-native checkpoint: `model.bpk` (burnpack, loads memory-mapped) and the

@@ -132,7 +132,13 @@ impl ModuleMapper for WeightQuantizer {
 
 /// Quantizes the linear-layer weights of `model` (see the module docs for which).
 pub fn quantize_model(model: VipLlava, level: Quantization) -> VipLlava {
-    model.map(&mut WeightQuantizer {
+    quantize_module(model, level)
+}
+
+/// [`quantize_model`] on any part of the model (a decoder layer, the projector): the
+/// loader quantizes each part as soon as it is loaded.
+pub fn quantize_module<M: Module>(module: M, level: Quantization) -> M {
+    module.map(&mut WeightQuantizer {
         level,
         path: Vec::new(),
     })

@@ -15,9 +15,13 @@
 //! | gray+alpha 16, RGBA 8/16    | `RGBA`      | `Rgba8` (16 bit: high byte)       |
 //! | any of the above with `tRNS`| `.info["transparency"]` | `LumaA8` / `Rgba8` with the alpha Pillow's `convert("RGBA")` gives |
 //!
-//! Other formats go through the `image` crate (JPEG via zune-jpeg, which differs from
-//! libjpeg-turbo by a few levels). EXIF orientation is not applied: transformers'
-//! processor does not apply it either.
+//! JPEG is decoded by libjpeg-turbo's decoder (bundled C code, through the `mozjpeg`
+//! crate; cargo feature `libjpeg`, on by default), as Pillow does, with Pillow's settings
+//! (integer IDCT, fancy upsampling): the pixels are bit-identical. CMYK/YCCK JPEGs, and
+//! every JPEG when the feature is off, go through the `image` crate's zune-jpeg, which
+//! differs from libjpeg-turbo by up to 3 levels on 4:2:0 chroma. Other formats go
+//! through the `image` crate. EXIF orientation is not applied: transformers' processor
+//! does not apply it either.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -91,6 +95,12 @@ fn decode_image_inner(bytes: &[u8], what: &str, max_pixels: u64) -> Result<Dynam
             format_name,
             "truncated: no end-of-image marker after the last scan".into(),
         ));
+    }
+    #[cfg(feature = "libjpeg")]
+    if format == image::ImageFormat::Jpeg
+        && let Some(img) = libjpeg::decode(bytes, what, max_pixels)?
+    {
+        return Ok(img);
     }
     let mut decoder = reader
         .into_decoder()
@@ -338,4 +348,70 @@ fn jpeg_is_truncated(bytes: &[u8]) -> bool {
         return true;
     };
     !bytes[sos..].windows(2).any(|w| w == [0xFF, 0xD9])
+}
+
+/// JPEG through libjpeg-turbo's decoder, the library Pillow links.
+#[cfg(feature = "libjpeg")]
+mod libjpeg {
+    use image::{DynamicImage, GrayImage, RgbImage};
+    use mozjpeg::{ColorSpace, Decompress};
+
+    use super::{ImageError, check_dimensions, decode_error};
+
+    /// Decoded like Pillow (`L` for grayscale, `RGB` for YCbCr/RGB files), or `None` for
+    /// colour spaces left to the `image` crate (CMYK, YCCK). libjpeg reports fatal errors
+    /// by unwinding (without the panic hook), which is caught here and turned into an error.
+    pub(super) fn decode(
+        bytes: &[u8],
+        what: &str,
+        max_pixels: u64,
+    ) -> Result<Option<DynamicImage>, ImageError> {
+        let result =
+            std::panic::catch_unwind(|| -> std::io::Result<Result<Option<DynamicImage>, ImageError>> {
+                let decompress = Decompress::new_mem(bytes)?;
+                let (width, height) = (decompress.width(), decompress.height());
+                let dims = (u32::try_from(width), u32::try_from(height));
+                let (Ok(w), Ok(h)) = dims else {
+                    return Ok(Err(ImageError::TooManyPixels {
+                        what: what.to_string(),
+                        width: u32::MAX,
+                        height: u32::MAX,
+                        limit: max_pixels,
+                    }));
+                };
+                if let Err(e) = check_dimensions(what, w, h, max_pixels) {
+                    return Ok(Err(e));
+                }
+                let image = match decompress.color_space() {
+                    ColorSpace::JCS_GRAYSCALE => {
+                        let mut started = decompress.grayscale()?;
+                        let pixels: Vec<u8> = started.read_scanlines()?;
+                        started.finish()?;
+                        GrayImage::from_raw(w, h, pixels).map(DynamicImage::ImageLuma8)
+                    }
+                    ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB => {
+                        let mut started = decompress.rgb()?;
+                        let pixels: Vec<[u8; 3]> = started.read_scanlines()?;
+                        started.finish()?;
+                        RgbImage::from_raw(w, h, pixels.into_flattened()).map(DynamicImage::ImageRgb8)
+                    }
+                    _ => return Ok(Ok(None)),
+                };
+                Ok(image.map(Some).ok_or_else(|| {
+                    decode_error(what, "jpg", "fewer scanlines than the header's height".into())
+                }))
+            });
+        match result {
+            Ok(Ok(decoded)) => decoded,
+            Ok(Err(io)) => Err(decode_error(what, "jpg", io.to_string())),
+            Err(payload) => {
+                let message = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "libjpeg error".to_string());
+                Err(decode_error(what, "jpg", message))
+            }
+        }
+    }
 }
