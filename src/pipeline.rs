@@ -156,7 +156,7 @@ impl Pipeline {
     /// and processor files).
     pub fn load(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Self, PipelineError> {
         let start = Instant::now();
-        let loaded = load_model(dir, device, options)?;
+        // The small files first: a missing tokenizer should not cost a 14 GB read.
         let tokenizer = TextTokenizer::from_model_dir(dir)?;
         let chat_template = match ChatTemplate::from_model_dir(dir) {
             Ok(t) => Some(t),
@@ -164,12 +164,13 @@ impl Pipeline {
             Err(e) => return Err(e.into()),
         };
         let image_config = ImageProcessorConfig::from_model_dir(dir)?;
+        let generation_defaults = GenerationOptions::from_model_dir(dir, tokenizer.eos_token_id)?;
+        let loaded = load_model(dir, device, options)?;
         let image_tokens = ImageTokenConfig::from_model_dir(
             dir,
             loaded.config.vision.patch_size,
             &loaded.config.vision_feature_select_strategy,
         )?;
-        let generation_defaults = GenerationOptions::from_model_dir(dir, tokenizer.eos_token_id)?;
         Ok(Self {
             model: loaded.model,
             config: loaded.config,

@@ -367,8 +367,7 @@ fn parse_header(header: &[u8], data_start: u64, file_len: u64, path: &Path) -> R
         file: path.to_path_buf(),
         reason,
     };
-    let value: Value =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(header).map_err(|e| bad(format!("header is not JSON: {e}")))?;
     let obj = value
         .as_object()
         .ok_or_else(|| bad("header is not a JSON object".into()))?;

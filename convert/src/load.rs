@@ -5,11 +5,11 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Bytes, DType, Device, Shape, TensorData};
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Bytes, DType, Device, Shape, Tensor, TensorData};
 use burn_store::burn_pack::{Error as PackError, Tensor as PackTensor};
 use burn_store::{
-    BurnToPyTorchAdapter, BurnpackStore, FloatCastAdapter, ModuleAdapter, ModuleSnapshot,
-    PyTorchToBurnAdapter, bridge,
+    BurnpackStore, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, bridge,
 };
 use vipllava_model::{VipLlava, VipLlavaConfig};
 
@@ -143,10 +143,10 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
 
     // Check every tensor the model needs before reading any data, so that errors name
     // the file key with expected and found shapes.
-    let expected = model.collect(None, Some(Box::new(BurnToPyTorchAdapter)), false);
+    let expected = expected_tensors(&model);
     let mut needed: BTreeSet<String> = BTreeSet::new();
     for tensor in &expected {
-        let shape: Vec<usize> = tensor.shape.to_vec();
+        let shape = tensor.shape.clone();
         let Some((key, entry)) = checkpoint.find(layout, &tensor.name) else {
             let hint = if tensor.name == "lm_head.weight" {
                 " (if the checkpoint ties lm_head to the embeddings, set `tie_word_embeddings: true` in config.json)"
@@ -229,6 +229,76 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
             unused,
         },
     })
+}
+
+/// A model parameter as checkpoints name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedTensor {
+    /// Model path in PyTorch spelling (`vision_tower.pre_layrnorm.weight`).
+    pub name: String,
+    /// Shape in PyTorch layout (linear weights `[out, in]`).
+    pub shape: Vec<usize>,
+}
+
+/// The model's parameters as the checkpoint names them (PyTorch spelling: norm `weight` /
+/// `bias` for Burn's `gamma` / `beta`, linear weights `[out, in]`), read from the lazy
+/// parameters without initialising them. Burn's `collect` would materialise every
+/// placeholder: a 7B model's worth of f32 zeros held through the whole load.
+pub fn expected_tensors<M: Module>(model: &M) -> Vec<ExpectedTensor> {
+    let mut visitor = ExpectedTensors::default();
+    model.visit(&mut visitor);
+    visitor.out
+}
+
+#[derive(Default)]
+struct ExpectedTensors {
+    path: Vec<String>,
+    containers: Vec<String>,
+    out: Vec<ExpectedTensor>,
+}
+
+impl ModuleVisitor for ExpectedTensors {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(name.to_string());
+        self.containers.push(container_type.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+        self.containers.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        // The same rules as burn-store's PyTorch adapters, keyed on the innermost module type.
+        let module = self
+            .containers
+            .iter()
+            .rev()
+            .find(|c| c.starts_with("Struct:") || c.starts_with("Enum:"))
+            .map(String::as_str);
+        let mut shape = param.lazy_shape().to_vec();
+        let mut path = self.path.clone();
+        if let Some(last) = path.last_mut() {
+            if module == Some("Struct:Linear") && last == "weight" && shape.len() == 2 {
+                shape.swap(0, 1);
+            }
+            let norm = matches!(
+                module,
+                Some("Struct:LayerNorm" | "Struct:RmsNorm" | "Struct:BatchNorm" | "Struct:GroupNorm")
+            );
+            if norm {
+                match last.as_str() {
+                    "gamma" => *last = "weight".to_string(),
+                    "beta" => *last = "bias".to_string(),
+                    _ => {}
+                }
+            }
+        }
+        self.out.push(ExpectedTensor {
+            name: path.join("."),
+            shape,
+        });
+    }
 }
 
 /// A unit of loading: the tensors outside the layer stacks, or one encoder/decoder layer.
@@ -359,4 +429,44 @@ pub fn load_burnpack(dir: &Path, device: &Device) -> Result<LoadedModel, Convert
             unused: result.unused,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn_store::BurnToPyTorchAdapter;
+
+    struct Initialized(usize);
+
+    impl ModuleVisitor for Initialized {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if param.is_initialized() {
+                self.0 += 1;
+            }
+        }
+    }
+
+    #[test]
+    fn expected_tensors_match_burn_collect_without_initialising() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-5x-f32");
+        let config = read_config(&dir).expect("config");
+        let model = VipLlava::new(&config, &Device::flex());
+        let mut ours: Vec<(String, Vec<usize>)> = expected_tensors(&model)
+            .into_iter()
+            .map(|t| (t.name, t.shape))
+            .collect();
+        let mut initialized = Initialized(0);
+        model.visit(&mut initialized);
+        assert_eq!(initialized.0, 0, "expected_tensors initialised parameters");
+        let mut burn: Vec<(String, Vec<usize>)> = model
+            .collect(None, Some(Box::new(BurnToPyTorchAdapter)), false)
+            .into_iter()
+            .map(|t| (t.name.clone(), t.shape.to_vec()))
+            .collect();
+        ours.sort();
+        burn.sort();
+        assert!(ours.iter().any(|(n, _)| n.ends_with("layer_norm1.weight")));
+        assert!(ours.len() > 50);
+        assert_eq!(ours, burn);
+    }
 }
