@@ -121,11 +121,11 @@ pub fn reconcile_config(
 /// sharded, any known key layout, f32/f16/bf16) or a burnpack directory written by
 /// [`save_burnpack`].
 pub fn load_model(dir: &Path, device: &Device, options: &LoadOptions) -> Result<LoadedModel, ConvertError> {
-    let mut loaded = if dir.join(BURNPACK_WEIGHTS).is_file() && dir.join(BURNPACK_CONFIG).is_file() {
-        load_burnpack(dir, device)?
-    } else {
-        load_safetensors(dir, device, options)?
-    };
+    if !(dir.join(BURNPACK_WEIGHTS).is_file() && dir.join(BURNPACK_CONFIG).is_file()) {
+        // Quantizes layer by layer while loading.
+        return load_safetensors(dir, device, options);
+    }
+    let mut loaded = load_burnpack(dir, device)?;
     // A burnpack written by `convert --quantize` is already quantized: keep it as saved.
     if let Some(level) = options.quantize
         && quantized_parameter_count(&loaded.model) == 0
