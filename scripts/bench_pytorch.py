@@ -15,8 +15,11 @@ Prints one JSON object (with --json) with the same field names as `vipllava benc
 Driver (interleaves the two sides, one process per run, and prints the ratios us/PyTorch):
 
     .venv/bin/python scripts/bench_pytorch.py --compare --vipllava target/release/vipllava \
-        --model-dir bench-data --image bench-data/astronaut.png --dtypes f32,bf16 \
+        --model-dir bench-data --image bench-data/astronaut.png --dtypes f32,bf16,q8 \
         --rounds 2 --repeats 1
+
+`q8` in --dtypes runs our f32 model with int8 linear weights (`--quantize q8`) against PyTorch
+in f32.
 
 It runs, per dtype and round: vipllava, then PyTorch; reports per side the median over rounds of
 each figure, the ratio us/PyTorch, the measured read bandwidth (2 threads summing a 1 GiB
@@ -71,9 +74,13 @@ def decode_weight_bytes(config_path, dtype):
     h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
     heads, kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
     hd = c.get("head_dim", h // heads)
-    per_layer = h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter + 2 * h
-    params = layers * per_layer + h + h * c["vocab_size"]
-    return params * {"f32": 4, "bf16": 2, "f16": 2}[dtype]
+    matrices = layers * (h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter)
+    rest = layers * 2 * h + h + h * c["vocab_size"]  # norms, final norm, lm_head
+    if dtype == "q8":
+        # vipllava --dtype f32 --quantize q8: int8 matrices with one f32 scale per 32 values;
+        # norms and lm_head stay f32
+        return matrices * (1 + 4 / 32) + rest * 4
+    return (matrices + rest) * {"f32": 4, "bf16": 2, "f16": 2}[dtype]
 
 
 def compare(args):
@@ -81,29 +88,37 @@ def compare(args):
     import os
 
     results = {}
+    # Each entry: (label, our dtype, our extra flags, PyTorch dtype). "q8" is our f32 model with
+    # int8 linear weights, compared with PyTorch in f32 (the q8 target).
+    variants = []
     for dtype in args.dtypes.split(","):
+        if dtype == "q8":
+            variants.append(("q8", "f32", ["--quantize", "q8"], "f32"))
+        else:
+            variants.append((dtype, dtype, [], dtype))
+    for label, dtype, extra, torch_dtype in variants:
         model = os.path.join(args.model_dir, f"clip-l-llama-1b-{dtype}")
         runs = {"vipllava": [], "pytorch": []}
         for r in range(args.rounds):
             ours = [args.vipllava, "bench", "--model", model, "--image", args.image, "--dtype", dtype,
-                    "--batch-sizes", "1", "--text-tokens", str(args.text_tokens), "--new-tokens",
+                    *extra, "--batch-sizes", "1", "--text-tokens", str(args.text_tokens), "--new-tokens",
                     str(args.new_tokens), "--repeats", str(args.repeats), "--json"]
             theirs = [__import__("sys").executable, os.path.abspath(__file__), "--model", model, "--image",
-                      args.image, "--dtype", dtype, "--threads", str(args.threads), "--text-tokens",
+                      args.image, "--dtype", torch_dtype, "--threads", str(args.threads), "--text-tokens",
                       str(args.text_tokens), "--new-tokens", str(args.new_tokens), "--repeats",
                       str(args.repeats), "--json"]
             env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
             for side, cmd in (("vipllava", ours), ("pytorch", theirs)):
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
                 row = json.loads(out.strip().splitlines()[-1])
-                print(f"[{dtype} round {r}] {side}: " + json.dumps({k: row[k] for k in FIELDS}), flush=True)
+                print(f"[{label} round {r}] {side}: " + json.dumps({k: row[k] for k in FIELDS}), flush=True)
                 runs[side].append(row)
         med = {side: {k: statistics.median(x[k] for x in rows) for k in FIELDS} for side, rows in runs.items()}
         ratio = {k: med["vipllava"][k] / med["pytorch"][k] for k in FIELDS}
         same = runs["vipllava"][-1]["tokens"] == runs["pytorch"][-1]["tokens"]
-        results[dtype] = {"vipllava": med["vipllava"], "pytorch": med["pytorch"], "ratio": ratio,
-                          "same_greedy_tokens": same,
-                          "weight_bytes_per_decode_step": decode_weight_bytes(os.path.join(model, "config.json"), dtype)}
+        results[label] = {"vipllava": med["vipllava"], "pytorch": med["pytorch"], "ratio": ratio,
+                          "pytorch_dtype": torch_dtype, "same_greedy_tokens": same,
+                          "weight_bytes_per_decode_step": decode_weight_bytes(os.path.join(model, "config.json"), label)}
     bw = read_bandwidth_gbs(args.threads)
     for dtype, r in results.items():
         bound = bw * 1e9 / r["weight_bytes_per_decode_step"]
@@ -132,7 +147,7 @@ def main():
     ap.add_argument("--compare", action="store_true", help="run the interleaved comparison driver")
     ap.add_argument("--vipllava", default="target/release/vipllava")
     ap.add_argument("--model-dir", default="bench-data")
-    ap.add_argument("--dtypes", default="f32,bf16")
+    ap.add_argument("--dtypes", default="f32,bf16", help="f32, bf16 and/or q8 (ours q8 vs PyTorch f32)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--threads", type=int, default=2)

@@ -6,9 +6,11 @@ The real CLIP ViT-L/14-336 vision tower shape and a ~1.1B Llama (hidden 2048, 22
 ``save_pretrained`` so that both ``VipLlavaForConditionalGeneration.from_pretrained`` and
 ``vipllava`` load the same files. Never committed: about 5.7 GB (f32) and 2.8 GB (bf16).
 
-There is no tokenizer: the vocabulary is random anyway, so both benchmark sides feed the same
-token ids (``bench_prompt_ids`` below, mirrored by ``vipllava bench``). The image processor config
-(CLIP 336) is written so both sides preprocess the photo the same way.
+The PyTorch comparison uses no tokenizer: the vocabulary is random anyway, so both benchmark sides
+feed the same token ids (``bench_prompt_ids`` below, mirrored by ``vipllava bench``). The image
+processor config (CLIP 336) is written so both sides preprocess the photo the same way. The
+stand-in tokenizer and chat template of ``make_random_checkpoint.py`` are written too, for
+``vipllava bench --devices ... --dtypes ...`` (the backend comparison runs the real pipeline).
 
 Set-up: see scripts/make_fixtures.py (``.venv``). Run::
 
@@ -25,6 +27,8 @@ import shutil
 import time
 
 import torch
+
+from make_random_checkpoint import write_text_files
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DIR = os.path.join(HERE, "..", "benches", "configs", "clip-l-llama-1b")
@@ -101,6 +105,7 @@ def main():
                 indent=2,
                 sort_keys=True,
             )
+        write_text_files(out)
         print(f"wrote {out} in {time.time() - t0:.1f} s")
         model.to(torch.float32)
 

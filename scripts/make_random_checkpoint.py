@@ -109,6 +109,17 @@ def tokenizer_json() -> dict:
     }
 
 
+def write_text_files(out: str) -> None:
+    """The stand-in tokenizer (ids < 32000, `<image>` = 32000, `<pad>` = 32001) and the hub's
+    chat template: enough for `vipllava generate` and `bench --devices` on random weights."""
+    write_json(os.path.join(out, "chat_template.json"), {"chat_template": CHAT_TEMPLATE})
+    write_json(os.path.join(out, "tokenizer.json"), tokenizer_json())
+    write_json(os.path.join(out, "tokenizer_config.json"),
+               {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+                "pad_token": "<pad>", "unk_token": "<unk>", "legacy": False, "padding_side": "left",
+                "tokenizer_class": "LlamaTokenizer", "processor_class": "LlavaProcessor"})
+
+
 def write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -166,12 +177,7 @@ def main() -> None:
     write_json(os.path.join(args.out, "processor_config.json"),
                {"image_token": "<image>", "num_additional_image_tokens": 1, "patch_size": 14,
                 "processor_class": "LlavaProcessor", "vision_feature_select_strategy": "default"})
-    write_json(os.path.join(args.out, "chat_template.json"), {"chat_template": CHAT_TEMPLATE})
-    write_json(os.path.join(args.out, "tokenizer.json"), tokenizer_json())
-    write_json(os.path.join(args.out, "tokenizer_config.json"),
-               {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-                "pad_token": "<pad>", "unk_token": "<unk>", "legacy": False, "padding_side": "left",
-                "tokenizer_class": "LlamaTokenizer", "processor_class": "LlavaProcessor"})
+    write_text_files(args.out)
     print(f"done in {time.time() - start:.0f} s: {args.out}")
 
 

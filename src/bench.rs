@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use serde::Serialize;
-use vipllava_convert::{LoadOptions, load_model, read_config};
+use vipllava_convert::{LoadOptions, Quantization, load_model, quantize_model, read_config};
 use vipllava_model::{ForwardInput, KvCache, LogitsMode, VipLlava, VipLlavaConfig};
 
 use crate::generate::argmax;
@@ -21,7 +21,7 @@ use crate::pipeline::PipelineError;
 pub struct BenchRow {
     /// Which implementation (always `"vipllava"`; the PyTorch script writes `"pytorch"`).
     pub side: &'static str,
-    /// Weight/activation dtype.
+    /// Weight/activation dtype, with `+q8`/`+q4` for quantized linear weights.
     pub dtype: String,
     /// Worker threads of the CPU backend.
     pub threads: usize,
@@ -60,27 +60,26 @@ pub struct BenchInput {
     pub new_tokens: usize,
 }
 
-/// Loads the model of `dir` with `dtype`, or builds one with random weights when
-/// `random_weights` (only `config.json` is read then).
+/// Loads the model of `dir` with `dtype` (and `quantize`d weights), or builds one with
+/// random weights when `random_weights` (only `config.json` is read then).
 pub fn bench_model(
     dir: &Path,
     random_weights: bool,
     dtype: DType,
+    quantize: Option<Quantization>,
     device: &Device,
 ) -> Result<(VipLlava, VipLlavaConfig), PipelineError> {
     if random_weights {
         let config = read_config(dir)?;
         device.seed(0);
-        Ok((VipLlava::new_random(&config, device), config))
+        let model = VipLlava::new_random(&config, device);
+        let model = match quantize {
+            Some(level) => quantize_model(model, level),
+            None => model,
+        };
+        Ok((model, config))
     } else {
-        let loaded = load_model(
-            dir,
-            device,
-            &LoadOptions {
-                dtype,
-                quantize: None,
-            },
-        )?;
+        let loaded = load_model(dir, device, &LoadOptions { dtype, quantize })?;
         Ok((loaded.model, loaded.config))
     }
 }
@@ -181,7 +180,7 @@ pub fn bench_batch(
     input: &BenchInput,
     repeats: usize,
     load_ms: f64,
-    dtype: DType,
+    dtype_label: &str,
 ) -> Result<BenchRow, PipelineError> {
     let mut runs = Vec::new();
     for _ in 0..repeats.max(1) {
@@ -191,7 +190,7 @@ pub fn bench_batch(
     let decode_ms = median(runs.iter().map(|r| r.decode_ms).collect());
     Ok(BenchRow {
         side: "vipllava",
-        dtype: dtype_name(dtype).to_string(),
+        dtype: dtype_label.to_string(),
         threads: cpu_threads(),
         batch_size,
         prompt_tokens: bench_prompt_ids(config, input.text_tokens).len(),

@@ -158,7 +158,10 @@ impl DeviceSpec {
         };
         match self {
             Self::Cpu => Ok(Device::flex()),
+            // Burn 0.22 deprecates NdArray in favour of Flex; it stays selectable for
+            // backend comparisons (issue 5) while Burn ships it.
             #[cfg(feature = "ndarray")]
+            #[allow(deprecated)]
             Self::Ndarray => Ok(Device::ndarray()),
             #[cfg(feature = "wgpu")]
             Self::Wgpu => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),

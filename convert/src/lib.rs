@@ -16,6 +16,7 @@ pub mod checkpoint;
 pub mod error;
 pub mod load;
 pub mod quantize;
+mod read;
 
 pub use checkpoint::{Checkpoint, DiskDType, KeyLayout, canonical_key};
 pub use error::ConvertError;

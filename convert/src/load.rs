@@ -1,16 +1,12 @@
 //! HF model directory -> `VipLlava` module, and Burn-native (burnpack) checkpoints.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{Bytes, DType, Device, Shape, Tensor, TensorData};
+use burn::tensor::{AllocationProperty, Bytes, DType, Device, Shape, Tensor};
 use burn_store::burn_pack::{Error as PackError, Tensor as PackTensor};
-use burn_store::{
-    BurnpackStore, FloatCastAdapter, ModuleAdapter, ModuleSnapshot, PyTorchToBurnAdapter, bridge,
-};
+use burn_store::{BurnpackStore, ModuleSnapshot, bridge};
 use vipllava_model::{VipLlava, VipLlavaConfig};
 
 use crate::checkpoint::{Checkpoint, DiskDType, KeyLayout, TensorEntry};
@@ -189,12 +185,12 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
         groups
             .entry(LoadGroup::of(&tensor.name))
             .or_default()
-            .push(file_tensor(file, tensor.name.clone(), key, entry));
+            .push(file_tensor(file, tensor, key, entry, options.dtype));
     }
     let mut loaded = 0usize;
     for (group, tensors) in groups {
-        let adapter = PyTorchToBurnAdapter.chain(FloatCastAdapter::to(options.dtype));
-        let result = model.apply(tensors, None, Some(Box::new(adapter)), false);
+        // The tensors arrive in Burn's names, layout and dtype: no adapter.
+        let result = model.apply(tensors, None, None, false);
         if let Some(err) = result.errors.first() {
             return Err(ConvertError::Store {
                 file: dir.to_path_buf(),
@@ -238,6 +234,10 @@ pub struct ExpectedTensor {
     pub name: String,
     /// Shape in PyTorch layout (linear weights `[out, in]`).
     pub shape: Vec<usize>,
+    /// The parameter's Burn path (`gamma`/`beta` for norms).
+    pub burn_path: String,
+    /// Whether Burn stores it transposed (linear weights, `[in, out]`).
+    pub transposed: bool,
 }
 
 /// The model's parameters as the checkpoint names them (PyTorch spelling: norm `weight` /
@@ -277,10 +277,13 @@ impl ModuleVisitor for ExpectedTensors {
             .find(|c| c.starts_with("Struct:") || c.starts_with("Enum:"))
             .map(String::as_str);
         let mut shape = param.lazy_shape().to_vec();
+        let burn_path = self.path.join(".");
+        let mut transposed = false;
         let mut path = self.path.clone();
         if let Some(last) = path.last_mut() {
             if module == Some("Struct:Linear") && last == "weight" && shape.len() == 2 {
                 shape.swap(0, 1);
+                transposed = true;
             }
             let norm = matches!(
                 module,
@@ -297,6 +300,8 @@ impl ModuleVisitor for ExpectedTensors {
         self.out.push(ExpectedTensor {
             name: path.join("."),
             shape,
+            burn_path,
+            transposed,
         });
     }
 }
@@ -346,31 +351,42 @@ impl LoadGroup {
     }
 }
 
-/// A checkpoint tensor under its model path, read from its file by one positioned read when
-/// the model asks for it. No memory map: mapped pages would count in the process's resident
-/// memory on top of the loaded model (a load peaked at model + shard size).
-fn file_tensor(file: PathBuf, name: String, key: String, entry: &TensorEntry) -> PackTensor {
-    let dtype = match entry.dtype {
-        DiskDType::F64 => DType::F64,
-        DiskDType::F16 => DType::F16,
-        DiskDType::BF16 => DType::BF16,
-        // Integer tensors were refused before loading.
-        DiskDType::F32 | DiskDType::Integer(_) => DType::F32,
+/// A checkpoint tensor under its Burn path, in Burn's layout and the load `dtype`, read
+/// from its file by one positioned read when the model asks for it (see [`crate::read`]).
+/// No memory map: mapped pages would count in the process's resident memory on top of the
+/// loaded model (a load peaked at model + shard size).
+fn file_tensor(
+    file: PathBuf,
+    tensor: &ExpectedTensor,
+    key: String,
+    entry: &TensorEntry,
+    dtype: DType,
+) -> PackTensor {
+    let dtype = match dtype {
+        DType::BF16 | DType::F16 => dtype,
+        _ => DType::F32,
     };
-    let shape = Shape::from(entry.shape.clone());
+    let disk_shape = entry.shape.clone();
+    let transposed = tensor.transposed && disk_shape.len() == 2;
+    let mut shape = disk_shape.clone();
+    if transposed {
+        shape.reverse();
+    }
     let range = entry.bytes.clone();
-    bridge::deferred(name, dtype, shape.clone(), None, move || {
-        let io = |e: std::io::Error| PackError::IoError(format!("{}: tensor {key}: {e}", file.display()));
-        let mut reader = File::open(&file).map_err(io)?;
-        reader.seek(SeekFrom::Start(range.start)).map_err(io)?;
-        let mut bytes = vec![0u8; (range.end - range.start) as usize];
-        reader.read_exact(&mut bytes).map_err(io)?;
-        TensorData::try_from_bytes(Bytes::from_bytes_vec(bytes), shape.clone(), dtype)
-            .map_err(|e| PackError::TensorBytesSizeMismatch(format!("tensor {key}: {e}")))
-    })
+    let disk = entry.dtype;
+    bridge::deferred(
+        tensor.burn_path.clone(),
+        dtype,
+        Shape::from(shape),
+        None,
+        move || {
+            crate::read::read_tensor(&file, range.clone(), disk, &disk_shape, transposed, dtype)
+                .map_err(|e| PackError::IoError(format!("{}: tensor {key}: {e}", file.display())))
+        },
+    )
 }
 
-/// Writes a Burn-native checkpoint: `model.bpk` (burnpack, loads memory-mapped) and the
+/// Writes a Burn-native checkpoint: `model.bpk` (burnpack, loaded memory-mapped) and the
 /// resolved config as `vipllava_config.json` beside it.
 pub fn save_burnpack(model: &VipLlava, config: &VipLlavaConfig, out_dir: &Path) -> Result<(), ConvertError> {
     std::fs::create_dir_all(out_dir).map_err(|source| ConvertError::Io {
@@ -394,7 +410,26 @@ pub fn save_burnpack(model: &VipLlava, config: &VipLlavaConfig, out_dir: &Path) 
     })
 }
 
-/// Loads a checkpoint written by [`save_burnpack`].
+/// `path` memory-mapped as Burn bytes: tensors loaded from it on the CPU use the mapped
+/// pages in place (burnpack aligns every tensor for this) and are read from disk only when
+/// first used; a tensor that is written to is copied first (copy on write).
+fn map_file(path: &Path) -> Result<Bytes, ConvertError> {
+    let io = |source| ConvertError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    // SAFETY: the map is only read. As with any memory-mapped checkpoint (PyTorch's and
+    // safetensors' loaders map theirs too), truncating or rewriting the file while the model
+    // is alive is not supported.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+    Ok(Bytes::from_shared(
+        bytes::Bytes::from_owner(map),
+        AllocationProperty::File,
+    ))
+}
+
+/// Loads a checkpoint written by [`save_burnpack`], memory-mapped.
 pub fn load_burnpack(dir: &Path, device: &Device) -> Result<LoadedModel, ConvertError> {
     let config_path = dir.join(BURNPACK_CONFIG);
     let text = std::fs::read_to_string(&config_path).map_err(|source| ConvertError::Io {
@@ -407,7 +442,7 @@ pub fn load_burnpack(dir: &Path, device: &Device) -> Result<LoadedModel, Convert
     })?;
     let mut model = VipLlava::new(&config, device);
     let weights = dir.join(BURNPACK_WEIGHTS);
-    let mut store = BurnpackStore::from_file(&weights);
+    let mut store = BurnpackStore::from_bytes(Some(map_file(&weights)?));
     let result = model.load_from(&mut store).map_err(|e| ConvertError::Store {
         file: weights.clone(),
         message: e.to_string(),
@@ -455,6 +490,18 @@ mod tests {
             .into_iter()
             .map(|t| (t.name, t.shape))
             .collect();
+        let layouts = expected_tensors(&model);
+        assert!(
+            layouts
+                .iter()
+                .any(|t| t.transposed && t.burn_path.ends_with("q_proj.weight"))
+        );
+        assert!(layouts.iter().any(|t| t.burn_path.ends_with("layer_norm1.gamma")));
+        assert!(
+            !layouts
+                .iter()
+                .any(|t| t.transposed && !t.name.ends_with(".weight"))
+        );
         let mut initialized = Initialized(0);
         model.visit(&mut initialized);
         assert_eq!(initialized.0, 0, "expected_tensors initialised parameters");

@@ -16,9 +16,14 @@
 use std::fmt;
 use std::str::FromStr;
 
+use burn::backend::{BackendTensor, DispatchKindConversion, DispatchTensor};
 use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::Tensor;
-use burn::tensor::quantization::{QuantScheme, QuantValue, ScaleDtype};
+use burn::tensor::quantization::{
+    QuantScheme, QuantStore, QuantValue, ScaleDtype, global_scale_dtype, scale_to_dtype,
+};
+use burn::tensor::{Bytes, DType, Device, Shape, Tensor};
+use burn_flex::{Flex, FlexQTensor, FlexTensor, Layout};
+use rayon::prelude::*;
 use vipllava_model::VipLlava;
 
 /// Linear layers whose `weight` is quantized (Burn module field names).
@@ -125,9 +130,88 @@ impl ModuleMapper for WeightQuantizer {
         let level = self.level;
         param.map(|tensor| {
             let width = tensor.dims()[D - 1];
-            tensor.quantize_dynamic(&level.scheme(block_for(width)))
+            quantize_on_flex(tensor, &level.scheme(block_for(width)))
         })
     }
+}
+
+/// Blocks per rayon task when quantizing.
+const BLOCKS_PER_TASK: usize = 4096;
+
+/// Burn's `quantize_dynamic` for a per-block symmetric scheme on the plain Flex device,
+/// computed by all rayon workers (Flex's own runs on one thread: minutes for a 7B model).
+/// The same arithmetic (scale = 2 max|x| / range, then `round(x / scale)` clamped), so the
+/// result is identical for f32 weights (f16/bf16 weights are widened exactly; Burn rounds
+/// their scales to the weight dtype). Anything else goes to Burn's `quantize_dynamic`.
+fn quantize_on_flex<const D: usize>(tensor: Tensor<D>, scheme: &QuantScheme) -> Tensor<D> {
+    let Some(width) = flex_block_width(&tensor, scheme) else {
+        return tensor.quantize_dynamic(scheme);
+    };
+    let dims = tensor.dims();
+    // Reads the values in place when `tensor` is f32 and not shared.
+    let data = tensor.into_data().convert::<f32>();
+    let copied: Vec<f32>;
+    let values: &[f32] = match data.as_slice::<f32>() {
+        Ok(values) => values,
+        Err(_) => {
+            copied = data.iter::<f32>().collect();
+            &copied
+        }
+    };
+    let (low, high) = scheme.value.range();
+    let scale_dtype = scheme.scale_dtype();
+    let blocks = values.len() / width;
+    let mut scales = vec![0f32; blocks];
+    let mut quantized = vec![0i8; values.len()];
+    scales
+        .par_chunks_mut(BLOCKS_PER_TASK)
+        .zip(quantized.par_chunks_mut(BLOCKS_PER_TASK * width))
+        .zip(values.par_chunks(BLOCKS_PER_TASK * width))
+        .for_each(|((scales, quantized), values)| {
+            for ((scale, q), x) in scales
+                .iter_mut()
+                .zip(quantized.chunks_mut(width))
+                .zip(values.chunks(width))
+            {
+                let alpha = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let s = scale_to_dtype(2.0 * alpha / (high - low), scale_dtype);
+                *scale = if s > 0.0 && s.is_finite() {
+                    s
+                } else {
+                    scale_to_dtype(f32::MIN_POSITIVE, scale_dtype)
+                };
+                let inv = 1.0 / *scale;
+                for (q, &v) in q.iter_mut().zip(x) {
+                    *q = (v * inv).round().clamp(low, high) as i8;
+                }
+            }
+        });
+    let values = FlexTensor::new(
+        Bytes::from_elems(quantized),
+        Layout::contiguous(Shape::from(dims.to_vec())),
+        DType::I8,
+    );
+    let primitive = FlexQTensor::new(values, scheme.with_store(QuantStore::Native), scales, None);
+    let dispatch =
+        <DispatchTensor as DispatchKindConversion<Flex>>::from_backend(BackendTensor::Quantized(primitive));
+    Tensor::from_dispatch(dispatch)
+}
+
+/// The block width when [`quantize_on_flex`] applies: the plain Flex device, a float
+/// tensor, one level of per-block scales along the last dimension only.
+fn flex_block_width<const D: usize>(tensor: &Tensor<D>, scheme: &QuantScheme) -> Option<usize> {
+    if tensor.device() != Device::flex() || tensor.device().is_autodiff() {
+        return None;
+    }
+    if !matches!(tensor.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        || global_scale_dtype(scheme).is_some()
+    {
+        return None;
+    }
+    let block = scheme.block_size()?.to_dim_vec(D);
+    let width = *block.last()? as usize;
+    let divides = width > 0 && tensor.dims()[D - 1].is_multiple_of(width);
+    (divides && block[..D - 1].iter().all(|&b| b == 1)).then_some(width)
 }
 
 /// Quantizes the linear-layer weights of `model` (see the module docs for which).
@@ -173,7 +257,7 @@ pub fn quantized_parameter_count(model: &VipLlava) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, Distribution};
+    use burn::tensor::Distribution;
 
     #[test]
     fn blocks_divide_the_width() {
@@ -181,6 +265,40 @@ mod tests {
         assert_eq!(block_for(48), Some(16));
         assert_eq!(block_for(24), Some(8));
         assert_eq!(block_for(30), None);
+    }
+
+    /// The parallel quantizer gives exactly what Burn's `quantize_dynamic` gives for f32
+    /// weights. For bf16 weights Burn rounds the scale to bf16; ours keeps the f32 scale of
+    /// the (exactly widened) values, i.e. quantizes a bf16 tensor as Burn quantizes its f32
+    /// copy.
+    #[test]
+    fn parallel_quantizer_equals_burn() {
+        let device = Device::flex();
+        let w = Tensor::<2>::random([70, 96], Distribution::Normal(0.0, 0.02), &device);
+        // A zero block and an outlier.
+        let w = w.slice_assign([0..1, 0..32], Tensor::zeros([1, 32], &device));
+        let w = w.slice_assign([1..2, 5..6], Tensor::full([1, 1], 3.0, &device));
+        let dequantized =
+            |t: Tensor<2>| -> Vec<f32> { t.dequantize().into_data().convert::<f32>().try_to_vec().unwrap() };
+        for dtype in [DType::F32, DType::BF16] {
+            let w = w.clone().cast(dtype);
+            let widened = w.clone().cast(DType::F32);
+            for level in [Quantization::Q8, Quantization::Q4] {
+                for block in [Some(32), Some(16), Some(8)] {
+                    let scheme = level.scheme(block);
+                    assert!(flex_block_width(&w, &scheme).is_some());
+                    let ours = quantize_on_flex(w.clone(), &scheme);
+                    let burn = widened.clone().quantize_dynamic(&scheme);
+                    assert_eq!(ours.dtype(), burn.dtype());
+                    assert_eq!(
+                        dequantized(ours),
+                        dequantized(burn),
+                        "{level} {block:?} {dtype:?}"
+                    );
+                }
+            }
+        }
+        assert!(flex_block_width(&w, &Quantization::Q8.scheme(None)).is_none());
     }
 
     /// Each value is within half a quantization step of its block's scale.

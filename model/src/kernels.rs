@@ -12,9 +12,11 @@
 //! many rows with bf16/f16 weights the weight is widened to f32 once per call and Burn's
 //! f32 gemm does the work.
 
+use burn::backend::{BackendTensor, DispatchKindConversion, DispatchTensor, TensorMetadata};
 use burn::nn::Linear;
+use burn::tensor::quantization::global_scale_dtype;
 use burn::tensor::{DType, Device, Tensor, TensorData, bf16, f16};
-use burn_flex::{Flex, FlexTensor};
+use burn_flex::{Flex, FlexQTensor, FlexTensor};
 
 use rayon::prelude::*;
 
@@ -42,13 +44,20 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     // One handle per call: this runs for every projection of every decode step.
     let weight = layer.weight.val();
     let wdtype = weight.dtype();
-    // Quantized weights (`--quantize`) and other devices (autodiff, wgpu, ...) go through
-    // Burn's own ops.
-    if matches!(wdtype, DType::QFloat(_)) || !is_plain_flex(&weight.device()) {
+    // Other devices (autodiff, wgpu, ...) go through Burn's own ops.
+    if !is_plain_flex(&weight.device()) {
         return layer.forward(x);
     }
     let dims = x.dims();
     let rows: usize = dims[..D - 1].iter().product();
+    if matches!(wdtype, DType::QFloat(_)) {
+        // Quantized weights (`--quantize`): Flex's own `q_matmul` dequantizes the whole
+        // matrix on one thread on every call.
+        return match quantized_linear(layer, weight, &x, rows) {
+            Some(out) => out,
+            None => layer.forward(x),
+        };
+    }
     if rows <= MAX_STREAM_ROWS
         && let Some(out) = stream_linear(layer, weight.clone(), &x, rows)
     {
@@ -120,6 +129,313 @@ fn stream_linear<const D: usize>(
     shape[D - 1] = n;
     let y = Tensor::<D>::from_data(TensorData::new(out, shape), &device);
     Some(if dtype == DType::F32 { y } else { y.cast(dtype) })
+}
+
+/// The int8 values of a block-quantized weight `[K, N]` with one f32 scale per `block`
+/// consecutive values of a row (the layout `quantize_module` produces).
+struct QuantizedRows {
+    tensor: FlexQTensor,
+    block: usize,
+    offset: usize,
+}
+
+impl QuantizedRows {
+    /// The parts of `weight` when it is a Flex quantized tensor this module can read:
+    /// symmetric values with one level of per-block scales along the last dimension.
+    fn of(weight: Tensor<2>) -> Option<Self> {
+        let [k, n] = weight.dims();
+        let backend =
+            <DispatchTensor as DispatchKindConversion<Flex>>::try_into_backend(weight.into_dispatch())
+                .ok()?;
+        let BackendTensor::Quantized(tensor) = backend else {
+            return None;
+        };
+        let DType::QFloat(scheme) = tensor.dtype() else {
+            return None;
+        };
+        if global_scale_dtype(&scheme).is_some() {
+            return None;
+        }
+        let block = scheme.block_size()?.to_dim_vec(2);
+        let width = block[1] as usize;
+        if block[0] != 1 || ![8, 16, 32].contains(&width) || !n.is_multiple_of(width) {
+            return None;
+        }
+        let layout = tensor.tensor().layout();
+        if layout.strides() != [n as isize, 1] || tensor.scales().len() != k * n / width {
+            return None;
+        }
+        let offset = layout.start_offset();
+        Some(Self {
+            tensor,
+            block: width,
+            offset,
+        })
+    }
+
+    fn values(&self, len: usize) -> &[i8] {
+        &self.tensor.tensor().storage::<i8>()[self.offset..self.offset + len]
+    }
+}
+
+/// `x @ W (+ b)` for a block-quantized `W` on Flex: streamed as int8 for a few rows
+/// (`(x * scale) * q`, one product per row and block), dequantized to f32 in parallel for
+/// many (`scale * q`, exactly as Burn's `dequantize`, then the f32 gemm). Either way the
+/// result is the f32 product with the dequantized weights up to f32 rounding.
+fn quantized_linear<const D: usize>(
+    layer: &Linear,
+    weight: Tensor<2>,
+    x: &Tensor<D>,
+    rows: usize,
+) -> Option<Tensor<D>> {
+    let device = weight.device();
+    let [k, n] = weight.dims();
+    let quantized = QuantizedRows::of(weight)?;
+    let values = quantized.values(k * n);
+    let scales = quantized.tensor.scales();
+    let dtype = x.dtype();
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return None;
+    }
+    let bias = layer.bias.as_ref().map(|b| b.val());
+    if rows <= MAX_STREAM_ROWS {
+        let xs: Vec<f32> = x
+            .clone()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .ok()?;
+        if xs.len() != rows * k {
+            return None;
+        }
+        let mut out = matmul_stream_q8(&xs, values, scales, quantized.block, rows, k, n)?;
+        if let Some(b) = bias {
+            let b: Vec<f32> = b.into_data().convert::<f32>().try_into_vec::<f32>().ok()?;
+            for row in out.chunks_mut(n) {
+                for (o, bv) in row.iter_mut().zip(&b) {
+                    *o += bv;
+                }
+            }
+        }
+        let mut shape = x.dims();
+        shape[D - 1] = n;
+        let y = Tensor::<D>::from_data(TensorData::new(out, shape), &device);
+        return Some(if dtype == DType::F32 { y } else { y.cast(dtype) });
+    }
+    let w = dequantize_rows(values, scales, quantized.block);
+    let w = Tensor::<2>::from_data(TensorData::new(w, [k, n]), &device);
+    let xf = if dtype == DType::F32 {
+        x.clone()
+    } else {
+        x.clone().cast(DType::F32)
+    };
+    let mut y = xf.matmul(w.unsqueeze());
+    if let Some(b) = bias {
+        y = y + b.cast(DType::F32).unsqueeze();
+    }
+    Some(if dtype == DType::F32 { y } else { y.cast(dtype) })
+}
+
+/// `scale * q` for every value, one rayon task per 64 Ki values.
+fn dequantize_rows(values: &[i8], scales: &[f32], block: usize) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let chunk = CHUNK.div_ceil(block) * block;
+    let mut out = vec![0f32; values.len()];
+    out.par_chunks_mut(chunk)
+        .zip(values.par_chunks(chunk))
+        .enumerate()
+        .for_each(|(c, (out, values))| {
+            let first = c * chunk / block;
+            for ((o, q), &s) in out
+                .chunks_mut(block)
+                .zip(values.chunks(block))
+                .zip(&scales[first..])
+            {
+                for (o, &q) in o.iter_mut().zip(q) {
+                    *o = s * q as f32;
+                }
+            }
+        });
+    out
+}
+
+/// `x [rows, k] @ dequantize(q [k, n])` in f32, streaming the int8 values once, in the
+/// K blocks of [`matmul_stream`] (so the result does not depend on the thread count).
+/// `scales` holds one scale per `block` consecutive values of a row; `None` unless `block`
+/// is 8, 16 or 32 and divides `n`, and the slice lengths match the shapes.
+pub fn matmul_stream_q8(
+    x: &[f32],
+    q: &[i8],
+    scales: &[f32],
+    block: usize,
+    rows: usize,
+    k: usize,
+    n: usize,
+) -> Option<Vec<f32>> {
+    let shapes_match = x.len() == rows * k && q.len() == k * n && scales.len() * block == k * n;
+    if ![8, 16, 32].contains(&block) || !n.is_multiple_of(block) || !shapes_match {
+        return None;
+    }
+    let tasks = k.div_ceil(K_BLOCK).max(1);
+    let partials: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let k0 = (t * K_BLOCK).min(k);
+            let k1 = ((t + 1) * K_BLOCK).min(k);
+            let mut acc = vec![0f32; rows * n];
+            if k0 < k1 {
+                let rows_q = QRows { q, scales, block, n };
+                accumulate_q8(x, &rows_q, rows, k, k0, k1, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut out = vec![0f32; rows * n];
+    for p in &partials {
+        for (o, v) in out.iter_mut().zip(p) {
+            *o += v;
+        }
+    }
+    Some(out)
+}
+
+/// Int8 rows of a quantized `[k, n]` weight and their per-block scales.
+struct QRows<'a> {
+    q: &'a [i8],
+    scales: &'a [f32],
+    block: usize,
+    n: usize,
+}
+
+impl QRows<'_> {
+    #[inline(always)]
+    fn row(&self, kk: usize) -> (&[i8], &[f32]) {
+        let blocks = self.n / self.block;
+        (
+            &self.q[kk * self.n..(kk + 1) * self.n],
+            &self.scales[kk * blocks..(kk + 1) * blocks],
+        )
+    }
+}
+
+fn accumulate_q8(x: &[f32], w: &QRows<'_>, rows: usize, k: usize, k0: usize, k1: usize, acc: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked above).
+            unsafe { accumulate_q8_avx512(x, w, rows, k, k0, k1, acc) };
+            return;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports AVX2 and FMA (checked above).
+            unsafe { accumulate_q8_avx2(x, w, rows, k, k0, k1, acc) };
+            return;
+        }
+    }
+    accumulate_q8_blocks(x, w, rows, k, k0, k1, acc);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,fma")]
+unsafe fn accumulate_q8_avx512(
+    x: &[f32],
+    w: &QRows<'_>,
+    rows: usize,
+    k: usize,
+    k0: usize,
+    k1: usize,
+    acc: &mut [f32],
+) {
+    accumulate_q8_blocks(x, w, rows, k, k0, k1, acc);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn accumulate_q8_avx2(
+    x: &[f32],
+    w: &QRows<'_>,
+    rows: usize,
+    k: usize,
+    k0: usize,
+    k1: usize,
+    acc: &mut [f32],
+) {
+    accumulate_q8_blocks(x, w, rows, k, k0, k1, acc);
+}
+
+/// Chooses a fixed block width (so the inner loop unrolls into vector code).
+#[inline(always)]
+fn accumulate_q8_blocks(
+    x: &[f32],
+    w: &QRows<'_>,
+    rows: usize,
+    k: usize,
+    k0: usize,
+    k1: usize,
+    acc: &mut [f32],
+) {
+    match w.block {
+        32 => accumulate_q8_generic::<32>(x, w, rows, k, k0, k1, acc),
+        16 => accumulate_q8_generic::<16>(x, w, rows, k, k0, k1, acc),
+        8 => accumulate_q8_generic::<8>(x, w, rows, k, k0, k1, acc),
+        // `matmul_stream_q8` admits no other width.
+        _ => unreachable!("block width {}", w.block),
+    }
+}
+
+/// Weight rows per pass of the int8 kernel: the accumulator is read and written once per
+/// this many rows.
+const Q8_ROWS: usize = 8;
+
+/// `acc[r, :] += sum_{kk in k0..k1} (x[r, kk] * scale[kk, block]) * q[kk, :]`, [`Q8_ROWS`]
+/// weight rows at a time: one product per row and block, then one FMA per value.
+#[inline(always)]
+fn accumulate_q8_generic<const B: usize>(
+    x: &[f32],
+    w: &QRows<'_>,
+    rows: usize,
+    k: usize,
+    k0: usize,
+    k1: usize,
+    acc: &mut [f32],
+) {
+    let n = w.n;
+    let mut kk = k0;
+    while kk + Q8_ROWS <= k1 {
+        let q: [&[i8]; Q8_ROWS] = std::array::from_fn(|i| w.row(kk + i).0);
+        let scales: [&[f32]; Q8_ROWS] = std::array::from_fn(|i| w.row(kk + i).1);
+        for r in 0..rows {
+            let a: [f32; Q8_ROWS] = std::array::from_fn(|i| x[r * k + kk + i]);
+            let out = &mut acc[r * n..(r + 1) * n];
+            for (b, out) in out.chunks_exact_mut(B).enumerate() {
+                let e: [f32; Q8_ROWS] = std::array::from_fn(|i| a[i] * scales[i][b]);
+                let blocks: [&[i8]; Q8_ROWS] = std::array::from_fn(|i| &q[i][b * B..(b + 1) * B]);
+                for j in 0..B {
+                    let mut s = out[j];
+                    for i in 0..Q8_ROWS {
+                        s = e[i].mul_add(blocks[i][j] as f32, s);
+                    }
+                    out[j] = s;
+                }
+            }
+        }
+        kk += Q8_ROWS;
+    }
+    while kk < k1 {
+        let (q0, s0) = w.row(kk);
+        for r in 0..rows {
+            let a0 = x[r * k + kk];
+            let out = &mut acc[r * n..(r + 1) * n];
+            for (b, out) in out.chunks_exact_mut(B).enumerate() {
+                let e0 = a0 * s0[b];
+                let r0 = &q0[b * B..(b + 1) * B];
+                for j in 0..B {
+                    out[j] = e0.mul_add(r0[j] as f32, out[j]);
+                }
+            }
+        }
+        kk += 1;
+    }
 }
 
 /// A weight element that widens to f32.
@@ -325,5 +641,48 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The int8 kernel equals the f32 kernel on the dequantized weights up to f32 rounding
+    /// (it multiplies `(x * scale) * q` instead of `x * (scale * q)`), and the parallel
+    /// dequantization equals `scale * q` exactly.
+    #[test]
+    fn q8_stream_equals_f32_stream_on_dequantized_weights() {
+        for &(rows, k, n, block) in &[
+            (1, 1, 8, 8),
+            (1, 7, 32, 32),
+            (3, 130, 64, 16),
+            (2, 257, 96, 32),
+            (16, 64, 24, 8),
+        ] {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
+                .collect();
+            let q: Vec<i8> = (0..k * n).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect();
+            let scales: Vec<f32> = (0..k * n / block).map(|i| 1e-3 * (1 + i % 7) as f32).collect();
+            let w = dequantize_rows(&q, &scales, block);
+            for (i, (&wv, &qv)) in w.iter().zip(&q).enumerate() {
+                assert_eq!(wv, scales[i / block] * qv as f32);
+            }
+            let want = matmul_stream(&x, &w, rows, k, n);
+            let got = matmul_stream_q8(&x, &q, &scales, block, rows, k, n).expect("supported");
+            let exact = reference(&x, &w, rows, k, n);
+            // Each output sums k products of size <= 1 * 0.127: f32 rounding stays far
+            // below 1e-5 of the sum's scale; a wrong index or scale would be off by >= 1e-3.
+            let bound = 1e-5 * (1.0 + 0.127 * k as f32);
+            for ((a, b), c) in got.iter().zip(&want).zip(&exact) {
+                assert!(
+                    (a - b).abs() <= bound,
+                    "{rows}x{k}x{n} block {block}: {a} vs f32 path {b}"
+                );
+                assert!(
+                    (a - c).abs() <= bound,
+                    "{rows}x{k}x{n} block {block}: {a} vs f64 {c}"
+                );
+            }
+        }
+        // Unsupported block widths and inconsistent lengths are refused, not indexed.
+        assert!(matmul_stream_q8(&[0.0; 4], &[0; 48], &[1.0; 2], 24, 1, 4, 12).is_none());
+        assert!(matmul_stream_q8(&[0.0; 4], &[0; 32], &[1.0; 1], 32, 1, 4, 8).is_none());
     }
 }

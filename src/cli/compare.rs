@@ -23,13 +23,15 @@ pub(crate) struct CompareArgs {
     )]
     pub question: String,
     /// Backend comparison on --image with the real pipeline: devices to compare (see
-    /// --device of `generate`). Giving --devices, --dtypes or --quantize selects this mode.
+    /// --device of `generate`). Giving --devices or --dtypes selects this mode.
     #[arg(long, value_delimiter = ',')]
     pub devices: Vec<String>,
     /// Dtypes to compare (default f32).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub dtypes: Vec<DtypeArg>,
-    /// Also run each device/dtype with these weight quantizations (q8, q4).
+    /// In a backend comparison, also run each device/dtype with these weight
+    /// quantizations (q8, q4); without --devices/--dtypes, quantize the weights of the
+    /// batch-size benchmark (one level).
     #[arg(long, value_delimiter = ',')]
     pub quantize: Vec<Quantization>,
     /// Internal: run one combination in this process and write its logits here.
@@ -40,7 +42,7 @@ pub(crate) struct CompareArgs {
 impl CompareArgs {
     /// Whether a backend comparison was asked for.
     pub fn requested(&self) -> bool {
-        !self.devices.is_empty() || !self.dtypes.is_empty() || !self.quantize.is_empty()
+        !self.devices.is_empty() || !self.dtypes.is_empty()
     }
 }
 

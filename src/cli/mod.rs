@@ -596,9 +596,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             if compare.requested() {
                 return compare::run(&dir, image.as_deref(), &compare, repeats, new_tokens, json);
             }
+            anyhow::ensure!(
+                compare.quantize.len() <= 1,
+                "the batch-size benchmark takes one --quantize level (give --devices or --dtypes to compare several)"
+            );
+            let quantize = compare.quantize.first().copied();
             let device = Device::flex();
             let start = std::time::Instant::now();
-            let (m, config) = vipllava::bench::bench_model(&dir, random_weights, dtype, &device)?;
+            let (m, config) = vipllava::bench::bench_model(&dir, random_weights, dtype, quantize, &device)?;
             let load_ms = start.elapsed().as_secs_f64() * 1000.0;
             let pixels = match &image {
                 Some(path) => {
@@ -621,6 +626,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 }
                 None => None,
             };
+            let label = format!(
+                "{}{}",
+                vipllava::bench::dtype_name(dtype),
+                quantize.map(|q| format!("+{q}")).unwrap_or_default()
+            );
             let input = vipllava::bench::BenchInput {
                 pixels,
                 text_tokens,
@@ -628,10 +638,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             };
             if !json {
                 println!(
-                    "model {} ({} parameters), device cpu (flex), dtype {}, {} threads, load {:.0} ms",
+                    "model {} ({} parameters), device cpu (flex), dtype {}{}, {} threads, load {:.0} ms",
                     dir.display(),
                     vipllava::info::thousands(config.num_parameters()),
                     vipllava::bench::dtype_name(dtype),
+                    quantize.map(|q| format!(" + {q} weights")).unwrap_or_default(),
                     vipllava::bench::cpu_threads(),
                     load_ms
                 );
@@ -650,7 +661,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             for b in batch_sizes {
                 anyhow::ensure!(b > 0, "batch sizes must be positive");
                 let row =
-                    vipllava::bench::bench_batch(&m, &config, &device, b, &input, repeats, load_ms, dtype)?;
+                    vipllava::bench::bench_batch(&m, &config, &device, b, &input, repeats, load_ms, &label)?;
                 if json {
                     println!("{}", serde_json::to_string(&row)?);
                 } else {

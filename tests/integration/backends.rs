@@ -93,6 +93,19 @@ fn quantized_weights_stay_close_to_f32() {
                 .expect("prepare");
             let (dequantized, _) = pipeline.prefill(&prepared).expect("prefill");
             let path_diff = max_slice_diff(&logits, &dequantized);
+            // Decode steps run the int8 streaming kernel: the same greedy tokens.
+            let greedy = GenerationOptions {
+                max_new_tokens: 10,
+                ..pipeline.generation_defaults.clone()
+            };
+            let dequantized_tokens = pipeline
+                .generate(&prepared, &greedy, |_| {})
+                .expect("generate")
+                .token_ids;
+            assert_eq!(
+                tokens, dequantized_tokens,
+                "{name} {level}: the quantized decode path chose other tokens than dequantized weights"
+            );
 
             let diff = max_slice_diff(&logits, &reference);
             println!(

@@ -1,0 +1,66 @@
+//! Rates of the decode kernels in isolation (weights streamed once per call):
+//! `cargo bench -p vipllava-model --bench stream_kernels` (set `RAYON_NUM_THREADS`).
+//! Prints numbers only; BENCHMARKS.md (history #7) quotes them.
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use burn::tensor::bf16;
+use vipllava_model::kernels::{matmul_stream, matmul_stream_q8};
+
+/// Median seconds per call over `calls` calls, after one warm-up call.
+fn time(calls: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times: Vec<f64> = (0..calls)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[calls / 2]
+}
+
+fn main() {
+    println!("| k x n | bf16 ms | bf16 GB/s | q8 ms | q8 G values/s | q8 GB/s (values + scales) |");
+    println!("|---|---|---|---|---|---|");
+    // Llama-1B shapes: gate/up, down, q/o, k/v; 7B: gate/up.
+    for (k, n) in [
+        (2048, 5632),
+        (5632, 2048),
+        (2048, 2048),
+        (2048, 256),
+        (4096, 11008),
+    ] {
+        let x: Vec<f32> = (0..k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let w: Vec<bf16> = (0..k * n)
+            .map(|i| bf16::from_f32((i % 13) as f32 * 0.01))
+            .collect();
+        let q: Vec<i8> = (0..k * n).map(|i| (i % 251) as i8).collect();
+        let scales = vec![0.01f32; k * n / 32];
+        let bf = time(21, || {
+            black_box(matmul_stream(black_box(&x), black_box(&w), 1, k, n));
+        });
+        let q8 = time(21, || {
+            black_box(matmul_stream_q8(
+                black_box(&x),
+                black_box(&q),
+                &scales,
+                32,
+                1,
+                k,
+                n,
+            ));
+        });
+        let values = (k * n) as f64;
+        println!(
+            "| {k} x {n} | {:.2} | {:.1} | {:.2} | {:.1} | {:.1} |",
+            bf * 1e3,
+            values * 2.0 / bf / 1e9,
+            q8 * 1e3,
+            values / q8 / 1e9,
+            values * (1.0 + 4.0 / 32.0) / q8 / 1e9
+        );
+    }
+}
