@@ -188,6 +188,8 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
             .push(file_tensor(file, tensor, key, entry, options.dtype));
     }
     let mut loaded = 0usize;
+    // The read buffer (as large as the largest tensor) is freed when the load ends.
+    let _scratch = crate::read::ScratchGuard;
     for (group, tensors) in groups {
         // The tensors arrive in Burn's names, layout and dtype: no adapter.
         let result = model.apply(tensors, None, None, false);

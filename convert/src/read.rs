@@ -99,6 +99,16 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// Frees this thread's read buffer when dropped: hold one for the duration of a load, so
+/// that the largest tensor's bytes do not stay allocated after it (or after an error).
+pub(crate) struct ScratchGuard;
+
+impl Drop for ScratchGuard {
+    fn drop(&mut self) {
+        SCRATCH.with(|scratch| *scratch.borrow_mut() = Vec::new());
+    }
+}
+
 /// Reads `range` of `file` and returns the tensor of `shape` (the file's shape, or its
 /// transpose when `transpose`, for a 2-D linear weight) as `dtype`.
 pub(crate) fn read_tensor(
@@ -109,23 +119,23 @@ pub(crate) fn read_tensor(
     transpose: bool,
     dtype: DType,
 ) -> std::io::Result<TensorData> {
-    SCRATCH.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        let len = usize::try_from(range.end - range.start)
-            .map_err(|_| std::io::Error::other("tensor larger than the address space"))?;
-        scratch.resize(len, 0);
-        read_exact_at(&File::open(file)?, &mut scratch[..len], range.start)?;
-        let bytes = &scratch[..len];
-        let data = match dtype {
+    let len = usize::try_from(range.end - range.start)
+        .map_err(|_| std::io::Error::other("tensor larger than the address space"))?;
+    let read = |buffer: &mut Vec<u8>| -> std::io::Result<TensorData> {
+        buffer.resize(len, 0);
+        read_exact_at(&File::open(file)?, &mut buffer[..len], range.start)?;
+        let bytes = &buffer[..len];
+        match dtype {
             DType::BF16 => by_disk::<bf16>(disk, bytes, shape, transpose),
             DType::F16 => by_disk::<f16>(disk, bytes, shape, transpose),
             _ => by_disk::<f32>(disk, bytes, shape, transpose),
-        };
-        // Keep one tensor's worth of scratch at most once the load moves to smaller ones.
-        if scratch.capacity() > 2 * len.max(1 << 20) {
-            scratch.shrink_to(len);
         }
-        data
+    };
+    SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buffer) => read(&mut buffer),
+        // A load nested in another on this thread (a rayon worker that picked up a second
+        // load while waiting): a buffer of its own.
+        Err(_) => read(&mut Vec::new()),
     })
 }
 
