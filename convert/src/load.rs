@@ -21,7 +21,8 @@ pub const BURNPACK_WEIGHTS: &str = "model.bpk";
 /// How to load.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Float dtype of the loaded parameters (f32 by default, whatever the file holds).
+    /// Float dtype of the loaded parameters: f32 (the default), f16 or bf16, whatever the
+    /// file holds.
     pub dtype: DType,
     /// Quantize the linear-layer weights after loading (see [`crate::quantize`]).
     pub quantize: Option<Quantization>,
@@ -132,6 +133,15 @@ pub fn load_model(dir: &Path, device: &Device, options: &LoadOptions) -> Result<
 }
 
 fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Result<LoadedModel, ConvertError> {
+    if !matches!(options.dtype, DType::F32 | DType::F16 | DType::BF16) {
+        return Err(ConvertError::Store {
+            file: dir.to_path_buf(),
+            message: format!(
+                "cannot load parameters as {:?}: the load dtype must be f32, f16 or bf16",
+                options.dtype
+            ),
+        });
+    }
     let mut config = read_config(dir)?;
     let checkpoint = Checkpoint::open(dir)?;
     let layout = reconcile_config(dir, &mut config, &checkpoint)?;
@@ -364,10 +374,7 @@ fn file_tensor(
     entry: &TensorEntry,
     dtype: DType,
 ) -> PackTensor {
-    let dtype = match dtype {
-        DType::BF16 | DType::F16 => dtype,
-        _ => DType::F32,
-    };
+    // f32, f16 or bf16 (checked by `load_safetensors`).
     let disk_shape = entry.shape.clone();
     let transposed = tensor.transposed && disk_shape.len() == 2;
     let mut shape = disk_shape.clone();

@@ -105,7 +105,12 @@ pub(crate) struct ScratchGuard;
 
 impl Drop for ScratchGuard {
     fn drop(&mut self) {
-        SCRATCH.with(|scratch| *scratch.borrow_mut() = Vec::new());
+        SCRATCH.with(|scratch| {
+            // Borrowed: an outer load on this thread is still using it and frees it itself.
+            if let Ok(mut buffer) = scratch.try_borrow_mut() {
+                *buffer = Vec::new();
+            }
+        });
     }
 }
 
