@@ -288,27 +288,7 @@ pub fn matmul_stream_q8(
     if ![8, 16, 32].contains(&block) || !n.is_multiple_of(block) || !shapes_match {
         return None;
     }
-    let tasks = k.div_ceil(K_BLOCK).max(1);
-    let partials: Vec<Vec<f32>> = (0..tasks)
-        .into_par_iter()
-        .map(|t| {
-            let k0 = (t * K_BLOCK).min(k);
-            let k1 = ((t + 1) * K_BLOCK).min(k);
-            let mut acc = vec![0f32; rows * n];
-            if k0 < k1 {
-                let rows_q = QRows { q, scales, block, n };
-                accumulate_q8(x, &rows_q, rows, k, k0, k1, &mut acc);
-            }
-            acc
-        })
-        .collect();
-    let mut out = vec![0f32; rows * n];
-    for p in &partials {
-        for (o, v) in out.iter_mut().zip(p) {
-            *o += v;
-        }
-    }
-    Some(out)
+    Some(stream(x, &QRows { q, scales, block, n }, rows, k))
 }
 
 /// Int8 rows of a quantized `[k, n]` weight and their per-block scales.
@@ -330,71 +310,21 @@ impl QRows<'_> {
     }
 }
 
-fn accumulate_q8(x: &[f32], w: &QRows<'_>, rows: usize, k: usize, k0: usize, k1: usize, acc: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU supports AVX-512F, AVX-512BW and FMA (checked above).
-            unsafe { accumulate_q8_avx512(x, w, rows, k, k0, k1, acc) };
-            return;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            unsafe { accumulate_q8_avx2(x, w, rows, k, k0, k1, acc) };
-            return;
-        }
+impl StreamedWeight for QRows<'_> {
+    fn n(&self) -> usize {
+        self.n
     }
-    accumulate_q8_blocks(x, w, rows, k, k0, k1, acc);
-}
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,fma")]
-unsafe fn accumulate_q8_avx512(
-    x: &[f32],
-    w: &QRows<'_>,
-    rows: usize,
-    k: usize,
-    k0: usize,
-    k1: usize,
-    acc: &mut [f32],
-) {
-    accumulate_q8_blocks(x, w, rows, k, k0, k1, acc);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_q8_avx2(
-    x: &[f32],
-    w: &QRows<'_>,
-    rows: usize,
-    k: usize,
-    k0: usize,
-    k1: usize,
-    acc: &mut [f32],
-) {
-    accumulate_q8_blocks(x, w, rows, k, k0, k1, acc);
-}
-
-/// Chooses a fixed block width (so the inner loop unrolls into vector code).
-#[inline(always)]
-fn accumulate_q8_blocks(
-    x: &[f32],
-    w: &QRows<'_>,
-    rows: usize,
-    k: usize,
-    k0: usize,
-    k1: usize,
-    acc: &mut [f32],
-) {
-    match w.block {
-        32 => accumulate_q8_generic::<32>(x, w, rows, k, k0, k1, acc),
-        16 => accumulate_q8_generic::<16>(x, w, rows, k, k0, k1, acc),
-        8 => accumulate_q8_generic::<8>(x, w, rows, k, k0, k1, acc),
-        // `matmul_stream_q8` admits no other width.
-        _ => unreachable!("block width {}", w.block),
+    /// Chooses a fixed block width (so the inner loop unrolls into vector code).
+    #[inline(always)]
+    fn accumulate(&self, x: &[f32], rows: usize, k: usize, k0: usize, k1: usize, acc: &mut [f32]) {
+        match self.block {
+            32 => accumulate_q8_generic::<32>(x, self, rows, k, k0, k1, acc),
+            16 => accumulate_q8_generic::<16>(x, self, rows, k, k0, k1, acc),
+            8 => accumulate_q8_generic::<8>(x, self, rows, k, k0, k1, acc),
+            // `matmul_stream_q8` admits no other width.
+            _ => unreachable!("block width {}", self.block),
+        }
     }
 }
 
@@ -484,18 +414,49 @@ impl Widen for f16 {
 /// summation order, hence the result, is the same on every machine.
 const K_BLOCK: usize = 256;
 
+/// A `[k, n]` weight that the decode kernels stream row by row.
+trait StreamedWeight: Sync {
+    /// Output width.
+    fn n(&self) -> usize;
+    /// `acc[r, :] += x[r, k0..k1] @ w[k0..k1, :]` for `rows` rows of `x` (row length `k`).
+    fn accumulate(&self, x: &[f32], rows: usize, k: usize, k0: usize, k1: usize, acc: &mut [f32]);
+}
+
+/// A plain `[k, n]` weight of f32/bf16/f16 values.
+struct DenseRows<'a, T> {
+    w: &'a [T],
+    n: usize,
+}
+
+impl<T: Widen> StreamedWeight for DenseRows<'_, T> {
+    fn n(&self) -> usize {
+        self.n
+    }
+
+    #[inline(always)]
+    fn accumulate(&self, x: &[f32], rows: usize, k: usize, k0: usize, k1: usize, acc: &mut [f32]) {
+        accumulate_generic(x, self.w, rows, k, self.n, k0, k1, acc);
+    }
+}
+
 /// `x [rows, k] @ w [k, n]` in f32, streaming `w` once.
 pub fn matmul_stream<T: Widen>(x: &[f32], w: &[T], rows: usize, k: usize, n: usize) -> Vec<f32> {
+    stream(x, &DenseRows { w, n }, rows, k)
+}
+
+/// `x [rows, k] @ w` in [`K_BLOCK`]-row blocks of `w` (one rayon task each), the per-block
+/// partial products summed in block order.
+fn stream<W: StreamedWeight>(x: &[f32], w: &W, rows: usize, k: usize) -> Vec<f32> {
+    let n = w.n();
     let tasks = k.div_ceil(K_BLOCK).max(1);
-    let per_task = K_BLOCK;
     let partials: Vec<Vec<f32>> = (0..tasks)
         .into_par_iter()
         .map(|t| {
-            let k0 = (t * per_task).min(k);
-            let k1 = ((t + 1) * per_task).min(k);
+            let k0 = (t * K_BLOCK).min(k);
+            let k1 = ((t + 1) * K_BLOCK).min(k);
             let mut acc = vec![0f32; rows * n];
             if k0 < k1 {
-                accumulate(x, w, rows, k, n, k0, k1, &mut acc);
+                accumulate(x, w, rows, k, k0, k1, &mut acc);
             }
             acc
         })
@@ -509,13 +470,12 @@ pub fn matmul_stream<T: Widen>(x: &[f32], w: &[T], rows: usize, k: usize, n: usi
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-fn accumulate<T: Widen>(
+/// [`StreamedWeight::accumulate`] compiled for the best vector extension the CPU has.
+fn accumulate<W: StreamedWeight>(
     x: &[f32],
-    w: &[T],
+    w: &W,
     rows: usize,
     k: usize,
-    n: usize,
     k0: usize,
     k1: usize,
     acc: &mut [f32],
@@ -527,48 +487,44 @@ fn accumulate<T: Widen>(
             && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports AVX-512F, AVX-512BW and FMA (checked above).
-            unsafe { accumulate_avx512(x, w, rows, k, n, k0, k1, acc) };
+            unsafe { accumulate_avx512(x, w, rows, k, k0, k1, acc) };
             return;
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            unsafe { accumulate_avx2(x, w, rows, k, n, k0, k1, acc) };
+            unsafe { accumulate_avx2(x, w, rows, k, k0, k1, acc) };
             return;
         }
     }
-    accumulate_generic(x, w, rows, k, n, k0, k1, acc);
+    w.accumulate(x, rows, k, k0, k1, acc);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn accumulate_avx512<T: Widen>(
+unsafe fn accumulate_avx512<W: StreamedWeight>(
     x: &[f32],
-    w: &[T],
+    w: &W,
     rows: usize,
     k: usize,
-    n: usize,
     k0: usize,
     k1: usize,
     acc: &mut [f32],
 ) {
-    accumulate_generic(x, w, rows, k, n, k0, k1, acc);
+    w.accumulate(x, rows, k, k0, k1, acc);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn accumulate_avx2<T: Widen>(
+unsafe fn accumulate_avx2<W: StreamedWeight>(
     x: &[f32],
-    w: &[T],
+    w: &W,
     rows: usize,
     k: usize,
-    n: usize,
     k0: usize,
     k1: usize,
     acc: &mut [f32],
 ) {
-    accumulate_generic(x, w, rows, k, n, k0, k1, acc);
+    w.accumulate(x, rows, k, k0, k1, acc);
 }
 
 /// `acc[r, :] += sum_{kk in k0..k1} x[r, kk] * w[kk, :]`, four weight rows at a time so

@@ -6,7 +6,7 @@ use crate::common::{FIXTURES, copy_fixture, fixture, max_slice_diff, run_cli};
 use burn::tensor::Device;
 use vipllava::convert::quantized_parameter_count;
 use vipllava::generate::GenerationOptions;
-use vipllava::pipeline::{Pipeline, Prompt};
+use vipllava::pipeline::{Pipeline, PreparedInput, Prompt};
 use vipllava::processor::image::load_image;
 use vipllava::{LoadOptions, Quantization};
 
@@ -21,15 +21,20 @@ fn run(dir: &std::path::Path, options: &LoadOptions) -> (Vec<f32>, Vec<u32>, Pip
         .prepare(&[image], &Prompt::User(QUESTION.into()))
         .expect("prepare");
     let (logits, _) = pipeline.prefill(&prepared).expect("prefill");
+    let tokens = greedy_tokens(&pipeline, &prepared);
+    (logits, tokens, pipeline)
+}
+
+/// 10 greedy tokens.
+fn greedy_tokens(pipeline: &Pipeline, prepared: &PreparedInput) -> Vec<u32> {
     let greedy = GenerationOptions {
         max_new_tokens: 10,
         ..pipeline.generation_defaults.clone()
     };
-    let tokens = pipeline
-        .generate(&prepared, &greedy, |_| {})
+    pipeline
+        .generate(prepared, &greedy, |_| {})
         .expect("generate")
-        .token_ids;
-    (logits, tokens, pipeline)
+        .token_ids
 }
 
 fn max_abs(values: &[f32]) -> f32 {
@@ -94,14 +99,7 @@ fn quantized_weights_stay_close_to_f32() {
             let (dequantized, _) = pipeline.prefill(&prepared).expect("prefill");
             let path_diff = max_slice_diff(&logits, &dequantized);
             // Decode steps run the int8 streaming kernel: the same greedy tokens.
-            let greedy = GenerationOptions {
-                max_new_tokens: 10,
-                ..pipeline.generation_defaults.clone()
-            };
-            let dequantized_tokens = pipeline
-                .generate(&prepared, &greedy, |_| {})
-                .expect("generate")
-                .token_ids;
+            let dequantized_tokens = greedy_tokens(&pipeline, &prepared);
             assert_eq!(
                 tokens, dequantized_tokens,
                 "{name} {level}: the quantized decode path chose other tokens than dequantized weights"
