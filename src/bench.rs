@@ -11,7 +11,7 @@ use std::time::Instant;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use serde::Serialize;
 use vipllava_convert::{LoadOptions, Quantization, load_model, quantize_model, read_config};
-use vipllava_model::{ForwardInput, KvCache, LogitsMode, VipLlava, VipLlavaConfig};
+use vipllava_model::{ForwardInput, KvCache, LogitsMode, Precision, VipLlava, VipLlavaConfig};
 
 use crate::generate::argmax;
 use crate::pipeline::PipelineError;
@@ -65,7 +65,7 @@ pub struct BenchInput {
 pub fn bench_model(
     dir: &Path,
     random_weights: bool,
-    dtype: DType,
+    dtype: Precision,
     quantize: Option<Quantization>,
     device: &Device,
 ) -> Result<(VipLlava, VipLlavaConfig), PipelineError> {
@@ -79,7 +79,14 @@ pub fn bench_model(
         };
         Ok((model, config))
     } else {
-        let loaded = load_model(dir, device, &LoadOptions { dtype, quantize })?;
+        let loaded = load_model(
+            dir,
+            device,
+            &LoadOptions {
+                precision: dtype,
+                quantize,
+            },
+        )?;
         Ok((loaded.model, loaded.config))
     }
 }
@@ -244,15 +251,6 @@ pub fn cpu_threads() -> usize {
         .and_then(|v| v.parse().ok())
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// `f32` / `f16` / `bf16`.
-pub fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        _ => "f32",
-    }
 }
 
 fn last_tokens(logits: Tensor<3>) -> Result<Vec<i64>, PipelineError> {

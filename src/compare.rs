@@ -10,6 +10,7 @@ use std::time::Instant;
 use burn::tensor::{DType, Device};
 use serde::{Deserialize, Serialize};
 use vipllava_convert::{LoadOptions, Quantization};
+use vipllava_model::Precision;
 
 use crate::generate::GenerationOptions;
 use crate::pipeline::{Pipeline, PipelineError, PreparedInput, Prompt, pixel_tensor};
@@ -20,7 +21,7 @@ pub struct ComboSpec {
     /// `--device` text.
     pub device: String,
     /// Weights and activations dtype.
-    pub dtype: DType,
+    pub dtype: Precision,
     /// Weight quantization.
     pub quantize: Option<Quantization>,
 }
@@ -50,15 +51,6 @@ pub struct ComboResult {
     pub repeats: usize,
     /// Max |diff| of the last-position logits against cpu/f32 (filled in by the caller).
     pub max_abs_logit_diff_vs_cpu_f32: Option<f32>,
-}
-
-/// Name of a dtype as the CLI spells it.
-pub fn dtype_name(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        _ => "f32",
-    }
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -91,7 +83,7 @@ pub fn run_combo(
 ) -> Result<(ComboResult, Vec<f32>), PipelineError> {
     let device: Device = crate::device::open_device(&spec.device)?;
     let options = LoadOptions {
-        dtype: spec.dtype,
+        precision: spec.dtype,
         quantize: spec.quantize,
     };
     let start = Instant::now();
@@ -124,7 +116,7 @@ pub fn run_combo(
     }
     let result = ComboResult {
         device: spec.device.clone(),
-        dtype: dtype_name(spec.dtype).into(),
+        dtype: spec.dtype.to_string(),
         quantize: spec.quantize.map(|q| q.to_string()),
         load_ms,
         image_encode_ms: median(encode),

@@ -7,7 +7,7 @@ use burn::module::{Module, ModuleVisitor, Param};
 use burn::tensor::{AllocationProperty, Bytes, DType, Device, Shape, Tensor};
 use burn_store::burn_pack::{Error as PackError, Tensor as PackTensor};
 use burn_store::{BurnpackStore, ModuleSnapshot, bridge};
-use vipllava_model::{VipLlava, VipLlavaConfig};
+use vipllava_model::{Precision, VipLlava, VipLlavaConfig};
 
 use crate::checkpoint::{Checkpoint, DiskDType, KeyLayout, TensorEntry};
 use crate::error::ConvertError;
@@ -21,9 +21,9 @@ pub const BURNPACK_WEIGHTS: &str = "model.bpk";
 /// How to load.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    /// Float dtype of the loaded parameters: f32 (the default), f16 or bf16, whatever the
-    /// file holds.
-    pub dtype: DType,
+    /// Float precision of the loaded parameters: f32 (the default), f16 or bf16, whatever
+    /// the file holds.
+    pub precision: Precision,
     /// Quantize the linear-layer weights after loading (see [`crate::quantize`]).
     pub quantize: Option<Quantization>,
 }
@@ -31,7 +31,7 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
-            dtype: DType::F32,
+            precision: Precision::F32,
             quantize: None,
         }
     }
@@ -133,15 +133,6 @@ pub fn load_model(dir: &Path, device: &Device, options: &LoadOptions) -> Result<
 }
 
 fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Result<LoadedModel, ConvertError> {
-    if !matches!(options.dtype, DType::F32 | DType::F16 | DType::BF16) {
-        return Err(ConvertError::Store {
-            file: dir.to_path_buf(),
-            message: format!(
-                "cannot load parameters as {:?}: the load dtype must be f32, f16 or bf16",
-                options.dtype
-            ),
-        });
-    }
     let mut config = read_config(dir)?;
     let checkpoint = Checkpoint::open(dir)?;
     let layout = reconcile_config(dir, &mut config, &checkpoint)?;
@@ -195,7 +186,7 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
         groups
             .entry(LoadGroup::of(&tensor.name))
             .or_default()
-            .push(file_tensor(file, tensor, key, entry, options.dtype));
+            .push(file_tensor(file, tensor, key, entry, options.precision.dtype()));
     }
     let mut loaded = 0usize;
     // The read buffer (as large as the largest tensor) is freed when the load ends.

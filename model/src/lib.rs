@@ -16,6 +16,7 @@ pub mod config;
 pub mod kernels;
 pub mod layers;
 pub mod llama;
+pub mod precision;
 pub mod vipllava;
 
 pub use config::{
@@ -23,6 +24,7 @@ pub use config::{
     LlamaConfig, RopeScaling, VipLlavaConfig,
 };
 pub use llama::KvCache;
+pub use precision::{Precision, UnknownPrecision};
 pub use vipllava::{ForwardError, ForwardInput, LogitsMode, VipLlava};
 
 /// Re-export of the Burn version this crate is built against.

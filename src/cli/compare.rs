@@ -11,7 +11,7 @@ use clap::Args;
 use vipllava::Quantization;
 use vipllava::compare::{ComboResult, ComboSpec, render_table, run_combo};
 
-use super::DtypeArg;
+use vipllava::model::Precision;
 
 /// Backend-comparison options of `bench`.
 #[derive(Args, Debug, Clone, Default)]
@@ -27,8 +27,8 @@ pub(crate) struct CompareArgs {
     #[arg(long, value_delimiter = ',')]
     pub devices: Vec<String>,
     /// Dtypes to compare (default f32).
-    #[arg(long, value_enum, value_delimiter = ',')]
-    pub dtypes: Vec<DtypeArg>,
+    #[arg(long, value_delimiter = ',')]
+    pub dtypes: Vec<Precision>,
     /// In a backend comparison, also run each device/dtype with these weight
     /// quantizations (q8, q4); without --devices/--dtypes, quantize the weights of the
     /// batch-size benchmark (one level).
@@ -63,7 +63,7 @@ pub(crate) fn run(
         args.devices.clone()
     };
     let dtypes = if args.dtypes.is_empty() {
-        vec![DtypeArg::F32]
+        vec![Precision::F32]
     } else {
         args.dtypes.clone()
     };
@@ -71,7 +71,7 @@ pub(crate) fn run(
         let image = super::load_image(image_path)?;
         let spec = ComboSpec {
             device: devices[0].clone(),
-            dtype: dtypes[0].dtype(),
+            dtype: dtypes[0],
             quantize: args.quantize.first().copied(),
         };
         let (result, logits) = run_combo(model, &image, &args.question, &spec, repeats, new_tokens)?;
@@ -80,7 +80,7 @@ pub(crate) fn run(
         return Ok(());
     }
 
-    let mut combos: Vec<(String, DtypeArg, Option<Quantization>)> = Vec::new();
+    let mut combos: Vec<(String, Precision, Option<Quantization>)> = Vec::new();
     for device in &devices {
         device.parse::<vipllava::DeviceSpec>()?;
         for &dtype in &dtypes {
@@ -91,7 +91,7 @@ pub(crate) fn run(
         }
     }
     // The reference every logit is compared with.
-    let reference = ("cpu".to_string(), DtypeArg::F32, None);
+    let reference = ("cpu".to_string(), Precision::F32, None);
     if !combos.contains(&reference) {
         combos.insert(0, reference.clone());
     }
@@ -113,7 +113,7 @@ pub(crate) fn run(
             .arg("--devices")
             .arg(device)
             .arg("--dtypes")
-            .arg(format!("{dtype:?}").to_lowercase())
+            .arg(dtype.to_string())
             .arg("--repeats")
             .arg(repeats.to_string())
             .arg("--new-tokens")
@@ -124,7 +124,7 @@ pub(crate) fn run(
             command.arg("--quantize").arg(q.to_string());
         }
         eprintln!(
-            "running {device} {dtype:?}{} ...",
+            "running {device} {dtype}{} ...",
             quantize.map(|q| format!(" {q}")).unwrap_or_default()
         );
         let output = command.output().context("running a benchmark child process")?;

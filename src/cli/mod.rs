@@ -11,6 +11,7 @@ use serde_json::json;
 
 use vipllava::generate::{GenerationOptions, GenerationOverrides};
 use vipllava::hub::{DEFAULT_MODEL, resolve_model};
+use vipllava::model::Precision;
 use vipllava::pipeline::{Pipeline, Prompt};
 use vipllava::{LoadOptions, processor};
 
@@ -75,8 +76,8 @@ enum Command {
         #[arg(long)]
         image: Option<PathBuf>,
         /// Weight and activation dtype: f32, f16 or bf16.
-        #[arg(long, default_value = "f32")]
-        dtype: String,
+        #[arg(long, default_value_t = Precision::F32)]
+        dtype: Precision,
         /// Batch sizes to measure.
         #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
         batch_sizes: Vec<usize>,
@@ -164,30 +165,12 @@ struct RuntimeArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Weights and activations: f32, f16 or bf16 (norms and softmax stay in f32).
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
-    dtype: DtypeArg,
+    #[arg(long, default_value_t = Precision::F32)]
+    dtype: Precision,
     /// Quantize the linear-layer weights at load time: q8 or q4 (embeddings, lm_head, norms
     /// and biases stay in --dtype).
     #[arg(long)]
     quantize: Option<vipllava::Quantization>,
-}
-
-/// `--dtype` values.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum DtypeArg {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl DtypeArg {
-    fn dtype(self) -> burn::tensor::DType {
-        match self {
-            Self::F32 => burn::tensor::DType::F32,
-            Self::F16 => burn::tensor::DType::F16,
-            Self::Bf16 => burn::tensor::DType::BF16,
-        }
-    }
 }
 
 impl RuntimeArgs {
@@ -197,7 +180,7 @@ impl RuntimeArgs {
 
     fn load_options(&self) -> LoadOptions {
         LoadOptions {
-            dtype: self.dtype.dtype(),
+            precision: self.dtype,
             quantize: self.quantize,
         }
     }
@@ -585,13 +568,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             json,
             compare,
         } => {
-            use burn::tensor::DType;
-            let dtype = match dtype.as_str() {
-                "f32" => DType::F32,
-                "f16" => DType::F16,
-                "bf16" => DType::BF16,
-                other => anyhow::bail!("unknown dtype {other:?} (expected f32, f16 or bf16)"),
-            };
             let dir = model_dir(&model)?;
             if compare.requested() {
                 return compare::run(&dir, image.as_deref(), &compare, repeats, new_tokens, json);
@@ -628,7 +604,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             };
             let label = format!(
                 "{}{}",
-                vipllava::bench::dtype_name(dtype),
+                dtype,
                 quantize.map(|q| format!("+{q}")).unwrap_or_default()
             );
             let input = vipllava::bench::BenchInput {
@@ -641,7 +617,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     "model {} ({} parameters), device cpu (flex), dtype {}{}, {} threads, load {:.0} ms",
                     dir.display(),
                     vipllava::info::thousands(config.num_parameters()),
-                    vipllava::bench::dtype_name(dtype),
+                    dtype,
                     quantize.map(|q| format!(" + {q} weights")).unwrap_or_default(),
                     vipllava::bench::cpu_threads(),
                     load_ms

@@ -112,7 +112,7 @@ pub struct TrainArgs {
     device: String,
     /// Parameter dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: vipllava::model::Precision,
     /// One JSON line per step (step, loss, lr, tokens) instead of the progress bar.
     #[arg(long)]
     json: bool,
@@ -173,7 +173,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     config.shuffle = args.shuffle;
     config.save_every = args.save_every;
     config.max_steps = args.max_steps;
-    config.dtype = args.dtype.clone();
+    config.dtype = args.dtype;
     vipllava_train::trainer::check_out_dir(&config.model, &config.out)?;
 
     let trainer = match &args.resume {

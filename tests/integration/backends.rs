@@ -168,10 +168,7 @@ fn convert_writes_a_burnpack_directory_that_generates_the_same() {
         assert!(!out.join("model.safetensors").exists());
 
         let options = LoadOptions {
-            dtype: match dtype {
-                "bf16" => burn::tensor::DType::BF16,
-                _ => burn::tensor::DType::F32,
-            },
+            precision: dtype.parse().expect("precision"),
             quantize: quantize.map(|q| q.parse().expect("level")),
         };
         let (direct, direct_tokens, _) = run(&input, &options);

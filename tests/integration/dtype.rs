@@ -11,6 +11,7 @@ use burn::tensor::{DType, Device};
 use serde_json::Value;
 use vipllava::LoadOptions;
 use vipllava::generate::GenerationOptions;
+use vipllava::model::Precision;
 use vipllava::pipeline::{Pipeline, Prompt};
 use vipllava::processor::image::load_image;
 
@@ -30,7 +31,7 @@ fn run(name: &str, dtype: DType) -> (Vec<f32>, Vec<u32>) {
         &fixture(name),
         &device,
         &LoadOptions {
-            dtype,
+            precision: Precision::from_dtype(dtype).expect("float dtype"),
             quantize: None,
         },
     )

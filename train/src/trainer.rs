@@ -30,7 +30,7 @@ use burn::optim::{
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 use vipllava_convert::{LoadOptions, load_model};
-use vipllava_model::{ForwardInput, KvCache, VipLlava, VipLlavaConfig};
+use vipllava_model::{ForwardInput, KvCache, Precision, VipLlava, VipLlavaConfig};
 
 use crate::data::{BadSample, EncodedSample, IGNORE_INDEX, OnBadSample, SampleEncoder, load_dataset};
 use crate::loss::causal_lm_loss;
@@ -107,8 +107,8 @@ pub struct TrainConfig {
     pub save_every: Option<usize>,
     /// Stop after this many steps in total.
     pub max_steps: Option<usize>,
-    /// Parameter dtype: `f32` (default), `f16` or `bf16`.
-    pub dtype: String,
+    /// Parameter precision (default f32).
+    pub dtype: Precision,
 }
 
 impl TrainConfig {
@@ -137,16 +137,7 @@ impl TrainConfig {
             shuffle: false,
             save_every: None,
             max_steps: None,
-            dtype: "f32".into(),
-        }
-    }
-
-    fn parsed_dtype(&self) -> Result<DType, TrainError> {
-        match self.dtype.as_str() {
-            "f32" | "float32" => Ok(DType::F32),
-            "f16" | "float16" => Ok(DType::F16),
-            "bf16" | "bfloat16" => Ok(DType::BF16),
-            d => Err(TrainError::Setup(format!("unknown dtype `{d}` (f32, f16, bf16)"))),
+            dtype: Precision::F32,
         }
     }
 
@@ -210,7 +201,7 @@ impl TrainConfig {
         if self.save_every == Some(0) {
             return bad("--save-every must be at least 1");
         }
-        if self.parsed_dtype()? == DType::F16 && self.optimizer == OptimizerKind::Adamw {
+        if self.dtype == Precision::F16 && self.optimizer == OptimizerKind::Adamw {
             return bad(
                 "AdamW cannot train f16 parameters (its epsilon and second moments underflow in f16); use --dtype bf16 or f32, or --optimizer sgd",
             );
@@ -353,7 +344,7 @@ pub fn build_model(config: &TrainConfig, device: &Device) -> Result<(VipLlava, V
         &config.model,
         device,
         &LoadOptions {
-            dtype: config.parsed_dtype()?,
+            precision: config.dtype,
             quantize: None,
         },
     )?;
@@ -557,7 +548,7 @@ impl Trainer {
             TensorData::new(pix, [b, p0.channels, p0.height, p0.width]),
             &self.device,
         );
-        let dtype = self.config.parsed_dtype().unwrap_or(DType::F32);
+        let dtype = self.config.dtype.dtype();
         let pixels = if dtype == DType::F32 {
             pixels
         } else {
