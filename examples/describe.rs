@@ -47,9 +47,9 @@ fn main() -> anyhow::Result<()> {
         &[image::DynamicImage::ImageRgb8(marked)],
         &Prompt::User("What is inside the red rectangle?".into()),
     )?;
-    let options = vipllava::generate::GenerationOptions {
+    let options = vipllava::generation::GenerationOptions {
         max_new_tokens: 40,
-        ..pipeline.generation_defaults.clone()
+        ..pipeline.generation_defaults().clone()
     };
     pipeline.generate(&input, &options, |text| print!("{text}"))?;
     println!();

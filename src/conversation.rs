@@ -3,12 +3,12 @@
 //! nor the earlier turns are recomputed.
 
 use image::DynamicImage;
-use vipllava_model::{ForwardInput, KvCache, LogitsMode};
+use vipllava_model::KvCache;
 use vipllava_processor::ChatMessage;
 use vipllava_processor::image::PixelValues;
 
-use crate::generate::GenerationOptions;
-use crate::pipeline::{Generation, Pipeline, PipelineError, Prompt, pixel_tensor, to_vec};
+use crate::generation::{Generation, GenerationOptions};
+use crate::pipeline::{Pipeline, PipelineError, Prompt};
 
 /// A chat about images, rendered turn by turn with the checkpoint's chat template.
 pub struct Conversation<'p> {
@@ -101,24 +101,17 @@ impl<'p> Conversation<'p> {
             common = 0;
         }
         self.cache.truncate(common);
-        let new: Vec<i64> = ids[common..].iter().map(|&i| i as i64).collect();
-        let n = new.len();
-        let device = &self.pipeline.device;
-        let mut input = ForwardInput::new(burn::tensor::Tensor::from_data(
-            burn::tensor::TensorData::new(new, [1, n]),
-            device,
-        ))
-        .with_logits(LogitsMode::LastOnly);
-        if common == 0 {
-            let pixels: Vec<&PixelValues> = prepared.pixel_values.iter().collect();
-            input.pixel_values = pixel_tensor(&pixels, device);
-        }
-        let logits = self.pipeline.model.forward(input, &mut self.cache)?;
-        let image_token = self.pipeline.config.image_token_index as u32;
+        let pixels: &[PixelValues] = if common == 0 {
+            &prepared.pixel_values
+        } else {
+            &[]
+        };
+        let logits = self.pipeline.extend_cache(&ids[common..], pixels, &mut self.cache)?;
+        let image_token = self.pipeline.config().image_token_index as u32;
         self.image_end = ids.iter().rposition(|&i| i == image_token).map_or(0, |p| p + 1);
         self.fed = ids.clone();
-        self.last_fed = n;
-        Ok((to_vec(logits)?, ids))
+        self.last_fed = ids.len() - common;
+        Ok((logits, ids))
     }
 
     /// Logits of the next token after `question` is asked, without answering (the
@@ -139,14 +132,9 @@ impl<'p> Conversation<'p> {
         let (logits, ids) = self.advance(question)?;
         self.pipeline.check_context(ids.len(), options.max_new_tokens)?;
         let prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
-        let generation = self.pipeline.continue_generation(
-            logits,
-            ids.clone(),
-            &mut self.cache,
-            options,
-            prefill_ms,
-            &mut on_text,
-        )?;
+        let generation =
+            self.pipeline
+                .continue_from_cache(logits, ids.clone(), &mut self.cache, options, prefill_ms, &mut on_text)?;
         // The cache now holds the prompt and every generated token but the last.
         let mut fed = ids;
         fed.extend(

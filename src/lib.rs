@@ -3,30 +3,41 @@
 //! VipLlava (ViP-LLaVA) on Burn: ask about a red box, an arrow or a scribble drawn on a
 //! photo. This facade wires the crates together:
 //! - [`model`] (`vipllava-model`): configs, CLIP tower, projector, Llama, KV cache;
-//! - [`convert`] (`vipllava-convert`): HF checkpoints (any published layout) into Burn;
-//! - [`processor`] (`vipllava-processor`): PIL-exact image preprocessing, tokenizer,
-//!   chat template, `<image>` expansion;
-//! - [`pipeline`]: load -> preprocess -> prefill -> decode -> stream;
-//! - [`bench`]: prefill/decode throughput per batch size;
-//! - [`compare`]: one device/dtype/quantization measured on the real pipeline (backend comparison);
+//! - [`convert`] (`vipllava-convert`): HF checkpoints (any published layout) into Burn,
+//!   Burn-native checkpoints, and model directories written atomically;
+//! - [`processor`] (`vipllava-processor`): PIL-exact image preprocessing, visual prompts,
+//!   tokenizer, chat template, `<image>` expansion;
+//! - [`pipeline`]: load -> prepare (images + question -> inputs) -> prefill;
+//! - [`generation`]: the decode loop, sampling, streaming detokenization, left padding;
 //! - [`conversation`]: multi-turn chat that reuses the KV cache;
 //! - [`device`]: `--device` names (cpu, ndarray, wgpu, vulkan, metal, cuda, remote) opened at run time;
-//! - [`generate`]: greedy/sampled token selection and streaming detokenization;
 //! - [`hub`]: `--model` as a local directory or a HuggingFace hub id;
-//! - [`output`]: model directories written atomically (convert, export), never over the input;
-//! - [`info`]: a summary of a model directory, from `config.json` and weight headers;
 //! - [`train`] (`vipllava-train`): fine-tuning (projector, LoRA, all) and export.
+//!
+//! The `vipllava` binary (benchmarks, `info`, every command) is built on this API alone.
+//!
+//! ```no_run
+//! use burn::tensor::Device;
+//! use vipllava::processor::image::load_image;
+//! use vipllava::processor::visual_prompt::{Colour, DrawOptions, Shape, VisualPrompt, draw};
+//! use vipllava::{LoadOptions, Pipeline, Prompt};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pipeline = Pipeline::load("model_dir".as_ref(), &Device::flex(), &LoadOptions::default())?;
+//! let red_box = VisualPrompt::new(Shape::Rectangle { x0: 40.0, y0: 20.0, x1: 110.0, y1: 90.0 }, Colour::RED);
+//! let marked = draw(&load_image("photo.jpg".as_ref())?, &[red_box], &DrawOptions::default())?;
+//! let input = pipeline.prepare(&[marked.into()], &Prompt::User("What is inside the red rectangle?".into()))?;
+//! pipeline.generate(&input, pipeline.generation_defaults(), |text| print!("{text}"))?;
+//! # Ok(()) }
+//! ```
 
 // Nothing derived from input may panic: no unwrap/expect outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod bench;
-pub mod compare;
 pub mod conversation;
 pub mod device;
-pub mod generate;
+pub mod generation;
 pub mod hub;
-pub mod info;
 pub mod output;
 pub mod pipeline;
 
@@ -37,6 +48,7 @@ pub use vipllava_train as train;
 
 pub use conversation::Conversation;
 pub use device::{DeviceError, DeviceSpec, open_device};
-pub use pipeline::{Generation, Pipeline, PipelineError, Prompt, StopReason};
+pub use generation::{Generation, GenerationOptions, StopReason};
+pub use pipeline::{Pipeline, PipelineError, PipelineOptions, PreparedInput, Prompt};
 pub use vipllava_convert::{LoadOptions, LoadedModel, Quantization, load_model};
-pub use vipllava_model::{ForwardInput, KvCache, LogitsMode, VipLlava, VipLlavaConfig};
+pub use vipllava_model::{ForwardInput, KvCache, LogitsMode, Precision, VipLlava, VipLlavaConfig};

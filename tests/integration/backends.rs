@@ -5,7 +5,7 @@
 use crate::common::{FIXTURES, copy_fixture, fixture, max_slice_diff, run_cli};
 use burn::tensor::Device;
 use vipllava::convert::quantized_parameter_count;
-use vipllava::generate::GenerationOptions;
+use vipllava::generation::GenerationOptions;
 use vipllava::pipeline::{Pipeline, PreparedInput, Prompt};
 use vipllava::processor::image::load_image;
 use vipllava::{LoadOptions, Quantization};
@@ -29,7 +29,7 @@ fn run(dir: &std::path::Path, options: &LoadOptions) -> (Vec<f32>, Vec<u32>, Pip
 fn greedy_tokens(pipeline: &Pipeline, prepared: &PreparedInput) -> Vec<u32> {
     let greedy = GenerationOptions {
         max_new_tokens: 10,
-        ..pipeline.generation_defaults.clone()
+        ..pipeline.generation_defaults().clone()
     };
     pipeline
         .generate(prepared, &greedy, |_| {})
@@ -85,13 +85,13 @@ fn quantized_weights_stay_close_to_f32() {
             };
             let (logits, tokens, mut pipeline) = run(&fixture(name), &options);
             assert!(
-                quantized_parameter_count(&pipeline.model) > 0,
+                quantized_parameter_count(pipeline.model()) > 0,
                 "{name}: nothing was quantized"
             );
             // The quantized forward pass computes exactly what f32 weights equal to the
             // dequantized values compute: the inference path adds no error of its own.
-            pipeline.model = pipeline.model.clone().map(&mut Dequantize);
-            assert_eq!(quantized_parameter_count(&pipeline.model), 0);
+            *pipeline.model_mut() = pipeline.model().clone().map(&mut Dequantize);
+            assert_eq!(quantized_parameter_count(pipeline.model()), 0);
             let image = load_image(&fixture(IMAGE)).expect("image");
             let prepared = pipeline
                 .prepare(&[image], &Prompt::User(QUESTION.into()))
@@ -129,12 +129,12 @@ fn only_linear_weights_are_quantized() {
         ..LoadOptions::default()
     };
     let (_, _, pipeline) = run(&fixture("tiny-gqa-f16"), &options);
-    let config = &pipeline.config;
+    let config = pipeline.config();
     // Per Llama layer 7 projections, per CLIP layer 6 (q, k, v, out, fc1, fc2), and the
     // projector's two linear layers.
     let llama = config.text.num_hidden_layers * 7;
-    let clip = pipeline.model.vision_tower.encoder.layers.len() * 6;
-    assert_eq!(quantized_parameter_count(&pipeline.model), llama + clip + 2);
+    let clip = pipeline.model().vision_tower.encoder.layers.len() * 6;
+    assert_eq!(quantized_parameter_count(pipeline.model()), llama + clip + 2);
 }
 
 #[test]
@@ -174,7 +174,7 @@ fn convert_writes_a_burnpack_directory_that_generates_the_same() {
         let (direct, direct_tokens, _) = run(&input, &options);
         let (converted, converted_tokens, pipeline) = run(&out, &LoadOptions::default());
         assert_eq!(
-            quantized_parameter_count(&pipeline.model) > 0,
+            quantized_parameter_count(pipeline.model()) > 0,
             quantize.is_some(),
             "{dtype}: quantization kept across the burnpack"
         );

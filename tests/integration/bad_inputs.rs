@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::common::{copy_fixture, fixture};
 use burn::tensor::Device;
-use vipllava::generate::GenerationOptions;
+use vipllava::generation::GenerationOptions;
 use vipllava::pipeline::{Pipeline, PipelineError, Prompt};
 use vipllava::processor::image::{ImageProcessorConfig, decode_image, load_image, preprocess};
 use vipllava::{LoadOptions, load_model};
@@ -272,7 +272,7 @@ fn prompts_beyond_the_context_or_with_wrong_tags_fail_clearly() {
         .expect("prepare");
     let options = GenerationOptions {
         max_new_tokens: 10_000,
-        ..pipeline.generation_defaults.clone()
+        ..pipeline.generation_defaults().clone()
     };
     let err = pipeline.generate(&input, &options, |_| {}).expect_err("too long");
     assert!(

@@ -4,7 +4,7 @@
 use crate::common::{FIXTURES, Reference, fixture, max_slice_diff};
 use burn::tensor::Device;
 use serde_json::Value;
-use vipllava::generate::GenerationOptions;
+use vipllava::generation::GenerationOptions;
 use vipllava::pipeline::{Pipeline, Prompt};
 use vipllava::processor::image::load_image;
 use vipllava::{LoadOptions, StopReason};
@@ -32,7 +32,7 @@ fn batched_greedy_matches_transformers_and_solo_runs() {
         let batch = &reference["batch"];
         let options = GenerationOptions {
             max_new_tokens: 20,
-            ..pipeline.generation_defaults.clone()
+            ..pipeline.generation_defaults().clone()
         };
         let mut requests = Vec::new();
         for (i, row) in batch["rows"].as_array().expect("rows").iter().enumerate() {
@@ -117,7 +117,7 @@ fn multi_image_prompt_matches_transformers() {
         assert!(diff <= 1e-4, "{name}: multi-image logits differ by {diff}");
         let options = GenerationOptions {
             max_new_tokens: multi["max_new_tokens"].as_u64().unwrap_or(10) as usize,
-            ..pipeline.generation_defaults.clone()
+            ..pipeline.generation_defaults().clone()
         };
         let out = pipeline.generate(&prepared, &options, |_| {}).expect("generate");
         assert_eq!(

@@ -4,7 +4,7 @@
 
 use crate::common::{FIXTURES, Reference, fixture, max_slice_diff};
 use burn::tensor::Device;
-use vipllava::generate::GenerationOptions;
+use vipllava::generation::GenerationOptions;
 use vipllava::pipeline::{Pipeline, Prompt};
 use vipllava::processor::ChatMessage;
 use vipllava::processor::image::load_image;
@@ -19,7 +19,7 @@ fn follow_up_reuses_cache_and_matches_fresh_prefill() {
         let mut chat = Conversation::new(&pipeline, vec![image.clone()]);
         let options = GenerationOptions {
             max_new_tokens: 6,
-            ..pipeline.generation_defaults.clone()
+            ..pipeline.generation_defaults().clone()
         };
         let first = chat.ask("What is this?", &options, |_| {}).expect("first turn");
         let follow_up = chat.logits_after("What colour is it?").expect("follow-up");
@@ -46,7 +46,7 @@ fn follow_up_reuses_cache_and_matches_fresh_prefill() {
         // Dynamic rope rescales with the sequence length, so a reused prefix legitimately
         // differs from a fresh run once the conversation is longer than max positions.
         let dynamic = matches!(
-            pipeline.config.text.rope_scaling,
+            pipeline.config().text.rope_scaling,
             vipllava::model::RopeScaling::Dynamic { .. }
         );
         if !dynamic {
@@ -93,7 +93,7 @@ fn replayed_transcript_matches_transformers_multi_turn_reference() {
             "{name}: cache not reused"
         );
         let dynamic = matches!(
-            pipeline.config.text.rope_scaling,
+            pipeline.config().text.rope_scaling,
             vipllava::model::RopeScaling::Dynamic { .. }
         );
         let diff = if dynamic {

@@ -10,7 +10,7 @@ use crate::common::{FIXTURES, fixture, max_slice_diff};
 use burn::tensor::{DType, Device};
 use serde_json::Value;
 use vipllava::LoadOptions;
-use vipllava::generate::GenerationOptions;
+use vipllava::generation::GenerationOptions;
 use vipllava::model::Precision;
 use vipllava::pipeline::{Pipeline, Prompt};
 use vipllava::processor::image::load_image;
@@ -51,7 +51,7 @@ fn run(name: &str, dtype: DType) -> (Vec<f32>, Vec<u32>) {
     let options = GenerationOptions {
         max_new_tokens: NEW_TOKENS,
         eos_token_ids: Vec::new(),
-        ..pipeline.generation_defaults.clone()
+        ..pipeline.generation_defaults().clone()
     };
     let generation = pipeline.generate(&prepared, &options, |_| {}).expect("generate");
     (logits, generation.token_ids)

@@ -8,7 +8,7 @@ use std::process::Command;
 use crate::common::{FIXTURES, Reference, fixture, max_slice_diff, run_cli};
 use burn::tensor::Device;
 use serde_json::Value;
-use vipllava::generate::GenerationOptions;
+use vipllava::generation::GenerationOptions;
 use vipllava::pipeline::{Pipeline, PipelineError, Prompt};
 use vipllava::processor::image::load_image;
 use vipllava::{LoadOptions, processor::TextError};
@@ -21,7 +21,7 @@ fn inputs() -> Value {
 fn greedy(max_new_tokens: usize, pipeline: &Pipeline) -> GenerationOptions {
     GenerationOptions {
         max_new_tokens,
-        ..pipeline.generation_defaults.clone()
+        ..pipeline.generation_defaults().clone()
     }
 }
 
@@ -34,10 +34,10 @@ fn every_fixture_and_image_matches_transformers() {
     for name in FIXTURES {
         let pipeline = Pipeline::load(&fixture(name), &device, &LoadOptions::default()).expect("pipeline");
         assert!(
-            !pipeline.generation_defaults.do_sample,
+            !pipeline.generation_defaults().do_sample,
             "vip-llava generation defaults are greedy"
         );
-        assert_eq!(pipeline.generation_defaults.eos_token_ids, vec![2]);
+        assert_eq!(pipeline.generation_defaults().eos_token_ids, vec![2]);
         let reference = Reference::open_file(&fixture(name).join("generation_reference.safetensors"));
         for (image_name, info) in images {
             let image = load_image(&fixture(info["file"].as_str().expect("file"))).expect("image");
@@ -268,7 +268,7 @@ fn pipeline_errors_are_clear() {
     let bad = GenerationOptions {
         do_sample: true,
         temperature: 0.0,
-        ..pipeline.generation_defaults.clone()
+        ..pipeline.generation_defaults().clone()
     };
     let err = pipeline.generate(&prepared, &bad, |_| {}).unwrap_err();
     assert!(err.to_string().contains("temperature"), "{err}");

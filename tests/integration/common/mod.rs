@@ -135,7 +135,7 @@ pub fn run_cli(args: &[&str]) -> std::process::Output {
 /// Last-position logits and `new_tokens` greedy tokens of `tiny` fixture `name` on
 /// `device` for the astronaut photo (device comparisons: remote, wgpu).
 pub fn logits_and_tokens(name: &str, device: &Device, new_tokens: usize) -> (Vec<f32>, Vec<u32>) {
-    use vipllava::generate::GenerationOptions;
+    use vipllava::generation::GenerationOptions;
     use vipllava::pipeline::{Pipeline, Prompt};
     let pipeline = Pipeline::load(&fixture(name), device, &vipllava::LoadOptions::default()).expect("load");
     let image = vipllava::processor::image::load_image(&fixture("images/astronaut.png")).expect("image");
@@ -145,7 +145,7 @@ pub fn logits_and_tokens(name: &str, device: &Device, new_tokens: usize) -> (Vec
     let (logits, _) = pipeline.prefill(&prepared).expect("prefill");
     let options = GenerationOptions {
         max_new_tokens: new_tokens,
-        ..pipeline.generation_defaults.clone()
+        ..pipeline.generation_defaults().clone()
     };
     let tokens = pipeline
         .generate(&prepared, &options, |_| {})

@@ -1,5 +1,5 @@
-//! `vipllava bench`: load time, image encoding, prefill and decode throughput on the CPU
-//! device for several batch sizes, on a real checkpoint or on random weights built from a
+//! The batch-size benchmark: load time, image encoding, prefill and decode throughput on
+//! the CPU device for several batch sizes, on a real checkpoint or on random weights built from a
 //! `config.json` alone. The PyTorch side of the comparison is `scripts/bench_pytorch.py`
 //! (same prompt ids, same image preprocessing, same field names in `--json`).
 //!
@@ -8,17 +8,17 @@
 use std::path::Path;
 use std::time::Instant;
 
-use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 use serde::Serialize;
-use vipllava_convert::{LoadOptions, Quantization, load_model, quantize_model, read_config};
-use vipllava_model::{ForwardInput, KvCache, LogitsMode, Precision, VipLlava, VipLlavaConfig};
+use vipllava::convert::{LoadOptions, Quantization, load_model, quantize_model, read_config};
+use vipllava::generation::argmax;
+use vipllava::model::{ForwardInput, KvCache, LogitsMode, Precision, VipLlava, VipLlavaConfig};
 
-use crate::generate::argmax;
-use crate::pipeline::PipelineError;
+use super::stats::{cpu_threads, median, peak_rss_mib};
 
 /// One measured batch size: medians over the repeats.
 #[derive(Debug, Clone, Serialize)]
-pub struct BenchRow {
+pub(crate) struct BenchRow {
     /// Which implementation (always `"vipllava"`; the PyTorch script writes `"pytorch"`).
     pub side: &'static str,
     /// Weight/activation dtype, with `+q8`/`+q4` for quantized linear weights.
@@ -50,7 +50,7 @@ pub struct BenchRow {
 }
 
 /// Inputs shared by every repeat.
-pub struct BenchInput {
+pub(crate) struct BenchInput {
     /// `[3 * side * side]` pixels of one image (already preprocessed), or `None` for a
     /// synthetic pattern.
     pub pixels: Option<Vec<f32>>,
@@ -62,13 +62,13 @@ pub struct BenchInput {
 
 /// Loads the model of `dir` with `dtype` (and `quantize`d weights), or builds one with
 /// random weights when `random_weights` (only `config.json` is read then).
-pub fn bench_model(
+pub(crate) fn bench_model(
     dir: &Path,
     random_weights: bool,
     dtype: Precision,
     quantize: Option<Quantization>,
     device: &Device,
-) -> Result<(VipLlava, VipLlavaConfig), PipelineError> {
+) -> anyhow::Result<(VipLlava, VipLlavaConfig)> {
     if random_weights {
         let config = read_config(dir)?;
         device.seed(0);
@@ -93,7 +93,7 @@ pub fn bench_model(
 
 /// The benchmark prompt: BOS, the image tokens, then `text_tokens` deterministic text ids
 /// (the same rule as `scripts/bench_pytorch.py`).
-pub fn bench_prompt_ids(config: &VipLlavaConfig, text_tokens: usize) -> Vec<i64> {
+pub(crate) fn bench_prompt_ids(config: &VipLlavaConfig, text_tokens: usize) -> Vec<i64> {
     let vocab = config.text.vocab_size as i64;
     let image_token = config.image_token_index as i64;
     let mut row: Vec<i64> = vec![1];
@@ -108,7 +108,7 @@ pub fn bench_prompt_ids(config: &VipLlavaConfig, text_tokens: usize) -> Vec<i64>
 
 /// Timings of one greedy run.
 #[derive(Debug, Clone)]
-pub struct RunTimes {
+pub(crate) struct RunTimes {
     /// Image encoding alone, ms.
     pub image_encode_ms: f64,
     /// Prefill up to the first token, ms.
@@ -121,13 +121,13 @@ pub struct RunTimes {
 
 /// One greedy run of `input.new_tokens` tokens for `batch_size` copies of the benchmark
 /// prompt, timed.
-pub fn bench_run(
+pub(crate) fn bench_run(
     model: &VipLlava,
     config: &VipLlavaConfig,
     device: &Device,
     batch_size: usize,
     input: &BenchInput,
-) -> Result<RunTimes, PipelineError> {
+) -> anyhow::Result<RunTimes> {
     let row = bench_prompt_ids(config, input.text_tokens);
     let prompt_tokens = row.len();
     let ids: Vec<i64> = (0..batch_size).flat_map(|_| row.clone()).collect();
@@ -179,7 +179,7 @@ pub fn bench_run(
 
 /// Medians of `repeats` runs (after the caller's warm-up) as one row.
 #[allow(clippy::too_many_arguments)]
-pub fn bench_batch(
+pub(crate) fn bench_batch(
     model: &VipLlava,
     config: &VipLlavaConfig,
     device: &Device,
@@ -188,13 +188,13 @@ pub fn bench_batch(
     repeats: usize,
     load_ms: f64,
     dtype_label: &str,
-) -> Result<BenchRow, PipelineError> {
+) -> anyhow::Result<BenchRow> {
     let mut runs = Vec::new();
     for _ in 0..repeats.max(1) {
         runs.push(bench_run(model, config, device, batch_size, input)?);
     }
     let decoded = (input.new_tokens.saturating_sub(1) * batch_size) as f64;
-    let decode_ms = median(runs.iter().map(|r| r.decode_ms).collect());
+    let decode_ms = median(&runs.iter().map(|r| r.decode_ms).collect::<Vec<_>>());
     Ok(BenchRow {
         side: "vipllava",
         dtype: dtype_label.to_string(),
@@ -204,58 +204,26 @@ pub fn bench_batch(
         new_tokens: input.new_tokens,
         repeats: runs.len(),
         load_ms,
-        image_encode_ms: median(runs.iter().map(|r| r.image_encode_ms).collect()),
-        prefill_ms: median(runs.iter().map(|r| r.prefill_ms).collect()),
+        image_encode_ms: median(&runs.iter().map(|r| r.image_encode_ms).collect::<Vec<_>>()),
+        prefill_ms: median(&runs.iter().map(|r| r.prefill_ms).collect::<Vec<_>>()),
         decode_ms,
         decode_tokens_per_s: if decode_ms > 0.0 {
             decoded / (decode_ms / 1000.0)
         } else {
             0.0
         },
-        peak_rss_mb: peak_rss_mb(),
+        peak_rss_mb: peak_rss_mib().unwrap_or(f64::NAN),
         tokens: runs.last().map(|r| r.tokens.clone()).unwrap_or_default(),
     })
 }
 
-/// Median of a non-empty list (0 for an empty one).
-pub fn median(mut values: Vec<f64>) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(|a, b| a.total_cmp(b));
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
-/// Peak resident set size (`VmHWM` of `/proc/self/status`) in MiB; NaN where unavailable.
-pub fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
-/// Threads the CPU backend's pool uses (`RAYON_NUM_THREADS` or the available cores).
-pub fn cpu_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-fn last_tokens(logits: Tensor<3>) -> Result<Vec<i64>, PipelineError> {
-    Ok(crate::pipeline::rows(logits)?
-        .iter()
-        .map(|row| argmax(row) as i64)
-        .collect())
+/// The greedy token of each row of `[batch, 1, vocab]` logits.
+fn last_tokens(logits: Tensor<3>) -> anyhow::Result<Vec<i64>> {
+    let [_, _, vocab] = logits.dims();
+    let flat = logits
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))?;
+    Ok(flat.chunks(vocab.max(1)).map(|row| argmax(row) as i64).collect())
 }

@@ -3,9 +3,35 @@
 
 use std::path::Path;
 
+use clap::Args;
 use serde::Serialize;
-use vipllava_convert::{Checkpoint, ConvertError, reconcile_config};
-use vipllava_model::{FeatureLayerSource, VipLlavaConfig};
+use vipllava::convert::{Checkpoint, ConvertError, reconcile_config};
+use vipllava::model::{FeatureLayerSource, VipLlavaConfig};
+
+use crate::cli::args::ModelArgs;
+
+/// Show a model's architecture, resolved from config.json (weights optional).
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the command.
+pub fn run(args: InfoArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let dir = args.model.dir()?;
+    let info = model_info(&dir).with_context(|| format!("reading model {}", dir.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+    } else {
+        print!("{}", info.render());
+    }
+    Ok(())
+}
 
 /// Facts about the weight files.
 #[derive(Debug, Clone, Serialize)]

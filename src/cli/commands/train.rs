@@ -140,7 +140,7 @@ fn parse_device(s: &str) -> anyhow::Result<Device> {
     Ok(vipllava::open_device(s)?)
 }
 
-use super::model_dir;
+use crate::cli::args::model_dir;
 
 pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     let device = parse_device(&args.device)?;

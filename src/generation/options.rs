@@ -1,15 +1,11 @@
-//! Token selection (greedy or sampled, with transformers' logits-processor order),
-//! generation defaults from `generation_config.json`, and streaming detokenization.
+//! How to pick tokens and when to stop: defaults from `generation_config.json` as
+//! transformers applies them, overrides from flags or request fields, range checks.
 
 use std::path::Path;
 
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 use serde_json::Value;
-use vipllava_processor::{TextError, TextTokenizer};
 
-/// Used when neither the user nor `generation_config.json` sets `max_new_tokens`
 /// (transformers' `max_length = 20` default counts the 576 image tokens, so it would
 /// generate nothing useful).
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 256;
@@ -198,184 +194,9 @@ impl GenerationOptions {
     }
 }
 
-/// Picks tokens from logits, in transformers' order: repetition penalty, then (when
-/// sampling) temperature, top-k, top-p, and a draw from the softmax.
-#[derive(Debug)]
-pub struct TokenSelector {
-    options: GenerationOptions,
-    rng: StdRng,
-}
-
-impl TokenSelector {
-    /// A selector seeded from the options.
-    pub fn new(options: GenerationOptions) -> Self {
-        let rng = StdRng::seed_from_u64(options.seed);
-        Self { options, rng }
-    }
-
-    /// The next token given the last position's logits and every id so far.
-    pub fn select(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
-        let penalty = self.options.repetition_penalty;
-        if penalty != 1.0 {
-            let mut seen = history.to_vec();
-            seen.sort_unstable();
-            seen.dedup();
-            for id in seen {
-                if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l < 0.0 { *l * penalty } else { *l / penalty };
-                }
-            }
-        }
-        if !self.options.do_sample {
-            return argmax(logits);
-        }
-        let t = self.options.temperature;
-        for l in logits.iter_mut() {
-            *l /= t;
-        }
-        let mut order: Vec<usize> = (0..logits.len()).collect();
-        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-        let mut keep = order.len();
-        if let Some(k) = self.options.top_k.filter(|&k| k > 0 && k < keep) {
-            // Keep ties with the k-th value, as transformers' `< topk.min` filter does.
-            let kth = logits[order[k - 1]];
-            keep = order.iter().take_while(|&&i| logits[i] >= kth).count();
-        }
-        let max = logits[order[0]];
-        let probs: Vec<f64> = order[..keep]
-            .iter()
-            .map(|&i| ((logits[i] - max) as f64).exp())
-            .collect();
-        let total: f64 = probs.iter().sum();
-        if self.options.top_p < 1.0 {
-            // Smallest prefix whose mass reaches top_p (at least one token).
-            let mut mass = 0.0;
-            let mut n = 0;
-            for p in &probs {
-                mass += p / total;
-                n += 1;
-                if mass >= self.options.top_p as f64 {
-                    break;
-                }
-            }
-            keep = n.max(1);
-        }
-        let total: f64 = probs[..keep].iter().sum();
-        let mut draw = self.rng.random::<f64>() * total;
-        for (j, p) in probs[..keep].iter().enumerate() {
-            draw -= p;
-            if draw <= 0.0 {
-                return order[j] as u32;
-            }
-        }
-        order[keep - 1] as u32
-    }
-}
-
-/// Index of the first maximum (as `torch.argmax`); NaN never wins.
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
-    let mut best_value = f32::NEG_INFINITY;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > best_value {
-            best = i;
-            best_value = l;
-        }
-    }
-    best as u32
-}
-
-/// Turns generated ids into text increments that never split a UTF-8 character and never
-/// print a stray SentencePiece space: each step decodes the whole generation (as the
-/// final text is decoded) and emits what is new. Text is held back while the last token
-/// is a byte-fallback token (`<0xNN>`): the decoder joins a run of byte tokens and only
-/// once the run ends is its text final (a valid byte can still turn into `\u{FFFD}`).
-#[derive(Debug, Default)]
-pub struct StreamDecoder {
-    ids: Vec<u32>,
-    emitted: String,
-    text: String,
-}
-
-impl StreamDecoder {
-    /// An empty stream.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds a token; returns new text when there is some to show.
-    pub fn push(&mut self, tokenizer: &TextTokenizer, id: u32) -> Result<Option<String>, TextError> {
-        self.ids.push(id);
-        self.text = tokenizer.decode(&self.ids, true)?;
-        if tokenizer.is_byte_token(id) || self.text.ends_with('\u{FFFD}') {
-            return Ok(None);
-        }
-        Ok(self.take_new())
-    }
-
-    /// Whatever is left once generation ends.
-    pub fn finish(&mut self) -> Option<String> {
-        self.take_new()
-    }
-
-    /// The full decoded text so far.
-    pub fn text(&self) -> &str {
-        &self.text
-    }
-
-    fn take_new(&mut self) -> Option<String> {
-        let new = self.text.strip_prefix(self.emitted.as_str())?;
-        if new.is_empty() {
-            return None;
-        }
-        let new = new.to_string();
-        self.emitted.push_str(&new);
-        Some(new)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn greedy_takes_first_max_and_penalty_applies() {
-        let opts = GenerationOptions::default();
-        let mut s = TokenSelector::new(opts.clone());
-        assert_eq!(s.select(&mut [1.0, 3.0, 3.0, -1.0], &[]), 1);
-        let mut s = TokenSelector::new(GenerationOptions {
-            repetition_penalty: 2.0,
-            ..opts
-        });
-        // 3.0 / 2 = 1.5 < 2.0: token 2 wins once token 1 is penalised.
-        assert_eq!(s.select(&mut [0.0, 3.0, 2.0], &[1, 1]), 2);
-    }
-
-    #[test]
-    fn sampling_respects_top_k_and_seed() {
-        let opts = GenerationOptions {
-            do_sample: true,
-            top_k: Some(2),
-            seed: 7,
-            ..Default::default()
-        };
-        let draw = |seed| {
-            let mut s = TokenSelector::new(GenerationOptions { seed, ..opts.clone() });
-            (0..50)
-                .map(|_| s.select(&mut [5.0, 4.9, -10.0, 4.8], &[]))
-                .collect::<Vec<_>>()
-        };
-        let a = draw(7);
-        assert!(a.iter().all(|&t| t == 0 || t == 1), "{a:?}");
-        assert!(a.contains(&0) && a.contains(&1));
-        assert_eq!(a, draw(7), "same seed, same draws");
-        let mut s = TokenSelector::new(GenerationOptions {
-            top_p: 0.1,
-            top_k: None,
-            ..opts
-        });
-        assert!((0..20).all(|_| s.select(&mut [5.0, 4.0, 3.0], &[]) == 0));
-    }
 
     #[test]
     fn validation_rejects_bad_values() {
