@@ -36,6 +36,8 @@ T_START = time.time()
 
 import torch  # noqa: E402
 
+from common import bench_prompt_ids, log, torch_dtype  # noqa: E402
+
 
 def peak_rss_mb():
     with open("/proc/self/status") as f:
@@ -43,14 +45,6 @@ def peak_rss_mb():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
-
-
-def bench_prompt_ids(image_tokens, text_tokens, vocab, image_token):
-    ids = [1] + [image_token] * image_tokens
-    for i in range(text_tokens):
-        t = 3 + (i * 7919) % max(vocab - 3, 1)
-        ids.append(t + 1 if t == image_token else t)
-    return ids
 
 
 def read_bandwidth_gbs(threads, gib=1.0, repeats=5):
@@ -111,7 +105,7 @@ def compare(args):
             for side, cmd in (("vipllava", ours), ("pytorch", theirs)):
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
                 row = json.loads(out.strip().splitlines()[-1])
-                print(f"[{label} round {r}] {side}: " + json.dumps({k: row[k] for k in FIELDS}), flush=True)
+                log(f"[{label} round {r}] {side}: " + json.dumps({k: row[k] for k in FIELDS}))
                 runs[side].append(row)
         med = {side: {k: statistics.median(x[k] for x in rows) for k in FIELDS} for side, rows in runs.items()}
         ratio = {k: med["vipllava"][k] / med["pytorch"][k] for k in FIELDS}
@@ -164,9 +158,9 @@ def main():
     from PIL import Image
     from transformers import CLIPImageProcessorPil, VipLlavaForConditionalGeneration
 
-    torch_dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    dtype = torch_dtype(args.dtype)
     t0 = time.time()
-    kwargs = {"dtype": torch_dtype}
+    kwargs = {"dtype": dtype}
     if args.attn:
         kwargs["attn_implementation"] = args.attn
     model = VipLlavaForConditionalGeneration.from_pretrained(args.model, **kwargs).eval()
@@ -175,7 +169,7 @@ def main():
 
     processor = CLIPImageProcessorPil.from_pretrained(args.model)
     image = Image.open(args.image).convert("RGB")
-    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"].to(torch_dtype)
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"].to(dtype)
     side = config.vision_config.image_size
     image_tokens = (side // config.vision_config.patch_size) ** 2
     ids = bench_prompt_ids(image_tokens, args.text_tokens, config.text_config.vocab_size, config.image_token_index)

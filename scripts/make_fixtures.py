@@ -96,7 +96,10 @@ from safetensors.torch import save_file
 from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from common import (CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, REPO_ROOT, added_token_json, clip_preprocessor_config,
+                    deterministic_torch, fresh_dir, llava_processor_config, load_processor, log, to_hub4_key,
+                    write_json)
+
 DEFAULT_OUT = REPO_ROOT / "tests" / "fixtures"
 
 DEFAULT_LAYERS = [-2, -5, -8, -11, 6]
@@ -175,21 +178,6 @@ HUB_7B_CONFIG = {
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def fresh_dir(path: Path) -> Path:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
 
 
 def build_model(config: VipLlavaConfig) -> VipLlavaForConditionalGeneration:
@@ -399,19 +387,6 @@ def write_reference(
 # --------------------------------------------------------------------------------------------
 
 
-def to_hub4_key(k: str) -> str:
-    """transformers 5.x module names -> hub (transformers 4.x) checkpoint names."""
-    for src, dst in (
-        ("model.language_model.", "language_model.model."),
-        ("lm_head.", "language_model.lm_head."),
-        ("model.vision_tower.", "vision_tower.vision_model."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-    ):
-        if k.startswith(src):
-            return dst + k[len(src) :]
-    raise KeyError(k)
-
-
 def hub4_state_dict(model, dtype: torch.dtype, with_position_ids: bool) -> dict:
     sd = {}
     tied = bool(model.config.tie_word_embeddings)
@@ -452,6 +427,39 @@ def vision_config_hub4(num_layers: int) -> dict:
         "projection_dim": VISION["projection_dim"],
         "vocab_size": 32000,
     }
+
+
+def tiny_hub4_config(dtype: str, vision_layers: int, text: dict, **top) -> dict:
+    """A hub 4.x config.json (as transformers 4.36 wrote them) of the tiny sizes in `dtype` ("float32",
+    "bfloat16"): the entries both tiny hub fixtures share, `text` added to text_config and `top` to the top
+    level; keys sorted, as in the hub files."""
+    text_config = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": TEXT["hidden_size"],
+        "intermediate_size": TEXT["intermediate_size"],
+        "model_type": "llama",
+        "num_attention_heads": TEXT["num_attention_heads"],
+        "num_hidden_layers": TEXT["num_hidden_layers"],
+        "torch_dtype": dtype,
+        "vocab_size": VOCAB,
+        **text,
+    }
+    cfg = {
+        "architectures": ["VipLlavaForConditionalGeneration"],
+        "ignore_index": -100,
+        "image_token_index": IMAGE_TOKEN,
+        "model_type": "vipllava",
+        "pad_token_id": PAD_TOKEN,
+        "projector_hidden_act": "gelu",
+        "projector_layernorm_eps": 1e-05,
+        "text_config": dict(sorted(text_config.items())),
+        "torch_dtype": dtype,
+        "transformers_version": HUB4_VERSION,
+        "vision_config": vision_config_hub4(vision_layers),
+        "vocab_size": VOCAB,
+        **top,
+    }
+    return dict(sorted(cfg.items()))
 
 
 def config_from_hub4(hub_cfg: dict, explicit_layers: list[int] | None) -> VipLlavaConfig:
@@ -532,36 +540,19 @@ def make_tiny_5x_f32(out: Path) -> dict:
 
 def make_tiny_hub_bf16_sharded(out: Path) -> dict:
     path = fresh_dir(out / "tiny-hub-bf16-sharded")
-    hub_cfg = {
-        "architectures": ["VipLlavaForConditionalGeneration"],
-        "ignore_index": -100,
-        "image_token_index": IMAGE_TOKEN,
-        "model_type": "vipllava",
-        "pad_token_id": PAD_TOKEN,
-        "projector_hidden_act": "gelu",
-        "projector_layernorm": False,
-        "projector_layernorm_eps": 1e-05,
-        "text_config": {
+    hub_cfg = tiny_hub4_config(
+        "bfloat16",
+        vision_layers=12,
+        text={
             # no rms_norm_eps / rope_theta / hidden_act / max_position_embeddings: LlamaConfig defaults
             "_name_or_path": "lmsys/vicuna-tiny",
-            "architectures": ["LlamaForCausalLM"],
-            "hidden_size": TEXT["hidden_size"],
-            "intermediate_size": TEXT["intermediate_size"],
-            "model_type": "llama",
-            "num_attention_heads": TEXT["num_attention_heads"],
-            "num_hidden_layers": TEXT["num_hidden_layers"],
             "pad_token_id": 0,
             "rope_scaling": {"factor": 2.0, "type": "linear"},
-            "torch_dtype": "bfloat16",
-            "vocab_size": VOCAB,
         },
-        "torch_dtype": "bfloat16",
-        "transformers_version": HUB4_VERSION,
-        "vision_config": vision_config_hub4(12),
-        "vision_feature_layer": -2,  # stray LLaVA key, as in the real 7B hub config
-        "vision_feature_select_strategy": "default",
-        "vocab_size": VOCAB,
-    }
+        projector_layernorm=False,
+        vision_feature_layer=-2,  # stray LLaVA key, as in the real 7B hub config
+        vision_feature_select_strategy="default",
+    )
     cfg = config_from_hub4(hub_cfg, DEFAULT_LAYERS)
     model = build_model(cfg)
     randomize(model, seed=1002, store_dtype=torch.bfloat16)
@@ -678,37 +669,20 @@ def make_tiny_gqa_f16(out: Path) -> dict:
 
 def make_tiny_hub_tied_dynamic(out: Path) -> dict:
     path = fresh_dir(out / "tiny-hub-tied-dynamic")
-    hub_cfg = {
-        "architectures": ["VipLlavaForConditionalGeneration"],
-        "ignore_index": -100,
-        "image_token_index": IMAGE_TOKEN,
-        "model_type": "vipllava",
-        "pad_token_id": PAD_TOKEN,
-        "projector_hidden_act": "gelu",
-        "projector_layernorm_eps": 1e-05,
-        "text_config": {
-            "architectures": ["LlamaForCausalLM"],
-            "hidden_size": TEXT["hidden_size"],
-            "intermediate_size": TEXT["intermediate_size"],
+    hub_cfg = tiny_hub4_config(
+        "float32",
+        vision_layers=4,
+        text={
             "max_position_embeddings": 32,
-            "model_type": "llama",
-            "num_attention_heads": TEXT["num_attention_heads"],
-            "num_hidden_layers": TEXT["num_hidden_layers"],
             "rms_norm_eps": 1e-05,
             "rope_scaling": {"factor": 2.0, "type": "dynamic"},
             "rope_theta": 10000.0,
             "tie_word_embeddings": True,
-            "torch_dtype": "float32",
-            "vocab_size": VOCAB,
         },
         # 4.x read text_config.tie_word_embeddings; 5.x reads only the top-level one: set both
-        "tie_word_embeddings": True,
-        "torch_dtype": "float32",
-        "transformers_version": HUB4_VERSION,
-        "vision_config": vision_config_hub4(4),
-        "vision_feature_layers": [-1, 0, 3],
-        "vocab_size": VOCAB,
-    }
+        tie_word_embeddings=True,
+        vision_feature_layers=[-1, 0, 3],
+    )
     cfg = config_from_hub4(hub_cfg, None)  # plural key is read correctly by 5.x
     assert list(cfg.vision_feature_layer) == [-1, 0, 3]
     assert cfg.tie_word_embeddings
@@ -808,19 +782,8 @@ def make_hub_7b_config(out: Path) -> dict:
 # phase 2: tokenizer, processor files, images, generation / cached-decoding / template vectors
 # --------------------------------------------------------------------------------------------
 
-# The chat template published with llava-hf/vip-llava-7b-hf (verbatim; DESIGN.md section 7).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }}"
-    "{% elif message['role'] == 'user' %}{{ '###Human: '}}{% else %}{{ '###' + message['role'].title() + ': '}}"
-    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', "
-    "'image') %}{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% for content in message['content'] | "
-    "selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}{% endfor %}{% if "
-    "add_generation_prompt %}{{ '###Assistant:' }}{% endif %}"
-)
 BASE_VOCAB = 500  # <unk> <s> </s>, 256 byte tokens, alphabet, merges
 IMAGE_SIZE_PROC = VISION["image_size"]
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 TINY_FIXTURES = ["tiny-5x-f32", "tiny-hub-bf16-sharded", "tiny-gqa-f16", "tiny-hub-tied-dynamic"]
 HUB4_FILESET = {"tiny-hub-bf16-sharded", "tiny-hub-tied-dynamic"}
 MAX_NEW_TOKENS = 20
@@ -877,11 +840,6 @@ IMAGE_QUESTIONS = {
     "chelsea_rgba": "Which part of this picture is transparent, and what animal can you see near the yellow arrow?",
     "coffee_wide": "How many objects are visible in this wide picture, and which one is closest to the left edge?",
 }
-
-
-def _added_token_json(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-            "special": True}
 
 
 _TOKENIZER_CACHE: dict = {}
@@ -949,34 +907,8 @@ def write_processor_files_hub4(path: Path) -> list[str]:
     processor_config.json, chat_template.json, tokenizer.json, tokenizer_config.json (no chat_template),
     special_tokens_map.json."""
     tok = build_tokenizer()
-    write_json(
-        path / "preprocessor_config.json",
-        {
-            "crop_size": {"height": IMAGE_SIZE_PROC, "width": IMAGE_SIZE_PROC},
-            "do_center_crop": True,
-            "do_convert_rgb": True,
-            "do_normalize": True,
-            "do_rescale": True,
-            "do_resize": True,
-            "image_mean": CLIP_MEAN,
-            "image_processor_type": "CLIPImageProcessor",
-            "image_std": CLIP_STD,
-            "processor_class": "LlavaProcessor",
-            "resample": 3,
-            "rescale_factor": 0.00392156862745098,
-            "size": {"shortest_edge": IMAGE_SIZE_PROC},
-        },
-    )
-    write_json(
-        path / "processor_config.json",
-        {
-            "image_token": "<image>",
-            "num_additional_image_tokens": 1,
-            "patch_size": VISION["patch_size"],
-            "processor_class": "LlavaProcessor",
-            "vision_feature_select_strategy": "default",
-        },
-    )
+    write_json(path / "preprocessor_config.json", clip_preprocessor_config(IMAGE_SIZE_PROC))
+    write_json(path / "processor_config.json", llava_processor_config(VISION["patch_size"]))
     write_json(path / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
     # the same tokenizers serialization as the 5.x set (for model_type vipllava, transformers 5.x loads it as
     # TokenizersBackend, i.e. exactly as the file says; see tokenizer_vectors)
@@ -988,8 +920,8 @@ def write_processor_files_hub4(path: Path) -> list[str]:
 
 def write_hub4_tokenizer_config(path: Path) -> None:
     """tokenizer_config.json + special_tokens_map.json as transformers 4.3x wrote them for llava-hf repos."""
-    added = {str(i): _added_token_json(t) for i, t in [(0, "<unk>"), (BOS, "<s>"), (EOS, "</s>"),
-                                                        (IMAGE_TOKEN, "<image>"), (PAD_TOKEN, "<pad>")]}
+    added = {str(i): added_token_json(t) for i, t in [(0, "<unk>"), (BOS, "<s>"), (EOS, "</s>"),
+                                                       (IMAGE_TOKEN, "<image>"), (PAD_TOKEN, "<pad>")]}
     write_json(
         path / "tokenizer_config.json",
         {
@@ -1013,14 +945,8 @@ def write_hub4_tokenizer_config(path: Path) -> None:
     )
     tokd = {"pad_token": "<pad>"}
     for key, content in [("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>")]:
-        tokd[key] = {k: v for k, v in _added_token_json(content).items() if k != "special"}
+        tokd[key] = {k: v for k, v in added_token_json(content).items() if k != "special"}
     write_json(path / "special_tokens_map.json", tokd)
-
-
-def load_processor(path: Path):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(str(path), backend="pil")
 
 
 # ---- images -------------------------------------------------------------------------------------
@@ -1101,6 +1027,12 @@ def reset_rope_state(model) -> None:
     rot.max_seq_len_cached = rot.original_max_seq_len
 
 
+def _tensor_summary(tensors: dict) -> dict:
+    """{name: {shape, dtype}} of a safetensors file's tensors, sorted by name."""
+    return {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+            for k, v in sorted(tensors.items())}
+
+
 GEN_KEYS = ["do_sample", "num_beams", "max_new_tokens", "eos_token_id", "pad_token_id", "bos_token_id",
             "temperature", "top_k", "top_p", "repetition_penalty", "use_cache"]
 
@@ -1138,8 +1070,7 @@ def generation_reference(path: Path, out: Path, model, pixel_values_shared: dict
         )
         new_ids = gen.sequences[0, ids.shape[1]:].clone()
         scores = torch.stack([s[0] for s in gen.scores])  # [n, vocab]
-        top2 = scores.topk(2, dim=-1).values
-        margins = (top2[:, 0] - top2[:, 1]).tolist()
+        margins = _margins(scores)
         tensors[f"input_ids.{name}"] = ids.clone()
         tensors[f"logits_last.{name}"] = last
         tensors[f"generated_ids.{name}"] = new_ids.unsqueeze(0).to(torch.int64)
@@ -1181,8 +1112,7 @@ def generation_reference(path: Path, out: Path, model, pixel_values_shared: dict
         "generate_call": "model.generate(input_ids, attention_mask, pixel_values, "
         "generation_config=GenerationConfig.from_pretrained(dir), max_new_tokens=20, do_sample=False)",
         "images": per_image,
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-                    for k, v in sorted(tensors.items())},
+        "tensors": _tensor_summary(tensors),
         "notes": {
             "logits_last.<image>": "f32 logits at the last prompt position, one forward without cache",
             "generated_ids.<image>": "new tokens only (prompt excluded); stops early when eos (2) is produced",
@@ -1234,8 +1164,7 @@ def cached_reference(path: Path, model) -> dict:
         "positions_of_steps": list(range(P, L)),
         "max_abs_diff_vs_full_forward_logits": float((step_logits - full[P:]).abs().max()),
         "prefill_last_max_abs_diff_vs_full_forward": float((prefill_last[0] - full[P - 1]).abs().max()),
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-                    for k, v in sorted(tensors.items())},
+        "tensors": _tensor_summary(tensors),
         "notes": "model(input_ids[:, :P], pixel_values, use_cache=True), then model(input_ids[:, P+i:P+i+1], "
         "cache=<returned cache>) for i in 0..8 (position P+i, no pixel_values); cached_step_logits[i] are the logits for position P+i. "
         "Rope state reset to a fresh model first. Dynamic rope (transformers semantics): inv_freq is recomputed "
@@ -1429,8 +1358,7 @@ def batch_reference(path: Path, out: Path, model, pixel_values_shared: dict) -> 
         "model": "the in-memory f32 model of phase 1 (weights rounded to the file dtype), eval, sdpa attention; "
         "dynamic-rope state reset to that of a freshly loaded model before every forward/generate",
         "generation_config_file": json.loads((path / "generation_config.json").read_text()),
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-                    for k, v in sorted(tensors.items())},
+        "tensors": _tensor_summary(tensors),
         "batch": {
             "images": [f"images/{n}.png" for n in names],
             "questions": questions,
@@ -1687,7 +1615,7 @@ def tokenizer_vectors(out: Path) -> dict:
     j = json.loads(build_tokenizer().backend_tokenizer.to_str())
     j["normalizer"] = LEGACY_NORMALIZER
     j["pre_tokenizer"] = None
-    (legacy_dir / "tokenizer.json").write_text(json.dumps(j, indent=2, ensure_ascii=False) + "\n")
+    write_json(legacy_dir / "tokenizer.json", j, sort_keys=False, ensure_ascii=False)
     write_hub4_tokenizer_config(legacy_dir)
     leg = _load_tokenizer_two_ways(legacy_dir, scratch)
     raw = Tokenizer.from_file(str(legacy_dir / "tokenizer.json"))
@@ -1791,8 +1719,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-phase3", action="store_true", help="skip batch_reference.* (phase 3)")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(1)  # reproducible reductions
-    torch.use_deterministic_algorithms(True)
+    deterministic_torch()
     transformers.logging.set_verbosity_error()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)

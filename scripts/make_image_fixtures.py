@@ -44,8 +44,9 @@ import transformers
 from PIL import Image
 from transformers import AutoImageProcessor
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "processor" / "tests" / "fixtures" / "image"
+from common import REPO_ROOT, clip_preprocessor_config, fresh_dir, llava_processor_config, write_json
+
+OUT = REPO_ROOT / "processor" / "tests" / "fixtures" / "image"
 
 
 # --------------------------------------------------------------------------------------
@@ -217,25 +218,8 @@ def make_inputs(d: Path) -> dict[str, str]:
 # --------------------------------------------------------------------------------------
 # Settings (model directories)
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
-
 # The preprocessor_config.json of llava-hf/vip-llava-7b-hf (hub, written by transformers 4.x).
-HUB_336 = {
-    "crop_size": {"height": 336, "width": 336},
-    "do_center_crop": True,
-    "do_convert_rgb": True,
-    "do_normalize": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": CLIP_MEAN,
-    "image_processor_type": "CLIPImageProcessor",
-    "image_std": CLIP_STD,
-    "processor_class": "LlavaProcessor",
-    "resample": 3,
-    "rescale_factor": 0.00392156862745098,
-    "size": {"shortest_edge": 336},
-}
+HUB_336 = clip_preprocessor_config(336)
 
 # name -> (layout, image processor dict)
 SETTINGS = {
@@ -283,12 +267,9 @@ CASES = (
 def write_setting(d: Path, layout: str, cfg: dict) -> None:
     d.mkdir(parents=True, exist_ok=True)
     if layout == "hub4":
-        (d / "preprocessor_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        write_json(d / "preprocessor_config.json", cfg, sort_keys=False)
         # the hub also has a processor_config.json without an image processor in it
-        (d / "processor_config.json").write_text(
-            json.dumps({"num_additional_image_tokens": 1, "patch_size": 14, "processor_class": "LlavaProcessor",
-                        "vision_feature_select_strategy": "default"}, indent=2) + "\n"
-        )
+        write_json(d / "processor_config.json", llava_processor_config(image_token=None), sort_keys=False)
     else:
         # What transformers 5.x LlavaProcessor.save_pretrained writes: the image processor
         # nested in processor_config.json (tokenizer files dropped: not needed here).
@@ -322,8 +303,7 @@ def to_png_bytes(u8_chw: np.ndarray) -> bytes:
 
 
 def main() -> None:
-    if OUT.exists():
-        shutil.rmtree(OUT)
+    fresh_dir(OUT)
     inputs = OUT / "inputs"
     descriptions = make_inputs(inputs)
 
@@ -353,7 +333,7 @@ def main() -> None:
     # A directory with both files: the nested 5.x config must win.
     both = OUT / "settings" / "both_layouts"
     write_setting(both, "v5", SETTINGS["tiny56"][1])
-    (both / "preprocessor_config.json").write_text(json.dumps(HUB_336, indent=2) + "\n")
+    write_json(both / "preprocessor_config.json", HUB_336, sort_keys=False)
     assert AutoImageProcessor.from_pretrained(both, backend="pil").size.shortest_edge == 56
 
     expected_dir = OUT / "expected"
@@ -463,7 +443,7 @@ def main() -> None:
         "resize": resize_cases,
         "jpeg": jpeg,
     }
-    (OUT / "manifest.json").write_text(json.dumps(manifest, separators=(",", ":")) + "\n")
+    write_json(OUT / "manifest.json", manifest, indent=None, sort_keys=False, separators=(",", ":"))
     total = sum(p.stat().st_size for p in OUT.rglob("*") if p.is_file())
     print(f"{len(cases)} cases, {len(resize_cases)} resize cases, {total / 1e6:.2f} MB in {OUT}")
 

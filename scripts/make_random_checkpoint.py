@@ -25,37 +25,11 @@ import time
 import torch
 from safetensors.torch import save_file
 
-from make_fixtures import to_hub4_key
+from common import (REPO_ROOT, clip_preprocessor_config, llava_processor_config, log, to_hub4_key, write_json,
+                    write_text_files)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-HUB_CONFIG = os.path.join(HERE, "..", "tests", "fixtures", "hub-7b-config", "config.json")
+HUB_CONFIG = REPO_ROOT / "tests" / "fixtures" / "hub-7b-config" / "config.json"
 SHARD_BYTES = 5 * 1000**3
-
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] }}"
-    "{% elif message['role'] == 'user' %}{{ '###Human: '}}{% else %}{{ '###' + message['role'].title() + ': '}}"
-    "{% endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', "
-    "'image') %}{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% for content in message['content'] | "
-    "selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}{% endfor %}{% if "
-    "add_generation_prompt %}{{ '###Assistant:' }}{% endif %}"
-)
-
-CLIP = {
-    "crop_size": {"height": 336, "width": 336},
-    "do_center_crop": True,
-    "do_convert_rgb": True,
-    "do_normalize": True,
-    "do_rescale": True,
-    "do_resize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_processor_type": "CLIPImageProcessor",
-    "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "processor_class": "LlavaProcessor",
-    "resample": 3,
-    "rescale_factor": 0.00392156862745098,
-    "size": {"shortest_edge": 336},
-}
-
 
 def tensor_shapes(hub_config: dict) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of the hub checkpoint, from transformers on the meta device."""
@@ -69,61 +43,6 @@ def tensor_shapes(hub_config: dict) -> list[tuple[str, tuple[int, ...]]]:
     with torch.device("meta"):
         model = VipLlavaForConditionalGeneration(VipLlavaConfig(**cfg))
     return [(to_hub4_key(k), tuple(v.shape)) for k, v in model.state_dict().items()]
-
-
-def tokenizer_json() -> dict:
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {t: i for i, t in enumerate(specials)}
-    for b in range(256):
-        vocab[f"<0x{b:02X}>"] = len(vocab)
-    while len(vocab) < 32000:
-        vocab[f"filler{len(vocab)}"] = len(vocab)
-
-    def added(i, content):
-        return {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-                "normalized": False, "special": True}
-
-    return {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [added(0, "<unk>"), added(1, "<s>"), added(2, "</s>"), added(32000, "<image>"),
-                         added(32001, "<pad>")],
-        "normalizer": None,
-        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False},
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}},
-        },
-        # ByteFallback before Replace: with no word pieces, even "\u2581" arrives as bytes.
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "ByteFallback"}, {"type": "Fuse"},
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
-                  "vocab": vocab, "merges": []},
-    }
-
-
-def write_text_files(out: str) -> None:
-    """The stand-in tokenizer (ids < 32000, `<image>` = 32000, `<pad>` = 32001) and the hub's
-    chat template: enough for `vipllava generate` and `bench --devices` on random weights."""
-    write_json(os.path.join(out, "chat_template.json"), {"chat_template": CHAT_TEMPLATE})
-    write_json(os.path.join(out, "tokenizer.json"), tokenizer_json())
-    write_json(os.path.join(out, "tokenizer_config.json"),
-               {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
-                "pad_token": "<pad>", "unk_token": "<unk>", "legacy": False, "padding_side": "left",
-                "tokenizer_class": "LlamaTokenizer", "processor_class": "LlavaProcessor"})
-
-
-def write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def main() -> None:
@@ -149,7 +68,7 @@ def main() -> None:
         save_file(shard, os.path.join(args.out, name), metadata={"format": "pt"})
         for k in shard:
             weight_map[k] = name
-        print(f"wrote {name} ({shard_bytes / 1e9:.2f} GB) at {time.time() - start:.0f} s", flush=True)
+        log(f"wrote {name} ({shard_bytes / 1e9:.2f} GB) at {time.time() - start:.0f} s")
         shard, shard_bytes, index = {}, 0, index + 1
 
     for name, shape in shapes:
@@ -173,10 +92,8 @@ def main() -> None:
     write_json(os.path.join(args.out, "config.json"), hub_config)
     write_json(os.path.join(args.out, "generation_config.json"),
                {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 32001})
-    write_json(os.path.join(args.out, "preprocessor_config.json"), CLIP)
-    write_json(os.path.join(args.out, "processor_config.json"),
-               {"image_token": "<image>", "num_additional_image_tokens": 1, "patch_size": 14,
-                "processor_class": "LlavaProcessor", "vision_feature_select_strategy": "default"})
+    write_json(os.path.join(args.out, "preprocessor_config.json"), clip_preprocessor_config(336))
+    write_json(os.path.join(args.out, "processor_config.json"), llava_processor_config())
     write_text_files(args.out)
     print(f"done in {time.time() - start:.0f} s: {args.out}")
 

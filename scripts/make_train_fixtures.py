@@ -45,10 +45,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import AutoProcessor, VipLlavaForConditionalGeneration
+from transformers import VipLlavaForConditionalGeneration
 
-ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "tests" / "fixtures"
+from common import REPO_ROOT, deterministic_torch, load_processor, write_json
+
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
 OUT = FIXTURES / "train"
 
 MODELS = ["tiny-5x-f32", "tiny-gqa-f16"]
@@ -224,10 +225,9 @@ def batch_loss(name, encoded, pad_id, rows):
 
 
 def make():
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
+    deterministic_torch()
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "data.json").write_text(json.dumps(SAMPLES, indent=2) + "\n")
+    write_json(OUT / "data.json", SAMPLES, sort_keys=False)
     (OUT / "bad.jsonl").write_text("".join(json.dumps(s) + "\n" for s in BAD))
     import transformers
 
@@ -240,7 +240,7 @@ def make():
         "models": {},
     }
     for name in MODELS:
-        processor = AutoProcessor.from_pretrained(str(FIXTURES / name), backend="pil")
+        processor = load_processor(FIXTURES / name)
         encoded = [encode(processor, s) for s in SAMPLES]
         entry = {
             "samples": [
@@ -263,7 +263,7 @@ def make():
                           str(OUT / f"{name}_grads.safetensors"))
             print(f"{name} {trainable}: {losses[0]:.5f} -> {losses[-1]:.5f}")
         ref["models"][name] = entry
-    (OUT / "reference.json").write_text(json.dumps(ref, indent=1, sort_keys=True) + "\n")
+    write_json(OUT / "reference.json", ref, indent=1)
 
 
 @torch.no_grad()
