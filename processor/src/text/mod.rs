@@ -3,7 +3,7 @@
 //!
 //! The JSON side files (`tokenizer_config.json`, `chat_template.json`,
 //! `processor_config.json`) are read into serde-derived raw structs and then resolved
-//! ([`tokenizer_config`], [`image_tokens`]).
+//! into the types below.
 
 use std::path::{Path, PathBuf};
 

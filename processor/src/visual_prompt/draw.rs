@@ -1,5 +1,28 @@
 //! Blending the marks onto the image as the original does: one layer per prompt,
 //! alpha-composited with Pillow's integer arithmetic.
+//!
+//! # Why the compositing is ours and not tiny-skia's
+//!
+//! Shapes are already rasterised by tiny-skia ([`super::geometry`] builds the paths,
+//! [`super::raster`] fills them anti-aliased). Two pieces are hand-written: this
+//! compositing (`composite`, Pillow's `alpha_composite` arithmetic, which the original's
+//! `image_blending` uses) and the contour band of mask images ([`super::contour`], an
+//! exact distance transform, for which tiny-skia has no primitive). Replacing the
+//! compositing by tiny-skia's blending was measured
+//! (`cargo test -p vipllava-processor --lib tiny_skia -- --ignored --nocapture`; scenes:
+//! every shape on the 160x160 astronaut fixture and on its 672-px enlargement, as
+//! `tests/visual_prompt.rs` draws them, and a slanted triangle on grey at alpha 1, 64,
+//! 128, 200 and 255):
+//!
+//! | tiny-skia variant | drawn image | what the model sees (336x336 after resize + crop) |
+//! |---|---|---|
+//! | one transparent layer per prompt, `draw_pixmap` with the prompt's opacity | max \|diff\| 1 level, 0.54 % of pixels (4.5 % of the pixels the prompts touch) | max 2 levels, 0.80 % of pixels |
+//! | our coverage as a `Mask`, one `fill_rect` in the prompt's colour and alpha | max 2 levels, 4.9 % of pixels (41 % of touched) | max 2 levels, 2.2 % of pixels |
+//!
+//! Within a 2-level tolerance either would do, but neither removes code (the distance
+//! transform stays, and the RGB image has to be copied into and out of a premultiplied
+//! RGBA pixmap, plus one full-size layer per prompt), and both move the bytes away from
+//! the original's arithmetic. So the compositing stays ours and the output is unchanged.
 
 use image::{DynamicImage, RgbImage};
 

@@ -51,6 +51,8 @@ mod geometry;
 mod raster;
 mod shape;
 mod spec;
+#[cfg(test)]
+mod tiny_skia_check;
 mod validate;
 
 pub use colour::{COLOUR_POOL, Colour};

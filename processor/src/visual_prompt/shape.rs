@@ -137,7 +137,8 @@ impl VisualPrompt {
 /// Defaults applied to prompts that do not set their own.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct DrawOptions {
-    /// Opacity 1..=255; `None`: [`DEFAULT_STROKE_ALPHA`], or [`DEFAULT_MASK_ALPHA`] for
+    /// Opacity 1..=255; `None`: [`DEFAULT_STROKE_ALPHA`](super::DEFAULT_STROKE_ALPHA), or
+    /// [`DEFAULT_MASK_ALPHA`](super::DEFAULT_MASK_ALPHA) for
     /// filled masks.
     pub alpha: Option<u8>,
     /// Line width in pixels; `None`: `max(floor(3 · max(W, H) / 336), 1)`.

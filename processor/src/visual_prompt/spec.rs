@@ -15,6 +15,10 @@ use image::GrayImage;
 use super::{Colour, Shape, SpecProblem, VisualPrompt, VisualPromptError};
 
 /// A visual prompt kind as the CLI and the training data name it.
+///
+/// Its spec is numbers separated by `,` / `;` with an optional `:colour` suffix (a
+/// [`Colour`] name or `#rrggbb`; default red), e.g. `45,15,115,95:red`; masks take a
+/// polygon or the path of a grayscale PNG of the image's size instead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ShapeKind {
     /// `box` (also `rectangle`, `rect`): `x0,y0,x1,y1`.
@@ -114,7 +118,7 @@ impl FromStr for VisualPrompt {
 }
 
 /// Parse a CLI visual prompt: `kind` names a [`ShapeKind`] (`box`, `ellipse`, ...), `spec`
-/// is its spec (see the [module docs](self)). `kind.parse::<ShapeKind>()` followed by
+/// is its spec (see [`ShapeKind`]). `kind.parse::<ShapeKind>()` followed by
 /// [`ShapeKind::parse_spec`], except that errors name `kind` as given.
 pub fn parse_cli_shape(kind: &str, spec: &str) -> Result<VisualPrompt, VisualPromptError> {
     match kind.parse::<ShapeKind>() {
