@@ -97,3 +97,38 @@ fn composite(src: u8, dst: u8, a: u8) -> u8 {
     let tmp = u32::from(src) * coef1 + u32::from(dst) * coef2 + (0x80 << PRECISION_BITS);
     ((((tmp >> 8) + tmp) >> 8) >> PRECISION_BITS) as u8
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::visual_prompt::{Colour, Shape};
+
+    #[test]
+    fn draw_image_is_draw_as_a_dynamic_image() {
+        let photo = DynamicImage::ImageRgba8(image::RgbaImage::from_pixel(
+            40,
+            30,
+            image::Rgba([10, 20, 30, 128]),
+        ));
+        let prompts = [VisualPrompt::new(
+            Shape::Ellipse {
+                x0: 5.0,
+                y0: 5.0,
+                x1: 35.0,
+                y1: 25.0,
+            },
+            Colour::RED,
+        )];
+        let options = DrawOptions::default();
+        let rgb = draw(&photo, &prompts, &options).unwrap();
+        let dynamic = draw_image(&photo, &prompts, &options).unwrap();
+        assert_eq!(dynamic, DynamicImage::ImageRgb8(rgb));
+    }
+
+    #[test]
+    fn composite_matches_pillow_at_the_ends() {
+        assert_eq!(composite(255, 0, 255), 255);
+        assert_eq!(composite(255, 77, 0), 77);
+        assert_eq!(composite(200, 100, 128), 150);
+    }
+}

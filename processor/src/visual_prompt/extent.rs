@@ -57,3 +57,47 @@ pub fn marks_outside<'a>(
     }
     Ok(outside)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{ImageProcessorConfig, crop_window};
+    use crate::visual_prompt::{Colour, Shape};
+
+    fn boxed(x0: f32, y0: f32, x1: f32, y1: f32) -> VisualPrompt {
+        VisualPrompt::new(Shape::Rectangle { x0, y0, x1, y1 }, Colour::RED)
+    }
+
+    #[test]
+    fn marks_cut_by_the_center_crop_are_listed() {
+        // 640x480 keeps x in [80, 560) after resize to 448x336 and the 336 crop.
+        let window = crop_window(640, 480, &ImageProcessorConfig::clip_336());
+        let prompts = [
+            boxed(10.0, 10.0, 50.0, 50.0),     // wholly in the left margin
+            boxed(200.0, 100.0, 300.0, 200.0), // inside
+            boxed(500.0, 100.0, 600.0, 200.0), // straddles the right edge
+            boxed(700.0, 10.0, 800.0, 50.0),   // outside the image: draws nothing
+        ];
+        let outside = marks_outside(&prompts, &DrawOptions::default(), 640, 480, &window).unwrap();
+        assert_eq!(outside, vec![&prompts[0], &prompts[2]]);
+        // The check includes the line width: a box touching the window edge from inside
+        // stays inside.
+        let edge = [boxed(80.0, 0.0, 560.0, 480.0)];
+        assert!(
+            marks_outside(&edge, &DrawOptions::default(), 640, 480, &window)
+                .unwrap()
+                .is_empty()
+        );
+        // Invalid prompts are errors, as when drawing.
+        assert!(
+            marks_outside(
+                &[boxed(5.0, 5.0, 1.0, 9.0)],
+                &DrawOptions::default(),
+                640,
+                480,
+                &window
+            )
+            .is_err()
+        );
+    }
+}
