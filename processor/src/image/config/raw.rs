@@ -24,7 +24,7 @@ use crate::json::LenientString;
 #[serde(untagged)]
 enum RawSize {
     Number(Number),
-    List(Vec<RawSize>),
+    List(Vec<Value>),
     Map(BTreeMap<String, Value>),
     Other(Value),
 }
@@ -177,48 +177,20 @@ fn resolve_size(v: RawSize, default_to_square: bool) -> Result<Size, ImageError>
                 }
             })
         }
-        RawSize::List(mut list) => match list.len() {
-            2 => {
-                let w = list.pop();
-                let h = list.pop();
-                Ok(Size::Exact {
-                    height: list_item_as_size(h, "size[0]")?,
-                    width: list_item_as_size(w, "size[1]")?,
-                })
-            }
-            1 => match list.pop() {
-                Some(s) => resolve_size(s, default_to_square),
-                None => Err(invalid("size", "a list must hold 1 or 2 integers")),
-            },
+        RawSize::List(list) => match list.as_slice() {
+            [h, w] => Ok(Size::Exact {
+                height: value_as_size(h, "size[0]")?,
+                width: value_as_size(w, "size[1]")?,
+            }),
+            // `[s]` means `s`, whatever `s` is (transformers unpacks one-item lists).
+            [s] => resolve_size(
+                RawSize::deserialize(s).unwrap_or_else(|_| RawSize::Other(s.clone())),
+                default_to_square,
+            ),
             _ => Err(invalid("size", "a list must hold 1 or 2 integers")),
         },
         RawSize::Map(map) => resolve_size_dict(&map),
         RawSize::Other(v) => Err(invalid("size", &format!("unsupported value {v}"))),
-    }
-}
-
-/// An item of a two-item `size` list.
-fn list_item_as_size(item: Option<RawSize>, name: &str) -> Result<u32, ImageError> {
-    match item {
-        Some(RawSize::Number(n)) => as_size(&n, name),
-        Some(other) => Err(invalid(
-            name,
-            &format!("expected a non-negative integer, got {}", raw_size_json(&other)),
-        )),
-        None => Err(invalid("size", "a list must hold 1 or 2 integers")),
-    }
-}
-
-/// The JSON text of a `size` value, for messages.
-fn raw_size_json(v: &RawSize) -> String {
-    match v {
-        RawSize::Number(n) => n.to_string(),
-        RawSize::List(items) => format!(
-            "[{}]",
-            items.iter().map(raw_size_json).collect::<Vec<_>>().join(",")
-        ),
-        RawSize::Map(map) => Value::Object(map.clone().into_iter().collect()).to_string(),
-        RawSize::Other(v) => v.to_string(),
     }
 }
 
