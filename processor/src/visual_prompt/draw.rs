@@ -32,7 +32,8 @@ use super::{DrawOptions, VisualPrompt, VisualPromptError};
 
 /// Draw the prompts, in order, onto `image` (converted to RGB as transformers does, see
 /// [`crate::image::to_rgb`]) at its original resolution. All prompts are validated first;
-/// nothing is drawn if one is invalid.
+/// nothing is drawn if one is invalid. [`draw_image`] returns the same pixels as a
+/// [`DynamicImage`], the type preprocessing takes.
 pub fn draw(
     image: &DynamicImage,
     prompts: &[VisualPrompt],
