@@ -10,7 +10,11 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod image;
+mod json;
 pub mod text;
 pub mod visual_prompt;
 
-pub use text::{ChatMessage, ChatTemplate, ContentPart, ImageTokenConfig, TextError, TextTokenizer};
+pub use text::{
+    ChatMessage, ChatTemplate, ContentPart, ImageTokenConfig, TextError, TextTokenizer,
+    VisionFeatureSelectStrategy,
+};

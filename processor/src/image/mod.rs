@@ -24,6 +24,7 @@ mod config;
 mod convert;
 mod decode;
 mod resample;
+mod window;
 
 use std::path::PathBuf;
 
@@ -36,6 +37,7 @@ pub use decode::{
     load_image_with_limit,
 };
 pub use resample::{Resample, resize_pil};
+pub use window::{CropWindow, crop_window};
 
 /// Errors of image loading, configuration and preprocessing.
 #[derive(Debug, thiserror::Error)]

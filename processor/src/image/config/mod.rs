@@ -2,7 +2,11 @@
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+mod raw;
+
+use raw::RawImageProcessorConfig;
 
 use super::{ImageError, Resample};
 
@@ -168,76 +172,12 @@ impl ImageProcessorConfig {
     /// Parse an image-processor JSON value. Absent or `null` fields take the
     /// `CLIPImageProcessor` defaults (as transformers' `_set_attributes` does).
     pub fn from_value(value: &Value) -> Result<Self, ImageError> {
-        let obj = value
-            .as_object()
-            .ok_or_else(|| invalid("(root)", "expected a JSON object"))?;
-        if let Some(kind) = obj.get("image_processor_type").and_then(Value::as_str) {
-            let base = kind.trim_end_matches("Pil").trim_end_matches("Fast");
-            if base != "CLIPImageProcessor" {
-                return Err(invalid(
-                    "image_processor_type",
-                    &format!("{kind:?} is not supported (only CLIPImageProcessor)"),
-                ));
-            }
+        if !value.is_object() {
+            return Err(invalid("(root)", "expected a JSON object"));
         }
-        let d = Self::default();
-        let default_to_square = get_bool(obj, "default_to_square")?.unwrap_or(false);
-        let mut size = match field(obj, "size") {
-            None => d.size,
-            Some(v) => parse_size(v, default_to_square)?,
-        };
-        // CLIPImageProcessor.__init__ (KOSMOS-2 compatibility) squares the *class default*
-        // shortest edge, whatever `size` says.
-        if get_bool(obj, "use_square_size")?.unwrap_or(false) {
-            size = Size::Exact {
-                height: 224,
-                width: 224,
-            };
-        }
-        let crop_size = match field(obj, "crop_size") {
-            None => d.crop_size,
-            Some(v) => parse_height_width(v, "crop_size")?,
-        };
-        let pad_size = field(obj, "pad_size")
-            .map(|v| parse_height_width(v, "pad_size"))
-            .transpose()?;
-        let resample = match field(obj, "resample") {
-            None => d.resample,
-            Some(v) => {
-                let code = v
-                    .as_i64()
-                    .ok_or_else(|| invalid("resample", "expected a PIL resampling code 0..=5"))?;
-                Resample::from_pil_code(code).ok_or_else(|| {
-                    invalid(
-                        "resample",
-                        &format!("{code} is not a PIL resampling filter (0..=5)"),
-                    )
-                })?
-            }
-        };
-        let rescale_factor = match field(obj, "rescale_factor") {
-            None => d.rescale_factor,
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| invalid("rescale_factor", "expected a number"))?,
-        };
-        let cfg = Self {
-            do_convert_rgb: get_bool(obj, "do_convert_rgb")?.unwrap_or(d.do_convert_rgb),
-            do_resize: get_bool(obj, "do_resize")?.unwrap_or(d.do_resize),
-            size,
-            resample,
-            do_center_crop: get_bool(obj, "do_center_crop")?.unwrap_or(d.do_center_crop),
-            crop_size,
-            do_rescale: get_bool(obj, "do_rescale")?.unwrap_or(d.do_rescale),
-            rescale_factor,
-            do_normalize: get_bool(obj, "do_normalize")?.unwrap_or(d.do_normalize),
-            image_mean: parse_channels(obj, "image_mean")?.unwrap_or(d.image_mean),
-            image_std: parse_channels(obj, "image_std")?.unwrap_or(d.image_std),
-            do_pad: get_bool(obj, "do_pad")?.unwrap_or(false),
-            pad_size,
-        };
-        cfg.validate()?;
-        Ok(cfg)
+        let raw: RawImageProcessorConfig =
+            crate::json::from_value(value).map_err(|e| invalid(&e.path, &e.message))?;
+        raw.resolve()
     }
 
     /// Check the values transformers would reject or that would make the output
@@ -320,134 +260,4 @@ fn read_json(path: &Path) -> Result<Value, ImageError> {
         path: path.display().to_string(),
         message: e.to_string(),
     })
-}
-
-/// A present, non-null field.
-fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    obj.get(key).filter(|v| !v.is_null())
-}
-
-fn get_bool(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, ImageError> {
-    field(obj, key)
-        .map(|v| {
-            v.as_bool()
-                .ok_or_else(|| invalid(key, &format!("expected true/false, got {v}")))
-        })
-        .transpose()
-}
-
-fn as_size(v: &Value, name: &str) -> Result<u32, ImageError> {
-    v.as_u64()
-        .and_then(|n| u32::try_from(n).ok())
-        .ok_or_else(|| invalid(name, &format!("expected a non-negative integer, got {v}")))
-}
-
-/// transformers' `get_size_dict` for `size` (an int means shortest edge for CLIP, whose
-/// `default_to_square` is false).
-fn parse_size(v: &Value, default_to_square: bool) -> Result<Size, ImageError> {
-    if v.is_number() {
-        let s = as_size(v, "size")?;
-        return Ok(if default_to_square {
-            Size::Exact { height: s, width: s }
-        } else {
-            Size::ShortestEdge {
-                shortest_edge: s,
-                longest_edge: None,
-            }
-        });
-    }
-    if let Some(list) = v.as_array() {
-        return match list.as_slice() {
-            [h, w] => Ok(Size::Exact {
-                height: as_size(h, "size[0]")?,
-                width: as_size(w, "size[1]")?,
-            }),
-            [s] => parse_size(s, default_to_square),
-            _ => Err(invalid("size", "a list must hold 1 or 2 integers")),
-        };
-    }
-    let obj = v
-        .as_object()
-        .ok_or_else(|| invalid("size", &format!("unsupported value {v}")))?;
-    // Keys holding null are treated as absent.
-    let mut keys: Vec<&str> = obj
-        .iter()
-        .filter(|(_, v)| !v.is_null())
-        .map(|(k, _)| k.as_str())
-        .collect();
-    keys.sort_unstable();
-    let get = |k: &str| as_size(&obj[k], &format!("size.{k}"));
-    match keys.as_slice() {
-        ["shortest_edge"] => Ok(Size::ShortestEdge {
-            shortest_edge: get("shortest_edge")?,
-            longest_edge: None,
-        }),
-        ["longest_edge", "shortest_edge"] => Ok(Size::ShortestEdge {
-            shortest_edge: get("shortest_edge")?,
-            longest_edge: Some(get("longest_edge")?),
-        }),
-        ["height", "width"] => Ok(Size::Exact {
-            height: get("height")?,
-            width: get("width")?,
-        }),
-        ["max_height", "max_width"] => Ok(Size::MaxHeightWidth {
-            max_height: get("max_height")?,
-            max_width: get("max_width")?,
-        }),
-        _ => Err(invalid(
-            "size",
-            &format!(
-                "keys {keys:?} are not supported by the PIL backend's resize; expected shortest_edge \
-                 (+ longest_edge), height + width, or max_height + max_width"
-            ),
-        )),
-    }
-}
-
-/// `crop_size` / `pad_size`: an int is a square; a list is `[height, width]`.
-fn parse_height_width(v: &Value, name: &str) -> Result<HeightWidth, ImageError> {
-    if v.is_number() {
-        let s = as_size(v, name)?;
-        return Ok(HeightWidth { height: s, width: s });
-    }
-    if let Some([h, w]) = v.as_array().map(Vec::as_slice) {
-        return Ok(HeightWidth {
-            height: as_size(h, name)?,
-            width: as_size(w, name)?,
-        });
-    }
-    let obj = v
-        .as_object()
-        .ok_or_else(|| invalid(name, &format!("unsupported value {v}")))?;
-    let present = obj.values().filter(|v| !v.is_null()).count();
-    match (field(obj, "height"), field(obj, "width"), present) {
-        (Some(h), Some(w), 2) => Ok(HeightWidth {
-            height: as_size(h, &format!("{name}.height"))?,
-            width: as_size(w, &format!("{name}.width"))?,
-        }),
-        _ => Err(invalid(
-            name,
-            &format!("expected {{\"height\", \"width\"}}, got {v}"),
-        )),
-    }
-}
-
-/// `image_mean` / `image_std`: one number for all channels or three numbers. JSON doubles
-/// are rounded to `f32` as `np.array(mean, dtype=np.float32)` does.
-fn parse_channels(obj: &Map<String, Value>, key: &str) -> Result<Option<[f32; 3]>, ImageError> {
-    let Some(v) = field(obj, key) else { return Ok(None) };
-    if let Some(x) = v.as_f64() {
-        return Ok(Some([x as f32; 3]));
-    }
-    let list = v
-        .as_array()
-        .ok_or_else(|| invalid(key, &format!("expected a number or 3 numbers, got {v}")))?;
-    let nums: Option<Vec<f64>> = list.iter().map(Value::as_f64).collect();
-    match nums.as_deref() {
-        Some([a, b, c]) => Ok(Some([*a as f32, *b as f32, *c as f32])),
-        _ => Err(invalid(
-            key,
-            &format!("expected 3 numbers (one per RGB channel), got {v}"),
-        )),
-    }
 }

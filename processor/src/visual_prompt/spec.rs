@@ -1,0 +1,320 @@
+//! Text specs of visual prompts, as the CLI flags (`--box 45,15,115,95:red`) and the
+//! training data (`{"shape": "box", "spec": "10,10,80,80:red"}`) give them.
+//!
+//! A spec is numbers separated by `,` / `;` with an optional `:colour` suffix (default
+//! red): `box`/`ellipse`/`arrow` take `x0,y0,x1,y1`, `triangle` three points, `point`
+//! `x,y`, `scribble` two or more points `x,y;x,y;...`; `mask`/`mask-contour` take a
+//! polygon of three or more points or the path of a grayscale PNG of the image's size.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use image::GrayImage;
+
+use super::{Colour, Shape, SpecProblem, VisualPrompt, VisualPromptError};
+
+/// A visual prompt kind as the CLI and the training data name it.
+///
+/// Its spec is numbers separated by `,` / `;` with an optional `:colour` suffix (a
+/// [`Colour`] name or `#rrggbb`; default red), e.g. `45,15,115,95:red`; masks take a
+/// polygon or the path of a grayscale PNG of the image's size instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ShapeKind {
+    /// `box` (also `rectangle`, `rect`): `x0,y0,x1,y1`.
+    Rectangle,
+    /// `ellipse`: `x0,y0,x1,y1` (the box it is inscribed in).
+    Ellipse,
+    /// `triangle`: `x0,y0,x1,y1,x2,y2`.
+    Triangle,
+    /// `point`: `x,y`.
+    Point,
+    /// `arrow`: `x0,y0,x1,y1`, tail to tip.
+    Arrow,
+    /// `scribble`: two or more points `x,y;x,y;...`.
+    Scribble,
+    /// `mask`: a polygon (three or more points) or a grayscale PNG path, filled.
+    Mask,
+    /// `mask-contour` (also `mask_contour`, `mask contour`): the outline of a mask.
+    MaskContour,
+}
+
+impl ShapeKind {
+    /// Every kind, in the CLI's order.
+    pub const ALL: [ShapeKind; 8] = [
+        Self::Rectangle,
+        Self::Ellipse,
+        Self::Triangle,
+        Self::Point,
+        Self::Arrow,
+        Self::Scribble,
+        Self::Mask,
+        Self::MaskContour,
+    ];
+
+    /// The CLI flag name: `box`, `ellipse`, `triangle`, `point`, `arrow`, `scribble`,
+    /// `mask` or `mask-contour`.
+    pub fn cli_name(self) -> &'static str {
+        match self {
+            Self::Rectangle => "box",
+            Self::Ellipse => "ellipse",
+            Self::Triangle => "triangle",
+            Self::Point => "point",
+            Self::Arrow => "arrow",
+            Self::Scribble => "scribble",
+            Self::Mask => "mask",
+            Self::MaskContour => "mask-contour",
+        }
+    }
+
+    /// Parse a spec of this kind (`45,15,115,95:red`) into a prompt with default alpha
+    /// and line width. Masks given as PNG paths are read here.
+    pub fn parse_spec(self, spec: &str) -> Result<VisualPrompt, VisualPromptError> {
+        parse_spec_named(self, self.cli_name(), spec)
+    }
+
+    fn is_mask(self) -> bool {
+        matches!(self, Self::Mask | Self::MaskContour)
+    }
+}
+
+impl FromStr for ShapeKind {
+    type Err = VisualPromptError;
+
+    /// A CLI kind name, case-insensitive, surrounding blanks ignored.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "box" | "rectangle" | "rect" => Self::Rectangle,
+            "ellipse" => Self::Ellipse,
+            "triangle" => Self::Triangle,
+            "point" => Self::Point,
+            "arrow" => Self::Arrow,
+            "scribble" => Self::Scribble,
+            "mask" => Self::Mask,
+            "mask-contour" | "mask_contour" | "mask contour" => Self::MaskContour,
+            _ => return Err(VisualPromptError::UnknownShape(s.to_string())),
+        })
+    }
+}
+
+impl fmt::Display for ShapeKind {
+    /// The CLI name ([`ShapeKind::cli_name`]).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.cli_name())
+    }
+}
+
+impl FromStr for VisualPrompt {
+    type Err = VisualPromptError;
+
+    /// `KIND=SPEC`, e.g. `box=45,15,115,95:red` or `mask=mask.png:blue`: the kind
+    /// ([`ShapeKind`]) and its spec ([`ShapeKind::parse_spec`]) in one string.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (kind, spec) = s
+            .split_once('=')
+            .ok_or_else(|| VisualPromptError::UnknownShape(s.to_string()))?;
+        parse_cli_shape(kind, spec)
+    }
+}
+
+/// Parse a CLI visual prompt: `kind` names a [`ShapeKind`] (`box`, `ellipse`, ...), `spec`
+/// is its spec (see [`ShapeKind`]). `kind.parse::<ShapeKind>()` followed by
+/// [`ShapeKind::parse_spec`], except that errors name `kind` as given.
+pub fn parse_cli_shape(kind: &str, spec: &str) -> Result<VisualPrompt, VisualPromptError> {
+    match kind.parse::<ShapeKind>() {
+        Ok(k) => parse_spec_named(k, kind, spec),
+        Err(unknown) => {
+            // A bad colour is reported before an unknown kind, as it always was.
+            split_colour(spec, false)?;
+            Err(unknown)
+        }
+    }
+}
+
+/// Load a mask image as 8-bit grayscale.
+pub fn load_mask(path: &Path) -> Result<GrayImage, VisualPromptError> {
+    image::open(path)
+        .map(|img| img.to_luma8())
+        .map_err(|source| VisualPromptError::MaskImage {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Split off an optional `:colour` (for masks only when it names a colour, so that paths
+/// with colons survive).
+fn split_colour(spec: &str, is_mask: bool) -> Result<(&str, Colour), VisualPromptError> {
+    match spec.rsplit_once(':') {
+        Some((body, c)) => match Colour::parse(c) {
+            Ok(colour) => Ok((body, colour)),
+            Err(e) if !is_mask => Err(e),
+            Err(_) => Ok((spec, Colour::RED)),
+        },
+        None => Ok((spec, Colour::RED)),
+    }
+}
+
+/// The numbers of a spec body.
+fn numbers(body: &str) -> Result<Vec<f32>, SpecProblem> {
+    body.split([',', ';'])
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(|t| {
+            t.parse::<f32>()
+                .map_err(|_| SpecProblem::NotANumber(t.to_string()))
+        })
+        .collect()
+}
+
+/// Exactly `n` numbers.
+fn exactly(body: &str, n: usize) -> Result<Vec<f32>, SpecProblem> {
+    let v = numbers(body)?;
+    if v.len() == n {
+        Ok(v)
+    } else {
+        Err(SpecProblem::WrongCount {
+            expected: n,
+            got: v.len(),
+        })
+    }
+}
+
+/// At least `min` `x,y` points.
+fn points(body: &str, min: usize) -> Result<Vec<(f32, f32)>, SpecProblem> {
+    let v = numbers(body)?;
+    if v.len() % 2 != 0 {
+        return Err(SpecProblem::OddCount(v.len()));
+    }
+    if v.len() / 2 < min {
+        return Err(SpecProblem::TooFewPoints {
+            min,
+            got: v.len() / 2,
+        });
+    }
+    Ok(v.chunks_exact(2).map(|p| (p[0], p[1])).collect())
+}
+
+/// A box-like spec: `x0,y0,x1,y1`.
+fn corners(body: &str) -> Result<[f32; 4], SpecProblem> {
+    let v = exactly(body, 4)?;
+    Ok([v[0], v[1], v[2], v[3]])
+}
+
+/// Whether a mask spec is a polygon (numbers) rather than a file path.
+fn looks_numeric(body: &str) -> bool {
+    !body.trim().is_empty() && body.chars().all(|c| c.is_ascii_digit() || ",;.-+eE ".contains(c))
+}
+
+/// [`ShapeKind::parse_spec`] with errors naming the kind as `kind_text`.
+fn parse_spec_named(kind: ShapeKind, kind_text: &str, spec: &str) -> Result<VisualPrompt, VisualPromptError> {
+    let bad = |reason: SpecProblem| VisualPromptError::BadSpec {
+        kind: kind_text.to_string(),
+        spec: spec.to_string(),
+        reason,
+    };
+    let (body, colour) = split_colour(spec, kind.is_mask())?;
+    let shape = match kind {
+        ShapeKind::Rectangle => {
+            let [x0, y0, x1, y1] = corners(body).map_err(bad)?;
+            Shape::Rectangle { x0, y0, x1, y1 }
+        }
+        ShapeKind::Ellipse => {
+            let [x0, y0, x1, y1] = corners(body).map_err(bad)?;
+            Shape::Ellipse { x0, y0, x1, y1 }
+        }
+        ShapeKind::Arrow => {
+            let [x0, y0, x1, y1] = corners(body).map_err(bad)?;
+            Shape::Arrow { x0, y0, x1, y1 }
+        }
+        ShapeKind::Triangle => {
+            let v = exactly(body, 6).map_err(bad)?;
+            Shape::Triangle {
+                points: [(v[0], v[1]), (v[2], v[3]), (v[4], v[5])],
+            }
+        }
+        ShapeKind::Point => {
+            let v = exactly(body, 2).map_err(bad)?;
+            Shape::Point { x: v[0], y: v[1] }
+        }
+        ShapeKind::Scribble => Shape::Scribble {
+            points: points(body, 2).map_err(bad)?,
+        },
+        ShapeKind::Mask | ShapeKind::MaskContour => {
+            let contour = kind == ShapeKind::MaskContour;
+            if looks_numeric(body) {
+                let polygon = points(body, 3).map_err(bad)?;
+                if contour {
+                    Shape::MaskContour { polygon }
+                } else {
+                    Shape::Mask { polygon }
+                }
+            } else {
+                let mask = load_mask(Path::new(body.trim()))?;
+                if contour {
+                    Shape::MaskContourImage(mask)
+                } else {
+                    Shape::MaskImage(mask)
+                }
+            }
+        }
+    };
+    Ok(VisualPrompt::new(shape, colour))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_through_their_names() {
+        for kind in ShapeKind::ALL {
+            assert_eq!(kind.to_string().parse::<ShapeKind>().unwrap(), kind);
+        }
+        assert_eq!(" Rect ".parse::<ShapeKind>().unwrap(), ShapeKind::Rectangle);
+        assert_eq!(
+            "mask contour".parse::<ShapeKind>().unwrap(),
+            ShapeKind::MaskContour
+        );
+        assert!(matches!(
+            "hexagon".parse::<ShapeKind>(),
+            Err(VisualPromptError::UnknownShape(k)) if k == "hexagon"
+        ));
+    }
+
+    #[test]
+    fn prompts_parse_from_one_string() {
+        let p: VisualPrompt = "box=45,15,115,95:blue".parse().unwrap();
+        assert_eq!(p, ShapeKind::Rectangle.parse_spec("45,15,115,95:blue").unwrap());
+        assert_eq!(p.colour, Colour::new(0, 0, 255));
+        assert!("45,15,115,95".parse::<VisualPrompt>().is_err());
+    }
+
+    #[test]
+    fn spec_problems_are_typed() {
+        let e = ShapeKind::Point.parse_spec("1,2,3").unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                VisualPromptError::BadSpec {
+                    reason: SpecProblem::WrongCount { expected: 2, got: 3 },
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "bad point spec \"1,2,3\": expected 2 numbers, got 3"
+        );
+        let e = parse_cli_shape("Scribble", "1,2;3").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bad Scribble spec \"1,2;3\": expected x,y pairs, got 3 numbers"
+        );
+        // An unknown kind with a bad colour reports the colour first, as before.
+        assert!(matches!(
+            parse_cli_shape("hexagon", "1,2:reddish"),
+            Err(VisualPromptError::UnknownColour(_))
+        ));
+    }
+}
