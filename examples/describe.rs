@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use burn::tensor::Device;
 use vipllava::processor::image::load_image;
-use vipllava::processor::visual_prompt::{Colour, DrawOptions, Shape, VisualPrompt, draw};
+use vipllava::processor::visual_prompt::{Colour, DrawOptions, Shape, VisualPrompt, draw_image};
 use vipllava::{LoadOptions, Pipeline, Prompt};
 
 fn main() -> anyhow::Result<()> {
@@ -42,9 +42,9 @@ fn main() -> anyhow::Result<()> {
         },
         Colour::RED,
     );
-    let marked = draw(&photo, &[red_box], &DrawOptions::default())?;
+    let marked = draw_image(&photo, &[red_box], &DrawOptions::default())?;
     let input = pipeline.prepare(
-        &[image::DynamicImage::ImageRgb8(marked)],
+        &[marked],
         &Prompt::User("What is inside the red rectangle?".into()),
     )?;
     let options = vipllava::generation::GenerationOptions {

@@ -19,14 +19,14 @@
 //! ```no_run
 //! use burn::tensor::Device;
 //! use vipllava::processor::image::load_image;
-//! use vipllava::processor::visual_prompt::{Colour, DrawOptions, Shape, VisualPrompt, draw};
+//! use vipllava::processor::visual_prompt::{Colour, DrawOptions, Shape, VisualPrompt, draw_image};
 //! use vipllava::{LoadOptions, Pipeline, Prompt};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let pipeline = Pipeline::load("model_dir".as_ref(), &Device::flex(), &LoadOptions::default())?;
 //! let red_box = VisualPrompt::new(Shape::Rectangle { x0: 40.0, y0: 20.0, x1: 110.0, y1: 90.0 }, Colour::RED);
-//! let marked = draw(&load_image("photo.jpg".as_ref())?, &[red_box], &DrawOptions::default())?;
-//! let input = pipeline.prepare(&[marked.into()], &Prompt::User("What is inside the red rectangle?".into()))?;
+//! let marked = draw_image(&load_image("photo.jpg".as_ref())?, &[red_box], &DrawOptions::default())?;
+//! let input = pipeline.prepare(&[marked], &Prompt::User("What is inside the red rectangle?".into()))?;
 //! pipeline.generate(&input, pipeline.generation_defaults(), |text| print!("{text}"))?;
 //! # Ok(()) }
 //! ```

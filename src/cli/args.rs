@@ -13,7 +13,7 @@ use vipllava::generation::{GenerationOptions, GenerationOverrides};
 use vipllava::hub::{DEFAULT_MODEL, resolve_model};
 use vipllava::model::Precision;
 use vipllava::pipeline::{Pipeline, PipelineOptions};
-use vipllava::processor::image::{ImageMode, ImageProcessorConfig};
+use vipllava::processor::image::{ImageMode, ImageProcessorConfig, crop_window};
 use vipllava::processor::visual_prompt::{self, DrawOptions, VisualPrompt};
 use vipllava::{LoadOptions, Quantization};
 
@@ -269,7 +269,7 @@ impl VisualPromptArgs {
             image
         } else {
             let options = self.draw_options();
-            let drawn = DynamicImage::ImageRgb8(visual_prompt::draw(&image, &prompts, &options)?);
+            let drawn = visual_prompt::draw_image(&image, &prompts, &options)?;
             if mode == ImageMode::Crop {
                 warn_outside_crop(&drawn, &prompts, &options, config)?;
             }
@@ -294,48 +294,18 @@ fn warn_outside_crop(
 ) -> anyhow::Result<()> {
     let (w, h) = (image.width(), image.height());
     let window = crop_window(w, h, config);
-    for prompt in prompts {
-        if let Some((x0, y0, x1, y1)) = visual_prompt::bounding_box(prompt, options, w, h)?
-            && (x0 < window.0 || y0 < window.1 || x1 > window.2 || y1 > window.3)
-        {
-            eprintln!(
-                "warning: the {} {} reaches outside the center crop ({:.0},{:.0})-({:.0},{:.0}) and will be partly cut away; use --image-mode pad",
-                prompt.colour,
-                prompt.shape.name(),
-                window.0,
-                window.1,
-                window.2,
-                window.3
-            );
-        }
+    for prompt in visual_prompt::marks_outside(prompts, options, w, h, &window)? {
+        eprintln!(
+            "warning: the {} {} reaches outside the center crop ({:.0},{:.0})-({:.0},{:.0}) and will be partly cut away; use --image-mode pad",
+            prompt.colour,
+            prompt.shape.name(),
+            window.x0,
+            window.y0,
+            window.x1,
+            window.y1
+        );
     }
     Ok(())
-}
-
-/// The part of a `w x h` image that survives resize-shortest-edge + center crop, in
-/// original pixels. (Moves to the processor crate.)
-fn crop_window(w: u32, h: u32, config: &ImageProcessorConfig) -> (f32, f32, f32, f32) {
-    if !config.do_center_crop {
-        return (0.0, 0.0, w as f32, h as f32);
-    }
-    let (w, h) = (w as f32, h as f32);
-    let short = w.min(h);
-    let crop_w = config.crop_size.width as f32;
-    let crop_h = config.crop_size.height as f32;
-    let target = match config.size {
-        vipllava::processor::image::Size::ShortestEdge { shortest_edge, .. } => shortest_edge as f32,
-        _ => return (0.0, 0.0, w, h),
-    };
-    let scale = target / short;
-    let (rw, rh) = (w * scale, h * scale);
-    let left = ((rw - crop_w) / 2.0).max(0.0).floor();
-    let top = ((rh - crop_h) / 2.0).max(0.0).floor();
-    (
-        left / scale,
-        top / scale,
-        ((left + crop_w) / scale).min(w),
-        ((top + crop_h) / scale).min(h),
-    )
 }
 
 /// A question about images, or a file of such requests (`generate`, `logits`).
