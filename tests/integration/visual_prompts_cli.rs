@@ -157,3 +157,61 @@ fn every_shape_is_visible_in_the_saved_prompted_image() {
         assert!(changed > 20, "{flag}: only {changed} pixels changed");
     }
 }
+
+/// `chat` takes `generate`'s visual-prompt and sampling flags: its first answer equals
+/// `generate`'s with the same marks, image mode and options.
+#[test]
+fn chat_takes_generate_marks_and_sampling_flags() {
+    use std::io::Write;
+    let model = fixture("tiny-5x-f32");
+    let image = fixture("images/coffee_wide.png");
+    let shared = [
+        "--model",
+        model.to_str().expect("utf8"),
+        "--image",
+        image.to_str().expect("utf8"),
+        "--box",
+        "40,5,120,45:blue",
+        "--arrow",
+        "10,10,60,30",
+        "--image-mode",
+        "pad",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0.7",
+        "--seed",
+        "3",
+    ];
+    let question = "What is in the blue box?";
+    let mut args = vec!["generate", "--prompt", question];
+    args.extend(shared);
+    let generated = run_cli(&args);
+    assert!(generated.status.success(), "{}", String::from_utf8_lossy(&generated.stderr));
+    let answer = String::from_utf8_lossy(&generated.stdout).trim_end().to_string();
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vipllava"))
+        .arg("chat")
+        .args(shared)
+        .env("HF_HUB_OFFLINE", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn chat");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{question}\n/quit\n").as_bytes())
+        .expect("write");
+    let chat = child.wait_with_output().expect("chat");
+    assert!(chat.status.success(), "{}", String::from_utf8_lossy(&chat.stderr));
+    let transcript = String::from_utf8_lossy(&chat.stdout);
+    let first = transcript
+        .strip_prefix("> ")
+        .and_then(|t| t.lines().next())
+        .expect("an answer line");
+    assert!(!answer.is_empty());
+    assert_eq!(first.trim_end(), answer, "chat transcript: {transcript:?}");
+}
