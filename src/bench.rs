@@ -160,9 +160,8 @@ pub fn bench_run(
     let mut tokens = vec![next[0]];
     let start = Instant::now();
     for _ in 1..input.new_tokens {
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(next.clone(), [batch_size, 1]), device);
         let logits = model.forward(
-            ForwardInput::new(ids).with_logits(LogitsMode::LastOnly),
+            ForwardInput::from_ids(next.clone(), batch_size, device)?.with_logits(LogitsMode::LastOnly),
             &mut cache,
         )?;
         next = last_tokens(logits)?;

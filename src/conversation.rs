@@ -104,11 +104,7 @@ impl<'p> Conversation<'p> {
         let new: Vec<i64> = ids[common..].iter().map(|&i| i as i64).collect();
         let n = new.len();
         let device = &self.pipeline.device;
-        let mut input = ForwardInput::new(burn::tensor::Tensor::from_data(
-            burn::tensor::TensorData::new(new, [1, n]),
-            device,
-        ))
-        .with_logits(LogitsMode::LastOnly);
+        let mut input = ForwardInput::from_ids(new, 1, device)?.with_logits(LogitsMode::LastOnly);
         if common == 0 {
             let pixels: Vec<&PixelValues> = prepared.pixel_values.iter().collect();
             input.pixel_values = pixel_tensor(&pixels, device);

@@ -169,7 +169,7 @@ impl Pipeline {
         let image_tokens = ImageTokenConfig::from_model_dir(
             dir,
             loaded.config.vision.patch_size,
-            &loaded.config.vision_feature_select_strategy,
+            loaded.config.vision_feature_select_strategy.as_str(),
         )?;
         Ok(Self {
             model: loaded.model,
@@ -365,10 +365,11 @@ impl Pipeline {
         let pixel_values: Vec<&PixelValues> =
             requests.iter().flat_map(|(r, _)| r.pixel_values.iter()).collect();
         let pixels = pixel_tensor(&pixel_values, &self.device);
-        let input_ids = Tensor::from_data(TensorData::new(ids, [batch, longest]), &self.device);
+        let input_ids = Tensor::from_data(TensorData::new(ids.clone(), [batch, longest]), &self.device);
         let mut cache = KvCache::new();
         let forward = ForwardInput {
             input_ids,
+            host_ids: Some(ids),
             pixel_values: pixels,
             positions: Some(positions.clone()),
             key_mask: padded.then(|| mask.clone()),
@@ -502,7 +503,8 @@ impl Pipeline {
             decoded += state.iter().filter(|r| r.stop.is_none()).count();
             let ids: Vec<i64> = next_ids.iter().map(|&i| i as i64).collect();
             let forward = ForwardInput {
-                input_ids: Tensor::from_data(TensorData::new(ids, [batch, 1]), &self.device),
+                input_ids: Tensor::from_data(TensorData::new(ids.clone(), [batch, 1]), &self.device),
+                host_ids: Some(ids),
                 pixel_values: None,
                 positions: Some(positions.clone()),
                 key_mask: mask.clone(),
