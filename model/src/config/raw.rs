@@ -8,7 +8,10 @@
 //! singular `vision_feature_layer`): real files carry both spellings at once, which a
 //! `#[serde(alias)]` would refuse as a duplicate field.
 //!
-//! Every field is optional, and `null` reads as absent, as in transformers.
+//! Every field is optional, and `null` reads as absent, as in transformers. A declared
+//! key of the wrong type is an error naming its path even where the resolver would then
+//! not use it (say `text_config.tie_word_embeddings: "x"` beside a top-level boolean);
+//! the only keys read loosely are those marked [`Loose`] or [`FeatureLayerKey::Invalid`].
 
 use std::fmt;
 use std::marker::PhantomData;

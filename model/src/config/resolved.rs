@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::precision::Precision;
+
 use super::{Activation, ConfigError, FeatureLayerSource, FeatureSelectStrategy, RopeScaling};
 
 /// The CLIP vision tower configuration (resolved, with transformers' defaults applied).
@@ -182,6 +184,12 @@ impl VipLlavaConfig {
             });
         }
         Ok(())
+    }
+
+    /// The declared dtype as a [`Precision`] (`None` when absent or not f32/f16/bf16,
+    /// e.g. `auto`).
+    pub fn declared_precision(&self) -> Option<Precision> {
+        self.declared_dtype.as_deref()?.parse().ok()
     }
 
     /// `<image>` expands to this many tokens (`(image/patch)^2 + 1 - 1` for the

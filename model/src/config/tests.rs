@@ -184,6 +184,7 @@ fn both_spellings_of_a_key_may_appear() {
     )
     .unwrap();
     assert_eq!(c.declared_dtype.as_deref(), Some("bfloat16"));
+    assert_eq!(c.declared_precision(), Some(crate::Precision::Bf16));
     assert_eq!(c.image_token_index, 7);
     assert_eq!(c.text.rope_scaling, RopeScaling::Dynamic { factor: 2.0 });
     // `null` reads as absent; a non-integer pad token reads as unset.
