@@ -12,7 +12,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor};
 
 use crate::config::{Activation, ClipVisionConfig};
-use crate::kernels;
+use crate::dispatch::LinearForward;
 use crate::layers::{ParamInit, activate, layer_norm_f32, linear};
 
 /// Patch convolution, CLS token and learned position embeddings.
@@ -188,24 +188,24 @@ impl ClipAttention {
         let [b, t, d] = x.dims();
         let hd = d / self.num_heads;
         let split = |y: Tensor<3>| y.reshape([b, t, self.num_heads, hd]).swap_dims(1, 2);
-        let q = split(kernels::linear(&self.q_proj, x.clone()));
-        let k = split(kernels::linear(&self.k_proj, x.clone()));
-        let v = split(kernels::linear(&self.v_proj, x));
+        let q = split(self.q_proj.project(x.clone()));
+        let k = split(self.k_proj.project(x.clone()));
+        let v = split(self.v_proj.project(x));
         let out = attention(q, k, v, None, None, AttentionModuleOptions::default());
-        kernels::linear(&self.out_proj, out.swap_dims(1, 2).reshape([b, t, d]))
+        self.out_proj.project(out.swap_dims(1, 2).reshape([b, t, d]))
+    }
+}
+
+impl ClipMlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.fc2.project(activate(self.act, self.fc1.project(x)))
     }
 }
 
 impl ClipEncoderLayer {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let h = x.clone() + self.self_attn.forward(layer_norm_f32(&self.layer_norm1, x));
-        let m = kernels::linear(
-            &self.mlp.fc2,
-            activate(
-                self.mlp.act,
-                kernels::linear(&self.mlp.fc1, layer_norm_f32(&self.layer_norm2, h.clone())),
-            ),
-        );
+        let m = self.mlp.forward(layer_norm_f32(&self.layer_norm2, h.clone()));
         h + m
     }
 }

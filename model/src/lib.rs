@@ -11,21 +11,25 @@
 // Nothing derived from input may panic: no unwrap/expect outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod cache;
 pub mod clip;
 pub mod config;
+pub mod dispatch;
+pub mod input;
 pub mod kernels;
 pub mod layers;
 pub mod llama;
 pub mod precision;
 pub mod vipllava;
 
+pub use cache::KvCache;
 pub use config::{
     Activation, ClipVisionConfig, ConfigError, DEFAULT_VISION_FEATURE_LAYERS, FeatureLayerSource,
-    LlamaConfig, RopeScaling, VipLlavaConfig,
+    FeatureSelectStrategy, LlamaConfig, RopeScaling, UnknownFeatureSelectStrategy, VipLlavaConfig,
 };
-pub use llama::KvCache;
+pub use input::{ForwardInput, LogitsMode};
 pub use precision::{Precision, UnknownPrecision};
-pub use vipllava::{ForwardError, ForwardInput, LogitsMode, VipLlava};
+pub use vipllava::{ForwardError, VipLlava};
 
 /// Re-export of the Burn version this crate is built against.
 pub use burn;

@@ -6,12 +6,12 @@
 
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear};
-use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
+use crate::cache::KvCache;
 use crate::config::{Activation, LlamaConfig, RopeScaling};
-use crate::kernels;
+use crate::dispatch::{LinearForward, grouped_attention};
 use crate::layers::{LlamaRmsNorm, ParamInit, activate, linear};
 
 /// Attention projections of one decoder layer.
@@ -199,68 +199,6 @@ fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     x.clone() * cos + rotate_half(x) * sin
 }
 
-/// Keys and values of every layer for the tokens seen so far.
-///
-/// Decoding step N appends one position and attends over N cached ones: O(N) work per
-/// step instead of re-running the prefix.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
-    len: usize,
-}
-
-impl KvCache {
-    /// An empty cache.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Number of cached positions.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True when nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Forgets everything.
-    pub fn clear(&mut self) {
-        self.layers.clear();
-        self.len = 0;
-    }
-
-    /// Keeps only the first `len` positions (e.g. to reuse a conversation prefix).
-    pub fn truncate(&mut self, len: usize) {
-        if len == 0 {
-            self.clear();
-            return;
-        }
-        if len >= self.len {
-            return;
-        }
-        for (k, v) in self.layers.iter_mut().flatten() {
-            let [b, h, _, d] = k.dims();
-            *k = k.clone().slice([0..b, 0..h, 0..len, 0..d]);
-            *v = v.clone().slice([0..b, 0..h, 0..len, 0..d]);
-        }
-        self.len = len;
-    }
-
-    fn append(&mut self, layer: usize, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        if self.layers.len() <= layer {
-            self.layers.resize(layer + 1, None);
-        }
-        let (k, v) = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-            None => (k, v),
-        };
-        self.layers[layer] = Some((k.clone(), v.clone()));
-        (k, v)
-    }
-}
-
 /// Inputs of one decoder forward pass besides the embeddings.
 pub struct DecoderStep<'a> {
     /// Position ids `[batch][seq]` of the new tokens (for RoPE).
@@ -349,7 +287,7 @@ impl LlamaModel {
         for (i, layer) in self.layers.iter().enumerate() {
             h = layer.forward(h, i, &cos, &sin, mask.clone(), cache);
         }
-        cache.len += seq;
+        cache.advance(seq);
         self.norm.forward(h)
     }
 }
@@ -374,12 +312,14 @@ impl LlamaDecoderLayer {
         );
         let h = x + a;
         let n = self.post_attention_layernorm.forward(h.clone());
-        let m = kernels::linear(
-            &self.mlp.down_proj,
-            activate(self.mlp.act, kernels::linear(&self.mlp.gate_proj, n.clone()))
-                * kernels::linear(&self.mlp.up_proj, n),
-        );
-        h + m
+        h + self.mlp.forward(n)
+    }
+}
+
+impl LlamaMlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let gate = activate(self.act, self.gate_proj.project(x.clone()));
+        self.down_proj.project(gate * self.up_proj.project(x))
     }
 }
 
@@ -395,48 +335,33 @@ impl LlamaAttention {
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let hd = self.head_dim;
-        let q = kernels::linear(&self.q_proj, x.clone())
+        let q = self
+            .q_proj
+            .project(x.clone())
             .reshape([b, t, self.num_heads, hd])
             .swap_dims(1, 2);
-        let k = kernels::linear(&self.k_proj, x.clone())
+        let k = self
+            .k_proj
+            .project(x.clone())
             .reshape([b, t, self.num_kv_heads, hd])
             .swap_dims(1, 2);
-        let v = kernels::linear(&self.v_proj, x)
+        let v = self
+            .v_proj
+            .project(x)
             .reshape([b, t, self.num_kv_heads, hd])
             .swap_dims(1, 2);
         let q = apply_rope(q, cos, sin);
         let k = apply_rope(k, cos, sin);
         let (k, v) = cache.append(index, k, v);
         let total = k.dims()[2];
-        // Flex's attention maps query head `h` to key/value head `h / (heads / kv_heads)`
-        // itself; other backends get HF's `repeat_kv` copies.
-        let (k, v) = if crate::kernels::is_plain_flex(&q.device()) {
-            (k, v)
-        } else {
-            (self.repeat_kv(k), self.repeat_kv(v))
-        };
         // With padding the explicit mask already holds the causal part.
         let options = AttentionModuleOptions {
             is_causal: mask.is_none(),
             ..Default::default()
         };
         let mask = mask.map(|m| m.expand([b, self.num_heads, t, total]));
-        let out = attention(q, k, v, mask, None, options);
-        kernels::linear(
-            &self.o_proj,
-            out.swap_dims(1, 2).reshape([b, t, self.num_heads * hd]),
-        )
-    }
-
-    /// HF `repeat_kv`: query head `h` reads key/value head `h / (heads / kv_heads)`.
-    fn repeat_kv(&self, x: Tensor<4>) -> Tensor<4> {
-        let rep = self.num_heads / self.num_kv_heads;
-        if rep == 1 {
-            return x;
-        }
-        let [b, kvh, t, hd] = x.dims();
-        x.unsqueeze_dim::<5>(2)
-            .expand([b, kvh, rep, t, hd])
-            .reshape([b, kvh * rep, t, hd])
+        let out = grouped_attention(q, k, v, mask, options);
+        self.o_proj
+            .project(out.swap_dims(1, 2).reshape([b, t, self.num_heads * hd]))
     }
 }

@@ -5,11 +5,13 @@ use burn::module::Module;
 use burn::nn::{LayerNorm, LayerNormConfig, Linear};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use crate::cache::KvCache;
 use crate::clip::ClipVisionTower;
 use crate::config::{Activation, VipLlavaConfig};
-use crate::kernels;
+use crate::dispatch::{LinearForward, project_transposed};
+use crate::input::{ForwardInput, LogitsMode};
 use crate::layers::{ParamInit, activate, layer_norm_f32, linear};
-use crate::llama::{DecoderStep, KvCache, LlamaModel};
+use crate::llama::{DecoderStep, LlamaModel};
 
 /// Errors of a forward pass caused by its inputs.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
@@ -70,8 +72,10 @@ pub struct VipLlavaProjector {
 impl VipLlavaProjector {
     /// `[B, P, layers x vision hidden]` to `[B, P, text hidden]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = kernels::linear(&self.linear_1, layer_norm_f32(&self.projector_layernorm, x));
-        kernels::linear(&self.linear_2, activate(self.act, h))
+        let h = self
+            .linear_1
+            .project(layer_norm_f32(&self.projector_layernorm, x));
+        self.linear_2.project(activate(self.act, h))
     }
 }
 
@@ -94,55 +98,6 @@ pub struct VipLlava {
     pub vocab_size: usize,
     /// Resolved, non-negative vision hidden-state indices, in projector order.
     pub feature_indices: Vec<usize>,
-}
-
-/// Which positions get logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogitsMode {
-    /// Every position `[batch, seq, vocab]`.
-    #[default]
-    All,
-    /// The last position only `[batch, 1, vocab]` (what generation needs).
-    LastOnly,
-}
-
-/// One forward call: new token ids, optional images (prefill only), positions.
-pub struct ForwardInput {
-    /// `[batch, seq]` token ids of the new tokens.
-    pub input_ids: Tensor<2, Int>,
-    /// `[images, 3, H, W]` pixels, required when the ids hold image tokens.
-    pub pixel_values: Option<Tensor<4>>,
-    /// Position ids `[batch][seq]`; `None` = `cache.len() .. cache.len() + seq` for every row.
-    pub positions: Option<Vec<Vec<i64>>>,
-    /// Padding mask `[batch][cached + new]` (`true` = real token); `None` = no padding.
-    pub key_mask: Option<Vec<Vec<bool>>>,
-    /// Which logits to compute.
-    pub logits: LogitsMode,
-}
-
-impl ForwardInput {
-    /// Ids only, default positions, all logits.
-    pub fn new(input_ids: Tensor<2, Int>) -> Self {
-        Self {
-            input_ids,
-            pixel_values: None,
-            positions: None,
-            key_mask: None,
-            logits: LogitsMode::All,
-        }
-    }
-
-    /// Adds pixel values.
-    pub fn with_pixels(mut self, pixel_values: Tensor<4>) -> Self {
-        self.pixel_values = Some(pixel_values);
-        self
-    }
-
-    /// Selects which logits to compute.
-    pub fn with_logits(mut self, mode: LogitsMode) -> Self {
-        self.logits = mode;
-        self
-    }
 }
 
 impl VipLlava {
@@ -233,19 +188,9 @@ impl VipLlava {
         Ok(())
     }
 
-    /// Token embeddings with image features written at the image-token positions, in
-    /// row-major order (batch, then sequence), as transformers' `masked_scatter`.
-    pub fn merged_embeddings(
-        &self,
-        input_ids: Tensor<2, Int>,
-        image_features: Option<Tensor<3>>,
-    ) -> Result<Tensor<3>, ForwardError> {
-        let [b, t] = input_ids.dims();
-        let ids: Vec<i64> = input_ids
-            .to_data()
-            .convert::<i64>()
-            .try_into_vec::<i64>()
-            .map_err(|e| ForwardError::BadInput(format!("{e:?}")))?;
+    /// Checks host token ids against the vocabulary and returns the flat (row-major)
+    /// positions of the image tokens among them.
+    pub fn image_token_positions(&self, ids: &[i64]) -> Result<Vec<usize>, ForwardError> {
         for (position, &id) in ids.iter().enumerate() {
             if id < 0 || id as usize >= self.vocab_size {
                 return Err(ForwardError::TokenOutOfVocab {
@@ -255,12 +200,29 @@ impl VipLlava {
                 });
             }
         }
-        let image_positions: Vec<usize> = ids
+        Ok(ids
             .iter()
             .enumerate()
             .filter(|(_, id)| **id == self.image_token_index as i64)
             .map(|(i, _)| i)
-            .collect();
+            .collect())
+    }
+
+    /// Token embeddings with image features written at `image_positions` (flat, from
+    /// [`VipLlava::image_token_positions`]), in row-major order (batch, then sequence), as
+    /// transformers' `masked_scatter`.
+    pub fn merged_embeddings(
+        &self,
+        input_ids: Tensor<2, Int>,
+        image_positions: &[usize],
+        image_features: Option<Tensor<3>>,
+    ) -> Result<Tensor<3>, ForwardError> {
+        let [b, t] = input_ids.dims();
+        if let Some(&pos) = image_positions.iter().find(|&&p| p >= b * t) {
+            return Err(ForwardError::BadInput(format!(
+                "image position {pos} is outside the {b} x {t} input"
+            )));
+        }
         let embeds = self.language_model.embed(input_ids);
         let (images, per_image, d) = match &image_features {
             Some(f) => {
@@ -298,21 +260,9 @@ impl VipLlava {
     /// Logits from final hidden states.
     pub fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
-            Some(head) => kernels::linear(head, hidden),
-            None => {
-                let w = self.language_model.embed_tokens.weight.val(); // [vocab, hidden]
-                let dtype = hidden.dtype();
-                if dtype == burn::tensor::DType::F32 || !crate::kernels::is_plain_flex(&hidden.device()) {
-                    hidden.matmul(w.transpose().unsqueeze())
-                } else {
-                    // Flex widens bf16/f16 matmuls serially; widen once here instead.
-                    let f32 = burn::tensor::DType::F32;
-                    hidden
-                        .cast(f32)
-                        .matmul(w.cast(f32).transpose().unsqueeze())
-                        .cast(dtype)
-                }
-            }
+            Some(head) => head.project(hidden),
+            // `[vocab, hidden]`: the embedding matrix read as a transposed `Linear`.
+            None => project_transposed(hidden, self.language_model.embed_tokens.weight.val()),
         }
     }
 
@@ -327,7 +277,18 @@ impl VipLlava {
             Some(p) => Some(self.image_features(p)?),
             None => None,
         };
-        let embeds = self.merged_embeddings(input.input_ids, features)?;
+        let image_positions = match &input.host_ids {
+            Some(ids) if ids.len() == b * t => self.image_token_positions(ids)?,
+            Some(ids) => {
+                return Err(ForwardError::BadInput(format!(
+                    "host_ids hold {} ids, input_ids {b} x {t}",
+                    ids.len()
+                )));
+            }
+            // Ids only on the device: one read-back (a sync on GPU backends).
+            None => self.image_token_positions(&device_ids(&input.input_ids)?)?,
+        };
+        let embeds = self.merged_embeddings(input.input_ids, &image_positions, features)?;
         let positions = match input.positions {
             Some(p) => {
                 if p.len() != b || p.iter().any(|r| r.len() != t) {
@@ -360,4 +321,13 @@ impl VipLlava {
         };
         Ok(self.lm_logits(hidden))
     }
+}
+
+/// The ids of a device tensor, read back to the host.
+fn device_ids(input_ids: &Tensor<2, Int>) -> Result<Vec<i64>, ForwardError> {
+    input_ids
+        .to_data()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .map_err(|e| ForwardError::BadInput(format!("{e:?}")))
 }

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use vipllava_model::{ForwardInput, KvCache, LogitsMode};
+use vipllava_model::{KvCache, LogitsMode};
 
 use super::batch::LeftPadded;
 use super::options::GenerationOptions;
@@ -120,7 +120,7 @@ impl Pipeline {
         let start = Instant::now();
         let layout = LeftPadded::new(requests.iter().map(|(r, _)| r.input_ids.as_slice()), self.pad_token_id());
         let rows: Vec<&[u32]> = layout.rows.iter().map(Vec::as_slice).collect();
-        let mut forward = ForwardInput::new(self.id_tensor(&rows)).with_logits(LogitsMode::LastOnly);
+        let mut forward = self.forward_input(&rows)?.with_logits(LogitsMode::LastOnly);
         forward.pixel_values = self.pixel_tensor(requests.iter().flat_map(|(r, _)| r.pixel_values.iter()));
         forward.positions = Some(layout.positions.clone());
         forward.key_mask = layout.key_mask.clone();
@@ -215,7 +215,7 @@ impl Pipeline {
             }
             decoded += rows.iter().filter(|r| r.stop.is_none()).count();
             let ids: Vec<&[u32]> = next_ids.chunks(1).collect();
-            let mut forward = ForwardInput::new(self.id_tensor(&ids)).with_logits(LogitsMode::LastOnly);
+            let mut forward = self.forward_input(&ids)?.with_logits(LogitsMode::LastOnly);
             forward.positions = Some(last_positions.iter().map(|&p| vec![p]).collect());
             forward.key_mask = key_mask.clone();
             logits = logit_rows(self.model().forward(forward, cache)?)?;

@@ -10,7 +10,7 @@ mod prepare;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use vipllava_convert::{LoadOptions, load_model};
 use vipllava_model::{ForwardInput, KvCache, LogitsMode, VipLlava, VipLlavaConfig};
 use vipllava_processor::image::{ImageMode, ImageProcessorConfig, PixelValues};
@@ -91,7 +91,7 @@ impl Pipeline {
         let image_tokens = ImageTokenConfig::from_model_dir(
             dir,
             loaded.config.vision.patch_size,
-            &loaded.config.vision_feature_select_strategy,
+            loaded.config.vision_feature_select_strategy.as_str(),
         )?;
         let pipeline = Self {
             model: loaded.model,
@@ -224,7 +224,7 @@ impl Pipeline {
         pixel_values: &[PixelValues],
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, PipelineError> {
-        let forward = ForwardInput::new(self.id_tensor(&[ids])).with_logits(LogitsMode::LastOnly);
+        let forward = self.forward_input(&[ids])?.with_logits(LogitsMode::LastOnly);
         let forward = match self.pixel_tensor(pixel_values) {
             Some(pixels) => forward.with_pixels(pixels),
             None => forward,
@@ -234,11 +234,11 @@ impl Pipeline {
         rows.pop().ok_or(PipelineError::NoRequest)
     }
 
-    /// `[rows, len]` ids on the device (every row as long as the first).
-    pub(crate) fn id_tensor(&self, rows: &[&[u32]]) -> Tensor<2, Int> {
-        let len = rows.first().map_or(0, |r| r.len());
+    /// A forward input for `rows` of ids of equal length, uploaded to the device and kept
+    /// on the host (so the model never reads ids back from the device).
+    pub(crate) fn forward_input(&self, rows: &[&[u32]]) -> Result<ForwardInput, PipelineError> {
         let ids: Vec<i64> = rows.iter().flat_map(|r| r.iter().map(|&i| i as i64)).collect();
-        Tensor::from_data(TensorData::new(ids, [rows.len(), len]), &self.device)
+        Ok(ForwardInput::from_ids(ids, rows.len(), &self.device)?)
     }
 
     /// `[images, 3, H, W]` pixels on the device; `None` without images.

@@ -173,7 +173,7 @@ impl SampleEncoder {
         let image_tokens = ImageTokenConfig::from_model_dir(
             dir,
             config.vision.patch_size,
-            &config.vision_feature_select_strategy,
+            config.vision_feature_select_strategy.as_str(),
         )?;
         let eos_token_id = tokenizer
             .eos_token_id

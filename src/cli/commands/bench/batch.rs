@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use serde::Serialize;
 use vipllava::convert::{LoadOptions, Quantization, load_model, quantize_model, read_config};
 use vipllava::generation::argmax;
@@ -129,9 +129,8 @@ pub(crate) fn bench_run(
     input: &BenchInput,
 ) -> anyhow::Result<RunTimes> {
     let row = bench_prompt_ids(config, input.text_tokens);
-    let prompt_tokens = row.len();
     let ids: Vec<i64> = (0..batch_size).flat_map(|_| row.clone()).collect();
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch_size, prompt_tokens]), device);
+    let prefill_input = ForwardInput::from_ids(ids, batch_size, device)?;
     let side = config.vision.image_size;
     let one: Vec<f32> = match &input.pixels {
         Some(p) => p.clone(),
@@ -150,7 +149,7 @@ pub(crate) fn bench_run(
     let start = Instant::now();
     let mut cache = KvCache::new();
     let logits = model.forward(
-        ForwardInput::new(ids)
+        prefill_input
             .with_pixels(pixels)
             .with_logits(LogitsMode::LastOnly),
         &mut cache,
@@ -160,9 +159,8 @@ pub(crate) fn bench_run(
     let mut tokens = vec![next[0]];
     let start = Instant::now();
     for _ in 1..input.new_tokens {
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(next.clone(), [batch_size, 1]), device);
         let logits = model.forward(
-            ForwardInput::new(ids).with_logits(LogitsMode::LastOnly),
+            ForwardInput::from_ids(next.clone(), batch_size, device)?.with_logits(LogitsMode::LastOnly),
             &mut cache,
         )?;
         next = last_tokens(logits)?;
