@@ -7,7 +7,9 @@
 //! unreadable tensors are errors that name the key; tensors the model does not use
 //! (`post_layernorm`, unused deep vision layers) are reported and skipped.
 //!
-//! Also saves and loads Burn-native burnpack checkpoints with their resolved config.
+//! Also saves and loads Burn-native burnpack checkpoints with their resolved config, and
+//! owns the one model-directory writer ([`output`]): staged, renamed into place when
+//! complete, never over or nested with the input model.
 
 // Nothing derived from input may panic: no unwrap/expect outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -15,6 +17,7 @@
 pub mod checkpoint;
 pub mod error;
 pub mod load;
+pub mod output;
 pub mod quantize;
 mod read;
 

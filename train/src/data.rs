@@ -37,7 +37,8 @@ use vipllava_processor::image::{
 use vipllava_processor::visual_prompt::{DrawOptions, draw, parse_cli_shape};
 use vipllava_processor::{ChatMessage, ChatTemplate, ContentPart, ImageTokenConfig, TextTokenizer};
 
-use crate::TrainError;
+pub use crate::error::BadSample;
+use crate::error::{DataError, SetupError, TrainError};
 
 /// Label of an ignored position (transformers' `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -94,11 +95,11 @@ pub fn read_samples(path: &Path) -> Result<Vec<RawSample>, TrainError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let bad = |line: Option<usize>, e: serde_json::Error| TrainError::BadData {
+    let bad = |line: Option<usize>, source: serde_json::Error| TrainError::BadData {
         path: path.to_path_buf(),
         reason: match line {
-            Some(l) => format!("line {l}: {e}"),
-            None => e.to_string(),
+            Some(line) => DataError::JsonLine { line, source },
+            None => DataError::Json(source),
         },
     };
     if text.trim_start().starts_with('[') {
@@ -175,17 +176,16 @@ impl SampleEncoder {
             config.vision.patch_size,
             config.vision_feature_select_strategy.as_str(),
         )?;
-        let eos_token_id = tokenizer
-            .eos_token_id
-            .ok_or_else(|| TrainError::Setup("the tokenizer has no EOS token".into()))?;
+        let eos_token_id = tokenizer.eos_token_id.ok_or(SetupError::NoEosToken)?;
         let image_token_id = config.image_token_index as u32;
         let crop = image_config.crop_size;
         let image_seq_len = image_tokens.image_seq_len(crop.height as usize, crop.width as usize);
         if image_seq_len != config.vision.num_patches() {
-            return Err(TrainError::Setup(format!(
-                "the processor makes {image_seq_len} image tokens but the vision tower yields {} features",
-                config.vision.num_patches()
-            )));
+            return Err(SetupError::ImageTokens {
+                processor: image_seq_len,
+                vision: config.vision.num_patches(),
+            }
+            .into());
         }
         Ok(Self {
             template,
@@ -362,17 +362,6 @@ pub fn strip_image_tag(value: &str, tag: &str) -> String {
     s.trim().to_string()
 }
 
-/// A sample left out, with the reason.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct BadSample {
-    /// Sample id.
-    pub id: String,
-    /// Position in the file (0-based).
-    pub index: usize,
-    /// Why.
-    pub reason: String,
-}
-
 /// Encodes every sample of a data file; bad samples are returned (skip) or stop the load
 /// with [`TrainError::BadSample`] (fail).
 pub fn load_dataset(
@@ -407,7 +396,7 @@ pub fn load_dataset(
     if good.is_empty() {
         return Err(TrainError::BadData {
             path: data.to_path_buf(),
-            reason: format!("no usable samples ({} bad)", bad.len()),
+            reason: DataError::NoUsableSamples { bad: bad.len() },
         });
     }
     Ok((good, bad))

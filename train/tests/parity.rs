@@ -8,7 +8,7 @@ use burn::tensor::{Device, TensorData};
 use serde_json::Value;
 use vipllava_train::data::OnBadSample;
 use vipllava_train::export::{export, merged_model};
-use vipllava_train::trainer::{OptimizerKind, TrainConfig, Trainable, Trainer};
+use vipllava_train::trainer::{LoraTarget, OptimizerKind, TrainConfig, Trainable, Trainer};
 use vipllava_train::{TrainError, train};
 
 fn fixtures() -> PathBuf {
@@ -219,7 +219,7 @@ fn lora_config(out: &std::path::Path) -> TrainConfig {
     let mut c = config("tiny-5x-f32", Trainable::Lora, out);
     c.lora_rank = 4;
     c.lora_alpha = 8.0;
-    c.lora_targets = vec!["attn".into(), "mlp".into()];
+    c.lora_targets = vec![LoraTarget::Attn, LoraTarget::Mlp];
     c.optimizer = OptimizerKind::Adamw;
     c.lr = 1e-2;
     c.epochs = 4;

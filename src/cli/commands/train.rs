@@ -67,7 +67,7 @@ pub struct TrainArgs {
     lora_alpha: f64,
     /// LoRA targets: attn, mlp, all, or projection names (q_proj, ..., down_proj).
     #[arg(long, value_delimiter = ',', default_value = "attn")]
-    lora_targets: Vec<String>,
+    lora_targets: Vec<vipllava_train::LoraTarget>,
     /// Optimizer.
     #[arg(long, value_enum, default_value_t = OptimizerArg::Adamw)]
     optimizer: OptimizerArg,

@@ -1,0 +1,214 @@
+//! Training settings (the flags of `vipllava train`) and their checks.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use vipllava_model::Precision;
+
+use crate::data::OnBadSample;
+use crate::error::SetupError;
+use crate::lora_target::LoraTarget;
+
+/// Which parameters train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Trainable {
+    /// The multi-modal projector only.
+    #[default]
+    Projector,
+    /// LoRA adapters on the language model's projections (everything else frozen).
+    Lora,
+    /// Every parameter.
+    All,
+}
+
+/// Optimizer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// SGD (`p -= lr * (g + wd * p)`, with optional momentum).
+    #[default]
+    Sgd,
+    /// AdamW (decoupled weight decay, betas 0.9/0.999, eps 1e-8).
+    Adamw,
+}
+
+/// Training settings (the CLI flags of `vipllava train`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Base model directory.
+    pub model: PathBuf,
+    /// Data file (JSON list or JSONL).
+    pub data: PathBuf,
+    /// Output directory (checkpoints and the final model).
+    pub out: PathBuf,
+    /// Images are looked up here instead of next to the data file.
+    pub image_folder: Option<PathBuf>,
+    /// Bad samples: skip (reported) or fail.
+    pub on_bad_sample: OnBadSample,
+    /// What trains.
+    pub trainable: Trainable,
+    /// LoRA rank.
+    pub lora_rank: usize,
+    /// LoRA alpha (the update is scaled by `alpha / rank`).
+    pub lora_alpha: f64,
+    /// LoRA targets: projections or the groups `attn`, `mlp` and `all`.
+    pub lora_targets: Vec<LoraTarget>,
+    /// Optimizer.
+    pub optimizer: OptimizerKind,
+    /// Learning rate.
+    pub lr: f64,
+    /// Weight decay (0 = none).
+    pub weight_decay: f64,
+    /// SGD momentum (0 = none).
+    pub momentum: f64,
+    /// Passes over the data.
+    pub epochs: usize,
+    /// Samples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Recompute activations in the backward pass to save memory.
+    pub gradient_checkpointing: bool,
+    /// Seed of the LoRA initialisation and of the shuffle.
+    pub seed: u64,
+    /// Shuffle the samples each epoch (default: file order).
+    pub shuffle: bool,
+    /// Write a checkpoint every N steps (besides the final one).
+    pub save_every: Option<usize>,
+    /// Stop after this many steps in total.
+    pub max_steps: Option<usize>,
+    /// Parameter precision (default f32).
+    pub dtype: Precision,
+}
+
+impl TrainConfig {
+    /// Defaults: projector, SGD lr 1e-3, one epoch, batch 1, LoRA rank 8 alpha 16 on the
+    /// attention projections.
+    pub fn new(model: impl Into<PathBuf>, data: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        Self {
+            model: model.into(),
+            data: data.into(),
+            out: out.into(),
+            image_folder: None,
+            on_bad_sample: OnBadSample::Skip,
+            trainable: Trainable::Projector,
+            lora_rank: 8,
+            lora_alpha: 16.0,
+            lora_targets: vec![LoraTarget::Attn],
+            optimizer: OptimizerKind::Sgd,
+            lr: 1e-3,
+            weight_decay: 0.0,
+            momentum: 0.0,
+            epochs: 1,
+            batch_size: 1,
+            grad_accum: 1,
+            gradient_checkpointing: false,
+            seed: 0,
+            shuffle: false,
+            save_every: None,
+            max_steps: None,
+            dtype: Precision::F32,
+        }
+    }
+
+    /// The single projections LoRA adapts (groups expanded, each once, in order).
+    pub fn lora_modules(&self) -> Result<Vec<LoraTarget>, SetupError> {
+        let mut out: Vec<LoraTarget> = Vec::new();
+        for p in self.lora_targets.iter().flat_map(|t| t.projections()) {
+            if !out.contains(p) {
+                out.push(*p);
+            }
+        }
+        if out.is_empty() {
+            return Err(SetupError::NoLoraTargets);
+        }
+        Ok(out)
+    }
+
+    /// Checks the settings before anything is loaded.
+    pub fn validate(&self) -> Result<(), SetupError> {
+        let positive = [
+            ("--epochs", self.epochs),
+            ("--batch-size", self.batch_size),
+            ("--grad-accum", self.grad_accum),
+        ];
+        if let Some((flag, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(SetupError::Zero { flag });
+        }
+        for (flag, value) in [("--lr", self.lr), ("--weight-decay", self.weight_decay)] {
+            if !(value.is_finite() && value >= 0.0) {
+                return Err(SetupError::NotFiniteNonNegative { flag, value });
+            }
+        }
+        if !(self.momentum.is_finite() && (0.0..1.0).contains(&self.momentum)) {
+            return Err(SetupError::Momentum(self.momentum));
+        }
+        if self.trainable == Trainable::Lora {
+            if self.lora_rank == 0 {
+                return Err(SetupError::Zero { flag: "--lora-rank" });
+            }
+            self.lora_modules()?;
+        }
+        if self.save_every == Some(0) {
+            return Err(SetupError::Zero { flag: "--save-every" });
+        }
+        if self.dtype == Precision::F16 && self.optimizer == OptimizerKind::Adamw {
+            return Err(SetupError::AdamwF16);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_name_the_flag() {
+        let ok = TrainConfig::new("m", "d", "o");
+        ok.validate().unwrap();
+        let mut c = ok.clone();
+        c.grad_accum = 0;
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "--grad-accum must be at least 1"
+        );
+        let mut c = ok.clone();
+        c.weight_decay = f64::NAN;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("--weight-decay must be")
+        );
+        let mut c = ok.clone();
+        c.dtype = Precision::F16;
+        c.optimizer = OptimizerKind::Adamw;
+        assert!(c.validate().unwrap_err().to_string().contains("bf16"));
+        let mut c = ok.clone();
+        c.trainable = Trainable::Lora;
+        c.lora_targets = vec![];
+        assert!(matches!(c.validate(), Err(SetupError::NoLoraTargets)));
+    }
+
+    #[test]
+    fn saved_configs_round_trip_and_old_ones_read() {
+        let mut c = TrainConfig::new("m", "d", "o");
+        c.lora_targets = vec![LoraTarget::QProj, LoraTarget::Mlp];
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["lora_targets"], serde_json::json!(["q_proj", "mlp"]));
+        let back: TrainConfig = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back.lora_targets, c.lora_targets);
+        let mut old = json;
+        old["lora_targets"] = serde_json::json!(["attention", "down_proj"]);
+        let back: TrainConfig = serde_json::from_value(old).unwrap();
+        let names: Vec<String> = back
+            .lora_modules()
+            .unwrap()
+            .iter()
+            .map(|t| t.to_string())
+            .collect();
+        assert_eq!(names, ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]);
+    }
+}

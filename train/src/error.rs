@@ -1,0 +1,167 @@
+//! What can go wrong while fine-tuning or exporting.
+
+use std::path::PathBuf;
+
+use vipllava_convert::output::OutputError;
+
+/// Anything that can go wrong while fine-tuning or exporting.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// File system.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The data file cannot be used.
+    #[error("bad data file {}: {reason}", path.display())]
+    BadData {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        reason: DataError,
+    },
+    /// A sample cannot be used (with `--on-bad-sample fail`).
+    #[error("bad sample {} (#{}): {}", .0.id, .0.index, .0.reason)]
+    BadSample(BadSample),
+    /// Loading the model.
+    #[error(transparent)]
+    Convert(#[from] vipllava_convert::ConvertError),
+    /// Tokenizer or template.
+    #[error(transparent)]
+    Text(#[from] vipllava_processor::TextError),
+    /// Image settings.
+    #[error(transparent)]
+    Image(#[from] vipllava_processor::image::ImageError),
+    /// The forward pass.
+    #[error(transparent)]
+    Forward(#[from] vipllava_model::ForwardError),
+    /// Settings, model and data that do not fit together.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The output directory (the model directory itself, nested with it, or not writable).
+    #[error(transparent)]
+    Output(#[from] OutputError),
+    /// The loss stopped being a finite number.
+    #[error("step {step}: the loss is {loss} (diverged); lower --lr, or train in f32")]
+    Diverged {
+        /// The step (from 1).
+        step: usize,
+        /// The loss.
+        loss: f32,
+    },
+    /// A checkpoint cannot be read or written.
+    #[error("checkpoint {}: {reason}", path.display())]
+    Checkpoint {
+        /// The checkpoint.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A sample left out, with the reason.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BadSample {
+    /// Sample id.
+    pub id: String,
+    /// Position in the file (0-based).
+    pub index: usize,
+    /// Why.
+    pub reason: String,
+}
+
+/// Why a data file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// A JSON list that does not parse.
+    #[error("{0}")]
+    Json(#[source] serde_json::Error),
+    /// A JSONL line that does not parse.
+    #[error("line {line}: {source}")]
+    JsonLine {
+        /// The line (from 1).
+        line: usize,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Every sample was left out.
+    #[error("no usable samples ({bad} bad)")]
+    NoUsableSamples {
+        /// Samples left out.
+        bad: usize,
+    },
+}
+
+/// Settings, model and data that do not fit together.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A count that must be positive (`--epochs`, `--batch-size`, `--grad-accum`,
+    /// `--lora-rank`, `--save-every`).
+    #[error("{flag} must be at least 1")]
+    Zero {
+        /// The flag.
+        flag: &'static str,
+    },
+    /// A rate that must be finite and non-negative (`--lr`, `--weight-decay`).
+    #[error("{flag} must be a finite non-negative number, not {value}")]
+    NotFiniteNonNegative {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        value: f64,
+    },
+    /// `--momentum` outside `[0, 1)`.
+    #[error("--momentum must be in [0, 1), not {0}")]
+    Momentum(f64),
+    /// AdamW on f16 parameters.
+    #[error(
+        "AdamW cannot train f16 parameters (its epsilon and second moments underflow in f16); use --dtype bf16 or f32, or --optimizer sgd"
+    )]
+    AdamwF16,
+    /// LoRA asked for with an empty target list.
+    #[error("no LoRA targets")]
+    NoLoraTargets,
+    /// The LoRA targets as a parameter pattern are refused.
+    #[error("LoRA targets: {0}")]
+    LoraPattern(String),
+    /// No weight of the model is a LoRA target.
+    #[error("the LoRA targets match no weight")]
+    LoraMatchesNothing,
+    /// The initial LoRA factors do not fit their parameters.
+    #[error("initialising the LoRA factors: {0}")]
+    LoraInit(String),
+    /// The trainable set is empty.
+    #[error("no parameter to train")]
+    NothingToTrain,
+    /// A sample index past the data.
+    #[error("sample index {index} out of range ({len} samples)")]
+    SampleIndex {
+        /// The index.
+        index: usize,
+        /// Usable samples.
+        len: usize,
+    },
+    /// The tokenizer has no end-of-sequence token to append to targets.
+    #[error("the tokenizer has no EOS token")]
+    NoEosToken,
+    /// Processor and vision tower disagree on the image token count.
+    #[error("the processor makes {processor} image tokens but the vision tower yields {vision} features")]
+    ImageTokens {
+        /// Image tokens from the processor settings.
+        processor: usize,
+        /// Features from the vision tower.
+        vision: usize,
+    },
+}
+
+/// Maps an OS error on `path` to [`TrainError::Io`].
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
+    let path = path.into();
+    move |source| TrainError::Io { path, source }
+}
