@@ -101,12 +101,10 @@ impl<'p> Conversation<'p> {
             common = 0;
         }
         self.cache.truncate(common);
-        let pixels: &[PixelValues] = if common == 0 {
-            &prepared.pixel_values
-        } else {
-            &[]
-        };
-        let logits = self.pipeline.extend_cache(&ids[common..], pixels, &mut self.cache)?;
+        let pixels: &[PixelValues] = if common == 0 { &prepared.pixel_values } else { &[] };
+        let logits = self
+            .pipeline
+            .extend_cache(&ids[common..], pixels, &mut self.cache)?;
         let image_token = self.pipeline.config().image_token_index as u32;
         self.image_end = ids.iter().rposition(|&i| i == image_token).map_or(0, |p| p + 1);
         self.fed = ids.clone();
@@ -132,9 +130,14 @@ impl<'p> Conversation<'p> {
         let (logits, ids) = self.advance(question)?;
         self.pipeline.check_context(ids.len(), options.max_new_tokens)?;
         let prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
-        let generation =
-            self.pipeline
-                .continue_from_cache(logits, ids.clone(), &mut self.cache, options, prefill_ms, &mut on_text)?;
+        let generation = self.pipeline.continue_from_cache(
+            logits,
+            ids.clone(),
+            &mut self.cache,
+            options,
+            prefill_ms,
+            &mut on_text,
+        )?;
         // The cache now holds the prompt and every generated token but the last.
         let mut fed = ids;
         fed.extend(

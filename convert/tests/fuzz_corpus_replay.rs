@@ -3,6 +3,8 @@
 //! exercises them without a nightly toolchain, and checks the seeds give the expected
 //! verdicts (a corpus that only held rejects would fuzz nothing useful).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::path::{Path, PathBuf};
 
 use vipllava_convert::checkpoint::{parse_index, parse_safetensors_bytes};

@@ -2,6 +2,8 @@
 //! `cargo bench -p vipllava-model --bench stream_kernels` (set `RAYON_NUM_THREADS`).
 //! Prints numbers only; BENCHMARKS.md (history #7) quotes them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a demo program: failing loudly is fine
+
 use std::hint::black_box;
 use std::time::Instant;
 

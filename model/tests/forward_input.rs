@@ -1,6 +1,8 @@
 //! Host-side token ids: the same logits and the same errors as ids read back from the
 //! device, and none of the checks lost.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use vipllava_model::{ForwardError, ForwardInput, KvCache, LogitsMode, VipLlava, VipLlavaConfig};
 

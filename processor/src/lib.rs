@@ -6,9 +6,6 @@
 //! as the model was trained ([`visual_prompt`]); the checkpoint's tokenizer, Jinja chat
 //! template and `<image>` expansion ([`text`]).
 
-// Nothing derived from input may panic: no unwrap/expect outside tests.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
-
 pub mod image;
 mod json;
 pub mod text;

@@ -1,6 +1,8 @@
 //! Parity of the image pipeline with transformers 5.x `CLIPImageProcessorPil`, against the
 //! vectors written by `scripts/make_image_fixtures.py` (see its docstring for the layout).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, RgbImage};

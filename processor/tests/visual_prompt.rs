@@ -1,5 +1,7 @@
 //! Drawing visual prompts: geometry, blending, anti-aliasing, clipping, errors, CLI parsing.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::path::PathBuf;
 
 use image::{DynamicImage, GrayImage, Luma, Rgb, RgbImage};

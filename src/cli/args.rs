@@ -65,7 +65,11 @@ impl RuntimeArgs {
 }
 
 /// Loads the pipeline of `--model` on `--device`.
-pub fn load_pipeline(model: &ModelArgs, runtime: &RuntimeArgs, image_mode: ImageMode) -> anyhow::Result<Pipeline> {
+pub fn load_pipeline(
+    model: &ModelArgs,
+    runtime: &RuntimeArgs,
+    image_mode: ImageMode,
+) -> anyhow::Result<Pipeline> {
     let dir = model.dir()?;
     let device = runtime.device()?;
     let options = PipelineOptions::from(runtime.load_options()).with_image_mode(image_mode);

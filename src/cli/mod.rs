@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{bench, chat, convert, draw, generate, info, logits, preprocess, serve_device, train};
+use commands::{bench, chat, convert, draw, export, generate, info, logits, preprocess, serve_device, train};
 
 /// VipLlava (ViP-LLaVA) on Burn: ask about boxes, arrows and scribbles drawn on photos.
 #[derive(Parser, Debug)]
@@ -28,7 +28,7 @@ enum Command {
     /// Fine-tune on LLaVA-format data (projector, LoRA or all parameters).
     Train(train::TrainArgs),
     /// Merge a fine-tuning checkpoint into its base model and write a HF model directory.
-    Export(train::ExportArgs),
+    Export(export::ExportArgs),
     /// Chat about an image: follow-up questions reuse the KV cache. Commands: /image
     /// (print the image path(s)), /reset, /quit.
     Chat(chat::ChatArgs),
@@ -55,14 +55,14 @@ pub fn run() -> ExitCode {
     let cli = Cli::parse();
     // Ctrl-C: remove half-written output directories before exiting (no destructors run).
     let _ = ctrlc::set_handler(|| {
-        vipllava::output::remove_staged_on_interrupt();
+        vipllava::convert::output::remove_staged_on_interrupt();
         std::process::exit(130);
     });
     let result = match cli.command {
         Command::Info(args) => info::run(args),
         Command::Generate(args) => generate::run(args),
-        Command::Train(args) => train::train(args),
-        Command::Export(args) => train::export(args),
+        Command::Train(args) => train::run(args),
+        Command::Export(args) => export::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Draw(args) => draw::run(args),

@@ -118,7 +118,10 @@ impl Pipeline {
             self.check_context(input.input_ids.len(), options.max_new_tokens)?;
         }
         let start = Instant::now();
-        let layout = LeftPadded::new(requests.iter().map(|(r, _)| r.input_ids.as_slice()), self.pad_token_id());
+        let layout = LeftPadded::new(
+            requests.iter().map(|(r, _)| r.input_ids.as_slice()),
+            self.pad_token_id(),
+        );
         let rows: Vec<&[u32]> = layout.rows.iter().map(Vec::as_slice).collect();
         let mut forward = self.forward_input(&rows)?.with_logits(LogitsMode::LastOnly);
         forward.pixel_values = self.pixel_tensor(requests.iter().flat_map(|(r, _)| r.pixel_values.iter()));
@@ -162,7 +165,9 @@ impl Pipeline {
             histories: vec![ids],
             prefill_ms,
         };
-        let mut out = self.decode(start, std::slice::from_ref(options), cache, &mut |_, t| on_text(t))?;
+        let mut out = self.decode(start, std::slice::from_ref(options), cache, &mut |_, t| {
+            on_text(t)
+        })?;
         out.pop().ok_or(PipelineError::NoRequest)
     }
 

@@ -19,8 +19,8 @@ use vipllava_processor::{ChatTemplate, ImageTokenConfig, TextError, TextTokenize
 pub use error::PipelineError;
 pub use prepare::{PreparedInput, Prompt};
 
-pub use crate::generation::{Generation, StopReason};
 use crate::generation::GenerationOptions;
+pub use crate::generation::{Generation, StopReason};
 
 /// How to load a pipeline: the weights' precision and quantization, and how non-square
 /// images reach the square model input. Settled at load so every later call agrees.
@@ -75,7 +75,11 @@ impl Pipeline {
     /// Loads a HF model directory (or a burnpack directory that also holds the tokenizer
     /// and processor files). `options` is a [`PipelineOptions`] or a [`LoadOptions`]
     /// (crop mode).
-    pub fn load(dir: &Path, device: &Device, options: impl Into<PipelineOptions>) -> Result<Self, PipelineError> {
+    pub fn load(
+        dir: &Path,
+        device: &Device,
+        options: impl Into<PipelineOptions>,
+    ) -> Result<Self, PipelineError> {
         let options = options.into();
         let start = Instant::now();
         // The small files first: a missing tokenizer should not cost a 14 GB read.

@@ -3,6 +3,8 @@
 //! and spent minutes linking. Run one area with a filter, e.g.
 //! `cargo test --test integration generation::`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 mod common;
 
 mod backends;

@@ -187,7 +187,11 @@ fn chat_takes_generate_marks_and_sampling_flags() {
     let mut args = vec!["generate", "--prompt", question];
     args.extend(shared);
     let generated = run_cli(&args);
-    assert!(generated.status.success(), "{}", String::from_utf8_lossy(&generated.stderr));
+    assert!(
+        generated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&generated.stderr)
+    );
     let answer = String::from_utf8_lossy(&generated.stdout).trim_end().to_string();
 
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vipllava"))

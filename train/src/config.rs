@@ -11,6 +11,7 @@ use crate::lora_target::LoraTarget;
 
 /// Which parameters train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum Trainable {
     /// The multi-modal projector only.
@@ -24,6 +25,7 @@ pub enum Trainable {
 
 /// Optimizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     /// SGD (`p -= lr * (g + wd * p)`, with optional momentum).

@@ -34,7 +34,7 @@ use serde_json::Value;
 use vipllava_processor::image::{
     ImageMode, ImageProcessorConfig, PixelValues, load_image, preprocess_with_mode,
 };
-use vipllava_processor::visual_prompt::{DrawOptions, draw, parse_cli_shape};
+use vipllava_processor::visual_prompt::{DrawOptions, draw_image, parse_cli_shape};
 use vipllava_processor::{ChatMessage, ChatTemplate, ContentPart, ImageTokenConfig, TextTokenizer};
 
 pub use crate::error::BadSample;
@@ -115,6 +115,7 @@ pub fn read_samples(path: &Path) -> Result<Vec<RawSample>, TrainError> {
 
 /// What to do with a sample that cannot be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 #[serde(rename_all = "lowercase")]
 pub enum OnBadSample {
     /// Report it (id and reason) and leave it out.
@@ -334,8 +335,7 @@ impl SampleEncoder {
                 .map(|p| parse_cli_shape(&p.shape, &p.spec))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| e.to_string())?;
-            let drawn = draw(&img, &prompts, &DrawOptions::default()).map_err(|e| e.to_string())?;
-            image::DynamicImage::ImageRgb8(drawn)
+            draw_image(&img, &prompts, &DrawOptions::default()).map_err(|e| e.to_string())?
         };
         let pixel_values =
             preprocess_with_mode(&img, &self.image_config, self.image_mode).map_err(|e| e.to_string())?;

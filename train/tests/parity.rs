@@ -1,6 +1,8 @@
 //! Fine-tuning against PyTorch references recorded by `scripts/make_train_fixtures.py`
 //! (tests/fixtures/train), plus LoRA, resume and export checks on the tiny fixtures.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 

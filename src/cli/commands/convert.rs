@@ -26,8 +26,9 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let dir = args.model.dir()?;
     let device = args.runtime.device()?;
     let start = std::time::Instant::now();
-    let written = vipllava::output::convert_model_dir(&dir, &args.out, &device, &args.runtime.load_options())
-        .with_context(|| format!("converting {}", dir.display()))?;
+    let written =
+        vipllava::convert::output::convert_model_dir(&dir, &args.out, &device, &args.runtime.load_options())
+            .with_context(|| format!("converting {}", dir.display()))?;
     eprintln!(
         "wrote {} ({:?}{}) in {:.1} s",
         written.display(),

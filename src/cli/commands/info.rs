@@ -67,7 +67,7 @@ pub struct ModelInfo {
 
 /// Reads a model directory's config and, if present, its weight headers.
 pub fn model_info(dir: &Path) -> Result<ModelInfo, ConvertError> {
-    let mut config = vipllava_convert::read_config(dir)?;
+    let mut config = vipllava::convert::read_config(dir)?;
     let weights = match Checkpoint::open(dir) {
         Ok(checkpoint) => {
             let layout = reconcile_config(dir, &mut config, &checkpoint)?;

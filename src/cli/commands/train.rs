@@ -1,41 +1,15 @@
-//! `vipllava train` and `vipllava export`.
+//! `vipllava train`: fine-tuning with a progress bar (or JSON lines), checkpoints and resume.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context;
-use burn::tensor::Device;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use serde_json::json;
 
-use vipllava_train::data::OnBadSample;
-use vipllava_train::trainer::{OptimizerKind, TrainConfig, Trainable, Trainer, run};
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum TrainableArg {
-    /// The multi-modal projector only.
-    Projector,
-    /// LoRA adapters on the language model's projections.
-    Lora,
-    /// Every parameter.
-    All,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum OptimizerArg {
-    /// Plain SGD (optional momentum and weight decay).
-    Sgd,
-    /// AdamW.
-    Adamw,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum OnBadArg {
-    /// Report the sample and leave it out.
-    Skip,
-    /// Stop with an error naming it.
-    Fail,
-}
+use crate::cli::args::model_dir;
+use vipllava::train::data::OnBadSample;
+use vipllava::train::trainer::{OptimizerKind, TrainConfig, Trainable, Trainer};
 
 /// Fine-tune on LLaVA-format data (JSON list or JSONL of {"id", "image", "conversations"}).
 #[derive(Args, Debug)]
@@ -54,11 +28,11 @@ pub struct TrainArgs {
     #[arg(long)]
     image_folder: Option<PathBuf>,
     /// What to do with unusable samples.
-    #[arg(long, value_enum, default_value_t = OnBadArg::Skip)]
-    on_bad_sample: OnBadArg,
+    #[arg(long, value_enum, default_value_t = OnBadSample::Skip)]
+    on_bad_sample: OnBadSample,
     /// Which parameters train.
-    #[arg(long, value_enum, default_value_t = TrainableArg::Projector)]
-    trainable: TrainableArg,
+    #[arg(long, value_enum, default_value_t = Trainable::Projector)]
+    trainable: Trainable,
     /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     lora_rank: usize,
@@ -67,10 +41,10 @@ pub struct TrainArgs {
     lora_alpha: f64,
     /// LoRA targets: attn, mlp, all, or projection names (q_proj, ..., down_proj).
     #[arg(long, value_delimiter = ',', default_value = "attn")]
-    lora_targets: Vec<vipllava_train::LoraTarget>,
+    lora_targets: Vec<vipllava::train::LoraTarget>,
     /// Optimizer.
-    #[arg(long, value_enum, default_value_t = OptimizerArg::Adamw)]
-    optimizer: OptimizerArg,
+    #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
+    optimizer: OptimizerKind,
     /// Learning rate.
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
@@ -118,50 +92,17 @@ pub struct TrainArgs {
     json: bool,
 }
 
-/// Merge a fine-tuning checkpoint into its base model and write a complete HF model directory.
-#[derive(Args, Debug)]
-pub struct ExportArgs {
-    /// Base model directory or hub id (the one the checkpoint was trained from).
-    #[arg(long)]
-    model: String,
-    /// Checkpoint directory written by `train` (out/checkpoint-N).
-    #[arg(long)]
-    adapter: PathBuf,
-    /// Output directory (HF layout).
-    #[arg(long)]
-    out: PathBuf,
-    /// cpu, ndarray, wgpu, vulkan, metal, cuda[:N] or remote:ws://HOST:PORT (see `generate`).
-    #[arg(long, default_value = "cpu")]
-    device: String,
-}
-
-/// `--device`: any device this binary was built with (see `generate --device`).
-fn parse_device(s: &str) -> anyhow::Result<Device> {
-    Ok(vipllava::open_device(s)?)
-}
-
-use crate::cli::args::model_dir;
-
-pub fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let device = parse_device(&args.device)?;
+/// Runs the command.
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let device = vipllava::open_device(&args.device)?;
     let mut config = TrainConfig::new(model_dir(&args.model)?, &args.data, &args.out);
     config.image_folder = args.image_folder.clone();
-    config.on_bad_sample = match args.on_bad_sample {
-        OnBadArg::Skip => OnBadSample::Skip,
-        OnBadArg::Fail => OnBadSample::Fail,
-    };
-    config.trainable = match args.trainable {
-        TrainableArg::Projector => Trainable::Projector,
-        TrainableArg::Lora => Trainable::Lora,
-        TrainableArg::All => Trainable::All,
-    };
+    config.on_bad_sample = args.on_bad_sample;
+    config.trainable = args.trainable;
     config.lora_rank = args.lora_rank;
     config.lora_alpha = args.lora_alpha;
     config.lora_targets = args.lora_targets.clone();
-    config.optimizer = match args.optimizer {
-        OptimizerArg::Sgd => OptimizerKind::Sgd,
-        OptimizerArg::Adamw => OptimizerKind::Adamw,
-    };
+    config.optimizer = args.optimizer;
     config.lr = args.lr;
     config.weight_decay = args.weight_decay;
     config.momentum = args.momentum;
@@ -174,7 +115,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     config.save_every = args.save_every;
     config.max_steps = args.max_steps;
     config.dtype = args.dtype;
-    vipllava_train::trainer::check_out_dir(&config.model, &config.out)?;
+    vipllava::train::trainer::check_out_dir(&config.model, &config.out)?;
 
     let trainer = match &args.resume {
         Some(ckpt) => Trainer::resume(config, ckpt, &device)
@@ -206,7 +147,7 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
     });
     let start = Instant::now();
     let mut tokens_seen = 0usize;
-    let summary = run(trainer, |r| {
+    let summary = vipllava::train::trainer::run(trainer, |r| {
         tokens_seen += r.tokens;
         let tps = tokens_seen as f64 / start.elapsed().as_secs_f64().max(1e-9);
         match &bar {
@@ -236,14 +177,5 @@ pub fn train(args: TrainArgs) -> anyhow::Result<()> {
             summary.model_dir.display()
         );
     }
-    Ok(())
-}
-
-pub fn export(args: ExportArgs) -> anyhow::Result<()> {
-    let device = parse_device(&args.device)?;
-    let base = model_dir(&args.model)?;
-    vipllava_train::export::export(&base, &args.adapter, &args.out, &device)
-        .with_context(|| format!("exporting {} onto {}", args.adapter.display(), base.display()))?;
-    eprintln!("wrote {}", args.out.display());
     Ok(())
 }

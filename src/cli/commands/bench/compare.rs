@@ -289,7 +289,12 @@ fn time_image_encode(pipeline: &Pipeline, prepared: &PreparedInput) -> anyhow::R
     for p in &prepared.pixel_values {
         data.extend_from_slice(&p.data);
     }
-    let shape = [prepared.pixel_values.len(), first.channels, first.height, first.width];
+    let shape = [
+        prepared.pixel_values.len(),
+        first.channels,
+        first.height,
+        first.width,
+    ];
     let pixels = Tensor::<4>::from_data(TensorData::new(data, shape), pipeline.device());
     let start = Instant::now();
     let features = pipeline.model().image_features(pixels)?;

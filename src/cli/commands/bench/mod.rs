@@ -77,8 +77,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let pixels = match &args.image {
         Some(path) => {
             let img = load_image(path)?;
-            let image_config =
-                ImageProcessorConfig::from_model_dir(&dir).unwrap_or_else(|_| ImageProcessorConfig::clip_336());
+            let image_config = ImageProcessorConfig::from_model_dir(&dir)
+                .unwrap_or_else(|_| ImageProcessorConfig::clip_336());
             let p = preprocess_with_mode(&img, &image_config, ImageMode::Crop)?;
             let side = config.vision.image_size;
             anyhow::ensure!(
