@@ -73,7 +73,7 @@ pub fn load_pipeline(
     let dir = model.dir()?;
     let device = runtime.device()?;
     let options = PipelineOptions::from(runtime.load_options()).with_image_mode(image_mode);
-    Pipeline::load(&dir, &device, options).with_context(|| format!("loading model {}", dir.display()))
+    Pipeline::load_with(&dir, &device, &options).with_context(|| format!("loading model {}", dir.display()))
 }
 
 /// How tokens are picked and when generation stops (defaults: `generation_config.json`).

@@ -73,14 +73,13 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Loads a HF model directory (or a burnpack directory that also holds the tokenizer
-    /// and processor files). `options` is a [`PipelineOptions`] or a [`LoadOptions`]
-    /// (crop mode).
-    pub fn load(
-        dir: &Path,
-        device: &Device,
-        options: impl Into<PipelineOptions>,
-    ) -> Result<Self, PipelineError> {
-        let options = options.into();
+    /// and processor files), in crop mode; see [`Pipeline::load_with`] for pad mode.
+    pub fn load(dir: &Path, device: &Device, options: &LoadOptions) -> Result<Self, PipelineError> {
+        Self::load_with(dir, device, &PipelineOptions::from(options))
+    }
+
+    /// [`Pipeline::load`] with every pipeline option (the image mode besides the weights').
+    pub fn load_with(dir: &Path, device: &Device, options: &PipelineOptions) -> Result<Self, PipelineError> {
         let start = Instant::now();
         // The small files first: a missing tokenizer should not cost a 14 GB read.
         let tokenizer = TextTokenizer::from_model_dir(dir)?;
