@@ -285,31 +285,35 @@ impl LlamaModel {
         let seq = h.dims()[1];
         let mask = step.key_mask.map(|m| padding_mask(m, cache.len(), seq, &device));
         for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(h, i, &cos, &sin, mask.clone(), cache);
+            let context = LayerContext {
+                index: i,
+                cos: &cos,
+                sin: &sin,
+                mask: mask.clone(),
+            };
+            h = layer.forward(h, context, cache);
         }
         cache.advance(seq);
         self.norm.forward(h)
     }
 }
 
+/// What every decoder layer of one forward call shares besides its input.
+struct LayerContext<'a> {
+    /// The layer's index (its slot in the KV cache).
+    index: usize,
+    /// RoPE cosines and sines for the new positions.
+    cos: &'a Tensor<4>,
+    sin: &'a Tensor<4>,
+    /// Causal + padding mask, when rows are padded.
+    mask: Option<Tensor<4, Bool>>,
+}
+
 impl LlamaDecoderLayer {
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        index: usize,
-        cos: &Tensor<4>,
-        sin: &Tensor<4>,
-        mask: Option<Tensor<4, Bool>>,
-        cache: &mut KvCache,
-    ) -> Tensor<3> {
-        let a = self.self_attn.forward(
-            self.input_layernorm.forward(x.clone()),
-            index,
-            cos,
-            sin,
-            mask,
-            cache,
-        );
+    fn forward(&self, x: Tensor<3>, context: LayerContext<'_>, cache: &mut KvCache) -> Tensor<3> {
+        let a = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), context, cache);
         let h = x + a;
         let n = self.post_attention_layernorm.forward(h.clone());
         h + self.mlp.forward(n)
@@ -324,15 +328,13 @@ impl LlamaMlp {
 }
 
 impl LlamaAttention {
-    fn forward(
-        &self,
-        x: Tensor<3>,
-        index: usize,
-        cos: &Tensor<4>,
-        sin: &Tensor<4>,
-        mask: Option<Tensor<4, Bool>>,
-        cache: &mut KvCache,
-    ) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, context: LayerContext<'_>, cache: &mut KvCache) -> Tensor<3> {
+        let LayerContext {
+            index,
+            cos,
+            sin,
+            mask,
+        } = context;
         let [b, t, _] = x.dims();
         let hd = self.head_dim;
         let q = self
