@@ -13,5 +13,5 @@ pub mod visual_prompt;
 
 pub use text::{
     ChatMessage, ChatTemplate, ContentPart, ImageTokenConfig, TextError, TextTokenizer,
-    VisionFeatureSelectStrategy,
+    VisionFeatureSelectStrategy, VisionInput,
 };

@@ -7,7 +7,7 @@ use vipllava_model::ForwardError;
 use vipllava_processor::TextError;
 use vipllava_processor::image::ImageError;
 
-use crate::generation::GenerationConfigError;
+use crate::generation::options::GenerationConfigError;
 
 /// Anything that can go wrong between a model directory and generated text.
 #[derive(Debug, thiserror::Error)]
@@ -30,20 +30,6 @@ pub enum PipelineError {
     /// The device could not be opened.
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
-    /// The processor's image size and the vision tower disagree.
-    #[error(
-        "the processor produces {processor} image tokens per image ({height}x{width} px) but the vision tower yields {model} features"
-    )]
-    ImageSizeMismatch {
-        /// Tokens per image from the processor settings.
-        processor: usize,
-        /// Features per image from the model.
-        model: usize,
-        /// Processed height.
-        height: usize,
-        /// Processed width.
-        width: usize,
-    },
     /// A prompt with images must hold the image tag.
     #[error("the raw prompt must contain `{0}` once per image")]
     RawPromptWithoutImage(String),

@@ -14,13 +14,14 @@ use burn::tensor::{Device, Tensor, TensorData};
 use vipllava_convert::{LoadOptions, load_model};
 use vipllava_model::{ForwardInput, KvCache, LogitsMode, VipLlava, VipLlavaConfig};
 use vipllava_processor::image::{ImageMode, ImageProcessorConfig, PixelValues};
-use vipllava_processor::{ChatTemplate, ImageTokenConfig, TextError, TextTokenizer};
+use vipllava_processor::{ChatTemplate, ImageTokenConfig, TextError, TextTokenizer, VisionInput};
 
 pub use error::PipelineError;
 pub use prepare::{PreparedInput, Prompt};
 
-use crate::generation::GenerationOptions;
-pub use crate::generation::{Generation, StopReason};
+// The options file only: the decode loop (`generation::decode`) builds on the pipeline,
+// never the other way round.
+use crate::generation::options::GenerationOptions;
 
 /// How to load a pipeline: the weights' precision and quantization, and how non-square
 /// images reach the square model input. Settled at load so every later call agrees.
@@ -192,22 +193,18 @@ impl Pipeline {
             // The processed size then depends on each image; `prepare` checks it.
             return Ok(());
         }
-        let (height, width) = (
-            self.image_config.crop_size.height as usize,
-            self.image_config.crop_size.width as usize,
-        );
-        let processor = self.image_tokens.image_seq_len(height, width);
-        let model = self.config.vision.num_patches();
-        let side = self.config.vision.image_size;
-        if processor != model || height != side || width != side {
-            return Err(PipelineError::ImageSizeMismatch {
-                processor,
-                model,
-                height,
-                width,
-            });
-        }
+        let crop = self.image_config.crop_size;
+        self.image_tokens
+            .checked_seq_len(crop.height as usize, crop.width as usize, self.vision_input())?;
         Ok(())
+    }
+
+    /// What the vision tower takes and yields per image.
+    pub(crate) fn vision_input(&self) -> VisionInput {
+        VisionInput {
+            image_size: self.config.vision.image_size,
+            features: self.config.image_seq_len(),
+        }
     }
 
     /// Runs the prefill and returns the last position's logits and the filled cache.

@@ -119,7 +119,9 @@ impl Pipeline {
     ) -> Result<PreparedInput, PipelineError> {
         let prompt_text = self.render_prompt(pixel_values.len(), prompt)?;
         let seq_len = match pixel_values.first() {
-            Some(p) => self.image_seq_len(p)?,
+            Some(p) => self
+                .image_tokens
+                .checked_seq_len(p.height, p.width, self.vision_input())?,
             None => 0,
         };
         let expanded = self
@@ -131,21 +133,5 @@ impl Pipeline {
             input_ids,
             pixel_values,
         })
-    }
-
-    /// Tokens one processed image expands to; its size must be the vision tower's input.
-    fn image_seq_len(&self, pixels: &PixelValues) -> Result<usize, PipelineError> {
-        let n = self.image_tokens.image_seq_len(pixels.height, pixels.width);
-        let model = self.config.vision.num_patches();
-        let side = self.config.vision.image_size;
-        if n != model || pixels.height != side || pixels.width != side {
-            return Err(PipelineError::ImageSizeMismatch {
-                processor: n,
-                model,
-                height: pixels.height,
-                width: pixels.width,
-            });
-        }
-        Ok(n)
     }
 }

@@ -134,6 +134,23 @@ impl ImageTokenConfig {
         }
     }
 
+    /// [`ImageTokenConfig::image_seq_len`] checked against the vision tower: the processed
+    /// image must be its input size and expand to exactly as many tokens as it yields
+    /// features. The one place where processor and model settings are reconciled (the
+    /// pipeline at load and per image, the fine-tuning data encoder).
+    pub fn checked_seq_len(&self, height: usize, width: usize, vision: VisionInput) -> Result<usize, TextError> {
+        let tokens = self.image_seq_len(height, width);
+        if tokens != vision.features || height != vision.image_size || width != vision.image_size {
+            return Err(TextError::ImageFeatureMismatch {
+                tokens,
+                features: vision.features,
+                height,
+                width,
+            });
+        }
+        Ok(tokens)
+    }
+
     /// Replaces each `<image>` with `seq_len` copies, checking there is exactly one tag
     /// per image.
     pub fn expand(&self, prompt: &str, num_images: usize, seq_len: usize) -> Result<String, TextError> {
@@ -149,6 +166,16 @@ impl ImageTokenConfig {
     }
 }
 
+/// What the vision tower takes and yields per image (from the model's config), for
+/// [`ImageTokenConfig::checked_seq_len`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VisionInput {
+    /// Side of the square input image, in pixels.
+    pub image_size: usize,
+    /// Feature vectors per image after the feature-select strategy.
+    pub features: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +189,18 @@ mod tests {
             vision_feature_select_strategy: VisionFeatureSelectStrategy::Default,
         };
         assert_eq!(cfg.image_seq_len(336, 336), 576);
+        let vision = VisionInput {
+            image_size: 336,
+            features: 576,
+        };
+        assert_eq!(cfg.checked_seq_len(336, 336, vision).unwrap(), 576);
+        let e = cfg.checked_seq_len(336, 336, VisionInput { features: 577, ..vision }).unwrap_err();
+        assert!(
+            e.to_string().contains("576 image tokens per image (336x336 px) but the vision tower yields 577"),
+            "{e}"
+        );
+        // 340 px gives the same patch count but is not the tower's input size.
+        assert!(cfg.checked_seq_len(340, 340, vision).is_err());
         assert_eq!(
             cfg.expand("a <image> b", 1, 3).unwrap(),
             "a <image><image><image> b"

@@ -14,7 +14,7 @@ mod template;
 mod tokenizer;
 mod tokenizer_config;
 
-pub use image_tokens::{ImageTokenConfig, VisionFeatureSelectStrategy};
+pub use image_tokens::{ImageTokenConfig, VisionFeatureSelectStrategy, VisionInput};
 pub use template::{ChatMessage, ChatTemplate, ContentPart};
 pub use tokenizer::TextTokenizer;
 
@@ -79,6 +79,20 @@ pub enum TextError {
         value: String,
         /// The file it came from, when known.
         path: Option<PathBuf>,
+    },
+    /// The processor's image size and token count disagree with the vision tower.
+    #[error(
+        "the processor produces {tokens} image tokens per image ({height}x{width} px) but the vision tower yields {features} features"
+    )]
+    ImageFeatureMismatch {
+        /// Tokens per image from the processor settings.
+        tokens: usize,
+        /// Features per image from the model.
+        features: usize,
+        /// Processed height.
+        height: usize,
+        /// Processed width.
+        width: usize,
     },
     /// The model directory ships no chat template.
     #[error(
