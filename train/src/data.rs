@@ -28,6 +28,7 @@
 //!    transformers' causal-LM loss (`logits[:, :-1]` predicts `labels[:, 1:]`).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -37,7 +38,7 @@ use vipllava_processor::image::{
 use vipllava_processor::visual_prompt::{DrawOptions, draw_image, parse_cli_shape};
 use vipllava_processor::{ChatMessage, ChatTemplate, ContentPart, ImageTokenConfig, TextTokenizer};
 
-pub use crate::error::BadSample;
+pub use crate::error::{BadSample, SampleError};
 use crate::error::{DataError, SetupError, TrainError};
 
 /// Label of an ignored position (transformers' `ignore_index`).
@@ -201,26 +202,29 @@ impl SampleEncoder {
     }
 
     /// Chat messages of a conversation (labelling rule, step 1).
-    pub fn messages(turns: &[Turn], image_tag: &str) -> Result<Vec<ChatMessage>, String> {
+    pub fn messages(turns: &[Turn], image_tag: &str) -> Result<Vec<ChatMessage>, SampleError> {
         if turns.is_empty() {
-            return Err("no conversations".into());
+            return Err(SampleError::NoConversations);
         }
         let first_human = turns
             .iter()
             .position(|t| t.from == "human")
-            .ok_or("no human turn")?;
+            .ok_or(SampleError::NoHumanTurn)?;
         let tags: usize = turns.iter().map(|t| t.value.matches(image_tag).count()).sum();
         let first_tags = turns[first_human].value.matches(image_tag).count();
         if first_tags == 0 {
-            return Err(format!("no `{image_tag}` in the first human turn"));
+            return Err(SampleError::NoImageTag {
+                tag: image_tag.to_string(),
+            });
         }
         if tags != 1 {
-            return Err(format!(
-                "{tags} `{image_tag}` tags; exactly one (in the first human turn) is supported"
-            ));
+            return Err(SampleError::ImageTagCount {
+                count: tags,
+                tag: image_tag.to_string(),
+            });
         }
         if !turns.iter().any(|t| t.from == "gpt") {
-            return Err("no gpt answer".into());
+            return Err(SampleError::NoAnswer);
         }
         turns
             .iter()
@@ -236,26 +240,31 @@ impl SampleEncoder {
                 "human" => Ok(ChatMessage::text("user", t.value.clone())),
                 "gpt" => {
                     if t.value.trim().is_empty() {
-                        Err(format!("empty answer in turn {}", i + 1))
+                        Err(SampleError::EmptyAnswer { turn: i + 1 })
                     } else {
                         Ok(ChatMessage::text("assistant", t.value.clone()))
                     }
                 }
                 "system" => Ok(ChatMessage::text("system", t.value.clone())),
-                other => Err(format!("unknown role `{other}` in turn {}", i + 1)),
+                other => Err(SampleError::UnknownRole {
+                    role: other.to_string(),
+                    turn: i + 1,
+                }),
             })
             .collect()
     }
 
     /// Token ids and labels of a conversation (labelling rule, steps 2 to 4).
-    pub fn encode_text(&self, turns: &[Turn]) -> Result<(Vec<u32>, Vec<i64>), String> {
+    pub fn encode_text(&self, turns: &[Turn]) -> Result<(Vec<u32>, Vec<i64>), SampleError> {
         let tag = self.image_tokens.image_token.as_str();
         let messages = Self::messages(turns, tag)?;
-        let render = |m: &[ChatMessage]| -> Result<String, String> {
+        let render = |m: &[ChatMessage]| -> Result<String, SampleError> {
             if m.is_empty() {
                 return Ok(String::new());
             }
-            self.template.render(m, false).map_err(|e| e.to_string())
+            self.template
+                .render(m, false)
+                .map_err(|e| SampleError::Template(Arc::new(e)))
         };
         let full = render(&messages)?;
         // Assistant text spans in the rendered (unexpanded) text.
@@ -274,12 +283,12 @@ impl SampleEncoder {
             } else {
                 0
             };
-            let start = full[from..].find(text).map(|p| p + from).ok_or_else(|| {
-                format!(
-                    "the chat template does not reproduce answer {} verbatim",
-                    spans.len() + 1
-                )
-            })?;
+            let start = full[from..]
+                .find(text)
+                .map(|p| p + from)
+                .ok_or(SampleError::AnswerNotVerbatim {
+                    answer: spans.len() + 1,
+                })?;
             spans.push((start, start + text.len()));
         }
         // Expansion shifts every offset after an image tag.
@@ -289,12 +298,12 @@ impl SampleEncoder {
         let expanded = self
             .image_tokens
             .expand(&full, 1, self.image_seq_len)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SampleError::ExpandImageTokens(Arc::new(e)))?;
         let enc = self
             .tokenizer
             .inner()
             .encode(expanded.as_str(), true)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SampleError::Tokenize(Arc::from(e)))?;
         let mut ids: Vec<u32> = enc.get_ids().to_vec();
         let mut labels: Vec<i64> = ids
             .iter()
@@ -306,10 +315,10 @@ impl SampleEncoder {
             .collect();
         let image_tokens = ids.iter().filter(|&&i| i == self.image_token_id).count();
         if image_tokens != self.image_seq_len {
-            return Err(format!(
-                "{image_tokens} image tokens after tokenization, expected {}",
-                self.image_seq_len
-            ));
+            return Err(SampleError::ImageTokenCount {
+                found: image_tokens,
+                expected: self.image_seq_len,
+            });
         }
         ids.push(self.eos_token_id);
         labels.push(self.eos_token_id as i64);
@@ -318,14 +327,14 @@ impl SampleEncoder {
 
     /// Encodes one sample: validates it, reads and preprocesses its image (drawing any
     /// visual prompts), and labels its tokens.
-    pub fn encode(&self, sample: &RawSample, image_root: &Path) -> Result<EncodedSample, String> {
-        let image = sample.image.as_deref().ok_or("no image")?;
+    pub fn encode(&self, sample: &RawSample, image_root: &Path) -> Result<EncodedSample, SampleError> {
+        let image = sample.image.as_deref().ok_or(SampleError::NoImage)?;
         let path = image_root.join(image);
         if !path.is_file() {
-            return Err(format!("image {} not found", path.display()));
+            return Err(SampleError::ImageNotFound { path });
         }
         let (input_ids, labels) = self.encode_text(&sample.conversations)?;
-        let img = load_image(&path).map_err(|e| e.to_string())?;
+        let img = load_image(&path).map_err(|e| SampleError::LoadImage(Arc::new(e)))?;
         let img = if sample.visual_prompts.is_empty() {
             img
         } else {
@@ -334,11 +343,12 @@ impl SampleEncoder {
                 .iter()
                 .map(|p| parse_cli_shape(&p.shape, &p.spec))
                 .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| e.to_string())?;
-            draw_image(&img, &prompts, &DrawOptions::default()).map_err(|e| e.to_string())?
+                .map_err(|e| SampleError::VisualPrompt(Arc::new(e)))?;
+            draw_image(&img, &prompts, &DrawOptions::default())
+                .map_err(|e| SampleError::DrawVisualPrompts(Arc::new(e)))?
         };
-        let pixel_values =
-            preprocess_with_mode(&img, &self.image_config, self.image_mode).map_err(|e| e.to_string())?;
+        let pixel_values = preprocess_with_mode(&img, &self.image_config, self.image_mode)
+            .map_err(|e| SampleError::Preprocess(Arc::new(e)))?;
         Ok(EncodedSample {
             id: sample.id_text(),
             input_ids,
@@ -438,7 +448,7 @@ mod tests {
         assert_eq!(roles, ["system", "user", "assistant", "user", "assistant"]);
         assert_eq!(m[1].content[0], ContentPart::Image);
         assert_eq!(m[1].content[1], ContentPart::Text { text: "Q".into() });
-        let err = |turns: &[Turn]| SampleEncoder::messages(turns, "<image>").unwrap_err();
+        let err = |turns: &[Turn]| SampleEncoder::messages(turns, "<image>").unwrap_err().to_string();
         assert!(err(&[]).contains("no conversations"));
         assert!(err(&[turn("human", "Q"), turn("gpt", "A")]).contains("no `<image>`"));
         assert!(err(&[turn("human", "<image>Q"), turn("gpt", " ")]).contains("empty answer"));

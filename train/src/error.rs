@@ -1,6 +1,11 @@
 //! What can go wrong while fine-tuning or exporting.
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use vipllava_processor::TextError;
+use vipllava_processor::image::ImageError;
+use vipllava_processor::visual_prompt::VisualPromptError;
 
 use vipllava_convert::output::OutputError;
 
@@ -71,8 +76,106 @@ pub struct BadSample {
     pub id: String,
     /// Position in the file (0-based).
     pub index: usize,
-    /// Why.
-    pub reason: String,
+    /// Why (serialized as its message).
+    #[serde(serialize_with = "serialize_display")]
+    pub reason: SampleError,
+}
+
+/// Serializes a value as its `Display` text.
+fn serialize_display<T: std::fmt::Display, S: serde::Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+/// Why one sample cannot be used (its conversation, its image or its visual prompts).
+///
+/// Errors of the processor are held behind an [`Arc`] so that a [`BadSample`] stays
+/// cheap to clone.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SampleError {
+    /// The sample has no `image`.
+    #[error("no image")]
+    NoImage,
+    /// The image file does not exist.
+    #[error("image {} not found", path.display())]
+    ImageNotFound {
+        /// The image path (joined to the image folder).
+        path: PathBuf,
+    },
+    /// The conversation is empty.
+    #[error("no conversations")]
+    NoConversations,
+    /// No turn is from `human`.
+    #[error("no human turn")]
+    NoHumanTurn,
+    /// The first human turn has no image tag.
+    #[error("no `{tag}` in the first human turn")]
+    NoImageTag {
+        /// The image tag (`<image>`).
+        tag: String,
+    },
+    /// The conversation has more than one image tag.
+    #[error("{count} `{tag}` tags; exactly one (in the first human turn) is supported")]
+    ImageTagCount {
+        /// Tags in the whole conversation.
+        count: usize,
+        /// The image tag (`<image>`).
+        tag: String,
+    },
+    /// No turn is from `gpt`.
+    #[error("no gpt answer")]
+    NoAnswer,
+    /// A `gpt` turn with blank text.
+    #[error("empty answer in turn {turn}")]
+    EmptyAnswer {
+        /// The turn (from 1).
+        turn: usize,
+    },
+    /// A turn whose `from` is none of `human`, `gpt`, `system`.
+    #[error("unknown role `{role}` in turn {turn}")]
+    UnknownRole {
+        /// The role given.
+        role: String,
+        /// The turn (from 1).
+        turn: usize,
+    },
+    /// The chat template cannot render the conversation.
+    #[error(transparent)]
+    Template(Arc<TextError>),
+    /// An answer is not found verbatim in the rendered conversation.
+    #[error("the chat template does not reproduce answer {answer} verbatim")]
+    AnswerNotVerbatim {
+        /// The answer (from 1, counting assistant messages).
+        answer: usize,
+    },
+    /// The image tag cannot be expanded to the image tokens.
+    #[error(transparent)]
+    ExpandImageTokens(Arc<TextError>),
+    /// The tokenizer refuses the expanded text.
+    #[error(transparent)]
+    Tokenize(Arc<dyn std::error::Error + Send + Sync>),
+    /// Tokenization does not keep the expanded image tokens.
+    #[error("{found} image tokens after tokenization, expected {expected}")]
+    ImageTokenCount {
+        /// Image tokens in the token ids.
+        found: usize,
+        /// Image tokens per image.
+        expected: usize,
+    },
+    /// The image cannot be read or decoded.
+    #[error(transparent)]
+    LoadImage(Arc<ImageError>),
+    /// A visual prompt does not parse.
+    #[error(transparent)]
+    VisualPrompt(Arc<VisualPromptError>),
+    /// The visual prompts cannot be drawn on the image.
+    #[error(transparent)]
+    DrawVisualPrompts(Arc<VisualPromptError>),
+    /// The image cannot be preprocessed.
+    #[error(transparent)]
+    Preprocess(Arc<ImageError>),
 }
 
 /// Why a data file cannot be used.
@@ -164,4 +267,73 @@ pub enum SetupError {
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
     let path = path.into();
     move |source| TrainError::Io { path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_errors_read_as_before_and_serialize_as_text() {
+        let cases = [
+            (SampleError::NoImage, "no image"),
+            (
+                SampleError::ImageNotFound {
+                    path: PathBuf::from("d/a.png"),
+                },
+                "image d/a.png not found",
+            ),
+            (SampleError::NoConversations, "no conversations"),
+            (SampleError::NoHumanTurn, "no human turn"),
+            (
+                SampleError::NoImageTag {
+                    tag: "<image>".into(),
+                },
+                "no `<image>` in the first human turn",
+            ),
+            (
+                SampleError::ImageTagCount {
+                    count: 2,
+                    tag: "<image>".into(),
+                },
+                "2 `<image>` tags; exactly one (in the first human turn) is supported",
+            ),
+            (SampleError::NoAnswer, "no gpt answer"),
+            (SampleError::EmptyAnswer { turn: 2 }, "empty answer in turn 2"),
+            (
+                SampleError::UnknownRole {
+                    role: "bot".into(),
+                    turn: 3,
+                },
+                "unknown role `bot` in turn 3",
+            ),
+            (
+                SampleError::AnswerNotVerbatim { answer: 1 },
+                "the chat template does not reproduce answer 1 verbatim",
+            ),
+            (
+                SampleError::ImageTokenCount {
+                    found: 575,
+                    expected: 576,
+                },
+                "575 image tokens after tokenization, expected 576",
+            ),
+            (
+                SampleError::Template(Arc::new(TextError::EmptyConversation)),
+                &TextError::EmptyConversation.to_string(),
+            ),
+        ];
+        for (e, text) in cases {
+            assert_eq!(e.to_string(), text);
+        }
+        let b = BadSample {
+            id: "s1".into(),
+            index: 4,
+            reason: SampleError::EmptyAnswer { turn: 2 },
+        };
+        assert_eq!(
+            serde_json::to_value(&b).unwrap(),
+            serde_json::json!({"id": "s1", "index": 4, "reason": "empty answer in turn 2"})
+        );
+    }
 }

@@ -47,6 +47,6 @@ pub mod trainer;
 pub use checkpoint::{TrainState, check_out_dir};
 pub use config::{OptimizerKind, TrainConfig, Trainable};
 pub use data::{BadSample, EncodedSample, OnBadSample, RawSample, SampleEncoder, Turn};
-pub use error::{DataError, SetupError, TrainError};
+pub use error::{DataError, SampleError, SetupError, TrainError};
 pub use lora_target::{LoraTarget, UnknownLoraTarget};
 pub use trainer::{StepReport, TrainSummary, Trainer, run, train};

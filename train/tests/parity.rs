@@ -197,17 +197,17 @@ fn bad_samples_are_reported_or_fail() {
     let ids: Vec<&str> = t.bad_samples.iter().map(|b| b.id.as_str()).collect();
     assert_eq!(ids, ["missing-image", "no-tag", "empty-answer"]);
     assert!(
-        t.bad_samples[0].reason.contains("not found"),
+        t.bad_samples[0].reason.to_string().contains("not found"),
         "{}",
         t.bad_samples[0].reason
     );
     assert!(
-        t.bad_samples[1].reason.contains("<image>"),
+        t.bad_samples[1].reason.to_string().contains("<image>"),
         "{}",
         t.bad_samples[1].reason
     );
     assert!(
-        t.bad_samples[2].reason.contains("empty answer"),
+        t.bad_samples[2].reason.to_string().contains("empty answer"),
         "{}",
         t.bad_samples[2].reason
     );

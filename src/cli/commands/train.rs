@@ -126,7 +126,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         if args.json {
             eprintln!(
                 "{}",
-                json!({"bad_sample": b.id, "index": b.index, "reason": b.reason})
+                json!({"bad_sample": b.id, "index": b.index, "reason": b.reason.to_string()})
             );
         } else {
             eprintln!("skipping sample {} (#{}): {}", b.id, b.index, b.reason);
