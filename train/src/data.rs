@@ -36,7 +36,9 @@ use vipllava_processor::image::{
     ImageMode, ImageProcessorConfig, PixelValues, load_image, preprocess_with_mode,
 };
 use vipllava_processor::visual_prompt::{DrawOptions, draw_image, parse_cli_shape};
-use vipllava_processor::{ChatMessage, ChatTemplate, ContentPart, ImageTokenConfig, TextTokenizer};
+use vipllava_processor::{
+    ChatMessage, ChatTemplate, ContentPart, ImageTokenConfig, TextTokenizer, VisionInput,
+};
 
 pub use crate::error::{BadSample, SampleError};
 use crate::error::{DataError, SetupError, TrainError};
@@ -181,14 +183,12 @@ impl SampleEncoder {
         let eos_token_id = tokenizer.eos_token_id.ok_or(SetupError::NoEosToken)?;
         let image_token_id = config.image_token_index as u32;
         let crop = image_config.crop_size;
-        let image_seq_len = image_tokens.image_seq_len(crop.height as usize, crop.width as usize);
-        if image_seq_len != config.vision.num_patches() {
-            return Err(SetupError::ImageTokens {
-                processor: image_seq_len,
-                vision: config.vision.num_patches(),
-            }
-            .into());
-        }
+        let vision = VisionInput {
+            image_size: config.vision.image_size,
+            features: config.image_seq_len(),
+        };
+        let image_seq_len =
+            image_tokens.checked_seq_len(crop.height as usize, crop.width as usize, vision)?;
         Ok(Self {
             template,
             tokenizer,

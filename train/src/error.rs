@@ -253,14 +253,6 @@ pub enum SetupError {
     /// The tokenizer has no end-of-sequence token to append to targets.
     #[error("the tokenizer has no EOS token")]
     NoEosToken,
-    /// Processor and vision tower disagree on the image token count.
-    #[error("the processor makes {processor} image tokens but the vision tower yields {vision} features")]
-    ImageTokens {
-        /// Image tokens from the processor settings.
-        processor: usize,
-        /// Features from the vision tower.
-        vision: usize,
-    },
 }
 
 /// Maps an OS error on `path` to [`TrainError::Io`].

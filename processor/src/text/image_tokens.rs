@@ -138,7 +138,12 @@ impl ImageTokenConfig {
     /// image must be its input size and expand to exactly as many tokens as it yields
     /// features. The one place where processor and model settings are reconciled (the
     /// pipeline at load and per image, the fine-tuning data encoder).
-    pub fn checked_seq_len(&self, height: usize, width: usize, vision: VisionInput) -> Result<usize, TextError> {
+    pub fn checked_seq_len(
+        &self,
+        height: usize,
+        width: usize,
+        vision: VisionInput,
+    ) -> Result<usize, TextError> {
         let tokens = self.image_seq_len(height, width);
         if tokens != vision.features || height != vision.image_size || width != vision.image_size {
             return Err(TextError::ImageFeatureMismatch {
@@ -194,9 +199,19 @@ mod tests {
             features: 576,
         };
         assert_eq!(cfg.checked_seq_len(336, 336, vision).unwrap(), 576);
-        let e = cfg.checked_seq_len(336, 336, VisionInput { features: 577, ..vision }).unwrap_err();
+        let e = cfg
+            .checked_seq_len(
+                336,
+                336,
+                VisionInput {
+                    features: 577,
+                    ..vision
+                },
+            )
+            .unwrap_err();
         assert!(
-            e.to_string().contains("576 image tokens per image (336x336 px) but the vision tower yields 577"),
+            e.to_string()
+                .contains("576 image tokens per image (336x336 px) but the vision tower yields 577"),
             "{e}"
         );
         // 340 px gives the same patch count but is not the tower's input size.
