@@ -808,3 +808,169 @@ fn draw_all_shapes(img: &DynamicImage) -> RgbImage {
     assert!(changed > (w * h / 50) as usize, "only {changed} pixels changed");
     out
 }
+
+// ---------------------------------------------------------------------------------------
+// Pillow-exact hard-edged primitives (visual_prompt::pillow) against Pillow's ImageDraw:
+// fixtures from scripts/make_draw_fixtures.py (PILLOW_DRAW_FIXTURES=DIR reads another set).
+// ---------------------------------------------------------------------------------------
+
+mod pillow_draw {
+    use std::path::PathBuf;
+
+    use serde_json::Value;
+    use vipllava_processor::visual_prompt::pillow::{Joint, PillowCanvas};
+
+    fn fixture_dir() -> PathBuf {
+        std::env::var_os("PILLOW_DRAW_FIXTURES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pillow_draw"))
+    }
+
+    fn f(v: &Value) -> f64 {
+        v.as_f64().expect("number")
+    }
+
+    fn bbox(case: &Value) -> [f64; 4] {
+        let b = case["box"].as_array().expect("box");
+        [f(&b[0]), f(&b[1]), f(&b[2]), f(&b[3])]
+    }
+
+    fn points(case: &Value) -> Vec<(f64, f64)> {
+        case["points"]
+            .as_array()
+            .expect("points")
+            .iter()
+            .map(|p| (f(&p[0]), f(&p[1])))
+            .collect()
+    }
+
+    fn width(case: &Value) -> u32 {
+        case["width"].as_u64().expect("width") as u32
+    }
+
+    /// Draw one manifest case with our primitives.
+    fn draw_case(case: &Value, w: u32, h: u32) -> PillowCanvas {
+        let mut c = PillowCanvas::new(w, h);
+        let r = match case["op"].as_str().expect("op") {
+            "rectangle" => c.rectangle(bbox(case), width(case)),
+            "rectangle_filled" => c.rectangle_filled(bbox(case)),
+            "ellipse" => c.ellipse(bbox(case), width(case)),
+            "ellipse_filled" => c.ellipse_filled(bbox(case)),
+            "line" => {
+                let joint = if case["joint"].as_str() == Some("curve") {
+                    Joint::Curve
+                } else {
+                    Joint::None
+                };
+                c.line(&points(case), width(case), joint)
+            }
+            "polygon_filled" => c.polygon_filled(&points(case)),
+            "polygon_outline" => c.polygon_outline(&points(case)),
+            "pieslice_filled" => c.pieslice_filled(bbox(case), f(&case["start"]), f(&case["end"])),
+            op => panic!("unknown op {op}"),
+        };
+        r.expect("valid case");
+        c
+    }
+
+    /// Every case of `op`: our RGBA layer against Pillow's, pixel for pixel. Returns the
+    /// number of cases.
+    fn check(op: &str) -> usize {
+        let dir = fixture_dir();
+        let manifest: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).expect("manifest"))
+                .expect("json");
+        let atlas = image::open(dir.join(format!("{op}.png")))
+            .expect("atlas")
+            .to_rgba8();
+        let mut failures = Vec::new();
+        let mut n = 0;
+        for case in manifest["cases"]
+            .as_array()
+            .expect("cases")
+            .iter()
+            .filter(|c| c["op"] == op)
+        {
+            n += 1;
+            let size = &case["size"];
+            let (w, h) = (
+                size[0].as_u64().expect("w") as u32,
+                size[1].as_u64().expect("h") as u32,
+            );
+            let top = case["top"].as_u64().expect("top") as u32;
+            let ink: Vec<u8> = case["ink"]
+                .as_array()
+                .expect("ink")
+                .iter()
+                .map(|v| v.as_u64().expect("ink") as u8)
+                .collect();
+            let ours = draw_case(case, w, h).to_rgba([ink[0], ink[1], ink[2], ink[3]]);
+            let (mut differing, mut max_diff) = (0usize, 0u8);
+            for y in 0..h {
+                for x in 0..w {
+                    let a = ours.get_pixel(x, y).0;
+                    let b = atlas.get_pixel(x, top + y).0;
+                    let d = (0..4).map(|i| a[i].abs_diff(b[i])).max().unwrap_or(0);
+                    if d > 0 {
+                        differing += 1;
+                        max_diff = max_diff.max(d);
+                    }
+                }
+            }
+            if differing > 0 {
+                failures.push(format!(
+                    "{}: {differing} differing pixels, max |diff| {max_diff}: {case}",
+                    case["name"]
+                ));
+            }
+        }
+        assert!(n > 0, "no {op} cases in {}", dir.display());
+        assert!(
+            failures.is_empty(),
+            "{} of {n} {op} cases differ from Pillow:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+        n
+    }
+
+    #[test]
+    fn pillow_rectangle_outline_is_exact() {
+        check("rectangle");
+    }
+
+    #[test]
+    fn pillow_rectangle_filled_is_exact() {
+        check("rectangle_filled");
+    }
+
+    #[test]
+    fn pillow_ellipse_outline_is_exact() {
+        check("ellipse");
+    }
+
+    #[test]
+    fn pillow_ellipse_filled_is_exact() {
+        check("ellipse_filled");
+    }
+
+    #[test]
+    fn pillow_line_is_exact() {
+        check("line");
+    }
+
+    #[test]
+    fn pillow_polygon_filled_is_exact() {
+        check("polygon_filled");
+    }
+
+    #[test]
+    fn pillow_polygon_outline_is_exact() {
+        check("polygon_outline");
+    }
+
+    #[test]
+    fn pillow_pieslice_filled_is_exact() {
+        check("pieslice_filled");
+    }
+}
