@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 
 from PIL import Image, ImageDraw
@@ -53,6 +54,12 @@ OPS = [
     "polygon_filled",
     "polygon_outline",
     "pieslice_filled",
+    "mark_ellipse",
+    "mark_triangle",
+    "mark_point",
+    "mark_scribble",
+    "mark_arrow",
+    "mark_contour",
 ]
 
 
@@ -79,9 +86,70 @@ def draw_case(case: dict) -> Image.Image:
         d.polygon([tuple(p) for p in case["points"]], outline=ink)
     elif op == "pieslice_filled":
         d.pieslice(case["box"], case["start"], case["end"], fill=ink)
+    elif op.startswith("mark_"):
+        draw_mark(d, case, ink)
     else:
         raise ValueError(op)
     return canvas
+
+
+def draw_mark(d: ImageDraw.ImageDraw, case: dict, ink) -> None:
+    """The ImageDraw calls the training code (llava/visual_prompt_generator.py) makes for one
+    mark, on the geometry given in the case (its random draws are the case's inputs)."""
+    op = case["op"]
+    if op == "mark_ellipse":  # draw_ellipse: the box scaled about its centre
+        minx, miny, maxx, maxy = case["box"]
+        cx, cy = (maxx + minx) / 2, (maxy + miny) / 2
+        nw = (maxx - minx) * case["size_ratio"] * case["aspect_ratio"]
+        nh = (maxy - miny) * case["size_ratio"] / case["aspect_ratio"]
+        d.ellipse([cx - nw / 2, cy - nh / 2, cx + nw / 2, cy + nh / 2], outline=ink, width=case["width"])
+    elif op == "mark_triangle":  # draw_triangle
+        p = [tuple(q) for q in case["points"]]
+        d.line([p[0], p[1], p[2], p[0]], fill=ink, width=case["width"], joint="curve")
+    elif op == "mark_point":  # draw_point
+        (cx, cy), r, ar = case["centre"], case["radius"], case["aspect_ratio"]
+        rx, ry = r * ar, r / ar
+        d.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], outline=ink, fill=ink)
+    elif op == "mark_scribble":  # draw_scribble: Bezier at numpy.linspace, one line per step
+        import numpy as np
+
+        p0, p1, p2, p3 = case["control"]
+        prev = None
+        for t in np.linspace(0, 1, case["n"]):
+            cur = tuple(
+                (1 - t) ** 3 * p0[k] + 3 * (1 - t) ** 2 * t * p1[k] + 3 * (1 - t) * t**2 * p2[k] + t**3 * p3[k]
+                for k in range(2)
+            )
+            if prev:
+                d.line([prev, cur], fill=ink, width=case["width"])
+            prev = cur
+    elif op == "mark_arrow":  # draw_arrow with its random draws given
+        cx, cy = case["tip"]
+        a, L, H = case["angle"], case["length"], case["head"]
+        ex, ey = cx + (L - H) * math.cos(a), cy + (L - H) * math.sin(a)
+        if case["wobble"] is not None:
+            mx = (cx + ex) / 2 + case["wobble"][0]
+            my = (cy + ey) / 2 + case["wobble"][1]
+            d.line([(cx, cy), (mx, my), (ex, ey)], fill=ink, width=case["width"])
+        else:
+            d.line([(cx, cy), (ex, ey)], fill=ink, width=case["width"])
+        head = [
+            (cx + H * math.cos(a + math.pi / 3), cy + H * math.sin(a + math.pi / 3)),
+            (cx, cy),
+            (cx + H * math.cos(a - math.pi / 3), cy + H * math.sin(a - math.pi / 3)),
+        ]
+        if case["head_kind"] == "filled":
+            d.polygon(head, fill=ink)
+        else:
+            d.line(head, fill=ink, width=case["width"])
+    elif op == "mark_contour":  # draw_mask_contour
+        pts = [tuple(q) for q in case["points"]]
+        w = case["w"]
+        for dx in range(-w, w + 1):
+            for dy in range(-w, w + 1):
+                d.polygon([(x + dx, y + dy) for x, y in pts], outline=ink)
+    else:
+        raise ValueError(op)
 
 
 def coord(rng: random.Random, lo: float, hi: float, frac: bool) -> float:
@@ -164,6 +232,23 @@ def random_cases(rng: random.Random, per_op: int, sizes, widths) -> list[dict]:
             elif op in ("polygon_filled", "polygon_outline"):
                 n = rng.choice([3, 3, 4, 5, 8])
                 case.update(points=rand_points(rng, w, h, n, frac))
+            elif op == "mark_ellipse":
+                case.update(box=rand_box(rng, w, h, frac, 1.0), width=wd, size_ratio=rng.uniform(1, 1.5),
+                            aspect_ratio=rng.choice([1.0, rng.uniform(0.5, 2)]))
+            elif op == "mark_triangle":
+                case.update(points=rand_points(rng, w, h, 3, frac), width=wd)
+            elif op == "mark_point":
+                case.update(centre=rand_points(rng, w, h, 1, True)[0], radius=rng.uniform(1, 12),
+                            aspect_ratio=rng.choice([1.0, rng.uniform(0.5, 2)]))
+            elif op == "mark_scribble":
+                case.update(control=rand_points(rng, w, h, 4, True), n=rng.choice([20, 100, 336, 1000]), width=wd)
+            elif op == "mark_arrow":
+                case.update(tip=rand_points(rng, w, h, 1, True)[0], angle=rng.uniform(0, 2 * math.pi),
+                            length=rng.uniform(8, 60), head=rng.uniform(3, 20), width=wd,
+                            head_kind=rng.choice(["filled", "open"]),
+                            wobble=rng.choice([None, [rng.uniform(-5, 5), rng.uniform(-5, 5)]]))
+            elif op == "mark_contour":
+                case.update(points=rand_points(rng, w, h, rng.choice([3, 4, 6]), True), w=rng.choice([1, 2, 3]))
             elif op == "pieslice_filled":
                 case.update(box=rand_box(rng, w, h, frac, 2.0), start=rng.uniform(-360, 360), end=rng.uniform(-360, 360))
             c.append(case)
@@ -173,7 +258,7 @@ def random_cases(rng: random.Random, per_op: int, sizes, widths) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(OUT))
-    ap.add_argument("--random", type=int, default=24, help="random cases per primitive")
+    ap.add_argument("--random", type=int, default=32, help="random cases per primitive")
     ap.add_argument("--seed", type=int, default=19)
     ap.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in SIZES), help="WxH,... of the random cases")
     ap.add_argument("--widths", default=",".join(map(str, WIDTHS)), help="stroke widths of the random cases")

@@ -818,7 +818,9 @@ mod pillow_draw {
     use std::path::PathBuf;
 
     use serde_json::Value;
-    use vipllava_processor::visual_prompt::pillow::{Joint, PillowCanvas};
+    use vipllava_processor::visual_prompt::pillow::{
+        ArrowHead, Joint, PillowCanvas, TrainingArrow, bezier_samples,
+    };
 
     fn fixture_dir() -> PathBuf {
         std::env::var_os("PILLOW_DRAW_FIXTURES")
@@ -833,6 +835,10 @@ mod pillow_draw {
     fn bbox(case: &Value) -> [f64; 4] {
         let b = case["box"].as_array().expect("box");
         [f(&b[0]), f(&b[1]), f(&b[2]), f(&b[3])]
+    }
+
+    fn pair(v: &Value) -> (f64, f64) {
+        (f(&v[0]), f(&v[1]))
     }
 
     fn points(case: &Value) -> Vec<(f64, f64)> {
@@ -867,6 +873,47 @@ mod pillow_draw {
             "polygon_filled" => c.polygon_filled(&points(case)),
             "polygon_outline" => c.polygon_outline(&points(case)),
             "pieslice_filled" => c.pieslice_filled(bbox(case), f(&case["start"]), f(&case["end"])),
+            "mark_ellipse" => c.training_ellipse(
+                bbox(case),
+                width(case),
+                f(&case["size_ratio"]),
+                f(&case["aspect_ratio"]),
+            ),
+            "mark_triangle" => {
+                let p = points(case);
+                c.training_triangle([p[0], p[1], p[2]], width(case))
+            }
+            "mark_point" => c.training_point(
+                pair(&case["centre"]),
+                f(&case["radius"]),
+                f(&case["aspect_ratio"]),
+            ),
+            "mark_scribble" => {
+                let k: Vec<(f64, f64)> = case["control"]
+                    .as_array()
+                    .expect("control")
+                    .iter()
+                    .map(pair)
+                    .collect();
+                let n = case["n"].as_u64().expect("n") as usize;
+                c.training_scribble(&bezier_samples([k[0], k[1], k[2], k[3]], n), width(case))
+            }
+            "mark_arrow" => {
+                let arrow = TrainingArrow {
+                    tip: pair(&case["tip"]),
+                    angle: f(&case["angle"]),
+                    length: f(&case["length"]),
+                    head: f(&case["head"]),
+                    head_kind: if case["head_kind"] == "open" {
+                        ArrowHead::Open
+                    } else {
+                        ArrowHead::Filled
+                    },
+                    wobble: case["wobble"].as_array().map(|_| pair(&case["wobble"])),
+                };
+                c.training_arrow(&arrow, width(case))
+            }
+            "mark_contour" => c.training_mask_contour(&points(case), case["w"].as_u64().expect("w") as u32),
             op => panic!("unknown op {op}"),
         };
         r.expect("valid case");
@@ -972,5 +1019,34 @@ mod pillow_draw {
     #[test]
     fn pillow_pieslice_filled_is_exact() {
         check("pieslice_filled");
+    }
+    #[test]
+    fn pillow_training_ellipse_is_exact() {
+        check("mark_ellipse");
+    }
+
+    #[test]
+    fn pillow_training_triangle_is_exact() {
+        check("mark_triangle");
+    }
+
+    #[test]
+    fn pillow_training_point_is_exact() {
+        check("mark_point");
+    }
+
+    #[test]
+    fn pillow_training_scribble_is_exact() {
+        check("mark_scribble");
+    }
+
+    #[test]
+    fn pillow_training_arrow_is_exact() {
+        check("mark_arrow");
+    }
+
+    #[test]
+    fn pillow_training_contour_is_exact() {
+        check("mark_contour");
     }
 }

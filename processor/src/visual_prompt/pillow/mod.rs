@@ -14,13 +14,19 @@
 //! joins of [`PillowCanvas::line`] use the float coordinates, as `ImageDraw.line` does.
 //! Shapes partly or wholly outside the canvas are clipped.
 //!
+//! `training_*` methods draw each mark shape the training code's way (same calls, same
+//! float arithmetic on the geometry), for a renderer that wants the training look.
+//!
 //! The algorithms (scanline polygon filling with Pillow's corner fixes, Bresenham lines,
 //! the ellipse quadrant iterator on a doubled grid, the half-plane clipping of pie slices)
 //! follow Pillow's `src/libImaging/Draw.c` and `src/PIL/ImageDraw.py` (Pillow 11-13),
 //! including their `float`/`double` arithmetic, so that rounding decisions agree.
 
 mod ellipse;
+mod marks;
 mod scan;
+
+pub use marks::{ArrowHead, TrainingArrow, bezier_samples};
 
 use thiserror::Error;
 
@@ -399,4 +405,62 @@ fn ordered_box(b: [f64; 4]) -> Result<[i64; 4], PillowDrawError> {
         return Err(PillowDrawError::Unordered(b[0], b[1], b[2], b[3]));
     }
     Ok(b.map(trunc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        let mut c = PillowCanvas::new(8, 8);
+        assert_eq!(
+            c.rectangle([4.0, 0.0, 2.0, 3.0], 1),
+            Err(PillowDrawError::Unordered(4.0, 0.0, 2.0, 3.0))
+        );
+        assert!(matches!(
+            c.ellipse([0.0, f64::NAN, 2.0, 3.0], 1),
+            Err(PillowDrawError::BadCoordinate(_))
+        ));
+        assert!(matches!(
+            c.line(&[(0.0, 0.0), (1e9, 0.0)], 3, Joint::Curve),
+            Err(PillowDrawError::BadCoordinate(_))
+        ));
+        assert_eq!(
+            c.polygon_filled(&[(1.0, 1.0)]),
+            Err(PillowDrawError::TooFewPoints(1))
+        );
+        assert_eq!(
+            c.rectangle([0.0, 0.0, 2.0, 2.0], 20_000),
+            Err(PillowDrawError::BadWidth(20_000))
+        );
+        assert!(c.coverage().iter().all(|&v| !v));
+    }
+
+    #[test]
+    fn corners_are_inclusive_and_coordinates_truncate() {
+        let mut c = PillowCanvas::new(8, 8);
+        c.rectangle_filled([1.9, 1.2, 3.99, 2.5]).unwrap();
+        let set: Vec<(u32, u32)> = (0..8)
+            .flat_map(|y| (0..8).map(move |x| (x, y)))
+            .filter(|&(x, y)| c.get(x, y))
+            .collect();
+        assert_eq!(set, vec![(1, 1), (2, 1), (3, 1), (1, 2), (2, 2), (3, 2)]);
+    }
+
+    #[test]
+    fn width_zero_draws_nothing() {
+        let mut c = PillowCanvas::new(8, 8);
+        c.rectangle([1.0, 1.0, 6.0, 6.0], 0).unwrap();
+        c.ellipse([1.0, 1.0, 6.0, 6.0], 0).unwrap();
+        c.line(&[(1.0, 1.0), (6.0, 6.0)], 0, Joint::None).unwrap();
+        assert_eq!(c, PillowCanvas::new(8, 8));
+    }
+
+    #[test]
+    fn python_modulo_has_the_divisor_sign() {
+        assert_eq!(py_mod(-90.0, 360.0), 270.0);
+        assert_eq!(py_mod(450.0, 360.0), 90.0);
+        assert_eq!(py_mod(-360.0, 360.0).to_bits(), 0.0f64.to_bits());
+    }
 }
