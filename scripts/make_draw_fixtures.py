@@ -3,9 +3,9 @@
 hard-edged primitives of processor/src/visual_prompt/pillow/ (tested in
 processor/tests/visual_prompt.rs, `pillow_*`).
 
-Needs only Pillow (any venv):
+Needs Pillow and numpy (any venv; Pillow 13.0.0 made the committed set):
 
-    python3 -m venv /tmp/venv-pil && /tmp/venv-pil/bin/pip install pillow
+    python3 -m venv /tmp/venv-pil && /tmp/venv-pil/bin/pip install pillow numpy
     /tmp/venv-pil/bin/python scripts/make_draw_fixtures.py
 
 Every case is one ImageDraw call on its own transparent RGBA canvas
@@ -14,7 +14,12 @@ training code draws its marks (llava/visual_prompt_generator.py, image_blending)
 are the ones the training code makes: rectangle(outline, width), ellipse(outline, width),
 filled ellipse (points), line(width) with and without joint="curve" (triangles, scribbles,
 arrow shafts and open heads), filled polygon (masks, arrow heads), the 1-px polygon outline
-(mask contours), and the filled pieslice that joint="curve" uses at joins. Canvases 40x30,
+(mask contours), and the filled pieslice that joint="curve" uses at joins. The mark_* cases
+make the whole call sequence of one training mark on given geometry (the training code's random
+draws are the case's inputs): the scaled ellipse, the triangle, the point, the Bezier scribble
+at numpy.linspace samples, the arrow (straight or wobbly shaft, filled or open head), the mask
+contour stamped at every offset. The composite cases alpha-composite a triangle layer onto an
+RGB image as image_blending does (Image.alpha_composite, then RGB). Canvases 40x30,
 64x64 and 71x23; integer and fractional coordinates, widths 1, 2, 3, 5, 8, 12, shapes partly
 or wholly outside the canvas.
 
@@ -60,7 +65,15 @@ OPS = [
     "mark_scribble",
     "mark_arrow",
     "mark_contour",
+    "composite",
 ]
+
+
+def backdrop(w: int, h: int) -> Image.Image:
+    """The RGB image the `composite` cases blend onto (the Rust test builds the same one)."""
+    im = Image.new("RGB", (w, h))
+    im.putdata([((x * 7 + y * 3) % 256, (x * 5 + y * 11) % 256, (x * 13 + y * 17) % 256) for y in range(h) for x in range(w)])
+    return im
 
 
 def draw_case(case: dict) -> Image.Image:
@@ -68,6 +81,12 @@ def draw_case(case: dict) -> Image.Image:
     d = ImageDraw.Draw(canvas)
     ink = tuple(case["ink"])
     op = case["op"]
+    if op == "composite":
+        # image_blending: a triangle layer alpha-composited onto the RGB image, back to RGB
+        p = [tuple(q) for q in case["points"]]
+        d.line([p[0], p[1], p[2], p[0]], fill=ink, width=case["width"], joint="curve")
+        out = Image.alpha_composite(backdrop(*case["size"]).convert("RGBA"), canvas).convert("RGB")
+        return out.convert("RGBA")
     if op == "rectangle":
         d.rectangle(case["box"], outline=ink, width=case["width"])
     elif op == "rectangle_filled":
@@ -235,7 +254,7 @@ def random_cases(rng: random.Random, per_op: int, sizes, widths) -> list[dict]:
             elif op == "mark_ellipse":
                 case.update(box=rand_box(rng, w, h, frac, 1.0), width=wd, size_ratio=rng.uniform(1, 1.5),
                             aspect_ratio=rng.choice([1.0, rng.uniform(0.5, 2)]))
-            elif op == "mark_triangle":
+            elif op in ("mark_triangle", "composite"):
                 case.update(points=rand_points(rng, w, h, 3, frac), width=wd)
             elif op == "mark_point":
                 case.update(centre=rand_points(rng, w, h, 1, True)[0], radius=rng.uniform(1, 12),

@@ -920,6 +920,28 @@ mod pillow_draw {
         c
     }
 
+    /// The case as an RGBA image: the layer for drawing cases; for `composite`, the
+    /// training triangle blended onto the backdrop (opaque).
+    fn render(case: &Value, w: u32, h: u32, ink: [u8; 4]) -> image::RgbaImage {
+        if case["op"] != "composite" {
+            return draw_case(case, w, h).to_rgba(ink);
+        }
+        // backdrop() in scripts/make_draw_fixtures.py
+        let mut rgb = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([
+                ((x * 7 + y * 3) % 256) as u8,
+                ((x * 5 + y * 11) % 256) as u8,
+                ((x * 13 + y * 17) % 256) as u8,
+            ])
+        });
+        let mut c = PillowCanvas::new(w, h);
+        let p = points(case);
+        c.training_triangle([p[0], p[1], p[2]], width(case))
+            .expect("valid case");
+        c.composite_onto(&mut rgb, [ink[0], ink[1], ink[2]], ink[3]);
+        image::DynamicImage::ImageRgb8(rgb).to_rgba8()
+    }
+
     /// Every case of `op`: our RGBA layer against Pillow's, pixel for pixel. Returns the
     /// number of cases.
     fn check(op: &str) -> usize {
@@ -951,7 +973,7 @@ mod pillow_draw {
                 .iter()
                 .map(|v| v.as_u64().expect("ink") as u8)
                 .collect();
-            let ours = draw_case(case, w, h).to_rgba([ink[0], ink[1], ink[2], ink[3]]);
+            let ours = render(case, w, h, [ink[0], ink[1], ink[2], ink[3]]);
             let (mut differing, mut max_diff) = (0usize, 0u8);
             for y in 0..h {
                 for x in 0..w {
@@ -1048,5 +1070,10 @@ mod pillow_draw {
     #[test]
     fn pillow_training_contour_is_exact() {
         check("mark_contour");
+    }
+
+    #[test]
+    fn pillow_training_composite_is_exact() {
+        check("composite");
     }
 }

@@ -116,6 +116,24 @@ impl PillowCanvas {
         out
     }
 
+    /// Blend the layer onto `image` as the training code does (`image_blending`:
+    /// `Image.alpha_composite(image.convert("RGBA"), layer).convert("RGB")`, the layer's
+    /// covered pixels being `(rgb, alpha)`): covered pixels get Pillow's `alpha_composite`
+    /// arithmetic, the others are unchanged. The canvas and the image must have the same
+    /// size; pixels outside either are left alone.
+    pub fn composite_onto(&self, image: &mut image::RgbImage, rgb: [u8; 3], alpha: u8) {
+        let w = self.width.min(image.width());
+        let h = self.height.min(image.height());
+        for y in 0..h {
+            for x in 0..w {
+                if self.get(x, y) {
+                    let px = image.get_pixel_mut(x, y);
+                    px.0 = std::array::from_fn(|c| super::draw::composite(rgb[c], px.0[c], alpha));
+                }
+            }
+        }
+    }
+
     /// `ImageDraw.rectangle([x0, y0, x1, y1], outline=ink, width=width)`: a frame `width`
     /// pixels wide inside the box, both corners inclusive. `width` 0 draws nothing.
     pub fn rectangle(&mut self, bbox: [f64; 4], width: u32) -> Result<(), PillowDrawError> {
