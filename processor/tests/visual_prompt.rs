@@ -808,3 +808,272 @@ fn draw_all_shapes(img: &DynamicImage) -> RgbImage {
     assert!(changed > (w * h / 50) as usize, "only {changed} pixels changed");
     out
 }
+
+// ---------------------------------------------------------------------------------------
+// Pillow-exact hard-edged primitives (visual_prompt::pillow) against Pillow's ImageDraw:
+// fixtures from scripts/make_draw_fixtures.py (PILLOW_DRAW_FIXTURES=DIR reads another set).
+// ---------------------------------------------------------------------------------------
+
+mod pillow_draw {
+    use std::path::PathBuf;
+
+    use serde_json::Value;
+    use vipllava_processor::visual_prompt::pillow::{
+        ArrowHead, Joint, PillowCanvas, TrainingArrow, bezier_samples,
+    };
+
+    fn fixture_dir() -> PathBuf {
+        std::env::var_os("PILLOW_DRAW_FIXTURES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pillow_draw"))
+    }
+
+    fn f(v: &Value) -> f64 {
+        v.as_f64().expect("number")
+    }
+
+    fn bbox(case: &Value) -> [f64; 4] {
+        let b = case["box"].as_array().expect("box");
+        [f(&b[0]), f(&b[1]), f(&b[2]), f(&b[3])]
+    }
+
+    fn pair(v: &Value) -> (f64, f64) {
+        (f(&v[0]), f(&v[1]))
+    }
+
+    fn points(case: &Value) -> Vec<(f64, f64)> {
+        case["points"]
+            .as_array()
+            .expect("points")
+            .iter()
+            .map(|p| (f(&p[0]), f(&p[1])))
+            .collect()
+    }
+
+    fn width(case: &Value) -> u32 {
+        case["width"].as_u64().expect("width") as u32
+    }
+
+    /// Draw one manifest case with our primitives.
+    fn draw_case(case: &Value, w: u32, h: u32) -> PillowCanvas {
+        let mut c = PillowCanvas::new(w, h);
+        let r = match case["op"].as_str().expect("op") {
+            "rectangle" => c.rectangle(bbox(case), width(case)),
+            "rectangle_filled" => c.rectangle_filled(bbox(case)),
+            "ellipse" => c.ellipse(bbox(case), width(case)),
+            "ellipse_filled" => c.ellipse_filled(bbox(case)),
+            "line" => {
+                let joint = if case["joint"].as_str() == Some("curve") {
+                    Joint::Curve
+                } else {
+                    Joint::None
+                };
+                c.line(&points(case), width(case), joint)
+            }
+            "polygon_filled" => c.polygon_filled(&points(case)),
+            "polygon_outline" => c.polygon_outline(&points(case)),
+            "pieslice_filled" => c.pieslice_filled(bbox(case), f(&case["start"]), f(&case["end"])),
+            "mark_ellipse" => c.training_ellipse(
+                bbox(case),
+                width(case),
+                f(&case["size_ratio"]),
+                f(&case["aspect_ratio"]),
+            ),
+            "mark_triangle" => {
+                let p = points(case);
+                c.training_triangle([p[0], p[1], p[2]], width(case))
+            }
+            "mark_point" => c.training_point(
+                pair(&case["centre"]),
+                f(&case["radius"]),
+                f(&case["aspect_ratio"]),
+            ),
+            "mark_scribble" => {
+                let k: Vec<(f64, f64)> = case["control"]
+                    .as_array()
+                    .expect("control")
+                    .iter()
+                    .map(pair)
+                    .collect();
+                let n = case["n"].as_u64().expect("n") as usize;
+                c.training_scribble(&bezier_samples([k[0], k[1], k[2], k[3]], n), width(case))
+            }
+            "mark_arrow" => {
+                let arrow = TrainingArrow {
+                    tip: pair(&case["tip"]),
+                    angle: f(&case["angle"]),
+                    length: f(&case["length"]),
+                    head: f(&case["head"]),
+                    head_kind: if case["head_kind"] == "open" {
+                        ArrowHead::Open
+                    } else {
+                        ArrowHead::Filled
+                    },
+                    wobble: case["wobble"].as_array().map(|_| pair(&case["wobble"])),
+                };
+                c.training_arrow(&arrow, width(case))
+            }
+            "mark_contour" => c.training_mask_contour(&points(case), case["w"].as_u64().expect("w") as u32),
+            op => panic!("unknown op {op}"),
+        };
+        r.expect("valid case");
+        c
+    }
+
+    /// The case as an RGBA image: the layer for drawing cases; for `composite`, the
+    /// training triangle blended onto the backdrop (opaque).
+    fn render(case: &Value, w: u32, h: u32, ink: [u8; 4]) -> image::RgbaImage {
+        if case["op"] != "composite" {
+            return draw_case(case, w, h).to_rgba(ink);
+        }
+        // backdrop() in scripts/make_draw_fixtures.py
+        let mut rgb = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([
+                ((x * 7 + y * 3) % 256) as u8,
+                ((x * 5 + y * 11) % 256) as u8,
+                ((x * 13 + y * 17) % 256) as u8,
+            ])
+        });
+        let mut c = PillowCanvas::new(w, h);
+        let p = points(case);
+        c.training_triangle([p[0], p[1], p[2]], width(case))
+            .expect("valid case");
+        c.composite_onto(&mut rgb, [ink[0], ink[1], ink[2]], ink[3]);
+        image::DynamicImage::ImageRgb8(rgb).to_rgba8()
+    }
+
+    /// Every case of `op`: our RGBA layer against Pillow's, pixel for pixel. Returns the
+    /// number of cases.
+    fn check(op: &str) -> usize {
+        let dir = fixture_dir();
+        let manifest: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).expect("manifest"))
+                .expect("json");
+        let atlas = image::open(dir.join(format!("{op}.png")))
+            .expect("atlas")
+            .to_rgba8();
+        let mut failures = Vec::new();
+        let mut n = 0;
+        for case in manifest["cases"]
+            .as_array()
+            .expect("cases")
+            .iter()
+            .filter(|c| c["op"] == op)
+        {
+            n += 1;
+            let size = &case["size"];
+            let (w, h) = (
+                size[0].as_u64().expect("w") as u32,
+                size[1].as_u64().expect("h") as u32,
+            );
+            let top = case["top"].as_u64().expect("top") as u32;
+            let ink: Vec<u8> = case["ink"]
+                .as_array()
+                .expect("ink")
+                .iter()
+                .map(|v| v.as_u64().expect("ink") as u8)
+                .collect();
+            let ours = render(case, w, h, [ink[0], ink[1], ink[2], ink[3]]);
+            let (mut differing, mut max_diff) = (0usize, 0u8);
+            for y in 0..h {
+                for x in 0..w {
+                    let a = ours.get_pixel(x, y).0;
+                    let b = atlas.get_pixel(x, top + y).0;
+                    let d = (0..4).map(|i| a[i].abs_diff(b[i])).max().unwrap_or(0);
+                    if d > 0 {
+                        differing += 1;
+                        max_diff = max_diff.max(d);
+                    }
+                }
+            }
+            if differing > 0 {
+                failures.push(format!(
+                    "{}: {differing} differing pixels, max |diff| {max_diff}: {case}",
+                    case["name"]
+                ));
+            }
+        }
+        assert!(n > 0, "no {op} cases in {}", dir.display());
+        assert!(
+            failures.is_empty(),
+            "{} of {n} {op} cases differ from Pillow:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+        n
+    }
+
+    #[test]
+    fn pillow_rectangle_outline_is_exact() {
+        check("rectangle");
+    }
+
+    #[test]
+    fn pillow_rectangle_filled_is_exact() {
+        check("rectangle_filled");
+    }
+
+    #[test]
+    fn pillow_ellipse_outline_is_exact() {
+        check("ellipse");
+    }
+
+    #[test]
+    fn pillow_ellipse_filled_is_exact() {
+        check("ellipse_filled");
+    }
+
+    #[test]
+    fn pillow_line_is_exact() {
+        check("line");
+    }
+
+    #[test]
+    fn pillow_polygon_filled_is_exact() {
+        check("polygon_filled");
+    }
+
+    #[test]
+    fn pillow_polygon_outline_is_exact() {
+        check("polygon_outline");
+    }
+
+    #[test]
+    fn pillow_pieslice_filled_is_exact() {
+        check("pieslice_filled");
+    }
+    #[test]
+    fn pillow_training_ellipse_is_exact() {
+        check("mark_ellipse");
+    }
+
+    #[test]
+    fn pillow_training_triangle_is_exact() {
+        check("mark_triangle");
+    }
+
+    #[test]
+    fn pillow_training_point_is_exact() {
+        check("mark_point");
+    }
+
+    #[test]
+    fn pillow_training_scribble_is_exact() {
+        check("mark_scribble");
+    }
+
+    #[test]
+    fn pillow_training_arrow_is_exact() {
+        check("mark_arrow");
+    }
+
+    #[test]
+    fn pillow_training_contour_is_exact() {
+        check("mark_contour");
+    }
+
+    #[test]
+    fn pillow_training_composite_is_exact() {
+        check("composite");
+    }
+}

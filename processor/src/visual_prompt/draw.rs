@@ -90,7 +90,7 @@ pub fn draw_image(
 
 /// One pixel channel of Pillow's `alpha_composite(opaque dst, src with alpha a)`.
 #[inline]
-fn composite(src: u8, dst: u8, a: u8) -> u8 {
+pub(super) fn composite(src: u8, dst: u8, a: u8) -> u8 {
     const PRECISION_BITS: u32 = 7;
     // With an opaque destination Pillow's coefficients reduce to a·128 and (255 − a)·128.
     let coef1 = u32::from(a) << PRECISION_BITS;

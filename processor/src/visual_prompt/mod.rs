@@ -48,6 +48,7 @@ mod draw;
 mod error;
 mod extent;
 mod geometry;
+pub mod pillow;
 mod raster;
 mod shape;
 mod spec;
