@@ -12,6 +12,7 @@ pub mod cache;
 pub mod clip;
 pub mod config;
 pub mod dispatch;
+pub mod error;
 pub mod input;
 pub mod kernels;
 pub mod layers;
