@@ -35,52 +35,77 @@ pub enum OptimizerKind {
     Adamw,
 }
 
-/// Training settings (the CLI flags of `vipllava train`).
+/// Training settings. With the `clap` feature they are also the flags of `vipllava train`
+/// (the command-line defaults are the ones given there; [`TrainConfig::new`] has its own).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct TrainConfig {
-    /// Base model directory.
+    /// Base model directory (HF layout) or, on the command line, a hub id.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub model: PathBuf,
-    /// Data file (JSON list or JSONL).
+    /// Data file: JSON list or JSONL.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub data: PathBuf,
-    /// Output directory (checkpoints and the final model).
+    /// Output directory: checkpoint-N/ folders and, at the end, the fine-tuned model (HF
+    /// layout, LoRA merged) that `generate --model DIR` loads. Never the model directory.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub out: PathBuf,
-    /// Images are looked up here instead of next to the data file.
+    /// Folder the images are relative to (default: the data file's folder).
+    #[cfg_attr(feature = "clap", arg(long))]
     pub image_folder: Option<PathBuf>,
-    /// Bad samples: skip (reported) or fail.
+    /// What to do with unusable samples.
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = OnBadSample::Skip))]
     pub on_bad_sample: OnBadSample,
-    /// What trains.
+    /// Which parameters train.
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = Trainable::Projector))]
     pub trainable: Trainable,
     /// LoRA rank.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 8))]
     pub lora_rank: usize,
-    /// LoRA alpha (the update is scaled by `alpha / rank`).
+    /// LoRA alpha (update scaled by alpha / rank).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 16.0))]
     pub lora_alpha: f64,
-    /// LoRA targets: projections or the groups `attn`, `mlp` and `all`.
+    /// LoRA targets: attn, mlp, all, or projection names (q_proj, ..., down_proj).
+    #[cfg_attr(feature = "clap", arg(long, value_delimiter = ',', default_value = "attn"))]
     pub lora_targets: Vec<LoraTarget>,
     /// Optimizer.
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = OptimizerKind::Adamw))]
     pub optimizer: OptimizerKind,
     /// Learning rate.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 2e-4))]
     pub lr: f64,
-    /// Weight decay (0 = none).
+    /// Weight decay.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0.0))]
     pub weight_decay: f64,
-    /// SGD momentum (0 = none).
+    /// SGD momentum.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0.0))]
     pub momentum: f64,
     /// Passes over the data.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 1))]
     pub epochs: usize,
-    /// Samples per micro-batch.
+    /// Samples per micro-batch (right-padded, with an attention mask).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 1))]
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 1))]
     pub grad_accum: usize,
     /// Recompute activations in the backward pass to save memory.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub gradient_checkpointing: bool,
-    /// Seed of the LoRA initialisation and of the shuffle.
+    /// Seed (LoRA initialisation, shuffle).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
     pub seed: u64,
-    /// Shuffle the samples each epoch (default: file order).
+    /// Shuffle the samples every epoch (default: file order).
+    #[cfg_attr(feature = "clap", arg(long))]
     pub shuffle: bool,
-    /// Write a checkpoint every N steps (besides the final one).
+    /// Write a checkpoint every N steps (one is always written at the end).
+    #[cfg_attr(feature = "clap", arg(long))]
     pub save_every: Option<usize>,
-    /// Stop after this many steps in total.
+    /// Stop after N steps in total.
+    #[cfg_attr(feature = "clap", arg(long))]
     pub max_steps: Option<usize>,
-    /// Parameter precision (default f32).
+    /// Parameter dtype: f32, f16 or bf16.
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = Precision::F32))]
     pub dtype: Precision,
 }
 

@@ -8,85 +8,19 @@ use clap::Args;
 use serde_json::json;
 
 use crate::cli::args::model_dir;
-use vipllava::train::data::OnBadSample;
-use vipllava::train::trainer::{OptimizerKind, TrainConfig, Trainable, Trainer};
+use vipllava::train::trainer::{TrainConfig, Trainer};
 
 /// Fine-tune on LLaVA-format data (JSON list or JSONL of {"id", "image", "conversations"}).
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Base model directory (HF layout) or hub id.
-    #[arg(long)]
-    model: String,
-    /// Data file: JSON list or JSONL.
-    #[arg(long)]
-    data: PathBuf,
-    /// Output directory: checkpoint-N/ folders and, at the end, the fine-tuned model (HF
-    /// layout, LoRA merged) that `generate --model DIR` loads. Never the model directory.
-    #[arg(long)]
-    out: PathBuf,
-    /// Folder the images are relative to (default: the data file's folder).
-    #[arg(long)]
-    image_folder: Option<PathBuf>,
-    /// What to do with unusable samples.
-    #[arg(long, value_enum, default_value_t = OnBadSample::Skip)]
-    on_bad_sample: OnBadSample,
-    /// Which parameters train.
-    #[arg(long, value_enum, default_value_t = Trainable::Projector)]
-    trainable: Trainable,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 8)]
-    lora_rank: usize,
-    /// LoRA alpha (update scaled by alpha / rank).
-    #[arg(long, default_value_t = 16.0)]
-    lora_alpha: f64,
-    /// LoRA targets: attn, mlp, all, or projection names (q_proj, ..., down_proj).
-    #[arg(long, value_delimiter = ',', default_value = "attn")]
-    lora_targets: Vec<vipllava::train::LoraTarget>,
-    /// Optimizer.
-    #[arg(long, value_enum, default_value_t = OptimizerKind::Adamw)]
-    optimizer: OptimizerKind,
-    /// Learning rate.
-    #[arg(long, default_value_t = 2e-4)]
-    lr: f64,
-    /// Weight decay.
-    #[arg(long, default_value_t = 0.0)]
-    weight_decay: f64,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.0)]
-    momentum: f64,
-    /// Passes over the data.
-    #[arg(long, default_value_t = 1)]
-    epochs: usize,
-    /// Samples per micro-batch (right-padded, with an attention mask).
-    #[arg(long, default_value_t = 1)]
-    batch_size: usize,
-    /// Micro-batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    /// Recompute activations in the backward pass to save memory.
-    #[arg(long)]
-    gradient_checkpointing: bool,
-    /// Seed (LoRA initialisation, shuffle).
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Shuffle the samples every epoch (default: file order).
-    #[arg(long)]
-    shuffle: bool,
-    /// Write a checkpoint every N steps (one is always written at the end).
-    #[arg(long)]
-    save_every: Option<usize>,
-    /// Stop after N steps in total.
-    #[arg(long)]
-    max_steps: Option<usize>,
+    #[command(flatten)]
+    config: TrainConfig,
     /// Continue from a checkpoint directory (out/checkpoint-N).
     #[arg(long)]
     resume: Option<PathBuf>,
     /// cpu, ndarray, wgpu, vulkan, metal, cuda[:N] or remote:ws://HOST:PORT (see `generate`).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Parameter dtype: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: vipllava::model::Precision,
     /// One JSON line per step (step, loss, lr, tokens) instead of the progress bar.
     #[arg(long)]
     json: bool,
@@ -95,26 +29,9 @@ pub struct TrainArgs {
 /// Runs the command.
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let device = vipllava::open_device(&args.device)?;
-    let mut config = TrainConfig::new(model_dir(&args.model)?, &args.data, &args.out);
-    config.image_folder = args.image_folder.clone();
-    config.on_bad_sample = args.on_bad_sample;
-    config.trainable = args.trainable;
-    config.lora_rank = args.lora_rank;
-    config.lora_alpha = args.lora_alpha;
-    config.lora_targets = args.lora_targets.clone();
-    config.optimizer = args.optimizer;
-    config.lr = args.lr;
-    config.weight_decay = args.weight_decay;
-    config.momentum = args.momentum;
-    config.epochs = args.epochs;
-    config.batch_size = args.batch_size;
-    config.grad_accum = args.grad_accum;
-    config.gradient_checkpointing = args.gradient_checkpointing;
-    config.seed = args.seed;
-    config.shuffle = args.shuffle;
-    config.save_every = args.save_every;
-    config.max_steps = args.max_steps;
-    config.dtype = args.dtype;
+    let mut config = args.config;
+    // `--model` may be a hub id: resolve it to the local directory.
+    config.model = model_dir(&config.model.to_string_lossy())?;
     vipllava::train::trainer::check_out_dir(&config.model, &config.out)?;
 
     let trainer = match &args.resume {
