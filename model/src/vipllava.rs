@@ -151,6 +151,7 @@ impl VipLlava {
     /// Checks host token ids against the vocabulary and returns the flat (row-major)
     /// positions of the image tokens among them.
     pub fn image_token_positions(&self, ids: &[i64]) -> Result<Vec<usize>, ForwardError> {
+        let mut positions = Vec::new();
         for (position, &id) in ids.iter().enumerate() {
             if id < 0 || id as usize >= self.vocab_size {
                 return Err(ForwardError::TokenOutOfVocab {
@@ -159,13 +160,11 @@ impl VipLlava {
                     vocab_size: self.vocab_size,
                 });
             }
+            if id == self.image_token_index as i64 {
+                positions.push(position);
+            }
         }
-        Ok(ids
-            .iter()
-            .enumerate()
-            .filter(|(_, id)| **id == self.image_token_index as i64)
-            .map(|(i, _)| i)
-            .collect())
+        Ok(positions)
     }
 
     /// Token embeddings with image features written at `image_positions` (flat, from

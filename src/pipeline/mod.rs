@@ -242,7 +242,7 @@ impl Pipeline {
     }
 
     /// `[images, 3, H, W]` pixels on the device; `None` without images.
-    pub(crate) fn pixel_tensor<'a>(
+    pub fn pixel_tensor<'a>(
         &self,
         pixel_values: impl IntoIterator<Item = &'a PixelValues>,
     ) -> Option<Tensor<4>> {
@@ -257,8 +257,8 @@ impl Pipeline {
     }
 }
 
-/// `[batch, 1, vocab]` logits as one host vector per row.
-pub(crate) fn logit_rows(logits: Tensor<3>) -> Result<Vec<Vec<f32>>, PipelineError> {
+/// `[batch, 1, vocab]` logits as one host vector per row (one read-back from the device).
+pub fn logit_rows(logits: Tensor<3>) -> Result<Vec<Vec<f32>>, PipelineError> {
     let [_, _, v] = logits.dims();
     let flat = logits
         .into_data()

@@ -13,6 +13,7 @@ use serde::Serialize;
 use vipllava::convert::{LoadOptions, Quantization, load_model, quantize_model, read_config};
 use vipllava::generation::argmax;
 use vipllava::model::{ForwardInput, KvCache, LogitsMode, Precision, VipLlava, VipLlavaConfig};
+use vipllava::pipeline::logit_rows;
 
 use super::stats::{cpu_threads, median, peak_rss_mib};
 
@@ -217,11 +218,5 @@ pub(crate) fn bench_batch(
 
 /// The greedy token of each row of `[batch, 1, vocab]` logits.
 fn last_tokens(logits: Tensor<3>) -> anyhow::Result<Vec<i64>> {
-    let [_, _, vocab] = logits.dims();
-    let flat = logits
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("reading logits: {e:?}"))?;
-    Ok(flat.chunks(vocab.max(1)).map(|row| argmax(row) as i64).collect())
+    Ok(logit_rows(logits)?.iter().map(|row| argmax(row) as i64).collect())
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::Context;
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::Device;
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
@@ -282,20 +282,9 @@ pub(crate) fn run_combo(
 /// Vision tower + projector on the prepared image, read back to the host so that lazy or
 /// asynchronous backends are timed to completion.
 fn time_image_encode(pipeline: &Pipeline, prepared: &PreparedInput) -> anyhow::Result<f64> {
-    let Some(first) = prepared.pixel_values.first() else {
+    let Some(pixels) = pipeline.pixel_tensor(&prepared.pixel_values) else {
         return Ok(0.0);
     };
-    let mut data = Vec::with_capacity(first.data.len() * prepared.pixel_values.len());
-    for p in &prepared.pixel_values {
-        data.extend_from_slice(&p.data);
-    }
-    let shape = [
-        prepared.pixel_values.len(),
-        first.channels,
-        first.height,
-        first.width,
-    ];
-    let pixels = Tensor::<4>::from_data(TensorData::new(data, shape), pipeline.device());
     let start = Instant::now();
     let features = pipeline.model().image_features(pixels)?;
     let _ = features.sum().into_data();
