@@ -14,7 +14,7 @@ use vipllava::hub::{DEFAULT_MODEL, resolve_model};
 use vipllava::model::Precision;
 use vipllava::pipeline::{Pipeline, PipelineOptions};
 use vipllava::processor::image::{ImageMode, ImageProcessorConfig, crop_window};
-use vipllava::processor::visual_prompt::{self, DrawOptions, VisualPrompt};
+use vipllava::processor::visual_prompt::{self, ArrowHead, DrawOptions, MarkStyle, VisualPrompt};
 use vipllava::{LoadOptions, Quantization};
 
 /// `--model`: a local directory or a hub id.
@@ -189,6 +189,25 @@ pub fn load_images(paths: &[PathBuf]) -> anyhow::Result<Vec<DynamicImage>> {
     paths.iter().map(|p| load_image(p)).collect()
 }
 
+/// How `--arrow` heads are drawn.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ArrowHeadArg {
+    /// A filled triangle.
+    #[default]
+    Filled,
+    /// An open V of the line width.
+    Open,
+}
+
+impl From<ArrowHeadArg> for ArrowHead {
+    fn from(a: ArrowHeadArg) -> Self {
+        match a {
+            ArrowHeadArg::Filled => Self::Filled,
+            ArrowHeadArg::Open => Self::Open,
+        }
+    }
+}
+
 /// Visual prompts drawn on the (first) image before it is processed, in original-image
 /// pixel coordinates, each with an optional `:colour` suffix (default red).
 #[derive(Args, Debug, Default, Clone)]
@@ -220,9 +239,23 @@ pub struct VisualPromptArgs {
     /// Opacity 1..255 of the marks (default 128 for strokes, 88 for filled masks).
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
     pub alpha: Option<u8>,
-    /// Line width in pixels (default 3 x max(W, H) / 336).
+    /// Line width in pixels (default int(3 x max(W, H) / 336), at least 1).
     #[arg(long)]
     pub line_width: Option<f32>,
+    /// Radius of `--point` dots in pixels (default int(8 x max(W, H) / 336), at least 1).
+    #[arg(long, value_name = "PX")]
+    pub point_radius: Option<f32>,
+    /// Side length of arrow heads in pixels (default max(0.35 x arrow length,
+    /// int(6 x max(W, H) / 336)), at most the arrow's length).
+    #[arg(long, value_name = "PX")]
+    pub arrow_head_size: Option<f32>,
+    /// Arrow heads filled triangles or open V strokes (training drew both, half each).
+    #[arg(long, value_enum, default_value_t = ArrowHeadArg::Filled)]
+    pub arrow_head: ArrowHeadArg,
+    /// Draw marks anti-aliased instead of hard-edged the way ViP-LLaVA's training code
+    /// drew them (Pillow `ImageDraw`, the default).
+    #[arg(long)]
+    pub smooth: bool,
     /// Write the image with the marks (what the model sees before resizing) here.
     #[arg(long, value_name = "PATH")]
     pub save_prompted_image: Option<PathBuf>,
@@ -252,11 +285,20 @@ impl VisualPromptArgs {
         Ok(out)
     }
 
-    /// `--alpha` and `--line-width`.
+    /// `--alpha`, `--line-width`, `--point-radius`, `--arrow-head-size`, `--arrow-head`
+    /// and `--smooth`.
     pub fn draw_options(&self) -> DrawOptions {
         DrawOptions {
             alpha: self.alpha,
             line_width: self.line_width,
+            style: if self.smooth {
+                MarkStyle::Smooth
+            } else {
+                MarkStyle::Training
+            },
+            point_radius: self.point_radius,
+            arrow_head_size: self.arrow_head_size,
+            arrow_head: self.arrow_head.into(),
         }
     }
 
@@ -269,22 +311,51 @@ impl VisualPromptArgs {
         mode: ImageMode,
     ) -> anyhow::Result<DynamicImage> {
         let prompts = self.prompts()?;
-        let drawn = if prompts.is_empty() {
-            image
-        } else {
-            let options = self.draw_options();
-            let drawn = visual_prompt::draw_image(&image, &prompts, &options)?;
-            if mode == ImageMode::Crop {
-                warn_outside_crop(&drawn, &prompts, &options, config)?;
-            }
-            drawn
-        };
+        let drawn = self.draw_marks(image, &prompts, config, mode)?;
         if let Some(path) = &self.save_prompted_image {
             drawn
                 .save(path)
                 .with_context(|| format!("writing {}", path.display()))?;
         }
         Ok(drawn)
+    }
+
+    /// Whether any mark flag (`--box`, `--arrow`, ...) or `--save-prompted-image` is given.
+    pub fn has_marks(&self) -> bool {
+        [
+            &self.boxes,
+            &self.ellipses,
+            &self.triangles,
+            &self.points,
+            &self.arrows,
+            &self.scribbles,
+            &self.masks,
+            &self.mask_contours,
+        ]
+        .iter()
+        .any(|v| !v.is_empty())
+            || self.save_prompted_image.is_some()
+    }
+
+    /// Draws `prompts` on `image` with these flags' options; warns (crop mode) when a mark
+    /// leaves the crop window.
+    pub fn draw_marks(
+        &self,
+        image: DynamicImage,
+        prompts: &[VisualPrompt],
+        config: &ImageProcessorConfig,
+        mode: ImageMode,
+    ) -> anyhow::Result<DynamicImage> {
+        Ok(if prompts.is_empty() {
+            image
+        } else {
+            let options = self.draw_options();
+            let drawn = visual_prompt::draw_image(&image, prompts, &options)?;
+            if mode == ImageMode::Crop {
+                warn_outside_crop(&drawn, prompts, &options, config)?;
+            }
+            drawn
+        })
     }
 }
 

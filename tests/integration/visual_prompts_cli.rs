@@ -115,7 +115,8 @@ fn every_shape_is_visible_in_the_saved_prompted_image() {
             (14, 10, 146, 70),
         ),
         ("--mask", format!("{mask}:orange"), (20, 100, 60, 140)),
-        ("--mask-contour", format!("{mask}:purple"), (20, 100, 60, 140)),
+        // Centred on the mask's boundary, so one pixel reaches outside it.
+        ("--mask-contour", format!("{mask}:purple"), (19, 99, 61, 141)),
     ];
     let before = image::open(&image).expect("input").to_rgb8();
     for (flag, spec, (x0, y0, x1, y1)) in cases {
@@ -218,4 +219,161 @@ fn chat_takes_generate_marks_and_sampling_flags() {
         .expect("an answer line");
     assert!(!answer.is_empty());
     assert_eq!(first.trim_end(), answer, "chat transcript: {transcript:?}");
+}
+
+/// `draw`'s drawing flags reach the renderer: the file equals the library's `draw` with the
+/// same options, in the default (training) style and with `--smooth`, and the two differ.
+#[test]
+fn draw_flags_reach_the_renderer() {
+    use vipllava::processor::visual_prompt::{ArrowHead, DrawOptions, MarkStyle, ShapeKind, draw};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let input = tmp.path().join("grey.png");
+    let grey = image::RgbImage::from_pixel(120, 90, image::Rgb([128, 128, 128]));
+    grey.save(&input).expect("save");
+    let marks = [
+        ("arrow", "10,80,60,20:blue"),
+        ("point", "90,30:yellow"),
+        ("box", "70,50,110,85"),
+    ];
+    let library = |style| {
+        let prompts: Vec<_> = marks
+            .iter()
+            .map(|(k, s)| k.parse::<ShapeKind>().expect("kind").parse_spec(s).expect("spec"))
+            .collect();
+        let options = DrawOptions {
+            style,
+            point_radius: Some(6.0),
+            arrow_head_size: Some(15.0),
+            arrow_head: ArrowHead::Open,
+            line_width: Some(2.0),
+            ..DrawOptions::default()
+        };
+        draw(&image::DynamicImage::ImageRgb8(grey.clone()), &prompts, &options).expect("draw")
+    };
+    let cli = |extra: &[&str]| {
+        let out = tmp.path().join("out.png");
+        let mut args = vec![
+            "draw",
+            "--image",
+            input.to_str().expect("utf8"),
+            "--out",
+            out.to_str().expect("utf8"),
+            "--point-radius",
+            "6",
+            "--arrow-head-size",
+            "15",
+            "--arrow-head",
+            "open",
+            "--line-width",
+            "2",
+        ];
+        for (kind, spec) in &marks {
+            args.push(match *kind {
+                "arrow" => "--arrow",
+                "point" => "--point",
+                _ => "--box",
+            });
+            args.push(spec);
+        }
+        args.extend(extra);
+        let r = run_cli(&args);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        image::open(&out).expect("output").to_rgb8()
+    };
+    let training = cli(&[]);
+    assert_eq!(training, library(MarkStyle::Training));
+    let smooth = cli(&["--smooth"]);
+    assert_eq!(smooth, library(MarkStyle::Smooth));
+    assert_ne!(training, smooth);
+    // Bad sizes are clear errors.
+    let r = run_cli(&[
+        "draw",
+        "--image",
+        input.to_str().expect("utf8"),
+        "--out",
+        tmp.path().join("x.png").to_str().expect("utf8"),
+        "--point",
+        "5,5",
+        "--point-radius",
+        "0",
+    ]);
+    assert!(!r.status.success());
+    assert!(String::from_utf8_lossy(&r.stderr).contains("point radius"));
+}
+
+/// `--batch` lines carry their own marks (`visual_prompts`): the answer equals `generate`
+/// with the same marks as flags; mark flags with `--batch` are refused.
+#[test]
+fn batch_lines_carry_visual_prompts() {
+    let model = fixture("tiny-5x-f32");
+    let image = fixture("images/coffee_wide.png");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let question = "What is in the blue box?";
+    let single = run_cli(&[
+        "generate",
+        "--model",
+        model.to_str().expect("utf8"),
+        "--image",
+        image.to_str().expect("utf8"),
+        "--prompt",
+        question,
+        "--box",
+        "40,5,120,45:blue",
+        "--arrow",
+        "10,10,60,30",
+        "--alpha",
+        "200",
+        "--image-mode",
+        "pad",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ]);
+    assert!(
+        single.status.success(),
+        "{}",
+        String::from_utf8_lossy(&single.stderr)
+    );
+    let single: serde_json::Value = serde_json::from_slice(&single.stdout).expect("json");
+    let file = tmp.path().join("requests.jsonl");
+    let marked = serde_json::json!({
+        "image": image, "prompt": question, "max_new_tokens": 6,
+        "visual_prompts": [
+            {"shape": "box", "spec": "40,5,120,45:blue"},
+            {"shape": "arrow", "spec": "10,10,60,30"},
+        ],
+    });
+    let plain = serde_json::json!({"image": image, "prompt": question, "max_new_tokens": 6});
+    std::fs::write(&file, format!("{marked}\n{plain}\n")).expect("write");
+    let batch = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().expect("utf8"),
+            "--batch",
+            file.to_str().expect("utf8"),
+            "--alpha",
+            "200",
+            "--image-mode",
+            "pad",
+            "--json",
+        ];
+        args.extend(extra);
+        run_cli(&args)
+    };
+    let out = batch(&[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["token_ids"], single["token_ids"]);
+    assert_ne!(
+        rows[1]["token_ids"], single["token_ids"],
+        "the marks changed nothing"
+    );
+    let refused = batch(&["--box", "1,1,5,5"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("visual_prompts"));
 }

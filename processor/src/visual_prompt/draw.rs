@@ -3,8 +3,9 @@
 //!
 //! # Why the compositing is ours and not tiny-skia's
 //!
-//! Shapes are already rasterised by tiny-skia ([`super::geometry`] builds the paths,
-//! [`super::raster`] fills them anti-aliased). Two pieces are hand-written: this
+//! (This measurement concerns the `--smooth` style.) Shapes are rasterised by tiny-skia
+//! ([`super::geometry`] builds the paths, [`super::raster`] fills them anti-aliased). Two
+//! pieces are hand-written: this
 //! compositing (`composite`, Pillow's `alpha_composite` arithmetic, which the original's
 //! `image_blending` uses) and the contour band of mask images ([`super::contour`], an
 //! exact distance transform, for which tiny-skia has no primitive). Replacing the
@@ -59,7 +60,7 @@ pub fn draw_on_rgb(
         .map(|p| resolve(p, options, w, h).map(|r| (p, r)))
         .collect::<Result<Vec<_>, _>>()?;
     for (prompt, (alpha, line_width)) in resolved {
-        let cov = coverage(&prompt.shape, line_width, w, h)?;
+        let cov = coverage(&prompt.shape, line_width, options, w, h)?;
         let c = prompt.colour;
         for (px, &cv) in image.pixels_mut().zip(cov.iter()) {
             if cv == 0 {

@@ -66,6 +66,14 @@ pub enum VisualPromptError {
     /// A line width that is not a positive finite number of pixels.
     #[error("line width must be a positive finite number of pixels (at most {MAX_COORDINATE}), got {0}")]
     InvalidLineWidth(f32),
+    /// A point radius or arrow head size that is not a positive finite number of pixels.
+    #[error("{what} must be a positive finite number of pixels (at most {MAX_COORDINATE}), got {value}")]
+    InvalidSize {
+        /// Which size.
+        what: &'static str,
+        /// The value given.
+        value: f32,
+    },
     /// A mask image whose size differs from the image's.
     #[error("mask image is {mask_width}x{mask_height} but the image is {image_width}x{image_height}")]
     MaskSizeMismatch {
@@ -106,6 +114,14 @@ pub enum VisualPromptError {
         path: PathBuf,
         /// Decoder error.
         source: image::ImageError,
+    },
+    /// A Pillow primitive refused the shape (e.g. a line width above its limit).
+    #[error("{shape}: {source}")]
+    Pillow {
+        /// Shape name.
+        shape: &'static str,
+        /// What the primitive refused.
+        source: super::pillow::PillowDrawError,
     },
     /// The rasteriser could not build the shape's outline (should not happen for valid input).
     #[error("{0}: could not build the outline")]

@@ -20,7 +20,7 @@ pub fn bounding_box(
         return Err(VisualPromptError::EmptyImage(width, height));
     }
     let (_, line_width) = resolve(prompt, options, width, height)?;
-    let cov = coverage(&prompt.shape, line_width, width, height)?;
+    let cov = coverage(&prompt.shape, line_width, options, width, height)?;
     let (w, h) = (width as usize, height as usize);
     let mut ext: Option<(usize, usize, usize, usize)> = None;
     for (y, row) in cov.chunks_exact(w).enumerate().take(h) {
@@ -81,8 +81,18 @@ mod tests {
         let outside = marks_outside(&prompts, &DrawOptions::default(), 640, 480, &window).unwrap();
         assert_eq!(outside, vec![&prompts[0], &prompts[2]]);
         // The check includes the line width: a box touching the window edge from inside
-        // stays inside.
+        // stays inside. Smooth boxes end before x1; Pillow's (the default) include x1.
         let edge = [boxed(80.0, 0.0, 560.0, 480.0)];
+        assert!(
+            marks_outside(&edge, &DrawOptions::smooth(), 640, 480, &window)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            marks_outside(&edge, &DrawOptions::default(), 640, 480, &window).unwrap(),
+            vec![&edge[0]]
+        );
+        let edge = [boxed(80.0, 0.0, 559.0, 479.0)];
         assert!(
             marks_outside(&edge, &DrawOptions::default(), 640, 480, &window)
                 .unwrap()

@@ -3,13 +3,14 @@
 
 use tiny_skia::{FillRule, LineCap, LineJoin, PathBuilder, Rect, Stroke};
 
-use super::{Shape, VisualPromptError, point_radius, size_scale};
+use super::{ArrowHead, DrawOptions, Shape, VisualPromptError, point_radius, size_scale};
 
 /// The paths that make up a validated shape drawn with line width `lw` on a `w`×`h`
 /// image, each with its fill rule, in drawing order; none for mask images.
 pub(super) fn fill_paths(
     shape: &Shape,
     lw: f32,
+    options: &DrawOptions,
     w: u32,
     h: u32,
 ) -> Result<Vec<(tiny_skia::Path, FillRule)>, VisualPromptError> {
@@ -43,7 +44,9 @@ pub(super) fn fill_paths(
             paths.push((path.stroke(&round, 1.0).ok_or_else(geometry)?, FillRule::Winding));
         }
         Shape::Point { x, y } => {
-            let path = PathBuilder::from_circle(*x, *y, point_radius(w, h)).ok_or_else(geometry)?;
+            let path =
+                PathBuilder::from_circle(*x, *y, options.point_radius.unwrap_or_else(|| point_radius(w, h)))
+                    .ok_or_else(geometry)?;
             paths.push((path, FillRule::Winding));
         }
         Shape::Scribble { points } => {
@@ -56,7 +59,10 @@ pub(super) fn fill_paths(
             let (bx, by) = (dx / len, dy / len); // unit vector from the tip back to the tail
             let s = size_scale(w, h);
             let lo = (6.0 * s).max(3.0 * lw);
-            let head = (0.35 * len).clamp(lo, (18.0 * s).max(lo)).min(len);
+            let head = match options.arrow_head_size {
+                Some(size) => size.min(len),
+                None => (0.35 * len).clamp(lo, (18.0 * s).max(lo)).min(len),
+            };
             // Head: the original's triangle with its sides at ±60° from the shaft.
             let (c, sn) = (0.5f32, 3f32.sqrt() / 2.0);
             let side = |sign: f32| {
@@ -67,11 +73,20 @@ pub(super) fn fill_paths(
             };
             let (l, r) = (side(1.0), side(-1.0));
             let mut pb = PathBuilder::new();
-            pb.move_to(*x1, *y1);
-            pb.line_to(l.0, l.1);
-            pb.line_to(r.0, r.1);
-            pb.close();
-            paths.push((pb.finish().ok_or_else(geometry)?, FillRule::Winding));
+            if options.arrow_head == ArrowHead::Open {
+                // An open V of the line width, as the training code's `line` head.
+                pb.move_to(l.0, l.1);
+                pb.line_to(*x1, *y1);
+                pb.line_to(r.0, r.1);
+                let v = pb.finish().ok_or_else(geometry)?;
+                paths.push((v.stroke(&round, 1.0).ok_or_else(geometry)?, FillRule::Winding));
+            } else {
+                pb.move_to(*x1, *y1);
+                pb.line_to(l.0, l.1);
+                pb.line_to(r.0, r.1);
+                pb.close();
+                paths.push((pb.finish().ok_or_else(geometry)?, FillRule::Winding));
+            }
             // Shaft: from the tail to just inside the head (0.4·head back from the tip).
             let back = 0.4 * head;
             if len > back {

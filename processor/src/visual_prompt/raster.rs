@@ -1,15 +1,27 @@
-//! Coverage of a shape: the fraction of each pixel it covers (0..=255). Paths
-//! ([`super::geometry`]) are filled anti-aliased by tiny-skia; mask images are
-//! thresholded; mask-image contours come from [`super::contour`].
+//! Coverage of a shape: the fraction of each pixel it covers (0..=255). The training style
+//! ([`super::training`]) covers whole pixels as Pillow does; the smooth style fills paths
+//! ([`super::geometry`]) anti-aliased with tiny-skia, thresholds mask images and takes
+//! mask-image contours from [`super::contour`].
 
 use tiny_skia::{Mask, Transform};
 
 use super::contour::contour_band;
 use super::geometry::fill_paths;
-use super::{MASK_THRESHOLD, Shape, VisualPromptError};
+use super::training::training_coverage;
+use super::{DrawOptions, MASK_THRESHOLD, MarkStyle, Shape, VisualPromptError};
 
-/// Per-pixel coverage (0..=255, row-major `w`×`h`) of a validated shape.
-pub(super) fn coverage(shape: &Shape, lw: f32, w: u32, h: u32) -> Result<Vec<u8>, VisualPromptError> {
+/// Per-pixel coverage (0..=255, row-major `w`×`h`) of a validated shape drawn with line
+/// width `lw` in the style of `options`.
+pub(super) fn coverage(
+    shape: &Shape,
+    lw: f32,
+    options: &DrawOptions,
+    w: u32,
+    h: u32,
+) -> Result<Vec<u8>, VisualPromptError> {
+    if options.style == MarkStyle::Training {
+        return training_coverage(shape, lw, options, w, h);
+    }
     match shape {
         Shape::MaskImage(mask) => {
             return Ok(mask
@@ -22,7 +34,7 @@ pub(super) fn coverage(shape: &Shape, lw: f32, w: u32, h: u32) -> Result<Vec<u8>
         _ => {}
     }
     let mut canvas = Mask::new(w, h).ok_or(VisualPromptError::EmptyImage(w, h))?;
-    for (path, rule) in fill_paths(shape, lw, w, h)? {
+    for (path, rule) in fill_paths(shape, lw, options, w, h)? {
         canvas.fill_path(&path, rule, true, Transform::identity());
     }
     Ok(canvas.take())

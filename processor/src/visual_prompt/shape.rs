@@ -3,6 +3,7 @@
 use image::GrayImage;
 
 use super::Colour;
+use super::pillow::ArrowHead;
 
 /// What to draw, in original-image pixel coordinates.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,20 +35,21 @@ pub enum Shape {
         /// The corners.
         points: [(f32, f32); 3],
     },
-    /// A filled dot of radius `max(floor(8·s), 1)`; the line width does not apply.
+    /// A filled dot of radius [`DrawOptions::point_radius`] (default `max(int(8·s), 1)`);
+    /// the line width does not apply.
     Point {
         /// Centre x.
         x: f32,
         /// Centre y.
         y: f32,
     },
-    /// A smooth curve (Catmull-Rom spline) through the points, round caps and joins.
+    /// A smooth curve (Catmull-Rom spline) through the points.
     Scribble {
         /// At least two distinct points.
         points: Vec<(f32, f32)>,
     },
     /// A straight arrow from the tail `(x0, y0)` to its tip `(x1, y1)` (the target), with a
-    /// filled head.
+    /// head of [`DrawOptions::arrow_head_size`] and [`DrawOptions::arrow_head`] kind.
     Arrow {
         /// Tail x.
         x0: f32,
@@ -70,8 +72,10 @@ pub enum Shape {
         /// At least three points.
         polygon: Vec<(f32, f32)>,
     },
-    /// The inner boundary band (one line width thick) of a mask image's region (pixels
-    /// above [`MASK_THRESHOLD`](super::MASK_THRESHOLD); the image border counts as outside).
+    /// The contour of a mask image's region (pixels above
+    /// [`MASK_THRESHOLD`](super::MASK_THRESHOLD); the image border counts as outside): a
+    /// band centred on the region's boundary (training style) or the inner band one line
+    /// width thick (smooth style).
     MaskContourImage(GrayImage),
 }
 
@@ -134,13 +138,46 @@ impl VisualPrompt {
     }
 }
 
-/// Defaults applied to prompts that do not set their own.
+/// How marks are rasterised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MarkStyle {
+    /// The training code's rendering: Pillow `ImageDraw` calls on a transparent layer, hard
+    /// edges, Pillow's coordinate conventions (end corners inclusive, coordinates truncated
+    /// to integers). What ViP-LLaVA saw in training; the default.
+    #[default]
+    Training,
+    /// Anti-aliased paths (tiny-skia): a pixel's alpha is the fraction of it the shape
+    /// covers; boxes span `[x0, x1)`. Smoother to look at, slightly off the training look.
+    Smooth,
+}
+
+/// Defaults applied to prompts that do not set their own, and how marks are drawn.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct DrawOptions {
     /// Opacity 1..=255; `None`: [`DEFAULT_STROKE_ALPHA`](super::DEFAULT_STROKE_ALPHA), or
     /// [`DEFAULT_MASK_ALPHA`](super::DEFAULT_MASK_ALPHA) for
     /// filled masks.
     pub alpha: Option<u8>,
-    /// Line width in pixels; `None`: `max(floor(3 · max(W, H) / 336), 1)`.
+    /// Line width in pixels; `None`: `max(floor(3 · max(W, H) / 336), 1)`. The training
+    /// style draws whole pixels: the width is truncated, at least 1.
     pub line_width: Option<f32>,
+    /// Rasterisation: the training code's (default) or anti-aliased.
+    pub style: MarkStyle,
+    /// Radius of points in pixels; `None`: `max(floor(8 · max(W, H) / 336), 1)`.
+    pub point_radius: Option<f32>,
+    /// Side length of arrow heads in pixels; `None`: see
+    /// [`default_arrow_head_size`](super::default_arrow_head_size).
+    pub arrow_head_size: Option<f32>,
+    /// Filled or open (a V of the line width) arrow heads.
+    pub arrow_head: ArrowHead,
+}
+
+impl DrawOptions {
+    /// The anti-aliased renderer ([`MarkStyle::Smooth`]) with default sizes.
+    pub fn smooth() -> Self {
+        Self {
+            style: MarkStyle::Smooth,
+            ..Self::default()
+        }
+    }
 }

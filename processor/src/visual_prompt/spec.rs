@@ -131,6 +131,35 @@ pub fn parse_cli_shape(kind: &str, spec: &str) -> Result<VisualPrompt, VisualPro
     }
 }
 
+/// A mark as JSON data gives it (`--batch` lines, request bodies): a [`ShapeKind`] name, its
+/// spec exactly as on the command line, and an optional alpha and line width, e.g.
+/// `{"shape": "box", "spec": "45,15,115,95:red", "alpha": 200}`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarkSpec {
+    /// The kind (`box`, `ellipse`, `triangle`, `point`, `arrow`, `scribble`, `mask`,
+    /// `mask-contour`).
+    pub shape: String,
+    /// The spec, as the CLI flag's value.
+    pub spec: String,
+    /// Opacity 1..=255 of this mark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<u8>,
+    /// Line width of this mark in pixels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line_width: Option<f32>,
+}
+
+impl MarkSpec {
+    /// The prompt: [`parse_cli_shape`] with this mark's alpha and line width.
+    pub fn to_prompt(&self) -> Result<VisualPrompt, VisualPromptError> {
+        let mut prompt = parse_cli_shape(&self.shape, &self.spec)?;
+        prompt.alpha = self.alpha.or(prompt.alpha);
+        prompt.line_width = self.line_width.or(prompt.line_width);
+        Ok(prompt)
+    }
+}
+
 /// Load a mask image as 8-bit grayscale.
 pub fn load_mask(path: &Path) -> Result<GrayImage, VisualPromptError> {
     image::open(path)

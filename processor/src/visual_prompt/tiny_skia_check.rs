@@ -38,11 +38,11 @@ fn tiny_skia_draw(img: &RgbImage, prompts: &[VisualPrompt], variant: Variant) ->
     let full = Rect::from_xywh(0.0, 0.0, w as f32, h as f32).unwrap();
     let id = Transform::identity();
     for p in prompts {
-        let (alpha, lw) = resolve(p, &DrawOptions::default(), w, h).unwrap();
+        let (alpha, lw) = resolve(p, &DrawOptions::smooth(), w, h).unwrap();
         let c = p.colour;
         let cov_mask = || {
             Mask::from_vec(
-                coverage(&p.shape, lw, w, h).unwrap(),
+                coverage(&p.shape, lw, &DrawOptions::smooth(), w, h).unwrap(),
                 IntSize::from_wh(w, h).unwrap(),
             )
             .unwrap()
@@ -63,7 +63,7 @@ fn tiny_skia_draw(img: &RgbImage, prompts: &[VisualPrompt], variant: Variant) ->
                         layer.fill_rect(full, &paint, id, Some(&cov_mask()));
                     }
                     shape => {
-                        for (path, rule) in fill_paths(shape, lw, w, h).unwrap() {
+                        for (path, rule) in fill_paths(shape, lw, &DrawOptions::smooth(), w, h).unwrap() {
                             layer.fill_path(&path, &paint, rule, id, None);
                         }
                     }
@@ -225,7 +225,7 @@ fn tiny_skia_blending_against_ours() {
         let clip = ImageProcessorConfig::clip_336();
         for (name, img, prompts) in scenes() {
             let base = img.to_rgb8();
-            let ours = draw(&img, &prompts, &DrawOptions::default()).unwrap();
+            let ours = draw(&img, &prompts, &DrawOptions::smooth()).unwrap();
             let theirs = tiny_skia_draw(&base, &prompts, variant);
             let (max, differ, touched, pixels) = compare(&ours, &theirs, &base);
             // What the model sees: the 336x336 crop after the PIL-exact resize.

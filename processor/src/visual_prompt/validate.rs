@@ -22,6 +22,16 @@ pub(super) fn resolve(
     if alpha == 0 {
         return Err(VisualPromptError::ZeroAlpha);
     }
+    for (what, size) in [
+        ("point radius", options.point_radius),
+        ("arrow head size", options.arrow_head_size),
+    ] {
+        if let Some(v) = size
+            && !(v.is_finite() && v > 0.0 && v <= MAX_COORDINATE)
+        {
+            return Err(VisualPromptError::InvalidSize { what, value: v });
+        }
+    }
     let line_width = match prompt.line_width.or(options.line_width) {
         Some(lw) if lw.is_finite() && lw > 0.0 && lw <= MAX_COORDINATE => lw,
         Some(lw) => return Err(VisualPromptError::InvalidLineWidth(lw)),

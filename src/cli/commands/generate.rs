@@ -10,6 +10,7 @@ use serde_json::json;
 
 use crate::cli::args::{InputArgs, SamplingArgs, VisualPromptArgs, load_images};
 use vipllava::generation::{GenerationOptions, GenerationOverrides};
+use vipllava::processor::visual_prompt::MarkSpec;
 use vipllava::{Generation, Pipeline, Prompt};
 
 /// Answer a question about an image, streaming the text.
@@ -92,6 +93,9 @@ struct BatchLine {
     repetition_penalty: Option<f32>,
     seed: Option<u64>,
     stop: Option<Vec<String>>,
+    /// Marks drawn on the line's first image, with the command's drawing options.
+    #[serde(default)]
+    visual_prompts: Vec<MarkSpec>,
 }
 
 impl BatchLine {
@@ -116,6 +120,11 @@ fn generate_batch(
     defaults: &GenerationOptions,
 ) -> anyhow::Result<()> {
     anyhow::ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    anyhow::ensure!(
+        !args.marks.has_marks(),
+        "with --batch, give each line's marks as \"visual_prompts\": [{{\"shape\": \"box\", \"spec\": \"x0,y0,x1,y1:red\"}}] \
+         (--box, --arrow, ... and --save-prompted-image apply to a single request)"
+    );
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let base = file.parent().unwrap_or(Path::new("."));
     let mut requests = Vec::new();
@@ -130,7 +139,27 @@ fn generate_batch(
                 *p = base.join(&*p);
             }
         }
-        let images = load_images(&paths).with_context(at)?;
+        let mut images = load_images(&paths).with_context(at)?;
+        if !line.visual_prompts.is_empty() {
+            let marks = line
+                .visual_prompts
+                .iter()
+                .map(MarkSpec::to_prompt)
+                .collect::<Result<Vec<_>, _>>()
+                .with_context(at)?;
+            let first = images
+                .first_mut()
+                .with_context(|| format!("{}: visual_prompts need an image", at()))?;
+            *first = args
+                .marks
+                .draw_marks(
+                    first.clone(),
+                    &marks,
+                    pipeline.image_config(),
+                    pipeline.image_mode(),
+                )
+                .with_context(at)?;
+        }
         let prompt = match (line.prompt, line.raw_prompt) {
             (Some(q), None) => Prompt::User(q),
             (None, Some(r)) => Prompt::Raw(r),
