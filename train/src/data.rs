@@ -6,9 +6,9 @@
 //! `{"id", "image", "conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}`
 //! with `<image>` in the first human turn. Image paths are relative to the data file's
 //! folder, or to `image_folder` when given. Optional `"visual_prompts"`:
-//! `[{"shape": "box", "spec": "x0,y0,x1,y1[:colour]"}, ...]` (the CLI's `--shape`
-//! syntax, see `vipllava_processor::visual_prompt::parse_cli_shape`) are drawn on the image
-//! before preprocessing.
+//! `[{"shape": "box", "spec": "x0,y0,x1,y1[:colour]", "alpha": 200}, ...]` (the CLI's
+//! `--shape` syntax, see `vipllava_processor::visual_prompt::MarkSpec`) are drawn on the
+//! image before preprocessing, the way ViP-LLaVA's training code draws them.
 //!
 //! # Labelling rule
 //!
@@ -35,7 +35,7 @@ use serde_json::Value;
 use vipllava_processor::image::{
     ImageMode, ImageProcessorConfig, PixelValues, load_image, preprocess_with_mode,
 };
-use vipllava_processor::visual_prompt::{DrawOptions, draw_image, parse_cli_shape};
+use vipllava_processor::visual_prompt::{DrawOptions, MarkSpec, draw_image};
 use vipllava_processor::{
     ChatMessage, ChatTemplate, ContentPart, ImageTokenConfig, TextTokenizer, VisionInput,
 };
@@ -55,14 +55,10 @@ pub struct Turn {
     pub value: String,
 }
 
-/// A visual prompt to draw on the sample's image.
-#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
-pub struct VisualPromptField {
-    /// Shape kind as the CLI's `--shape` (`box`, `ellipse`, `arrow`, ...).
-    pub shape: String,
-    /// Shape spec as the CLI's (`x0,y0,x1,y1[:colour]`, ...).
-    pub spec: String,
-}
+/// A visual prompt to draw on the sample's image: `{"shape": "box", "spec":
+/// "x0,y0,x1,y1:red"}` with optional `"alpha"` and `"line_width"`, as `--batch` lines and
+/// the server take them (the processor's [`MarkSpec`]).
+pub type VisualPromptField = MarkSpec;
 
 /// One sample as stored in the data file.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
@@ -341,7 +337,7 @@ impl SampleEncoder {
             let prompts = sample
                 .visual_prompts
                 .iter()
-                .map(|p| parse_cli_shape(&p.shape, &p.spec))
+                .map(MarkSpec::to_prompt)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| SampleError::VisualPrompt(Arc::new(e)))?;
             draw_image(&img, &prompts, &DrawOptions::default())
