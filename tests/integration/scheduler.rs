@@ -14,7 +14,7 @@ fn inputs(pipeline: &Pipeline) -> Vec<PreparedInput> {
     vec![
         pipeline
             .prepare(
-                &[astronaut.clone()],
+                std::slice::from_ref(&astronaut),
                 &Prompt::User("What is in the red box?".into()),
             )
             .unwrap(),

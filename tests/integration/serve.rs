@@ -424,9 +424,17 @@ fn errors_have_openai_shape_and_status() {
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     assert!(response.contains("\"error\""), "{response}");
 
+    // A slowloris client (headers never finished) does not hold up the others.
+    let mut slow = std::net::TcpStream::connect(&server.addr).unwrap();
+    write!(
+        slow,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Le"
+    )
+    .unwrap();
     // The server is still serving after all that.
     let (status, _) = server.post_raw(&good(&data_url("coffee.png")).to_string(), key);
     assert_eq!(status, 200);
+    drop(slow);
 }
 
 #[test]
@@ -488,4 +496,47 @@ fn full_queue_answers_429_and_disconnects_free_rows() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(ok, "the slot of a disconnected client never came back");
+}
+
+/// Writes a random checkpoint with a ~100M-parameter Llama (hidden 1024, 8 layers) and the
+/// tiny fixture's tokenizer, vision tower and processor files into `$VIPLLAVA_LOAD_DIR`,
+/// for `scripts/load_test.py` on a model whose decode step costs more than the HTTP
+/// around it. Run on demand:
+/// `VIPLLAVA_LOAD_DIR=/tmp/load-model cargo test --test integration make_load_test_checkpoint -- --ignored`.
+#[test]
+#[ignore]
+fn make_load_test_checkpoint() {
+    let Ok(out) = std::env::var("VIPLLAVA_LOAD_DIR") else {
+        return;
+    };
+    let out = std::path::PathBuf::from(out);
+    std::fs::create_dir_all(&out).unwrap();
+    let tiny = fixture("tiny-5x-f32");
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "processor_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(tiny.join(file), out.join(file)).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json")).unwrap()).unwrap();
+    let text = &mut config["text_config"];
+    text["hidden_size"] = json!(1024);
+    text["intermediate_size"] = json!(2816);
+    text["num_hidden_layers"] = json!(8);
+    text["num_attention_heads"] = json!(16);
+    text["num_key_value_heads"] = json!(4);
+    text["head_dim"] = json!(64);
+    text["max_position_embeddings"] = json!(1024);
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    let resolved = vipllava::VipLlavaConfig::from_json_value(&config).unwrap();
+    let model = vipllava::VipLlava::new_random(&resolved, &burn::tensor::Device::flex());
+    vipllava::convert::save_burnpack(&model, &resolved, &out).unwrap();
 }

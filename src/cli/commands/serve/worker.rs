@@ -154,11 +154,18 @@ impl Scheduler {
             while let Ok(job) = queue.try_recv() {
                 self.waiting.push_back(job);
             }
-            self.admit();
-            self.drop_gone();
-            self.metrics.load(self.waiting.len(), self.batch.len());
-            if !self.batch.is_empty() {
-                self.step();
+            // A bug must cost the running requests, not the server: a panic fails them
+            // and the loop goes on with an empty batch.
+            let turn = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.admit();
+                self.drop_gone();
+                self.metrics.load(self.waiting.len(), self.batch.len());
+                if !self.batch.is_empty() {
+                    self.step();
+                }
+            }));
+            if turn.is_err() {
+                self.fail_all("internal error (panic); see the server log");
             }
         }
     }
@@ -321,6 +328,7 @@ impl Scheduler {
 
     /// A failed step: every running request fails, the batch starts over.
     fn fail_all(&mut self, reason: &str) {
+        self.metrics.load(self.waiting.len(), 0);
         for id in self.batch.clear() {
             if let Some(row) = self.rows.remove(&id) {
                 let _ = row
@@ -334,6 +342,16 @@ impl Scheduler {
                 .send(JobEvent::Failed(internal(format!("generation failed: {reason}"))));
         }
     }
+}
+
+/// A seed that differs between requests.
+fn fresh_seed() -> u64 {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (t ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }
 
 fn internal(message: String) -> ApiError {
@@ -366,7 +384,7 @@ pub fn options(
 ) -> Result<GenerationOptions, ApiError> {
     let mut o = pipeline.generation_defaults().clone();
     match s.temperature {
-        Some(t) if t == 0.0 => o.do_sample = false,
+        Some(0.0) => o.do_sample = false,
         Some(t) => {
             o.do_sample = true;
             o.temperature = t;
@@ -379,9 +397,9 @@ pub fn options(
             o.do_sample = true;
         }
     }
-    if let Some(seed) = s.seed {
-        o.seed = seed;
-    }
+    // Without a seed each sampled request draws its own (OpenAI's behaviour); with one,
+    // the same request gives the same answer.
+    o.seed = s.seed.unwrap_or_else(fresh_seed);
     if let Some(stop) = &s.stop {
         o.stop_strings = stop.clone();
     }
