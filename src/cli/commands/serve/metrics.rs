@@ -77,11 +77,13 @@ impl Metrics {
         });
     }
 
-    /// A decode step that produced `tokens` tokens in `seconds`.
-    pub fn step(&self, tokens: usize, seconds: f64) {
+    /// A decode step that produced `tokens` tokens in `seconds`; `forward`: it ran the
+    /// model (a step in which every row finished only picks tokens, and its rate would
+    /// mean nothing).
+    pub fn step(&self, tokens: usize, seconds: f64, forward: bool) {
         self.with(|m| {
             m.steps += 1;
-            if seconds > 0.0 {
+            if forward && seconds > 0.0 {
                 m.tokens_per_s = tokens as f64 / seconds;
             }
         });

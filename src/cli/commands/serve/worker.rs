@@ -277,7 +277,8 @@ impl Scheduler {
             }
         };
         let tokens = events.iter().filter(|e| e.token.is_some()).count();
-        self.metrics.step(tokens, start.elapsed().as_secs_f64());
+        self.metrics
+            .step(tokens, start.elapsed().as_secs_f64(), !self.batch.is_empty());
         for event in events {
             let Some(row) = self.rows.get_mut(&event.row) else {
                 continue;
