@@ -54,13 +54,13 @@ assert r.object == "chat.completion" and r.usage.completion_tokens >= 1
 
 image_part = {"type": "image_url", "image_url": {"url": data_url}}
 r = client.chat.completions.create(
-    model="tiny-5x-f32", max_tokens=8, temperature=0,
+    model="tiny-5x-f32", max_tokens=20, temperature=0,
     messages=[{"role": "user", "content": [image_part, {"type": "text", "text": "What is in the red box?"}]}])
 plain = r.choices[0].message.content
 print("data-URL image:", repr(plain), "prompt tokens:", r.usage.prompt_tokens)
 
 stream = client.chat.completions.create(
-    model="tiny-5x-f32", max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True},
+    model="tiny-5x-f32", max_tokens=20, temperature=0, stream=True, stream_options={"include_usage": True},
     messages=[{"role": "user", "content": [image_part, {"type": "text", "text": "What is in the red box?"}]}])
 pieces, finish, usage, roles = [], None, None, []
 for chunk in stream:
@@ -77,16 +77,17 @@ print("streaming:", len(pieces), "pieces", repr("".join(pieces)), "finish:", fin
 assert roles == ["assistant"] and "".join(pieces) == plain and usage is not None
 
 marked = dict(image_part, visual_prompts=[
-    {"shape": "box", "spec": "45,15,115,95:red"},
-    {"shape": "arrow", "spec": "155,150,110,100:yellow", "alpha": 200}], image_mode="pad")
+    {"shape": "box", "spec": "45,15,115,95:red", "alpha": 200},
+    {"shape": "arrow", "spec": "155,150,110,100:yellow", "alpha": 200}])
 r = client.chat.completions.create(
-    model="tiny-5x-f32", max_tokens=8, temperature=0,
+    model="tiny-5x-f32", max_tokens=20, temperature=0,
     messages=[{"role": "user", "content": [marked, {"type": "text", "text": "What is in the red box?"}]}])
-print("visual prompts (box + arrow, pad):", repr(r.choices[0].message.content))
+print("visual prompts (box + arrow):", repr(r.choices[0].message.content))
+assert r.choices[0].message.content != plain, "the marks did not change the answer"
 
 # The same marks through extra_body: a whole messages list given outside the typed field.
 r = client.chat.completions.create(
-    model="tiny-5x-f32", max_tokens=8, temperature=0, messages=[],
+    model="tiny-5x-f32", max_tokens=20, temperature=0, messages=[],
     extra_body={"messages": [{"role": "user", "content": [marked, {"type": "text", "text": "What is in the red box?"}]}]})
 print("visual prompts via extra_body:", repr(r.choices[0].message.content))
 

@@ -289,7 +289,7 @@ fn visual_prompts_and_image_mode_match_generate() {
     let want = generate(
         "astronaut.png",
         question,
-        10,
+        20,
         &[
             "--box",
             "45,15,115,95:red",
@@ -302,9 +302,12 @@ fn visual_prompts_and_image_mode_match_generate() {
     let marks = json!({"visual_prompts": [
         {"shape": "box", "spec": "45,15,115,95:red", "alpha": 200},
         {"shape": "arrow", "spec": "155,150,110,100:yellow", "alpha": 200}]});
-    let (status, got) = server.post(&request("astronaut.png", question, 10, marks));
+    let (status, got) = server.post(&request("astronaut.png", question, 20, marks));
     assert_eq!(status, 200, "{got}");
     assert_same_answer(&got, &want);
+    // The marks reach the model: without them the answer differs.
+    let plain = generate("astronaut.png", question, 20, &[]);
+    assert_ne!(plain["text"], want["text"]);
 
     let want = generate(
         "coffee_wide.png",
