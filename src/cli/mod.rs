@@ -9,7 +9,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use commands::{bench, chat, convert, draw, export, generate, info, logits, preprocess, serve_device, train};
+use commands::{
+    bench, chat, convert, draw, export, generate, info, logits, preprocess, serve, serve_device, train,
+};
 
 /// VipLlava (ViP-LLaVA) on Burn: ask about boxes, arrows and scribbles drawn on photos.
 #[derive(Parser, Debug)]
@@ -48,6 +50,9 @@ enum Command {
     ServeDevice(serve_device::ServeDeviceArgs),
     /// Write the last prompt position's logits, float32 [vocab], as .npy.
     Logits(logits::LogitsArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat completions with visual
+    /// prompts, streaming, continuous batching).
+    Serve(serve::ServeArgs),
 }
 
 /// Parses arguments, runs, and turns errors into one readable line and a non-zero exit.
@@ -70,6 +75,7 @@ pub fn run() -> ExitCode {
         Command::Convert(args) => convert::run(args),
         Command::ServeDevice(args) => serve_device::run(args),
         Command::Logits(args) => logits::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

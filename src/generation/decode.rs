@@ -29,19 +29,20 @@ pub struct DecodeStart {
     pub prefill_ms: f64,
 }
 
-/// One row of the loop.
-struct Row {
+/// One row of the loop (also a row of the continuous batch in
+/// [`scheduler`](super::scheduler)).
+pub(crate) struct Row {
     selector: TokenSelector,
     history: Vec<u32>,
-    generated: Vec<u32>,
-    stream: StreamDecoder,
-    stop: Option<StopReason>,
+    pub(crate) generated: Vec<u32>,
+    pub(crate) stream: StreamDecoder,
+    pub(crate) stop: Option<StopReason>,
     /// Bytes of the text already searched for stop strings.
     searched: usize,
 }
 
 impl Row {
-    fn new(options: &GenerationOptions, history: Vec<u32>) -> Self {
+    pub(crate) fn new(options: &GenerationOptions, history: Vec<u32>) -> Self {
         Self {
             selector: TokenSelector::new(options.clone()),
             history,
@@ -53,7 +54,7 @@ impl Row {
     }
 
     /// Picks the next token from `logits`; returns it with the new text to stream.
-    fn step(
+    pub(crate) fn step(
         &mut self,
         pipeline: &Pipeline,
         options: &GenerationOptions,

@@ -1,11 +1,13 @@
 //! Generation apart from the model and from loading: the decode loop ([`decode`]),
 //! token selection ([`sampling`]), streaming detokenization ([`stream`]), left padding for
-//! batches ([`batch`]) and the options that steer them ([`options`]).
+//! batches ([`batch`]), continuous batching step by step ([`scheduler`]) and the options
+//! that steer them ([`options`]).
 
 pub mod batch;
 pub mod decode;
 pub mod options;
 pub mod sampling;
+pub mod scheduler;
 pub mod stream;
 
 use serde::Serialize;
@@ -13,6 +15,7 @@ use serde::Serialize;
 pub use batch::LeftPadded;
 pub use options::{DEFAULT_MAX_NEW_TOKENS, GenerationConfigError, GenerationOptions, GenerationOverrides};
 pub use sampling::{TokenSelector, argmax};
+pub use scheduler::{DecodeBatch, RowFinished, RowId, SchedulerError, StepEvent};
 pub use stream::StreamDecoder;
 
 /// Why generation stopped.

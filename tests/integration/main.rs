@@ -17,6 +17,8 @@ mod image_mode;
 mod loading;
 mod parity;
 mod remote;
+mod scheduler;
+mod serve;
 mod train_cli;
 mod visual_prompts_cli;
 mod wgpu;

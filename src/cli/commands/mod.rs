@@ -9,5 +9,6 @@ pub mod generate;
 pub mod info;
 pub mod logits;
 pub mod preprocess;
+pub mod serve;
 pub mod serve_device;
 pub mod train;
