@@ -81,6 +81,14 @@ impl TextTokenizer {
         })
     }
 
+    /// True for special tokens (`<s>`, `</s>`, `<image>`, ...), which decoding with
+    /// `skip_special_tokens` drops.
+    pub fn is_special_token(&self, id: u32) -> bool {
+        self.inner
+            .id_to_token(id)
+            .is_some_and(|t| self.inner.get_added_vocabulary().is_special_token(&t))
+    }
+
     /// The wrapped `tokenizers` tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
