@@ -18,5 +18,6 @@ mod loading;
 mod parity;
 mod remote;
 mod train_cli;
+mod train_scale;
 mod visual_prompts_cli;
 mod wgpu;

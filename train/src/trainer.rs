@@ -29,9 +29,11 @@ use crate::batch::{Batch, collate, pad_id, schedule};
 use crate::checkpoint::{load_optimizer, read_state, read_trainable};
 use crate::data::{BadSample, EncodedSample, SampleEncoder, load_dataset};
 use crate::error::{SetupError, TrainError};
-use crate::export::write_hf_model;
+use crate::eval::{EvalResult, evaluate};
+use crate::export::{ExportOptions, write_hf_model_with};
 use crate::loss::causal_lm_loss;
 use crate::params::{list_params, read_params, write_params};
+use crate::recipes::{LrPlan, ParamRank, clip_global_norm};
 use crate::setup::{make_optimizer, mark_trainable, placeholder, trainable_params};
 
 // Paths of the items that lived here before the split into modules.
@@ -52,6 +54,13 @@ pub struct StepReport {
     pub loss: f64,
     /// Learning rate used.
     pub lr: f64,
+    /// Global L2 norm of the step's gradients before clipping (with `max_grad_norm`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    /// Evaluation after the step (with `eval_data`, every `eval_every` steps and after the
+    /// last).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalResult>,
     /// Input tokens processed (padding excluded).
     pub tokens: usize,
     /// Target tokens in the loss.
@@ -89,12 +98,18 @@ pub struct Trainer {
     pub samples: Vec<EncodedSample>,
     /// Samples left out.
     pub bad_samples: Vec<BadSample>,
+    /// Usable evaluation samples (`eval_data`), in file order.
+    pub eval_samples: Vec<EncodedSample>,
+    /// Evaluation samples left out.
+    pub eval_bad_samples: Vec<BadSample>,
     /// Optimizer steps done.
     pub step: usize,
     /// Losses of the steps done.
     pub losses: Vec<f64>,
     optim: ModuleOptimizer,
+    lr_plan: LrPlan,
     trainable: Vec<(String, ParamId)>,
+    ranks: Vec<ParamRank>,
     device: Device,
     pad_id: u32,
 }
@@ -117,9 +132,32 @@ impl Trainer {
             config.image_folder.as_deref(),
             config.on_bad_sample,
         )?;
+        let (eval_samples, eval_bad_samples) = match &config.eval_data {
+            Some(eval) => load_dataset(
+                &encoder,
+                eval,
+                config.image_folder.as_deref(),
+                config.on_bad_sample,
+            )?,
+            None => (Vec::new(), Vec::new()),
+        };
         let trainable = trainable_params(&model, config.trainable)?;
+        let rank: BTreeMap<String, usize> = list_params(&model)
+            .into_iter()
+            .map(|p| (p.path, p.shape.len()))
+            .collect();
+        let ranks = trainable
+            .iter()
+            .map(|(p, id)| (*id, rank.get(p).copied().unwrap_or(0)))
+            .collect();
         let model = mark_trainable(model, &trainable);
         let optim = make_optimizer(&config);
+        let lr_plan = LrPlan::new(
+            config.lr_schedule,
+            config.lr,
+            config.warmup_ratio,
+            schedule(samples.len(), &config).len(),
+        )?;
         let pad_id = pad_id(&encoder, &model_config);
         Ok(Self {
             config,
@@ -128,10 +166,14 @@ impl Trainer {
             encoder,
             samples,
             bad_samples,
+            eval_samples,
+            eval_bad_samples,
             step: 0,
             losses: Vec::new(),
             optim,
+            lr_plan,
             trainable,
+            ranks,
             device: ad,
             pad_id,
         })
@@ -162,6 +204,7 @@ impl Trainer {
         trainer.model = mark_trainable(model, &trainer.trainable);
         trainer.optim = load_optimizer(checkpoint, make_optimizer(&trainer.config))?;
         trainer.step = state.step;
+        trainer.lr_plan.skip(state.step);
         trainer.losses = state.losses;
         Ok(trainer)
     }
@@ -271,21 +314,52 @@ impl Trainer {
             let grads = GradientsParams::from_grads(loss.backward(), &self.model);
             acc.accumulate(&self.model, grads);
         }
-        let grads = acc.grads();
+        let mut grads = acc.grads();
+        let grad_norm = self
+            .config
+            .max_grad_norm
+            .map(|max| clip_global_norm(&mut grads, &self.ranks, max));
+        let lr = self.lr_plan.next_lr();
         let model = std::mem::replace(&mut self.model, placeholder(&self.model_config, &self.device));
-        self.model = self.optim.step(self.config.lr, model, grads);
+        self.model = self.optim.step(lr, model, grads);
         self.step += 1;
         let loss = loss_sum / k;
         self.losses.push(loss);
+        let seconds = start.elapsed().as_secs_f64();
+        let due = self.config.eval_every.is_some_and(|n| self.step % n == 0) || self.step == steps.len();
+        let eval = if due { self.evaluate()? } else { None };
         Ok(Some(StepReport {
             step: self.step,
             epoch,
             loss,
-            lr: self.config.lr,
+            lr,
+            grad_norm,
+            eval,
             tokens,
             targets,
-            seconds: start.elapsed().as_secs_f64(),
+            seconds,
         }))
+    }
+
+    /// Loss and perplexity of the current model on the evaluation samples (`eval_data`), in
+    /// micro-batches of `batch_size`; `None` without evaluation data.
+    pub fn evaluate(&self) -> Result<Option<EvalResult>, TrainError> {
+        if self.eval_samples.is_empty() {
+            return Ok(None);
+        }
+        let plain = self.device.clone().without_autodiff();
+        let model = self.model.valid();
+        let pad = self.pad_id;
+        evaluate(
+            &model,
+            &self.eval_samples,
+            pad,
+            self.config.dtype.dtype(),
+            self.config.batch_size,
+            &plain,
+            |_| {},
+        )
+        .map(Some)
     }
 
     /// Values (f32, Burn layout) of the trained parameters by path.
@@ -342,8 +416,17 @@ pub fn run(mut trainer: Trainer, mut on_step: impl FnMut(&StepReport)) -> Result
         Some((s, p)) if s == trainer.step => p,
         _ => trainer.save_checkpoint()?,
     };
-    let merged = trainer.inference_model().materialize();
-    write_hf_model(&merged, &trainer.config.model, &trainer.config.out)?;
+    // The autodiff model and the optimizer state go before the export: it needs the merged
+    // model plus one tensor at a time.
+    let model = std::mem::replace(
+        &mut trainer.model,
+        placeholder(&trainer.model_config, &trainer.device),
+    );
+    trainer.optim = make_optimizer(&trainer.config);
+    let merged = model.valid().materialize();
+    drop(model);
+    let options = ExportOptions::of(&trainer.config);
+    write_hf_model_with(&merged, &trainer.config.model, &trainer.config.out, &options)?;
     Ok(TrainSummary {
         steps: trainer.step,
         losses,
