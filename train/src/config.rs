@@ -195,6 +195,11 @@ pub struct TrainConfig {
     #[cfg_attr(feature = "clap", arg(long, requires = "eval_data"))]
     #[serde(default)]
     pub eval_every: Option<usize>,
+    /// Decode images on a background thread, this many ahead of the step, instead of all of
+    /// them before the first step (0: all up front, kept in memory).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
+    #[serde(default)]
+    pub prefetch: usize,
     /// Dtype of the exported model's weights (default: the base checkpoint's).
     #[cfg_attr(feature = "clap", arg(long, value_enum))]
     #[serde(default)]
@@ -238,6 +243,7 @@ impl TrainConfig {
             max_grad_norm: None,
             eval_data: None,
             eval_every: None,
+            prefetch: 0,
             export_dtype: None,
             max_shard_size: None,
         }

@@ -44,6 +44,7 @@ pub mod export;
 pub mod lora_target;
 pub mod loss;
 pub mod params;
+pub mod prefetch;
 pub mod recipes;
 pub mod setup;
 pub mod shards;

@@ -358,3 +358,50 @@ fn cosine_schedule_drives_the_steps() {
     let r = resumed.step().unwrap().unwrap();
     assert_eq!(r.lr, lrs[5]);
 }
+
+#[test]
+fn prefetched_images_give_the_same_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut c = projector_config(tmp.path());
+    c.epochs = 2;
+    c.shuffle = true;
+    c.batch_size = 2;
+    let run = |c: &TrainConfig| {
+        let mut t = Trainer::new(c.clone(), &device()).unwrap();
+        let mut losses = Vec::new();
+        while let Some(r) = t.step().unwrap() {
+            losses.push(r.loss);
+        }
+        (losses, t.trainable_values())
+    };
+    let (eager, eager_values) = run(&c);
+    c.prefetch = 2;
+    let t = Trainer::new(c.clone(), &device()).unwrap();
+    assert!(
+        t.samples.iter().all(|s| s.pixel_values.data.is_empty()),
+        "nothing decoded up front"
+    );
+    // Out-of-schedule use decodes on the spot and the schedule still gets its images.
+    let mut t = t;
+    let g = t.gradients(&[3]).unwrap();
+    assert!(!g.is_empty());
+    let mut losses = Vec::new();
+    while let Some(r) = t.step().unwrap() {
+        losses.push(r.loss);
+    }
+    assert_eq!(losses, eager);
+    for (k, v) in &eager_values {
+        assert_eq!(f32s(v), f32s(&t.trainable_values()[k]), "{k}");
+    }
+    // Resume restarts the background decoding where the checkpoint stopped.
+    c.out = tmp.path().join("part");
+    let mut first = Trainer::new(c.clone(), &device()).unwrap();
+    first.step().unwrap();
+    let ckpt = first.save_checkpoint().unwrap();
+    let mut resumed = Trainer::resume(c, &ckpt, &device()).unwrap();
+    let mut rest = resumed.losses.clone();
+    while let Some(r) = resumed.step().unwrap() {
+        rest.push(r.loss);
+    }
+    assert_eq!(rest, eager);
+}
