@@ -163,6 +163,8 @@ fn train_reports_eval_loss_and_clips_and_exports_sharded() {
         "2",
         "--max-shard-size",
         "100KB",
+        "--prefetch",
+        "2",
         "--json",
     ]);
     ok(&r);

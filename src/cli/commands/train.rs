@@ -89,7 +89,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 }
             }
             None => {
-                let mut line = json!({"step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr, "tokens": r.tokens, "targets": r.targets});
+                let mut line = json!({"step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr, "tokens": r.tokens, "targets": r.targets, "seconds": r.seconds});
                 if let Some(norm) = r.grad_norm {
                     line["grad_norm"] = json!(norm);
                 }
