@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use commands::{
-    bench, chat, convert, draw, export, generate, info, logits, preprocess, serve, serve_device, train,
+    bench, chat, convert, draw, eval, export, generate, info, logits, preprocess, serve, serve_device, train,
 };
 
 /// VipLlava (ViP-LLaVA) on Burn: ask about boxes, arrows and scribbles drawn on photos.
@@ -31,6 +31,9 @@ enum Command {
     Train(train::TrainArgs),
     /// Merge a fine-tuning checkpoint into its base model and write a HF model directory.
     Export(export::ExportArgs),
+    /// Loss and perplexity over a data file in the training format (optionally with a
+    /// fine-tuning checkpoint), and greedy answers to score.
+    Eval(eval::EvalArgs),
     /// Chat about an image: follow-up questions reuse the KV cache. Commands: /image
     /// (print the image path(s)), /reset, /quit.
     Chat(chat::ChatArgs),
@@ -68,6 +71,7 @@ pub fn run() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Train(args) => train::run(args),
         Command::Export(args) => export::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Draw(args) => draw::run(args),

@@ -20,5 +20,6 @@ mod remote;
 mod scheduler;
 mod serve;
 mod train_cli;
+mod train_scale;
 mod visual_prompts_cli;
 mod wgpu;

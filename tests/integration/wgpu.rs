@@ -28,3 +28,7 @@ fn wgpu_matches_cpu() {
         assert_eq!(gpu_tokens, cpu_tokens, "{name}: greedy tokens");
     }
 }
+
+/// Training on wgpu against the CPU (`wgpu::train::`).
+#[path = "wgpu_train.rs"]
+mod train;

@@ -8,6 +8,7 @@ use vipllava_model::Precision;
 use crate::data::OnBadSample;
 use crate::error::SetupError;
 use crate::lora_target::LoraTarget;
+use crate::recipes::LrSchedule;
 
 /// Which parameters train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -33,6 +34,71 @@ pub enum OptimizerKind {
     Sgd,
     /// AdamW (decoupled weight decay, betas 0.9/0.999, eps 1e-8).
     Adamw,
+}
+
+/// Dtype of exported weights (`--export-dtype`; default: the base checkpoint's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
+#[serde(rename_all = "lowercase")]
+pub enum ExportDtype {
+    /// 32-bit float.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+impl ExportDtype {
+    /// The Burn dtype.
+    pub fn dtype(self) -> burn::tensor::DType {
+        match self {
+            Self::F32 => burn::tensor::DType::F32,
+            Self::F16 => burn::tensor::DType::F16,
+            Self::Bf16 => burn::tensor::DType::BF16,
+        }
+    }
+
+    /// The name `config.json` gives it (`torch_dtype` / `dtype`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::Bf16 => "bfloat16",
+        }
+    }
+}
+
+/// A size in bytes as the hub writes it: a plain number of bytes, or with a unit `KB`,
+/// `MB`, `GB` (powers of 1000, as transformers reads them) or `KiB`, `MiB`, `GiB`.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (e.g. 5GB, 500MB, 1000000)"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit `{unit}` (B, KB, MB, GB, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    let bytes = (value * scale).round();
+    if !(bytes.is_finite() && bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("`{text}` must be at least one byte"));
+    }
+    Ok(bytes as u64)
 }
 
 /// Training settings. With the `clap` feature they are also the flags of `vipllava train`
@@ -107,6 +173,42 @@ pub struct TrainConfig {
     /// Parameter dtype: f32, f16 or bf16.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = Precision::F32))]
     pub dtype: Precision,
+    /// Learning-rate schedule: constant, or cosine (linear warmup over --warmup-ratio of the
+    /// steps, then cosine decay to 0).
+    #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = LrSchedule::Constant))]
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// Fraction of the steps spent warming up (cosine schedule).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0.0))]
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    /// Clip the gradients to this global L2 norm (all trainable parameters together).
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default)]
+    pub max_grad_norm: Option<f64>,
+    /// Evaluation data (same format as --data): its loss is reported every --eval-every
+    /// steps and after the last step.
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default)]
+    pub eval_data: Option<PathBuf>,
+    /// Evaluate every N steps (with --eval-data).
+    #[cfg_attr(feature = "clap", arg(long, requires = "eval_data"))]
+    #[serde(default)]
+    pub eval_every: Option<usize>,
+    /// Decode images on a background thread, this many ahead of the step, instead of all of
+    /// them before the first step (0: all up front, kept in memory).
+    #[cfg_attr(feature = "clap", arg(long, default_value_t = 0))]
+    #[serde(default)]
+    pub prefetch: usize,
+    /// Dtype of the exported model's weights (default: the base checkpoint's).
+    #[cfg_attr(feature = "clap", arg(long, value_enum))]
+    #[serde(default)]
+    pub export_dtype: Option<ExportDtype>,
+    /// Largest weight file of the exported model (default 5GB, as the hub); bigger models
+    /// are sharded with a `model.safetensors.index.json`.
+    #[cfg_attr(feature = "clap", arg(long, value_parser = parse_size, hide = true))]
+    #[serde(default)]
+    pub max_shard_size: Option<u64>,
 }
 
 impl TrainConfig {
@@ -136,6 +238,14 @@ impl TrainConfig {
             save_every: None,
             max_steps: None,
             dtype: Precision::F32,
+            lr_schedule: LrSchedule::Constant,
+            warmup_ratio: 0.0,
+            max_grad_norm: None,
+            eval_data: None,
+            eval_every: None,
+            prefetch: 0,
+            export_dtype: None,
+            max_shard_size: None,
         }
     }
 
@@ -180,6 +290,20 @@ impl TrainConfig {
         if self.save_every == Some(0) {
             return Err(SetupError::Zero { flag: "--save-every" });
         }
+        if self.eval_every == Some(0) {
+            return Err(SetupError::Zero { flag: "--eval-every" });
+        }
+        if self.eval_every.is_some() && self.eval_data.is_none() {
+            return Err(SetupError::EvalEveryWithoutData);
+        }
+        if !(self.warmup_ratio.is_finite() && (0.0..=1.0).contains(&self.warmup_ratio)) {
+            return Err(SetupError::WarmupRatio(self.warmup_ratio));
+        }
+        if let Some(max) = self.max_grad_norm
+            && !(max.is_finite() && max > 0.0)
+        {
+            return Err(SetupError::MaxGradNorm(max));
+        }
         if self.dtype == Precision::F16 && self.optimizer == OptimizerKind::Adamw {
             return Err(SetupError::AdamwF16);
         }
@@ -217,6 +341,18 @@ mod tests {
         c.trainable = Trainable::Lora;
         c.lora_targets = vec![];
         assert!(matches!(c.validate(), Err(SetupError::NoLoraTargets)));
+    }
+
+    #[test]
+    fn sizes_read_as_the_hub_writes_them() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("2KiB"), Ok(2048));
+        assert_eq!(parse_size("1.5kb"), Ok(1500));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("5 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("big").is_err());
     }
 
     #[test]

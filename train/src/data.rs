@@ -324,33 +324,75 @@ impl SampleEncoder {
     /// Encodes one sample: validates it, reads and preprocesses its image (drawing any
     /// visual prompts), and labels its tokens.
     pub fn encode(&self, sample: &RawSample, image_root: &Path) -> Result<EncodedSample, SampleError> {
+        let (mut encoded, job) = self.encode_deferred(sample, image_root)?;
+        encoded.pixel_values = self.pixels(&job)?;
+        Ok(encoded)
+    }
+
+    /// Encodes one sample but its pixels: validates it (the image file exists, the visual
+    /// prompts parse) and labels its tokens; the returned sample's `pixel_values` are empty
+    /// and [`SampleEncoder::pixels`] of the returned job makes them.
+    pub fn encode_deferred(
+        &self,
+        sample: &RawSample,
+        image_root: &Path,
+    ) -> Result<(EncodedSample, ImageJob), SampleError> {
         let image = sample.image.as_deref().ok_or(SampleError::NoImage)?;
         let path = image_root.join(image);
         if !path.is_file() {
             return Err(SampleError::ImageNotFound { path });
         }
         let (input_ids, labels) = self.encode_text(&sample.conversations)?;
-        let img = load_image(&path).map_err(|e| SampleError::LoadImage(Arc::new(e)))?;
-        let img = if sample.visual_prompts.is_empty() {
-            img
-        } else {
-            let prompts = sample
-                .visual_prompts
-                .iter()
-                .map(MarkSpec::to_prompt)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| SampleError::VisualPrompt(Arc::new(e)))?;
-            draw_image(&img, &prompts, &DrawOptions::default())
-                .map_err(|e| SampleError::DrawVisualPrompts(Arc::new(e)))?
+        let job = ImageJob {
+            path,
+            prompts: sample.visual_prompts.clone(),
         };
-        let pixel_values = preprocess_with_mode(&img, &self.image_config, self.image_mode)
-            .map_err(|e| SampleError::Preprocess(Arc::new(e)))?;
-        Ok(EncodedSample {
+        job.parsed_prompts()?;
+        let encoded = EncodedSample {
             id: sample.id_text(),
             input_ids,
             labels,
-            pixel_values,
-        })
+            pixel_values: PixelValues {
+                data: Vec::new(),
+                channels: 0,
+                height: 0,
+                width: 0,
+            },
+        };
+        Ok((encoded, job))
+    }
+
+    /// Reads an image, draws its visual prompts and preprocesses it.
+    pub fn pixels(&self, job: &ImageJob) -> Result<PixelValues, SampleError> {
+        let img = load_image(&job.path).map_err(|e| SampleError::LoadImage(Arc::new(e)))?;
+        let prompts = job.parsed_prompts()?;
+        let img = if prompts.is_empty() {
+            img
+        } else {
+            draw_image(&img, &prompts, &DrawOptions::default())
+                .map_err(|e| SampleError::DrawVisualPrompts(Arc::new(e)))?
+        };
+        preprocess_with_mode(&img, &self.image_config, self.image_mode)
+            .map_err(|e| SampleError::Preprocess(Arc::new(e)))
+    }
+}
+
+/// Where a sample's pixels come from: its image file and the visual prompts drawn on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageJob {
+    /// The image file (joined to the image folder).
+    pub path: PathBuf,
+    /// Visual prompts to draw.
+    pub prompts: Vec<VisualPromptField>,
+}
+
+impl ImageJob {
+    fn parsed_prompts(&self) -> Result<Vec<vipllava_processor::visual_prompt::VisualPrompt>, SampleError> {
+        self.prompts
+            .iter()
+            .map(MarkSpec::to_prompt)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| SampleError::VisualPrompt(Arc::new(e)))
     }
 }
 
@@ -376,6 +418,34 @@ pub fn load_dataset(
     image_folder: Option<&Path>,
     on_bad: OnBadSample,
 ) -> Result<(Vec<EncodedSample>, Vec<BadSample>), TrainError> {
+    load_with(data, image_folder, on_bad, |s, root| encoder.encode(s, root))
+}
+
+/// Usable samples without pixels, their image jobs, and the samples left out.
+pub type DeferredDataset = (Vec<EncodedSample>, Vec<ImageJob>, Vec<BadSample>);
+
+/// [`load_dataset`] without decoding the images: the samples' `pixel_values` are empty, and
+/// the image jobs (one per usable sample) make them ([`SampleEncoder::pixels`]). An image
+/// that exists but does not decode is found only when its job runs.
+pub fn load_dataset_deferred(
+    encoder: &SampleEncoder,
+    data: &Path,
+    image_folder: Option<&Path>,
+    on_bad: OnBadSample,
+) -> Result<DeferredDataset, TrainError> {
+    let (pairs, bad) = load_with(data, image_folder, on_bad, |s, root| {
+        encoder.encode_deferred(s, root)
+    })?;
+    let (samples, jobs) = pairs.into_iter().unzip();
+    Ok((samples, jobs, bad))
+}
+
+fn load_with<T>(
+    data: &Path,
+    image_folder: Option<&Path>,
+    on_bad: OnBadSample,
+    encode: impl Fn(&RawSample, &Path) -> Result<T, SampleError>,
+) -> Result<(Vec<T>, Vec<BadSample>), TrainError> {
     let samples = read_samples(data)?;
     let root: PathBuf = match image_folder {
         Some(f) => f.to_path_buf(),
@@ -384,7 +454,7 @@ pub fn load_dataset(
     let mut good = Vec::new();
     let mut bad = Vec::new();
     for (index, s) in samples.iter().enumerate() {
-        match encoder.encode(s, &root) {
+        match encode(s, &root) {
             Ok(e) => good.push(e),
             Err(reason) => {
                 let b = BadSample {

@@ -250,6 +250,21 @@ pub enum SetupError {
         /// Usable samples.
         len: usize,
     },
+    /// `--eval-every` without `--eval-data`.
+    #[error("--eval-every needs --eval-data")]
+    EvalEveryWithoutData,
+    /// `--warmup-ratio` outside `[0, 1]`.
+    #[error("--warmup-ratio must be in [0, 1], not {0}")]
+    WarmupRatio(f64),
+    /// `--max-grad-norm` not a positive number.
+    #[error("--max-grad-norm must be a positive number, not {0}")]
+    MaxGradNorm(f64),
+    /// Burn refuses the learning-rate schedule.
+    #[error("--lr-schedule: {0}")]
+    LrSchedule(String),
+    /// The evaluation data has no target token.
+    #[error("the evaluation data has no answer token to score")]
+    NoTargets,
     /// The tokenizer has no end-of-sequence token to append to targets.
     #[error("the tokenizer has no EOS token")]
     NoEosToken,

@@ -1,35 +1,43 @@
 //! A trained model back to a complete HF model directory.
 //!
-//! The weights are written as one f32 `model.safetensors` in the transformers 5.x key
-//! layout (`model.language_model.*`, `model.vision_tower.*`, `model.multi_modal_projector.*`,
-//! `lm_head.*`), LoRA adapters merged into their base weights. Tensors of the base
-//! checkpoint that the Burn model does not hold (vision layers deeper than the deepest
-//! selected one, `post_layernorm`) are copied from the base so that transformers finds
-//! every weight. `config.json` (with `dtype: float32`), the tokenizer, chat template,
-//! processor and generation files are copied from the base directory.
+//! The weights are written in the transformers 5.x key layout (`model.language_model.*`,
+//! `model.vision_tower.*`, `model.multi_modal_projector.*`, `lm_head.*`), LoRA adapters
+//! merged into their base weights, **tensor by tensor** ([`crate::shards`]): the export
+//! needs the loaded model plus one tensor, not a second copy of the weights. They are
+//! written in the base checkpoint's dtype unless [`ExportOptions::dtype`] says otherwise,
+//! as one `model.safetensors` or, past [`ExportOptions::max_shard_bytes`] (5 GB by default,
+//! as the hub), as `model-0000i-of-0000n.safetensors` shards with the hub's
+//! `model.safetensors.index.json`. Tensors of the base checkpoint that the Burn model does
+//! not hold (vision layers deeper than the deepest selected one, `post_layernorm`) are copied
+//! from the base so that transformers finds every weight. `config.json` (its `dtype` set to
+//! the written one), the tokenizer, chat template, processor and generation files are
+//! copied from the base directory.
 //!
 //! Everything is written through a [`StagedDir`] that merges into the output directory
 //! ([`Landing::Merge`]): the files land only when all are written, next to what the
-//! directory already holds (a training run's checkpoints), and a sharded model left there
-//! is removed so that it cannot shadow the new single file.
+//! directory already holds (a training run's checkpoints). Weights of an earlier export
+//! there that would shadow or mix with the new ones (a single file when shards arrive,
+//! shards when a single file arrives) are removed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use burn::module::Module;
-use burn::tensor::Device;
+use burn::tensor::{DType, Device, TensorData};
 use burn_store::{BurnToPyTorchAdapter, ModuleSnapshot};
 use serde_json::Value;
 use vipllava_convert::output::{Landing, StagedDir};
-use vipllava_convert::{Checkpoint, KeyLayout, canonical_key};
+use vipllava_convert::{Checkpoint, DiskDType, KeyLayout, canonical_key};
 use vipllava_model::VipLlava;
 
 use crate::checkpoint::{read_state, read_trainable};
-use crate::config::Trainable;
+use crate::config::{ExportDtype, Trainable};
 use crate::error::{TrainError, io_err};
 use crate::params::write_params;
 use crate::setup::build_model;
-use crate::tensors::{RawF32, f32_bytes, serialize_f32, snapshot_f32, to_f32};
+use crate::shards::{INDEX_FILE, MAX_SHARD_BYTES, PendingTensor, SINGLE_FILE, WrittenWeights, write_weights};
+use crate::tensors::snapshot_f32;
 
 /// Files copied verbatim from the base model directory when present.
 pub const COPIED_FILES: [&str; 10] = [
@@ -45,6 +53,49 @@ pub const COPIED_FILES: [&str; 10] = [
     "generation_config.json",
 ];
 
+/// How the weights are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExportOptions {
+    /// Dtype of the weights; `None`: the base checkpoint's ([`base_dtype`]).
+    pub dtype: Option<ExportDtype>,
+    /// Largest weight file in bytes; a bigger model is sharded.
+    pub max_shard_bytes: u64,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        Self {
+            dtype: None,
+            max_shard_bytes: MAX_SHARD_BYTES,
+        }
+    }
+}
+
+impl ExportOptions {
+    /// The options of a training run's settings (`--export-dtype`, `--max-shard-size`).
+    pub fn of(config: &crate::config::TrainConfig) -> Self {
+        Self {
+            dtype: config.export_dtype,
+            max_shard_bytes: config.max_shard_size.unwrap_or(MAX_SHARD_BYTES),
+        }
+    }
+
+    /// These options with another dtype.
+    pub fn with_dtype(mut self, dtype: ExportDtype) -> Self {
+        self.dtype = Some(dtype);
+        self
+    }
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportReport {
+    /// Dtype of the weights.
+    pub dtype: ExportDtype,
+    /// The weight files.
+    pub weights: WrittenWeights,
+}
+
 fn bad(path: &Path) -> impl Fn(String) -> TrainError + '_ {
     move |reason| TrainError::Checkpoint {
         path: path.to_path_buf(),
@@ -52,20 +103,44 @@ fn bad(path: &Path) -> impl Fn(String) -> TrainError + '_ {
     }
 }
 
+/// The dtype that holds most of the base checkpoint's float weights (by bytes); f64
+/// checkpoints export as f32.
+pub fn base_dtype(checkpoint: &Checkpoint) -> ExportDtype {
+    let mut bytes: BTreeMap<DiskDType, u64> = BTreeMap::new();
+    for e in checkpoint.tensors.values().filter(|e| e.dtype.is_float()) {
+        *bytes.entry(e.dtype).or_default() += e.bytes.end - e.bytes.start;
+    }
+    match bytes.into_iter().max_by_key(|(_, b)| *b).map(|(d, _)| d) {
+        Some(DiskDType::F16) => ExportDtype::F16,
+        Some(DiskDType::BF16) => ExportDtype::Bf16,
+        _ => ExportDtype::F32,
+    }
+}
+
+/// [`write_hf_model_with`] with the default options (the base checkpoint's dtype, 5 GB
+/// shards).
+pub fn write_hf_model(model: &VipLlava, base: &Path, out: &Path) -> Result<ExportReport, TrainError> {
+    write_hf_model_with(model, base, out, &ExportOptions::default())
+}
+
 /// Writes `model` (no autodiff, adapters merged) as a HF model directory `out`, taking
 /// the config, tokenizer and processor files and the tensors the model does not hold from
-/// `base`. The files land together when all are written; other files in `out` stay.
-pub fn write_hf_model(model: &VipLlava, base: &Path, out: &Path) -> Result<(), TrainError> {
+/// `base`. The files land together when all are written; other files in `out` stay, but
+/// weights of an earlier export that the new ones replace are removed.
+pub fn write_hf_model_with(
+    model: &VipLlava,
+    base: &Path,
+    out: &Path,
+    options: &ExportOptions,
+) -> Result<ExportReport, TrainError> {
     let staged = StagedDir::create(out, base, Landing::Merge)?;
     let dir = staged.path();
     let checkpoint = Checkpoint::open(base)?;
-    let tensors = hf_tensors(model, &checkpoint, out)?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = serialize_f32(&tensors, Some(metadata)).map_err(bad(out))?;
-    drop(tensors);
-    let weights = dir.join("model.safetensors");
-    std::fs::write(&weights, bytes).map_err(io_err(&weights))?;
-    let cfg = hf_config(base, &checkpoint, out)?;
+    let dtype = options.dtype.unwrap_or_else(|| base_dtype(&checkpoint));
+    let tensors = hf_tensors(model, &checkpoint, dtype.dtype())?;
+    let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
+    let weights = write_weights(dir, tensors, options.max_shard_bytes, &metadata)?;
+    let cfg = hf_config(base, &checkpoint, out, dtype)?;
     let json = serde_json::to_string_pretty(&cfg).map_err(|e| bad(out)(e.to_string()))?;
     let cfg_path = dir.join("config.json");
     std::fs::write(&cfg_path, json).map_err(io_err(&cfg_path))?;
@@ -75,23 +150,69 @@ pub fn write_hf_model(model: &VipLlava, base: &Path, out: &Path) -> Result<(), T
             std::fs::copy(&src, dir.join(name)).map_err(io_err(&src))?;
         }
     }
-    staged.commit()?;
-    Ok(())
+    let stale = stale_weights(out, &weights.files);
+    let dest = staged.commit()?;
+    for name in stale {
+        let path = dest.join(&name);
+        if path.is_file() {
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+    }
+    Ok(ExportReport { dtype, weights })
 }
 
-/// The model's tensors (PyTorch layout, 5.x file keys) and the float tensors of `base`
-/// it does not hold, as f32.
-fn hf_tensors(model: &VipLlava, checkpoint: &Checkpoint, out: &Path) -> Result<Vec<RawF32>, TrainError> {
-    let bad = bad(out);
-    let mut raw: Vec<RawF32> = Vec::new();
+/// Weight files in `out` from an earlier export that loaders would prefer to, or mix with,
+/// the new `files`: a single `model.safetensors` and the index when shards arrive, and old
+/// shards (listed by the old index) that the new export does not overwrite. (A single file
+/// replacing shards is handled by [`Landing::Merge`] itself.)
+fn stale_weights(out: &Path, files: &[String]) -> Vec<String> {
+    let mut stale = Vec::new();
+    if files.len() <= 1 {
+        return stale;
+    }
+    if out.join(SINGLE_FILE).is_file() {
+        stale.push(SINGLE_FILE.to_string());
+    }
+    let new: BTreeSet<&str> = files.iter().map(String::as_str).collect();
+    if let Ok(text) = std::fs::read_to_string(out.join(INDEX_FILE))
+        && let Ok(Value::Object(m)) = serde_json::from_str::<Value>(&text)
+        && let Some(Value::Object(map)) = m.get("weight_map")
+    {
+        let old: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
+        for shard in old {
+            if !new.contains(shard) && Path::new(shard).components().count() == 1 {
+                stale.push(shard.to_string());
+            }
+        }
+    }
+    stale
+}
+
+/// The model's tensors (PyTorch layout, 5.x file keys) and the float tensors of `base` it
+/// does not hold, in `dtype`, each produced only when written.
+fn hf_tensors<'a>(
+    model: &VipLlava,
+    checkpoint: &'a Checkpoint,
+    dtype: DType,
+) -> Result<Vec<PendingTensor<'a>>, TrainError> {
+    let mut out: Vec<PendingTensor<'a>> = Vec::new();
     let mut have = BTreeSet::new();
     for snap in model.collect(None, Some(Box::new(BurnToPyTorchAdapter)), false) {
-        let v = snapshot_f32(&snap).ok_or_else(|| bad(format!("{}: cannot read as f32", snap.name)))?;
         let key = KeyLayout::Hf5.file_key(&snap.name);
         have.insert(key.clone());
-        raw.push((key, snap.shape.to_vec(), f32_bytes(&v)));
+        let shape = snap.shape.to_vec();
+        out.push(PendingTensor {
+            key,
+            shape: shape.clone(),
+            dtype,
+            produce: Box::new(move || {
+                let bytes = snap.to_bytes().map_err(|e| format!("{e:?}"))?;
+                let data = TensorData::try_from_bytes(bytes, shape.clone(), snap.dtype)
+                    .map_err(|e| e.to_string())?;
+                cast(data, dtype)
+            }),
+        });
     }
-    let mut file_bytes: HashMap<usize, Vec<u8>> = HashMap::new();
     for (file_key, entry) in &checkpoint.tensors {
         let Some(canonical) = canonical_key(file_key) else {
             continue;
@@ -100,28 +221,69 @@ fn hf_tensors(model: &VipLlava, checkpoint: &Checkpoint, out: &Path) -> Result<V
         if have.contains(&key) || !entry.dtype.is_float() {
             continue;
         }
-        let bytes = match file_bytes.entry(entry.file) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let f = &checkpoint.files[entry.file];
-                e.insert(std::fs::read(f).map_err(io_err(f))?)
-            }
-        };
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| bad(e.to_string()))?;
-        let view = st.tensor(file_key).map_err(|e| bad(format!("{file_key}: {e}")))?;
-        let v = to_f32(view.dtype(), view.data())
-            .ok_or_else(|| bad(format!("{file_key}: dtype {:?}", view.dtype())))?;
         have.insert(key.clone());
-        raw.push((key, view.shape().to_vec(), f32_bytes(&v)));
+        let file = &checkpoint.files[entry.file];
+        let source = match entry.dtype {
+            DiskDType::F32 => DType::F32,
+            DiskDType::F16 => DType::F16,
+            DiskDType::BF16 => DType::BF16,
+            DiskDType::F64 => DType::F64,
+            DiskDType::Integer(_) => continue,
+        };
+        let (range, shape) = (entry.bytes.clone(), entry.shape.clone());
+        out.push(PendingTensor {
+            key,
+            shape: entry.shape.clone(),
+            dtype,
+            produce: Box::new(move || {
+                let bytes =
+                    read_range(file, range.clone()).map_err(|e| format!("{}: {e}", file.display()))?;
+                let data =
+                    TensorData::try_from_bytes_vec(from_le(bytes, source.size()), shape.clone(), source)
+                        .map_err(|e| e.to_string())?;
+                cast(data, dtype)
+            }),
+        });
     }
-    Ok(raw)
+    Ok(out)
 }
 
-/// The base `config.json`, marked float32, with the feature layers as resolved against the
+/// `data` in `dtype`.
+fn cast(data: TensorData, dtype: DType) -> Result<TensorData, String> {
+    data.try_cast(dtype).map_err(|e| e.to_string())
+}
+
+/// Bytes `range` of a file.
+fn read_range(path: &Path, range: std::ops::Range<u64>) -> std::io::Result<Vec<u8>> {
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(range.start))?;
+    let len = usize::try_from(range.end - range.start).map_err(std::io::Error::other)?;
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+/// Little-endian elements of `size` bytes in native order.
+fn from_le(mut bytes: Vec<u8>, size: usize) -> Vec<u8> {
+    if cfg!(target_endian = "big") {
+        for c in bytes.chunks_exact_mut(size) {
+            c.reverse();
+        }
+    }
+    bytes
+}
+
+/// The base `config.json`, its dtype fields set to `dtype`, with the feature layers as resolved against the
 /// weights (the 7B hub file's stray scalar `vision_feature_layer: -2` means five layers to
 /// transformers 4.x but one to 5.x): the list under the 5.x key, and under the 4.x plural
 /// key when the base has it.
-fn hf_config(base: &Path, checkpoint: &Checkpoint, out: &Path) -> Result<Value, TrainError> {
+fn hf_config(
+    base: &Path,
+    checkpoint: &Checkpoint,
+    out: &Path,
+    dtype: ExportDtype,
+) -> Result<Value, TrainError> {
+    let name = || Value::String(dtype.torch_name().into());
     let cfg_path = base.join("config.json");
     let mut cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).map_err(io_err(&cfg_path))?)
@@ -134,15 +296,15 @@ fn hf_config(base: &Path, checkpoint: &Checkpoint, out: &Path) -> Result<Value, 
         if m.contains_key("vision_feature_layers") {
             m.insert("vision_feature_layers".into(), layers);
         }
-        m.insert("dtype".into(), Value::String("float32".into()));
+        m.insert("dtype".into(), name());
         if m.contains_key("torch_dtype") {
-            m.insert("torch_dtype".into(), Value::String("float32".into()));
+            m.insert("torch_dtype".into(), name());
         }
         for sub in ["text_config", "vision_config"] {
             if let Some(Value::Object(s)) = m.get_mut(sub) {
                 for k in ["dtype", "torch_dtype"] {
                     if s.contains_key(k) {
-                        s.insert(k.into(), Value::String("float32".into()));
+                        s.insert(k.into(), name());
                     }
                 }
             }
@@ -176,11 +338,28 @@ pub fn merged_model(base: &Path, checkpoint: &Path, device: &Device) -> Result<V
     })
 }
 
-/// `vipllava export`: base + checkpoint -> a complete HF model directory.
-pub fn export(base: &Path, checkpoint: &Path, out: &Path, device: &Device) -> Result<(), TrainError> {
+/// `vipllava export`: base + checkpoint -> a complete HF model directory, with the
+/// default options (the base checkpoint's dtype, 5 GB shards).
+pub fn export(
+    base: &Path,
+    checkpoint: &Path,
+    out: &Path,
+    device: &Device,
+) -> Result<ExportReport, TrainError> {
+    export_with(base, checkpoint, out, device, &ExportOptions::default())
+}
+
+/// [`export`] with the given options.
+pub fn export_with(
+    base: &Path,
+    checkpoint: &Path,
+    out: &Path,
+    device: &Device,
+    options: &ExportOptions,
+) -> Result<ExportReport, TrainError> {
     crate::checkpoint::check_out_dir(base, out)?;
     let model = merged_model(base, checkpoint, device)?;
-    write_hf_model(&model, base, out)
+    write_hf_model_with(&model, base, out, options)
 }
 
 /// Tensors of a model by canonical (Burn path) name, PyTorch layout, f32 — for tests.

@@ -9,10 +9,13 @@
 //! - [`setup`]: the model (base weights, LoRA adapters), the trainable set, the optimizer;
 //! - [`batch`]: the step schedule and padded micro-batches with an attention mask;
 //! - [`checkpoint`]: the run's state on disk, written whole or not at all, read to resume;
+//! - [`recipes`]: learning-rate schedules (Burn's schedulers) and global-norm clipping;
+//! - [`eval`]: loss and perplexity over every answer token of a data file;
 //! - [`trainer`]: the loop: projector / LoRA / full training with SGD or AdamW, gradient
 //!   accumulation and checkpointing, exact resume;
 //! - [`export`]: LoRA merged into the base weights and a complete HF model directory
-//!   (hub-layout safetensors, config, tokenizer and processor files);
+//!   (hub-layout safetensors in the base dtype, written tensor by tensor and sharded like
+//!   the hub by [`shards`], config, tokenizer and processor files);
 //! - [`tensors`], [`params`], [`error`]: f32 safetensors files, parameters by path, errors.
 //!
 //! Files depend in one direction: `config` <- `setup`, `checkpoint` <- `export` <- `trainer`;
@@ -36,16 +39,20 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod export;
 pub mod lora_target;
 pub mod loss;
 pub mod params;
+pub mod prefetch;
+pub mod recipes;
 pub mod setup;
+pub mod shards;
 pub mod tensors;
 pub mod trainer;
 
 pub use checkpoint::{TrainState, check_out_dir};
-pub use config::{OptimizerKind, TrainConfig, Trainable};
+pub use config::{ExportDtype, OptimizerKind, TrainConfig, Trainable};
 pub use data::{BadSample, EncodedSample, OnBadSample, RawSample, SampleEncoder, Turn};
 pub use error::{DataError, SampleError, SetupError, TrainError};
 pub use lora_target::{LoraTarget, UnknownLoraTarget};

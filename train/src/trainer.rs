@@ -17,6 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::{Module, ParamId};
@@ -27,11 +28,14 @@ use vipllava_model::{KvCache, VipLlava, VipLlavaConfig};
 
 use crate::batch::{Batch, collate, pad_id, schedule};
 use crate::checkpoint::{load_optimizer, read_state, read_trainable};
-use crate::data::{BadSample, EncodedSample, SampleEncoder, load_dataset};
+use crate::data::{BadSample, EncodedSample, ImageJob, SampleEncoder, load_dataset, load_dataset_deferred};
 use crate::error::{SetupError, TrainError};
-use crate::export::write_hf_model;
+use crate::eval::{EvalResult, evaluate};
+use crate::export::{ExportOptions, write_hf_model_with};
 use crate::loss::causal_lm_loss;
 use crate::params::{list_params, read_params, write_params};
+use crate::prefetch::Prefetcher;
+use crate::recipes::{LrPlan, ParamRank, clip_global_norm};
 use crate::setup::{make_optimizer, mark_trainable, placeholder, trainable_params};
 
 // Paths of the items that lived here before the split into modules.
@@ -52,6 +56,13 @@ pub struct StepReport {
     pub loss: f64,
     /// Learning rate used.
     pub lr: f64,
+    /// Global L2 norm of the step's gradients before clipping (with `max_grad_norm`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    /// Evaluation after the step (with `eval_data`, every `eval_every` steps and after the
+    /// last).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval: Option<EvalResult>,
     /// Input tokens processed (padding excluded).
     pub tokens: usize,
     /// Target tokens in the loss.
@@ -75,6 +86,14 @@ pub struct TrainSummary {
     pub bad_samples: Vec<BadSample>,
 }
 
+/// Images decoded on demand (`prefetch > 0`).
+struct Images {
+    jobs: Arc<Vec<ImageJob>>,
+    /// Position of each usable sample in the data file.
+    file_index: Vec<usize>,
+    prefetcher: Option<Prefetcher>,
+}
+
 /// A model being trained, with its data, optimizer and position in the schedule.
 pub struct Trainer {
     /// Settings.
@@ -85,16 +104,24 @@ pub struct Trainer {
     pub model: VipLlava,
     /// Tokenizer, template and image settings.
     pub encoder: SampleEncoder,
-    /// Usable samples in file order.
+    /// Usable samples in file order (with `prefetch > 0` their `pixel_values` are empty: the
+    /// images are decoded when a step needs them, see [`crate::prefetch`]).
     pub samples: Vec<EncodedSample>,
     /// Samples left out.
     pub bad_samples: Vec<BadSample>,
+    /// Usable evaluation samples (`eval_data`), in file order.
+    pub eval_samples: Vec<EncodedSample>,
+    /// Evaluation samples left out.
+    pub eval_bad_samples: Vec<BadSample>,
     /// Optimizer steps done.
     pub step: usize,
     /// Losses of the steps done.
     pub losses: Vec<f64>,
     optim: ModuleOptimizer,
+    lr_plan: LrPlan,
     trainable: Vec<(String, ParamId)>,
+    ranks: Vec<ParamRank>,
+    images: Option<Images>,
     device: Device,
     pad_id: u32,
 }
@@ -111,30 +138,143 @@ impl Trainer {
         };
         let (model, model_config) = build_model(&config, &ad)?;
         let encoder = SampleEncoder::from_model_dir(&config.model, &model_config)?;
-        let (samples, bad_samples) = load_dataset(
-            &encoder,
-            &config.data,
-            config.image_folder.as_deref(),
-            config.on_bad_sample,
-        )?;
+        let (samples, bad_samples, images) = if config.prefetch > 0 {
+            let (samples, jobs, bad) = load_dataset_deferred(
+                &encoder,
+                &config.data,
+                config.image_folder.as_deref(),
+                config.on_bad_sample,
+            )?;
+            let bad_index: std::collections::BTreeSet<usize> = bad.iter().map(|b| b.index).collect();
+            let file_index = (0..)
+                .filter(|i| !bad_index.contains(i))
+                .take(samples.len())
+                .collect();
+            let images = Images {
+                jobs: Arc::new(jobs),
+                file_index,
+                prefetcher: None,
+            };
+            (samples, bad, Some(images))
+        } else {
+            let (samples, bad) = load_dataset(
+                &encoder,
+                &config.data,
+                config.image_folder.as_deref(),
+                config.on_bad_sample,
+            )?;
+            (samples, bad, None)
+        };
+        let (eval_samples, eval_bad_samples) = match &config.eval_data {
+            Some(eval) => load_dataset(
+                &encoder,
+                eval,
+                config.image_folder.as_deref(),
+                config.on_bad_sample,
+            )?,
+            None => (Vec::new(), Vec::new()),
+        };
         let trainable = trainable_params(&model, config.trainable)?;
+        let rank: BTreeMap<String, usize> = list_params(&model)
+            .into_iter()
+            .map(|p| (p.path, p.shape.len()))
+            .collect();
+        let ranks = trainable
+            .iter()
+            .map(|(p, id)| (*id, rank.get(p).copied().unwrap_or(0)))
+            .collect();
         let model = mark_trainable(model, &trainable);
         let optim = make_optimizer(&config);
+        let lr_plan = LrPlan::new(
+            config.lr_schedule,
+            config.lr,
+            config.warmup_ratio,
+            schedule(samples.len(), &config).len(),
+        )?;
         let pad_id = pad_id(&encoder, &model_config);
-        Ok(Self {
+        let mut trainer = Self {
             config,
             model_config,
             model,
             encoder,
             samples,
             bad_samples,
+            eval_samples,
+            eval_bad_samples,
             step: 0,
             losses: Vec::new(),
             optim,
+            lr_plan,
             trainable,
+            ranks,
+            images,
             device: ad,
             pad_id,
-        })
+        };
+        trainer.start_prefetch();
+        Ok(trainer)
+    }
+
+    /// (Re)starts the background decoding from the current step (with `prefetch > 0`).
+    fn start_prefetch(&mut self) {
+        let order: Vec<usize> = schedule(self.samples.len(), &self.config)
+            .into_iter()
+            .skip(self.step)
+            .flat_map(|(_, micro)| micro.into_iter().flatten())
+            .collect();
+        let depth = self.config.prefetch;
+        let encoder = self.encoder.clone();
+        if let Some(images) = &mut self.images {
+            // The old thread stops when its channel closes.
+            images.prefetcher = None;
+            images.prefetcher = Some(Prefetcher::spawn(encoder, images.jobs.clone(), order, depth));
+        }
+    }
+
+    /// Sample `i` with its pixels (decoded now, or taken from the prefetcher when `fetch`).
+    fn with_pixels(
+        &self,
+        i: usize,
+        fetched: Option<crate::prefetch::Decoded>,
+    ) -> Result<EncodedSample, TrainError> {
+        let sample = &self.samples[i];
+        let Some(images) = &self.images else {
+            return Ok(sample.clone());
+        };
+        let pixels = match fetched {
+            Some((j, r)) if j == i => r,
+            _ => self.encoder.pixels(&images.jobs[i]),
+        };
+        match pixels {
+            Ok(pixel_values) => Ok(EncodedSample {
+                pixel_values,
+                ..sample.clone()
+            }),
+            Err(reason) => Err(TrainError::BadSample(BadSample {
+                id: sample.id.clone(),
+                index: images.file_index.get(i).copied().unwrap_or(i),
+                reason,
+            })),
+        }
+    }
+
+    /// The samples of one micro-batch of the schedule, pixels from the prefetcher.
+    fn prefetched_rows(&mut self, indices: &[usize]) -> Result<Vec<EncodedSample>, TrainError> {
+        let mut rows = Vec::with_capacity(indices.len());
+        let mut resync = false;
+        for &i in indices {
+            let fetched = self
+                .images
+                .as_ref()
+                .and_then(|im| im.prefetcher.as_ref())
+                .and_then(Prefetcher::next);
+            resync |= fetched.as_ref().is_some_and(|(j, _)| *j != i);
+            rows.push(self.with_pixels(i, fetched)?);
+        }
+        if resync {
+            self.start_prefetch();
+        }
+        Ok(rows)
     }
 
     /// Continues from a checkpoint written by [`Trainer::save_checkpoint`] with `config`
@@ -162,6 +302,8 @@ impl Trainer {
         trainer.model = mark_trainable(model, &trainer.trainable);
         trainer.optim = load_optimizer(checkpoint, make_optimizer(&trainer.config))?;
         trainer.step = state.step;
+        trainer.lr_plan.skip(state.step);
+        trainer.start_prefetch();
         trainer.losses = state.losses;
         Ok(trainer)
     }
@@ -191,12 +333,24 @@ impl Trainer {
         if let Some(&index) = indices.iter().find(|&&i| i >= len) {
             return Err(SetupError::SampleIndex { index, len }.into());
         }
+        if self.images.is_some() {
+            let owned = indices
+                .iter()
+                .map(|&i| self.with_pixels(i, None))
+                .collect::<Result<Vec<_>, _>>()?;
+            return self.loss_of(&owned.iter().collect::<Vec<_>>());
+        }
         let rows: Vec<&EncodedSample> = indices.iter().map(|&i| &self.samples[i]).collect();
+        self.loss_of(&rows)
+    }
+
+    /// Loss of some samples (with pixels) as one micro-batch.
+    fn loss_of(&self, rows: &[&EncodedSample]) -> Result<Option<(Tensor<1>, usize, usize)>, TrainError> {
         let Batch {
             input,
             labels,
             tokens,
-        } = collate(&rows, self.pad_id, self.config.dtype.dtype(), &self.device);
+        } = collate(rows, self.pad_id, self.config.dtype.dtype(), &self.device);
         let logits = self.model.forward(input, &mut KvCache::new())?;
         Ok(causal_lm_loss(logits, &labels).map(|(l, n)| (l, n, tokens)))
     }
@@ -242,7 +396,13 @@ impl Trainer {
         let mut tokens = 0;
         let mut targets = 0;
         for indices in &micro {
-            let Some((loss, n, t)) = self.loss(indices)? else {
+            let out = if self.images.is_some() {
+                let rows = self.prefetched_rows(indices)?;
+                self.loss_of(&rows.iter().collect::<Vec<_>>())?
+            } else {
+                self.loss(indices)?
+            };
+            let Some((loss, n, t)) = out else {
                 tokens += indices
                     .iter()
                     .map(|&i| self.samples[i].input_ids.len())
@@ -271,21 +431,56 @@ impl Trainer {
             let grads = GradientsParams::from_grads(loss.backward(), &self.model);
             acc.accumulate(&self.model, grads);
         }
-        let grads = acc.grads();
+        let mut grads = acc.grads();
+        let grad_norm = self
+            .config
+            .max_grad_norm
+            .map(|max| clip_global_norm(&mut grads, &self.ranks, max));
+        let lr = self.lr_plan.next_lr();
         let model = std::mem::replace(&mut self.model, placeholder(&self.model_config, &self.device));
-        self.model = self.optim.step(self.config.lr, model, grads);
+        self.model = self.optim.step(lr, model, grads);
         self.step += 1;
         let loss = loss_sum / k;
         self.losses.push(loss);
+        let seconds = start.elapsed().as_secs_f64();
+        let due = self
+            .config
+            .eval_every
+            .is_some_and(|n| self.step.is_multiple_of(n))
+            || self.step == steps.len();
+        let eval = if due { self.evaluate()? } else { None };
         Ok(Some(StepReport {
             step: self.step,
             epoch,
             loss,
-            lr: self.config.lr,
+            lr,
+            grad_norm,
+            eval,
             tokens,
             targets,
-            seconds: start.elapsed().as_secs_f64(),
+            seconds,
         }))
+    }
+
+    /// Loss and perplexity of the current model on the evaluation samples (`eval_data`), in
+    /// micro-batches of `batch_size`; `None` without evaluation data.
+    pub fn evaluate(&self) -> Result<Option<EvalResult>, TrainError> {
+        if self.eval_samples.is_empty() {
+            return Ok(None);
+        }
+        let plain = self.device.clone().without_autodiff();
+        let model = self.model.valid();
+        let pad = self.pad_id;
+        evaluate(
+            &model,
+            &self.eval_samples,
+            pad,
+            self.config.dtype.dtype(),
+            self.config.batch_size,
+            &plain,
+            |_| {},
+        )
+        .map(Some)
     }
 
     /// Values (f32, Burn layout) of the trained parameters by path.
@@ -342,8 +537,17 @@ pub fn run(mut trainer: Trainer, mut on_step: impl FnMut(&StepReport)) -> Result
         Some((s, p)) if s == trainer.step => p,
         _ => trainer.save_checkpoint()?,
     };
-    let merged = trainer.inference_model().materialize();
-    write_hf_model(&merged, &trainer.config.model, &trainer.config.out)?;
+    // The autodiff model and the optimizer state go before the export: it needs the merged
+    // model plus one tensor at a time.
+    let model = std::mem::replace(
+        &mut trainer.model,
+        placeholder(&trainer.model_config, &trainer.device),
+    );
+    trainer.optim = make_optimizer(&trainer.config);
+    let merged = model.valid().materialize();
+    drop(model);
+    let options = ExportOptions::of(&trainer.config);
+    write_hf_model_with(&merged, &trainer.config.model, &trainer.config.out, &options)?;
     Ok(TrainSummary {
         steps: trainer.step,
         losses,

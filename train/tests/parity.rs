@@ -554,7 +554,11 @@ fn exports_of_every_fixture_reload_with_the_trained_logits() {
         let mut t = Trainer::new(c.clone(), &device()).unwrap();
         t.step().unwrap();
         let trained = t.inference_model();
-        vipllava_train::export::write_hf_model(&trained, &c.model, &c.out).unwrap();
+        // f32 asked for: by default the export takes the base checkpoint's dtype, which
+        // would round the trained weights (tested in tests/scale.rs).
+        let f32_export =
+            vipllava_train::export::ExportOptions::default().with_dtype(vipllava_train::ExportDtype::F32);
+        vipllava_train::export::write_hf_model_with(&trained, &c.model, &c.out, &f32_export).unwrap();
         let loaded = vipllava_convert::load_model(&c.out, &device(), &Default::default()).unwrap();
         let s = &t.samples[0];
         let n = s.input_ids.len();

@@ -4,6 +4,7 @@ pub mod bench;
 pub mod chat;
 pub mod convert;
 pub mod draw;
+pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod info;

@@ -39,14 +39,20 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             .with_context(|| format!("resuming from {}", ckpt.display()))?,
         None => Trainer::new(config, &device)?,
     };
-    for b in &trainer.bad_samples {
+    let bad = trainer
+        .bad_samples
+        .iter()
+        .map(|b| (b, ""))
+        .chain(trainer.eval_bad_samples.iter().map(|b| (b, "evaluation ")));
+    for (b, what) in bad {
         if args.json {
-            eprintln!(
-                "{}",
-                json!({"bad_sample": b.id, "index": b.index, "reason": b.reason.to_string()})
-            );
+            let mut line = json!({"bad_sample": b.id, "index": b.index, "reason": b.reason.to_string()});
+            if !what.is_empty() {
+                line["eval"] = json!(true);
+            }
+            eprintln!("{line}");
         } else {
-            eprintln!("skipping sample {} (#{}): {}", b.id, b.index, b.reason);
+            eprintln!("skipping {what}sample {} (#{}): {}", b.id, b.index, b.reason);
         }
     }
     let total = trainer.total_steps();
@@ -70,12 +76,29 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         match &bar {
             Some(bar) => {
                 bar.set_position(r.step as u64);
-                bar.set_message(format!("loss {:.4}  {:.0} tok/s", r.loss, tps));
+                let eval = r
+                    .eval
+                    .map(|e| format!("  eval loss {:.4}", e.loss))
+                    .unwrap_or_default();
+                bar.set_message(format!("loss {:.4}{eval}  {:.0} tok/s", r.loss, tps));
+                if let Some(e) = r.eval {
+                    bar.println(format!(
+                        "step {}: eval loss {:.4}, perplexity {:.3} ({} samples, {} targets)",
+                        r.step, e.loss, e.perplexity, e.samples, e.targets
+                    ));
+                }
             }
-            None => println!(
-                "{}",
-                json!({"step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr, "tokens": r.tokens, "targets": r.targets})
-            ),
+            None => {
+                let mut line = json!({"step": r.step, "epoch": r.epoch, "loss": r.loss, "lr": r.lr, "tokens": r.tokens, "targets": r.targets, "seconds": r.seconds});
+                if let Some(norm) = r.grad_norm {
+                    line["grad_norm"] = json!(norm);
+                }
+                if let Some(e) = r.eval {
+                    line["eval_loss"] = json!(e.loss);
+                    line["eval_perplexity"] = json!(e.perplexity);
+                }
+                println!("{line}");
+            }
         }
     })?;
     if let Some(bar) = bar {
