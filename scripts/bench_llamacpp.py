@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""llama.cpp beside vipllava on the same machine: build it, convert the benchmark model's
+language model to GGUF, and run both interleaved (issue 17).
+
+llama.cpp comes from the sources vendored in the `llama-cpp-python` source package on the
+Python registry, built with the `cmake` wheel from the same registry: no other network.
+
+Steps (each skips what is already there under --work, default bench-data/llamacpp):
+
+    # 0. the benchmark checkpoints (scripts/make_bench_checkpoint.py) and our release binary
+    .venv/bin/python scripts/make_bench_checkpoint.py --out bench-data
+    cargo build --release
+    # 1. download and build llama-bench and llama-quantize (about 10 minutes on 2 cores)
+    .venv/bin/python scripts/bench_llamacpp.py build
+    # 2. the Llama of a VipLlava checkpoint as a LlamaForCausalLM directory (checked: equal
+    #    logits in transformers), converted by llama.cpp's convert_hf_to_gguf.py to F32, BF16
+    #    and Q8_0, and quantized by llama-quantize to Q4_0
+    .venv/bin/python scripts/bench_llamacpp.py gguf --model bench-data/clip-l-llama-1b-f32 --check
+    # 3. interleaved: per round and precision, llama-bench then vipllava bench; medians, ratios
+    .venv/bin/python scripts/bench_llamacpp.py compare --vipllava target/release/vipllava \\
+        --model-dir bench-data --image bench-data/astronaut.png --precisions f32,bf16,q8,q4 --rounds 2
+
+The comparison: decode tokens/s at a 617-token context (`llama-bench -p 0 -n 32 -d 617` vs the
+decode of `vipllava bench --batch-sizes 1`, whose prompt is 617 tokens with the image) and the
+prefill of 617 tokens (`llama-bench -p 617 -n 0` vs our prefill minus the image encoding), both
+with 2 threads. Precisions: f32 (F32 GGUF vs our f32), bf16 (BF16 vs `--dtype bf16`), q8 (Q8_0 vs
+`--dtype bf16 --quantize q8`), q4 (Q4_0 vs `--dtype bf16 --quantize q4`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from common import REPO_ROOT, log
+
+WORK = REPO_ROOT / "bench-data" / "llamacpp"
+PACKAGE = "llama-cpp-python"
+# GGUF name per precision, and how each side runs it.
+GGUF = {"f32": "F32", "bf16": "BF16", "q8": "Q8_0", "q4": "Q4_0"}
+OURS = {
+    "f32": ("clip-l-llama-1b-f32", ["--dtype", "f32"]),
+    "bf16": ("clip-l-llama-1b-bf16", ["--dtype", "bf16"]),
+    "q8": ("clip-l-llama-1b-bf16", ["--dtype", "bf16", "--quantize", "q8"]),
+    "q4": ("clip-l-llama-1b-bf16", ["--dtype", "bf16", "--quantize", "q4"]),
+}
+CONTEXT = 617
+NEW_TOKENS = 32
+THREADS = 2
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    log("$ " + " ".join(str(c) for c in cmd))
+    return subprocess.run([str(c) for c in cmd], check=True, **kw)
+
+
+def llama_src(work: Path) -> Path:
+    found = sorted(glob.glob(str(work / "src" / "llama_cpp_python-*" / "vendor" / "llama.cpp")))
+    if not found:
+        raise SystemExit(f"no llama.cpp sources under {work / 'src'}: run `build` first")
+    return Path(found[-1])
+
+
+def binary(work: Path, name: str) -> Path:
+    path = work / "build" / "bin" / name
+    if not path.is_file():
+        raise SystemExit(f"{path} missing: run `build` first")
+    return path
+
+
+def cmd_build(args) -> None:
+    work = Path(args.work)
+    (work / "src").mkdir(parents=True, exist_ok=True)
+    if not glob.glob(str(work / "src" / "llama_cpp_python-*")):
+        dl = work / "download"
+        dl.mkdir(exist_ok=True)
+        spec = PACKAGE + (f"=={args.version}" if args.version else "")
+        run([sys.executable, "-m", "pip", "download", spec, "--no-deps", "--no-binary", PACKAGE, "-d", dl])
+        (sdist,) = glob.glob(str(dl / "llama_cpp_python-*.tar.gz"))
+        with tarfile.open(sdist) as tar:
+            tar.extractall(work / "src", filter="data")
+    src = llama_src(work)
+    venv = work / "venv"
+    cmake = venv / "bin" / "cmake"
+    if not cmake.is_file():
+        run([sys.executable, "-m", "venv", venv])
+        run([venv / "bin" / "pip", "install", "-q", "cmake"])
+    build = work / "build"
+    run([cmake, "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+         "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF"])
+    run([cmake, "--build", build, "--target", "llama-bench", "llama-quantize", f"-j{os.cpu_count() or 2}"])
+    log(f"built {binary(work, 'llama-bench')} and {binary(work, 'llama-quantize')}")
+
+
+def language_model_key(key: str) -> str | None:
+    """A VipLlava tensor name -> its LlamaForCausalLM name (hub 4.x and transformers 5.x)."""
+    for prefix, to in (("language_model.model.", "model."), ("model.language_model.", "model."),
+                       ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head.")):
+        if key.startswith(prefix):
+            return to + key[len(prefix):]
+    return None
+
+
+def extract_llama(model_dir: Path, out: Path) -> None:
+    """Writes the language model of a VipLlava directory as a LlamaForCausalLM directory."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    text = dict(config["text_config"])
+    text["architectures"] = ["LlamaForCausalLM"]
+    text["model_type"] = "llama"
+    for key in ("torch_dtype", "dtype"):
+        if key in config and key not in text:
+            text[key] = config[key]
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(text, indent=2) + "\n")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, out / name)
+    pad_tokenizer(out / "tokenizer.json", text["vocab_size"])
+    weight_map = {}
+    for n, path in enumerate(sorted(model_dir.glob("*.safetensors"))):
+        tensors = {}
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                new = language_model_key(key)
+                if new is not None:
+                    tensors[new] = f.get_tensor(key).contiguous()
+        if tensors:
+            shard = f"model-{n:05d}.safetensors"
+            save_file(tensors, out / shard, metadata={"format": "pt"})
+            weight_map.update({k: shard for k in tensors})
+    total = sum(os.path.getsize(out / s) for s in set(weight_map.values()))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    log(f"extracted {len(weight_map)} tensors -> {out}")
+
+
+def pad_tokenizer(path: Path, vocab_size: int) -> None:
+    """Adds placeholder special tokens up to the embedding's row count: llama.cpp wants as
+    many tokens as embedding rows (the checkpoints pad the vocabulary past the tokenizer's)."""
+    tok = json.loads(path.read_text())
+    used = set(tok["model"]["vocab"].values()) | {t["id"] for t in tok.get("added_tokens", [])}
+    for i in range(vocab_size):
+        if i not in used:
+            tok.setdefault("added_tokens", []).append({
+                "id": i, "content": f"<extra_{i}>", "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True})
+    path.write_text(json.dumps(tok, ensure_ascii=False))
+
+
+def check_logits(model_dir: Path, llama_dir: Path) -> None:
+    """The extracted Llama gives the VipLlava language model's logits on text ids, bit for bit."""
+    import torch
+    from transformers import LlamaForCausalLM, VipLlavaForConditionalGeneration
+
+    torch.manual_seed(0)
+    vip = VipLlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    vocab = vip.config.text_config.vocab_size
+    ids = torch.randint(1, min(vocab, 32000), (1, 24))
+    with torch.no_grad():
+        hidden = vip.model.language_model(input_ids=ids).last_hidden_state
+        want = vip.lm_head(hidden)
+    del vip
+    llama = LlamaForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = llama(input_ids=ids).logits
+    diff = (got - want).abs().max().item()
+    log(f"extracted Llama vs VipLlava language model: logits max |diff| = {diff}")
+    if diff != 0.0:
+        raise SystemExit("the extracted Llama does not reproduce the language model's logits")
+
+
+def cmd_gguf(args) -> None:
+    work = Path(args.work)
+    model_dir = Path(args.model)
+    llama_dir = work / "llama-hf"
+    if not (llama_dir / "model.safetensors.index.json").is_file():
+        extract_llama(model_dir, llama_dir)
+        if args.check:
+            check_logits(model_dir, llama_dir)
+    src = llama_src(work)
+    env = dict(os.environ, PYTHONPATH=str(src / "gguf-py") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for outtype, name in (("f32", "F32"), ("bf16", "BF16"), ("q8_0", "Q8_0")):
+        out = work / f"llama-{name}.gguf"
+        if out.is_file():
+            continue
+        partial = out.with_suffix(".partial")
+        run([sys.executable, src / "convert_hf_to_gguf.py", llama_dir, "--outtype", outtype, "--outfile", partial],
+            env=env)
+        partial.rename(out)
+    q4 = work / "llama-Q4_0.gguf"
+    if not q4.is_file():
+        run([binary(work, "llama-quantize"), work / "llama-F32.gguf", q4.with_suffix(".partial"), "Q4_0"])
+        q4.with_suffix(".partial").rename(q4)
+    if not args.keep_hf:
+        shutil.rmtree(llama_dir)  # 4.4 GB for the benchmark model; the GGUF files are what is used
+
+
+def llama_bench(work: Path, precision: str) -> dict:
+    model = work / f"llama-{GGUF[precision]}.gguf"
+    bench = binary(work, "llama-bench")
+    out = {}
+    for flags, key in ((["-p", CONTEXT, "-n", 0], "prefill_tokens_per_s"),
+                       (["-p", 0, "-n", NEW_TOKENS, "-d", CONTEXT], "decode_tokens_per_s")):
+        r = run([bench, "-m", model, "-t", THREADS, "-r", 1, "-o", "json", *flags], capture_output=True, text=True)
+        rows = json.loads(r.stdout)
+        out[key] = rows[0]["avg_ts"]
+    out["prefill_ms"] = 1000.0 * CONTEXT / out["prefill_tokens_per_s"]
+    return out
+
+
+def vipllava_bench(binary_path: str, model_dir: Path, image: str, precision: str) -> dict:
+    name, flags = OURS[precision]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(THREADS))
+    r = run([binary_path, "bench", "--model", model_dir / name, "--image", image, "--batch-sizes", "1",
+             "--new-tokens", NEW_TOKENS, "--repeats", "1", "--json", *flags], capture_output=True, text=True, env=env)
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    if row["prompt_tokens"] != CONTEXT:
+        raise SystemExit(f"vipllava's prompt is {row['prompt_tokens']} tokens, not {CONTEXT}")
+    return {
+        "decode_tokens_per_s": row["decode_tokens_per_s"],
+        # The text prefill alone: the image tokens are prefilled, the vision tower is not.
+        "prefill_ms": row["prefill_ms"] - row["image_encode_ms"],
+        "peak_rss_mb": row["peak_rss_mb"],
+    }
+
+
+def cmd_compare(args) -> None:
+    work = Path(args.work)
+    model_dir = Path(args.model_dir)
+    precisions = args.precisions.split(",")
+    results: dict[tuple[str, str], list[dict]] = {}
+    for rnd in range(args.rounds):
+        for p in precisions:
+            for side in ("llama.cpp", "vipllava"):
+                t0 = time.time()
+                r = llama_bench(work, p) if side == "llama.cpp" else vipllava_bench(args.vipllava, model_dir, args.image, p)
+                r["load_avg"] = os.getloadavg()[0]
+                log(f"round {rnd + 1} {p} {side}: {r} ({time.time() - t0:.0f} s)")
+                results.setdefault((p, side), []).append(r)
+                if args.json:
+                    print(json.dumps({"round": rnd + 1, "precision": p, "side": side, **r}), flush=True)
+
+    def med(p, side, key):
+        return statistics.median(r[key] for r in results[(p, side)])
+
+    print(f"\n| precision | decode tok/s llama.cpp | decode tok/s vipllava | us / llama.cpp | prefill ms llama.cpp | "
+          f"prefill ms vipllava | llama.cpp / us |")
+    print("|---|---|---|---|---|---|---|")
+    for p in precisions:
+        dl, dv = med(p, "llama.cpp", "decode_tokens_per_s"), med(p, "vipllava", "decode_tokens_per_s")
+        pl, pv = med(p, "llama.cpp", "prefill_ms"), med(p, "vipllava", "prefill_ms")
+        print(f"| {p} ({GGUF[p]}) | {dl:.2f} | {dv:.2f} | {dv / dl:.2f} | {pl:.0f} | {pv:.0f} | {pl / pv:.2f} |")
+    print(f"\nmedians of {args.rounds} round(s); context {CONTEXT}, {NEW_TOKENS} new tokens, {THREADS} threads")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default=str(WORK))
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="download and build llama-bench and llama-quantize")
+    b.add_argument("--version", default="", help="llama-cpp-python version (default: the newest)")
+    g = sub.add_parser("gguf", help="extract the Llama and convert it to GGUF")
+    g.add_argument("--model", required=True, help="a VipLlava HF directory (f32 for the F32/BF16/Q8_0/Q4_0 set)")
+    g.add_argument("--check", action="store_true", help="check the extracted Llama's logits in transformers")
+    g.add_argument("--keep-hf", action="store_true", help="keep the extracted LlamaForCausalLM directory")
+    c = sub.add_parser("compare", help="llama-bench and vipllava bench, interleaved")
+    c.add_argument("--vipllava", default=str(REPO_ROOT / "target" / "release" / "vipllava"))
+    c.add_argument("--model-dir", default=str(REPO_ROOT / "bench-data"))
+    c.add_argument("--image", default=str(REPO_ROOT / "bench-data" / "astronaut.png"))
+    c.add_argument("--precisions", default="f32,bf16,q8,q4")
+    c.add_argument("--rounds", type=int, default=2)
+    c.add_argument("--json", action="store_true", help="also print one JSON line per measurement")
+    args = ap.parse_args()
+    {"build": cmd_build, "gguf": cmd_gguf, "compare": cmd_compare}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
