@@ -36,7 +36,7 @@ use crate::config::{ExportDtype, Trainable};
 use crate::error::{TrainError, io_err};
 use crate::params::write_params;
 use crate::setup::build_model;
-use crate::shards::{INDEX_FILE, MAX_SHARD_BYTES, PendingTensor, SINGLE_FILE, WrittenWeights, write_weights};
+use crate::shards::{MAX_SHARD_BYTES, PendingTensor, WrittenWeights, write_weights};
 use crate::tensors::snapshot_f32;
 
 /// Files copied verbatim from the base model directory when present.
@@ -150,42 +150,9 @@ pub fn write_hf_model_with(
             std::fs::copy(&src, dir.join(name)).map_err(io_err(&src))?;
         }
     }
-    let stale = stale_weights(out, &weights.files);
-    let dest = staged.commit()?;
-    for name in stale {
-        let path = dest.join(&name);
-        if path.is_file() {
-            std::fs::remove_file(&path).map_err(io_err(&path))?;
-        }
-    }
+    // Landing::Merge also removes the earlier weights that would shadow or mix with these.
+    staged.commit()?;
     Ok(ExportReport { dtype, weights })
-}
-
-/// Weight files in `out` from an earlier export that loaders would prefer to, or mix with,
-/// the new `files`: a single `model.safetensors` and the index when shards arrive, and old
-/// shards (listed by the old index) that the new export does not overwrite. (A single file
-/// replacing shards is handled by [`Landing::Merge`] itself.)
-fn stale_weights(out: &Path, files: &[String]) -> Vec<String> {
-    let mut stale = Vec::new();
-    if files.len() <= 1 {
-        return stale;
-    }
-    if out.join(SINGLE_FILE).is_file() {
-        stale.push(SINGLE_FILE.to_string());
-    }
-    let new: BTreeSet<&str> = files.iter().map(String::as_str).collect();
-    if let Ok(text) = std::fs::read_to_string(out.join(INDEX_FILE))
-        && let Ok(Value::Object(m)) = serde_json::from_str::<Value>(&text)
-        && let Some(Value::Object(map)) = m.get("weight_map")
-    {
-        let old: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
-        for shard in old {
-            if !new.contains(shard) && Path::new(shard).components().count() == 1 {
-                stale.push(shard.to_string());
-            }
-        }
-    }
-    stale
 }
 
 /// The model's tensors (PyTorch layout, 5.x file keys) and the float tensors of `base` it

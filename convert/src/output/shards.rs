@@ -1,4 +1,6 @@
-//! A sharded safetensors model left in a directory must not shadow a new single file.
+//! Weights left in a directory must not shadow or mix with newly landed ones: a new single
+//! file replaces an old sharded model, new shards replace an old single file and the old
+//! shards they do not overwrite.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -12,27 +14,57 @@ const SINGLE: &str = "model.safetensors";
 /// The index of a sharded model.
 const INDEX: &str = "model.safetensors.index.json";
 
-/// When `staged` holds a `model.safetensors`, removes from `dir` a sharded model (its index
-/// and the shards the index lists, plain file names only) that loaders would prefer or mix
-/// with the new file.
-pub(super) fn remove_shadowing_shards(staged: &Path, dir: &Path) -> Result<(), OutputError> {
+/// The shard file names an index in `dir` lists (plain names inside `dir` only).
+fn indexed_shards(dir: &Path) -> Result<BTreeSet<String>, OutputError> {
     let index = dir.join(INDEX);
-    if !staged.join(SINGLE).is_file() || !index.is_file() {
-        return Ok(());
+    if !index.is_file() {
+        return Ok(BTreeSet::new());
     }
     let text = std::fs::read_to_string(&index).map_err(io(&index))?;
+    let mut shards = BTreeSet::new();
     if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(&text)
         && let Some(Value::Object(map)) = m.get("weight_map")
     {
-        let shards: BTreeSet<&str> = map.values().filter_map(Value::as_str).collect();
-        for shard in shards {
-            let path = dir.join(shard);
-            if Path::new(shard).components().count() == 1 && path.is_file() {
-                std::fs::remove_file(&path).map_err(io(&path))?;
+        for shard in map.values().filter_map(Value::as_str) {
+            if Path::new(shard).components().count() == 1 {
+                shards.insert(shard.to_string());
             }
         }
     }
-    std::fs::remove_file(&index).map_err(io(&index))
+    Ok(shards)
+}
+
+/// Before `staged`'s files merge into `dir`, removes the weights of `dir` that loaders would
+/// prefer to or mix with them: when `staged` holds a `model.safetensors`, the old index and
+/// its shards; when it holds an index, an old `model.safetensors` and the old shards the
+/// new index does not list (the listed ones are overwritten).
+pub(super) fn remove_shadowing_shards(staged: &Path, dir: &Path) -> Result<(), OutputError> {
+    let new_single = staged.join(SINGLE).is_file();
+    let new_index = staged.join(INDEX).is_file();
+    if !new_single && !new_index {
+        return Ok(());
+    }
+    let keep = if new_index {
+        indexed_shards(staged)?
+    } else {
+        BTreeSet::new()
+    };
+    let mut stale: Vec<String> = indexed_shards(dir)?
+        .into_iter()
+        .filter(|s| !keep.contains(s))
+        .collect();
+    if new_single {
+        stale.push(INDEX.to_string());
+    } else {
+        stale.push(SINGLE.to_string());
+    }
+    for name in stale {
+        let path = dir.join(&name);
+        if path.is_file() {
+            std::fs::remove_file(&path).map_err(io(&path))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -66,5 +98,29 @@ mod tests {
             root.path().join("x").is_file(),
             "only plain names inside the directory"
         );
+
+        // New shards: the old single file and the old shards they do not overwrite go.
+        std::fs::remove_file(staged.join(SINGLE)).unwrap();
+        std::fs::write(dir.join(SINGLE), "w").unwrap();
+        std::fs::write(
+            dir.join(INDEX),
+            r#"{"weight_map": {"a": "old-1.safetensors", "b": "new-1.safetensors"}}"#,
+        )
+        .unwrap();
+        for f in ["old-1.safetensors", "new-1.safetensors"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        std::fs::write(
+            staged.join(INDEX),
+            r#"{"weight_map": {"a": "new-1.safetensors"}}"#,
+        )
+        .unwrap();
+        remove_shadowing_shards(&staged, &dir).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [INDEX, "new-1.safetensors", "other.safetensors"]);
     }
 }
