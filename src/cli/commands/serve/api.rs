@@ -215,21 +215,9 @@ pub struct ImageUrl {
     pub image_mode: Option<String>,
 }
 
-/// One mark: `{"shape": "box", "spec": "45,15,115,95:red", "alpha": 128, "line_width": 3}`.
-#[derive(Debug, Deserialize, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct VisualPromptSpec {
-    /// A CLI flag's name without the dashes (`box`, `mask_contour`, ...).
-    pub shape: String,
-    /// The flag's value, exactly as on the command line.
-    pub spec: String,
-    /// Opacity 1..=255.
-    #[serde(default)]
-    pub alpha: Option<u8>,
-    /// Line width in pixels.
-    #[serde(default)]
-    pub line_width: Option<f32>,
-}
+/// One mark: `{"shape": "box", "spec": "45,15,115,95:red", "alpha": 128, "line_width": 3}`,
+/// the JSON form that `--batch` lines and training data use too.
+pub type VisualPromptSpec = vipllava::processor::visual_prompt::MarkSpec;
 
 /// What a request asks of the sampler, checked against OpenAI's ranges.
 #[derive(Debug, Clone, Default, PartialEq)]

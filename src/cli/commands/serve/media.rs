@@ -242,10 +242,7 @@ fn prompt(spec: &VisualPromptSpec) -> Result<VisualPrompt, String> {
     {
         return Err(format!("line_width must be > 0, got {w}"));
     }
-    let mut prompt = kind.parse_spec(&spec.spec).map_err(|e| e.to_string())?;
-    prompt.alpha = spec.alpha;
-    prompt.line_width = spec.line_width;
-    Ok(prompt)
+    spec.to_prompt().map_err(|e| e.to_string())
 }
 
 /// Numbers, separators and an optional `:colour` only.
