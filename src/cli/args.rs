@@ -262,9 +262,9 @@ pub struct VisualPromptArgs {
 }
 
 impl VisualPromptArgs {
-    /// The marks, in flag order per shape.
-    pub fn prompts(&self) -> anyhow::Result<Vec<VisualPrompt>> {
-        let groups: [(&str, &Vec<String>); 8] = [
+    /// Each mark flag's name with its values, in the CLI's order.
+    fn groups(&self) -> [(&'static str, &Vec<String>); 8] {
+        [
             ("box", &self.boxes),
             ("ellipse", &self.ellipses),
             ("triangle", &self.triangles),
@@ -273,9 +273,13 @@ impl VisualPromptArgs {
             ("scribble", &self.scribbles),
             ("mask", &self.masks),
             ("mask-contour", &self.mask_contours),
-        ];
+        ]
+    }
+
+    /// The marks, in flag order per shape.
+    pub fn prompts(&self) -> anyhow::Result<Vec<VisualPrompt>> {
         let mut out = Vec::new();
-        for (kind, specs) in groups {
+        for (kind, specs) in self.groups() {
             for spec in specs {
                 let prompt =
                     visual_prompt::parse_cli_shape(kind, spec).with_context(|| format!("--{kind} {spec}"))?;
@@ -322,19 +326,7 @@ impl VisualPromptArgs {
 
     /// Whether any mark flag (`--box`, `--arrow`, ...) or `--save-prompted-image` is given.
     pub fn has_marks(&self) -> bool {
-        [
-            &self.boxes,
-            &self.ellipses,
-            &self.triangles,
-            &self.points,
-            &self.arrows,
-            &self.scribbles,
-            &self.masks,
-            &self.mask_contours,
-        ]
-        .iter()
-        .any(|v| !v.is_empty())
-            || self.save_prompted_image.is_some()
+        self.groups().iter().any(|(_, v)| !v.is_empty()) || self.save_prompted_image.is_some()
     }
 
     /// Draws `prompts` on `image` with these flags' options; warns (crop mode) when a mark

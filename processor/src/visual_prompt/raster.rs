@@ -23,13 +23,7 @@ pub(super) fn coverage(
         return training_coverage(shape, lw, options, w, h);
     }
     match shape {
-        Shape::MaskImage(mask) => {
-            return Ok(mask
-                .as_raw()
-                .iter()
-                .map(|&v| if v > MASK_THRESHOLD { 255 } else { 0 })
-                .collect());
-        }
+        Shape::MaskImage(mask) => return Ok(thresholded(mask)),
         Shape::MaskContourImage(mask) => return Ok(contour_band(mask, lw)),
         _ => {}
     }
@@ -38,4 +32,13 @@ pub(super) fn coverage(
         canvas.fill_path(&path, rule, true, Transform::identity());
     }
     Ok(canvas.take())
+}
+
+/// A filled mask image's coverage, the same in both styles: 255 above
+/// [`MASK_THRESHOLD`], 0 elsewhere.
+pub(super) fn thresholded(mask: &image::GrayImage) -> Vec<u8> {
+    mask.as_raw()
+        .iter()
+        .map(|&v| if v > MASK_THRESHOLD { 255 } else { 0 })
+        .collect()
 }

@@ -19,6 +19,7 @@
 //! contour of `draw_mask_contour` for a region given as pixels.
 
 use super::pillow::{PillowCanvas, TrainingArrow, bezier_samples};
+use super::raster::thresholded;
 use super::{DrawOptions, MASK_THRESHOLD, Shape, VisualPromptError, point_radius};
 
 /// Most samples a scribble is drawn with (long curves on large images stay bounded).
@@ -107,13 +108,7 @@ pub(super) fn training_coverage(
         Shape::MaskContour { polygon } => canvas
             .training_mask_contour(&to_f64(polygon), contour_half_width(lw))
             .map_err(pillow)?,
-        Shape::MaskImage(mask) => {
-            return Ok(mask
-                .as_raw()
-                .iter()
-                .map(|&v| if v > MASK_THRESHOLD { 255 } else { 0 })
-                .collect());
-        }
+        Shape::MaskImage(mask) => return Ok(thresholded(mask)),
         Shape::MaskContourImage(mask) => return Ok(stamped_boundary(mask, contour_half_width(lw))),
     }
     Ok(canvas
