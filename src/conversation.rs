@@ -5,7 +5,7 @@
 use image::DynamicImage;
 use vipllava_model::KvCache;
 use vipllava_processor::ChatMessage;
-use vipllava_processor::image::PixelValues;
+use vipllava_processor::image::{ImageMode, PixelValues};
 
 use crate::generation::{Generation, GenerationOptions};
 use crate::pipeline::{Pipeline, PipelineError, Prompt};
@@ -24,6 +24,8 @@ pub struct Conversation<'p> {
     image_end: usize,
     /// Positions recomputed by the last turn (for reporting and tests).
     last_fed: usize,
+    /// Crop or pad; `None`: the pipeline's mode.
+    image_mode: Option<ImageMode>,
 }
 
 impl<'p> Conversation<'p> {
@@ -39,7 +41,15 @@ impl<'p> Conversation<'p> {
             fed: Vec::new(),
             image_end: 0,
             last_fed: 0,
+            image_mode: None,
         }
+    }
+
+    /// Preprocesses the images in `mode` (crop or pad) instead of the pipeline's mode.
+    pub fn with_image_mode(mut self, mode: ImageMode) -> Self {
+        self.image_mode = Some(mode);
+        self.pixel_values = None;
+        self
     }
 
     /// Messages so far.
@@ -86,7 +96,8 @@ impl<'p> Conversation<'p> {
         let mut messages = self.messages.clone();
         messages.push(self.user_message(question));
         if self.pixel_values.is_none() {
-            self.pixel_values = Some(self.pipeline.preprocess_images(&self.images)?);
+            let mode = self.image_mode.unwrap_or(self.pipeline.image_mode());
+            self.pixel_values = Some(self.pipeline.preprocess_images_in_mode(&self.images, mode)?);
         }
         let pixel_values = self.pixel_values.clone().unwrap_or_default();
         let prepared = self
@@ -123,20 +134,34 @@ impl<'p> Conversation<'p> {
         &mut self,
         question: &str,
         options: &GenerationOptions,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation, PipelineError> {
+        self.ask_until(question, options, on_text, &|| false)
+    }
+
+    /// [`Conversation::ask`] that stops early, with
+    /// [`StopReason::Cancelled`](crate::StopReason::Cancelled), once `cancelled()` returns
+    /// true; the partial answer is recorded as the assistant's turn.
+    pub fn ask_until(
+        &mut self,
+        question: &str,
+        options: &GenerationOptions,
         mut on_text: impl FnMut(&str),
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<Generation, PipelineError> {
         options.validate()?;
         let start = std::time::Instant::now();
         let (logits, ids) = self.advance(question)?;
         self.pipeline.check_context(ids.len(), options.max_new_tokens)?;
         let prefill_ms = start.elapsed().as_secs_f64() * 1000.0;
-        let generation = self.pipeline.continue_from_cache(
+        let generation = self.pipeline.continue_from_cache_until(
             logits,
             ids.clone(),
             &mut self.cache,
             options,
             prefill_ms,
             &mut on_text,
+            cancelled,
         )?;
         // The cache now holds the prompt and every generated token but the last.
         let mut fed = ids;

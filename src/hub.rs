@@ -56,9 +56,35 @@ fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0" && v.to_lowercase() != "false")
 }
 
+/// How far a hub download has come, for a progress bar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownloadProgress {
+    /// The file being downloaded.
+    pub file: String,
+    /// Bytes of it received so far.
+    pub received: u64,
+    /// Its size in bytes.
+    pub total: u64,
+}
+
 /// Resolves `--model`: an existing directory is used as is; `owner/name` is fetched into
 /// (or, offline, looked up in) the HF cache and its snapshot directory returned.
 pub fn resolve_model(spec: &str) -> Result<PathBuf, HubError> {
+    resolve_with(spec, None)
+}
+
+/// [`resolve_model`] that reports each file's download progress to `on_progress`
+/// instead of drawing a terminal progress bar (for a GUI). Cached files report nothing.
+pub fn resolve_model_with_progress(
+    spec: &str,
+    mut on_progress: impl FnMut(&DownloadProgress),
+) -> Result<PathBuf, HubError> {
+    resolve_with(spec, Some(&mut on_progress))
+}
+
+type ProgressSink<'a> = &'a mut dyn FnMut(&DownloadProgress);
+
+fn resolve_with(spec: &str, on_progress: Option<ProgressSink<'_>>) -> Result<PathBuf, HubError> {
     let path = Path::new(spec);
     if path.is_dir() {
         return Ok(path.to_path_buf());
@@ -70,7 +96,34 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf, HubError> {
     if offline() {
         return from_cache(spec);
     }
-    download(spec)
+    download(spec, on_progress)
+}
+
+/// Forwards hf-hub's byte counts to a [`DownloadProgress`] callback.
+struct Reporter<'s, 'a> {
+    sink: &'s mut ProgressSink<'a>,
+    state: DownloadProgress,
+}
+
+impl hf_hub::api::Progress for Reporter<'_, '_> {
+    fn init(&mut self, size: usize, filename: &str) {
+        self.state = DownloadProgress {
+            file: filename.to_string(),
+            received: 0,
+            total: size as u64,
+        };
+        (self.sink)(&self.state);
+    }
+
+    fn update(&mut self, size: usize) {
+        self.state.received += size as u64;
+        (self.sink)(&self.state);
+    }
+
+    fn finish(&mut self) {
+        self.state.received = self.state.total;
+        (self.sink)(&self.state);
+    }
 }
 
 fn from_cache(repo_id: &str) -> Result<PathBuf, HubError> {
@@ -89,17 +142,23 @@ fn from_cache(repo_id: &str) -> Result<PathBuf, HubError> {
     config.parent().map(Path::to_path_buf).ok_or_else(not_cached)
 }
 
-fn download(repo_id: &str) -> Result<PathBuf, HubError> {
+fn download(repo_id: &str, mut on_progress: Option<ProgressSink<'_>>) -> Result<PathBuf, HubError> {
     let err = |file: &str, e: hf_hub::api::sync::ApiError| HubError::Download {
         repo: repo_id.to_string(),
         file: file.to_string(),
         message: e.to_string(),
     };
     let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(true)
+        .with_progress(on_progress.is_none())
         .build()
         .map_err(|e| err("(connection)", e))?;
-    let repo = api.model(repo_id.to_string());
+    let api_repo = api.model(repo_id.to_string());
+    let cache = hf_hub::Cache::from_env().model(repo_id.to_string());
+    let mut repo = Fetcher {
+        api: &api_repo,
+        cache: &cache,
+        sink: &mut on_progress,
+    };
     let config = repo.get("config.json").map_err(|e| err("config.json", e))?;
     repo.get("tokenizer.json").map_err(|e| err("tokenizer.json", e))?;
     for file in OPTIONAL_FILES {
@@ -139,6 +198,35 @@ fn download(repo_id: &str) -> Result<PathBuf, HubError> {
         .parent()
         .map(Path::to_path_buf)
         .ok_or_else(|| HubError::NotAModel(repo_id.to_string()))
+}
+
+/// `get` from the cache or the hub, with progress reported when a sink is given.
+struct Fetcher<'r, 's, 'a> {
+    api: &'r hf_hub::api::sync::ApiRepo,
+    cache: &'r hf_hub::CacheRepo,
+    sink: &'s mut Option<ProgressSink<'a>>,
+}
+
+impl Fetcher<'_, '_, '_> {
+    fn get(&mut self, file: &str) -> Result<PathBuf, hf_hub::api::sync::ApiError> {
+        match self.sink.as_mut() {
+            None => self.api.get(file),
+            Some(sink) => {
+                if let Some(path) = self.cache.get(file) {
+                    return Ok(path);
+                }
+                let reporter = Reporter {
+                    sink,
+                    state: DownloadProgress {
+                        file: file.to_string(),
+                        received: 0,
+                        total: 0,
+                    },
+                };
+                self.api.download_with_progress(file, reporter)
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -155,7 +155,23 @@ impl Pipeline {
         cache: &mut KvCache,
         options: &GenerationOptions,
         prefill_ms: f64,
+        on_text: impl FnMut(&str),
+    ) -> Result<Generation, PipelineError> {
+        self.continue_from_cache_until(logits, ids, cache, options, prefill_ms, on_text, &|| false)
+    }
+
+    /// [`Pipeline::continue_from_cache`] that also stops, with [`StopReason::Cancelled`],
+    /// as soon as `cancelled()` returns true (checked once per generated token).
+    #[allow(clippy::too_many_arguments)]
+    pub fn continue_from_cache_until(
+        &self,
+        logits: Vec<f32>,
+        ids: Vec<u32>,
+        cache: &mut KvCache,
+        options: &GenerationOptions,
+        prefill_ms: f64,
         mut on_text: impl FnMut(&str),
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<Generation, PipelineError> {
         options.validate()?;
         self.check_context(ids.len(), options.max_new_tokens)?;
@@ -166,9 +182,13 @@ impl Pipeline {
             histories: vec![ids],
             prefill_ms,
         };
-        let mut out = self.decode(start, std::slice::from_ref(options), cache, &mut |_, t| {
-            on_text(t)
-        })?;
+        let mut out = self.decode_until(
+            start,
+            std::slice::from_ref(options),
+            cache,
+            &mut |_, t| on_text(t),
+            cancelled,
+        )?;
         out.pop().ok_or(PipelineError::NoRequest)
     }
 
@@ -179,6 +199,20 @@ impl Pipeline {
         options: &[GenerationOptions],
         cache: &mut KvCache,
         on_text: &mut dyn FnMut(usize, &str),
+    ) -> Result<Vec<Generation>, PipelineError> {
+        self.decode_until(start, options, cache, on_text, &|| false)
+    }
+
+    /// [`Pipeline::decode`] that ends every unfinished row with [`StopReason::Cancelled`]
+    /// once `cancelled()` returns true. It is asked after each step's tokens are picked, so
+    /// the cache keeps its invariant (every generated token but the last is in it).
+    pub fn decode_until(
+        &self,
+        start: DecodeStart,
+        options: &[GenerationOptions],
+        cache: &mut KvCache,
+        on_text: &mut dyn FnMut(usize, &str),
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<Vec<Generation>, PipelineError> {
         let DecodeStart {
             mut logits,
@@ -211,6 +245,12 @@ impl Pipeline {
                 }
             }
             if rows.iter().all(|r| r.stop.is_some()) {
+                break;
+            }
+            if cancelled() {
+                for row in rows.iter_mut().filter(|r| r.stop.is_none()) {
+                    row.stop = Some(StopReason::Cancelled);
+                }
                 break;
             }
             for p in last_positions.iter_mut() {

@@ -28,6 +28,8 @@ pub enum StopReason {
     MaxNewTokens,
     /// A stop string appeared.
     StopString,
+    /// The caller asked to stop (e.g. a Stop button); the text so far is kept.
+    Cancelled,
 }
 
 /// The result of one generation.

@@ -100,7 +100,8 @@ impl Pipeline {
         self.preprocess_images_in_mode(images, self.image_mode)
     }
 
-    fn preprocess_images_in_mode(
+    /// [`Pipeline::preprocess_images`] in a given mode (crop or pad).
+    pub fn preprocess_images_in_mode(
         &self,
         images: &[DynamicImage],
         mode: ImageMode,

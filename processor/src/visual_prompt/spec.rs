@@ -151,6 +151,44 @@ pub struct MarkSpec {
 }
 
 impl MarkSpec {
+    /// The spec that parses back to `prompt` ([`MarkSpec::to_prompt`]): the kind's CLI
+    /// name and its coordinates in the shortest form that round-trips `f32`, with the
+    /// colour's pool name or `#rrggbb`. `None` for masks given as images, which have no
+    /// text form.
+    pub fn from_prompt(prompt: &VisualPrompt) -> Option<MarkSpec> {
+        let pairs = |points: &[(f32, f32)]| {
+            points
+                .iter()
+                .map(|(x, y)| format!("{x},{y}"))
+                .collect::<Vec<_>>()
+                .join(";")
+        };
+        let (kind, numbers) = match &prompt.shape {
+            Shape::Rectangle { x0, y0, x1, y1 } => (ShapeKind::Rectangle, format!("{x0},{y0},{x1},{y1}")),
+            Shape::Ellipse { x0, y0, x1, y1 } => (ShapeKind::Ellipse, format!("{x0},{y0},{x1},{y1}")),
+            Shape::Arrow { x0, y0, x1, y1 } => (ShapeKind::Arrow, format!("{x0},{y0},{x1},{y1}")),
+            Shape::Triangle { points } => (ShapeKind::Triangle, pairs(points)),
+            Shape::Point { x, y } => (ShapeKind::Point, format!("{x},{y}")),
+            Shape::Scribble { points } => (ShapeKind::Scribble, pairs(points)),
+            Shape::Mask { polygon } => (ShapeKind::Mask, pairs(polygon)),
+            Shape::MaskContour { polygon } => (ShapeKind::MaskContour, pairs(polygon)),
+            Shape::MaskImage(_) | Shape::MaskContourImage(_) => return None,
+        };
+        let colour = match prompt.colour.name() {
+            Some(name) => name.to_string(),
+            None => format!(
+                "#{:02x}{:02x}{:02x}",
+                prompt.colour.r, prompt.colour.g, prompt.colour.b
+            ),
+        };
+        Some(MarkSpec {
+            shape: kind.cli_name().to_string(),
+            spec: format!("{numbers}:{colour}"),
+            alpha: prompt.alpha,
+            line_width: prompt.line_width,
+        })
+    }
+
     /// The prompt: [`parse_cli_shape`] with this mark's alpha and line width.
     pub fn to_prompt(&self) -> Result<VisualPrompt, VisualPromptError> {
         let mut prompt = parse_cli_shape(&self.shape, &self.spec)?;
@@ -345,5 +383,65 @@ mod tests {
             parse_cli_shape("hexagon", "1,2:reddish"),
             Err(VisualPromptError::UnknownColour(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod mark_spec_tests {
+    use super::*;
+
+    #[test]
+    fn from_prompt_round_trips_every_text_shape() {
+        let shapes = [
+            Shape::Rectangle {
+                x0: 10.5,
+                y0: 2.0,
+                x1: 80.25,
+                y1: 70.0,
+            },
+            Shape::Ellipse {
+                x0: 1.0,
+                y0: 2.0,
+                x1: 3.0,
+                y1: 4.0,
+            },
+            Shape::Arrow {
+                x0: 155.0,
+                y0: 150.0,
+                x1: 110.1,
+                y1: 100.0,
+            },
+            Shape::Triangle {
+                points: [(1.0, 2.0), (30.0, 4.0), (5.5, 60.0)],
+            },
+            Shape::Point {
+                x: 7.0,
+                y: 0.333_333_34,
+            },
+            Shape::Scribble {
+                points: vec![(1.0, 1.0), (5.0, 9.0), (12.0, 3.0)],
+            },
+            Shape::Mask {
+                polygon: vec![(1.0, 1.0), (50.0, 1.0), (25.0, 40.0)],
+            },
+            Shape::MaskContour {
+                polygon: vec![(1.0, 1.0), (50.0, 1.0), (25.0, 40.0), (0.0, 30.0)],
+            },
+        ];
+        for (i, shape) in shapes.into_iter().enumerate() {
+            let colour = if i % 2 == 0 {
+                Colour::new(255, 165, 0)
+            } else {
+                Colour::new(1, 2, 3)
+            };
+            let mut prompt = VisualPrompt::new(shape, colour);
+            if i == 3 {
+                prompt = prompt.with_alpha(200).with_line_width(4.5);
+            }
+            let spec = MarkSpec::from_prompt(&prompt).unwrap();
+            assert_eq!(spec.to_prompt().unwrap(), prompt, "{spec:?}");
+        }
+        let image = VisualPrompt::new(Shape::MaskImage(GrayImage::new(2, 2)), Colour::RED);
+        assert_eq!(MarkSpec::from_prompt(&image), None);
     }
 }

@@ -303,7 +303,7 @@ impl Scheduler {
                     let _ = row.events.send(JobEvent::Done {
                         finish_reason: match finished.stop_reason {
                             StopReason::MaxNewTokens => "length",
-                            StopReason::Eos | StopReason::StopString => "stop",
+                            StopReason::Eos | StopReason::StopString | StopReason::Cancelled => "stop",
                         },
                         prompt_tokens: row.prompt_tokens,
                         completion_tokens,
