@@ -209,6 +209,27 @@ impl VipApp {
         draw_image(&image.original, self.marks.marks(), &self.draw_options()).ok()
     }
 
+    /// What the model sees: the prompted image after pad (pad mode), resize and crop, as
+    /// 8-bit RGB before rescaling and normalisation.
+    pub fn model_view(&self) -> Option<image::RgbImage> {
+        let drawn = self.prompted_image()?;
+        self.model_view_of(&drawn).ok()
+    }
+
+    fn model_view_of(
+        &self,
+        drawn: &DynamicImage,
+    ) -> Result<image::RgbImage, vipllava::processor::image::ImageError> {
+        let config = self.image_config();
+        match self.image_mode() {
+            ImageMode::Crop => resize_and_crop(drawn, &config),
+            ImageMode::Pad => {
+                let square = expand_to_square(&to_rgb(drawn), vipllava::processor::image::LLAVA_PAD_COLOR);
+                resize_and_crop(&DynamicImage::ImageRgb8(square), &config)
+            }
+        }
+    }
+
     /// The `vipllava generate ...` command that reproduces the current question.
     pub fn command_line(&self) -> String {
         let sampling = &self.settings.sampling;
@@ -371,6 +392,7 @@ impl VipApp {
                     self.preview = None;
                 }
                 Event::LoadFailed(message) => self.model = ModelState::Failed(message),
+                Event::Notice(message) => self.notice = Some(message),
                 Event::Text { turn, text } => {
                     if let Some(t) = self.chat.iter_mut().find(|t| t.id == turn) {
                         t.answer.push_str(&text);

@@ -13,7 +13,7 @@ use image::DynamicImage;
 use vipllava::generation::GenerationOptions;
 use vipllava::hub::{DownloadProgress, resolve_model_with_progress};
 use vipllava::processor::image::{ImageMode, ImageProcessorConfig};
-use vipllava::{Conversation, DeviceSpec, Pipeline, PipelineOptions, StopReason};
+use vipllava::{Conversation, DeviceSpec, Pipeline, PipelineError, PipelineOptions, StopReason};
 
 use crate::settings::ModelSettings;
 
@@ -105,6 +105,8 @@ pub enum Event {
         /// Its figures.
         stats: AnswerStats,
     },
+    /// Something the user should know that is not an error.
+    Notice(String),
     /// Question `turn` failed.
     Failed {
         /// The question's number.
@@ -289,18 +291,37 @@ fn chat(
                 };
                 let start = Instant::now();
                 let mut first_text: Option<f64> = None;
-                let result = chat.ask_until(
-                    &request.question,
-                    &request.options,
-                    |text| {
-                        first_text.get_or_insert_with(|| start.elapsed().as_secs_f64() * 1000.0);
-                        out.send(Event::Text {
-                            turn,
-                            text: text.to_string(),
-                        });
-                    },
-                    &|| cancel.load(Ordering::SeqCst),
-                );
+                let mut options = request.options.clone();
+                let mut ask = |options: &GenerationOptions| {
+                    chat.ask_until(
+                        &request.question,
+                        options,
+                        |text| {
+                            first_text.get_or_insert_with(|| start.elapsed().as_secs_f64() * 1000.0);
+                            out.send(Event::Text {
+                                turn,
+                                text: text.to_string(),
+                            });
+                        },
+                        &|| cancel.load(Ordering::SeqCst),
+                    )
+                };
+                let mut result = ask(&options);
+                // The answer length is a limit, not a wish: shorten it to what the
+                // context has room for (the prompt is cached by now, so this is cheap).
+                if let Err(PipelineError::ContextTooLong { prompt, max, .. }) = &result
+                    && max > prompt
+                {
+                    options.max_new_tokens = max - prompt;
+                    out.send(Event::Notice(format!(
+                        "The answer is limited to {} tokens: the model has {max} positions and the prompt takes {prompt}.",
+                        options.max_new_tokens
+                    )));
+                    result = ask(&options);
+                }
+                let Some((_, _, chat)) = conversation.as_mut() else {
+                    continue;
+                };
                 match result {
                     Ok(generation) => out.send(Event::Finished {
                         turn,

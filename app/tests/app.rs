@@ -363,6 +363,31 @@ fn ask_about_a_drawn_box_streams_what_generate_answers() {
         "the image and the first question come from the cache: {follow:?}"
     );
 
+    // "What the model sees" is the model's input: de-normalised pixel values, in pad mode.
+    h.get_by_label("Pad").click();
+    h.run();
+    h.get_by_label("What the model sees").click();
+    h.run();
+    let view = h.state().model_view().unwrap();
+    let marked = h.state().prompted_image().unwrap();
+    let pixels = &pipeline
+        .preprocess_images_in_mode(&[marked], vipllava::processor::image::ImageMode::Pad)
+        .unwrap()[0];
+    let config = pipeline.image_config();
+    assert_eq!(
+        (view.width() as usize, view.height() as usize),
+        (pixels.width, pixels.height)
+    );
+    let plane = pixels.width * pixels.height;
+    let mut max_diff = 0f32;
+    for (i, p) in view.pixels().enumerate() {
+        for c in 0..3 {
+            let v = pixels.data[c * plane + i] * config.image_std[c] + config.image_mean[c];
+            max_diff = max_diff.max((v * 255.0 - p.0[c] as f32).abs());
+        }
+    }
+    assert!(max_diff < 0.01, "max |diff| {max_diff} levels");
+
     // New chat forgets it; moving on to other marks starts afresh too.
     h.get_by_label("New chat").click();
     h.run();
@@ -438,6 +463,17 @@ fn launch_arguments_open_model_and_image() {
     });
     assert!(matches!(h.state().model_state(), ModelState::Ready(_)));
     assert_eq!(h.state().image_size(), Some((160, 107)));
+    // The default answer length (256) is more than the tiny model's 256 positions leave:
+    // the answer is shortened to fit, with a notice, instead of failing.
+    h.state_mut().set_question("Describe the image.");
+    h.state_mut().ask();
+    h.step();
+    wait_until(&mut h, "the answer", |app| !app.is_generating());
+    let turn = h.state().chat()[0].clone();
+    assert!(turn.error.is_none(), "{:?}", turn.error);
+    let stats = turn.stats.unwrap();
+    assert!(stats.prompt_tokens + stats.token_ids.len() <= 256, "{stats:?}");
+    h.get_by_label_contains("The answer is limited to");
     // A device this build lacks is refused with a message, not a panic.
     h.state_mut().load_model(ModelSettings {
         model: "x".into(),
