@@ -390,6 +390,9 @@ impl VipApp {
                     self.settings.sampling.sample = info.defaults.do_sample;
                     self.model = ModelState::Ready(info);
                     self.preview = None;
+                    // Earlier answers came from another model: start a new chat.
+                    self.chat.clear();
+                    self.chat_scene = None;
                 }
                 Event::LoadFailed(message) => self.model = ModelState::Failed(message),
                 Event::Notice(message) => self.notice = Some(message),

@@ -552,3 +552,40 @@ fn snapshots_of_marks_overlays_and_an_answer() {
     wait_until(&mut h, "the answer", |app| !app.is_generating());
     snapshot(&mut h, "answer");
 }
+
+/// The model on the wgpu device (lavapipe in CI's device stage): the same greedy tokens as
+/// on the CPU, within the float tolerance of the wgpu parity tests (argmax agreement).
+#[cfg(feature = "wgpu")]
+#[test]
+fn wgpu_device_answers_like_the_cpu() {
+    let mut answers = Vec::new();
+    for device in ["cpu", "wgpu"] {
+        let mut h = with_image();
+        h.state_mut().settings_mut().model = ModelSettings {
+            model: "../tests/fixtures/tiny-5x-f32".into(),
+            device: device.into(),
+            ..ModelSettings::default()
+        };
+        h.get_by_label("Load model").click();
+        h.step();
+        wait_until(&mut h, "the model", |app| {
+            !matches!(app.model_state(), ModelState::Loading { .. })
+        });
+        assert!(
+            matches!(h.state().model_state(), ModelState::Ready(_)),
+            "{device}: {:?}",
+            h.state().model_state()
+        );
+        pick_tool(&mut h, "Box");
+        drag(&mut h, &[(45.0, 15.0), (115.0, 95.0)]);
+        h.state_mut().settings_mut().sampling.max_new_tokens = 8;
+        h.state_mut().set_question("What is inside the red rectangle?");
+        h.state_mut().ask();
+        h.step();
+        wait_until(&mut h, "the answer", |app| !app.is_generating());
+        let turn = h.state().chat()[0].clone();
+        assert!(turn.error.is_none(), "{device}: {:?}", turn.error);
+        answers.push(turn.stats.unwrap().token_ids);
+    }
+    assert_eq!(answers[0], answers[1]);
+}

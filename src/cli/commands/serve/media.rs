@@ -22,7 +22,7 @@ pub const MAX_IMAGES: usize = 8;
 pub struct MediaPolicy {
     /// Canonical root of `file://` URLs.
     pub media_dir: Option<std::path::PathBuf>,
-    /// `--allow-remote-images` (fetching is not implemented; changes the message only).
+    /// `--allow-remote-images`: fetch `http(s)://` image URLs.
     pub allow_remote: bool,
 }
 
@@ -147,15 +147,13 @@ pub fn load_url(url: &str, policy: &MediaPolicy) -> Result<DynamicImage, ApiErro
     } else if let Some(path) = url.strip_prefix("file://") {
         read_media_file(path, policy)?
     } else if url.starts_with("http://") || url.starts_with("https://") {
-        let why = if policy.allow_remote {
-            "fetching http(s) image URLs is not implemented in this server"
-        } else {
-            "http(s) image URLs are refused (start the server with --allow-remote-images; fetching is not implemented yet either)"
-        };
-        return Err(ApiError::bad_request(
-            format!("{why}; send the image as a data: URL"),
-            Some("image_url"),
-        ));
+        if !policy.allow_remote {
+            return Err(ApiError::bad_request(
+                "http(s) image URLs are refused (the server fetches them only with --allow-remote-images); send the image as a data: URL",
+                Some("image_url"),
+            ));
+        }
+        fetch(url)?
     } else {
         return Err(ApiError::bad_request(
             "image_url.url must be a data: URL (or file:// below --media-dir)",
@@ -164,6 +162,39 @@ pub fn load_url(url: &str, policy: &MediaPolicy) -> Result<DynamicImage, ApiErro
     };
     decode_image_with_limit(&bytes, MAX_IMAGE_PIXELS)
         .map_err(|e| ApiError::bad_request(format!("undecodable image: {e}"), Some("image_url")))
+}
+
+/// Largest image file fetched from a URL.
+pub const MAX_REMOTE_BYTES: u64 = 20 * 1024 * 1024;
+/// Time allowed for fetching one image URL, connection included.
+pub const REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// GETs an image URL (runs on a blocking thread): bounded in time and size, redirects
+/// followed up to 3 times, any status but 200 refused.
+fn fetch(url: &str) -> Result<Vec<u8>, ApiError> {
+    use std::io::Read;
+    let failed = |why: String| ApiError::bad_request(format!("fetching {url}: {why}"), Some("image_url"));
+    let agent = ureq::AgentBuilder::new()
+        .timeout(REMOTE_TIMEOUT)
+        .redirects(3)
+        .build();
+    let response = agent.get(url).call().map_err(|e| failed(e.to_string()))?;
+    if response.status() != 200 {
+        return Err(failed(format!("status {}", response.status())));
+    }
+    let mut bytes = Vec::new();
+    response
+        .into_reader()
+        .take(MAX_REMOTE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| failed(e.to_string()))?;
+    if bytes.len() as u64 > MAX_REMOTE_BYTES {
+        return Err(failed(format!(
+            "larger than {} MB",
+            MAX_REMOTE_BYTES / (1024 * 1024)
+        )));
+    }
+    Ok(bytes)
 }
 
 /// `image/png;base64,DATA` -> bytes.
@@ -294,6 +325,59 @@ mod tests {
         }
         let abs = format!("file://{}", root.join("outside.png").display());
         assert!(load_url(&abs, &policy).unwrap_err().message.contains("outside"));
+    }
+
+    /// Serves `body` with `status` to one request on 127.0.0.1; returns the URL.
+    fn serve_once(status: &'static str, body: Vec<u8>) -> String {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/image.png", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            if let Ok((mut stream, _)) = listener.accept() {
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request);
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes());
+                let _ = stream.write_all(&body);
+            }
+        });
+        url
+    }
+
+    #[test]
+    fn remote_images_are_fetched_only_when_allowed() {
+        let mut png = Vec::new();
+        image::RgbImage::from_pixel(3, 2, image::Rgb([10, 20, 30]))
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let allowed = MediaPolicy {
+            media_dir: None,
+            allow_remote: true,
+        };
+        let url = serve_once("200 OK", png.clone());
+        let refused = load_url(&url, &MediaPolicy::default()).unwrap_err();
+        assert!(
+            refused.message.contains("--allow-remote-images"),
+            "{}",
+            refused.message
+        );
+        let url = serve_once("200 OK", png);
+        let image = load_url(&url, &allowed).unwrap().to_rgb8();
+        assert_eq!((image.width(), image.height()), (3, 2));
+        assert_eq!(image.get_pixel(2, 1).0, [10, 20, 30]);
+        let url = serve_once("404 Not Found", b"no".to_vec());
+        let missing = load_url(&url, &allowed).unwrap_err();
+        assert!(missing.message.contains("404"), "{}", missing.message);
+        let url = serve_once("200 OK", b"not an image".to_vec());
+        assert!(
+            load_url(&url, &allowed)
+                .unwrap_err()
+                .message
+                .contains("undecodable")
+        );
     }
 
     #[test]
