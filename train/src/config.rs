@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use vipllava_convert::Quantization;
 use vipllava_model::Precision;
 
 use crate::data::OnBadSample;
@@ -173,6 +174,11 @@ pub struct TrainConfig {
     /// Parameter dtype: f32, f16 or bf16.
     #[cfg_attr(feature = "clap", arg(long, default_value_t = Precision::F32))]
     pub dtype: Precision,
+    /// QLoRA: quantize the frozen base's linear weights (q8 or q4) while the LoRA adapters
+    /// train in --dtype; the export merges them into the unquantized base.
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(default)]
+    pub quantize: Option<Quantization>,
     /// Learning-rate schedule: constant, or cosine (linear warmup over --warmup-ratio of the
     /// steps, then cosine decay to 0).
     #[cfg_attr(feature = "clap", arg(long, value_enum, default_value_t = LrSchedule::Constant))]
@@ -238,6 +244,7 @@ impl TrainConfig {
             save_every: None,
             max_steps: None,
             dtype: Precision::F32,
+            quantize: None,
             lr_schedule: LrSchedule::Constant,
             warmup_ratio: 0.0,
             max_grad_norm: None,
@@ -286,6 +293,9 @@ impl TrainConfig {
                 return Err(SetupError::Zero { flag: "--lora-rank" });
             }
             self.lora_modules()?;
+        }
+        if self.quantize.is_some() && self.trainable != Trainable::Lora {
+            return Err(SetupError::QuantizeNeedsLora);
         }
         if self.save_every == Some(0) {
             return Err(SetupError::Zero { flag: "--save-every" });

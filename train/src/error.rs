@@ -253,6 +253,9 @@ pub enum SetupError {
     /// `--eval-every` without `--eval-data`.
     #[error("--eval-every needs --eval-data")]
     EvalEveryWithoutData,
+    /// `--quantize` with a trainable set other than LoRA (quantized weights do not train).
+    #[error("--quantize trains LoRA adapters over a frozen quantized base: it needs --trainable lora")]
+    QuantizeNeedsLora,
     /// `--warmup-ratio` outside `[0, 1]`.
     #[error("--warmup-ratio must be in [0, 1], not {0}")]
     WarmupRatio(f64),

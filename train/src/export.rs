@@ -287,6 +287,8 @@ pub fn merged_model(base: &Path, checkpoint: &Path, device: &Device) -> Result<V
     let bad = bad(checkpoint);
     let mut config = read_state(checkpoint)?.config;
     config.model = base.to_path_buf();
+    // QLoRA trained over a quantized base; the adapters merge into the unquantized one.
+    config.quantize = None;
     let plain = device.clone().without_autodiff();
     let (model, _) = build_model(&config, &plain)?;
     let values = read_trainable(checkpoint)?;

@@ -24,7 +24,7 @@ pub fn build_model(config: &TrainConfig, device: &Device) -> Result<(VipLlava, V
         device,
         &LoadOptions {
             precision: config.dtype,
-            quantize: None,
+            quantize: config.quantize,
         },
     )?;
     let mut model = loaded.model;

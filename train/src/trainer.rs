@@ -544,8 +544,16 @@ pub fn run(mut trainer: Trainer, mut on_step: impl FnMut(&StepReport)) -> Result
         placeholder(&trainer.model_config, &trainer.device),
     );
     trainer.optim = make_optimizer(&trainer.config);
-    let merged = model.valid().materialize();
-    drop(model);
+    let merged = if trainer.config.quantize.is_some() {
+        // QLoRA: the adapters go into the unquantized base, rebuilt from the checkpoint
+        // (the quantized one in memory goes first).
+        drop(model);
+        crate::export::merged_model(&trainer.config.model, &checkpoint, &trainer.device)?
+    } else {
+        let merged = model.valid().materialize();
+        drop(model);
+        merged
+    };
     let options = ExportOptions::of(&trainer.config);
     write_hf_model_with(&merged, &trainer.config.model, &trainer.config.out, &options)?;
     Ok(TrainSummary {

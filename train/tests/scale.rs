@@ -405,3 +405,67 @@ fn prefetched_images_give_the_same_run() {
     }
     assert_eq!(rest, eager);
 }
+
+/// QLoRA: LoRA adapters trained over a frozen q8/q4 base follow the unquantized run's
+/// losses closely, and the final export merges them into the unquantized base (layers
+/// without adapters come out bit for bit as the base has them).
+#[test]
+fn qlora_trains_over_a_quantized_base_and_exports_it_unquantized() {
+    use vipllava_convert::Quantization;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut runs = Vec::new();
+    for (name, quantize) in [
+        ("plain", None),
+        ("q8", Some(Quantization::Q8)),
+        ("q4", Some(Quantization::Q4)),
+    ] {
+        let mut c = lora_config("tiny-5x-f32", &tmp.path().join(name));
+        c.quantize = quantize;
+        c.max_steps = Some(3);
+        let summary = vipllava_train::trainer::run(Trainer::new(c, &device()).unwrap(), |_| {}).unwrap();
+        runs.push((name, summary));
+    }
+    let plain = &runs[0].1.losses;
+    for (name, summary) in &runs[1..] {
+        let bound = if *name == "q8" { 0.01 } else { 0.1 };
+        for (step, (q, p)) in summary.losses.iter().zip(plain).enumerate() {
+            let rel = ((q - p) / p).abs();
+            println!("{name} step {step}: loss {q:.6} vs {p:.6} unquantized ({rel:.2e} relative)");
+            assert!(rel < bound, "{name} step {step}: {q} vs {p}");
+        }
+        assert_ne!(&summary.losses, plain, "{name}: the base really was quantized");
+    }
+    // The q8 export: unquantized base weights where no adapter was trained.
+    let base = vipllava_convert::load_model(&fixtures().join("tiny-5x-f32"), &device(), &Default::default())
+        .unwrap();
+    let exported =
+        vipllava_convert::load_model(&runs[1].1.model_dir, &device(), &Default::default()).unwrap();
+    let (base_t, out_t) = (
+        vipllava_train::export::pytorch_tensors(&base.model),
+        vipllava_train::export::pytorch_tensors(&exported.model),
+    );
+    let mut untouched = 0;
+    let mut adapted = 0;
+    for (key, want) in &base_t {
+        let got = &out_t[key];
+        if key.contains("language_model")
+            && (key.contains("self_attn.") || key.contains("mlp."))
+            && key.ends_with("weight")
+        {
+            adapted += usize::from(got != want);
+        } else {
+            assert_eq!(got, want, "{key}: not the unquantized base");
+            untouched += 1;
+        }
+    }
+    assert!(
+        untouched > 10 && adapted > 0,
+        "{untouched} untouched, {adapted} adapted"
+    );
+    // A quantized base does not train: --quantize needs --trainable lora.
+    let mut c = lora_config("tiny-5x-f32", &tmp.path().join("projector"));
+    c.trainable = Trainable::Projector;
+    c.quantize = Some(Quantization::Q8);
+    let err = Trainer::new(c, &device()).err().unwrap().to_string();
+    assert!(err.contains("--trainable lora"), "{err}");
+}
