@@ -46,6 +46,9 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     let wdtype = weight.dtype();
     // Other devices (autodiff, wgpu, ...) go through Burn's own ops.
     if !is_plain_flex(&weight.device()) {
+        if wdtype != x.dtype() && weight.device().is_autodiff() {
+            return linear_in_activation_dtype(layer, weight, x);
+        }
         return layer.forward(x);
     }
     let dims = x.dims();
@@ -74,6 +77,26 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
         return y.cast(wdtype);
     }
     layer.forward(x)
+}
+
+/// `x @ W (+ b)` in `x`'s dtype when, in training, the weight comes in another one, which
+/// Burn's matmul refuses: a quantized weight (dequantized first), or a LoRA-reparameterised
+/// weight over a quantized base (Burn dequantizes it to f32) while training in bf16/f16
+/// (QLoRA).
+fn linear_in_activation_dtype<const D: usize>(layer: &Linear, weight: Tensor<2>, x: Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    let weight = match weight.dtype() {
+        DType::QFloat(_) => weight.dequantize(),
+        _ => weight,
+    };
+    let weight = if weight.dtype() == dtype { weight } else { weight.cast(dtype) };
+    let mut y = x.matmul(weight.unsqueeze());
+    if let Some(b) = &layer.bias {
+        let b = b.val();
+        let b = if b.dtype() == dtype { b } else { b.cast(dtype) };
+        y = y + b.unsqueeze();
+    }
+    y
 }
 
 fn flex_tensor<const D: usize>(t: Tensor<D>) -> Option<FlexTensor> {

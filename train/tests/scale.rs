@@ -435,6 +435,20 @@ fn qlora_trains_over_a_quantized_base_and_exports_it_unquantized() {
         }
         assert_ne!(&summary.losses, plain, "{name}: the base really was quantized");
     }
+    // In bf16 too (Burn dequantizes to f32; the product must be in the activations' dtype).
+    let mut losses = Vec::new();
+    for (name, quantize) in [("bf16", None), ("bf16-q8", Some(Quantization::Q8))] {
+        let mut c = lora_config("tiny-5x-f32", &tmp.path().join(name));
+        c.dtype = vipllava_model::Precision::Bf16;
+        c.quantize = quantize;
+        c.max_steps = Some(2);
+        let mut t = Trainer::new(c, &device()).unwrap();
+        losses.push([t.step().unwrap().unwrap().loss, t.step().unwrap().unwrap().loss]);
+    }
+    for (q, p) in losses[1].iter().zip(&losses[0]) {
+        println!("bf16-q8 loss {q:.6} vs {p:.6} bf16");
+        assert!(q.is_finite() && ((q - p) / p).abs() < 0.02, "{q} vs {p}");
+    }
     // The q8 export: unquantized base weights where no adapter was trained.
     let base = vipllava_convert::load_model(&fixtures().join("tiny-5x-f32"), &device(), &Default::default())
         .unwrap();
