@@ -89,7 +89,11 @@ fn linear_in_activation_dtype<const D: usize>(layer: &Linear, weight: Tensor<2>,
         DType::QFloat(_) => weight.dequantize(),
         _ => weight,
     };
-    let weight = if weight.dtype() == dtype { weight } else { weight.cast(dtype) };
+    let weight = if weight.dtype() == dtype {
+        weight
+    } else {
+        weight.cast(dtype)
+    };
     let mut y = x.matmul(weight.unsqueeze());
     if let Some(b) = &layer.bias {
         let b = b.val();
