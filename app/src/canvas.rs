@@ -83,24 +83,14 @@ pub fn paint_overlay(painter: &Painter, fit: &Fit, window: (f32, f32, f32, f32))
     if seen.contains_rect(image) {
         // Pad mode: the bars outside the image, in the pad colour.
         let pad = Color32::from_rgba_unmultiplied(122, 116, 104, 160);
-        for bar in [
-            Rect::from_min_max(seen.min, pos2(seen.max.x, image.min.y)),
-            Rect::from_min_max(pos2(seen.min.x, image.max.y), seen.max),
-            Rect::from_min_max(pos2(seen.min.x, image.min.y), pos2(image.min.x, image.max.y)),
-            Rect::from_min_max(pos2(image.max.x, image.min.y), pos2(seen.max.x, image.max.y)),
-        ] {
+        for bar in ring(seen, image) {
             if bar.width() > 0.5 && bar.height() > 0.5 {
                 painter.rect_filled(bar, 0.0, pad);
             }
         }
     } else {
         // Crop mode: shade the parts of the image outside the window.
-        for part in [
-            Rect::from_min_max(image.min, pos2(image.max.x, seen.min.y)),
-            Rect::from_min_max(pos2(image.min.x, seen.max.y), image.max),
-            Rect::from_min_max(pos2(image.min.x, seen.min.y), pos2(seen.min.x, seen.max.y)),
-            Rect::from_min_max(pos2(seen.max.x, seen.min.y), pos2(image.max.x, seen.max.y)),
-        ] {
+        for part in ring(image, seen) {
             if part.width() > 0.5 && part.height() > 0.5 {
                 painter.rect_filled(part, 0.0, shade);
             }
@@ -112,6 +102,17 @@ pub fn paint_overlay(painter: &Painter, fit: &Fit, window: (f32, f32, f32, f32))
         Stroke::new(1.5, Color32::from_rgb(80, 200, 255)),
         StrokeKind::Outside,
     );
+}
+
+/// The four rectangles of `outer` around `inner` (above, below, left, right), some of them
+/// empty when `inner` touches an edge.
+fn ring(outer: Rect, inner: Rect) -> [Rect; 4] {
+    [
+        Rect::from_min_max(outer.min, pos2(outer.max.x, inner.min.y)),
+        Rect::from_min_max(pos2(outer.min.x, inner.max.y), outer.max),
+        Rect::from_min_max(pos2(outer.min.x, inner.min.y), pos2(inner.min.x, inner.max.y)),
+        Rect::from_min_max(pos2(inner.max.x, inner.min.y), pos2(outer.max.x, inner.max.y)),
+    ]
 }
 
 /// The outline of a shape (the gesture in progress, or the selection).
