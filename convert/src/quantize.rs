@@ -7,11 +7,13 @@
 //! tokens), `lm_head` (the logits decide every greedy token; it is 3.7% of 7B), the patch
 //! convolution, layer norms and RMS norms, and all biases.
 //!
-//! Scheme: symmetric integers with one f32 scale per block of 32 consecutive values along
-//! the output dimension (Q8_0 / Q4_0 in llama.cpp's terms; narrower blocks where 32 does not
-//! divide the width). Backends that store quantized
-//! values unpacked (Flex keeps one byte per value) give q4 the accuracy of 4 bits but the
-//! memory of q8.
+//! Scheme: symmetric integers with one f32 scale per block of 32 values (Q8_0 / Q4_0 in
+//! llama.cpp's terms; narrower blocks where 32 does not divide the dimension). On the CPU
+//! (Flex) the blocks run along the input dimension, as llama.cpp's do, so that a decode
+//! step can multiply int8 activations by int8 weights block by block (the VNNI kernel of
+//! `vipllava_model::kernels::int8`); on other devices they run along the output dimension,
+//! Burn's one-dimensional block. Backends that store quantized values unpacked (Flex keeps
+//! one byte per value) give q4 the accuracy of 4 bits but the memory of q8.
 
 use std::fmt;
 use std::str::FromStr;
@@ -78,14 +80,28 @@ impl FromStr for Quantization {
 }
 
 impl Quantization {
-    /// The Burn scheme for this level with blocks of `block` values along the last
-    /// dimension (`None`: one scale per tensor).
-    pub fn scheme(self, block: Option<u8>) -> QuantScheme {
+    /// The Burn scheme for a `[K, N]` weight with blocks of `block` values along K, the
+    /// input dimension (`[block, 1]` blocks; `None`: one scale per tensor).
+    pub fn scheme_along_input(self, block: Option<u8>) -> QuantScheme {
+        match block {
+            Some(b) => self.values().per_block([b, 1], ScaleDtype::F32),
+            None => self.scheme(None),
+        }
+    }
+
+    /// The scheme's value type and mode, with no scale level yet.
+    fn values(self) -> QuantScheme {
         let value = match self {
             Self::Q8 => QuantValue::Q8S,
             Self::Q4 => QuantValue::Q4S,
         };
-        let scheme = QuantScheme::default().with_value(value);
+        QuantScheme::default().with_value(value)
+    }
+
+    /// The Burn scheme for this level with blocks of `block` values along the last
+    /// dimension (`None`: one scale per tensor).
+    pub fn scheme(self, block: Option<u8>) -> QuantScheme {
+        let scheme = self.values();
         match block {
             Some(b) => scheme.per_block([b], ScaleDtype::F32),
             None => scheme.per_tensor(ScaleDtype::F32),
@@ -129,8 +145,13 @@ impl ModuleMapper for WeightQuantizer {
         }
         let level = self.level;
         param.map(|tensor| {
-            let width = tensor.dims()[D - 1];
-            quantize_on_flex(tensor, &level.scheme(block_for(width)))
+            let dims = tensor.dims();
+            let scheme = if D == 2 && is_plain_flex(&tensor) {
+                level.scheme_along_input(block_for(dims[0]))
+            } else {
+                level.scheme(block_for(dims[D - 1]))
+            };
+            quantize_on_flex(tensor, &scheme)
         })
     }
 }
@@ -144,7 +165,7 @@ const BLOCKS_PER_TASK: usize = 4096;
 /// result is identical for f32 weights (f16/bf16 weights are widened exactly; Burn rounds
 /// their scales to the weight dtype). Anything else goes to Burn's `quantize_dynamic`.
 fn quantize_on_flex<const D: usize>(tensor: Tensor<D>, scheme: &QuantScheme) -> Tensor<D> {
-    let Some(width) = flex_block_width(&tensor, scheme) else {
+    let Some(blocks) = flex_blocks(&tensor, scheme) else {
         return tensor.quantize_dynamic(scheme);
     };
     let dims = tensor.dims();
@@ -160,32 +181,67 @@ fn quantize_on_flex<const D: usize>(tensor: Tensor<D>, scheme: &QuantScheme) -> 
     };
     let (low, high) = scheme.value.range();
     let scale_dtype = scheme.scale_dtype();
-    let blocks = values.len() / width;
-    let mut scales = vec![0f32; blocks];
-    let mut quantized = vec![0i8; values.len()];
-    scales
-        .par_chunks_mut(BLOCKS_PER_TASK)
-        .zip(quantized.par_chunks_mut(BLOCKS_PER_TASK * width))
-        .zip(values.par_chunks(BLOCKS_PER_TASK * width))
-        .for_each(|((scales, quantized), values)| {
-            for ((scale, q), x) in scales
-                .iter_mut()
-                .zip(quantized.chunks_mut(width))
-                .zip(values.chunks(width))
-            {
-                let alpha = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let s = scale_to_dtype(2.0 * alpha / (high - low), scale_dtype);
-                *scale = if s > 0.0 && s.is_finite() {
-                    s
-                } else {
-                    scale_to_dtype(f32::MIN_POSITIVE, scale_dtype)
-                };
-                let inv = 1.0 / *scale;
-                for (q, &v) in q.iter_mut().zip(x) {
-                    *q = (v * inv).round().clamp(low, high) as i8;
-                }
-            }
-        });
+    let scale_of = |alpha: f32| {
+        let s = scale_to_dtype(2.0 * alpha / (high - low), scale_dtype);
+        if s > 0.0 && s.is_finite() {
+            s
+        } else {
+            scale_to_dtype(f32::MIN_POSITIVE, scale_dtype)
+        }
+    };
+    let quantize = |v: f32, inv: f32| (v * inv).round().clamp(low, high) as i8;
+    let (scales, quantized) = match blocks {
+        FlexBlocks::AlongLast(width) => {
+            let blocks = values.len() / width;
+            let mut scales = vec![0f32; blocks];
+            let mut quantized = vec![0i8; values.len()];
+            scales
+                .par_chunks_mut(BLOCKS_PER_TASK)
+                .zip(quantized.par_chunks_mut(BLOCKS_PER_TASK * width))
+                .zip(values.par_chunks(BLOCKS_PER_TASK * width))
+                .for_each(|((scales, quantized), values)| {
+                    for ((scale, q), x) in scales
+                        .iter_mut()
+                        .zip(quantized.chunks_mut(width))
+                        .zip(values.chunks(width))
+                    {
+                        *scale = scale_of(x.iter().fold(0.0f32, |m, v| m.max(v.abs())));
+                        let inv = 1.0 / *scale;
+                        for (q, &v) in q.iter_mut().zip(x) {
+                            *q = quantize(v, inv);
+                        }
+                    }
+                });
+            (scales, quantized)
+        }
+        FlexBlocks::AlongFirst { height, width } => {
+            // `[height, 1]` blocks of a `[rows, width]` matrix: one task per block row.
+            let mut scales = vec![0f32; values.len() / height];
+            let mut quantized = vec![0i8; values.len()];
+            scales
+                .par_chunks_mut(width)
+                .zip(quantized.par_chunks_mut(height * width))
+                .zip(values.par_chunks(height * width))
+                .for_each(|((scales, quantized), values)| {
+                    let mut alpha = vec![0f32; width];
+                    for row in values.chunks(width) {
+                        for (a, v) in alpha.iter_mut().zip(row) {
+                            *a = a.max(v.abs());
+                        }
+                    }
+                    for (s, a) in scales.iter_mut().zip(&alpha) {
+                        *s = scale_of(*a);
+                    }
+                    let inv: Vec<f32> = scales.iter().map(|s| 1.0 / s).collect();
+                    for (q, row) in quantized.chunks_mut(width).zip(values.chunks(width)) {
+                        for ((q, &v), &inv) in q.iter_mut().zip(row).zip(&inv) {
+                            *q = quantize(v, inv);
+                        }
+                    }
+                });
+            (scales, quantized)
+        }
+    };
     let values = FlexTensor::new(
         Bytes::from_elems(quantized),
         Layout::contiguous(Shape::from(dims.to_vec())),
@@ -197,10 +253,24 @@ fn quantize_on_flex<const D: usize>(tensor: Tensor<D>, scheme: &QuantScheme) -> 
     Tensor::from_dispatch(dispatch)
 }
 
-/// The block width when [`quantize_on_flex`] applies: the plain Flex device, a float
-/// tensor, one level of per-block scales along the last dimension only.
-fn flex_block_width<const D: usize>(tensor: &Tensor<D>, scheme: &QuantScheme) -> Option<usize> {
-    if tensor.device() != Device::flex() || tensor.device().is_autodiff() {
+/// Whether `tensor` lives on the plain Flex device (not behind autodiff).
+fn is_plain_flex<const D: usize>(tensor: &Tensor<D>) -> bool {
+    tensor.device() == Device::flex() && !tensor.device().is_autodiff()
+}
+
+/// The block shapes [`quantize_on_flex`] computes itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FlexBlocks {
+    /// `width` consecutive values along the last dimension.
+    AlongLast(usize),
+    /// `height` rows of one column of a `[rows, width]` matrix.
+    AlongFirst { height: usize, width: usize },
+}
+
+/// The blocks when [`quantize_on_flex`] applies: the plain Flex device, a float tensor,
+/// one level of per-block scales along the last dimension, or along the first of a matrix.
+fn flex_blocks<const D: usize>(tensor: &Tensor<D>, scheme: &QuantScheme) -> Option<FlexBlocks> {
+    if !is_plain_flex(tensor) {
         return None;
     }
     if !matches!(tensor.dtype(), DType::F32 | DType::BF16 | DType::F16)
@@ -209,9 +279,17 @@ fn flex_block_width<const D: usize>(tensor: &Tensor<D>, scheme: &QuantScheme) ->
         return None;
     }
     let block = scheme.block_size()?.to_dim_vec(D);
+    let dims = tensor.dims();
     let width = *block.last()? as usize;
-    let divides = width > 0 && tensor.dims()[D - 1].is_multiple_of(width);
-    (divides && block[..D - 1].iter().all(|&b| b == 1)).then_some(width)
+    if width > 0 && dims[D - 1].is_multiple_of(width) && block[..D - 1].iter().all(|&b| b == 1) {
+        return Some(FlexBlocks::AlongLast(width));
+    }
+    let height = block[0] as usize;
+    let along_first = D == 2 && width == 1 && height > 0 && dims[0].is_multiple_of(height);
+    along_first.then_some(FlexBlocks::AlongFirst {
+        height,
+        width: dims[D - 1],
+    })
 }
 
 /// Quantizes the linear-layer weights of `model` (see the module docs for which).
@@ -274,7 +352,7 @@ mod tests {
     #[test]
     fn parallel_quantizer_equals_burn() {
         let device = Device::flex();
-        let w = Tensor::<2>::random([70, 96], Distribution::Normal(0.0, 0.02), &device);
+        let w = Tensor::<2>::random([96, 96], Distribution::Normal(0.0, 0.02), &device);
         // A zero block and an outlier.
         let w = w.slice_assign([0..1, 0..32], Tensor::zeros([1, 32], &device));
         let w = w.slice_assign([1..2, 5..6], Tensor::full([1, 1], 3.0, &device));
@@ -285,20 +363,24 @@ mod tests {
             let widened = w.clone().cast(DType::F32);
             for level in [Quantization::Q8, Quantization::Q4] {
                 for block in [Some(32), Some(16), Some(8)] {
-                    let scheme = level.scheme(block);
-                    assert!(flex_block_width(&w, &scheme).is_some());
-                    let ours = quantize_on_flex(w.clone(), &scheme);
-                    let burn = widened.clone().quantize_dynamic(&scheme);
-                    assert_eq!(ours.dtype(), burn.dtype());
-                    assert_eq!(
-                        dequantized(ours),
-                        dequantized(burn),
-                        "{level} {block:?} {dtype:?}"
-                    );
+                    for scheme in [level.scheme(block), level.scheme_along_input(block)] {
+                        assert!(flex_blocks(&w, &scheme).is_some());
+                        let ours = quantize_on_flex(w.clone(), &scheme);
+                        let burn = widened.clone().quantize_dynamic(&scheme);
+                        assert_eq!(ours.dtype(), burn.dtype());
+                        assert_eq!(
+                            dequantized(ours),
+                            dequantized(burn),
+                            "{level} {block:?} {dtype:?} {scheme:?}"
+                        );
+                    }
                 }
             }
         }
-        assert!(flex_block_width(&w, &Quantization::Q8.scheme(None)).is_none());
+        assert!(flex_blocks(&w, &Quantization::Q8.scheme(None)).is_none());
+        // Blocks along K that do not divide K go to Burn.
+        let ragged = Tensor::<2>::zeros([70, 96], &device);
+        assert!(flex_blocks(&ragged, &Quantization::Q8.scheme_along_input(Some(32))).is_none());
     }
 
     /// Each value is within half a quantization step of its block's scale.

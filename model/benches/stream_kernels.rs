@@ -8,7 +8,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use burn::tensor::bf16;
-use vipllava_model::kernels::{matmul_stream, matmul_stream_q8};
+use vipllava_model::kernels::int8::{ColumnBlocks, Int8Rows, matmul_int8, vnni_available};
+use vipllava_model::kernels::{matmul_q8_columns, matmul_stream, matmul_stream_q8};
 
 /// Median seconds per call over `calls` calls, after one warm-up call.
 fn time(calls: usize, mut f: impl FnMut()) -> f64 {
@@ -25,8 +26,11 @@ fn time(calls: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    println!("| k x n | bf16 ms | bf16 GB/s | q8 ms | q8 G values/s | q8 GB/s (values + scales) |");
-    println!("|---|---|---|---|---|---|");
+    println!("VNNI: {}", vnni_available());
+    println!(
+        "| k x n | bf16 ms | bf16 GB/s | q8 (row blocks, f32 x) ms | q8 (K blocks, f32 x) ms | q8 (K blocks, int8 x) ms | int8 x G values/s |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     // Llama-1B shapes: gate/up, down, q/o, k/v; 7B: gate/up.
     for (k, n) in [
         (2048, 5632),
@@ -55,14 +59,29 @@ fn main() {
                 n,
             ));
         });
+        let w = ColumnBlocks {
+            q: &q,
+            scales: &scales,
+            k,
+            n,
+            block: 32,
+        };
+        let columns = time(21, || {
+            black_box(matmul_q8_columns(black_box(&x), &w, 1));
+        });
+        let int8 = time(21, || {
+            let xq = Int8Rows::quantize(black_box(&x), 1, k, 32).unwrap();
+            black_box(matmul_int8(&xq, &w));
+        });
         let values = (k * n) as f64;
         println!(
-            "| {k} x {n} | {:.2} | {:.1} | {:.2} | {:.1} | {:.1} |",
+            "| {k} x {n} | {:.3} | {:.1} | {:.3} | {:.3} | {:.3} | {:.1} |",
             bf * 1e3,
             values * 2.0 / bf / 1e9,
             q8 * 1e3,
-            values / q8 / 1e9,
-            values * (1.0 + 4.0 / 32.0) / q8 / 1e9
+            columns * 1e3,
+            int8 * 1e3,
+            values / int8 / 1e9
         );
     }
 }

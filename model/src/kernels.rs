@@ -20,6 +20,10 @@ use burn_flex::{Flex, FlexQTensor, FlexTensor};
 
 use rayon::prelude::*;
 
+pub mod int8;
+
+use int8::{ColumnBlocks, Int8Rows};
+
 /// Rows up to which the streaming kernel is used (decode steps, small batches).
 pub const MAX_STREAM_ROWS: usize = 16;
 
@@ -28,6 +32,35 @@ pub const MAX_STREAM_ROWS: usize = 16;
 pub fn fast_paths_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("VIPLLAVA_FAST_PATHS").map_or(true, |v| v != "0"))
+}
+
+/// Whether decode products with q8/q4 weights quantized along K quantize the activations
+/// to int8 too (the VNNI path of [`int8`]): on by default where the CPU has AVX-512 VNNI,
+/// off with `VIPLLAVA_INT8_ACTIVATIONS=0` or inside [`with_int8_activations`]`(false, ..)`,
+/// which keeps the f32 activations (the weights' error only).
+pub fn int8_activations_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let default =
+        *ENABLED.get_or_init(|| std::env::var("VIPLLAVA_INT8_ACTIVATIONS").map_or(true, |v| v != "0"));
+    INT8_ACTIVATIONS.with(|o| o.get()).unwrap_or(default) && int8::vnni_available()
+}
+
+thread_local! {
+    static INT8_ACTIVATIONS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with int8 activations switched on or off on this thread (the forward pass
+/// decides on the calling thread), then restores the previous setting.
+pub fn with_int8_activations<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    let previous = INT8_ACTIVATIONS.with(|o| o.replace(Some(enabled)));
+    struct Restore(Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            INT8_ACTIVATIONS.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(previous);
+    f()
 }
 
 /// Whether `device` is the plain Flex CPU device: the fast paths work on Flex primitives,
@@ -158,17 +191,29 @@ fn stream_linear<const D: usize>(
     Some(if dtype == DType::F32 { y } else { y.cast(dtype) })
 }
 
-/// The int8 values of a block-quantized weight `[K, N]` with one f32 scale per `block`
-/// consecutive values of a row (the layout `quantize_module` produces).
+/// Along which dimension of a `[K, N]` weight its block scales run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockAxis {
+    /// `[1, B]` blocks: `B` consecutive values of a row (burnpacks written before the
+    /// int8 path; Burn's default for a one-dimensional block).
+    Output,
+    /// `[B, 1]` blocks: `B` rows of one column, i.e. along the input dimension (what
+    /// `quantize_module` writes on the CPU): the layout of [`int8`].
+    Input,
+}
+
+/// The int8 values of a block-quantized weight `[K, N]` with one f32 scale per block of
+/// `block` values along [`BlockAxis`].
 struct QuantizedRows {
     tensor: FlexQTensor,
     block: usize,
+    axis: BlockAxis,
     offset: usize,
 }
 
 impl QuantizedRows {
     /// The parts of `weight` when it is a Flex quantized tensor this module can read:
-    /// symmetric values with one level of per-block scales along the last dimension.
+    /// symmetric values with one level of per-block scales along one dimension.
     fn of(weight: Tensor<2>) -> Option<Self> {
         let [k, n] = weight.dims();
         let backend =
@@ -194,8 +239,12 @@ impl QuantizedRows {
             return None;
         }
         let block = scheme.block_size()?.to_dim_vec(2);
-        let width = block[1] as usize;
-        if block[0] != 1 || ![8, 16, 32].contains(&width) || !n.is_multiple_of(width) {
+        let (axis, width, along) = match (block[0] as usize, block[1] as usize) {
+            (1, width) => (BlockAxis::Output, width, n),
+            (width, 1) => (BlockAxis::Input, width, k),
+            _ => return None,
+        };
+        if ![8, 16, 32].contains(&width) || !along.is_multiple_of(width) {
             return None;
         }
         let layout = tensor.tensor().layout();
@@ -206,6 +255,7 @@ impl QuantizedRows {
         Some(Self {
             tensor,
             block: width,
+            axis,
             offset,
         })
     }
@@ -215,12 +265,14 @@ impl QuantizedRows {
     }
 }
 
-/// `x @ W (+ b)` for a block-quantized `W` on Flex: streamed as int8 for a few rows
-/// (`(x * scale) * q`, one product per row and block), dequantized to f32 in parallel for
-/// many (`scale * q`, exactly as Burn's `dequantize`, then the f32 gemm). Either way the
-/// result is the f32 product with the dequantized weights up to f32 rounding, rounded once
-/// to the activation dtype. (Burn's own `q_matmul`, used with `VIPLLAVA_FAST_PATHS=0`,
-/// dequantizes into a bf16/f16 activation's dtype and multiplies there: less accurate.)
+/// `x @ W (+ b)` for a block-quantized `W` on Flex. For a few rows the int8 values are
+/// streamed: with int8 activations and VNNI integer products when the blocks run along K
+/// and [`int8_activations_enabled`], otherwise as `(x * scale) * q` in f32 (the result is
+/// then the f32 product with the dequantized weights up to f32 rounding). For many rows
+/// the weight is dequantized to f32 in parallel (`scale * q`, exactly as Burn's
+/// `dequantize`) for the f32 gemm. The result is rounded once to the activation dtype.
+/// (Burn's own `q_matmul`, used with `VIPLLAVA_FAST_PATHS=0`, dequantizes into a bf16/f16
+/// activation's dtype and multiplies there: less accurate.)
 fn quantized_linear<const D: usize>(
     layer: &Linear,
     weight: Tensor<2>,
@@ -247,7 +299,24 @@ fn quantized_linear<const D: usize>(
         if xs.len() != rows * k {
             return None;
         }
-        let mut out = matmul_stream_q8(&xs, values, scales, quantized.block, rows, k, n)?;
+        let mut out = match quantized.axis {
+            BlockAxis::Output => matmul_stream_q8(&xs, values, scales, quantized.block, rows, k, n)?,
+            BlockAxis::Input => {
+                let w = ColumnBlocks {
+                    q: values,
+                    scales,
+                    k,
+                    n,
+                    block: quantized.block,
+                };
+                if int8_activations_enabled() {
+                    let xq = Int8Rows::quantize(&xs, rows, k, quantized.block)?;
+                    int8::matmul_int8(&xq, &w)?
+                } else {
+                    matmul_q8_columns(&xs, &w, rows)?
+                }
+            }
+        };
         if let Some(b) = bias {
             let b: Vec<f32> = b.into_data().convert::<f32>().try_into_vec::<f32>().ok()?;
             for row in out.chunks_mut(n) {
@@ -261,7 +330,10 @@ fn quantized_linear<const D: usize>(
         let y = Tensor::<D>::from_data(TensorData::new(out, shape), &device);
         return Some(if dtype == DType::F32 { y } else { y.cast(dtype) });
     }
-    let w = dequantize_rows(values, scales, quantized.block);
+    let w = match quantized.axis {
+        BlockAxis::Output => dequantize_rows(values, scales, quantized.block),
+        BlockAxis::Input => dequantize_columns(values, scales, quantized.block, n),
+    };
     let w = Tensor::<2>::from_data(TensorData::new(w, [k, n]), &device);
     let xf = if dtype == DType::F32 {
         x.clone()
@@ -273,6 +345,82 @@ fn quantized_linear<const D: usize>(
         y = y + b.cast(DType::F32).unsqueeze();
     }
     Some(if dtype == DType::F32 { y } else { y.cast(dtype) })
+}
+
+/// `scale * q` for a weight with `[block, 1]` blocks (`scales[(kk / block) * n + j]`), one
+/// rayon task per `block` rows.
+fn dequantize_columns(values: &[i8], scales: &[f32], block: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; values.len()];
+    out.par_chunks_mut(block * n)
+        .zip(values.par_chunks(block * n))
+        .zip(scales.par_chunks(n))
+        .for_each(|((out, values), scales)| {
+            for (out, values) in out.chunks_mut(n).zip(values.chunks(n)) {
+                for ((o, &q), &s) in out.iter_mut().zip(values).zip(scales) {
+                    *o = s * q as f32;
+                }
+            }
+        });
+    out
+}
+
+/// `x [rows, k] @ dequantize(w)` in f32 for a weight with `[block, 1]` blocks, f32
+/// activations: per block of rows the f32 sum `sum_kk x[kk] * q[kk, j]`, then one FMA with
+/// the block's scale. One rayon task per [`K_BLOCK`] weight rows (a contiguous slab), the
+/// partial products summed in slab order (the result does not depend on the thread count).
+/// `None` when the shapes disagree.
+pub fn matmul_q8_columns(x: &[f32], w: &ColumnBlocks<'_>, rows: usize) -> Option<Vec<f32>> {
+    if !w.is_valid() || x.len() != rows * w.k || !K_BLOCK.is_multiple_of(w.block) {
+        return None;
+    }
+    Some(stream(x, &KBlocks { w }, rows, w.k))
+}
+
+/// A `[k, n]` int8 weight with `[block, 1]` blocks, streamed by [`stream`].
+struct KBlocks<'a, 'w> {
+    w: &'a ColumnBlocks<'w>,
+}
+
+impl StreamedWeight for KBlocks<'_, '_> {
+    fn n(&self) -> usize {
+        self.w.n
+    }
+
+    /// `k0` and `k1` fall on block boundaries: [`K_BLOCK`] is a multiple of the block.
+    #[inline(always)]
+    fn accumulate(&self, x: &[f32], rows: usize, k: usize, k0: usize, k1: usize, acc: &mut [f32]) {
+        let w = self.w;
+        let n = w.n;
+        let mut block_sum = vec![0f32; rows * n];
+        for kb in k0 / w.block..k1 / w.block {
+            block_sum.fill(0.0);
+            let mut kk = kb * w.block;
+            // Four weight rows per pass over the block sums (the int8 kernel's Q8_ROWS
+            // trade-off: fewer passes over `block_sum`, four streams).
+            while kk + 4 <= (kb + 1) * w.block {
+                let q: [&[i8]; 4] = std::array::from_fn(|i| &w.q[(kk + i) * n..(kk + i + 1) * n]);
+                for r in 0..rows {
+                    let a: [f32; 4] = std::array::from_fn(|i| x[r * k + kk + i]);
+                    let sums = &mut block_sum[r * n..(r + 1) * n];
+                    for (j, s) in sums.iter_mut().enumerate() {
+                        let mut v = *s;
+                        for i in 0..4 {
+                            v = a[i].mul_add(q[i][j] as f32, v);
+                        }
+                        *s = v;
+                    }
+                }
+                kk += 4;
+            }
+            let scales = &w.scales[kb * n..(kb + 1) * n];
+            for r in 0..rows {
+                let sums = &block_sum[r * n..(r + 1) * n];
+                for ((a, &s), &sc) in acc[r * n..(r + 1) * n].iter_mut().zip(sums).zip(scales) {
+                    *a = s.mul_add(sc, *a);
+                }
+            }
+        }
+    }
 }
 
 /// `scale * q` for every value, one rayon task per 64 Ki values.
@@ -644,6 +792,48 @@ mod tests {
         }
     }
 
+    /// Blocks along K (`[block, 1]`, the CPU quantizer's layout): the parallel
+    /// dequantization equals `scale * q` exactly and the f32-activation kernel equals the f64
+    /// product of the dequantized weights within f32 summation error, on shapes with
+    /// several K slabs, odd widths and up to 16 rows.
+    #[test]
+    fn q8_columns_equal_the_dequantized_product() {
+        for &(rows, k, n, block) in &[
+            (1, 32, 8, 32),
+            (3, 544, 37, 32),
+            (16, 64, 130, 16),
+            (2, 264, 5, 8),
+        ] {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
+                .collect();
+            let q: Vec<i8> = (0..k * n).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect();
+            let scales: Vec<f32> = (0..k / block * n).map(|i| 1e-3 * (1 + i % 7) as f32).collect();
+            let w = dequantize_columns(&q, &scales, block, n);
+            for (i, (&wv, &qv)) in w.iter().zip(&q).enumerate() {
+                let (kk, j) = (i / n, i % n);
+                assert_eq!(wv, scales[kk / block * n + j] * qv as f32);
+            }
+            let blocks = ColumnBlocks {
+                q: &q,
+                scales: &scales,
+                k,
+                n,
+                block,
+            };
+            let got = matmul_q8_columns(&x, &blocks, rows).expect("supported");
+            let exact = reference(&x, &w, rows, k, n);
+            for (o, (a, b)) in got.iter().zip(&exact).enumerate() {
+                let (r, j) = (o / n, o % n);
+                let magnitude: f32 = (0..k).map(|kk| (x[r * k + kk] * w[kk * n + j]).abs()).sum();
+                assert!(
+                    (a - b).abs() <= 2e-5 * magnitude + 1e-6,
+                    "{rows}x{k}x{n} block {block} ({r},{j}): {a} vs {b}"
+                );
+            }
+        }
+    }
+
     /// The int8 kernel equals the f32 kernel on the dequantized weights up to f32 rounding
     /// (it multiplies `(x * scale) * q` instead of `x * (scale * q)`), and the parallel
     /// dequantization equals `scale * q` exactly.
@@ -692,6 +882,20 @@ mod tests {
             }
         }
         // Unsupported block widths and inconsistent lengths are refused, not indexed.
+        assert!(
+            matmul_q8_columns(
+                &[0.0; 4],
+                &ColumnBlocks {
+                    q: &[0; 32],
+                    scales: &[1.0; 8],
+                    k: 4,
+                    n: 8,
+                    block: 4
+                },
+                1
+            )
+            .is_none()
+        );
         assert!(matmul_stream_q8(&[0.0; 4], &[0; 48], &[1.0; 2], 24, 1, 4, 12).is_none());
         assert!(matmul_stream_q8(&[0.0; 4], &[0; 32], &[1.0; 1], 32, 1, 4, 8).is_none());
     }

@@ -1,0 +1,508 @@
+//! Int8 x int8 products for the decode step, on weights quantized in blocks along the
+//! input dimension (llama.cpp's Q8_0 x Q8_0 idea, on Burn's own quantized tensors).
+//!
+//! A decode step with a q8/q4 weight is bound by arithmetic, not by memory: widening every
+//! int8 weight to f32 for an f32 FMA costs three vector instructions per 16 values. Here
+//! the activation row is quantized too, per block of the weight's block length along K (one
+//! f32 scale per block, values rounded to int8), and each block's product is an exact int32
+//! sum computed by AVX-512 VNNI (`vpdpbusd`: 64 int8 products per instruction); the int32
+//! sum is scaled once per block and output: `y[n] += (isum * dx[kb]) * sw[kb, n]`.
+//!
+//! The weight stays in Burn's row-major `[K, N]` layout (no second copy): four rows are
+//! interleaved in registers so that each 32-bit lane holds the four K values of one output.
+//! `vpdpbusd` multiplies unsigned by signed bytes, so the weights enter offset by 128
+//! (`q ^ 0x80`) and `128 * sum(x_q)` of the block is taken off the int32 sum (exact).
+//!
+//! [`matmul_int8_reference`] is the same arithmetic in plain Rust, in the same order: the
+//! VNNI path equals it bit for bit (a test checks), so results do not depend on the CPU.
+
+use rayon::prelude::*;
+
+/// Activation rows quantized to int8, one f32 scale per block of `block` values along K.
+#[derive(Debug, Clone)]
+pub struct Int8Rows {
+    values: Vec<i8>,
+    scales: Vec<f32>,
+    sums: Vec<i32>,
+    rows: usize,
+    k: usize,
+    block: usize,
+}
+
+impl Int8Rows {
+    /// Quantizes `x [rows, k]` per block: `scale = max|x| / 127`, `q = round(x / scale)`.
+    /// `None` unless `block` is a positive multiple of 8 that divides `k` and the length
+    /// matches.
+    pub fn quantize(x: &[f32], rows: usize, k: usize, block: usize) -> Option<Self> {
+        if block == 0 || !block.is_multiple_of(8) || !k.is_multiple_of(block) || x.len() != rows * k {
+            return None;
+        }
+        let blocks = rows * k / block;
+        let mut values = vec![0i8; rows * k];
+        let mut scales = vec![0f32; blocks];
+        let mut sums = vec![0i32; blocks];
+        for (((xb, qb), scale), sum) in x
+            .chunks_exact(block)
+            .zip(values.chunks_exact_mut(block))
+            .zip(&mut scales)
+            .zip(&mut sums)
+        {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut s = 0i32;
+            for (q, &v) in qb.iter_mut().zip(xb) {
+                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                s += *q as i32;
+            }
+            *scale = d;
+            *sum = s;
+        }
+        Some(Self {
+            values,
+            scales,
+            sums,
+            rows,
+            k,
+            block,
+        })
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The quantized values of row `r` (length `k`).
+    fn row(&self, r: usize) -> &[i8] {
+        &self.values[r * self.k..(r + 1) * self.k]
+    }
+
+    /// Scale and value sum of block `kb` of row `r`.
+    fn block_of(&self, r: usize, kb: usize) -> (f32, i32) {
+        let i = r * (self.k / self.block) + kb;
+        (self.scales[i], self.sums[i])
+    }
+}
+
+/// A `[k, n]` int8 weight in row-major order with one f32 scale per `block` rows of each
+/// column: the scale of `q[kk, j]` is `scales[(kk / block) * n + j]` (Burn's block order
+/// for a `[block, 1]` block shape).
+#[derive(Debug, Clone, Copy)]
+pub struct ColumnBlocks<'a> {
+    /// The values, `k * n`.
+    pub q: &'a [i8],
+    /// The scales, `k / block * n`.
+    pub scales: &'a [f32],
+    /// Input width (rows of the weight).
+    pub k: usize,
+    /// Output width.
+    pub n: usize,
+    /// Rows per scale.
+    pub block: usize,
+}
+
+impl ColumnBlocks<'_> {
+    /// Whether the lengths agree with the shape and the block length works here (a positive
+    /// multiple of 8 that divides `k`: the kernel reads eight weight rows at a time).
+    pub fn is_valid(&self) -> bool {
+        self.block > 0
+            && self.block.is_multiple_of(8)
+            && self.k.is_multiple_of(self.block)
+            && self.q.len() == self.k * self.n
+            && self.scales.len() * self.block == self.k * self.n
+    }
+}
+
+/// Weight rows per rayon task (a multiple of every block length). Each task reads a
+/// contiguous slab of the weight; its partial product is added to the others in task order,
+/// so the result does not depend on the thread count.
+const ROWS_PER_TASK: usize = 256;
+
+/// Whether this CPU runs the VNNI kernel (AVX-512 F, BW and VNNI).
+pub fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `x @ w` as `[rows, n]` f32, with the int8 products on VNNI where the CPU has it (plain
+/// Rust otherwise; the same bits either way). `None` when the shapes or blocks disagree.
+pub fn matmul_int8(x: &Int8Rows, w: &ColumnBlocks<'_>) -> Option<Vec<f32>> {
+    matmul_int8_with(x, w, vnni_available())
+}
+
+/// [`matmul_int8`] in plain Rust on every CPU (the reference the VNNI path must equal).
+pub fn matmul_int8_reference(x: &Int8Rows, w: &ColumnBlocks<'_>) -> Option<Vec<f32>> {
+    matmul_int8_with(x, w, false)
+}
+
+fn matmul_int8_with(x: &Int8Rows, w: &ColumnBlocks<'_>, vnni: bool) -> Option<Vec<f32>> {
+    if !w.is_valid() || x.k != w.k || x.block != w.block {
+        return None;
+    }
+    let (rows, n) = (x.rows, w.n);
+    let tasks = w.k.div_ceil(ROWS_PER_TASK);
+    let parts: Vec<Vec<f32>> = (0..tasks)
+        .into_par_iter()
+        .map(|t| {
+            let k0 = t * ROWS_PER_TASK;
+            let k1 = (k0 + ROWS_PER_TASK).min(w.k);
+            slab(x, w, k0 / w.block..k1 / w.block, vnni)
+        })
+        .collect();
+    let mut out = vec![0f32; rows * n];
+    for part in &parts {
+        for (o, p) in out.iter_mut().zip(part) {
+            *o += p;
+        }
+    }
+    Some(out)
+}
+
+/// The product over weight blocks `blocks` (rows `blocks.start * block..`) as `[rows, n]`.
+fn slab(x: &Int8Rows, w: &ColumnBlocks<'_>, blocks: std::ops::Range<usize>, vnni: bool) -> Vec<f32> {
+    let (rows, n) = (x.rows, w.n);
+    let mut out = vec![0f32; rows * n];
+    let tiled = if cfg!(target_arch = "x86_64") && vnni {
+        n / vnni_tile::WIDTH * vnni_tile::WIDTH
+    } else {
+        0
+    };
+    #[cfg(target_arch = "x86_64")]
+    if tiled > 0 {
+        // Eight weight rows at a time across all tiles (eight sequential streams, which the
+        // hardware prefetchers follow), the int32 sums of the block kept per column in
+        // `isum` (in the tiles' lane order), then scaled into `out` once per block.
+        let mut isum = vec![0i32; rows * tiled];
+        for kb in blocks.clone() {
+            isum.fill(0);
+            for kk in (kb * w.block..(kb + 1) * w.block).step_by(8) {
+                for c in (0..tiled).step_by(vnni_tile::WIDTH) {
+                    let mut r = 0;
+                    while r < rows {
+                        // SAFETY: `vnni` is only true when `vnni_available()` said the CPU
+                        // has AVX-512 F/BW/VNNI; `w.is_valid()` and the shape checks of the
+                        // caller keep every load inside `w.q` and `x` (rows kk..kk + 8 lie
+                        // in block kb: blocks are multiples of 8); each call covers rows
+                        // that exist (`r + R <= rows`) and columns `c..c + 64 <= tiled`.
+                        r += unsafe {
+                            match rows - r {
+                                1 => vnni_tile::eight_rows::<1>(x, w, kk, r, c, tiled, &mut isum),
+                                2 | 3 => vnni_tile::eight_rows::<2>(x, w, kk, r, c, tiled, &mut isum),
+                                _ => vnni_tile::eight_rows::<4>(x, w, kk, r, c, tiled, &mut isum),
+                            }
+                        };
+                    }
+                }
+            }
+            for c in (0..tiled).step_by(vnni_tile::WIDTH) {
+                for r in 0..rows {
+                    // SAFETY: as above; `isum` holds `rows * tiled` sums.
+                    unsafe { vnni_tile::scale_block(x, w, kb, r, c, tiled, &isum, &mut out) };
+                }
+            }
+        }
+    }
+    let c = tiled;
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = vnni;
+    for j in c..n {
+        for r in 0..rows {
+            out[r * n + j] = column_reference(x, w, blocks.clone(), r, j);
+        }
+    }
+    out
+}
+
+/// Output `(r, j)` in plain Rust: per block the exact int32 sum, scaled by the activation
+/// scale, then accumulated with the weight scale by one FMA (the VNNI kernel's order).
+fn column_reference(
+    x: &Int8Rows,
+    w: &ColumnBlocks<'_>,
+    blocks: std::ops::Range<usize>,
+    r: usize,
+    j: usize,
+) -> f32 {
+    let xr = x.row(r);
+    let mut acc = 0f32;
+    for kb in blocks {
+        let rows = kb * w.block..(kb + 1) * w.block;
+        let isum: i32 = xr[rows.clone()]
+            .iter()
+            .zip(rows)
+            .map(|(&x, kk)| x as i32 * w.q[kk * w.n + j] as i32)
+            .sum();
+        let (dx, _) = x.block_of(r, kb);
+        let p = isum as f32 * dx;
+        acc = p.mul_add(w.scales[kb * w.n + j], acc);
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni_tile {
+    use std::arch::x86_64::*;
+
+    use super::{ColumnBlocks, Int8Rows};
+
+    /// Output columns per tile: four 16-lane accumulators.
+    pub const WIDTH: usize = 64;
+
+    /// Swaps 128-bit chunk `i` of `s[j]` with chunk `j` of `s[i]` (a 4x4 transpose of
+    /// chunks; its own inverse). Converts between natural column order and the order in
+    /// which the interleaved lanes hold the columns.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose_chunks(s: [__m512; 4]) -> [__m512; 4] {
+        let a0 = _mm512_shuffle_f32x4::<0x44>(s[0], s[1]);
+        let a1 = _mm512_shuffle_f32x4::<0xEE>(s[0], s[1]);
+        let b0 = _mm512_shuffle_f32x4::<0x44>(s[2], s[3]);
+        let b1 = _mm512_shuffle_f32x4::<0xEE>(s[2], s[3]);
+        [
+            _mm512_shuffle_f32x4::<0x88>(a0, b0),
+            _mm512_shuffle_f32x4::<0xDD>(a0, b0),
+            _mm512_shuffle_f32x4::<0x88>(a1, b1),
+            _mm512_shuffle_f32x4::<0xDD>(a1, b1),
+        ]
+    }
+
+    /// Adds weight rows `kk..kk + 8` times activation rows `r0..r0 + R` to the int32 sums
+    /// of columns `c..c + 64` in `isum [rows, tiled]` (lane order); returns `R`. The
+    /// interleaved weight rows serve all `R` activation rows.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VNNI; `w` must be valid, `x` must match it,
+    /// `kk + 8 <= w.k`, `c + 64 <= tiled <= w.n`, `r0 + R <= x.rows` and
+    /// `isum.len() == x.rows * tiled`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn eight_rows<const R: usize>(
+        x: &Int8Rows,
+        w: &ColumnBlocks<'_>,
+        kk: usize,
+        r0: usize,
+        c: usize,
+        tiled: usize,
+        isum: &mut [i32],
+    ) -> usize {
+        let n = w.n;
+        let offset = _mm512_set1_epi8(-128);
+        let base = w.q[kk * n + c..].as_ptr();
+        // SAFETY: rows kk..kk + 8 exist and columns c..c + 64 are inside each row.
+        let q: [__m512i; 8] = unsafe {
+            std::array::from_fn(|i| {
+                _mm512_xor_si512(_mm512_loadu_si512(base.add(i * n) as *const __m512i), offset)
+            })
+        };
+        let lanes = [interleave(&q[0..4]), interleave(&q[4..8])];
+        for r in 0..R {
+            let xr = &x.row(r0 + r)[kk..kk + 8];
+            let xv = [0, 4].map(|h| {
+                _mm512_set1_epi32(i32::from_le_bytes([
+                    xr[h] as u8,
+                    xr[h + 1] as u8,
+                    xr[h + 2] as u8,
+                    xr[h + 3] as u8,
+                ]))
+            });
+            let start = (r0 + r) * tiled + c;
+            let dst = &mut isum[start..start + 64];
+            for i in 0..4 {
+                // SAFETY: `dst` holds 64 sums.
+                unsafe {
+                    let at = dst[i * 16..].as_mut_ptr() as *mut __m512i;
+                    let s = _mm512_loadu_si512(at);
+                    let s = _mm512_dpbusd_epi32(s, lanes[0][i], xv[0]);
+                    let s = _mm512_dpbusd_epi32(s, lanes[1][i], xv[1]);
+                    _mm512_storeu_si512(at, s);
+                }
+            }
+        }
+        R
+    }
+
+    /// Four rows of 64 offset weights interleaved so that each 32-bit lane holds one
+    /// column's four values (lane `i` of result `l` within 128-bit chunk `L` is column
+    /// `16 L + 4 l + i`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn interleave(q: &[__m512i]) -> [__m512i; 4] {
+        let lo01 = _mm512_unpacklo_epi8(q[0], q[1]);
+        let hi01 = _mm512_unpackhi_epi8(q[0], q[1]);
+        let lo23 = _mm512_unpacklo_epi8(q[2], q[3]);
+        let hi23 = _mm512_unpackhi_epi8(q[2], q[3]);
+        [
+            _mm512_unpacklo_epi16(lo01, lo23),
+            _mm512_unpackhi_epi16(lo01, lo23),
+            _mm512_unpacklo_epi16(hi01, hi23),
+            _mm512_unpackhi_epi16(hi01, hi23),
+        ]
+    }
+
+    /// `out[r, c..c + 64] += (isum * dx[r, kb]) * sw[kb, c..c + 64]` for one finished block,
+    /// the sums taken back from lane order to column order and cleared of the weight offset.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW; `w` must be valid, `x` must match it,
+    /// `kb < w.k / w.block`, `c + 64 <= tiled <= w.n`, `r < x.rows`,
+    /// `isum.len() == x.rows * tiled` and `out.len() == x.rows * w.n`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn scale_block(
+        x: &Int8Rows,
+        w: &ColumnBlocks<'_>,
+        kb: usize,
+        r: usize,
+        c: usize,
+        tiled: usize,
+        isum: &[i32],
+        out: &mut [f32],
+    ) {
+        let n = w.n;
+        let (dx, sum) = x.block_of(r, kb);
+        let correction = _mm512_set1_epi32(128 * sum);
+        let sums = &isum[r * tiled + c..r * tiled + c + 64];
+        // SAFETY: `sums` holds 64 values.
+        let exact = unsafe {
+            [0, 1, 2, 3].map(|i| {
+                let s = _mm512_loadu_si512(sums[i * 16..].as_ptr() as *const __m512i);
+                _mm512_cvtepi32_ps(_mm512_sub_epi32(s, correction))
+            })
+        };
+        let natural = transpose_chunks(exact);
+        let dx = _mm512_set1_ps(dx);
+        let scales = &w.scales[kb * n + c..kb * n + c + 64];
+        let dst = &mut out[r * n + c..r * n + c + 64];
+        for (i, v) in natural.iter().enumerate() {
+            // SAFETY: `scales` and `dst` hold 64 values.
+            unsafe {
+                let sw = _mm512_loadu_ps(scales[i * 16..].as_ptr());
+                let at = dst[i * 16..].as_mut_ptr();
+                _mm512_storeu_ps(
+                    at,
+                    _mm512_fmadd_ps(_mm512_mul_ps(*v, dx), sw, _mm512_loadu_ps(at)),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn weights(k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
+        let q: Vec<i8> = (0..k * n).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect();
+        let s: Vec<f32> = (0..k * n / 32).map(|i| 1e-3 * (1 + i % 7) as f32).collect();
+        (q, s)
+    }
+
+    /// Every output of the int8 product equals `sum_kb dx*isum*sw` computed in f64 to f32
+    /// rounding, and the VNNI tiles (when this CPU has them) equal the plain Rust path bit
+    /// for bit, on widths with and without a 64-column remainder and 1..6 rows.
+    #[test]
+    fn int8_product_equals_reference_on_every_path() {
+        for &(rows, k, n, block) in &[
+            (1, 32, 64, 32),
+            (1, 64, 200, 32),
+            (3, 128, 130, 32),
+            (5, 96, 256, 16),
+            (6, 64, 72, 8),
+            (2, 32, 7, 32),
+            (2, 544, 130, 32),
+        ] {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
+                .collect();
+            let q: Vec<i8> = (0..k * n).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect();
+            let scales: Vec<f32> = (0..k * n / block).map(|i| 1e-3 * (1 + i % 7) as f32).collect();
+            let w = ColumnBlocks {
+                q: &q,
+                scales: &scales,
+                k,
+                n,
+                block,
+            };
+            let xq = Int8Rows::quantize(&x, rows, k, block).expect("quantize");
+            let plain = matmul_int8_reference(&xq, &w).expect("plain");
+            for r in 0..rows {
+                for j in 0..n {
+                    let mut exact = 0f64;
+                    for kb in 0..k / block {
+                        let (dx, _) = xq.block_of(r, kb);
+                        let isum: i64 = (kb * block..(kb + 1) * block)
+                            .map(|kk| xq.row(r)[kk] as i64 * q[kk * n + j] as i64)
+                            .sum();
+                        exact += dx as f64 * isum as f64 * scales[kb * n + j] as f64;
+                    }
+                    let got = plain[r * n + j] as f64;
+                    assert!(
+                        (got - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
+                        "{rows}x{k}x{n}/{block} ({r},{j}): {got} vs {exact}"
+                    );
+                }
+            }
+            if vnni_available() {
+                let fast = matmul_int8(&xq, &w).expect("vnni");
+                assert_eq!(
+                    fast, plain,
+                    "{rows}x{k}x{n}/{block}: VNNI differs from plain Rust"
+                );
+            } else {
+                eprintln!("no AVX-512 VNNI on this CPU: only the plain path was checked");
+            }
+        }
+    }
+
+    /// Quantized activations are within half a step of the input per block, and their error
+    /// bounds the product's: |x W - xq W| <= sum |x - xq| |W|.
+    #[test]
+    fn activation_quantization_is_within_half_a_step() {
+        let (rows, k, n) = (2, 64, 64);
+        let x: Vec<f32> = (0..rows * k)
+            .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        let xq = Int8Rows::quantize(&x, rows, k, 32).expect("quantize");
+        for r in 0..rows {
+            for kk in 0..k {
+                let (d, sum) = xq.block_of(r, kk / 32);
+                let back = xq.row(r)[kk] as f32 * d;
+                assert!((back - x[r * k + kk]).abs() <= 0.5 * d * 1.0001, "({r},{kk})");
+                let block = &xq.row(r)[kk / 32 * 32..kk / 32 * 32 + 32];
+                assert_eq!(sum, block.iter().map(|&v| v as i32).sum::<i32>());
+            }
+        }
+        let (q, s) = weights(k, n);
+        let w = ColumnBlocks {
+            q: &q,
+            scales: &s,
+            k,
+            n,
+            block: 32,
+        };
+        let y = matmul_int8(&xq, &w).expect("product");
+        for r in 0..rows {
+            for j in 0..n {
+                let wv = |kk: usize| s[kk / 32 * n + j] * q[kk * n + j] as f32;
+                let exact: f32 = (0..k).map(|kk| x[r * k + kk] * wv(kk)).sum();
+                let bound: f32 = (0..k)
+                    .map(|kk| 0.5 * xq.block_of(r, kk / 32).0 * wv(kk).abs())
+                    .sum();
+                assert!((y[r * n + j] - exact).abs() <= bound * 1.01 + 1e-5, "({r},{j})");
+            }
+        }
+        // Zero rows quantize to zeros with a zero scale (no division by zero).
+        let zeros = Int8Rows::quantize(&[0.0; 32], 1, 32, 32).expect("zeros");
+        assert_eq!(zeros.block_of(0, 0), (0.0, 0));
+        // Blocks that do not divide K, or are not a multiple of 8, are refused.
+        assert!(Int8Rows::quantize(&[0.0; 30], 1, 30, 32).is_none());
+        assert!(Int8Rows::quantize(&[0.0; 36], 1, 36, 12).is_none());
+    }
+}
