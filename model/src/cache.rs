@@ -1,6 +1,13 @@
 //! The decoder's key/value cache.
 
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{DType, Element, Int, Tensor, TensorData, bf16, f16};
+use burn_flex::Flex;
+
+use crate::kernels::is_plain_flex;
+
+/// Positions of room a CPU (Flex) cache buffer is given past what it holds, so that the
+/// next decode steps write their keys and values in place instead of copying the cache.
+const HEADROOM: usize = 128;
 
 /// Two caches that cannot be joined row-wise, or a row that is not there.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -22,7 +29,10 @@ pub enum CacheError {
 /// Keys and values of every layer for the tokens seen so far.
 ///
 /// Decoding step N appends one position and attends over N cached ones: O(N) work per
-/// step instead of re-running the prefix.
+/// step instead of re-running the prefix. On the CPU a layer's tensors are buffers with
+/// room for more positions ([`HEADROOM`]): a step writes its position in place (when no
+/// clone of the cache shares the buffer) and attention reads a view of the filled part,
+/// so a step copies nothing; other devices concatenate.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor<4>, Tensor<4>)>>,
@@ -74,12 +84,22 @@ impl KvCache {
         if self.layers.len() <= layer {
             self.layers.resize(layer + 1, None);
         }
-        let (k, v) = match self.layers[layer].take() {
-            Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
-            None => (k, v),
-        };
-        self.layers[layer] = Some((k.clone(), v.clone()));
+        let (pk, pv) = self.layers[layer].take().unzip();
+        let (kb, k) = extend(pk, k, self.len);
+        let (vb, v) = extend(pv, v, self.len);
+        self.layers[layer] = Some((kb, vb));
         (k, v)
+    }
+
+    /// Cuts every layer's buffer to the cached positions (views, no copy).
+    fn trim(&mut self) {
+        let len = self.len;
+        for (k, v) in self.layers.iter_mut().flatten() {
+            if k.dims()[2] != len {
+                *k = k.clone().narrow(2, 0, len);
+                *v = v.clone().narrow(2, 0, len);
+            }
+        }
     }
 
     /// Counts `new` positions as cached, once every layer has appended them.
@@ -171,6 +191,8 @@ impl KvCache {
         );
         self.left_pad(pads.0);
         other.left_pad(pads.1);
+        self.trim();
+        other.trim();
         for (slot, theirs) in self.layers.iter_mut().zip(other.layers) {
             if let (Some((k, v)), Some((ok, ov))) = (slot.as_mut(), theirs) {
                 *k = Tensor::cat(vec![k.clone(), ok], 0);
@@ -179,6 +201,89 @@ impl KvCache {
         }
         Ok(pads)
     }
+}
+
+/// `cached` (a layer's buffer holding `len` positions, or nothing) followed by `new`
+/// `[b, h, n, d]`: returns the buffer to keep and the `len + n` positions to attend over.
+fn extend(cached: Option<Tensor<4>>, new: Tensor<4>, len: usize) -> (Tensor<4>, Tensor<4>) {
+    let n = new.dims()[2];
+    if !is_plain_flex(&new.device()) {
+        let all = match cached {
+            Some(c) => Tensor::cat(vec![c.narrow(2, 0, len), new], 2),
+            None => new,
+        };
+        return (all.clone(), all);
+    }
+    let buffer = match cached.map(|c| write_in_place(c, &new, len)) {
+        Some((buffer, true)) => buffer,
+        other => {
+            // No room, shared with a clone, or the first positions: a new buffer.
+            let [b, h, _, d] = new.dims();
+            let room = new
+                .clone()
+                .slice([0..b, 0..h, 0..1, 0..d])
+                .zeros_like()
+                .repeat_dim(2, HEADROOM);
+            let parts = match other {
+                Some((c, _)) if len > 0 => vec![c.narrow(2, 0, len), new, room],
+                _ => vec![new, room],
+            };
+            Tensor::cat(parts, 2)
+        }
+    };
+    let view = buffer.clone().narrow(2, 0, len + n);
+    (buffer, view)
+}
+
+/// Writes `new [b, h, n, d]` at positions `len..len + n` of `buffer [b, h, cap, d]` when the
+/// buffer is a whole contiguous Flex tensor with room that nothing else shares. Returns the
+/// buffer and whether it was written (unchanged otherwise).
+fn write_in_place(buffer: Tensor<4>, new: &Tensor<4>, len: usize) -> (Tensor<4>, bool) {
+    let [b, h, cap, d] = buffer.dims();
+    let [nb, nh, n, nd] = new.dims();
+    let dtype = buffer.dtype();
+    let fits = (nb, nh, nd) == (b, h, d) && len + n <= cap && new.dtype() == dtype;
+    if !fits || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) || !is_plain_flex(&buffer.device()) {
+        return (buffer, false);
+    }
+    let Ok(mut flex) = buffer.clone().try_into_primitive::<Flex>() else {
+        return (buffer, false);
+    };
+    let layout = flex.layout();
+    let whole = layout.is_contiguous() && layout.start_offset() == 0;
+    drop(buffer);
+    let data = new.clone().into_data();
+    let written = whole
+        && match dtype {
+            DType::F32 => copy_positions::<f32>(&mut flex, &data, [b, h, cap, d], len, n),
+            DType::BF16 => copy_positions::<bf16>(&mut flex, &data, [b, h, cap, d], len, n),
+            DType::F16 => copy_positions::<f16>(&mut flex, &data, [b, h, cap, d], len, n),
+            _ => false,
+        };
+    (Tensor::from_primitive::<Flex>(flex), written)
+}
+
+/// Copies `data [b, h, n, d]` into positions `len..len + n` of the contiguous `flex`
+/// `[b, h, cap, d]`; false (nothing written) when the storage is shared or of another type.
+fn copy_positions<E: Element + bytemuck::Pod>(
+    flex: &mut burn_flex::FlexTensor,
+    data: &TensorData,
+    [b, h, cap, d]: [usize; 4],
+    len: usize,
+    n: usize,
+) -> bool {
+    let Ok(src) = data.as_slice::<E>() else {
+        return false;
+    };
+    let Some(dst) = flex.try_storage_mut::<E>() else {
+        return false;
+    };
+    for row in 0..b * h {
+        let from = &src[row * n * d..(row + 1) * n * d];
+        let at = (row * cap + len) * d;
+        dst[at..at + n * d].copy_from_slice(from);
+    }
+    true
 }
 
 /// `n` zero positions (in the tensor's own dtype) before `t`'s positions, `[b, h, n + len, d]`.
@@ -213,7 +318,59 @@ mod tests {
 
     fn keys(c: &KvCache) -> Vec<f32> {
         let (k, _) = c.layers[0].clone().expect("layer 0");
-        k.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32")
+        k.narrow(2, 0, c.len())
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("f32")
+    }
+
+    /// One decode position appended, as the decoder does (the views go out of scope).
+    fn step(c: &mut KvCache, key: f32) {
+        let (k, v) = c.append(0, layer(&[&[key]]), layer(&[&[key * 10.0]]));
+        assert_eq!(k.dims()[2], c.len() + 1);
+        drop((k, v));
+        c.advance(1);
+    }
+
+    fn storage(c: &KvCache) -> *const u8 {
+        let (k, _) = c.layers[0].clone().expect("layer 0");
+        k.try_into_primitive::<Flex>().expect("flex").bytes().as_ptr()
+    }
+
+    /// Decode steps write into the buffer they were given room in; a clone of the cache (a
+    /// conversation snapshot) makes the next step copy instead, so neither sees the other's
+    /// positions.
+    #[test]
+    fn decode_steps_write_in_place_and_clones_stay_apart() {
+        let mut c = cache(&[&[1.0, 2.0]]);
+        let (k, _) = c.layers[0].clone().expect("layer 0");
+        assert_eq!(k.dims()[2], 2 + HEADROOM);
+        drop(k);
+        let buffer = storage(&c);
+        step(&mut c, 3.0);
+        assert_eq!(storage(&c), buffer, "the step copied the cache");
+        let mut snapshot = c.clone();
+        step(&mut c, 4.0);
+        assert_ne!(storage(&c), buffer, "a shared buffer was written");
+        step(&mut snapshot, 5.0);
+        assert_eq!(keys(&c), vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(keys(&snapshot), vec![1.0, 2.0, 3.0, 5.0]);
+        let (_, v) = c.layers[0].clone().expect("layer 0");
+        let values: Vec<f32> = v
+            .narrow(2, 0, 4)
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec()
+            .expect("f32");
+        assert_eq!(values, vec![10.0, 20.0, 30.0, 40.0]);
+        // Filling the room moves to a bigger buffer with the same contents.
+        for i in 0..HEADROOM {
+            step(&mut c, 100.0 + i as f32);
+        }
+        assert_eq!(c.len(), 4 + HEADROOM);
+        assert_eq!(&keys(&c)[..4], &[1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(keys(&c)[4 + HEADROOM - 1], 100.0 + (HEADROOM - 1) as f32);
     }
 
     #[test]
@@ -224,7 +381,7 @@ mod tests {
         assert_eq!((a.rows(), a.len()), (3, 3));
         assert_eq!(keys(&a), vec![1.0, 2.0, 3.0, 0.0, 0.0, 4.0, 0.0, 0.0, 5.0]);
         let (_, v) = a.layers[0].clone().expect("layer 0");
-        assert_eq!(v.dims(), [3, 1, 3, 1]);
+        assert_eq!(v.narrow(2, 0, a.len()).dims(), [3, 1, 3, 1]);
 
         // A longer newcomer pads the batch instead.
         let mut short = cache(&[&[7.0]]);

@@ -36,9 +36,12 @@ impl LinearForward for Linear {
 
 /// Scaled dot-product attention over `[batch, heads, seq, head_dim]` queries and
 /// `[batch, kv_heads, total, head_dim]` keys/values, where `heads` is a multiple of
-/// `kv_heads` (GQA): query head `h` reads key/value head `h / (heads / kv_heads)`.
+/// `kv_heads` (GQA): query head `h` reads key/value head `h / (heads / kv_heads)`. The mask
+/// is `[batch, 1 | heads, seq, total]`, `true` where a key is excluded.
 ///
-/// Flex's attention maps the heads itself; other backends get HF's `repeat_kv` copies.
+/// Decode steps on Flex (a few query rows) read the cache in place
+/// ([`kernels::attention`]); Flex's own attention maps the heads itself otherwise; other
+/// backends get HF's `repeat_kv` copies.
 pub fn grouped_attention(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -46,7 +49,15 @@ pub fn grouped_attention(
     mask: Option<Tensor<4, Bool>>,
     options: AttentionModuleOptions,
 ) -> Tensor<4> {
-    let rep = q.dims()[1] / k.dims()[1].max(1);
+    if kernels::fast_paths_enabled()
+        && let Some(out) = kernels::attention::decode_attention(&q, &k, &v, mask.as_ref(), &options)
+    {
+        return out;
+    }
+    let [b, heads, t, _] = q.dims();
+    let total = k.dims()[2];
+    let mask = mask.map(|m| m.expand([b, heads, t, total]));
+    let rep = heads / k.dims()[1].max(1);
     let (k, v) = if kernels::is_plain_flex(&q.device()) {
         (k, v)
     } else {

@@ -20,6 +20,7 @@ use burn_flex::{Flex, FlexQTensor, FlexTensor};
 
 use rayon::prelude::*;
 
+pub mod attention;
 pub mod int8;
 
 use int8::{ColumnBlocks, Int8Rows};

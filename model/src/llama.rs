@@ -355,13 +355,11 @@ impl LlamaAttention {
         let q = apply_rope(q, cos, sin);
         let k = apply_rope(k, cos, sin);
         let (k, v) = cache.append(index, k, v);
-        let total = k.dims()[2];
         // With padding the explicit mask already holds the causal part.
         let options = AttentionModuleOptions {
             is_causal: mask.is_none(),
             ..Default::default()
         };
-        let mask = mask.map(|m| m.expand([b, self.num_heads, t, total]));
         let out = grouped_attention(q, k, v, mask, options);
         self.o_proj
             .project(out.swap_dims(1, 2).reshape([b, t, self.num_heads * hd]))
