@@ -173,26 +173,36 @@ fn convert<S: DiskElement, T: LoadElement>(
             bytes.len()
         )));
     }
-    let mut out = vec![T::default(); count];
+    // Written in parallel without zeroing first: the fresh pages are faulted in (and zeroed
+    // by the kernel) by all workers as they write, not by one thread in a memset before.
+    let mut out: Vec<T> = Vec::with_capacity(count);
+    let slots = &mut out.spare_capacity_mut()[..count];
     if transpose && shape.len() == 2 {
         // Disk `[rows, cols]` -> Burn `[cols, rows]`.
         let (rows, cols) = (shape[0], shape[1]);
         if rows > 0 {
-            out.par_chunks_mut(ROWS_PER_TASK * rows)
+            slots
+                .par_chunks_mut(ROWS_PER_TASK * rows)
                 .enumerate()
                 .for_each(|(task, out)| {
                     let c0 = task * ROWS_PER_TASK;
                     transpose_block::<S, T>(bytes, rows, cols, c0, out);
                 });
         }
+        // SAFETY: the chunks cover `slots` (all `count` elements, a whole number of `rows`
+        // each) and `transpose_block` writes every element of its chunk; with `rows == 0`,
+        // `count` is 0.
+        unsafe { out.set_len(count) };
         return Ok(TensorData::new(out, [shape[1], shape[0]]));
     }
-    out.par_chunks_mut(CHUNK).enumerate().for_each(|(task, out)| {
+    slots.par_chunks_mut(CHUNK).enumerate().for_each(|(task, out)| {
         let first = task * CHUNK;
         for (i, o) in out.iter_mut().enumerate() {
-            *o = T::from_f32(S::at(bytes, first + i));
+            o.write(T::from_f32(S::at(bytes, first + i)));
         }
     });
+    // SAFETY: the chunks cover all `count` elements and each is written above.
+    unsafe { out.set_len(count) };
     Ok(TensorData::new(out, shape.to_vec()))
 }
 
@@ -204,7 +214,7 @@ fn transpose_block<S: DiskElement, T: LoadElement>(
     rows: usize,
     cols: usize,
     c0: usize,
-    out: &mut [T],
+    out: &mut [std::mem::MaybeUninit<T>],
 ) {
     const TILE: usize = 16;
     let n_out = out.len() / rows;
@@ -214,7 +224,7 @@ fn transpose_block<S: DiskElement, T: LoadElement>(
         for c in 0..n_out {
             let dst = &mut out[c * rows + r0..c * rows + r1];
             for (dr, d) in dst.iter_mut().enumerate() {
-                *d = T::from_f32(S::at(bytes, (r0 + dr) * cols + c0 + c));
+                d.write(T::from_f32(S::at(bytes, (r0 + dr) * cols + c0 + c)));
             }
         }
         r0 = r1;
