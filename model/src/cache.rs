@@ -218,12 +218,7 @@ fn extend(cached: Option<Tensor<4>>, new: Tensor<4>, len: usize) -> (Tensor<4>, 
         Some((buffer, true)) => buffer,
         other => {
             // No room, shared with a clone, or the first positions: a new buffer.
-            let [b, h, _, d] = new.dims();
-            let room = new
-                .clone()
-                .slice([0..b, 0..h, 0..1, 0..d])
-                .zeros_like()
-                .repeat_dim(2, HEADROOM);
+            let room = zero_positions(&new, HEADROOM);
             let parts = match other {
                 Some((c, _)) if len > 0 => vec![c.narrow(2, 0, len), new, room],
                 _ => vec![new, room],
@@ -288,13 +283,17 @@ fn copy_positions<E: Element + bytemuck::Pod>(
 
 /// `n` zero positions (in the tensor's own dtype) before `t`'s positions, `[b, h, n + len, d]`.
 fn pad_front(t: Tensor<4>, n: usize) -> Tensor<4> {
-    let [b, h, _, d] = t.dims();
-    let zeros = t
-        .clone()
+    let zeros = zero_positions(&t, n);
+    Tensor::cat(vec![zeros, t], 2)
+}
+
+/// `[b, h, n, d]` zeros in the dtype and on the device of `like` (`[b, h, _, d]`).
+fn zero_positions(like: &Tensor<4>, n: usize) -> Tensor<4> {
+    let [b, h, _, d] = like.dims();
+    like.clone()
         .slice([0..b, 0..h, 0..1, 0..d])
         .zeros_like()
-        .repeat_dim(2, n);
-    Tensor::cat(vec![zeros, t], 2)
+        .repeat_dim(2, n)
 }
 
 #[cfg(test)]

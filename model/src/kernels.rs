@@ -137,6 +137,11 @@ fn linear_in_activation_dtype<const D: usize>(layer: &Linear, weight: Tensor<2>,
     y
 }
 
+/// The values of `t` on the host as f32 (activations and biases for the kernels).
+pub(crate) fn host_f32<const D: usize>(t: Tensor<D>) -> Option<Vec<f32>> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().ok()
+}
+
 fn flex_tensor<const D: usize>(t: Tensor<D>) -> Option<FlexTensor> {
     t.try_into_primitive::<Flex>().ok()
 }
@@ -148,7 +153,6 @@ fn stream_linear<const D: usize>(
     x: &Tensor<D>,
     rows: usize,
 ) -> Option<Tensor<D>> {
-    let device = weight.device();
     let dtype = weight.dtype();
     if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) || x.dtype() != dtype {
         return None;
@@ -160,36 +164,43 @@ fn stream_linear<const D: usize>(
         return None;
     }
     let offset = layout.start_offset();
-    let xs: Vec<f32> = x
-        .clone()
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .ok()?;
+    let xs = host_f32(x.clone())?;
     if xs.len() != rows * k {
         return None;
     }
-    let bias: Option<Vec<f32>> = match &layer.bias {
-        Some(b) => Some(b.val().into_data().convert::<f32>().try_into_vec::<f32>().ok()?),
+    let bias = match &layer.bias {
+        Some(b) => Some(host_f32(b.val())?),
         None => None,
     };
-    let mut out = match dtype {
+    let out = match dtype {
         DType::F32 => matmul_stream(&xs, &w.storage::<f32>()[offset..offset + k * n], rows, k, n),
         DType::BF16 => matmul_stream(&xs, &w.storage::<bf16>()[offset..offset + k * n], rows, k, n),
         DType::F16 => matmul_stream(&xs, &w.storage::<f16>()[offset..offset + k * n], rows, k, n),
         _ => return None,
     };
+    Some(streamed_output(out, bias.as_deref(), x, n, dtype))
+}
+
+/// The `[.., n]` result of a streaming kernel (`out`, f32 rows) with the bias added, on
+/// `x`'s device, rounded once to `dtype`.
+fn streamed_output<const D: usize>(
+    mut out: Vec<f32>,
+    bias: Option<&[f32]>,
+    x: &Tensor<D>,
+    n: usize,
+    dtype: DType,
+) -> Tensor<D> {
     if let Some(b) = bias {
         for row in out.chunks_mut(n) {
-            for (o, bv) in row.iter_mut().zip(&b) {
+            for (o, bv) in row.iter_mut().zip(b) {
                 *o += bv;
             }
         }
     }
     let mut shape = x.dims();
     shape[D - 1] = n;
-    let y = Tensor::<D>::from_data(TensorData::new(out, shape), &device);
-    Some(if dtype == DType::F32 { y } else { y.cast(dtype) })
+    let y = Tensor::<D>::from_data(TensorData::new(out, shape), &x.device());
+    if dtype == DType::F32 { y } else { y.cast(dtype) }
 }
 
 /// Along which dimension of a `[K, N]` weight its block scales run.
@@ -291,16 +302,11 @@ fn quantized_linear<const D: usize>(
     }
     let bias = layer.bias.as_ref().map(|b| b.val());
     if rows <= MAX_STREAM_ROWS {
-        let xs: Vec<f32> = x
-            .clone()
-            .into_data()
-            .convert::<f32>()
-            .try_into_vec::<f32>()
-            .ok()?;
+        let xs = host_f32(x.clone())?;
         if xs.len() != rows * k {
             return None;
         }
-        let mut out = match quantized.axis {
+        let out = match quantized.axis {
             BlockAxis::Output => matmul_stream_q8(&xs, values, scales, quantized.block, rows, k, n)?,
             BlockAxis::Input => {
                 let w = ColumnBlocks {
@@ -318,18 +324,11 @@ fn quantized_linear<const D: usize>(
                 }
             }
         };
-        if let Some(b) = bias {
-            let b: Vec<f32> = b.into_data().convert::<f32>().try_into_vec::<f32>().ok()?;
-            for row in out.chunks_mut(n) {
-                for (o, bv) in row.iter_mut().zip(&b) {
-                    *o += bv;
-                }
-            }
-        }
-        let mut shape = x.dims();
-        shape[D - 1] = n;
-        let y = Tensor::<D>::from_data(TensorData::new(out, shape), &device);
-        return Some(if dtype == DType::F32 { y } else { y.cast(dtype) });
+        let bias = match bias {
+            Some(b) => Some(host_f32(b)?),
+            None => None,
+        };
+        return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
     }
     let w = match quantized.axis {
         BlockAxis::Output => dequantize_rows(values, scales, quantized.block),
@@ -656,6 +655,51 @@ fn accumulate<W: StreamedWeight>(
     k1: usize,
     acc: &mut [f32],
 ) {
+    vectorized(Accumulate {
+        x,
+        w,
+        rows,
+        k,
+        k0,
+        k1,
+        acc,
+    });
+}
+
+/// The arguments of one [`StreamedWeight::accumulate`] call, as [`Vectorized`] work.
+struct Accumulate<'a, W> {
+    x: &'a [f32],
+    w: &'a W,
+    rows: usize,
+    k: usize,
+    k0: usize,
+    k1: usize,
+    acc: &'a mut [f32],
+}
+
+impl<W: StreamedWeight> Vectorized for Accumulate<'_, W> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        self.w
+            .accumulate(self.x, self.rows, self.k, self.k0, self.k1, self.acc);
+    }
+}
+
+/// Work written as plain Rust loops that the compiler vectorizes: [`vectorized`] compiles
+/// it once per vector extension and runs the best one the CPU has. `run` (and what it
+/// calls) must be `#[inline(always)]`, so that it is compiled inside each copy.
+pub(crate) trait Vectorized {
+    /// What the work returns.
+    type Output;
+    /// Does the work.
+    fn run(self) -> Self::Output;
+}
+
+/// Runs `work` compiled for AVX-512 (F, BW) + FMA or AVX2 + FMA when the CPU has them
+/// (checked at run time; std caches the answer), as plain Rust otherwise.
+pub(crate) fn vectorized<V: Vectorized>(work: V) -> V::Output {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f")
@@ -663,44 +707,26 @@ fn accumulate<W: StreamedWeight>(
             && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU supports AVX-512F, AVX-512BW and FMA (checked above).
-            unsafe { accumulate_avx512(x, w, rows, k, k0, k1, acc) };
-            return;
+            return unsafe { run_avx512(work) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the CPU supports AVX2 and FMA (checked above).
-            unsafe { accumulate_avx2(x, w, rows, k, k0, k1, acc) };
-            return;
+            return unsafe { run_avx2(work) };
         }
     }
-    w.accumulate(x, rows, k, k0, k1, acc);
+    work.run()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,fma")]
-unsafe fn accumulate_avx512<W: StreamedWeight>(
-    x: &[f32],
-    w: &W,
-    rows: usize,
-    k: usize,
-    k0: usize,
-    k1: usize,
-    acc: &mut [f32],
-) {
-    w.accumulate(x, rows, k, k0, k1, acc);
+unsafe fn run_avx512<V: Vectorized>(work: V) -> V::Output {
+    work.run()
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn accumulate_avx2<W: StreamedWeight>(
-    x: &[f32],
-    w: &W,
-    rows: usize,
-    k: usize,
-    k0: usize,
-    k1: usize,
-    acc: &mut [f32],
-) {
-    w.accumulate(x, rows, k, k0, k1, acc);
+unsafe fn run_avx2<V: Vectorized>(work: V) -> V::Output {
+    work.run()
 }
 
 /// `acc[r, :] += sum_{kk in k0..k1} x[r, kk] * w[kk, :]`, four weight rows at a time so
@@ -750,8 +776,25 @@ fn accumulate_generic<T: Widen>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// Test activations `[rows, k]` in [-1, 1] with no simple pattern.
+    pub(crate) fn activations(rows: usize, k: usize) -> Vec<f32> {
+        (0..rows * k)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
+            .collect()
+    }
+
+    /// `len` int8 test weights spanning -127..=127.
+    pub(crate) fn int8_values(len: usize) -> Vec<i8> {
+        (0..len).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect()
+    }
+
+    /// `count` positive test scales, 1e-3 to 7e-3.
+    pub(crate) fn block_scales(count: usize) -> Vec<f32> {
+        (0..count).map(|i| 1e-3 * (1 + i % 7) as f32).collect()
+    }
 
     fn reference(x: &[f32], w: &[f32], rows: usize, k: usize, n: usize) -> Vec<f32> {
         let mut out = vec![0f64; rows * n];
@@ -768,9 +811,7 @@ mod tests {
     #[test]
     fn stream_matches_reference_for_odd_shapes() {
         for &(rows, k, n) in &[(1, 1, 1), (1, 7, 5), (3, 130, 33), (2, 257, 64), (16, 64, 3)] {
-            let x: Vec<f32> = (0..rows * k)
-                .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
-                .collect();
+            let x = activations(rows, k);
             let w: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 23) as f32 - 11.0) / 16.0).collect();
             let want = reference(&x, &w, rows, k, n);
             let got = matmul_stream(&x, &w, rows, k, n);
@@ -805,11 +846,9 @@ mod tests {
             (16, 64, 130, 16),
             (2, 264, 5, 8),
         ] {
-            let x: Vec<f32> = (0..rows * k)
-                .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
-                .collect();
-            let q: Vec<i8> = (0..k * n).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect();
-            let scales: Vec<f32> = (0..k / block * n).map(|i| 1e-3 * (1 + i % 7) as f32).collect();
+            let x = activations(rows, k);
+            let q = int8_values(k * n);
+            let scales = block_scales(k / block * n);
             let w = dequantize_columns(&q, &scales, block, n);
             for (i, (&wv, &qv)) in w.iter().zip(&q).enumerate() {
                 let (kk, j) = (i / n, i % n);
@@ -847,11 +886,9 @@ mod tests {
             (2, 257, 96, 32),
             (16, 64, 24, 8),
         ] {
-            let x: Vec<f32> = (0..rows * k)
-                .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
-                .collect();
-            let q: Vec<i8> = (0..k * n).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect();
-            let scales: Vec<f32> = (0..k * n / block).map(|i| 1e-3 * (1 + i % 7) as f32).collect();
+            let x = activations(rows, k);
+            let q = int8_values(k * n);
+            let scales = block_scales(k * n / block);
             let w = dequantize_rows(&q, &scales, block);
             for (i, (&wv, &qv)) in w.iter().zip(&q).enumerate() {
                 assert_eq!(wv, scales[i / block] * qv as f32);

@@ -14,7 +14,7 @@ use burn::tensor::{Bool, DType, Tensor, TensorData, bf16, f16};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::{Widen, is_plain_flex};
+use super::{Vectorized, Widen, host_f32, is_plain_flex, vectorized};
 
 /// Query rows per sequence up to which [`decode_attention`] applies (decode steps and short
 /// follow-ups; longer prefills go to Burn's tiled kernel).
@@ -103,16 +103,9 @@ pub fn decode_attention(
         }
         None => None,
     };
-    let queries: Vec<f32> = q
-        .clone()
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .ok()?;
+    let queries = host_f32(q.clone())?;
     let k = k.clone().try_into_primitive::<Flex>().ok()?;
     let v = v.clone().try_into_primitive::<Flex>().ok()?;
-    let (k_offset, k_strides) = strided_parts(&k)?;
-    let (v_offset, v_strides) = strided_parts(&v)?;
     let shape = Shape4 {
         heads,
         rep: heads / kv_heads,
@@ -124,44 +117,21 @@ pub fn decode_attention(
     };
     let mask = mask.as_ref().map(|(values, mh)| (values.as_slice(), *mh));
     let out = match dtype {
-        DType::F32 => run(
-            &queries,
-            &strided(&k, k_offset, k_strides)?,
-            &strided::<f32>(&v, v_offset, v_strides)?,
-            mask,
-            b,
-            &shape,
-        ),
-        DType::BF16 => run(
-            &queries,
-            &strided(&k, k_offset, k_strides)?,
-            &strided::<bf16>(&v, v_offset, v_strides)?,
-            mask,
-            b,
-            &shape,
-        ),
-        DType::F16 => run(
-            &queries,
-            &strided(&k, k_offset, k_strides)?,
-            &strided::<f16>(&v, v_offset, v_strides)?,
-            mask,
-            b,
-            &shape,
-        ),
+        DType::F32 => run::<f32>(&queries, &k, &v, mask, b, &shape)?,
+        DType::BF16 => run::<bf16>(&queries, &k, &v, mask, b, &shape)?,
+        DType::F16 => run::<f16>(&queries, &k, &v, mask, b, &shape)?,
         _ => return None,
     };
     let y = Tensor::<4>::from_data(TensorData::new(out, [b, heads, t, d]), &device);
     Some(if dtype == DType::F32 { y } else { y.cast(dtype) })
 }
 
-fn strided<T: burn::tensor::Element + bytemuck::Pod>(
-    t: &FlexTensor,
-    offset: usize,
-    strides: [usize; 4],
-) -> Option<Strided<'_, T>> {
+/// `t` read in place as `T` (`None` for another dtype or an unreadable layout).
+fn strided<T: burn::tensor::Element + bytemuck::Pod>(t: &FlexTensor) -> Option<Strided<'_, T>> {
     if t.dtype() != T::dtype() {
         return None;
     }
+    let (offset, strides) = strided_parts(t)?;
     Some(Strided {
         data: t.storage::<T>(),
         offset,
@@ -180,66 +150,54 @@ struct Shape4 {
     causal: bool,
 }
 
-/// All `(batch, head)` tasks in parallel; the output is `[b, heads, t, d]` f32.
-fn run<T: Widen>(
+/// All `(batch, head)` tasks in parallel over keys and values stored as `T`; the output is
+/// `[b, heads, t, d]` f32.
+fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     q: &[f32],
-    k: &Strided<'_, T>,
-    v: &Strided<'_, T>,
+    k: &FlexTensor,
+    v: &FlexTensor,
     mask: Option<(&[bool], usize)>,
     b: usize,
     s: &Shape4,
-) -> Vec<f32> {
+) -> Option<Vec<f32>> {
+    let (k, v) = (strided::<T>(k)?, strided::<T>(v)?);
     let mut out = vec![0f32; b * s.heads * s.t * s.d];
     out.par_chunks_mut(s.t * s.d).enumerate().for_each(|(task, out)| {
-        let (bi, h) = (task / s.heads, task % s.heads);
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports AVX-512F and FMA (checked above).
-                unsafe { head_avx512(q, k, v, mask, bi, h, s, out) };
-                return;
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports AVX2 and FMA (checked above).
-                unsafe { head_avx2(q, k, v, mask, bi, h, s, out) };
-                return;
-            }
-        }
-        head(q, k, v, mask, bi, h, s, out);
+        vectorized(Head {
+            q,
+            k: &k,
+            v: &v,
+            mask,
+            bi: task / s.heads,
+            h: task % s.heads,
+            s,
+            out,
+        })
     });
-    out
+    Some(out)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn head_avx512<T: Widen>(
-    q: &[f32],
-    k: &Strided<'_, T>,
-    v: &Strided<'_, T>,
-    mask: Option<(&[bool], usize)>,
+/// One `(batch, head)` task of [`run`], as [`Vectorized`] work.
+struct Head<'a, T> {
+    q: &'a [f32],
+    k: &'a Strided<'a, T>,
+    v: &'a Strided<'a, T>,
+    mask: Option<(&'a [bool], usize)>,
     bi: usize,
     h: usize,
-    s: &Shape4,
-    out: &mut [f32],
-) {
-    head(q, k, v, mask, bi, h, s, out);
+    s: &'a Shape4,
+    out: &'a mut [f32],
 }
 
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn head_avx2<T: Widen>(
-    q: &[f32],
-    k: &Strided<'_, T>,
-    v: &Strided<'_, T>,
-    mask: Option<(&[bool], usize)>,
-    bi: usize,
-    h: usize,
-    s: &Shape4,
-    out: &mut [f32],
-) {
-    head(q, k, v, mask, bi, h, s, out);
+impl<T: Widen> Vectorized for Head<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        head(
+            self.q, self.k, self.v, self.mask, self.bi, self.h, self.s, self.out,
+        );
+    }
 }
 
 /// Attention of head `h` of sequence `bi` for its `t` query rows.

@@ -397,12 +397,7 @@ mod vnni_tile {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn weights(k: usize, n: usize) -> (Vec<i8>, Vec<f32>) {
-        let q: Vec<i8> = (0..k * n).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect();
-        let s: Vec<f32> = (0..k * n / 32).map(|i| 1e-3 * (1 + i % 7) as f32).collect();
-        (q, s)
-    }
+    use crate::kernels::tests::{activations, block_scales, int8_values};
 
     /// Every output of the int8 product equals `sum_kb dx*isum*sw` computed in f64 to f32
     /// rounding, and the VNNI tiles (when this CPU has them) equal the plain Rust path bit
@@ -418,11 +413,9 @@ mod tests {
             (2, 32, 7, 32),
             (2, 544, 130, 32),
         ] {
-            let x: Vec<f32> = (0..rows * k)
-                .map(|i| ((i * 37 % 17) as f32 - 8.0) / 8.0)
-                .collect();
-            let q: Vec<i8> = (0..k * n).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect();
-            let scales: Vec<f32> = (0..k * n / block).map(|i| 1e-3 * (1 + i % 7) as f32).collect();
+            let x = activations(rows, k);
+            let q = int8_values(k * n);
+            let scales = block_scales(k * n / block);
             let w = ColumnBlocks {
                 q: &q,
                 scales: &scales,
@@ -479,7 +472,7 @@ mod tests {
                 assert_eq!(sum, block.iter().map(|&v| v as i32).sum::<i32>());
             }
         }
-        let (q, s) = weights(k, n);
+        let (q, s) = (int8_values(k * n), block_scales(k * n / 32));
         let w = ColumnBlocks {
             q: &q,
             scales: &s,
