@@ -586,7 +586,8 @@ impl Widen for f16 {
 }
 
 /// Rows of W per rayon task. Fixed (not derived from the thread count) so that the
-/// summation order, hence the result, is the same on every machine.
+/// summation order, hence the result, is the same on every machine; a multiple of every
+/// quantization block length (8, 16, 32).
 const K_BLOCK: usize = 256;
 
 /// A `[k, n]` weight that the decode kernels stream row by row.
@@ -622,7 +623,20 @@ pub fn matmul_stream<T: Widen>(x: &[f32], w: &[T], rows: usize, k: usize, n: usi
 /// `x [rows, k] @ w` in [`K_BLOCK`]-row blocks of `w` (one rayon task each), the per-block
 /// partial products summed in block order.
 fn stream<W: StreamedWeight>(x: &[f32], w: &W, rows: usize, k: usize) -> Vec<f32> {
-    let n = w.n();
+    sum_over_slabs(rows, w.n(), k, |k0, k1, acc| {
+        accumulate(x, w, rows, k, k0, k1, acc)
+    })
+}
+
+/// A `[rows, n]` product as the sum of its [`K_BLOCK`]-row weight slabs: `slab(k0, k1, acc)`
+/// adds rows `k0..k1`'s share to the zeroed `acc`, one rayon task per slab, and the partial
+/// products are summed in slab order (the result does not depend on the thread count).
+pub(crate) fn sum_over_slabs(
+    rows: usize,
+    n: usize,
+    k: usize,
+    slab: impl Fn(usize, usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let tasks = k.div_ceil(K_BLOCK).max(1);
     let partials: Vec<Vec<f32>> = (0..tasks)
         .into_par_iter()
@@ -631,7 +645,7 @@ fn stream<W: StreamedWeight>(x: &[f32], w: &W, rows: usize, k: usize) -> Vec<f32
             let k1 = ((t + 1) * K_BLOCK).min(k);
             let mut acc = vec![0f32; rows * n];
             if k0 < k1 {
-                accumulate(x, w, rows, k, k0, k1, &mut acc);
+                slab(k0, k1, &mut acc);
             }
             acc
         })

@@ -16,7 +16,7 @@
 //! [`matmul_int8_reference`] is the same arithmetic in plain Rust, in the same order: the
 //! VNNI path equals it bit for bit (a test checks), so results do not depend on the CPU.
 
-use rayon::prelude::*;
+use super::sum_over_slabs;
 
 /// Activation rows quantized to int8, one f32 scale per block of `block` values along K.
 #[derive(Debug, Clone)]
@@ -114,11 +114,6 @@ impl ColumnBlocks<'_> {
     }
 }
 
-/// Weight rows per rayon task (a multiple of every block length). Each task reads a
-/// contiguous slab of the weight; its partial product is added to the others in task order,
-/// so the result does not depend on the thread count.
-const ROWS_PER_TASK: usize = 256;
-
 /// Whether this CPU runs the VNNI kernel (AVX-512 F, BW and VNNI).
 pub fn vnni_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -148,29 +143,15 @@ fn matmul_int8_with(x: &Int8Rows, w: &ColumnBlocks<'_>, vnni: bool) -> Option<Ve
     if !w.is_valid() || x.k != w.k || x.block != w.block {
         return None;
     }
-    let (rows, n) = (x.rows, w.n);
-    let tasks = w.k.div_ceil(ROWS_PER_TASK);
-    let parts: Vec<Vec<f32>> = (0..tasks)
-        .into_par_iter()
-        .map(|t| {
-            let k0 = t * ROWS_PER_TASK;
-            let k1 = (k0 + ROWS_PER_TASK).min(w.k);
-            slab(x, w, k0 / w.block..k1 / w.block, vnni)
-        })
-        .collect();
-    let mut out = vec![0f32; rows * n];
-    for part in &parts {
-        for (o, p) in out.iter_mut().zip(part) {
-            *o += p;
-        }
-    }
-    Some(out)
+    Some(sum_over_slabs(x.rows, w.n, w.k, |k0, k1, out| {
+        slab(x, w, k0 / w.block..k1 / w.block, vnni, out)
+    }))
 }
 
-/// The product over weight blocks `blocks` (rows `blocks.start * block..`) as `[rows, n]`.
-fn slab(x: &Int8Rows, w: &ColumnBlocks<'_>, blocks: std::ops::Range<usize>, vnni: bool) -> Vec<f32> {
+/// Adds the product over weight blocks `blocks` (rows `blocks.start * block..`) to the
+/// zeroed `out [rows, n]`.
+fn slab(x: &Int8Rows, w: &ColumnBlocks<'_>, blocks: std::ops::Range<usize>, vnni: bool, out: &mut [f32]) {
     let (rows, n) = (x.rows, w.n);
-    let mut out = vec![0f32; rows * n];
     let tiled = if cfg!(target_arch = "x86_64") && vnni {
         n / vnni_tile::WIDTH * vnni_tile::WIDTH
     } else {
@@ -206,7 +187,7 @@ fn slab(x: &Int8Rows, w: &ColumnBlocks<'_>, blocks: std::ops::Range<usize>, vnni
             for c in (0..tiled).step_by(vnni_tile::WIDTH) {
                 for r in 0..rows {
                     // SAFETY: as above; `isum` holds `rows * tiled` sums.
-                    unsafe { vnni_tile::scale_block(x, w, kb, r, c, tiled, &isum, &mut out) };
+                    unsafe { vnni_tile::scale_block(x, w, kb, r, c, tiled, &isum, out) };
                 }
             }
         }
@@ -219,7 +200,6 @@ fn slab(x: &Int8Rows, w: &ColumnBlocks<'_>, blocks: std::ops::Range<usize>, vnni
             out[r * n + j] = column_reference(x, w, blocks.clone(), r, j);
         }
     }
-    out
 }
 
 /// Output `(r, j)` in plain Rust: per block the exact int32 sum, scaled by the activation
