@@ -17,9 +17,10 @@
 use burn::nn::Linear;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, DType, Tensor};
+use burn::tensor::{Bool, DType, Device, Tensor};
 
 use crate::kernels;
+use crate::training_attention::recomputed_attention;
 
 /// `x @ W (+ b)` for a Burn `Linear`, through the CPU fast path where it applies.
 pub trait LinearForward {
@@ -40,8 +41,9 @@ impl LinearForward for Linear {
 /// is `[batch, 1 | heads, seq, total]`, `true` where a key is excluded.
 ///
 /// Decode steps on Flex (a few query rows) read the cache in place
-/// ([`kernels::attention`]); Flex's own attention maps the heads itself otherwise; other
-/// backends get HF's `repeat_kv` copies.
+/// ([`kernels::attention`]); Flex's own attention maps the heads itself otherwise; under
+/// autodiff on Flex (training) [`recomputed_attention`] keeps no score matrices for the
+/// backward pass; other backends get HF's `repeat_kv` copies.
 pub fn grouped_attention(
     q: Tensor<4>,
     k: Tensor<4>,
@@ -54,8 +56,13 @@ pub fn grouped_attention(
     {
         return out;
     }
-    let [b, heads, t, _] = q.dims();
+    let [b, heads, t, d] = q.dims();
     let total = k.dims()[2];
+    // Training on Flex: no score matrices kept for the backward pass.
+    if q.device().is_autodiff() && q.device() == Device::flex() && options.softcap.is_none() {
+        let scale = options.scale.unwrap_or(1.0 / (d as f64).sqrt());
+        return recomputed_attention(q, k, v, mask, options.is_causal, scale);
+    }
     let mask = mask.map(|m| m.expand([b, heads, t, total]));
     let rep = heads / k.dims()[1].max(1);
     let (k, v) = if kernels::is_plain_flex(&q.device()) {

@@ -72,17 +72,19 @@ pub fn is_plain_flex(device: &Device) -> bool {
 
 /// `x @ W (+ b)` for a `Linear`, through the streaming kernel where it applies.
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
+    // Training: LoRA in factored form and quantized weights through their own backward,
+    // so that no dense copy of a frozen weight enters the graph (see `crate::lora`).
+    if x.device().is_autodiff() || layer.weight.base().device().is_autodiff() {
+        return crate::lora::training_linear(layer, x);
+    }
     if !fast_paths_enabled() {
         return layer.forward(x);
     }
     // One handle per call: this runs for every projection of every decode step.
     let weight = layer.weight.val();
     let wdtype = weight.dtype();
-    // Other devices (autodiff, wgpu, ...) go through Burn's own ops.
+    // Other devices (wgpu, ...) go through Burn's own ops.
     if !is_plain_flex(&weight.device()) {
-        if wdtype != x.dtype() && weight.device().is_autodiff() {
-            return linear_in_activation_dtype(layer, weight, x);
-        }
         return layer.forward(x);
     }
     let dims = x.dims();
@@ -111,30 +113,6 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
         return y.cast(wdtype);
     }
     layer.forward(x)
-}
-
-/// `x @ W (+ b)` in `x`'s dtype when, in training, the weight comes in another one, which
-/// Burn's matmul refuses: a quantized weight (dequantized first), or a LoRA-reparameterised
-/// weight over a quantized base (Burn dequantizes it to f32) while training in bf16/f16
-/// (QLoRA).
-fn linear_in_activation_dtype<const D: usize>(layer: &Linear, weight: Tensor<2>, x: Tensor<D>) -> Tensor<D> {
-    let dtype = x.dtype();
-    let weight = match weight.dtype() {
-        DType::QFloat(_) => weight.dequantize(),
-        _ => weight,
-    };
-    let weight = if weight.dtype() == dtype {
-        weight
-    } else {
-        weight.cast(dtype)
-    };
-    let mut y = x.matmul(weight.unsqueeze());
-    if let Some(b) = &layer.bias {
-        let b = b.val();
-        let b = if b.dtype() == dtype { b } else { b.cast(dtype) };
-        y = y + b.unsqueeze();
-    }
-    y
 }
 
 /// The values of `t` on the host as f32 (activations and biases for the kernels).
@@ -227,13 +205,22 @@ impl QuantizedRows {
     /// The parts of `weight` when it is a Flex quantized tensor this module can read:
     /// symmetric values with one level of per-block scales along one dimension.
     fn of(weight: Tensor<2>) -> Option<Self> {
-        let [k, n] = weight.dims();
         let backend =
             <DispatchTensor as DispatchKindConversion<Flex>>::try_into_backend(weight.into_dispatch())
                 .ok()?;
         let BackendTensor::Quantized(tensor) = backend else {
             return None;
         };
+        Self::from_flex(tensor)
+    }
+
+    /// The parts of a Flex quantized `[K, N]` tensor, as [`QuantizedRows::of`].
+    fn from_flex(tensor: FlexQTensor) -> Option<Self> {
+        let shape = tensor.shape();
+        if shape.num_dims() != 2 {
+            return None;
+        }
+        let [k, n] = shape.dims::<2>();
         let DType::QFloat(scheme) = tensor.dtype() else {
             return None;
         };
@@ -275,6 +262,27 @@ impl QuantizedRows {
     fn values(&self, len: usize) -> &[i8] {
         &self.tensor.tensor().storage::<i8>()[self.offset..self.offset + len]
     }
+
+    /// `scale * q` for all `k * n` values, in parallel.
+    fn dequantize(&self, k: usize, n: usize) -> Vec<f32> {
+        let values = self.values(k * n);
+        let scales = self.tensor.scales();
+        match self.axis {
+            BlockAxis::Output => dequantize_rows(values, scales, self.block),
+            BlockAxis::Input => dequantize_columns(values, scales, self.block, n),
+        }
+    }
+}
+
+/// The f32 values of a Flex block-quantized `[K, N]` weight (`scale * q`, as Burn's
+/// `dequantize`), computed in parallel; `None` for layouts the kernels do not read.
+pub fn dequantize_flex(tensor: &FlexQTensor) -> Option<Vec<f32>> {
+    let shape = tensor.shape();
+    if shape.num_dims() != 2 {
+        return None;
+    }
+    let [k, n] = shape.dims::<2>();
+    Some(QuantizedRows::from_flex(tensor.clone())?.dequantize(k, n))
 }
 
 /// `x @ W (+ b)` for a block-quantized `W` on Flex. For a few rows the int8 values are
@@ -330,10 +338,7 @@ fn quantized_linear<const D: usize>(
         };
         return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
     }
-    let w = match quantized.axis {
-        BlockAxis::Output => dequantize_rows(values, scales, quantized.block),
-        BlockAxis::Input => dequantize_columns(values, scales, quantized.block, n),
-    };
+    let w = quantized.dequantize(k, n);
     let w = Tensor::<2>::from_data(TensorData::new(w, [k, n]), &device);
     let xf = if dtype == DType::F32 {
         x.clone()

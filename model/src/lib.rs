@@ -17,7 +17,9 @@ pub mod input;
 pub mod kernels;
 pub mod layers;
 pub mod llama;
+pub mod lora;
 pub mod precision;
+pub mod training_attention;
 pub mod vipllava;
 
 pub use cache::KvCache;
