@@ -74,7 +74,7 @@ pub fn grouped_attention(
 }
 
 /// HF `repeat_kv`: each key/value head repeated `rep` times, adjacent.
-fn repeat_kv(x: Tensor<4>, rep: usize) -> Tensor<4> {
+pub(crate) fn repeat_kv(x: Tensor<4>, rep: usize) -> Tensor<4> {
     if rep <= 1 {
         return x;
     }

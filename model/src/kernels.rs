@@ -74,7 +74,7 @@ pub fn is_plain_flex(device: &Device) -> bool {
 pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     // Training: LoRA in factored form and quantized weights through their own backward,
     // so that no dense copy of a frozen weight enters the graph (see `crate::lora`).
-    if x.device().is_autodiff() || layer.weight.base().device().is_autodiff() {
+    if x.device().is_autodiff() {
         return crate::lora::training_linear(layer, x);
     }
     if !fast_paths_enabled() {
@@ -83,8 +83,12 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     // One handle per call: this runs for every projection of every decode step.
     let weight = layer.weight.val();
     let wdtype = weight.dtype();
-    // Other devices (wgpu, ...) go through Burn's own ops.
+    // Other devices (wgpu, ...) go through Burn's own ops; autodiff weights (plain
+    // activations) through the training path.
     if !is_plain_flex(&weight.device()) {
+        if weight.device().is_autodiff() {
+            return crate::lora::training_linear(layer, x);
+        }
         return layer.forward(x);
     }
     let dims = x.dims();
@@ -211,11 +215,25 @@ impl QuantizedRows {
         let BackendTensor::Quantized(tensor) = backend else {
             return None;
         };
-        Self::from_flex(tensor)
+        Self::from_flex(tensor).ok()
     }
 
-    /// The parts of a Flex quantized `[K, N]` tensor, as [`QuantizedRows::of`].
-    fn from_flex(tensor: FlexQTensor) -> Option<Self> {
+    /// The parts of a Flex quantized `[K, N]` tensor, as [`QuantizedRows::of`]; the tensor
+    /// back when the kernels cannot read it.
+    fn from_flex(tensor: FlexQTensor) -> Result<Self, Box<FlexQTensor>> {
+        match Self::layout(&tensor) {
+            Some((axis, block, offset)) => Ok(Self {
+                tensor,
+                block,
+                axis,
+                offset,
+            }),
+            None => Err(Box::new(tensor)),
+        }
+    }
+
+    /// The block axis, block width and start offset of a readable tensor.
+    fn layout(tensor: &FlexQTensor) -> Option<(BlockAxis, usize, usize)> {
         let shape = tensor.shape();
         if shape.num_dims() != 2 {
             return None;
@@ -250,21 +268,16 @@ impl QuantizedRows {
         if layout.strides() != [n as isize, 1] || tensor.scales().len() != k * n / width {
             return None;
         }
-        let offset = layout.start_offset();
-        Some(Self {
-            tensor,
-            block: width,
-            axis,
-            offset,
-        })
+        Some((axis, width, layout.start_offset()))
     }
 
     fn values(&self, len: usize) -> &[i8] {
         &self.tensor.tensor().storage::<i8>()[self.offset..self.offset + len]
     }
 
-    /// `scale * q` for all `k * n` values, in parallel.
-    fn dequantize(&self, k: usize, n: usize) -> Vec<f32> {
+    /// `scale * q` for every value, in parallel.
+    fn dequantize(&self) -> Vec<f32> {
+        let [k, n] = self.tensor.shape().dims::<2>();
         let values = self.values(k * n);
         let scales = self.tensor.scales();
         match self.axis {
@@ -275,14 +288,9 @@ impl QuantizedRows {
 }
 
 /// The f32 values of a Flex block-quantized `[K, N]` weight (`scale * q`, as Burn's
-/// `dequantize`), computed in parallel; `None` for layouts the kernels do not read.
-pub fn dequantize_flex(tensor: &FlexQTensor) -> Option<Vec<f32>> {
-    let shape = tensor.shape();
-    if shape.num_dims() != 2 {
-        return None;
-    }
-    let [k, n] = shape.dims::<2>();
-    Some(QuantizedRows::from_flex(tensor.clone())?.dequantize(k, n))
+/// `dequantize`), computed in parallel; the tensor back for layouts the kernels do not read.
+pub fn dequantize_flex(tensor: FlexQTensor) -> Result<Vec<f32>, Box<FlexQTensor>> {
+    QuantizedRows::from_flex(tensor).map(|rows| rows.dequantize())
 }
 
 /// `x @ W (+ b)` for a block-quantized `W` on Flex. For a few rows the int8 values are
@@ -338,7 +346,7 @@ fn quantized_linear<const D: usize>(
         };
         return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
     }
-    let w = quantized.dequantize(k, n);
+    let w = quantized.dequantize();
     let w = Tensor::<2>::from_data(TensorData::new(w, [k, n]), &device);
     let xf = if dtype == DType::F32 {
         x.clone()

@@ -60,9 +60,9 @@ impl FrozenQuantizedMatmul for Flex {
 fn dense(w: QuantizedTensor<Flex>, dtype: FloatDType) -> FloatTensor<Flex> {
     let device = w.device();
     let shape = w.shape();
-    let f32 = match kernels::dequantize_flex(&w) {
-        Some(values) => Flex::float_from_data(TensorData::new(values, shape), &device),
-        None => Flex::dequantize(w, FloatDType::F32),
+    let f32 = match kernels::dequantize_flex(w) {
+        Ok(values) => Flex::float_from_data(TensorData::new(values, shape), &device),
+        Err(w) => Flex::dequantize(*w, FloatDType::F32),
     };
     if dtype == FloatDType::F32 {
         f32
@@ -120,13 +120,15 @@ pub(crate) fn training_linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> T
     if weight.dtype() == x.dtype() {
         return layer.forward(x);
     }
-    let dtype = x.dtype();
-    let y = frozen_product(x, weight);
+    with_bias(layer, frozen_product(x, weight))
+}
+
+/// `y + b` with the layer's bias in `y`'s dtype (Burn's `cast` keeps a matching dtype).
+fn with_bias<const D: usize>(layer: &Linear, y: Tensor<D>) -> Tensor<D> {
     match &layer.bias {
         Some(b) => {
-            let b = b.val();
-            let b = if b.dtype() == dtype { b } else { b.cast(dtype) };
-            y + b.unsqueeze()
+            let dtype = y.dtype();
+            y + b.val().cast(dtype).unsqueeze()
         }
         None => y,
     }
@@ -137,13 +139,9 @@ pub(crate) fn training_linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> T
 /// in f32); the cast is part of the graph, so their gradients still arrive.
 pub(crate) fn lora_linear<const D: usize>(layer: &Linear, adapter: &LoraAdapter, x: Tensor<D>) -> Tensor<D> {
     let dtype = x.dtype();
-    let in_dtype = |t: Tensor<2>| if t.dtype() == dtype { t } else { t.cast(dtype) };
-    let mut y = frozen_product(x.clone(), layer.weight.base());
-    if let Some(b) = &layer.bias {
-        y = y + in_dtype(b.val().unsqueeze()).unsqueeze();
-    }
-    let a = in_dtype(adapter.a.val());
-    let b = in_dtype(adapter.b.val());
+    let y = with_bias(layer, frozen_product(x.clone(), layer.weight.base()));
+    let a = adapter.a.val().cast(dtype);
+    let b = adapter.b.val().cast(dtype);
     let delta = x.matmul(a.unsqueeze()).matmul(b.unsqueeze());
     y + delta.mul_scalar(adapter.scale)
 }
@@ -156,12 +154,7 @@ fn frozen_product<const D: usize>(x: Tensor<D>, base: Tensor<2>) -> Tensor<D> {
         // A dense base (shared with the module, or cast), or a quantized one on another
         // backend: Burn dequantizes it, and the dense weight stays in the graph there.
         let base = if quantized { base.dequantize() } else { base };
-        let base = if base.dtype() == dtype {
-            base
-        } else {
-            base.cast(dtype)
-        };
-        return x.matmul(base.unsqueeze());
+        return x.matmul(base.cast(dtype).unsqueeze());
     }
     let dims = x.dims();
     let [k, n] = base.dims();

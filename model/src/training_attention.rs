@@ -94,16 +94,21 @@ fn sum_groups<B: Backend>(x: FloatTensor<B>, kvh: usize) -> FloatTensor<B> {
     B::float_reshape(B::float_sum_dim(x, 2), Shape::new([b, kvh, n, d]))
 }
 
-/// The masked scaled scores `[b, h, t, total]` in f32.
+/// Queries in f32 and keys in f32 repeated to the queries' heads: what the scores and
+/// the gradients multiply.
+fn widened<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>) {
+    let heads = q.shape().dims::<4>()[1];
+    (wide::<B>(q), repeat_heads::<B>(wide::<B>(k), heads))
+}
+
+/// The masked scaled scores `[b, h, t, total]` in f32, from [`widened`] queries and keys.
 fn scores<B: Backend>(
     q: &FloatTensor<B>,
     k: &FloatTensor<B>,
     mask: &BoolTensor<B>,
     scale: f64,
 ) -> FloatTensor<B> {
-    let heads = q.shape().dims::<4>()[1];
-    let k = repeat_heads::<B>(wide::<B>(k.clone()), heads);
-    let s = B::float_matmul(wide::<B>(q.clone()), B::float_transpose(k));
+    let s = B::float_matmul(q.clone(), B::float_transpose(k.clone()));
     let s = B::float_mul_scalar(s, scale.into());
     B::float_mask_fill(s, mask.clone(), f32::NEG_INFINITY.into())
 }
@@ -119,6 +124,7 @@ fn forward<B: Backend>(
 ) -> (FloatTensor<B>, FloatTensor<B>) {
     let dtype = q.dtype();
     let heads = q.shape().dims::<4>()[1];
+    let (q, k) = widened::<B>(q, k);
     let s = scores::<B>(&q, &k, &mask, scale);
     let max = B::float_clamp_min(B::float_max_dim(s.clone(), 3), f32::MIN.into());
     let e = B::float_exp(B::float_sub(s, max.clone()));
@@ -163,6 +169,7 @@ impl<B: Backend> Backward<B, 3> for RecomputedAttentionBackward {
         let (q_dtype, k_dtype, v_dtype) = (q.dtype(), k.dtype(), v.dtype());
 
         let d_out = wide::<B>(grad);
+        let (q, k) = widened::<B>(q, k);
         // exp(-inf - lse) = 0 for masked keys; a fully masked row has lse = log(tiny) + MIN
         // and exponents of -inf, so zeros there too.
         let p = B::float_exp(B::float_sub(scores::<B>(&q, &k, &mask, scale), lse));
@@ -178,11 +185,10 @@ impl<B: Backend> Backward<B, 3> for RecomputedAttentionBackward {
         let row = B::float_sum_dim(B::float_mul(p.clone(), dp.clone()), 3);
         let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, row)), scale.into());
         if let Some(node) = q_parent {
-            let k = repeat_heads::<B>(wide::<B>(k.clone()), heads);
             grads.register::<B>(node.id, narrow::<B>(B::float_matmul(ds.clone(), k), q_dtype));
         }
         if let Some(node) = k_parent {
-            let dk = B::float_matmul(B::float_transpose(ds), wide::<B>(q));
+            let dk = B::float_matmul(B::float_transpose(ds), q);
             grads.register::<B>(node.id, narrow::<B>(sum_groups::<B>(dk, kvh), k_dtype));
         }
     }
@@ -267,6 +273,7 @@ pub fn recomputed_attention(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dispatch::repeat_kv;
     use burn::tensor::module::attention;
     use burn::tensor::ops::AttentionModuleOptions;
     use burn::tensor::{Device, Distribution};
@@ -287,12 +294,8 @@ mod tests {
         causal: bool,
     ) -> Tensor<4> {
         let [b, heads, t, _] = q.dims();
-        let [_, kvh, total, d] = k.dims();
-        let repeat = |x: Tensor<4>| {
-            x.unsqueeze_dim::<5>(2)
-                .expand([b, kvh, heads / kvh, total, d])
-                .reshape([b, heads, total, d])
-        };
+        let [_, kvh, total, _] = k.dims();
+        let repeat = |x: Tensor<4>| repeat_kv(x, heads / kvh);
         let options = AttentionModuleOptions {
             is_causal: causal,
             ..Default::default()

@@ -51,8 +51,9 @@ fn with_autodiff_of(model: VipLlava, device: &Device) -> VipLlava {
     if !device.is_autodiff() {
         return model;
     }
-    let strategy = Tensor::<1>::zeros([1], device).gradient_checkpointing_strategy();
-    model.map(&mut IntoAutodiff { strategy })
+    model.map(&mut IntoAutodiff {
+        strategy: device.gradient_checkpointing_strategy(),
+    })
 }
 
 /// Moves each float parameter into an autodiff context (see [`with_autodiff_of`]).
