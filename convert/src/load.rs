@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{AllocationProperty, Bytes, DType, Device, Shape, Tensor};
 use burn_store::burn_pack::{Error as PackError, Tensor as PackTensor};
 use burn_store::{BurnpackStore, ModuleSnapshot, ModuleStore, bridge};
@@ -12,7 +12,9 @@ use vipllava_model::{Precision, VipLlava, VipLlavaConfig};
 
 use crate::checkpoint::{Checkpoint, DiskDType, KeyLayout, TensorEntry};
 use crate::error::ConvertError;
-use crate::quantize::{Quantization, quantize_model, quantize_module, quantized_parameter_count};
+use crate::quantize::{
+    Quantization, WeightPacker, WeightQuantizer, quantize_model, quantized_parameter_count,
+};
 
 /// File name of the resolved config written beside a burnpack checkpoint.
 pub const BURNPACK_CONFIG: &str = "vipllava_config.json";
@@ -124,7 +126,8 @@ pub fn load_model(dir: &Path, device: &Device, options: &LoadOptions) -> Result<
         return load_safetensors(dir, device, options);
     }
     let mut loaded = load_burnpack(dir, device)?;
-    // A burnpack written by `convert --quantize` is already quantized: keep it as saved.
+    // A burnpack written by `convert --quantize` is already quantized (and packed as it
+    // loaded): keep it as saved.
     if let Some(level) = options.quantize
         && quantized_parameter_count(&loaded.model) == 0
     {
@@ -337,18 +340,28 @@ impl LoadGroup {
 
     /// Quantizes the linear weights of this group's modules (the projector for `Rest`).
     fn quantize(self, model: &mut VipLlava, level: Quantization) {
+        self.map(model, &mut WeightQuantizer::new(level));
+    }
+
+    /// Packs the quantized weights of this group's modules for the CPU kernels.
+    fn pack(self, model: &mut VipLlava) {
+        self.map(model, &mut WeightPacker);
+    }
+
+    /// Maps this group's modules (the projector for `Rest`) with `mapper`.
+    fn map(self, model: &mut VipLlava, mapper: &mut impl ModuleMapper) {
         match self {
             Self::Rest => {
-                model.multi_modal_projector = quantize_module(model.multi_modal_projector.clone(), level);
+                model.multi_modal_projector = model.multi_modal_projector.clone().map(mapper);
             }
             Self::VisionLayer(i) => {
                 if let Some(layer) = model.vision_tower.encoder.layers.get_mut(i) {
-                    *layer = quantize_module(layer.clone(), level);
+                    *layer = layer.clone().map(mapper);
                 }
             }
             Self::LanguageLayer(i) => {
                 if let Some(layer) = model.language_model.layers.get_mut(i) {
-                    *layer = quantize_module(layer.clone(), level);
+                    *layer = layer.clone().map(mapper);
                 }
             }
         }
@@ -500,6 +513,7 @@ pub fn load_burnpack(dir: &Path, device: &Device) -> Result<LoadedModel, Convert
         }
         applied += result.applied.len();
         unused.extend(result.unused);
+        group.pack(&mut model);
         release_loaded_pages(&map);
     }
     if applied != expected {

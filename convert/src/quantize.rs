@@ -7,13 +7,16 @@
 //! tokens), `lm_head` (the logits decide every greedy token; it is 3.7% of 7B), the patch
 //! convolution, layer norms and RMS norms, and all biases.
 //!
-//! Scheme: symmetric integers with one f32 scale per block of 32 values (Q8_0 / Q4_0 in
+//! Scheme: symmetric integers with one scale per block of 32 values (Q8_0 / Q4_0 in
 //! llama.cpp's terms; narrower blocks where 32 does not divide the dimension). On the CPU
-//! (Flex) the blocks run along the input dimension, as llama.cpp's do, so that a decode
+//! (Flex) the blocks run along the input dimension and the scales are rounded to f16, as
+//! llama.cpp's are (the values are quantized with the rounded scale), so that a decode
 //! step can multiply int8 activations by int8 weights block by block (the VNNI kernel of
 //! `vipllava_model::kernels::int8`); on other devices they run along the output dimension,
-//! Burn's one-dimensional block. Backends that store quantized values unpacked (Flex keeps
-//! one byte per value) give q4 the accuracy of 4 bits but the memory of q8.
+//! Burn's one-dimensional block. On the CPU the quantized weights are then held outside
+//! Burn's tensors in the decode kernel's order, q4 two values per byte
+//! (`vipllava_model::kernels::packed`; Flex itself keeps one byte per value); other
+//! backends keep Burn's storage.
 
 use std::fmt;
 use std::str::FromStr;
@@ -27,6 +30,7 @@ use burn::tensor::{Bytes, DType, Device, Shape, Tensor};
 use burn_flex::{Flex, FlexQTensor, FlexTensor, Layout};
 use rayon::prelude::*;
 use vipllava_model::VipLlava;
+use vipllava_model::kernels::packed;
 
 /// Linear layers whose `weight` is quantized (Burn module field names).
 pub const QUANTIZED_LINEARS: [&str; 12] = [
@@ -84,7 +88,7 @@ impl Quantization {
     /// input dimension (`[block, 1]` blocks; `None`: one scale per tensor).
     pub fn scheme_along_input(self, block: Option<u8>) -> QuantScheme {
         match block {
-            Some(b) => self.values().per_block([b, 1], ScaleDtype::F32),
+            Some(b) => self.values().per_block([b, 1], ScaleDtype::F16),
             None => self.scheme(None),
         }
     }
@@ -121,10 +125,21 @@ pub fn block_for(width: usize) -> Option<u8> {
     None
 }
 
-/// Quantizes the weights of the [`QUANTIZED_LINEARS`], choosing the block per tensor.
-struct WeightQuantizer {
+/// Quantizes the weights of the [`QUANTIZED_LINEARS`], choosing the block per tensor, and
+/// packs them for the CPU kernels.
+pub(crate) struct WeightQuantizer {
     level: Quantization,
     path: Vec<String>,
+}
+
+impl WeightQuantizer {
+    /// A quantizer to `level`.
+    pub(crate) fn new(level: Quantization) -> Self {
+        Self {
+            level,
+            path: Vec::new(),
+        }
+    }
 }
 
 impl ModuleMapper for WeightQuantizer {
@@ -144,7 +159,7 @@ impl ModuleMapper for WeightQuantizer {
             return param;
         }
         let level = self.level;
-        param.map(|tensor| {
+        let param = param.map(|tensor| {
             let dims = tensor.dims();
             let scheme = if D == 2 && is_plain_flex(&tensor) {
                 level.scheme_along_input(block_for(dims[0]))
@@ -152,8 +167,26 @@ impl ModuleMapper for WeightQuantizer {
                 level.scheme(block_for(dims[D - 1]))
             };
             quantize_on_flex(tensor, &scheme)
-        })
+        });
+        packed::pack_weight(param)
     }
+}
+
+/// Packs a module's quantized weights for the CPU kernels ([`packed::pack_weight`]);
+/// everything else stays as it is.
+pub(crate) struct WeightPacker;
+
+impl ModuleMapper for WeightPacker {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        packed::pack_weight(param)
+    }
+}
+
+/// `module` with its quantized weights packed for the CPU kernels: a burnpack written by
+/// `convert --quantize` holds them as Burn's Flex tensors do (one byte per value, q4
+/// included).
+pub fn pack_quantized_weights<M: Module>(module: M) -> M {
+    module.map(&mut WeightPacker)
 }
 
 /// Blocks per rayon task when quantizing.
@@ -300,10 +333,7 @@ pub fn quantize_model(model: VipLlava, level: Quantization) -> VipLlava {
 /// [`quantize_model`] on any part of the model (a decoder layer, the projector): the
 /// loader quantizes each part as soon as it is loaded.
 pub fn quantize_module<M: Module>(module: M, level: Quantization) -> M {
-    module.map(&mut WeightQuantizer {
-        level,
-        path: Vec::new(),
-    })
+    module.map(&mut WeightQuantizer::new(level))
 }
 
 /// Counts parameters by storage: `(quantized, total)` float parameters.
@@ -315,7 +345,8 @@ struct QuantizedCounter {
 impl burn::module::ModuleVisitor for QuantizedCounter {
     fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
         self.total += 1;
-        if matches!(param.val().dtype(), burn::tensor::DType::QFloat(_)) {
+        // A packed weight is quantized; asking its dtype would unpack it.
+        if packed::is_packed(param) || matches!(param.dtype(), burn::tensor::DType::QFloat(_)) {
             self.quantized += 1;
         }
     }

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use burn::tensor::bf16;
 use vipllava_model::kernels::int8::{ColumnBlocks, Int8Rows, matmul_int8, vnni_available};
+use vipllava_model::kernels::packed::{Bits, PackedWeight};
 use vipllava_model::kernels::{matmul_q8_columns, matmul_stream, matmul_stream_q8};
 
 /// Median seconds per call over `calls` calls, after one warm-up call.
@@ -28,9 +29,9 @@ fn time(calls: usize, mut f: impl FnMut()) -> f64 {
 fn main() {
     println!("VNNI: {}", vnni_available());
     println!(
-        "| k x n | bf16 ms | bf16 GB/s | q8 (row blocks, f32 x) ms | q8 (K blocks, f32 x) ms | q8 (K blocks, int8 x) ms | int8 x G values/s |"
+        "| k x n | bf16 ms | bf16 GB/s | q8 (row blocks, f32 x) ms | q8 (K blocks, f32 x) ms | q8 (K blocks, int8 x) ms | int8 x G values/s | q8 packed ms | q4 packed ms | q4 packed G values/s |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     // Llama-1B shapes: gate/up, down, q/o, k/v; 7B: gate/up.
     for (k, n) in [
         (2048, 5632),
@@ -73,15 +74,28 @@ fn main() {
             let xq = Int8Rows::quantize(black_box(&x), 1, k, 32).unwrap();
             black_box(matmul_int8(&xq, &w));
         });
+        let packed = |bits| {
+            let q4: Vec<i8> = q.iter().map(|&v| v >> 4).collect();
+            let values = if bits == Bits::Four { &q4 } else { &q };
+            let packed = PackedWeight::pack(&ColumnBlocks { q: values, ..w }, bits).unwrap();
+            time(21, || {
+                let xq = Int8Rows::quantize(black_box(&x), 1, k, 32).unwrap();
+                black_box(packed.matmul_int8(&xq));
+            })
+        };
+        let (packed8, packed4) = (packed(Bits::Eight), packed(Bits::Four));
         let values = (k * n) as f64;
         println!(
-            "| {k} x {n} | {:.3} | {:.1} | {:.3} | {:.3} | {:.3} | {:.1} |",
+            "| {k} x {n} | {:.3} | {:.1} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.1} |",
             bf * 1e3,
             values * 2.0 / bf / 1e9,
             q8 * 1e3,
             columns * 1e3,
             int8 * 1e3,
-            values / int8 / 1e9
+            values / int8 / 1e9,
+            packed8 * 1e3,
+            packed4 * 1e3,
+            values / packed4 / 1e9
         );
     }
 }

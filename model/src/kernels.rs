@@ -22,6 +22,7 @@ use rayon::prelude::*;
 
 pub mod attention;
 pub mod int8;
+pub mod packed;
 
 use int8::{ColumnBlocks, Int8Rows};
 
@@ -79,6 +80,13 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     }
     if !fast_paths_enabled() {
         return layer.forward(x);
+    }
+    // A q8/q4 weight held packed: read in place (reading the parameter would unpack it
+    // for good).
+    if let Some(packed) = packed::packed_weight(&layer.weight)
+        && let Some(out) = packed_linear(layer, &packed, &x)
+    {
+        return out;
     }
     // One handle per call: this runs for every projection of every decode step.
     let weight = layer.weight.val();
@@ -358,6 +366,56 @@ fn quantized_linear<const D: usize>(
         y = y + b.cast(DType::F32).unsqueeze();
     }
     Some(if dtype == DType::F32 { y } else { y.cast(dtype) })
+}
+
+/// `x @ W (+ b)` for a packed `W` ([`packed::PackedWeight`]), with the arithmetic of
+/// [`quantized_linear`] on the unpacked weight: the same bits. Few rows with int8
+/// activations multiply the nibbles in place; few rows with f32 activations (the slower,
+/// exact option) unpack the weight for the call; many rows dequantize it for the f32 gemm.
+/// `None` when `x` is not on the plain Flex device or not a float of the model's dtypes.
+fn packed_linear<const D: usize>(
+    layer: &Linear,
+    w: &packed::PackedWeight,
+    x: &Tensor<D>,
+) -> Option<Tensor<D>> {
+    let dtype = x.dtype();
+    if !is_plain_flex(&x.device()) || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return None;
+    }
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let (k, n) = (w.k(), w.n());
+    if dims[D - 1] != k {
+        return None;
+    }
+    let bias = layer.bias.as_ref().map(|b| b.val());
+    if rows <= MAX_STREAM_ROWS {
+        let xs = host_f32(x.clone())?;
+        let out = if int8_activations_enabled() {
+            w.matmul_int8(&Int8Rows::quantize(&xs, rows, k, w.block())?)?
+        } else {
+            let (values, scales) = (w.unpack(), w.scales());
+            let columns = ColumnBlocks {
+                q: &values,
+                scales: &scales,
+                k,
+                n,
+                block: w.block(),
+            };
+            matmul_q8_columns(&xs, &columns, rows)?
+        };
+        let bias = match bias {
+            Some(b) => Some(host_f32(b)?),
+            None => None,
+        };
+        return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
+    }
+    let weight = Tensor::<2>::from_data(TensorData::new(w.dequantize(), [k, n]), &x.device());
+    let mut y = x.clone().cast(DType::F32).matmul(weight.unsqueeze());
+    if let Some(b) = bias {
+        y = y + b.cast(DType::F32).unsqueeze();
+    }
+    Some(y.cast(dtype))
 }
 
 /// `scale * q` for a weight with `[block, 1]` blocks (`scales[(kk / block) * n + j]`), one

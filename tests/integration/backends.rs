@@ -7,7 +7,7 @@ use burn::tensor::Device;
 use vipllava::convert::quantized_parameter_count;
 use vipllava::generation::GenerationOptions;
 use vipllava::model::KvCache;
-use vipllava::model::kernels::{int8::vnni_available, with_int8_activations};
+use vipllava::model::kernels::{int8::vnni_available, packed, with_int8_activations};
 use vipllava::pipeline::{Pipeline, PreparedInput, Prompt};
 use vipllava::processor::image::load_image;
 use vipllava::{LoadOptions, Quantization};
@@ -209,6 +209,74 @@ fn quantized_weights_stay_close_to_f32() {
     }
 }
 
+/// Counts the parameters held packed two values per byte, without unpacking them.
+struct PackedCounter(usize);
+
+impl burn::module::ModuleVisitor for PackedCounter {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
+        self.0 += usize::from(packed::is_packed(param));
+    }
+}
+
+fn packed_count(pipeline: &Pipeline) -> usize {
+    let mut counter = PackedCounter(0);
+    burn::module::Module::visit(pipeline.model(), &mut counter);
+    counter.0
+}
+
+/// Reads every parameter, as any Burn operation on it would: packed weights unpack.
+struct ReadEvery;
+
+impl burn::module::ModuleMapper for ReadEvery {
+    fn map_float<const D: usize>(
+        &mut self,
+        param: burn::module::Param<burn::tensor::Tensor<D>>,
+    ) -> burn::module::Param<burn::tensor::Tensor<D>> {
+        param.map(|t| t)
+    }
+}
+
+/// `--quantize q8|q4` on the CPU holds every quantized weight packed (q4 two values per
+/// byte), and computing with the packed weights gives the bits of the unpacked ones: prefill
+/// logits and greedy tokens, with int8 and with f32 activations.
+#[test]
+fn packed_weights_compute_the_bits_of_unpacked_ones() {
+    use burn::module::Module;
+    for name in FIXTURES {
+        for level in [Quantization::Q8, Quantization::Q4] {
+            let options = LoadOptions {
+                quantize: Some(level),
+                ..LoadOptions::default()
+            };
+            for int8 in [true, false] {
+                let case = format!("{name} {level} (int8 activations: {int8})");
+                let (logits, tokens, mut pipeline) =
+                    with_int8_activations(int8, || run(&fixture(name), &options));
+                let quantized = quantized_parameter_count(pipeline.model());
+                assert!(quantized > 0);
+                assert_eq!(
+                    packed_count(&pipeline),
+                    quantized,
+                    "{case}: every weight is packed"
+                );
+                *pipeline.model_mut() = pipeline.model().clone().map(&mut ReadEvery);
+                assert_eq!(packed_count(&pipeline), 0, "{case}: reading a weight unpacks it");
+                assert_eq!(quantized_parameter_count(pipeline.model()), quantized);
+                let image = load_image(&fixture(IMAGE)).expect("image");
+                let prepared = pipeline
+                    .prepare(&[image], &Prompt::User(QUESTION.into()))
+                    .expect("prepare");
+                let (unpacked, unpacked_tokens) = with_int8_activations(int8, || {
+                    let (logits, _) = pipeline.prefill(&prepared).expect("prefill");
+                    (logits, greedy_tokens(&pipeline, &prepared))
+                });
+                assert_eq!(logits, unpacked, "{case}: prefill logits");
+                assert_eq!(tokens, unpacked_tokens, "{case}: greedy tokens");
+            }
+        }
+    }
+}
+
 #[test]
 fn only_linear_weights_are_quantized() {
     let options = LoadOptions {
@@ -228,7 +296,7 @@ fn only_linear_weights_are_quantized() {
 fn convert_writes_a_burnpack_directory_that_generates_the_same() {
     let out_root = tempfile::tempdir().expect("tempdir");
     let input = fixture("tiny-5x-f32");
-    for (dtype, quantize) in [("bf16", None), ("f32", Some("q8"))] {
+    for (dtype, quantize) in [("bf16", None), ("f32", Some("q8")), ("f32", Some("q4"))] {
         let out = out_root
             .path()
             .join(format!("{dtype}-{}", quantize.unwrap_or("none")));
@@ -265,6 +333,11 @@ fn convert_writes_a_burnpack_directory_that_generates_the_same() {
             quantize.is_some(),
             "{dtype}: quantization kept across the burnpack"
         );
+        assert_eq!(
+            packed_count(&pipeline),
+            quantized_parameter_count(pipeline.model()),
+            "{quantize:?}: quantized weights from a burnpack are packed"
+        );
         let diff = max_slice_diff(&direct, &converted);
         assert!(
             diff <= 1e-6,
@@ -277,7 +350,7 @@ fn convert_writes_a_burnpack_directory_that_generates_the_same() {
         .expect("dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names.len(), 2, "{names:?}");
+    assert_eq!(names.len(), 3, "{names:?}");
 }
 
 #[test]

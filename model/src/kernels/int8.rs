@@ -73,13 +73,23 @@ impl Int8Rows {
         self.rows
     }
 
+    /// Values per row (the input width K).
+    pub fn width(&self) -> usize {
+        self.k
+    }
+
+    /// Values per scale along K.
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
     /// The quantized values of row `r` (length `k`).
-    fn row(&self, r: usize) -> &[i8] {
+    pub(crate) fn row(&self, r: usize) -> &[i8] {
         &self.values[r * self.k..(r + 1) * self.k]
     }
 
     /// Scale and value sum of block `kb` of row `r`.
-    fn block_of(&self, r: usize, kb: usize) -> (f32, i32) {
+    pub(crate) fn block_of(&self, r: usize, kb: usize) -> (f32, i32) {
         let i = r * (self.k / self.block) + kb;
         (self.scales[i], self.sums[i])
     }

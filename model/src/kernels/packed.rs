@@ -1,0 +1,621 @@
+//! Quantized weights held outside Burn's tensors, in the order the decode kernel reads them
+//! (`--quantize q8|q4` on the CPU).
+//!
+//! Burn's Flex backend keeps one `i8` per quantized value whatever the bit width, so a q4
+//! weight took as much memory, and as many bytes per decode step, as a q8 one; and reading a
+//! parameter (`Param::val`) copies its scales on every call. [`PackedWeight`] holds the same
+//! values and the same block scales (`[block, 1]` blocks along K; f16, which the CPU
+//! quantizer rounds them to, as llama.cpp's Q8_0/Q4_0 do), the values in the
+//! order `vpdpbusd` consumes them: per block of K rows, per tile of 16 output columns, per
+//! group of rows, 64 bytes in which byte `4 j + i` holds
+//! - q8: `q[kk + i, c + j] + 128` (groups of 4 rows, one byte per value);
+//! - q4: `q[kk + i, c + j] + 8` in its low nibble and `q[kk + 4 + i, c + j] + 8` in its high
+//!   nibble (groups of 8 rows, two values per byte: one AND and one shift make the two
+//!   64-byte operands).
+//!
+//! `vpdpbusd` multiplies unsigned weights by signed activations, so the offset comes off each
+//! block's int32 sum as `offset * sum(x_q)`, which is exact, as in [`super::int8`]. The
+//! products are those of [`super::int8::matmul_int8`] on the unpacked values, in the same
+//! order (the same K slabs, one FMA per block): packing changes memory and speed, not a
+//! single bit of the result.
+//!
+//! [`pack_weight`] replaces a parameter by a lazy one whose initializer unpacks it, so any
+//! Burn operation that reads the parameter still sees the quantized tensor it had; the
+//! packed form is found by parameter id ([`packed_weight`]), which [`super::linear`] asks
+//! before it reads the parameter.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, RwLock, Weak};
+
+use burn::backend::{BackendTensor, DispatchKindConversion, DispatchTensor, TensorMetadata};
+use burn::module::{Param, ParamId, ParamMapper};
+use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue};
+use burn::tensor::{Bytes, DType, Shape, Tensor, f16};
+use burn_flex::{Flex, FlexQTensor, FlexTensor, Layout};
+use rayon::prelude::*;
+
+use super::int8::{ColumnBlocks, Int8Rows, vnni_available};
+use super::{BlockAxis, K_BLOCK, QuantizedRows, sum_over_slabs};
+
+/// Output columns per tile: one 512-bit register of int32 sums.
+const TILE: usize = 16;
+/// Bytes per group and tile.
+const GROUP_BYTES: usize = 64;
+
+/// Bits per stored value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bits {
+    /// One value per byte, offset by 128.
+    Eight,
+    /// Two values per byte, offset by 8.
+    Four,
+}
+
+impl Bits {
+    /// Weight rows per 64-byte group.
+    const fn group_rows(self) -> usize {
+        match self {
+            Self::Eight => 4,
+            Self::Four => 8,
+        }
+    }
+
+    /// What is added to each value to store it unsigned.
+    const fn offset(self) -> i32 {
+        match self {
+            Self::Eight => 128,
+            Self::Four => 8,
+        }
+    }
+
+    /// The values this width holds.
+    fn holds(self, q: i8) -> bool {
+        match self {
+            Self::Eight => true,
+            Self::Four => (-8..=7).contains(&q),
+        }
+    }
+}
+
+/// A `[k, n]` weight of integers with one f32 scale per `block` rows of each column (Burn's
+/// `[block, 1]` blocks), stored in the kernel's order (see the module docs).
+#[derive(Debug, Clone)]
+pub struct PackedWeight {
+    bits: Bits,
+    k: usize,
+    n: usize,
+    block: usize,
+    /// `k * n` (q8) or `k * n / 2` (q4) bytes.
+    bytes: Vec<u8>,
+    /// `k / block * n` scales: `scales[kb * n + j]` (Burn's order).
+    scales: Vec<f16>,
+}
+
+impl PackedWeight {
+    /// Packs `w` with `bits` per value. `None` unless every value fits, every scale is an
+    /// f16 value, the block is a multiple of 8 dividing `k` and [`K_BLOCK`], and `n` is a
+    /// multiple of 16.
+    pub fn pack(w: &ColumnBlocks<'_>, bits: Bits) -> Option<Self> {
+        let (k, n, block) = (w.k, w.n, w.block);
+        if !w.is_valid() || !n.is_multiple_of(TILE) || !K_BLOCK.is_multiple_of(block) {
+            return None;
+        }
+        if bits == Bits::Four && w.q.par_iter().any(|&q| !bits.holds(q)) {
+            return None;
+        }
+        let scales: Vec<f16> = w.scales.iter().map(|&s| f16::from_f32(s)).collect();
+        if scales.iter().zip(w.scales).any(|(h, &s)| h.to_f32() != s) {
+            return None;
+        }
+        let mut packed = Self {
+            bits,
+            k,
+            n,
+            block,
+            bytes: Vec::new(),
+            scales,
+        };
+        let mut bytes = vec![0u8; packed.block_bytes() * (k / block)];
+        bytes
+            .par_chunks_mut(packed.block_bytes())
+            .enumerate()
+            .for_each(|(kb, dst)| {
+                packed.for_each_byte(kb, |at, kk, c| {
+                    let value = |kk: usize| (w.q[kk * n + c] as i32 + bits.offset()) as u8;
+                    dst[at] = match bits {
+                        Bits::Eight => value(kk),
+                        Bits::Four => value(kk) | (value(kk + 4) << 4),
+                    };
+                });
+            });
+        packed.bytes = bytes;
+        Some(packed)
+    }
+
+    /// Bits per value.
+    pub fn bits(&self) -> Bits {
+        self.bits
+    }
+
+    /// Input width (rows of the weight).
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Output width.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Rows per scale.
+    pub fn block(&self) -> usize {
+        self.block
+    }
+
+    /// The scales as f32, `scales[kb * n + j]`.
+    pub fn scales(&self) -> Vec<f32> {
+        self.scales.iter().map(|s| s.to_f32()).collect()
+    }
+
+    /// Bytes held: the values and the scales.
+    pub fn resident_bytes(&self) -> usize {
+        self.bytes.len() + self.scales.len() * size_of::<f16>()
+    }
+
+    /// Bytes of one block row (`block` weight rows).
+    fn block_bytes(&self) -> usize {
+        match self.bits {
+            Bits::Eight => self.block * self.n,
+            Bits::Four => self.block * self.n / 2,
+        }
+    }
+
+    /// Calls `f(at, kk, c)` for every byte of block row `kb`: its index `at` within the
+    /// block row and the row `kk` and column `c` of its (first) value.
+    #[inline(always)]
+    fn for_each_byte(&self, kb: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let rows = self.bits.group_rows();
+        let groups = self.block / rows;
+        for t in 0..self.n / TILE {
+            for g in 0..groups {
+                let kk = kb * self.block + g * rows;
+                let at = (t * groups + g) * GROUP_BYTES;
+                for j in 0..TILE {
+                    for i in 0..4 {
+                        f(at + 4 * j + i, kk + i, t * TILE + j);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Calls `f(kk, c, q)` for every value of block row `kb`, from its bytes `src`.
+    #[inline(always)]
+    fn for_each_value(&self, kb: usize, src: &[u8], mut f: impl FnMut(usize, usize, i8)) {
+        let bits = self.bits;
+        self.for_each_byte(kb, |at, kk, c| {
+            let b = src[at] as i32;
+            match bits {
+                Bits::Eight => f(kk, c, (b - 128) as i8),
+                Bits::Four => {
+                    f(kk, c, ((b & 15) - 8) as i8);
+                    f(kk + 4, c, ((b >> 4) - 8) as i8);
+                }
+            }
+        });
+    }
+
+    /// The values, row-major `[k, n]`.
+    pub fn unpack(&self) -> Vec<i8> {
+        let (n, block) = (self.n, self.block);
+        let mut out = vec![0i8; self.k * n];
+        out.par_chunks_mut(block * n)
+            .zip(self.bytes.par_chunks(self.block_bytes()))
+            .enumerate()
+            .for_each(|(kb, (dst, src))| {
+                let first = kb * block;
+                self.for_each_value(kb, src, |kk, c, q| dst[(kk - first) * n + c] = q);
+            });
+        out
+    }
+
+    /// `scale * q` row-major `[k, n]`, in parallel: the same bits as Burn's `dequantize`
+    /// of the unpacked tensor.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (n, block) = (self.n, self.block);
+        let mut out = vec![0f32; self.k * n];
+        out.par_chunks_mut(block * n)
+            .zip(self.bytes.par_chunks(self.block_bytes()))
+            .zip(self.scales.par_chunks(n))
+            .enumerate()
+            .for_each(|(kb, ((dst, src), scales))| {
+                let first = kb * block;
+                self.for_each_value(kb, src, |kk, c, q| {
+                    dst[(kk - first) * n + c] = scales[c].to_f32() * q as f32
+                });
+            });
+        out
+    }
+
+    /// `x @ w` as `[rows, n]` f32 with int8 activations (VNNI where the CPU has it): equal
+    /// bit for bit to [`super::int8::matmul_int8`] on the unpacked values. `None` when `x`
+    /// does not match the weight.
+    pub fn matmul_int8(&self, x: &Int8Rows) -> Option<Vec<f32>> {
+        self.matmul_int8_with(x, vnni_available())
+    }
+
+    /// [`PackedWeight::matmul_int8`] in plain Rust on every CPU.
+    pub fn matmul_int8_reference(&self, x: &Int8Rows) -> Option<Vec<f32>> {
+        self.matmul_int8_with(x, false)
+    }
+
+    fn matmul_int8_with(&self, x: &Int8Rows, vnni: bool) -> Option<Vec<f32>> {
+        if x.width() != self.k || x.block() != self.block {
+            return None;
+        }
+        let block = self.block;
+        Some(sum_over_slabs(x.rows(), self.n, self.k, |k0, k1, out| {
+            for kb in k0 / block..k1 / block {
+                self.add_block(x, kb, vnni, out);
+            }
+        }))
+    }
+
+    /// `out[r, :] += (isum[r, :] * dx[r, kb]) * sw[kb, :]` for block row `kb`.
+    fn add_block(&self, x: &Int8Rows, kb: usize, vnni: bool, out: &mut [f32]) {
+        let rows = x.rows();
+        #[cfg(target_arch = "x86_64")]
+        if vnni {
+            for t in 0..self.n / TILE {
+                let mut r = 0;
+                while r < rows {
+                    // SAFETY: `vnni` is only true when `vnni_available()` said the CPU has
+                    // AVX-512 F/BW/VNNI; `matmul_int8_with` checked that `x` matches the
+                    // weight; each call covers rows `r..r + R <= rows`, tile `t < n / 16`
+                    // and block row `kb < k / block`, and `out` holds `rows * n` values.
+                    r += unsafe {
+                        match (self.bits, rows - r) {
+                            (Bits::Eight, 1) => vnni_tile::add::<1, 8>(self, x, kb, t, r, out),
+                            (Bits::Eight, 2) => vnni_tile::add::<2, 8>(self, x, kb, t, r, out),
+                            (Bits::Eight, 3) => vnni_tile::add::<3, 8>(self, x, kb, t, r, out),
+                            (Bits::Eight, _) => vnni_tile::add::<4, 8>(self, x, kb, t, r, out),
+                            (Bits::Four, 1) => vnni_tile::add::<1, 4>(self, x, kb, t, r, out),
+                            (Bits::Four, 2) => vnni_tile::add::<2, 4>(self, x, kb, t, r, out),
+                            (Bits::Four, 3) => vnni_tile::add::<3, 4>(self, x, kb, t, r, out),
+                            (Bits::Four, _) => vnni_tile::add::<4, 4>(self, x, kb, t, r, out),
+                        }
+                    };
+                }
+            }
+            return;
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = vnni;
+        let n = self.n;
+        let src = &self.bytes[kb * self.block_bytes()..][..self.block_bytes()];
+        let mut isum = vec![0i32; n];
+        for r in 0..rows {
+            let xr = x.row(r);
+            isum.fill(0);
+            self.for_each_value(kb, src, |kk, c, q| isum[c] += q as i32 * xr[kk] as i32);
+            let (dx, _) = x.block_of(r, kb);
+            let scales = &self.scales[kb * n..(kb + 1) * n];
+            for ((o, &s), &sw) in out[r * n..(r + 1) * n].iter_mut().zip(&isum).zip(scales) {
+                *o = (s as f32 * dx).mul_add(sw.to_f32(), *o);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni_tile {
+    use std::arch::x86_64::*;
+
+    use super::{GROUP_BYTES, Int8Rows, PackedWeight, TILE};
+
+    /// Adds block row `kb`, tile `t` (columns `16 t..16 t + 16`) of `x` rows `r0..r0 + R`
+    /// times `w` (`BITS` per value) to `out [rows, n]`; returns `R`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and VNNI; `w` must hold `BITS` per value and `x`
+    /// must match it; `kb < k / block`, `t < n / 16`, `r0 + R <= x.rows()` and
+    /// `out.len() == x.rows() * n`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn add<const R: usize, const BITS: usize>(
+        w: &PackedWeight,
+        x: &Int8Rows,
+        kb: usize,
+        t: usize,
+        r0: usize,
+        out: &mut [f32],
+    ) -> usize {
+        let (n, block) = (w.n, w.block);
+        let group_rows = 32 / BITS;
+        let groups = block / group_rows;
+        let offset = if BITS == 8 { 128 } else { 8 };
+        let mask = _mm512_set1_epi8(0x0F);
+        let first = kb * w.block_bytes() + t * groups * GROUP_BYTES;
+        let src = &w.bytes[first..first + groups * GROUP_BYTES];
+        let mut acc = [_mm512_setzero_si512(); R];
+        // Four activation values of row `r` from `kk`, in every lane.
+        let four = |r: usize, kk: usize| {
+            let xr = &x.row(r0 + r)[kk..kk + 4];
+            _mm512_set1_epi32(i32::from_le_bytes([
+                xr[0] as u8,
+                xr[1] as u8,
+                xr[2] as u8,
+                xr[3] as u8,
+            ]))
+        };
+        for g in 0..groups {
+            // SAFETY: `src` holds `groups` groups of 64 bytes.
+            let packed = unsafe { _mm512_loadu_si512(src[g * GROUP_BYTES..].as_ptr() as *const __m512i) };
+            let kk = kb * block + g * group_rows;
+            if BITS == 8 {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_dpbusd_epi32(*acc, packed, four(r, kk));
+                }
+            } else {
+                let lo = _mm512_and_si512(packed, mask);
+                let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), mask);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_dpbusd_epi32(*acc, lo, four(r, kk));
+                    *acc = _mm512_dpbusd_epi32(*acc, hi, four(r, kk + 4));
+                }
+            }
+        }
+        let c = t * TILE;
+        // SAFETY: `kb * n + c + 16 <= scales.len()`; f16 widens to f32 exactly.
+        let sw = unsafe {
+            _mm512_cvtph_ps(_mm256_loadu_si256(
+                w.scales[kb * n + c..].as_ptr() as *const __m256i
+            ))
+        };
+        for (r, acc) in acc.iter().enumerate() {
+            let (dx, sum) = x.block_of(r0 + r, kb);
+            let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(*acc, _mm512_set1_epi32(offset * sum)));
+            let dst = &mut out[(r0 + r) * n + c..(r0 + r) * n + c + TILE];
+            // SAFETY: `dst` holds 16 values.
+            unsafe {
+                let at = dst.as_mut_ptr();
+                _mm512_storeu_ps(
+                    at,
+                    _mm512_fmadd_ps(_mm512_mul_ps(exact, _mm512_set1_ps(dx)), sw, _mm512_loadu_ps(at)),
+                );
+            }
+        }
+        R
+    }
+}
+
+/// Packed weights by parameter id. The registry holds weak references: the strong one is
+/// the lazy parameter's initializer, so a packed weight is freed with its model (or when
+/// something unpacks it).
+static PACKED: LazyLock<RwLock<HashMap<ParamId, Weak<PackedWeight>>>> = LazyLock::new(Default::default);
+
+/// The packed form of `param`, when [`pack_weight`] made it and nothing has unpacked it since.
+pub fn packed_weight<const D: usize>(param: &Param<Tensor<D>>) -> Option<Arc<PackedWeight>> {
+    if param.is_initialized() {
+        return None;
+    }
+    PACKED.read().ok()?.get(&param.id)?.upgrade()
+}
+
+/// Whether `param` is held packed (without unpacking it).
+pub fn is_packed<const D: usize>(param: &Param<Tensor<D>>) -> bool {
+    packed_weight(param).is_some()
+}
+
+/// `param` packed ([`PackedWeight`]) when it is a Flex q8 or q4 matrix with blocks along K
+/// that [`PackedWeight::pack`] accepts; otherwise `param` as it was. The packed parameter gets a
+/// new id (two models loaded from one file must not share an entry) and unpacks itself,
+/// once, into the same quantized tensor if anything reads it.
+pub fn pack_weight<const D: usize>(param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+    if D != 2
+        || !param.is_initialized()
+        || !super::is_plain_flex(&param.device())
+        || !matches!(param.dtype(), DType::QFloat(s) if bits_of(&s).is_some())
+    {
+        return param;
+    }
+    let (id, tensor, mapper) = param.consume();
+    let shape = tensor.shape();
+    let device = tensor.device();
+    let primitive =
+        match <DispatchTensor as DispatchKindConversion<Flex>>::try_into_backend(tensor.into_dispatch()) {
+            Ok(BackendTensor::Quantized(primitive)) => primitive,
+            Ok(other) => return flex_param(id, other, mapper),
+            // Not reached: the device is plain Flex (checked above).
+            Err(_) => return Param::from_mapped_value(id, Tensor::empty(shape, &device), mapper),
+        };
+    let DType::QFloat(scheme) = primitive.dtype() else {
+        return flex_param(id, BackendTensor::Quantized(primitive), mapper);
+    };
+    let Some(bits) = bits_of(&scheme) else {
+        return flex_param(id, BackendTensor::Quantized(primitive), mapper);
+    };
+    let rows = match QuantizedRows::from_flex(primitive) {
+        Ok(rows) if rows.axis == BlockAxis::Input => rows,
+        Ok(rows) => return flex_param(id, BackendTensor::Quantized(rows.tensor), mapper),
+        Err(primitive) => return flex_param(id, BackendTensor::Quantized(*primitive), mapper),
+    };
+    let [k, n] = [shape[0], shape[1]];
+    let columns = ColumnBlocks {
+        q: rows.values(k * n),
+        scales: rows.tensor.scales(),
+        k,
+        n,
+        block: rows.block,
+    };
+    let packed = PackedWeight::pack(&columns, bits);
+    let Some(packed) = packed.map(Arc::new) else {
+        return flex_param(id, BackendTensor::Quantized(rows.tensor), mapper);
+    };
+    drop(rows);
+    let id = ParamId::new();
+    if let Ok(mut registry) = PACKED.write() {
+        registry.retain(|_, weak| weak.strong_count() > 0);
+        registry.insert(id, Arc::downgrade(&packed));
+    }
+    Param::uninitialized(
+        id,
+        move |target, _| {
+            let tensor: Tensor<D> = unpacked_tensor(&packed, scheme);
+            if super::is_plain_flex(target) {
+                tensor
+            } else {
+                tensor.to_device(target)
+            }
+        },
+        device,
+        false,
+        shape,
+    )
+}
+
+/// A parameter holding the Flex tensor `tensor` again.
+fn flex_param<const D: usize>(
+    id: ParamId,
+    tensor: BackendTensor<Flex>,
+    mapper: ParamMapper<Tensor<D>>,
+) -> Param<Tensor<D>> {
+    let dispatch = <DispatchTensor as DispatchKindConversion<Flex>>::from_backend(tensor);
+    Param::from_mapped_value(id, Tensor::from_dispatch(dispatch), mapper)
+}
+
+/// The packed width of a scheme's integers (`None`: not packed).
+fn bits_of(scheme: &QuantScheme) -> Option<Bits> {
+    match scheme.value {
+        QuantValue::Q8S | QuantValue::Q8F => Some(Bits::Eight),
+        QuantValue::Q4S | QuantValue::Q4F => Some(Bits::Four),
+        _ => None,
+    }
+}
+
+/// The Flex quantized tensor `packed` was made from (scheme `scheme`, one `i8` per value).
+fn unpacked_tensor<const D: usize>(packed: &PackedWeight, scheme: QuantScheme) -> Tensor<D> {
+    let values = FlexTensor::new(
+        Bytes::from_elems(packed.unpack()),
+        Layout::contiguous(Shape::from(vec![packed.k, packed.n])),
+        DType::I8,
+    );
+    let primitive = FlexQTensor::new(
+        values,
+        scheme.with_store(QuantStore::Native),
+        packed.scales(),
+        None,
+    );
+    Tensor::from_dispatch(<DispatchTensor as DispatchKindConversion<Flex>>::from_backend(
+        BackendTensor::Quantized(primitive),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::int8::matmul_int8_reference;
+    use crate::kernels::tests::{activations, block_scales, int8_values};
+
+    /// [`block_scales`] rounded to f16 (what the CPU quantizer writes).
+    fn f16_scales(count: usize) -> Vec<f32> {
+        block_scales(count)
+            .into_iter()
+            .map(|s| f16::from_f32(s).to_f32())
+            .collect()
+    }
+
+    /// `len` 4-bit test values spanning -8..=7.
+    fn q4_values(len: usize) -> Vec<i8> {
+        (0..len).map(|i| ((i * 53 % 16) as i32 - 8) as i8).collect()
+    }
+
+    /// Packing keeps every value and scale; the packed product equals the unpacked int8
+    /// product bit for bit (plain Rust and VNNI, 1 to 16 rows), and dequantizing equals
+    /// `scale * q`; for both widths.
+    #[test]
+    fn packed_product_equals_the_unpacked_one() {
+        for (bits, values, bytes_per_value) in [
+            (Bits::Four, q4_values as fn(usize) -> Vec<i8>, 0.5),
+            (Bits::Eight, int8_values, 1.0),
+        ] {
+            for &(rows, k, n, block) in &[
+                (1, 32, 16, 32),
+                (1, 64, 48, 32),
+                (3, 96, 64, 32),
+                (4, 512, 32, 32),
+                (5, 64, 80, 16),
+                (6, 64, 32, 8),
+                (16, 288, 16, 32),
+            ] {
+                let case = format!("{bits:?} {rows}x{k}x{n}/{block}");
+                let q = values(k * n);
+                let scales = f16_scales(k * n / block);
+                let w = ColumnBlocks {
+                    q: &q,
+                    scales: &scales,
+                    k,
+                    n,
+                    block,
+                };
+                let packed = PackedWeight::pack(&w, bits).expect("pack");
+                assert_eq!(packed.unpack(), q, "{case}: unpack");
+                let expected_bytes = (k * n) as f64 * bytes_per_value + (scales.len() * 2) as f64;
+                assert_eq!(packed.resident_bytes() as f64, expected_bytes, "{case}");
+                let dequantized = packed.dequantize();
+                for (i, (&d, &v)) in dequantized.iter().zip(&q).enumerate() {
+                    assert_eq!(d, scales[i / n / block * n + i % n] * v as f32, "{case} [{i}]");
+                }
+                let x = activations(rows, k);
+                let xq = Int8Rows::quantize(&x, rows, k, block).expect("quantize");
+                let unpacked = matmul_int8_reference(&xq, &w).expect("unpacked");
+                let plain = packed.matmul_int8_reference(&xq).expect("plain");
+                assert_eq!(plain, unpacked, "{case}: plain packed product");
+                if vnni_available() {
+                    let fast = packed.matmul_int8(&xq).expect("vnni");
+                    assert_eq!(fast, unpacked, "{case}: VNNI packed product");
+                } else {
+                    eprintln!("no AVX-512 VNNI on this CPU: only the plain path was checked");
+                }
+            }
+        }
+    }
+
+    /// Values outside 4 bits, widths that are not whole tiles and mismatched activations
+    /// are refused.
+    #[test]
+    fn packing_refuses_what_it_cannot_hold() {
+        let mut scales = f16_scales(32);
+        let pack = |q: &[i8], scales: &[f32], n: usize, bits| {
+            PackedWeight::pack(
+                &ColumnBlocks {
+                    q,
+                    scales: &scales[..64 * n / 32],
+                    k: 64,
+                    n,
+                    block: 32,
+                },
+                bits,
+            )
+        };
+        let mut q = q4_values(64 * 16);
+        assert!(
+            pack(&q[..64 * 2], &scales, 2, Bits::Four).is_none(),
+            "n not a multiple of 16"
+        );
+        assert!(pack(&q, &scales, 16, Bits::Four).is_some());
+        scales[3] = 1e-3;
+        assert!(
+            pack(&q, &scales, 16, Bits::Four).is_none(),
+            "a scale that is not an f16 value"
+        );
+        scales[3] = 0.5;
+        q[5] = 9;
+        assert!(
+            pack(&q, &scales, 16, Bits::Four).is_none(),
+            "a value outside -8..=7"
+        );
+        let packed = pack(&q, &scales, 16, Bits::Eight).expect("any int8 value");
+        let xq = Int8Rows::quantize(&activations(1, 32), 1, 32, 32).expect("quantize");
+        assert!(packed.matmul_int8(&xq).is_none(), "K differs");
+    }
+}
