@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{AllocationProperty, Bytes, DType, Device, Shape, Tensor};
+use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue};
+use burn::tensor::{AllocationProperty, Bytes, DType, Device, Shape, Tensor, TensorData};
 use burn_store::burn_pack::{Error as PackError, Tensor as PackTensor};
-use burn_store::{BurnpackStore, ModuleSnapshot, ModuleStore, bridge};
+use burn_store::{BurnpackStore, ModuleAdapter, ModuleContext, ModuleSnapshot, ModuleStore, bridge};
 use vipllava_model::{Precision, VipLlava, VipLlavaConfig};
 
 use crate::checkpoint::{Checkpoint, DiskDType, KeyLayout, TensorEntry};
@@ -408,7 +409,9 @@ pub fn save_burnpack(model: &VipLlava, config: &VipLlavaConfig, out_dir: &Path) 
         source,
     })?;
     let weights = out_dir.join(BURNPACK_WEIGHTS);
-    let mut store = BurnpackStore::from_file(&weights).overwrite(true);
+    let mut store = BurnpackStore::from_file(&weights)
+        .overwrite(true)
+        .with_to_adapter(Q4TwoPerByte);
     model.save_into(&mut store).map_err(|e| ConvertError::Write {
         path: weights.clone(),
         message: e.to_string(),
@@ -422,6 +425,55 @@ pub fn save_burnpack(model: &VipLlava, config: &VipLlavaConfig, out_dir: &Path) 
         path: config_path,
         source,
     })
+}
+
+/// Writes q4 weights two values per byte (Burn's `PackedU32` store, eight values per
+/// little-endian word) instead of the one byte per value Flex keeps: a q4 burnpack is then
+/// about half a q8 one. Burn unpacks them on load, and the CPU loader packs them again for
+/// the kernels. Weights whose rows are not whole words stay as they are.
+#[derive(Debug, Clone, Copy)]
+struct Q4TwoPerByte;
+
+impl ModuleAdapter for Q4TwoPerByte {
+    fn adapt(&self, tensor: PackTensor, _ctx: ModuleContext<'_>) -> PackTensor {
+        let DType::QFloat(scheme) = tensor.dtype else {
+            return tensor;
+        };
+        let q4 = matches!(scheme.value, QuantValue::Q4S | QuantValue::Q4F);
+        let whole_words = tensor.shape.last().is_some_and(|&n| n % 8 == 0);
+        if !q4 || scheme.store != QuantStore::Native || !whole_words {
+            return tensor;
+        }
+        let packed = scheme.with_store(QuantStore::PackedU32(0));
+        let (name, shape) = (tensor.name.clone(), tensor.shape.clone());
+        bridge::map_data(tensor, name, DType::QFloat(packed), shape, move |data| {
+            q4_words(data, packed)
+        })
+    }
+
+    fn clone_box(&self) -> Box<dyn ModuleAdapter> {
+        Box::new(*self)
+    }
+}
+
+/// Flex's q4 tensor data (one `i8` per value, then the scales) as `PackedU32` data of
+/// `scheme`: the values eight per word, the scale bytes as they were.
+fn q4_words(data: TensorData, scheme: QuantScheme) -> TensorData {
+    let shape = data.shape().clone();
+    let count = shape.num_elements();
+    let bytes = data.into_bytes();
+    let words: Vec<u8> = bytes[..count]
+        .chunks(8)
+        .flat_map(|values| {
+            let word = values
+                .iter()
+                .enumerate()
+                .fold(0u32, |w, (i, &v)| w | (u32::from(v & 0x0F) << (4 * i)));
+            word.to_le_bytes()
+        })
+        .chain(bytes[count..].iter().copied())
+        .collect();
+    TensorData::from_bytes_vec(words, shape, DType::QFloat(scheme))
 }
 
 /// `path` memory-mapped as Burn bytes: tensors loaded from it on the CPU use the mapped

@@ -209,19 +209,30 @@ fn quantized_weights_stay_close_to_f32() {
     }
 }
 
-/// Counts the parameters held packed two values per byte, without unpacking them.
-struct PackedCounter(usize);
+/// Counts the parameters held packed, and their values, without unpacking them.
+#[derive(Default)]
+struct PackedCounter {
+    params: usize,
+    values: usize,
+}
 
 impl burn::module::ModuleVisitor for PackedCounter {
     fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
-        self.0 += usize::from(packed::is_packed(param));
+        if packed::is_packed(param) {
+            self.params += 1;
+            self.values += param.lazy_shape().num_elements();
+        }
     }
 }
 
-fn packed_count(pipeline: &Pipeline) -> usize {
-    let mut counter = PackedCounter(0);
+fn packed(pipeline: &Pipeline) -> PackedCounter {
+    let mut counter = PackedCounter::default();
     burn::module::Module::visit(pipeline.model(), &mut counter);
-    counter.0
+    counter
+}
+
+fn packed_count(pipeline: &Pipeline) -> usize {
+    packed(pipeline).params
 }
 
 /// Reads every parameter, as any Burn operation on it would: packed weights unpack.
@@ -296,6 +307,7 @@ fn only_linear_weights_are_quantized() {
 fn convert_writes_a_burnpack_directory_that_generates_the_same() {
     let out_root = tempfile::tempdir().expect("tempdir");
     let input = fixture("tiny-5x-f32");
+    let (mut file_sizes, mut quantized_values) = (Vec::new(), 0);
     for (dtype, quantize) in [("bf16", None), ("f32", Some("q8")), ("f32", Some("q4"))] {
         let out = out_root
             .path()
@@ -328,6 +340,8 @@ fn convert_writes_a_burnpack_directory_that_generates_the_same() {
         };
         let (direct, direct_tokens, _) = run(&input, &options);
         let (converted, converted_tokens, pipeline) = run(&out, &LoadOptions::default());
+        file_sizes.push(std::fs::metadata(out.join("model.bpk")).expect("size").len() as usize);
+        quantized_values = packed(&pipeline).values;
         assert_eq!(
             quantized_parameter_count(pipeline.model()) > 0,
             quantize.is_some(),
@@ -351,6 +365,15 @@ fn convert_writes_a_burnpack_directory_that_generates_the_same() {
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(names.len(), 3, "{names:?}");
+    // q4 values are written two per byte: the q4 file is smaller than the q8 one by half a
+    // byte per quantized value (up to the tensors' alignment padding).
+    let saved = file_sizes[1] - file_sizes[2];
+    assert!(
+        saved * 100 >= quantized_values / 2 * 95 && saved <= quantized_values / 2 + 64 * 1024,
+        "q8 {} bytes, q4 {} bytes, {quantized_values} quantized values",
+        file_sizes[1],
+        file_sizes[2]
+    );
 }
 
 #[test]
