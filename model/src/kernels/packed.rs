@@ -27,8 +27,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, RwLock, Weak};
 
-use burn::backend::{BackendTensor, DispatchKindConversion, DispatchTensor, TensorMetadata};
-use burn::module::{Param, ParamId, ParamMapper};
+use burn::backend::{BackendTensor, DispatchKindConversion, DispatchTensor};
+use burn::module::{Param, ParamId};
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue};
 use burn::tensor::{Bytes, DType, Shape, Tensor, f16};
 use burn_flex::{Flex, FlexQTensor, FlexTensor, Layout};
@@ -393,9 +393,11 @@ mod vnni_tile {
 /// something unpacks it).
 static PACKED: LazyLock<RwLock<HashMap<ParamId, Weak<PackedWeight>>>> = LazyLock::new(Default::default);
 
-/// The packed form of `param`, when [`pack_weight`] made it and nothing has unpacked it since.
+/// The packed form of `param`, when [`pack_weight`] made it and nothing has unpacked it since
+/// (`None` as well when an adapter was attached to it: the effective weight is not the
+/// packed one).
 pub fn packed_weight<const D: usize>(param: &Param<Tensor<D>>) -> Option<Arc<PackedWeight>> {
-    if param.is_initialized() {
+    if param.is_initialized() || param.adapter().is_some() {
         return None;
     }
     PACKED.read().ok()?.get(&param.id)?.upgrade()
@@ -407,38 +409,34 @@ pub fn is_packed<const D: usize>(param: &Param<Tensor<D>>) -> bool {
 }
 
 /// `param` packed ([`PackedWeight`]) when it is a Flex q8 or q4 matrix with blocks along K
-/// that [`PackedWeight::pack`] accepts; otherwise `param` as it was. The packed parameter gets a
-/// new id (two models loaded from one file must not share an entry) and unpacks itself,
-/// once, into the same quantized tensor if anything reads it.
+/// that [`PackedWeight::pack`] accepts (and no adapter); otherwise `param` as it was. The
+/// packed parameter gets a new id (two models loaded from one file must not share an entry)
+/// and unpacks itself, once, into the same quantized tensor if anything reads it.
 pub fn pack_weight<const D: usize>(param: Param<Tensor<D>>) -> Param<Tensor<D>> {
     if D != 2
         || !param.is_initialized()
+        || param.adapter().is_some()
         || !super::is_plain_flex(&param.device())
-        || !matches!(param.dtype(), DType::QFloat(s) if bits_of(&s).is_some())
     {
         return param;
     }
-    let (id, tensor, mapper) = param.consume();
-    let shape = tensor.shape();
-    let device = tensor.device();
-    let primitive =
-        match <DispatchTensor as DispatchKindConversion<Flex>>::try_into_backend(tensor.into_dispatch()) {
-            Ok(BackendTensor::Quantized(primitive)) => primitive,
-            Ok(other) => return flex_param(id, other, mapper),
-            // Not reached: the device is plain Flex (checked above).
-            Err(_) => return Param::from_mapped_value(id, Tensor::empty(shape, &device), mapper),
-        };
-    let DType::QFloat(scheme) = primitive.dtype() else {
-        return flex_param(id, BackendTensor::Quantized(primitive), mapper);
+    let DType::QFloat(scheme) = param.dtype() else {
+        return param;
     };
     let Some(bits) = bits_of(&scheme) else {
-        return flex_param(id, BackendTensor::Quantized(primitive), mapper);
+        return param;
+    };
+    // A second handle on the same values (Flex copies the scales, once per weight).
+    let Ok(BackendTensor::Quantized(primitive)) =
+        <DispatchTensor as DispatchKindConversion<Flex>>::try_into_backend(param.val().into_dispatch())
+    else {
+        return param;
     };
     let rows = match QuantizedRows::from_flex(primitive) {
         Ok(rows) if rows.axis == BlockAxis::Input => rows,
-        Ok(rows) => return flex_param(id, BackendTensor::Quantized(rows.tensor), mapper),
-        Err(primitive) => return flex_param(id, BackendTensor::Quantized(*primitive), mapper),
+        _ => return param,
     };
+    let shape = param.shape();
     let [k, n] = [shape[0], shape[1]];
     let columns = ColumnBlocks {
         q: rows.values(k * n),
@@ -447,11 +445,11 @@ pub fn pack_weight<const D: usize>(param: Param<Tensor<D>>) -> Param<Tensor<D>> 
         n,
         block: rows.block,
     };
-    let packed = PackedWeight::pack(&columns, bits);
-    let Some(packed) = packed.map(Arc::new) else {
-        return flex_param(id, BackendTensor::Quantized(rows.tensor), mapper);
+    let Some(packed) = PackedWeight::pack(&columns, bits).map(Arc::new) else {
+        return param;
     };
-    drop(rows);
+    let device = param.device();
+    drop((rows, param));
     let id = ParamId::new();
     if let Ok(mut registry) = PACKED.write() {
         registry.retain(|_, weak| weak.strong_count() > 0);
@@ -471,16 +469,6 @@ pub fn pack_weight<const D: usize>(param: Param<Tensor<D>>) -> Param<Tensor<D>> 
         false,
         shape,
     )
-}
-
-/// A parameter holding the Flex tensor `tensor` again.
-fn flex_param<const D: usize>(
-    id: ParamId,
-    tensor: BackendTensor<Flex>,
-    mapper: ParamMapper<Tensor<D>>,
-) -> Param<Tensor<D>> {
-    let dispatch = <DispatchTensor as DispatchKindConversion<Flex>>::from_backend(tensor);
-    Param::from_mapped_value(id, Tensor::from_dispatch(dispatch), mapper)
 }
 
 /// The packed width of a scheme's integers (`None`: not packed).
@@ -578,6 +566,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A q4 `Linear` weight packs into a lazy parameter that the decode path reads in place
+    /// (the same product as the unpacked weight); reading the parameter unpacks it into the
+    /// same Burn tensor; a weight with a LoRA adapter is not read packed.
+    #[test]
+    fn a_packed_parameter_unpacks_when_read_and_yields_to_adapters() {
+        use burn::module::{Lora, Module};
+        use burn::nn::LinearConfig;
+        use burn::tensor::quantization::ScaleDtype;
+        use burn::tensor::{Device, Distribution};
+
+        let device = Device::flex();
+        let (k, n) = (64, 32);
+        let scheme = QuantScheme::default()
+            .with_value(QuantValue::Q4S)
+            .per_block([32, 1], ScaleDtype::F16);
+        let mut layer = LinearConfig::new(k, n).init(&device);
+        let quantized = layer.weight.val().quantize_dynamic(&scheme);
+        let reference = quantized.clone().dequantize();
+        layer.weight = pack_weight(Param::from_tensor(quantized));
+        let packed = packed_weight(&layer.weight).expect("packed");
+        assert_eq!(packed.bits(), Bits::Four);
+        let x = Tensor::<2>::random([3, k], Distribution::Normal(0.0, 1.0), &device);
+        let expected =
+            x.clone().matmul(reference.clone()) + layer.bias.as_ref().expect("bias").val().unsqueeze();
+        let got = crate::kernels::with_int8_activations(false, || crate::kernels::linear(&layer, x.clone()));
+        let diff: f32 = (got - expected).abs().max().into_scalar();
+        assert!(diff < 1e-5, "packed product differs by {diff}");
+        assert!(
+            packed_weight(&layer.weight).is_some(),
+            "the product read the weight in place"
+        );
+
+        let adapted = layer.clone().apply_lora(Lora::new(4, 8.0));
+        assert!(
+            packed_weight(&adapted.weight).is_none(),
+            "an adapted weight is not read packed"
+        );
+
+        let read = layer.weight.val();
+        assert!(matches!(read.dtype(), DType::QFloat(s) if s.value == QuantValue::Q4S));
+        assert!(packed_weight(&layer.weight).is_none(), "reading unpacks");
+        let back: Vec<f32> = read.dequantize().into_data().try_to_vec().expect("values");
+        let want: Vec<f32> = reference.into_data().try_to_vec().expect("values");
+        assert_eq!(back, want, "the unpacked tensor is the quantized one");
     }
 
     /// Values outside 4 bits, widths that are not whole tiles and mismatched activations
