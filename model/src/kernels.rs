@@ -315,7 +315,6 @@ fn quantized_linear<const D: usize>(
     x: &Tensor<D>,
     rows: usize,
 ) -> Option<Tensor<D>> {
-    let device = weight.device();
     let [k, n] = weight.dims();
     let quantized = QuantizedRows::of(weight)?;
     let values = quantized.values(k * n);
@@ -354,18 +353,24 @@ fn quantized_linear<const D: usize>(
         };
         return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
     }
-    let w = quantized.dequantize();
-    let w = Tensor::<2>::from_data(TensorData::new(w, [k, n]), &device);
-    let xf = if dtype == DType::F32 {
-        x.clone()
-    } else {
-        x.clone().cast(DType::F32)
-    };
-    let mut y = xf.matmul(w.unsqueeze());
+    Some(dequantized_linear(quantized.dequantize(), [k, n], x, bias))
+}
+
+/// `x @ W (+ b)` for many rows of a quantized `W` given dequantized (`[k, n]` f32): Burn's
+/// f32 gemm, the bias added in f32, the result rounded once to `x`'s dtype.
+fn dequantized_linear<const D: usize>(
+    w: Vec<f32>,
+    shape: [usize; 2],
+    x: &Tensor<D>,
+    bias: Option<Tensor<1>>,
+) -> Tensor<D> {
+    let weight = Tensor::<2>::from_data(TensorData::new(w, shape), &x.device());
+    // Burn's cast keeps a tensor that already has the dtype.
+    let mut y = x.clone().cast(DType::F32).matmul(weight.unsqueeze());
     if let Some(b) = bias {
         y = y + b.cast(DType::F32).unsqueeze();
     }
-    Some(if dtype == DType::F32 { y } else { y.cast(dtype) })
+    y.cast(x.dtype())
 }
 
 /// `x @ W (+ b)` for a packed `W` ([`packed::PackedWeight`]), with the arithmetic of
@@ -410,12 +415,7 @@ fn packed_linear<const D: usize>(
         };
         return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
     }
-    let weight = Tensor::<2>::from_data(TensorData::new(w.dequantize(), [k, n]), &x.device());
-    let mut y = x.clone().cast(DType::F32).matmul(weight.unsqueeze());
-    if let Some(b) = bias {
-        y = y + b.cast(DType::F32).unsqueeze();
-    }
-    Some(y.cast(dtype))
+    Some(dequantized_linear(w.dequantize(), [k, n], x, bias))
 }
 
 /// `scale * q` for a weight with `[block, 1]` blocks (`scales[(kk / block) * n + j]`), one
