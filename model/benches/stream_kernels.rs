@@ -45,7 +45,8 @@ fn main() {
             .map(|i| bf16::from_f32((i % 13) as f32 * 0.01))
             .collect();
         let q: Vec<i8> = (0..k * n).map(|i| (i % 251) as i8).collect();
-        let scales = vec![0.01f32; k * n / 32];
+        // A power of two: f16-exact, as packing requires.
+        let scales = vec![1.0f32 / 128.0; k * n / 32];
         let bf = time(21, || {
             black_box(matmul_stream(black_box(&x), black_box(&w), 1, k, n));
         });
@@ -97,5 +98,32 @@ fn main() {
             packed4 * 1e3,
             values / packed4 / 1e9
         );
+    }
+    attention_table();
+}
+
+/// Decode attention (one query row) over a bf16 KV cache, 1.1B and 7B head layouts.
+fn attention_table() {
+    use burn::tensor::ops::AttentionModuleOptions;
+    use burn::tensor::{DType, Device, Distribution, Tensor};
+    use vipllava_model::kernels::attention::decode_attention;
+
+    let device = Device::flex();
+    println!();
+    println!("| heads / kv heads x context x head dim | decode attention ms (bf16 cache) |");
+    println!("|---|---|");
+    for (heads, kv_heads, total, d) in [(32, 4, 750, 64), (32, 32, 641, 128)] {
+        let random = |h: usize, t: usize| {
+            Tensor::<4>::random([1, h, t, d], Distribution::Normal(0.0, 1.0), &device).cast(DType::BF16)
+        };
+        let (q, k, v) = (random(heads, 1), random(kv_heads, total), random(kv_heads, total));
+        let options = AttentionModuleOptions {
+            is_causal: true,
+            ..Default::default()
+        };
+        let ms = time(41, || {
+            black_box(decode_attention(&q, &k, &v, None, &options).unwrap());
+        });
+        println!("| {heads} / {kv_heads} x {total} x {d} | {:.3} |", ms * 1e3);
     }
 }
