@@ -8,6 +8,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use burn::tensor::bf16;
+use vipllava_model::kernels::bf16_dot::{bf16_dot_available, matmul_bf16};
 use vipllava_model::kernels::int8::{ColumnBlocks, Int8Rows, matmul_int8, vnni_available};
 use vipllava_model::kernels::packed::{Bits, PackedWeight};
 use vipllava_model::kernels::{matmul_q8_columns, matmul_stream, matmul_stream_q8};
@@ -27,11 +28,15 @@ fn time(calls: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    println!("VNNI: {}", vnni_available());
     println!(
-        "| k x n | bf16 ms | bf16 GB/s | q8 (row blocks, f32 x) ms | q8 (K blocks, f32 x) ms | q8 (K blocks, int8 x) ms | int8 x G values/s | q8 packed ms | q4 packed ms | q4 packed G values/s |"
+        "VNNI: {}, AVX-512 BF16: {}",
+        vnni_available(),
+        bf16_dot_available()
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| k x n | bf16 ms | bf16 GB/s | bf16 x bf16 (vdpbf16ps) ms | q8 (row blocks, f32 x) ms | q8 (K blocks, f32 x) ms | q8 (K blocks, int8 x) ms | int8 x G values/s | q8 packed ms | q4 packed ms | q4 packed G values/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     // Llama-1B shapes: gate/up, down, q/o, k/v; 7B: gate/up.
     for (k, n) in [
         (2048, 5632),
@@ -49,6 +54,10 @@ fn main() {
         let scales = vec![1.0f32 / 128.0; k * n / 32];
         let bf = time(21, || {
             black_box(matmul_stream(black_box(&x), black_box(&w), 1, k, n));
+        });
+        let xb: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let bf_dot = time(21, || {
+            black_box(matmul_bf16(black_box(&xb), black_box(&w), 1, k, n).unwrap());
         });
         let q8 = time(21, || {
             black_box(matmul_stream_q8(
@@ -87,9 +96,10 @@ fn main() {
         let (packed8, packed4) = (packed(Bits::Eight), packed(Bits::Four));
         let values = (k * n) as f64;
         println!(
-            "| {k} x {n} | {:.3} | {:.1} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.1} |",
+            "| {k} x {n} | {:.3} | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1} | {:.3} | {:.3} | {:.1} |",
             bf * 1e3,
             values * 2.0 / bf / 1e9,
+            bf_dot * 1e3,
             q8 * 1e3,
             columns * 1e3,
             int8 * 1e3,

@@ -21,6 +21,7 @@ use burn_flex::{Flex, FlexQTensor, FlexTensor};
 use rayon::prelude::*;
 
 pub mod attention;
+pub mod bf16_dot;
 pub mod int8;
 pub mod packed;
 
@@ -164,7 +165,14 @@ fn stream_linear<const D: usize>(
     };
     let out = match dtype {
         DType::F32 => matmul_stream(&xs, &w.storage::<f32>()[offset..offset + k * n], rows, k, n),
-        DType::BF16 => matmul_stream(&xs, &w.storage::<bf16>()[offset..offset + k * n], rows, k, n),
+        DType::BF16 => {
+            let w = &w.storage::<bf16>()[offset..offset + k * n];
+            // bf16 activations (exact in `xs`) with `vdpbf16ps` where the CPU has it.
+            bf16_dot::bf16_dot_available()
+                .then(|| bf16_dot::matmul_bf16(&xs, w, rows, k, n))
+                .flatten()
+                .unwrap_or_else(|| matmul_stream(&xs, w, rows, k, n))
+        }
         DType::F16 => matmul_stream(&xs, &w.storage::<f16>()[offset..offset + k * n], rows, k, n),
         _ => return None,
     };
