@@ -6,7 +6,9 @@
 //! for large products. [`linear`] instead streams the weight `[K, N]` row by row in K
 //! blocks (one per rayon task), converting bf16/f16 to f32 in registers, and sums the
 //! per-block partial products; the arithmetic is f32 throughout (as PyTorch's CPU bf16
-//! gemm accumulates in f32) and the result is rounded once to the weight dtype.
+//! gemm accumulates in f32) and the result is rounded once to the weight dtype. bf16
+//! weights with bf16 activations use `vdpbf16ps` where the CPU has AVX-512 BF16
+//! ([`bf16_dot`]); q8/q4 weights use int8 products ([`int8`], [`packed`]).
 //!
 //! Everything else (other backends, many rows, odd layouts) goes to Burn's own ops. For
 //! many rows with bf16/f16 weights the weight is widened to f32 once per call and Burn's

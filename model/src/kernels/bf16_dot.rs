@@ -37,7 +37,7 @@ const CHUNK: usize = 32;
 
 /// `x [rows, k] @ w [k, n]` as f32, for activations that are bf16 values (widened to f32):
 /// per output, the products of each row pair (`kk` even) are added odd row first, as
-/// `vdpbf16ps` does, in [`super::K_BLOCK`]-row slabs summed in slab order. `None` when an
+/// `vdpbf16ps` does, in 256-row slabs summed in slab order. `None` when an
 /// activation is not a bf16 value (its rounding would change the product) or the sizes do
 /// not match.
 pub fn matmul_bf16(x: &[f32], w: &[bf16], rows: usize, k: usize, n: usize) -> Option<Vec<f32>> {
