@@ -35,6 +35,13 @@ impl LinearForward for Linear {
     }
 }
 
+/// [`LinearForward::project`] for several layers that read the same input (q/k/v,
+/// gate/up): each result is that of its own `project`; on the CPU's decode path with packed
+/// weights the input is quantized once and the products share one set of rayon tasks.
+pub fn project_each<const D: usize, const N: usize>(layers: [&Linear; N], x: Tensor<D>) -> [Tensor<D>; N] {
+    kernels::linears(layers, x)
+}
+
 /// Scaled dot-product attention over `[batch, heads, seq, head_dim]` queries and
 /// `[batch, kv_heads, total, head_dim]` keys/values, where `heads` is a multiple of
 /// `kv_heads` (GQA): query head `h` reads key/value head `h / (heads / kv_heads)`. The mask

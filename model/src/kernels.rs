@@ -139,6 +139,62 @@ fn flex_tensor<const D: usize>(t: Tensor<D>) -> Option<FlexTensor> {
     t.try_into_primitive::<Flex>().ok()
 }
 
+/// `x @ W (+ b)` for several `Linear`s that read the same input (q/k/v, gate/up), each
+/// with the bits of [`linear`] on its own. On a decode step with packed q8/q4 weights and
+/// int8 activations, the input is quantized once and every product's slabs run as one
+/// set of rayon tasks (one wake-up of the workers instead of one per projection);
+/// anything else goes through [`linear`] layer by layer.
+pub fn linears<const D: usize, const N: usize>(layers: [&Linear; N], x: Tensor<D>) -> [Tensor<D>; N] {
+    if let Some(out) = fused_packed_linears(&layers, &x) {
+        return out;
+    }
+    layers.map(|layer| linear(layer, x.clone()))
+}
+
+/// [`linears`]' fused case, or `None` where it does not apply.
+pub(crate) fn fused_packed_linears<const D: usize, const N: usize>(
+    layers: &[&Linear; N],
+    x: &Tensor<D>,
+) -> Option<[Tensor<D>; N]> {
+    let dtype = x.dtype();
+    if x.device().is_autodiff()
+        || !fast_paths_enabled()
+        || !int8_activations_enabled()
+        || !is_plain_flex(&x.device())
+        || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+    {
+        return None;
+    }
+    let weights = layers
+        .iter()
+        .map(|layer| packed::packed_weight(&layer.weight))
+        .collect::<Option<Vec<_>>>()?;
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let k = dims[D - 1];
+    let block = weights.first()?.block();
+    if rows > MAX_STREAM_ROWS || weights.iter().any(|w| w.k() != k || w.block() != block) {
+        return None;
+    }
+    let xq = Int8Rows::quantize(&host_f32(x.clone())?, rows, k, block)?;
+    if !weights.iter().all(|w| w.accepts(&xq)) {
+        return None;
+    }
+    let widths: Vec<usize> = weights.iter().map(|w| w.n()).collect();
+    let products = sum_over_slabs_of_each(rows, &widths, k, |i, k0, k1, acc| {
+        weights[i].add_slab(&xq, k0, k1, acc)
+    });
+    let mut outputs = Vec::with_capacity(N);
+    for ((layer, out), n) in layers.iter().zip(products).zip(widths) {
+        let bias = match &layer.bias {
+            Some(b) => Some(host_f32(b.val())?),
+            None => None,
+        };
+        outputs.push(streamed_output(out, bias.as_deref(), x, n, dtype));
+    }
+    outputs.try_into().ok()
+}
+
 /// The streaming kernel on `weight` (`layer.weight` on the plain Flex device).
 fn stream_linear<const D: usize>(
     layer: &Linear,
@@ -718,26 +774,47 @@ pub(crate) fn sum_over_slabs(
     k: usize,
     slab: impl Fn(usize, usize, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let tasks = k.div_ceil(K_BLOCK).max(1);
-    let partials: Vec<Vec<f32>> = (0..tasks)
+    let mut out = sum_over_slabs_of_each(rows, &[n], k, |_, k0, k1, acc| slab(k0, k1, acc));
+    out.pop().unwrap_or_default()
+}
+
+/// [`sum_over_slabs`] for several products over the same `k` rows (output widths `widths`)
+/// as one set of rayon tasks: `slab(i, k0, k1, acc)` adds product `i`'s share. Each product
+/// is summed in its own slab order, so each result has the bits of its own
+/// [`sum_over_slabs`]; one parallel region instead of one per product.
+pub(crate) fn sum_over_slabs_of_each(
+    rows: usize,
+    widths: &[usize],
+    k: usize,
+    slab: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
+) -> Vec<Vec<f32>> {
+    let slabs = k.div_ceil(K_BLOCK).max(1);
+    let partials: Vec<Vec<f32>> = (0..widths.len() * slabs)
         .into_par_iter()
-        .map(|t| {
+        .map(|task| {
+            let (i, t) = (task / slabs, task % slabs);
             let k0 = (t * K_BLOCK).min(k);
             let k1 = ((t + 1) * K_BLOCK).min(k);
-            let mut acc = vec![0f32; rows * n];
+            let mut acc = vec![0f32; rows * widths[i]];
             if k0 < k1 {
-                slab(k0, k1, &mut acc);
+                slab(i, k0, k1, &mut acc);
             }
             acc
         })
         .collect();
-    let mut out = vec![0f32; rows * n];
-    for p in &partials {
-        for (o, v) in out.iter_mut().zip(p) {
-            *o += v;
-        }
-    }
-    out
+    partials
+        .chunks(slabs)
+        .zip(widths)
+        .map(|(parts, &n)| {
+            let mut out = vec![0f32; rows * n];
+            for p in parts {
+                for (o, v) in out.iter_mut().zip(p) {
+                    *o += v;
+                }
+            }
+            out
+        })
+        .collect()
 }
 
 /// [`StreamedWeight::accumulate`] compiled for the best vector extension the CPU has.

@@ -11,7 +11,7 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::cache::KvCache;
 use crate::config::{Activation, LlamaConfig, RopeScaling};
-use crate::dispatch::{LinearForward, grouped_attention};
+use crate::dispatch::{LinearForward, grouped_attention, project_each};
 use crate::layers::{LlamaRmsNorm, ParamInit, activate, linear};
 
 /// Attention projections of one decoder layer.
@@ -322,8 +322,8 @@ impl LlamaDecoderLayer {
 
 impl LlamaMlp {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = activate(self.act, self.gate_proj.project(x.clone()));
-        self.down_proj.project(gate * self.up_proj.project(x))
+        let [gate, up] = project_each([&self.gate_proj, &self.up_proj], x);
+        self.down_proj.project(activate(self.act, gate) * up)
     }
 }
 
@@ -337,21 +337,10 @@ impl LlamaAttention {
         } = context;
         let [b, t, _] = x.dims();
         let hd = self.head_dim;
-        let q = self
-            .q_proj
-            .project(x.clone())
-            .reshape([b, t, self.num_heads, hd])
-            .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .project(x.clone())
-            .reshape([b, t, self.num_kv_heads, hd])
-            .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .project(x)
-            .reshape([b, t, self.num_kv_heads, hd])
-            .swap_dims(1, 2);
+        let [q, k, v] = project_each([&self.q_proj, &self.k_proj, &self.v_proj], x);
+        let q = q.reshape([b, t, self.num_heads, hd]).swap_dims(1, 2);
+        let k = k.reshape([b, t, self.num_kv_heads, hd]).swap_dims(1, 2);
+        let v = v.reshape([b, t, self.num_kv_heads, hd]).swap_dims(1, 2);
         let q = apply_rope(q, cos, sin);
         let k = apply_rope(k, cos, sin);
         let (k, v) = cache.append(index, k, v);

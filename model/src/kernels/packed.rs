@@ -250,15 +250,30 @@ impl PackedWeight {
     }
 
     fn matmul_int8_with(&self, x: &Int8Rows, vnni: bool) -> Option<Vec<f32>> {
-        if x.width() != self.k || x.block() != self.block {
+        if !self.accepts(x) {
             return None;
         }
-        let block = self.block;
         Some(sum_over_slabs(x.rows(), self.n, self.k, |k0, k1, out| {
-            for kb in k0 / block..k1 / block {
-                self.add_block(x, kb, vnni, out);
-            }
+            self.add_slab_with(x, k0, k1, vnni, out)
         }))
+    }
+
+    /// Adds weight rows `k0..k1` (whole blocks) of `x @ w` to `out [rows, n]`: one slab of
+    /// [`PackedWeight::matmul_int8`], for callers that run several products' slabs as one
+    /// set of tasks. `x` must match the weight ([`PackedWeight::accepts`]).
+    pub(crate) fn add_slab(&self, x: &Int8Rows, k0: usize, k1: usize, out: &mut [f32]) {
+        self.add_slab_with(x, k0, k1, vnni_available(), out);
+    }
+
+    fn add_slab_with(&self, x: &Int8Rows, k0: usize, k1: usize, vnni: bool, out: &mut [f32]) {
+        for kb in k0 / self.block..k1 / self.block {
+            self.add_block(x, kb, vnni, out);
+        }
+    }
+
+    /// Whether `x` has this weight's width and block length.
+    pub(crate) fn accepts(&self, x: &Int8Rows) -> bool {
+        x.width() == self.k && x.block() == self.block
     }
 
     /// `out[r, :] += (isum[r, :] * dx[r, kb]) * sw[kb, :]` for block row `kb`.
@@ -616,6 +631,60 @@ mod tests {
 
     /// Values outside 4 bits, widths that are not whole tiles and mismatched activations
     /// are refused.
+    #[test]
+    fn projections_of_one_input_fused_keep_the_bits_of_each_alone() {
+        use burn::nn::{Linear, LinearConfig};
+        use burn::tensor::quantization::ScaleDtype;
+        use burn::tensor::{Device, Distribution};
+
+        let device = Device::flex();
+        // Two K slabs (k = 320), widths as q/k/v with GQA, q8 and q4, with and without bias.
+        let k = 320;
+        let packed_layer = |n: usize, value: QuantValue, bias: bool| {
+            let scheme = QuantScheme::default()
+                .with_value(value)
+                .per_block([32, 1], ScaleDtype::F16);
+            let mut layer = LinearConfig::new(k, n).with_bias(bias).init(&device);
+            layer.weight = pack_weight(Param::from_tensor(layer.weight.val().quantize_dynamic(&scheme)));
+            assert!(is_packed(&layer.weight));
+            layer
+        };
+        let layers: [Linear; 3] = [
+            packed_layer(64, QuantValue::Q8S, true),
+            packed_layer(16, QuantValue::Q4S, false),
+            packed_layer(48, QuantValue::Q4S, true),
+        ];
+        for rows in [1, 3, 16] {
+            let x = Tensor::<3>::random([1, rows, k], Distribution::Normal(0.0, 1.0), &device);
+            let fused = crate::kernels::fused_packed_linears(&[&layers[0], &layers[1], &layers[2]], &x)
+                .expect("the fused path applies");
+            for (layer, got) in layers.iter().zip(fused) {
+                let alone = crate::kernels::linear(layer, x.clone());
+                let (got, alone): (Vec<f32>, Vec<f32>) = (
+                    got.into_data().try_to_vec().expect("f32"),
+                    alone.into_data().try_to_vec().expect("f32"),
+                );
+                assert_eq!(got, alone, "{rows} rows");
+            }
+        }
+        assert!(layers.iter().all(|l| is_packed(&l.weight)), "read in place");
+        // A layer that is not packed: each goes through `linear` on its own.
+        let plain = LinearConfig::new(k, 32).init(&device);
+        let x = Tensor::<2>::random([2, k], Distribution::Normal(0.0, 1.0), &device);
+        assert!(crate::kernels::fused_packed_linears(&[&layers[0], &plain], &x).is_none());
+        let [a, b] = crate::kernels::linears([&layers[0], &plain], x.clone());
+        let a_alone: Vec<f32> = crate::kernels::linear(&layers[0], x.clone())
+            .into_data()
+            .try_to_vec()
+            .expect("f32");
+        let b_alone: Vec<f32> = crate::kernels::linear(&plain, x)
+            .into_data()
+            .try_to_vec()
+            .expect("f32");
+        assert_eq!(a.into_data().try_to_vec::<f32>().expect("f32"), a_alone);
+        assert_eq!(b.into_data().try_to_vec::<f32>().expect("f32"), b_alone);
+    }
+
     #[test]
     fn packing_refuses_what_it_cannot_hold() {
         let mut scales = f16_scales(32);
