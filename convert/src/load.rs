@@ -14,7 +14,7 @@ use vipllava_model::{Precision, VipLlava, VipLlavaConfig};
 use crate::checkpoint::{Checkpoint, DiskDType, KeyLayout, TensorEntry};
 use crate::error::ConvertError;
 use crate::quantize::{
-    Quantization, WeightPacker, WeightQuantizer, quantize_model, quantized_parameter_count,
+    QUANTIZED_LINEARS, Quantization, WeightPacker, WeightQuantizer, quantize_model, quantized_parameter_count,
 };
 
 /// File name of the resolved config written beside a burnpack checkpoint.
@@ -179,7 +179,38 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
         needed.insert(key);
     }
 
-    // Apply the tensors group by group (everything outside the layer stacks, then one
+    // Tensors whose dtype is the load dtype are used in place from a map of their file
+    // (plain CPU device only): nothing is copied or written, and pages are read from the
+    // page cache when first used. Linear weights keep the file's `[out, in]` order, seen
+    // transposed; the kernels read that order (`vipllava_model::kernels::rows`).
+    let mut maps = FileMaps::new(&checkpoint.files, is_plain_flex(device));
+    let mut in_place: BTreeMap<String, InPlaceTensor> = BTreeMap::new();
+    for tensor in &expected {
+        let Some((_, entry)) = checkpoint.find(layout, &tensor.name) else {
+            continue; // checked above
+        };
+        if quantized_at_load(tensor, options) {
+            continue;
+        }
+        if let Some(data) = maps.view(entry, options.precision.dtype())? {
+            in_place.insert(
+                tensor.burn_path.clone(),
+                InPlaceTensor {
+                    data,
+                    transposed: tensor.transposed && entry.shape.len() == 2,
+                },
+            );
+        }
+    }
+    let mut used_in_place = UseInPlace {
+        path: Vec::new(),
+        tensors: in_place,
+        device: device.clone(),
+        applied: BTreeSet::new(),
+    };
+    model = model.map(&mut used_in_place);
+
+    // Apply the other tensors group by group (everything outside the layer stacks, then one
     // layer at a time), quantizing each group as soon as it is loaded: the peak is the
     // model in its final form plus one layer, never the unquantized model.
     let mut groups: BTreeMap<LoadGroup, Vec<PackTensor>> = BTreeMap::new();
@@ -187,13 +218,16 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
         let Some((key, entry)) = checkpoint.find(layout, &tensor.name) else {
             continue; // checked above
         };
+        if used_in_place.applied.contains(&tensor.burn_path) {
+            continue;
+        }
         let file = checkpoint.files[entry.file].clone();
         groups
             .entry(LoadGroup::of(&tensor.name))
             .or_default()
             .push(file_tensor(file, tensor, key, entry, options.precision.dtype()));
     }
-    let mut loaded = 0usize;
+    let mut loaded = used_in_place.applied.len();
     for (group, tensors) in groups {
         // The read buffer (as large as the group's largest tensor) is freed after each group:
         // the embeddings' (263 MB at 7B) would otherwise stay through every layer.
@@ -370,10 +404,138 @@ impl LoadGroup {
     }
 }
 
+/// Whether the load quantizes this tensor (`--quantize`: the [`QUANTIZED_LINEARS`] of the
+/// layer stacks and the projector). Those are read and copied, not used in place: the
+/// file pages read for them would otherwise stay resident beside their quantized copy.
+fn quantized_at_load(tensor: &ExpectedTensor, options: &LoadOptions) -> bool {
+    if options.quantize.is_none() {
+        return false;
+    }
+    let parts: Vec<&str> = tensor.burn_path.split('.').collect();
+    let [.., module, last] = parts.as_slice() else {
+        return false;
+    };
+    *last == "weight"
+        && QUANTIZED_LINEARS.contains(module)
+        && (LoadGroup::of(&tensor.name) != LoadGroup::Rest
+            || tensor.burn_path.starts_with("multi_modal_projector."))
+}
+
+/// Whether `device` is the plain Flex CPU device (not autodiff, not a GPU).
+fn is_plain_flex(device: &Device) -> bool {
+    vipllava_model::kernels::is_plain_flex(device)
+}
+
+/// The maps of a checkpoint's files, made on first use.
+struct FileMaps<'a> {
+    files: &'a [PathBuf],
+    maps: Vec<Option<Arc<memmap2::Mmap>>>,
+    enabled: bool,
+}
+
+impl<'a> FileMaps<'a> {
+    /// Maps of `files`; `enabled: false` (another device) maps nothing.
+    fn new(files: &'a [PathBuf], enabled: bool) -> Self {
+        Self {
+            files,
+            maps: vec![None; files.len()],
+            enabled: enabled && cfg!(target_endian = "little"),
+        }
+    }
+
+    /// `entry`'s values in place, in its file's shape, when they are stored as `dtype` and
+    /// aligned for it; `None` when they must be converted (or mapping is off).
+    fn view(&mut self, entry: &TensorEntry, dtype: DType) -> Result<Option<TensorData>, ConvertError> {
+        let size = match (entry.dtype, dtype) {
+            (DiskDType::F32, DType::F32) => 4,
+            (DiskDType::BF16, DType::BF16) | (DiskDType::F16, DType::F16) => 2,
+            _ => return Ok(None),
+        };
+        if !self.enabled || entry.bytes.start % size != 0 {
+            return Ok(None);
+        }
+        let (Ok(start), Ok(end)) = (
+            usize::try_from(entry.bytes.start),
+            usize::try_from(entry.bytes.end),
+        ) else {
+            return Ok(None);
+        };
+        let map = match &self.maps[entry.file] {
+            Some(map) => Arc::clone(map),
+            None => {
+                let path = &self.files[entry.file];
+                let io = |source| ConvertError::Io {
+                    path: path.clone(),
+                    source,
+                };
+                let file = std::fs::File::open(path).map_err(io)?;
+                // SAFETY: the map is only read. As with any memory-mapped checkpoint
+                // (PyTorch's and safetensors' loaders map theirs too), truncating or
+                // rewriting the file while the model is alive is not supported.
+                let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?);
+                self.maps[entry.file] = Some(Arc::clone(&map));
+                map
+            }
+        };
+        if end > map.len() || start > end {
+            return Ok(None);
+        }
+        let bytes = bytes::Bytes::from_owner(SharedMap(map)).slice(start..end);
+        Ok(Some(TensorData::from_bytes(
+            Bytes::from_shared(bytes, AllocationProperty::File),
+            entry.shape.clone(),
+            dtype,
+        )))
+    }
+}
+
+/// A tensor used in place: its file's values and shape, and whether Burn's parameter is
+/// its transpose (a linear weight).
+struct InPlaceTensor {
+    data: TensorData,
+    transposed: bool,
+}
+
+/// Sets the parameters found in `tensors` (by Burn path) to their values in place,
+/// without initialising the lazy placeholders first.
+struct UseInPlace {
+    path: Vec<String>,
+    tensors: BTreeMap<String, InPlaceTensor>,
+    device: Device,
+    /// Burn paths of the parameters set.
+    applied: BTreeSet<String>,
+}
+
+impl ModuleMapper for UseInPlace {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.path.join(".");
+        let Some(tensor) = self.tensors.remove(&path) else {
+            return param;
+        };
+        let dtype = tensor.data.dtype();
+        let value = Tensor::<D>::from_data(tensor.data, (&self.device, dtype));
+        let value = if tensor.transposed && D == 2 {
+            value.swap_dims(0, 1)
+        } else {
+            value
+        };
+        self.applied.insert(path);
+        Param::initialized(param.id, value)
+    }
+}
+
 /// A checkpoint tensor under its Burn path, in Burn's layout and the load `dtype`, read
-/// from its file by one positioned read when the model asks for it (see [`crate::read`]).
-/// No memory map: mapped pages would count in the process's resident memory on top of the
-/// loaded model (a load peaked at model + shard size).
+/// from its file by one positioned read when the model asks for it (see [`crate::read`]):
+/// the tensors that the load converts or quantizes. Their file pages are read into a
+/// buffer rather than mapped, so that they do not stay resident beside the copy.
 fn file_tensor(
     file: PathBuf,
     tensor: &ExpectedTensor,

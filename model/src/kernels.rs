@@ -26,6 +26,7 @@ pub mod attention;
 pub mod bf16_dot;
 pub mod int8;
 pub mod packed;
+pub mod rows;
 
 use int8::{ColumnBlocks, Int8Rows};
 
@@ -117,6 +118,9 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     {
         return out;
     }
+    if weight_in_file_order(&weight) {
+        return file_order_linear(layer, weight, x, rows);
+    }
     if wdtype != DType::F32 {
         // Many rows: widen once, f32 gemm, round once (Flex would do the same, serially).
         let xf = x.cast(DType::F32);
@@ -128,6 +132,45 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
         return y.cast(wdtype);
     }
     layer.forward(x)
+}
+
+/// Whether `weight` (`[k, n]`, a `Linear`'s) is a transposed view of contiguous `[n, k]`
+/// rows on the Flex device: a checkpoint's `[out, in]` weight used in place by the loader.
+pub fn weight_in_file_order(weight: &Tensor<2>) -> bool {
+    let [k, n] = weight.dims();
+    k > 1 && n > 1 && flex_tensor(weight.clone()).is_some_and(|w| w.layout().strides() == [1, k as isize])
+}
+
+/// `x @ W (+ b)` for many rows with a weight in the checkpoint's order ([`weight_in_file_order`]):
+/// `x` as one `[rows, k]` matrix and a two-dimensional product, which Flex's gemm reads
+/// with the weight's strides (a batched product would first copy the weight into Burn's
+/// order, on every call); bf16/f16 weights are widened once, in their own order.
+fn file_order_linear<const D: usize>(
+    layer: &Linear,
+    weight: Tensor<2>,
+    x: Tensor<D>,
+    rows: usize,
+) -> Tensor<D> {
+    let dtype = x.dtype();
+    let mut dims = x.dims();
+    let k = dims[D - 1];
+    let wide = |t: Tensor<2>| {
+        if t.dtype() == DType::F32 {
+            t
+        } else {
+            t.cast(DType::F32)
+        }
+    };
+    // `swap_dims` twice: the `[n, k]` rows as they are, widened, then seen as `[k, n]`.
+    let w = wide(weight.swap_dims(0, 1)).swap_dims(0, 1);
+    let mut y = wide(x.reshape([rows, k])).matmul(w);
+    if let Some(b) = &layer.bias {
+        let b = b.val();
+        y = y + wide(b.unsqueeze());
+    }
+    dims[D - 1] = y.dims()[1];
+    let y = y.reshape(dims);
+    if dtype == DType::F32 { y } else { y.cast(dtype) }
 }
 
 /// The values of `t` on the host as f32 (activations and biases for the kernels).
@@ -210,7 +253,10 @@ fn stream_linear<const D: usize>(
     let [k, n] = weight.dims();
     let w = flex_tensor(weight)?;
     let layout = w.layout();
-    if layout.strides() != [n as isize, 1] {
+    // `[k, n]` rows (Burn's layout), or the checkpoint's `[n, k]` rows seen transposed (a
+    // weight used in place from the file's map).
+    let file_order = layout.strides() == [1, k as isize];
+    if layout.strides() != [n as isize, 1] && !file_order {
         return None;
     }
     let offset = layout.start_offset();
@@ -222,6 +268,23 @@ fn stream_linear<const D: usize>(
         Some(b) => Some(host_f32(b.val())?),
         None => None,
     };
+    if file_order {
+        let out = match dtype {
+            DType::F32 => rows::matmul_rows(&xs, &w.storage::<f32>()[offset..offset + k * n], rows, k, n),
+            DType::BF16 => {
+                let w = &w.storage::<bf16>()[offset..offset + k * n];
+                // bf16 activations with `vdpbf16ps` where the CPU has it (its plain-Rust
+                // twin is for tests: one scalar FMA per value).
+                bf16_dot::bf16_dot_available()
+                    .then(|| rows::matmul_rows_bf16(&xs, w, rows, k, n))
+                    .flatten()
+                    .unwrap_or_else(|| rows::matmul_rows(&xs, w, rows, k, n))
+            }
+            DType::F16 => rows::matmul_rows(&xs, &w.storage::<f16>()[offset..offset + k * n], rows, k, n),
+            _ => return None,
+        };
+        return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
+    }
     let out = match dtype {
         DType::F32 => matmul_stream(&xs, &w.storage::<f32>()[offset..offset + k * n], rows, k, n),
         DType::BF16 => {

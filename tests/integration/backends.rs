@@ -353,8 +353,11 @@ fn convert_writes_a_burnpack_directory_that_generates_the_same() {
             "{quantize:?}: quantized weights from a burnpack are packed"
         );
         let diff = max_slice_diff(&direct, &converted);
+        // The direct load uses weights stored in the load dtype in place, in the file's
+        // `[out, in]` order (the f32 `lm_head` here); the burnpack holds them in Burn's
+        // order, and the two orders' kernels add the products in different orders.
         assert!(
-            diff <= 1e-6,
+            diff <= 1e-5,
             "{dtype}/{quantize:?}: converted logits differ by {diff}"
         );
         assert_eq!(direct_tokens, converted_tokens);

@@ -4,10 +4,12 @@
 use std::path::Path;
 
 use crate::common::{Reference, copy_fixture, fixture, max_abs_diff};
-use burn::tensor::{Device, Tensor};
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{DType, Device, Tensor};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
-use vipllava::{ForwardInput, KvCache, LoadOptions, load_model};
+use vipllava::model::kernels::weight_in_file_order;
+use vipllava::{ForwardInput, KvCache, LoadOptions, Precision, VipLlava, load_model};
 use vipllava_convert::{ConvertError, KeyLayout, WeightFormat, save_burnpack};
 
 /// Rewrites a safetensors file through `edit`, which gets (name, dtype, shape, bytes).
@@ -101,6 +103,54 @@ fn burnpack_round_trip_gives_identical_logits() {
     };
     let diff = max_abs_diff(run(&loaded.model), run(&reloaded.model));
     assert_eq!(diff, 0.0, "burnpack logits differ by {diff}");
+}
+
+#[test]
+fn weights_stored_in_the_load_dtype_are_used_in_place() {
+    let device = Device::flex();
+    let name = "tiny-hub-bf16-sharded";
+    let as_bf16 = LoadOptions {
+        precision: Precision::Bf16,
+        quantize: None,
+    };
+    // bf16 file, bf16 load: in place, linear weights in the file's `[out, in]` order.
+    let in_place = load_model(&fixture(name), &device, &as_bf16).expect("load bf16");
+    // bf16 file, f32 load: converted into Burn's order.
+    let converted = load_model(&fixture(name), &device, &LoadOptions::default()).expect("load f32");
+    let q_proj = |m: &VipLlava| m.language_model.layers[0].self_attn.q_proj.weight.val();
+    assert!(weight_in_file_order(&q_proj(&in_place.model)));
+    assert!(!weight_in_file_order(&q_proj(&converted.model)));
+    let values = |t: Tensor<2>| t.cast(DType::F32).into_data().to_vec::<f32>().expect("f32");
+    assert_eq!(values(q_proj(&in_place.model)), values(q_proj(&converted.model)));
+    // The same values copied into Burn's order give the same logits up to the summation
+    // order of the products (the kernels for the two orders add in different orders).
+    let copied = in_place.model.clone().map(&mut IntoBurnOrder);
+    assert!(!weight_in_file_order(&q_proj(&copied)));
+    let reference = Reference::open(name);
+    let run = |m: &VipLlava| {
+        let pixels: Tensor<4> = reference.float("pixel_values", &device).cast(DType::BF16);
+        let input = ForwardInput::new(reference.ids(&device)).with_pixels(pixels);
+        let prefill = m.forward(input, &mut KvCache::new()).expect("forward");
+        prefill.cast(DType::F32)
+    };
+    let diff = max_abs_diff(run(&in_place.model), run(&copied));
+    assert!(
+        diff <= 0.05,
+        "in-place and copied weights: logits differ by {diff}"
+    );
+}
+
+/// Every float parameter copied into a fresh contiguous tensor.
+struct IntoBurnOrder;
+
+impl ModuleMapper for IntoBurnOrder {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.map(|t| {
+            let device = t.device();
+            let dtype = t.dtype();
+            Tensor::from_data(t.into_data(), (&device, dtype))
+        })
+    }
 }
 
 #[test]
