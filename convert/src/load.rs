@@ -451,7 +451,7 @@ impl<'a> FileMaps<'a> {
             (DiskDType::BF16, DType::BF16) | (DiskDType::F16, DType::F16) => 2,
             _ => return Ok(None),
         };
-        if !self.enabled || entry.bytes.start % size != 0 {
+        if !self.enabled || !entry.bytes.start.is_multiple_of(size) {
             return Ok(None);
         }
         let (Ok(start), Ok(end)) = (

@@ -1,4 +1,6 @@
-//! Checkpoint bytes -> a parameter's values in Burn's layout and the load dtype, in one pass.
+//! Checkpoint bytes -> a parameter's values in Burn's layout and the load dtype, in one pass,
+//! for the tensors the load converts or quantizes (tensors stored in the load dtype are used in
+//! place from a map of their file, see `load.rs`).
 //!
 //! Burn-store's PyTorch adapter transposes every linear weight (`[out, in]` on disk,
 //! `[in, out]` in Burn) on one thread, the cast adapter converts in another pass, and
