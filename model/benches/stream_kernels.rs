@@ -1,5 +1,6 @@
 //! Rates of the decode kernels in isolation (weights streamed once per call):
-//! `cargo bench -p vipllava-model --bench stream_kernels` (set `RAYON_NUM_THREADS`).
+//! `cargo bench -p vipllava-model --bench stream_kernels` (set `RAYON_NUM_THREADS`;
+//! `STREAM_KERNELS=rows` for the file-order table alone).
 //! Prints numbers only; BENCHMARKS.md (history #7) quotes them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a demo program: failing loudly is fine
@@ -28,6 +29,11 @@ fn time(calls: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
+    // `STREAM_KERNELS=rows` prints the file-order table alone.
+    if std::env::var("STREAM_KERNELS").as_deref() == Ok("rows") {
+        rows_table();
+        return;
+    }
     println!(
         "VNNI: {}, AVX-512 BF16: {}",
         vnni_available(),
@@ -109,7 +115,77 @@ fn main() {
             values / packed4 / 1e9
         );
     }
+    rows_table();
     attention_table();
+}
+
+/// Decode products with the weight in the file's `[n, k]` order (used in place from the
+/// map) against the same values in Burn's `[k, n]` order, one activation row. Each call
+/// reads another copy of the weight (512 MB in all), so weights come from memory as in a
+/// real decode step, not from the cache.
+fn rows_table() {
+    use vipllava_model::kernels::rows::{matmul_rows, matmul_rows_bf16};
+
+    /// `matmul_rows_bf16` with the signature of the others (its activations are bf16 values).
+    fn bf16_dot(x: &[f32], w: &[bf16], rows: usize, k: usize, n: usize) -> Vec<f32> {
+        matmul_rows_bf16(x, w, rows, k, n).unwrap()
+    }
+
+    println!();
+    println!(
+        "| k x n | bf16 [n,k] ms | bf16 [k,n] ms | bf16 x bf16 [n,k] ms | f32 [n,k] ms | f32 [k,n] ms |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (k, n) in [
+        (2048, 5632),
+        (5632, 2048),
+        (2048, 2048),
+        (2048, 256),
+        (4096, 11008),
+    ] {
+        let x: Vec<f32> = (0..k)
+            .map(|i| bf16::from_f32((i % 7) as f32 * 0.1).to_f32())
+            .collect();
+        let copies = (512usize << 20).div_ceil(k * n * 4).max(2);
+        let wf: Vec<Vec<f32>> = (0..copies)
+            .map(|c| (0..k * n).map(|i| ((i + c) % 13) as f32 * 0.01).collect())
+            .collect();
+        let wb: Vec<Vec<bf16>> = wf
+            .iter()
+            .map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect())
+            .collect();
+        type Kernel<T> = fn(&[f32], &[T], usize, usize, usize) -> Vec<f32>;
+        let bf: [Kernel<bf16>; 3] = [matmul_rows::<bf16>, matmul_stream::<bf16>, bf16_dot];
+        let f: [Kernel<f32>; 2] = [matmul_rows::<f32>, matmul_stream::<f32>];
+        // Interleaved rounds, medians of the per-round medians.
+        let mut rounds = [[0f64; 5]; 5];
+        for round in rounds.iter_mut() {
+            for (c, kernel) in bf.iter().enumerate() {
+                let mut at = 0;
+                round[c] = time(9, || {
+                    at = (at + 1) % copies;
+                    black_box(kernel(black_box(&x), black_box(&wb[at]), 1, k, n));
+                });
+            }
+            for (c, kernel) in f.iter().enumerate() {
+                let mut at = 0;
+                round[3 + c] = time(9, || {
+                    at = (at + 1) % copies;
+                    black_box(kernel(black_box(&x), black_box(&wf[at]), 1, k, n));
+                });
+            }
+        }
+        let median = |c: usize| {
+            let mut v: Vec<f64> = rounds.iter().map(|r| r[c]).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2] * 1e3
+        };
+        let mut cells: Vec<String> = (0..5).map(|c| format!("{:.3}", median(c))).collect();
+        if !bf16_dot_available() {
+            cells[2] = "(no AVX-512 BF16: the plain-Rust twin) ".to_string() + &cells[2];
+        }
+        println!("| {k} x {n} | {} |", cells.join(" | "));
+    }
 }
 
 /// Decode attention (one query row) over a bf16 KV cache, 1.1B and 7B head layouts.

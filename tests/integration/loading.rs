@@ -120,7 +120,7 @@ fn weights_stored_in_the_load_dtype_are_used_in_place() {
     let q_proj = |m: &VipLlava| m.language_model.layers[0].self_attn.q_proj.weight.val();
     assert!(weight_in_file_order(&q_proj(&in_place.model)));
     assert!(!weight_in_file_order(&q_proj(&converted.model)));
-    let values = |t: Tensor<2>| t.cast(DType::F32).into_data().to_vec::<f32>().expect("f32");
+    let values = |t: Tensor<2>| t.cast(DType::F32).into_data().try_to_vec::<f32>().expect("f32");
     assert_eq!(values(q_proj(&in_place.model)), values(q_proj(&converted.model)));
     // The same values copied into Burn's order give the same logits up to the summation
     // order of the products (the kernels for the two orders add in different orders).

@@ -22,6 +22,8 @@ use super::{Vectorized, Widen, vectorized};
 const LANES: usize = 16;
 /// Output columns per rayon task (whole rows of the weight each).
 const COLUMNS_PER_TASK: usize = 32;
+/// How many passes of four rows ahead the weight is prefetched.
+const PREFETCH_PASSES: usize = 2;
 
 /// `x [rows, k] @ w^T` for `w` stored `[n, k]`, in f32.
 pub fn matmul_rows<T: Widen>(x: &[f32], w: &[T], rows: usize, k: usize, n: usize) -> Vec<f32> {
@@ -171,6 +173,13 @@ fn dots<T: Widen, const C: usize>(ws: [&[T]; C], x: &[f32]) -> [f32; C] {
     let whole = k / LANES * LANES;
     let mut acc = [[0f32; LANES]; C];
     if C == 4 {
+        // The rows two passes on follow these four in memory: ask for each at the offset
+        // read now, one cache line at a time. The hardware prefetchers stop at page ends,
+        // and a row of 2048 bf16 values is one page (10-20% faster reads from memory,
+        // `stream_kernels` bench).
+        let ahead = PREFETCH_PASSES * 4 * k;
+        let line_every = (64 / (LANES * std::mem::size_of::<T>())).max(1);
+        let starts = ws.map(|w| w.as_ptr().wrapping_add(ahead));
         let [a0, a1, a2, a3] = &mut acc[..] else {
             unreachable!()
         };
@@ -180,7 +189,12 @@ fn dots<T: Widen, const C: usize>(ws: [&[T]; C], x: &[f32]) -> [f32; C] {
             .zip(ws[1][..whole].chunks_exact(LANES))
             .zip(ws[2][..whole].chunks_exact(LANES))
             .zip(ws[3][..whole].chunks_exact(LANES));
-        for ((((xs, w0), w1), w2), w3) in chunks {
+        for (i, ((((xs, w0), w1), w2), w3)) in chunks.enumerate() {
+            if i % line_every == 0 {
+                for p in starts {
+                    prefetch(p.wrapping_add(i * LANES));
+                }
+            }
             for l in 0..LANES {
                 a0[l] = xs[l].mul_add(w0[l].widen(), a0[l]);
                 a1[l] = xs[l].mul_add(w1[l].widen(), a1[l]);
@@ -203,6 +217,19 @@ fn dots<T: Widen, const C: usize>(ws: [&[T]; C], x: &[f32]) -> [f32; C] {
         }
     }
     acc.map(lane_sum)
+}
+
+/// Asks the CPU to bring the cache line of `p` closer; a hint that never faults.
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch reads nothing into the program and cannot fault, whatever `p` is.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// One task of [`matmul_rows_bf16`], on bf16 bits.
@@ -284,9 +311,15 @@ impl Bf16Dots<'_> {
             let mut j = 0;
             while j + 4 <= columns {
                 let w = [self.row(j), self.row(j + 1), self.row(j + 2), self.row(j + 3)];
+                // As in `dots` (32 bf16 values are one cache line); not measured on a CPU
+                // with AVX-512 BF16.
+                let ahead = w.map(|wr| wr.as_ptr().wrapping_add(PREFETCH_PASSES * 4 * k));
                 let mut acc = [_mm512_setzero_ps(); 4];
                 let mut c = 0;
                 while c < whole {
+                    for p in ahead {
+                        prefetch(p.wrapping_add(c));
+                    }
                     let xv = load(x, c);
                     for (a, wr) in acc.iter_mut().zip(&w) {
                         *a = _mm512_dpbf16_ps(*a, load(wr, c), xv);
