@@ -1,6 +1,7 @@
 //! Rates of the decode kernels in isolation (weights streamed once per call):
 //! `cargo bench -p vipllava-model --bench stream_kernels` (set `RAYON_NUM_THREADS`;
-//! `STREAM_KERNELS=rows` for the file-order table alone).
+//! `STREAM_KERNELS=rows` for the file-order table alone, `STREAM_KERNELS=gemm` for the
+//! many-row bf16 table alone).
 //! Prints numbers only; BENCHMARKS.md (history #7) quotes them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a demo program: failing loudly is fine
@@ -32,6 +33,10 @@ fn main() {
     // `STREAM_KERNELS=rows` prints the file-order table alone.
     if std::env::var("STREAM_KERNELS").as_deref() == Ok("rows") {
         rows_table();
+        return;
+    }
+    if std::env::var("STREAM_KERNELS").as_deref() == Ok("gemm") {
+        gemm_table();
         return;
     }
     println!(
@@ -185,6 +190,73 @@ fn rows_table() {
             cells[2] = "(no AVX-512 BF16: the plain-Rust twin) ".to_string() + &cells[2];
         }
         println!("| {k} x {n} | {} |", cells.join(" | "));
+    }
+}
+
+/// Many-row bf16 products (prefill of a 617-token prompt, image encode of 577 patches): the
+/// `vdpbf16ps` gemm in both weight orders against what the engine did before, widening
+/// activations and weight to f32 for Burn's f32 gemm and rounding back to bf16.
+fn gemm_table() {
+    use burn::tensor::{DType, Device, Tensor, TensorData};
+    use vipllava_model::kernels::bf16_gemm::{WeightOrder, bf16_gemm_available, matmul_bf16_gemm};
+
+    let device = Device::flex();
+    println!();
+    println!("AVX-512 BF16: {}", bf16_gemm_available());
+    println!(
+        "| m x k x n | widen + f32 gemm ms | vdpbf16ps [k,n] ms | vdpbf16ps [n,k] ms | GFLOP/s ([n,k]) | widen / vdpbf16ps [n,k] |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (m, k, n) in [
+        (617, 2048, 5632),
+        (617, 5632, 2048),
+        (617, 2048, 2048),
+        (617, 2048, 256),
+        (577, 1024, 4096),
+        (577, 4096, 1024),
+        (577, 1024, 1024),
+    ] {
+        let x: Vec<bf16> = (0..m * k)
+            .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.05))
+            .collect();
+        let w: Vec<bf16> = (0..k * n)
+            .map(|i| bf16::from_f32(((i % 13) as f32 - 6.0) * 0.01))
+            .collect();
+        let file: Vec<bf16> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+        let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
+        let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), [k, n]), &device);
+        let mut rounds = [[0f64; 3]; 3];
+        for round in rounds.iter_mut() {
+            round[0] = time(3, || {
+                let y = xt.clone().cast(DType::F32).matmul(wt.clone().cast(DType::F32));
+                black_box(y.cast(DType::BF16).into_data());
+            });
+            if bf16_gemm_available() {
+                round[1] = time(3, || {
+                    black_box(matmul_bf16_gemm(&x, &w, WeightOrder::InputMajor, m, k, n));
+                });
+                round[2] = time(3, || {
+                    black_box(matmul_bf16_gemm(&x, &file, WeightOrder::OutputMajor, m, k, n));
+                });
+            }
+        }
+        let median = |c: usize| {
+            let mut v: Vec<f64> = rounds.iter().map(|r| r[c]).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2] * 1e3
+        };
+        if !bf16_gemm_available() {
+            println!("| {m} x {k} x {n} | {:.1} | (no AVX-512 BF16) | | | |", median(0));
+            continue;
+        }
+        let gflops = 2.0 * (m * k * n) as f64 / median(2) / 1e6;
+        println!(
+            "| {m} x {k} x {n} | {:.1} | {:.1} | {:.1} | {gflops:.0} | {:.2} |",
+            median(0),
+            median(1),
+            median(2),
+            median(0) / median(2)
+        );
     }
 }
 

@@ -24,6 +24,7 @@ use rayon::prelude::*;
 
 pub mod attention;
 pub mod bf16_dot;
+pub mod bf16_gemm;
 pub mod int8;
 pub mod packed;
 pub mod rows;
@@ -38,6 +39,15 @@ pub const MAX_STREAM_ROWS: usize = 16;
 pub fn fast_paths_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("VIPLLAVA_FAST_PATHS").map_or(true, |v| v != "0"))
+}
+
+/// Whether many-row bf16 products use the `vdpbf16ps` gemm ([`bf16_gemm`]) where the CPU
+/// has AVX-512 BF16: on by default, off with `VIPLLAVA_BF16_GEMM=0` (a switch for
+/// before/after measurements: bf16 is then widened to f32 for Burn's f32 gemm).
+pub fn bf16_gemm_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("VIPLLAVA_BF16_GEMM").map_or(true, |v| v != "0"))
+        && bf16_gemm::bf16_gemm_available()
 }
 
 /// Whether decode products with q8/q4 weights quantized along K quantize the activations
@@ -118,6 +128,9 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     {
         return out;
     }
+    if let Some(out) = bf16_gemm_linear(layer, weight.clone(), &x, rows) {
+        return out;
+    }
     if weight_in_file_order(&weight) {
         return file_order_linear(layer, weight, x, rows);
     }
@@ -171,6 +184,46 @@ fn file_order_linear<const D: usize>(
     dims[D - 1] = y.dims()[1];
     let y = y.reshape(dims);
     if dtype == DType::F32 { y } else { y.cast(dtype) }
+}
+
+/// `x @ W (+ b)` for many rows of bf16 activations and a bf16 weight in either order, with
+/// `vdpbf16ps` ([`bf16_gemm`]) instead of widening both to f32; `None` where the CPU lacks
+/// AVX-512 BF16 or the weight is not a plain `[k, n]` or `[n, k]` block of the Flex device.
+fn bf16_gemm_linear<const D: usize>(
+    layer: &Linear,
+    weight: Tensor<2>,
+    x: &Tensor<D>,
+    rows: usize,
+) -> Option<Tensor<D>> {
+    if weight.dtype() != DType::BF16 || x.dtype() != DType::BF16 || !bf16_gemm_enabled() {
+        return None;
+    }
+    let [k, n] = weight.dims();
+    let w = flex_tensor(weight)?;
+    let layout = w.layout();
+    let order = if layout.strides() == [n as isize, 1] {
+        bf16_gemm::WeightOrder::InputMajor
+    } else if layout.strides() == [1, k as isize] {
+        bf16_gemm::WeightOrder::OutputMajor
+    } else {
+        return None;
+    };
+    let offset = layout.start_offset();
+    let data = x.clone().into_data();
+    let xs = data.as_slice::<bf16>().ok()?;
+    let out = bf16_gemm::matmul_bf16_gemm(
+        xs,
+        &w.storage::<bf16>()[offset..offset + k * n],
+        order,
+        rows,
+        k,
+        n,
+    )?;
+    let bias = match &layer.bias {
+        Some(b) => Some(host_f32(b.val())?),
+        None => None,
+    };
+    Some(streamed_output(out, bias.as_deref(), x, n, DType::BF16))
 }
 
 /// The values of `t` on the host as f32 (activations and biases for the kernels).
@@ -1172,5 +1225,81 @@ pub(crate) mod tests {
         );
         assert!(matmul_stream_q8(&[0.0; 4], &[0; 48], &[1.0; 2], 24, 1, 4, 12).is_none());
         assert!(matmul_stream_q8(&[0.0; 4], &[0; 32], &[1.0; 1], 32, 1, 4, 8).is_none());
+    }
+
+    /// Many bf16 rows through [`linear`] (the `vdpbf16ps` gemm where the CPU has it, else
+    /// widening to f32), with the weight in Burn's order and as a transposed view of `[n, k]`
+    /// rows (a weight used in place), and activations that are a strided view: the result is
+    /// the f64 product plus bias within one bf16 rounding, and where the gemm runs it has
+    /// exactly the bits of its plain-Rust twin plus the bias, rounded once.
+    #[test]
+    fn many_bf16_rows_through_linear_in_both_weight_orders() {
+        use burn::module::Param;
+        use burn::nn::LinearConfig;
+
+        let device = Device::flex();
+        let (batch, seq, k, n) = (2, 21, 70, 53);
+        let rows = batch * seq;
+        let to_bf16 = |v: Vec<f32>, shape: Vec<usize>| {
+            Tensor::<2>::from_data(TensorData::new(v, shape), &device).cast(DType::BF16)
+        };
+        let w_kn = to_bf16(activations(k, n).iter().map(|v| v * 0.25).collect(), vec![k, n]);
+        let bias = to_bf16((0..n).map(|i| i as f32 * 0.01 - 0.2).collect(), vec![1, n]).reshape([n]);
+        // `[n, k]` rows seen as `[k, n]`, as the loader does with a checkpoint's weight.
+        let w_file = w_kn.clone().transpose().into_data();
+        let w_file = Tensor::<2>::from_data(w_file, &device).swap_dims(0, 1);
+        assert!(weight_in_file_order(&w_file) && !weight_in_file_order(&w_kn));
+        // `[batch, seq, k]` activations stored as `[seq, batch, k]`.
+        let x = to_bf16(activations(rows, k), vec![seq * batch, k])
+            .reshape([seq, batch, k])
+            .swap_dims(0, 1);
+        let values = |t: Tensor<2>| t.cast(DType::F32).into_data().try_into_vec::<f32>().expect("f32");
+        let (wv, bv) = (values(w_kn.clone()), values(bias.clone().unsqueeze()));
+        let xv = values(x.clone().reshape([rows, k]));
+        let exact: Vec<f64> = (0..rows * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                bv[c] as f64
+                    + (0..k)
+                        .map(|kk| xv[r * k + kk] as f64 * wv[kk * n + c] as f64)
+                        .sum::<f64>()
+            })
+            .collect();
+        let twin = {
+            let xb: Vec<bf16> = xv.iter().map(|&v| bf16::from_f32(v)).collect();
+            let wb: Vec<bf16> = wv.iter().map(|&v| bf16::from_f32(v)).collect();
+            let plain = bf16_gemm::matmul_bf16_gemm_reference(
+                &xb,
+                &wb,
+                bf16_gemm::WeightOrder::InputMajor,
+                rows,
+                k,
+                n,
+            )
+            .expect("sizes");
+            let with_bias: Vec<f32> = plain.iter().enumerate().map(|(i, v)| v + bv[i % n]).collect();
+            with_bias
+                .iter()
+                .map(|&v| bf16::from_f32(v).to_f32())
+                .collect::<Vec<f32>>()
+        };
+        for weight in [w_kn, w_file] {
+            let mut layer = LinearConfig::new(k, n).init(&device);
+            layer.weight = Param::from_tensor(weight);
+            layer.bias = Some(Param::from_tensor(bias.clone()));
+            let y = linear(&layer, x.clone());
+            assert_eq!((y.dims(), y.dtype()), ([batch, seq, n], DType::BF16));
+            let got = values(y.reshape([rows, n]));
+            for (i, (&g, &e)) in got.iter().zip(&exact).enumerate() {
+                // One bf16 rounding of the result (8 bits) plus f32 sums.
+                assert!(
+                    (g as f64 - e).abs() <= e.abs() / 256.0 + 1e-4,
+                    "at {i}: {g} vs {e}"
+                );
+            }
+            if bf16_gemm_enabled() {
+                assert_eq!(got, twin, "the gemm and its plain-Rust twin");
+            }
+        }
     }
 }
