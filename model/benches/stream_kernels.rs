@@ -1,7 +1,8 @@
 //! Rates of the decode kernels in isolation (weights streamed once per call):
 //! `cargo bench -p vipllava-model --bench stream_kernels` (set `RAYON_NUM_THREADS`;
 //! `STREAM_KERNELS=rows` for the file-order table alone, `STREAM_KERNELS=gemm` for the
-//! many-row bf16 table alone).
+//! many-row bf16 table alone, `STREAM_KERNELS=prefill-attention` for the prefill
+//! attention table alone).
 //! Prints numbers only; BENCHMARKS.md (history #7) quotes them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a demo program: failing loudly is fine
@@ -37,6 +38,10 @@ fn main() {
     }
     if std::env::var("STREAM_KERNELS").as_deref() == Ok("gemm") {
         gemm_table();
+        return;
+    }
+    if std::env::var("STREAM_KERNELS").as_deref() == Ok("prefill-attention") {
+        prefill_attention_table();
         return;
     }
     println!(
@@ -256,6 +261,57 @@ fn gemm_table() {
             median(1),
             median(2),
             median(0) / median(2)
+        );
+    }
+}
+
+/// Prefill attention (bf16 queries, keys and values): Burn's (Flex's) attention against
+/// [`prefill_attention`] on the 1.1B Llama's causal GQA shape, the CLIP tower's shape and
+/// the 7B Llama's, 3 interleaved rounds, medians.
+fn prefill_attention_table() {
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use burn::tensor::{DType, Device, Distribution, Tensor};
+    use vipllava_model::kernels::attention::prefill_attention;
+
+    let device = Device::flex();
+    println!();
+    println!("| heads / kv heads x rows x head dim, mask | Flex ms | ours ms | Flex / ours |");
+    println!("|---|---|---|---|");
+    for (heads, kv_heads, t, d, causal) in [
+        (32, 4, 617, 64, true),
+        (16, 16, 577, 64, false),
+        (32, 32, 641, 128, true),
+    ] {
+        let random = |h: usize| {
+            Tensor::<4>::random([1, h, t, d], Distribution::Normal(0.0, 1.0), &device).cast(DType::BF16)
+        };
+        let (q, k, v) = (random(heads), random(kv_heads), random(kv_heads));
+        let options = AttentionModuleOptions {
+            is_causal: causal,
+            ..Default::default()
+        };
+        let mut rounds = [[0f64; 2]; 3];
+        for round in rounds.iter_mut() {
+            round[0] = time(5, || {
+                let y = attention(q.clone(), k.clone(), v.clone(), None, None, options);
+                black_box(y.into_data());
+            });
+            round[1] = time(5, || {
+                black_box(prefill_attention(&q, &k, &v, None, &options).unwrap().into_data());
+            });
+        }
+        let median = |c: usize| {
+            let mut v: Vec<f64> = rounds.iter().map(|r| r[c]).collect();
+            v.sort_by(f64::total_cmp);
+            v[1] * 1e3
+        };
+        let mask = if causal { "causal" } else { "none" };
+        println!(
+            "| {heads} / {kv_heads} x {t} x {d}, {mask} | {:.1} | {:.1} | {:.2} |",
+            median(0),
+            median(1),
+            median(0) / median(1)
         );
     }
 }

@@ -13,6 +13,7 @@ use burn::tensor::{Device, Tensor};
 
 use crate::config::{Activation, ClipVisionConfig};
 use crate::dispatch::LinearForward;
+use crate::kernels;
 use crate::layers::{ParamInit, activate, layer_norm_f32, linear};
 
 /// Patch convolution, CLS token and learned position embeddings.
@@ -191,7 +192,11 @@ impl ClipAttention {
         let q = split(self.q_proj.project(x.clone()));
         let k = split(self.k_proj.project(x.clone()));
         let v = split(self.v_proj.project(x));
-        let out = attention(q, k, v, None, None, AttentionModuleOptions::default());
+        let options = AttentionModuleOptions::default();
+        let fast = kernels::fast_paths_enabled()
+            .then(|| kernels::attention::prefill_attention(&q, &k, &v, None, &options))
+            .flatten();
+        let out = fast.unwrap_or_else(|| attention(q, k, v, None, None, options));
         self.out_proj.project(out.swap_dims(1, 2).reshape([b, t, d]))
     }
 }

@@ -47,8 +47,9 @@ pub fn project_each<const D: usize, const N: usize>(layers: [&Linear; N], x: Ten
 /// `kv_heads` (GQA): query head `h` reads key/value head `h / (heads / kv_heads)`. The mask
 /// is `[batch, 1 | heads, seq, total]`, `true` where a key is excluded.
 ///
-/// Decode steps on Flex (a few query rows) read the cache in place
-/// ([`kernels::attention`]); Flex's own attention maps the heads itself otherwise; under
+/// Decode steps on Flex (a few query rows) read the cache in place, and prefills without a
+/// mask tensor run blocks of query rows with an online softmax ([`kernels::attention`]);
+/// Flex's own attention maps the heads itself otherwise; under
 /// autodiff on Flex (training) [`recomputed_attention`] keeps no score matrices for the
 /// backward pass; other backends get HF's `repeat_kv` copies.
 pub fn grouped_attention(
@@ -60,6 +61,7 @@ pub fn grouped_attention(
 ) -> Tensor<4> {
     if kernels::fast_paths_enabled()
         && let Some(out) = kernels::attention::decode_attention(&q, &k, &v, mask.as_ref(), &options)
+            .or_else(|| kernels::attention::prefill_attention(&q, &k, &v, mask.as_ref(), &options))
     {
         return out;
     }

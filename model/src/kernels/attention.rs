@@ -1,5 +1,5 @@
-//! Attention for decode steps on Flex: a few query rows against the KV cache, read where it
-//! lies.
+//! Attention on Flex for decode steps (a few query rows against the KV cache, read where it
+//! lies) and for prefills without a mask tensor ([`prefill_attention`]).
 //!
 //! Burn's Flex attention makes contiguous f32 copies of the whole cache on every call (a
 //! cast for bf16/f16, a copy for a strided view) and runs tiled gemms sized for prefill.
@@ -277,6 +277,425 @@ fn dot<T: Widen>(q: &[f32], k: &[T]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Query rows per task of [`prefill_attention`].
+const QUERY_BLOCK: usize = 32;
+/// Keys per step of [`prefill_attention`]: their scores stay in L1 with the block's keys
+/// and values widened to f32.
+const KEY_BLOCK: usize = 64;
+
+/// Scaled dot-product attention of many query rows (a prefill, the vision tower) on Flex,
+/// without a mask tensor (causal or not), with the arguments of [`decode_attention`]: blocks
+/// of [`QUERY_BLOCK`] query rows in parallel, each going over the keys it can see
+/// [`KEY_BLOCK`] at a time with an online softmax (FlashAttention's), keys and values read
+/// in place and widened per block, the exponentials vectorized ([`exp_nonpositive`]).
+/// Flex's own attention instead copies queries, keys and values to f32 and calls the
+/// scalar `expf` per score. `None` where it does not apply (a mask tensor, a softcap,
+/// [`MAX_QUERY_ROWS`] rows or fewer, and what [`decode_attention`] refuses).
+pub fn prefill_attention(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    mask: Option<&Tensor<4, Bool>>,
+    options: &AttentionModuleOptions,
+) -> Option<Tensor<4>> {
+    let device = q.device();
+    let dtype = q.dtype();
+    let [b, heads, t, d] = q.dims();
+    let [kb, kv_heads, total, kd] = k.dims();
+    if mask.is_some()
+        || !is_plain_flex(&device)
+        || t <= MAX_QUERY_ROWS
+        || d == 0
+        || options.softcap.is_some()
+        || k.dtype() != dtype
+        || v.dtype() != dtype
+        || v.dims() != [kb, kv_heads, total, kd]
+        || kb != b
+        || kd != d
+        || kv_heads == 0
+        || !heads.is_multiple_of(kv_heads)
+        || (options.is_causal && total < t)
+        || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+    {
+        return None;
+    }
+    let queries = host_f32(q.clone())?;
+    let k = k.clone().try_into_primitive::<Flex>().ok()?;
+    let v = v.clone().try_into_primitive::<Flex>().ok()?;
+    let shape = Shape4 {
+        heads,
+        rep: heads / kv_heads,
+        t,
+        total,
+        d,
+        scale: options.scale.map_or(1.0 / (d as f32).sqrt(), |s| s as f32),
+        causal: options.is_causal,
+    };
+    let out = match dtype {
+        DType::F32 => run_blocks::<f32>(&queries, &k, &v, b, &shape)?,
+        DType::BF16 => run_blocks::<bf16>(&queries, &k, &v, b, &shape)?,
+        DType::F16 => run_blocks::<f16>(&queries, &k, &v, b, &shape)?,
+        _ => return None,
+    };
+    let y = Tensor::<4>::from_data(TensorData::new(out, [b, heads, t, d]), &device);
+    Some(if dtype == DType::F32 { y } else { y.cast(dtype) })
+}
+
+/// Every `(batch, head, query block)` task of [`prefill_attention`] in parallel; the output
+/// is `[b, heads, t, d]` f32.
+fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
+    q: &[f32],
+    k: &FlexTensor,
+    v: &FlexTensor,
+    b: usize,
+    s: &Shape4,
+) -> Option<Vec<f32>> {
+    let (k, v) = (strided::<T>(k)?, strided::<T>(v)?);
+    let d = s.d;
+    // Each key/value head once in f32: keys transposed (`[d, padded]`, so that a query value
+    // times a row of them is a vector operation over keys; zero past `total`), values as
+    // `[total, d]`. Shared by the head's query blocks and by the query heads of a GQA group.
+    let kv_heads = s.heads / s.rep;
+    let padded = s.total.next_multiple_of(KEY_BLOCK);
+    let mut keys = vec![0f32; b * kv_heads * d * padded];
+    let mut values = vec![0f32; b * kv_heads * s.total * d];
+    keys.par_chunks_mut(d * padded)
+        .zip(values.par_chunks_mut(s.total * d))
+        .enumerate()
+        .for_each(|(task, (kt, vs))| {
+            let (bi, kvh) = (task / kv_heads, task % kv_heads);
+            for j in 0..s.total {
+                for (dd, &x) in k.row(bi, kvh, j, d).iter().enumerate() {
+                    kt[dd * padded + j] = x.widen();
+                }
+                for (o, &x) in vs[j * d..(j + 1) * d].iter_mut().zip(v.row(bi, kvh, j, d)) {
+                    *o = x.widen();
+                }
+            }
+        });
+    let mut out = vec![0f32; b * s.heads * s.t * d];
+    out.par_chunks_mut(s.t * d)
+        .enumerate()
+        .for_each(|(task, head_out)| {
+            let (bi, h) = (task / s.heads, task % s.heads);
+            let kv = bi * kv_heads + h / s.rep;
+            let q_head = &q[task * s.t * d..(task + 1) * s.t * d];
+            head_out
+                .par_chunks_mut(QUERY_BLOCK * d)
+                .enumerate()
+                .for_each(|(block, out)| {
+                    let i0 = block * QUERY_BLOCK;
+                    vectorized(QueryBlock {
+                        q: &q_head[i0 * d..i0 * d + out.len()],
+                        keys: &keys[kv * d * padded..(kv + 1) * d * padded],
+                        values: &values[kv * s.total * d..(kv + 1) * s.total * d],
+                        padded,
+                        i0,
+                        s,
+                        out,
+                    })
+                });
+        });
+    Some(out)
+}
+
+/// One task of [`run_blocks`]: query rows `i0..` of one head (as many as `out` holds)
+/// against its key/value head in f32 (`keys` transposed, `padded` columns).
+struct QueryBlock<'a> {
+    q: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
+    padded: usize,
+    i0: usize,
+    s: &'a Shape4,
+    out: &'a mut [f32],
+}
+
+impl Vectorized for QueryBlock<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let Self {
+            q,
+            keys,
+            values,
+            padded,
+            i0,
+            s,
+            out,
+        } = self;
+        let d = s.d;
+        let rows = out.len() / d;
+        let queries: Vec<f32> = q.iter().map(|x| x * s.scale).collect();
+        let mut scores = [0f32; KEY_BLOCK];
+        const { assert!(KEY_BLOCK.is_multiple_of(LANES)) };
+        let mut max = vec![f32::NEG_INFINITY; rows];
+        let mut sum = vec![0f32; rows];
+        out.fill(0.0);
+        // Query `i` sees keys up to `past + i` when causal (bottom-right aligned).
+        let past = s.total - s.t;
+        let seen = |r: usize| if s.causal { past + i0 + r + 1 } else { s.total };
+        let last = seen(rows - 1);
+        for j0 in (0..last).step_by(KEY_BLOCK) {
+            let width = KEY_BLOCK.min(last - j0);
+            let values = &values[j0 * d..];
+            let visible = |r: usize| seen(r).saturating_sub(j0).min(width);
+            // Head sizes of 64 and 128 (the models') on AVX-512: two rows at a time with every
+            // partial sum in its own register; other sizes and CPUs row by row below.
+            #[cfg(target_arch = "x86_64")]
+            if (d == 4 * LANES || d == 8 * LANES) && std::arch::is_x86_feature_detected!("avx512f") {
+                let mut r = 0;
+                while r < rows {
+                    let n = if rows - r >= 2 { 2 } else { 1 };
+                    let block = KeyBlock {
+                        queries: &queries[r * d..(r + n) * d],
+                        keys,
+                        padded,
+                        j0,
+                        values,
+                        max: &mut max[r..r + n],
+                        sum: &mut sum[r..r + n],
+                        out: &mut out[r * d..(r + n) * d],
+                    };
+                    // SAFETY: the CPU has AVX-512 F (checked above).
+                    unsafe {
+                        match (n, d / LANES) {
+                            (2, 4) => block.run::<2, 4>([visible(r), visible(r + 1)]),
+                            (2, _) => block.run::<2, 8>([visible(r), visible(r + 1)]),
+                            (_, 4) => block.run::<1, 4>([visible(r)]),
+                            _ => block.run::<1, 8>([visible(r)]),
+                        }
+                    }
+                    r += n;
+                }
+                continue;
+            }
+            for r in 0..rows {
+                let visible = visible(r);
+                if visible == 0 {
+                    continue;
+                }
+                // Scores 16 keys at a time, each group's sums held in one register.
+                let query = &queries[r * d..(r + 1) * d];
+                for (c, group) in scores.chunks_exact_mut(LANES).enumerate() {
+                    let mut acc = [0f32; LANES];
+                    for (dd, &a) in query.iter().enumerate() {
+                        let kv = &keys[dd * padded + j0 + c * LANES..][..LANES];
+                        for (o, &x) in acc.iter_mut().zip(kv) {
+                            *o = a.mul_add(x, *o);
+                        }
+                    }
+                    group.copy_from_slice(&acc);
+                }
+                let scores = &mut scores[..visible];
+                let block_max = lane_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+                let new_max = if block_max > max[r] { block_max } else { max[r] };
+                // The row's earlier terms rescaled to the new maximum (none yet: 0).
+                let rescale = if max[r] == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    exp_nonpositive(max[r] - new_max)
+                };
+                for sc in scores.iter_mut() {
+                    *sc = exp_nonpositive(*sc - new_max);
+                }
+                sum[r] = sum[r] * rescale + lane_fold(scores, 0.0, |a, x| a + x);
+                max[r] = new_max;
+                // Probabilities times values, 16 dimensions of the output row at a time.
+                // (A fixed-size accumulator stays in a register; the last dimensions of a
+                // head size that is not a multiple of 16 go one by one.)
+                let row = &mut out[r * d..(r + 1) * d];
+                let whole = d / LANES * LANES;
+                for c0 in (0..whole).step_by(LANES) {
+                    let mut acc: [f32; LANES] = std::array::from_fn(|l| row[c0 + l] * rescale);
+                    for (j, &p) in scores.iter().enumerate() {
+                        let vs = &values[j * d + c0..][..LANES];
+                        for l in 0..LANES {
+                            acc[l] = p.mul_add(vs[l], acc[l]);
+                        }
+                    }
+                    row[c0..c0 + LANES].copy_from_slice(&acc);
+                }
+                for (c, o) in row.iter_mut().enumerate().skip(whole) {
+                    let mut acc = *o * rescale;
+                    for (j, &p) in scores.iter().enumerate() {
+                        acc = p.mul_add(values[j * d + c], acc);
+                    }
+                    *o = acc;
+                }
+            }
+        }
+        for (row, &total) in out.chunks_mut(d).zip(&sum) {
+            let inv = 1.0 / total;
+            for o in row.iter_mut() {
+                *o *= inv;
+            }
+        }
+    }
+}
+
+/// One key block for `R` query rows of a head of `C * LANES` dimensions: the online-softmax
+/// step of [`QueryBlock`] with fixed sizes, so that every partial sum (the `R x 4` score
+/// groups, the `R x C` output chunks) is a register of its own and the chains of additions
+/// run side by side.
+struct KeyBlock<'a> {
+    /// `R` rows of scaled queries.
+    queries: &'a [f32],
+    /// The head's keys, transposed (`[d, padded]`).
+    keys: &'a [f32],
+    padded: usize,
+    /// The block's first key.
+    j0: usize,
+    /// Values from key `j0` on (`[.., d]`).
+    values: &'a [f32],
+    max: &'a mut [f32],
+    sum: &'a mut [f32],
+    /// `R` output rows.
+    out: &'a mut [f32],
+}
+
+impl KeyBlock<'_> {
+    /// `visible[r]`: how many of the block's keys row `r` sees (possibly none).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    #[allow(clippy::needless_range_loop)] // key `j` indexes every row's probabilities and the values
+    unsafe fn run<const R: usize, const C: usize>(self, visible: [usize; R]) {
+        use std::arch::x86_64::*;
+
+        const GROUPS: usize = KEY_BLOCK / LANES;
+        let d = C * LANES;
+        let width = visible.iter().copied().max().unwrap_or(0);
+        // The pointer reads and writes below stay inside these bounds.
+        assert!(self.queries.len() >= R * d && self.out.len() >= R * d && self.max.len() >= R);
+        assert!(self.sum.len() >= R && self.values.len() >= width * d);
+        assert!(self.keys.len() >= (d - 1) * self.padded + self.j0 + KEY_BLOCK);
+        let mut acc = [[_mm512_setzero_ps(); GROUPS]; R];
+        let keys = self.keys.as_ptr();
+        for dd in 0..d {
+            // SAFETY: key row `dd` has `KEY_BLOCK` values from `j0` (asserted above).
+            let k: [__m512; GROUPS] = std::array::from_fn(|g| unsafe {
+                _mm512_loadu_ps(keys.add(dd * self.padded + self.j0 + g * LANES))
+            });
+            for (r, row) in acc.iter_mut().enumerate() {
+                let a = _mm512_set1_ps(self.queries[r * d + dd]);
+                for (o, kv) in row.iter_mut().zip(k) {
+                    *o = _mm512_fmadd_ps(a, kv, *o);
+                }
+            }
+        }
+        let mut probs = [[0f32; KEY_BLOCK]; R];
+        for (p, row) in probs.iter_mut().zip(&acc) {
+            for (g, v) in row.iter().enumerate() {
+                // SAFETY: 16 values inside the row of `KEY_BLOCK`.
+                unsafe { _mm512_storeu_ps(p.as_mut_ptr().add(g * LANES), *v) };
+            }
+        }
+        let mut rescale = [1f32; R];
+        for r in 0..R {
+            let seen = visible[r];
+            let (scores, unseen) = probs[r].split_at_mut(seen);
+            // Keys a row does not see have probability 0.
+            unseen.fill(0.0);
+            if seen == 0 {
+                continue;
+            }
+            let block_max = lane_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+            let old = self.max[r];
+            let new_max = if block_max > old { block_max } else { old };
+            rescale[r] = if old == f32::NEG_INFINITY {
+                0.0
+            } else {
+                exp_nonpositive(old - new_max)
+            };
+            for sc in scores.iter_mut() {
+                *sc = exp_nonpositive(*sc - new_max);
+            }
+            self.sum[r] = self.sum[r] * rescale[r] + lane_fold(scores, 0.0, |a, x| a + x);
+            self.max[r] = new_max;
+        }
+        let out = self.out.as_mut_ptr();
+        // SAFETY: row `r < R`, chunk `c < C`: inside the `R * d` outputs (asserted above).
+        let mut o: [[__m512; C]; R] = std::array::from_fn(|r| {
+            std::array::from_fn(|c| unsafe {
+                _mm512_mul_ps(
+                    _mm512_loadu_ps(out.add(r * d + c * LANES)),
+                    _mm512_set1_ps(rescale[r]),
+                )
+            })
+        });
+        let values = self.values.as_ptr();
+        for j in 0..width {
+            // SAFETY: value row `j < width` (asserted above).
+            let v: [__m512; C] =
+                std::array::from_fn(|c| unsafe { _mm512_loadu_ps(values.add(j * d + c * LANES)) });
+            for (r, row) in o.iter_mut().enumerate() {
+                let p = _mm512_set1_ps(probs[r][j]);
+                for (acc, vc) in row.iter_mut().zip(v) {
+                    *acc = _mm512_fmadd_ps(p, vc, *acc);
+                }
+            }
+        }
+        for (r, row) in o.iter().enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                // SAFETY: as above.
+                unsafe { _mm512_storeu_ps(out.add(r * d + c * LANES), *v) };
+            }
+        }
+    }
+}
+
+/// Lanes of the vector loops of [`QueryBlock`] (one AVX-512 register of f32).
+const LANES: usize = 16;
+
+/// `values` folded with `f` in [`LANES`] independent lanes (so that the loop vectorizes),
+/// then the lanes folded in order.
+#[inline(always)]
+fn lane_fold(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(chunk) {
+            *l = f(*l, x);
+        }
+    }
+    for (l, &x) in lanes.iter_mut().zip(chunks.remainder()) {
+        *l = f(*l, x);
+    }
+    lanes.into_iter().fold(init, &f)
+}
+
+/// `exp(x)` for `x <= 0` (a score minus its row's maximum) in plain arithmetic that
+/// vectorizes: `2^n * e^r` with `n` the nearest integer to `x / ln 2` and `|r| <= ln 2 / 2`,
+/// `e^r` by its Taylor series to degree 7 (truncation below 6e-9 relative, under f32's
+/// rounding). Below -87 the result is `exp(-87)` (about 1.6e-38, nothing next to the row's
+/// maximum term, 1); NaN stays NaN.
+#[inline(always)]
+pub fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts: `n * LN2_HI` is exact for |n| < 2^11.
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x < -87.0 { -87.0 } else { x };
+    let shifted = x * LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let mut p: f32 = 1.0 / 5040.0;
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    // `n` lies in [-126, 0] and sits in the low bits of `shifted` (1.5 * 2^23 + n, whose
+    // bits are 0x4B40_0000 + n): shifted left by 23 past those high bits, `n + 127` is the
+    // exponent field of 2^n, a normal f32 (no float-to-integer conversion, which would not
+    // vectorize as simply).
+    p * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
+}
+
 #[cfg(test)]
 mod tests {
     use burn::tensor::module::attention;
@@ -377,5 +796,88 @@ mod tests {
             ..Default::default()
         };
         assert!(decode_attention(&q, &k, &k, None, &softcap).is_none());
+    }
+
+    /// Against Burn's own attention (HF's `repeat_kv` for GQA): causal with and without
+    /// earlier cached keys, not causal, row counts with and without whole query and key
+    /// blocks, head dims 16/24/64, f32/bf16/f16, keys and values as a narrowed view of a
+    /// larger buffer; a mask tensor, a softcap or few rows are not this kernel's.
+    #[test]
+    fn prefill_attention_equals_burn() {
+        let device = burn::tensor::Device::flex();
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            for &(b, heads, kv_heads, t, total, d, causal) in &[
+                (1, 2, 2, 17, 17, 16, true),
+                (2, 4, 2, 70, 70, 24, true),
+                (1, 4, 1, 33, 100, 64, true),
+                (2, 3, 3, 65, 65, 64, false),
+                (1, 2, 2, 40, 130, 16, false),
+                (1, 2, 1, 35, 35, 128, true),
+                (1, 2, 2, 19, 50, 128, false),
+            ] {
+                let q = Tensor::<4>::random([b, heads, t, d], Distribution::Normal(0.0, 1.0), &device)
+                    .cast(dtype);
+                let cap = total + 3;
+                let buffer = || {
+                    Tensor::<4>::random([b, kv_heads, cap, d], Distribution::Normal(0.0, 1.0), &device)
+                        .cast(dtype)
+                        .slice([0..b, 0..kv_heads, 0..total, 0..d])
+                };
+                let (k, v) = (buffer(), buffer());
+                let rep = heads / kv_heads;
+                let expand = |x: Tensor<4>| {
+                    x.unsqueeze_dim::<5>(2)
+                        .expand([b, kv_heads, rep, total, d])
+                        .reshape([b, heads, total, d])
+                };
+                let options = AttentionModuleOptions {
+                    is_causal: causal,
+                    ..Default::default()
+                };
+                let ours = prefill_attention(&q, &k, &v, None, &options).expect("applies");
+                let burn = attention(
+                    q.clone(),
+                    expand(k.clone()),
+                    expand(v.clone()),
+                    None,
+                    None,
+                    options,
+                );
+                let diff = max_diff(ours, burn);
+                let tol = if dtype == DType::F32 { 2e-5 } else { 2e-2 };
+                assert!(
+                    diff <= tol,
+                    "{dtype:?} causal {causal} {b}x{heads}/{kv_heads}x{t}x{total}x{d}: {diff}"
+                );
+            }
+        }
+        let q = Tensor::<4>::zeros([1, 2, 20, 8], &device);
+        let k = Tensor::<4>::zeros([1, 2, 20, 8], &device);
+        let mask = Tensor::<4, Bool>::from_data(TensorData::new(vec![false; 400], [1, 1, 20, 20]), &device);
+        let options = AttentionModuleOptions::default();
+        assert!(prefill_attention(&q, &k, &k, Some(&mask), &options).is_none());
+        let softcap = AttentionModuleOptions {
+            softcap: Some(30.0),
+            ..Default::default()
+        };
+        assert!(prefill_attention(&q, &k, &k, None, &softcap).is_none());
+        let few = Tensor::<4>::zeros([1, 2, MAX_QUERY_ROWS, 8], &device);
+        assert!(prefill_attention(&few, &k, &k, None, &options).is_none());
+    }
+
+    /// The vectorizable exponential within 2 f32 roundings of `f32::exp` over [-87, 0], and
+    /// NaN in, NaN out.
+    #[test]
+    fn exp_nonpositive_matches_std() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        assert!(worst <= 2.5e-7, "relative error {worst}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(-1000.0) < 1e-37);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 }
