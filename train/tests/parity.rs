@@ -577,7 +577,16 @@ fn exports_of_every_fixture_reload_with_the_trained_logits() {
         };
         let (a, b) = (logits(&trained), logits(&loaded.model));
         let d = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(d < 1e-5, "{model}: reloaded logits differ by {d}");
+        // The trained model multiplies weights in Burn's `[in, out]` order, the reloaded one
+        // reads the f32 file's `[out, in]` rows in place: the same values summed in another
+        // order, a few f32 roundings of the largest logit apart (1.05e-5 at 10.0 measured).
+        // A weight that did not survive the export (rounded, transposed, dropped) moves them
+        // by orders of magnitude more.
+        let scale = a.iter().fold(1f32, |m, x| m.max(x.abs()));
+        assert!(
+            d <= 1e-5 * scale,
+            "{model}: reloaded logits differ by {d} (max |logit| {scale})"
+        );
         assert_eq!(
             loaded.config.vision_feature_layers, t.model_config.vision_feature_layers,
             "{model}"
