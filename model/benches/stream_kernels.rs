@@ -30,6 +30,13 @@ fn time(calls: usize, mut f: impl FnMut()) -> f64 {
     times[calls / 2]
 }
 
+/// The median over interleaved rounds of column `c` (seconds per call), in milliseconds.
+fn median_ms<const C: usize>(rounds: &[[f64; C]], c: usize) -> f64 {
+    let mut v: Vec<f64> = rounds.iter().map(|r| r[c]).collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2] * 1e3
+}
+
 fn main() {
     // `STREAM_KERNELS=rows` prints the file-order table alone.
     if std::env::var("STREAM_KERNELS").as_deref() == Ok("rows") {
@@ -185,11 +192,7 @@ fn rows_table() {
                 });
             }
         }
-        let median = |c: usize| {
-            let mut v: Vec<f64> = rounds.iter().map(|r| r[c]).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2] * 1e3
-        };
+        let median = |c: usize| median_ms(&rounds, c);
         let mut cells: Vec<String> = (0..5).map(|c| format!("{:.3}", median(c))).collect();
         if !bf16_dot_available() {
             cells[2] = "(no AVX-512 BF16: the plain-Rust twin) ".to_string() + &cells[2];
@@ -245,11 +248,7 @@ fn gemm_table() {
                 });
             }
         }
-        let median = |c: usize| {
-            let mut v: Vec<f64> = rounds.iter().map(|r| r[c]).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2] * 1e3
-        };
+        let median = |c: usize| median_ms(&rounds, c);
         if !bf16_gemm_available() {
             println!("| {m} x {k} x {n} | {:.1} | (no AVX-512 BF16) | | | |", median(0));
             continue;
@@ -301,11 +300,7 @@ fn prefill_attention_table() {
                 black_box(prefill_attention(&q, &k, &v, None, &options).unwrap().into_data());
             });
         }
-        let median = |c: usize| {
-            let mut v: Vec<f64> = rounds.iter().map(|r| r[c]).collect();
-            v.sort_by(f64::total_cmp);
-            v[1] * 1e3
-        };
+        let median = |c: usize| median_ms(&rounds, c);
         let mask = if causal { "causal" } else { "none" };
         println!(
             "| {heads} / {kv_heads} x {t} x {d}, {mask} | {:.1} | {:.1} | {:.2} |",

@@ -219,11 +219,17 @@ fn bf16_gemm_linear<const D: usize>(
         k,
         n,
     )?;
-    let bias = match &layer.bias {
-        Some(b) => Some(host_f32(b.val())?),
-        None => None,
-    };
+    let bias = host_bias(layer)?;
     Some(streamed_output(out, bias.as_deref(), x, n, DType::BF16))
+}
+
+/// A layer's bias on the host as f32: `Some(None)` for a layer without one, `None` when it
+/// cannot be read.
+fn host_bias(layer: &Linear) -> Option<Option<Vec<f32>>> {
+    match &layer.bias {
+        Some(b) => host_f32(b.val()).map(Some),
+        None => Some(None),
+    }
 }
 
 /// The values of `t` on the host as f32 (activations and biases for the kernels).
@@ -283,10 +289,7 @@ pub(crate) fn fused_packed_linears<const D: usize, const N: usize>(
     });
     let mut outputs = Vec::with_capacity(N);
     for ((layer, out), n) in layers.iter().zip(products).zip(widths) {
-        let bias = match &layer.bias {
-            Some(b) => Some(host_f32(b.val())?),
-            None => None,
-        };
+        let bias = host_bias(layer)?;
         outputs.push(streamed_output(out, bias.as_deref(), x, n, dtype));
     }
     outputs.try_into().ok()
@@ -317,10 +320,7 @@ fn stream_linear<const D: usize>(
     if xs.len() != rows * k {
         return None;
     }
-    let bias = match &layer.bias {
-        Some(b) => Some(host_f32(b.val())?),
-        None => None,
-    };
+    let bias = host_bias(layer)?;
     if file_order {
         let out = match dtype {
             DType::F32 => rows::matmul_rows(&xs, &w.storage::<f32>()[offset..offset + k * n], rows, k, n),

@@ -10,7 +10,7 @@
 //! (bottom-right aligned), is excluded; a fully masked row yields zeros.
 
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, DType, Tensor, TensorData, bf16, f16};
+use burn::tensor::{Bool, DType, Device, Tensor, TensorData, bf16, f16};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
@@ -67,26 +67,13 @@ pub fn decode_attention(
     mask: Option<&Tensor<4, Bool>>,
     options: &AttentionModuleOptions,
 ) -> Option<Tensor<4>> {
-    let device = q.device();
-    let dtype = q.dtype();
-    let [b, heads, t, d] = q.dims();
-    let [kb, kv_heads, total, kd] = k.dims();
-    if !is_plain_flex(&device)
-        || t == 0
-        || t > MAX_QUERY_ROWS
-        || options.softcap.is_some()
-        || k.dtype() != dtype
-        || v.dtype() != dtype
-        || v.dims() != [kb, kv_heads, total, kd]
-        || kb != b
-        || kd != d
-        || kv_heads == 0
-        || !heads.is_multiple_of(kv_heads)
-        || (options.is_causal && total < t)
-        || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
-    {
+    let [b, heads, t, _] = q.dims();
+    let total = k.dims()[2];
+    if t == 0 || t > MAX_QUERY_ROWS {
         return None;
     }
+    // First what rules out other devices: the mask is read from the host below.
+    let inputs = Inputs::of(q, k, v, options)?;
     let mask = match mask {
         Some(m) => {
             let [mb, mh, mt, mtotal] = m.dims();
@@ -103,27 +90,88 @@ pub fn decode_attention(
         }
         None => None,
     };
-    let queries = host_f32(q.clone())?;
-    let k = k.clone().try_into_primitive::<Flex>().ok()?;
-    let v = v.clone().try_into_primitive::<Flex>().ok()?;
-    let shape = Shape4 {
-        heads,
-        rep: heads / kv_heads,
-        t,
-        total,
-        d,
-        scale: options.scale.map_or(1.0 / (d as f32).sqrt(), |s| s as f32),
-        causal: options.is_causal,
-    };
+    let Inputs {
+        queries,
+        k,
+        v,
+        b,
+        shape,
+        ..
+    } = &inputs;
     let mask = mask.as_ref().map(|(values, mh)| (values.as_slice(), *mh));
-    let out = match dtype {
-        DType::F32 => run::<f32>(&queries, &k, &v, mask, b, &shape)?,
-        DType::BF16 => run::<bf16>(&queries, &k, &v, mask, b, &shape)?,
-        DType::F16 => run::<f16>(&queries, &k, &v, mask, b, &shape)?,
+    let out = match inputs.dtype {
+        DType::F32 => run::<f32>(queries, k, v, mask, *b, shape)?,
+        DType::BF16 => run::<bf16>(queries, k, v, mask, *b, shape)?,
+        DType::F16 => run::<f16>(queries, k, v, mask, *b, shape)?,
         _ => return None,
     };
-    let y = Tensor::<4>::from_data(TensorData::new(out, [b, heads, t, d]), &device);
-    Some(if dtype == DType::F32 { y } else { y.cast(dtype) })
+    Some(inputs.output(out))
+}
+
+/// What both kernels read: the queries as f32 (`[b, heads, t, d]`), keys and values as Flex
+/// tensors to read in place, and the sizes.
+struct Inputs {
+    queries: Vec<f32>,
+    k: FlexTensor,
+    v: FlexTensor,
+    b: usize,
+    shape: Shape4,
+    dtype: DType,
+    device: Device,
+}
+
+impl Inputs {
+    /// `None` where neither kernel applies: another device, a softcap, mixed or integer
+    /// dtypes, key/value shapes that do not match the queries (or a head count that is not
+    /// a multiple of theirs), causal with fewer keys than queries.
+    fn of(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, options: &AttentionModuleOptions) -> Option<Self> {
+        let device = q.device();
+        let dtype = q.dtype();
+        let [b, heads, t, d] = q.dims();
+        let [kb, kv_heads, total, kd] = k.dims();
+        if !is_plain_flex(&device)
+            || options.softcap.is_some()
+            || k.dtype() != dtype
+            || v.dtype() != dtype
+            || v.dims() != [kb, kv_heads, total, kd]
+            || kb != b
+            || kd != d
+            || kv_heads == 0
+            || !heads.is_multiple_of(kv_heads)
+            || (options.is_causal && total < t)
+            || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
+        {
+            return None;
+        }
+        Some(Self {
+            queries: host_f32(q.clone())?,
+            k: k.clone().try_into_primitive::<Flex>().ok()?,
+            v: v.clone().try_into_primitive::<Flex>().ok()?,
+            b,
+            shape: Shape4 {
+                heads,
+                rep: heads / kv_heads,
+                t,
+                total,
+                d,
+                scale: options.scale.map_or(1.0 / (d as f32).sqrt(), |s| s as f32),
+                causal: options.is_causal,
+            },
+            dtype,
+            device,
+        })
+    }
+
+    /// A kernel's `[b, heads, t, d]` f32 result as a tensor of the inputs' dtype.
+    fn output(&self, out: Vec<f32>) -> Tensor<4> {
+        let s = &self.shape;
+        let y = Tensor::<4>::from_data(TensorData::new(out, [self.b, s.heads, s.t, s.d]), &self.device);
+        if self.dtype == DType::F32 {
+            y
+        } else {
+            y.cast(self.dtype)
+        }
+    }
 }
 
 /// `t` read in place as `T` (`None` for another dtype or an unreadable layout).
@@ -298,47 +346,26 @@ pub fn prefill_attention(
     mask: Option<&Tensor<4, Bool>>,
     options: &AttentionModuleOptions,
 ) -> Option<Tensor<4>> {
-    let device = q.device();
-    let dtype = q.dtype();
-    let [b, heads, t, d] = q.dims();
-    let [kb, kv_heads, total, kd] = k.dims();
-    if mask.is_some()
-        || !is_plain_flex(&device)
-        || t <= MAX_QUERY_ROWS
-        || d == 0
-        || options.softcap.is_some()
-        || k.dtype() != dtype
-        || v.dtype() != dtype
-        || v.dims() != [kb, kv_heads, total, kd]
-        || kb != b
-        || kd != d
-        || kv_heads == 0
-        || !heads.is_multiple_of(kv_heads)
-        || (options.is_causal && total < t)
-        || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16)
-    {
+    let [_, _, t, d] = q.dims();
+    if mask.is_some() || t <= MAX_QUERY_ROWS || d == 0 {
         return None;
     }
-    let queries = host_f32(q.clone())?;
-    let k = k.clone().try_into_primitive::<Flex>().ok()?;
-    let v = v.clone().try_into_primitive::<Flex>().ok()?;
-    let shape = Shape4 {
-        heads,
-        rep: heads / kv_heads,
-        t,
-        total,
-        d,
-        scale: options.scale.map_or(1.0 / (d as f32).sqrt(), |s| s as f32),
-        causal: options.is_causal,
-    };
-    let out = match dtype {
-        DType::F32 => run_blocks::<f32>(&queries, &k, &v, b, &shape)?,
-        DType::BF16 => run_blocks::<bf16>(&queries, &k, &v, b, &shape)?,
-        DType::F16 => run_blocks::<f16>(&queries, &k, &v, b, &shape)?,
+    let inputs = Inputs::of(q, k, v, options)?;
+    let Inputs {
+        queries,
+        k,
+        v,
+        b,
+        shape,
+        ..
+    } = &inputs;
+    let out = match inputs.dtype {
+        DType::F32 => run_blocks::<f32>(queries, k, v, *b, shape)?,
+        DType::BF16 => run_blocks::<bf16>(queries, k, v, *b, shape)?,
+        DType::F16 => run_blocks::<f16>(queries, k, v, *b, shape)?,
         _ => return None,
     };
-    let y = Tensor::<4>::from_data(TensorData::new(out, [b, heads, t, d]), &device);
-    Some(if dtype == DType::F32 { y } else { y.cast(dtype) })
+    Some(inputs.output(out))
 }
 
 /// Every `(batch, head, query block)` task of [`prefill_attention`] in parallel; the output
@@ -489,19 +516,7 @@ impl Vectorized for QueryBlock<'_> {
                     group.copy_from_slice(&acc);
                 }
                 let scores = &mut scores[..visible];
-                let block_max = lane_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
-                let new_max = if block_max > max[r] { block_max } else { max[r] };
-                // The row's earlier terms rescaled to the new maximum (none yet: 0).
-                let rescale = if max[r] == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    exp_nonpositive(max[r] - new_max)
-                };
-                for sc in scores.iter_mut() {
-                    *sc = exp_nonpositive(*sc - new_max);
-                }
-                sum[r] = sum[r] * rescale + lane_fold(scores, 0.0, |a, x| a + x);
-                max[r] = new_max;
+                let rescale = softmax_step(scores, &mut max[r], &mut sum[r]);
                 // Probabilities times values, 16 dimensions of the output row at a time.
                 // (A fixed-size accumulator stays in a register; the last dimensions of a
                 // head size that is not a multiple of 16 go one by one.)
@@ -603,19 +618,7 @@ impl KeyBlock<'_> {
             if seen == 0 {
                 continue;
             }
-            let block_max = lane_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
-            let old = self.max[r];
-            let new_max = if block_max > old { block_max } else { old };
-            rescale[r] = if old == f32::NEG_INFINITY {
-                0.0
-            } else {
-                exp_nonpositive(old - new_max)
-            };
-            for sc in scores.iter_mut() {
-                *sc = exp_nonpositive(*sc - new_max);
-            }
-            self.sum[r] = self.sum[r] * rescale[r] + lane_fold(scores, 0.0, |a, x| a + x);
-            self.max[r] = new_max;
+            rescale[r] = softmax_step(scores, &mut self.max[r], &mut self.sum[r]);
         }
         let out = self.out.as_mut_ptr();
         // SAFETY: row `r < R`, chunk `c < C`: inside the `R * d` outputs (asserted above).
@@ -646,6 +649,27 @@ impl KeyBlock<'_> {
             }
         }
     }
+}
+
+/// One key block's step of a row's online softmax: `scores` (the row's scores of the keys it
+/// sees in the block) become `exp(score - max)` against the row's new running maximum,
+/// `sum` takes their total, and the returned factor rescales what the row accumulated
+/// against the old maximum (0 when there was none yet).
+#[inline(always)]
+fn softmax_step(scores: &mut [f32], max: &mut f32, sum: &mut f32) -> f32 {
+    let block_max = lane_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+    let new_max = if block_max > *max { block_max } else { *max };
+    let rescale = if *max == f32::NEG_INFINITY {
+        0.0
+    } else {
+        exp_nonpositive(*max - new_max)
+    };
+    for sc in scores.iter_mut() {
+        *sc = exp_nonpositive(*sc - new_max);
+    }
+    *sum = *sum * rescale + lane_fold(scores, 0.0, |a, x| a + x);
+    *max = new_max;
+    rescale
 }
 
 /// Lanes of the vector loops of [`QueryBlock`] (one AVX-512 register of f32).
@@ -702,11 +726,35 @@ mod tests {
     use burn::tensor::{Distribution, Tensor};
 
     use super::*;
+    use crate::dispatch::repeat_kv;
 
     fn max_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
         let a: Vec<f32> = a.into_data().convert::<f32>().try_into_vec().expect("f32");
         let b: Vec<f32> = b.into_data().convert::<f32>().try_into_vec().expect("f32");
         a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+    }
+
+    /// The reference: Burn's own attention, each key/value head repeated for its query heads
+    /// (HF's `repeat_kv`) and the mask expanded to every head.
+    fn burn_attention(
+        q: &Tensor<4>,
+        k: &Tensor<4>,
+        v: &Tensor<4>,
+        mask: Option<&Tensor<4, Bool>>,
+        options: AttentionModuleOptions,
+    ) -> Tensor<4> {
+        let [b, heads, t, _] = q.dims();
+        let [_, kv_heads, total, _] = k.dims();
+        let rep = heads / kv_heads;
+        let mask = mask.map(|m| m.clone().expand([b, heads, t, total]));
+        attention(
+            q.clone(),
+            repeat_kv(k.clone(), rep),
+            repeat_kv(v.clone(), rep),
+            mask,
+            None,
+            options,
+        )
     }
 
     /// Against Burn's own attention (with HF's `repeat_kv` for GQA): causal and masked,
@@ -730,12 +778,6 @@ mod tests {
                         .cast(dtype);
                 let k = kbuf.clone().slice([0..b, 0..kv_heads, 0..total, 0..d]);
                 let v = vbuf.clone().slice([0..b, 0..kv_heads, 0..total, 0..d]);
-                let rep = heads / kv_heads;
-                let expand = |x: Tensor<4>| {
-                    x.unsqueeze_dim::<5>(2)
-                        .expand([b, kv_heads, rep, total, d])
-                        .reshape([b, heads, total, d])
-                };
                 let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
                 // Causal.
                 let options = AttentionModuleOptions {
@@ -743,14 +785,7 @@ mod tests {
                     ..Default::default()
                 };
                 let ours = decode_attention(&q, &k, &v, None, &options).expect("applies");
-                let burn = attention(
-                    q.clone(),
-                    expand(k.clone()),
-                    expand(v.clone()),
-                    None,
-                    None,
-                    options,
-                );
+                let burn = burn_attention(&q, &k, &v, None, options);
                 let diff = max_diff(ours, burn);
                 assert!(
                     diff <= tol,
@@ -770,15 +805,7 @@ mod tests {
                 let mask = Tensor::<4, Bool>::from_data(TensorData::new(m, [b, 1, t, total]), &device);
                 let options = AttentionModuleOptions::default();
                 let ours = decode_attention(&q, &k, &v, Some(&mask), &options).expect("applies");
-                let full = mask.clone().expand([b, heads, t, total]);
-                let burn = attention(
-                    q.clone(),
-                    expand(k.clone()),
-                    expand(v.clone()),
-                    Some(full),
-                    None,
-                    options,
-                );
+                let burn = burn_attention(&q, &k, &v, Some(&mask), options);
                 let diff = max_diff(ours, burn);
                 assert!(
                     diff <= tol,
@@ -824,25 +851,12 @@ mod tests {
                         .slice([0..b, 0..kv_heads, 0..total, 0..d])
                 };
                 let (k, v) = (buffer(), buffer());
-                let rep = heads / kv_heads;
-                let expand = |x: Tensor<4>| {
-                    x.unsqueeze_dim::<5>(2)
-                        .expand([b, kv_heads, rep, total, d])
-                        .reshape([b, heads, total, d])
-                };
                 let options = AttentionModuleOptions {
                     is_causal: causal,
                     ..Default::default()
                 };
                 let ours = prefill_attention(&q, &k, &v, None, &options).expect("applies");
-                let burn = attention(
-                    q.clone(),
-                    expand(k.clone()),
-                    expand(v.clone()),
-                    None,
-                    None,
-                    options,
-                );
+                let burn = burn_attention(&q, &k, &v, None, options);
                 let diff = max_diff(ours, burn);
                 let tol = if dtype == DType::F32 { 2e-5 } else { 2e-2 };
                 assert!(

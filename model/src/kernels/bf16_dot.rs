@@ -101,7 +101,7 @@ struct Slabs<'a> {
 
 /// The f32 value of bf16 bits.
 #[inline(always)]
-fn widen(bits: u16) -> f32 {
+pub(super) fn widen(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
 }
 
@@ -230,17 +230,17 @@ impl Slabs<'_> {
 /// The same 512 bits as 32 bf16 values.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn as_bh(v: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512bh {
+pub(super) fn as_bh(v: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512bh {
     // SAFETY: both are 512 bits of plain data.
     unsafe { std::mem::transmute(v) }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// `len` bf16 test values in about [-1, 1] with no simple pattern.
-    fn values(len: usize, seed: usize) -> Vec<bf16> {
+    pub(in crate::kernels) fn values(len: usize, seed: usize) -> Vec<bf16> {
         (0..len)
             .map(|i| bf16::from_f32((((i * 37 + seed * 11) % 101) as f32 - 50.0) / 47.0))
             .collect()

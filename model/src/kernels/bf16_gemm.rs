@@ -15,6 +15,10 @@
 use burn::tensor::bf16;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::bf16_dot::as_bh;
+use super::bf16_dot::widen;
+
 /// Rows of one register tile.
 const TILE_ROWS: usize = 8;
 /// Columns of one register tile: three registers of 16 f32 lanes.
@@ -345,12 +349,6 @@ struct Tile<'a> {
     width: usize,
 }
 
-/// The f32 value of bf16 bits.
-#[inline(always)]
-fn widen(bits: u32) -> f32 {
-    f32::from_bits(bits << 16)
-}
-
 impl Tile<'_> {
     /// `c += a . b` over `rows` rows, pair by pair, odd product first.
     ///
@@ -364,11 +362,11 @@ impl Tile<'_> {
             let out = unsafe { std::slice::from_raw_parts_mut(self.c.add(r * self.ldc), self.width) };
             for p in 0..self.pairs {
                 let pair = self.a[r * self.lda + p];
-                let (x0, x1) = (widen(pair & 0xFFFF), widen(pair >> 16));
+                let (x0, x1) = (widen(pair as u16), widen((pair >> 16) as u16));
                 let ws = &self.b[p * TILE_COLS..p * TILE_COLS + self.width];
                 for (o, &wp) in out.iter_mut().zip(ws) {
-                    let odd = x1.mul_add(widen(wp >> 16), *o);
-                    *o = x0.mul_add(widen(wp & 0xFFFF), odd);
+                    let odd = x1.mul_add(widen((wp >> 16) as u16), *o);
+                    *o = x0.mul_add(widen(wp as u16), odd);
                 }
             }
         }
@@ -450,24 +448,10 @@ impl Tile<'_> {
     }
 }
 
-/// The same 512 bits as 32 bf16 values.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn as_bh(v: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512bh {
-    // SAFETY: both are 512 bits of plain data.
-    unsafe { std::mem::transmute(v) }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// `len` bf16 test values in about [-1, 1] with no simple pattern.
-    fn values(len: usize, seed: usize) -> Vec<bf16> {
-        (0..len)
-            .map(|i| bf16::from_f32((((i * 37 + seed * 11) % 101) as f32 - 50.0) / 47.0))
-            .collect()
-    }
+    use crate::kernels::bf16_dot::tests::values;
 
     /// `x @ w` in f64, `w` given as `[k, n]`.
     fn exact(x: &[bf16], w: &[bf16], m: usize, k: usize, n: usize) -> Vec<f64> {

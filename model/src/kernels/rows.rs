@@ -16,6 +16,9 @@
 use burn::tensor::bf16;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::bf16_dot::as_bh;
+use super::bf16_dot::widen;
 use super::{Vectorized, Widen, vectorized};
 
 /// Lanes of every dot product.
@@ -241,12 +244,6 @@ struct Bf16Dots<'a> {
     j0: usize,
 }
 
-/// The f32 value of bf16 bits.
-#[inline(always)]
-fn widen(bits: u16) -> f32 {
-    f32::from_bits((bits as u32) << 16)
-}
-
 impl Bf16Dots<'_> {
     fn row(&self, j: usize) -> &[u16] {
         &self.w[(self.j0 + j) * self.k..(self.j0 + j + 1) * self.k]
@@ -344,14 +341,6 @@ impl Bf16Dots<'_> {
             }
         }
     }
-}
-
-/// The same 512 bits as 32 bf16 values.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-fn as_bh(v: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512bh {
-    // SAFETY: both are 512 bits of plain data.
-    unsafe { std::mem::transmute(v) }
 }
 
 #[cfg(test)]
