@@ -202,19 +202,27 @@ fn rows_table() {
 }
 
 /// Many-row bf16 products (prefill of a 617-token prompt, image encode of 577 patches): the
-/// `vdpbf16ps` gemm in both weight orders against what the engine did before, widening
-/// activations and weight to f32 for Burn's f32 gemm and rounding back to bf16.
+/// `vdpbf16ps` gemm and, where the CPU has them, AMX tiles, in both weight orders, against
+/// what the engine did before, widening activations and weight to f32 for Burn's f32 gemm
+/// and rounding back to bf16.
 fn gemm_table() {
     use burn::tensor::{DType, Device, Tensor, TensorData};
-    use vipllava_model::kernels::bf16_gemm::{WeightOrder, bf16_gemm_available, matmul_bf16_gemm};
+    use vipllava_model::kernels::amx::amx_bf16_available;
+    use vipllava_model::kernels::bf16_gemm::{
+        WeightOrder, bf16_gemm_available, matmul_bf16_amx, matmul_bf16_vdpbf16ps,
+    };
 
     let device = Device::flex();
     println!();
-    println!("AVX-512 BF16: {}", bf16_gemm_available());
     println!(
-        "| m x k x n | widen + f32 gemm ms | vdpbf16ps [k,n] ms | vdpbf16ps [n,k] ms | GFLOP/s ([n,k]) | widen / vdpbf16ps [n,k] |"
+        "AVX-512 BF16: {}, AMX-BF16: {}",
+        bf16_gemm_available(),
+        amx_bf16_available()
     );
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| m x k x n | widen + f32 gemm ms | vdpbf16ps [k,n] ms | vdpbf16ps [n,k] ms | AMX [k,n] ms | AMX [n,k] ms | GFLOP/s (best [n,k]) | widen / best [n,k] |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for (m, k, n) in [
         (617, 2048, 5632),
         (617, 5632, 2048),
@@ -233,7 +241,7 @@ fn gemm_table() {
         let file: Vec<bf16> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
         let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
         let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), [k, n]), &device);
-        let mut rounds = [[0f64; 3]; 3];
+        let mut rounds = [[f64::NAN; 5]; 3];
         for round in rounds.iter_mut() {
             round[0] = time(3, || {
                 let y = xt.clone().cast(DType::F32).matmul(wt.clone().cast(DType::F32));
@@ -241,25 +249,58 @@ fn gemm_table() {
             });
             if bf16_gemm_available() {
                 round[1] = time(3, || {
-                    black_box(matmul_bf16_gemm(&x, &w, WeightOrder::InputMajor, m, k, n));
+                    black_box(matmul_bf16_vdpbf16ps(&x, &w, WeightOrder::InputMajor, m, k, n));
                 });
                 round[2] = time(3, || {
-                    black_box(matmul_bf16_gemm(&x, &file, WeightOrder::OutputMajor, m, k, n));
+                    black_box(matmul_bf16_vdpbf16ps(
+                        &x,
+                        &file,
+                        WeightOrder::OutputMajor,
+                        m,
+                        k,
+                        n,
+                    ));
+                });
+            }
+            if amx_bf16_available() {
+                round[3] = time(3, || {
+                    black_box(matmul_bf16_amx(&x, &w, WeightOrder::InputMajor, m, k, n));
+                });
+                round[4] = time(3, || {
+                    black_box(matmul_bf16_amx(&x, &file, WeightOrder::OutputMajor, m, k, n));
                 });
             }
         }
         let median = |c: usize| median_ms(&rounds, c);
         if !bf16_gemm_available() {
-            println!("| {m} x {k} x {n} | {:.1} | (no AVX-512 BF16) | | | |", median(0));
+            println!(
+                "| {m} x {k} x {n} | {:.1} | (no AVX-512 BF16) | | | | | |",
+                median(0)
+            );
             continue;
         }
-        let gflops = 2.0 * (m * k * n) as f64 / median(2) / 1e6;
+        let best = if amx_bf16_available() {
+            median(4)
+        } else {
+            median(2)
+        };
+        let gflops = 2.0 * (m * k * n) as f64 / best / 1e6;
+        let cell = |c: usize| {
+            let v = median(c);
+            if v.is_nan() {
+                "(no AMX)".to_string()
+            } else {
+                format!("{v:.1}")
+            }
+        };
         println!(
-            "| {m} x {k} x {n} | {:.1} | {:.1} | {:.1} | {gflops:.0} | {:.2} |",
-            median(0),
-            median(1),
-            median(2),
-            median(0) / median(2)
+            "| {m} x {k} x {n} | {} | {} | {} | {} | {} | {gflops:.0} | {:.2} |",
+            cell(0),
+            cell(1),
+            cell(2),
+            cell(3),
+            cell(4),
+            median(0) / best
         );
     }
 }

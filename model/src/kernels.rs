@@ -22,6 +22,7 @@ use burn_flex::{Flex, FlexQTensor, FlexTensor};
 
 use rayon::prelude::*;
 
+pub mod amx;
 pub mod attention;
 pub mod bf16_dot;
 pub mod bf16_gemm;
@@ -41,9 +42,10 @@ pub fn fast_paths_enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("VIPLLAVA_FAST_PATHS").map_or(true, |v| v != "0"))
 }
 
-/// Whether many-row bf16 products use the `vdpbf16ps` gemm ([`bf16_gemm`]) where the CPU
-/// has AVX-512 BF16: on by default, off with `VIPLLAVA_BF16_GEMM=0` (a switch for
-/// before/after measurements: bf16 is then widened to f32 for Burn's f32 gemm).
+/// Whether many-row bf16 products use the bf16 gemm ([`bf16_gemm`]: AMX tiles, else
+/// `vdpbf16ps`) where the CPU has AVX-512 BF16: on by default, off with
+/// `VIPLLAVA_BF16_GEMM=0` (a switch for before/after measurements: bf16 is then widened to
+/// f32 for Burn's f32 gemm). `VIPLLAVA_AMX=0` keeps `vdpbf16ps` on CPUs with AMX.
 pub fn bf16_gemm_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("VIPLLAVA_BF16_GEMM").map_or(true, |v| v != "0"))
@@ -363,6 +365,35 @@ fn streamed_output<const D: usize>(
     n: usize,
     dtype: DType,
 ) -> Tensor<D> {
+    let mut shape = x.dims();
+    shape[D - 1] = n;
+    if dtype == DType::BF16 {
+        // Bias and rounding in one pass, in parallel for prefills (Flex's cast is a second
+        // pass on one thread); the bits of an f32 add then `bf16::from_f32`.
+        let mut rounded = vec![bf16::ZERO; out.len()];
+        let round_rows = |(o, r): (&[f32], &mut [bf16])| {
+            with_simd(|| match bias {
+                Some(b) => {
+                    for ((d, &v), &bv) in r.iter_mut().zip(o).zip(b) {
+                        *d = round_bf16(v + bv);
+                    }
+                }
+                None => {
+                    for (d, &v) in r.iter_mut().zip(o) {
+                        *d = round_bf16(v);
+                    }
+                }
+            })
+        };
+        if out.len() >= PARALLEL_VALUES {
+            out.par_chunks(n)
+                .zip(rounded.par_chunks_mut(n))
+                .for_each(round_rows);
+        } else {
+            out.chunks(n).zip(rounded.chunks_mut(n)).for_each(round_rows);
+        }
+        return Tensor::<D>::from_data(TensorData::new(rounded, shape), (&x.device(), DType::BF16));
+    }
     if let Some(b) = bias {
         for row in out.chunks_mut(n) {
             for (o, bv) in row.iter_mut().zip(b) {
@@ -370,10 +401,200 @@ fn streamed_output<const D: usize>(
             }
         }
     }
-    let mut shape = x.dims();
-    shape[D - 1] = n;
     let y = Tensor::<D>::from_data(TensorData::new(out, shape), &x.device());
     if dtype == DType::F32 { y } else { y.cast(dtype) }
+}
+
+/// Outputs from which rounding and activations run on the rayon pool (a prefill's, not a
+/// decode step's).
+const PARALLEL_VALUES: usize = 1 << 16;
+
+/// `v` rounded to the nearest bf16, ties to even, NaN kept a (quiet) NaN: the bits of
+/// `bf16::from_f32`, written so that loops over it vectorize.
+#[inline]
+pub(crate) fn round_bf16(v: f32) -> bf16 {
+    let bits = v.to_bits();
+    let rounded = if v.is_nan() {
+        (bits >> 16) | 0x40
+    } else {
+        bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16
+    };
+    bf16::from_bits(rounded as u16)
+}
+
+/// `x * sigmoid(scale * x)` (SiLU for `scale` 1, CLIP's quick GELU for 1.702), times `up`
+/// where given (Llama's gated MLP), in one pass over f32 or bf16 values of the plain Flex
+/// device, with a vectorized exponential and one rounding at the end, as PyTorch's bf16
+/// SiLU rounds once. `Err` gives `x` back where this does not apply (autodiff, other
+/// devices or dtypes, `VIPLLAVA_FAST_PATHS=0`, shapes that differ).
+// Both variants are the one tensor (the input given back or the result): no boxing helps.
+#[allow(clippy::result_large_err)]
+pub fn sigmoid_gated<const D: usize>(
+    x: Tensor<D>,
+    scale: f32,
+    up: Option<&Tensor<D>>,
+) -> Result<Tensor<D>, Tensor<D>> {
+    let dtype = x.dtype();
+    if !fast_paths_enabled()
+        || !fma_available()
+        || !is_plain_flex(&x.device())
+        || !matches!(dtype, DType::F32 | DType::BF16)
+        || up.is_some_and(|u| u.dims() != x.dims() || u.dtype() != dtype || u.device() != x.device())
+    {
+        return Err(x);
+    }
+    let shape = x.dims();
+    let device = x.device();
+    let data = x.into_data();
+    let up = up.map(|u| u.clone().into_data());
+    let out = match dtype {
+        DType::BF16 => {
+            let (Ok(xs), Ok(up)) = (
+                data.as_slice::<bf16>(),
+                up.as_ref().map(|u| u.as_slice::<bf16>()).transpose(),
+            ) else {
+                unreachable!("a bf16 tensor's data is bf16 (`up`'s dtype was checked)")
+            };
+            TensorData::new(gate_values(xs, up, scale), shape)
+        }
+        _ => {
+            let (Ok(xs), Ok(up)) = (
+                data.as_slice::<f32>(),
+                up.as_ref().map(|u| u.as_slice::<f32>()).transpose(),
+            ) else {
+                unreachable!("an f32 tensor's data is f32 (`up`'s dtype was checked)")
+            };
+            TensorData::new(gate_values(xs, up, scale), shape)
+        }
+    };
+    Ok(Tensor::from_data(out, (&device, dtype)))
+}
+
+/// Whether the CPU has fused multiply-adds, which [`sigmoid_gated`]'s exponential needs to be
+/// fast (without them `mul_add` is a call into software).
+fn fma_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    return true;
+}
+
+/// Runs `f` compiled for AVX-512 where the CPU has it, so that a loop inlined into it (a
+/// closure inherits the features of the function it is written in) vectorizes 16 wide.
+#[inline(always)]
+fn with_simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        #[target_feature(enable = "avx512f")]
+        #[inline]
+        fn avx512<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: the CPU has AVX-512 F (checked above).
+        return unsafe { avx512(f) };
+    }
+    f()
+}
+
+/// A value [`sigmoid_gated`] reads and writes.
+trait GateValue: Copy + Send + Sync + Default {
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+}
+
+impl GateValue for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl GateValue for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        round_bf16(v)
+    }
+}
+
+/// `x * sigmoid(scale * x) (* up)` for every value, in parallel chunks for many values.
+fn gate_values<T: GateValue>(x: &[T], up: Option<&[T]>, scale: f32) -> Vec<T> {
+    const CHUNK: usize = 1 << 14;
+    let mut out = vec![T::default(); x.len()];
+    let run = |(i, chunk): (usize, &mut [T])| {
+        let start = i * CHUNK;
+        let xs = &x[start..start + chunk.len()];
+        let ups = up.map(|u| &u[start..start + chunk.len()]);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512 F (checked above) and FMA (`sigmoid_gated`).
+                return unsafe { gate_chunk_avx512(xs, ups, chunk, scale) };
+            }
+            // SAFETY: `sigmoid_gated` runs only where the CPU has AVX2 and FMA.
+            unsafe { gate_chunk_avx2(xs, ups, chunk, scale) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        gate_chunk(xs, ups, chunk, scale)
+    };
+    if out.len() >= PARALLEL_VALUES {
+        out.par_chunks_mut(CHUNK).enumerate().for_each(run);
+    } else {
+        out.chunks_mut(CHUNK).enumerate().for_each(run);
+    }
+    out
+}
+
+/// [`gate_chunk`] compiled for AVX-512 with FMA.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn gate_chunk_avx512<T: GateValue>(x: &[T], up: Option<&[T]>, out: &mut [T], scale: f32) {
+    gate_chunk(x, up, out, scale)
+}
+
+/// [`gate_chunk`] compiled for AVX2 with FMA.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gate_chunk_avx2<T: GateValue>(x: &[T], up: Option<&[T]>, out: &mut [T], scale: f32) {
+    gate_chunk(x, up, out, scale)
+}
+
+/// One chunk of [`gate_values`]: inlined into the callers above, so that the loop vectorizes
+/// and the exponential's `mul_add`s are FMA instructions.
+#[inline(always)]
+fn gate_chunk<T: GateValue>(x: &[T], up: Option<&[T]>, out: &mut [T], scale: f32) {
+    #[inline(always)]
+    fn gate(v: f32, scale: f32) -> f32 {
+        let z = scale * v;
+        let e = attention::exp_nonpositive(-z.abs());
+        let sigmoid = if z >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) };
+        v * sigmoid
+    }
+    match up {
+        Some(up) => {
+            for ((o, &v), &u) in out.iter_mut().zip(x).zip(up) {
+                *o = T::from_f32(gate(v.to_f32(), scale) * u.to_f32());
+            }
+        }
+        None => {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = T::from_f32(gate(v.to_f32(), scale));
+            }
+        }
+    }
 }
 
 /// Along which dimension of a `[K, N]` weight its block scales run.
@@ -1233,6 +1454,87 @@ pub(crate) mod tests {
     /// the f64 product plus bias within one bf16 rounding, and where the gemm runs it has
     /// exactly the bits of its plain-Rust twin plus the bias, rounded once.
     #[test]
+    fn rounding_to_bf16_keeps_the_bits_of_from_f32() {
+        let mut patterns: Vec<u32> = (0..1u32 << 20)
+            .map(|i| i.wrapping_mul(0x9E37_79B9) ^ (i << 7))
+            .collect();
+        // Ties (both parities), the largest finite values, infinities, NaNs, zeros, subnormals.
+        patterns.extend([
+            0x3F80_8000,
+            0x3F81_8000,
+            0x7F7F_FFFF,
+            0xFF7F_FFFF,
+            0x7F7F_8000,
+            0x7F80_0000,
+            0xFF80_0000,
+            0x7FC0_0000,
+            0xFFC0_0001,
+            0x7F80_0001,
+            0,
+            0x8000_0000,
+            1,
+            0x0000_8000,
+            0x0001_8000,
+        ]);
+        for bits in patterns {
+            let v = f32::from_bits(bits);
+            assert_eq!(
+                round_bf16(v).to_bits(),
+                bf16::from_f32(v).to_bits(),
+                "{bits:#010x}"
+            );
+        }
+    }
+
+    #[test]
+    fn sigmoid_gates_equal_burns_activations() {
+        use burn::tensor::activation::{sigmoid, silu};
+
+        let device = Device::flex();
+        let (rows, cols) = (70, 1100); // over PARALLEL_VALUES: the parallel chunks, a partial last one
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 2001) as f32 / 100.0 - 10.0)
+            .collect();
+        let up: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 104_729) % 301) as f32 / 50.0 - 3.0)
+            .collect();
+        let f32s = |t: Tensor<2>| t.cast(DType::F32).into_data().try_into_vec::<f32>().expect("f32");
+        for dtype in [DType::F32, DType::BF16] {
+            let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [rows, cols]), &device).cast(dtype);
+            let ut = Tensor::<2>::from_data(TensorData::new(up.clone(), [rows, cols]), &device).cast(dtype);
+            let (xv, uv) = (f32s(xt.clone()), f32s(ut.clone()));
+            for (scale, with_up) in [(1.0f32, false), (1.0, true), (1.702, false)] {
+                let got = sigmoid_gated(xt.clone(), scale, with_up.then_some(&ut)).expect("applies");
+                assert_eq!((got.dims(), got.dtype()), ([rows, cols], dtype));
+                let got = f32s(got);
+                let burn = f32s(if scale == 1.0 {
+                    silu(xt.clone().cast(DType::F32))
+                } else {
+                    let x = xt.clone().cast(DType::F32);
+                    x.clone() * sigmoid(x * scale)
+                });
+                for (i, (&g, &b)) in got.iter().zip(&burn).enumerate() {
+                    let want = b as f64 * if with_up { uv[i] as f64 } else { 1.0 };
+                    let exact = xv[i] as f64 / (1.0 + (-(scale as f64) * xv[i] as f64).exp())
+                        * if with_up { uv[i] as f64 } else { 1.0 };
+                    // f32: a few ulps of Burn's; bf16: one rounding of the f32 result.
+                    let bound = if dtype == DType::F32 { 1e-6 } else { 1.0 / 256.0 };
+                    assert!(
+                        (g as f64 - want).abs() <= bound * want.abs() + 1e-30
+                            && (g as f64 - exact).abs() <= bound * exact.abs() + 1e-6,
+                        "{dtype:?} scale {scale} up {with_up} at {i}: {g} vs {want} (exact {exact})"
+                    );
+                }
+            }
+        }
+        // Shapes that differ, and other dtypes, are given back.
+        let x = Tensor::<2>::from_data(TensorData::new(vec![1f32; 6], [2, 3]), &device);
+        let up = Tensor::<2>::from_data(TensorData::new(vec![1f32; 6], [3, 2]), &device);
+        assert!(sigmoid_gated(x.clone(), 1.0, Some(&up)).is_err());
+        assert!(sigmoid_gated(x.cast(DType::F16), 1.0, None).is_err());
+    }
+
+    #[test]
     fn many_bf16_rows_through_linear_in_both_weight_orders() {
         use burn::module::Param;
         use burn::nn::LinearConfig;
@@ -1268,14 +1570,14 @@ pub(crate) mod tests {
         let twin = {
             let xb: Vec<bf16> = xv.iter().map(|&v| bf16::from_f32(v)).collect();
             let wb: Vec<bf16> = wv.iter().map(|&v| bf16::from_f32(v)).collect();
-            let plain = bf16_gemm::matmul_bf16_gemm_reference(
-                &xb,
-                &wb,
-                bf16_gemm::WeightOrder::InputMajor,
-                rows,
-                k,
-                n,
-            )
+            // The kernel `linear` dispatches to (AMX tiles group their sums differently
+            // from the plain code; the kernels are checked against it in `bf16_gemm`).
+            let order = bf16_gemm::WeightOrder::InputMajor;
+            let plain = if bf16_gemm_enabled() {
+                bf16_gemm::matmul_bf16_gemm(&xb, &wb, order, rows, k, n)
+            } else {
+                bf16_gemm::matmul_bf16_gemm_reference(&xb, &wb, order, rows, k, n)
+            }
             .expect("sizes");
             let with_bias: Vec<f32> = plain.iter().enumerate().map(|(i, v)| v + bv[i % n]).collect();
             with_bias
@@ -1298,7 +1600,7 @@ pub(crate) mod tests {
                 );
             }
             if bf16_gemm_enabled() {
-                assert_eq!(got, twin, "the gemm and its plain-Rust twin");
+                assert_eq!(got, twin, "linear and the gemm it dispatches to");
             }
         }
     }

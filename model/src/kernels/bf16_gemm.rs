@@ -11,10 +11,15 @@
 //! Every output is the sum over its pairs in order, each pair adding its odd product first
 //! (as `vdpbf16ps` does): the result does not depend on the tiling or the thread count,
 //! and [`matmul_bf16_gemm_reference`] computes the same bits in plain Rust.
+//!
+//! Where the CPU has AMX ([`super::amx`]), the same packed pairs (in 32-column tiles) feed
+//! `tdpbf16ps` tiles instead: 16 times the products per instruction. Its sums are f32 too
+//! but grouped by the hardware, so they differ from the plain code's in the last bits.
 
 use burn::tensor::bf16;
 use rayon::prelude::*;
 
+use super::amx;
 #[cfg(target_arch = "x86_64")]
 use super::bf16_dot::as_bh;
 use super::bf16_dot::widen;
@@ -27,6 +32,23 @@ const TILE_COLS: usize = 48;
 const SLAB: usize = 256;
 /// Columns per rayon task (four tiles; each task packs its own columns once per slab).
 const TASK_COLS: usize = 4 * TILE_COLS;
+/// Columns of one AMX block: two 16-column weight tiles.
+const AMX_COLS: usize = 2 * amx::TILE_ROWS;
+/// Rows of one AMX block: two 16-row activation tiles.
+const AMX_ROWS: usize = 2 * amx::TILE_ROWS;
+/// Pairs per AMX slab (a 384 KB panel per task, held in L2).
+const AMX_SLAB_PAIRS: usize = 512;
+
+/// The arithmetic that computes a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// Plain Rust (the reference).
+    Plain,
+    /// AVX-512 BF16 `vdpbf16ps`, 8 x 48 register tiles.
+    Vdpbf16ps,
+    /// AMX `tdpbf16ps`, 32 x 32 blocks of four tiles.
+    Amx,
+}
 
 /// How a `[k, n]` weight's values are laid out in its slice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,9 +64,25 @@ pub fn bf16_gemm_available() -> bool {
     super::bf16_dot::bf16_dot_available()
 }
 
-/// `x [m, k] @ w [k, n]` as f32 with `vdpbf16ps`; `None` when the CPU lacks AVX-512 BF16
-/// (the caller widens to f32 instead) or the sizes do not match.
+/// `x [m, k] @ w [k, n]` as f32 with the fastest kernel this CPU has: AMX tiles, else
+/// `vdpbf16ps`; `None` when it has neither (the caller widens to f32 instead) or the sizes
+/// do not match.
 pub fn matmul_bf16_gemm(
+    x: &[bf16],
+    w: &[bf16],
+    order: WeightOrder,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Option<Vec<f32>> {
+    match matmul_bf16_amx(x, w, order, m, k, n) {
+        Some(out) => Some(out),
+        None => matmul_bf16_vdpbf16ps(x, w, order, m, k, n),
+    }
+}
+
+/// [`matmul_bf16_gemm`] with `vdpbf16ps` only; `None` without AVX-512 BF16.
+pub fn matmul_bf16_vdpbf16ps(
     x: &[bf16],
     w: &[bf16],
     order: WeightOrder,
@@ -55,7 +93,24 @@ pub fn matmul_bf16_gemm(
     if !bf16_gemm_available() {
         return None;
     }
-    run(x, w, order, m, k, n, true)
+    run(x, w, order, m, k, n, Kernel::Vdpbf16ps)
+}
+
+/// [`matmul_bf16_gemm`] with AMX tiles only; `None` without AMX-BF16 (or with
+/// `VIPLLAVA_AMX=0`).
+pub fn matmul_bf16_amx(
+    x: &[bf16],
+    w: &[bf16],
+    order: WeightOrder,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Option<Vec<f32>> {
+    // The AMX tasks pack with the AVX-512 transpose too (every AMX CPU has AVX-512).
+    if !amx::amx_bf16_available() || !bf16_gemm_available() {
+        return None;
+    }
+    run(x, w, order, m, k, n, Kernel::Amx)
 }
 
 /// [`matmul_bf16_gemm`]'s arithmetic in plain Rust, on every CPU (for tests).
@@ -67,7 +122,7 @@ pub fn matmul_bf16_gemm_reference(
     k: usize,
     n: usize,
 ) -> Option<Vec<f32>> {
-    run(x, w, order, m, k, n, false)
+    run(x, w, order, m, k, n, Kernel::Plain)
 }
 
 fn run(
@@ -77,21 +132,31 @@ fn run(
     m: usize,
     k: usize,
     n: usize,
-    simd: bool,
+    kernel: Kernel,
 ) -> Option<Vec<f32>> {
     if x.len() != m * k || w.len() != k * n || m == 0 || k == 0 || n == 0 {
         return None;
     }
-    let pairs = Pairs::of(x, m, k);
+    // AMX reads whole 32-row blocks and 16-pair groups: zeros pad the activations to them.
+    let (row_unit, pair_unit) = match kernel {
+        Kernel::Amx => (AMX_ROWS, amx::TILE_ROWS),
+        _ => (TILE_ROWS, 1),
+    };
+    let pairs = Pairs::of(x, m, k, row_unit, pair_unit, kernel == Kernel::Amx);
     let weight = Weight { w, order, k, n };
-    let mut out = vec![0f32; m * n];
+    // AMX writes every output before it adds to it; the other kernels add from zero.
+    let mut out = if kernel == Kernel::Amx {
+        Vec::with_capacity(m * n)
+    } else {
+        vec![0f32; m * n]
+    };
     let col_tasks = n.div_ceil(TASK_COLS);
     // A narrow product (k/v projections) splits its rows too, so that every thread has work;
     // each output is still one sum over its pairs in order, whatever the split.
     let row_parts = (2 * rayon::current_num_threads())
         .div_ceil(col_tasks)
-        .clamp(1, m.div_ceil(TILE_ROWS));
-    let part_rows = m.div_ceil(row_parts).next_multiple_of(TILE_ROWS);
+        .clamp(1, m.div_ceil(row_unit));
+    let part_rows = m.div_ceil(row_parts).next_multiple_of(row_unit);
     let row_parts = m.div_ceil(part_rows);
     let target = Output(out.as_mut_ptr());
     (0..col_tasks * row_parts).into_par_iter().for_each(|task| {
@@ -106,8 +171,18 @@ fn run(
         };
         // SAFETY: `out` holds `m * n` values and outlives the tasks; tasks write disjoint
         // (row range, column range) blocks of it.
-        unsafe { columns(&pairs, &weight, block, &target, n, simd) };
+        unsafe {
+            match kernel {
+                Kernel::Amx => amx_columns(&pairs, &weight, block, &target, n),
+                _ => columns(&pairs, &weight, block, &target, n, kernel == Kernel::Vdpbf16ps),
+            }
+        };
     });
+    if kernel == Kernel::Amx {
+        // SAFETY: the tasks wrote all `m * n` values (every block of rows and columns, from
+        // its first slab on: `amx_columns`).
+        unsafe { out.set_len(m * n) };
+    }
     Some(out)
 }
 
@@ -127,26 +202,68 @@ struct Block {
 }
 
 /// The activations as (value `2p`, value `2p + 1`) bit pairs, low half first, as
-/// `vdpbf16ps` takes them; an odd last value pairs with zero.
+/// `vdpbf16ps` and `tdpbf16ps` take them; an odd last value pairs with zero, and zero rows
+/// and pairs pad the block to whole units of the kernel.
 struct Pairs {
     bits: Vec<u32>,
     m: usize,
     /// Pairs per row.
     half: usize,
+    /// Pairs per stored row (`half` padded).
+    stride: usize,
+    /// Stored in AMX tiles: per 16 rows and 16 pairs, 16 rows of 16 pairs in a row (1 KB),
+    /// the 16 pairs' tiles one after the other. Row-major otherwise.
+    tiled: bool,
 }
 
 impl Pairs {
-    fn of(x: &[bf16], m: usize, k: usize) -> Self {
+    fn of(x: &[bf16], m: usize, k: usize, row_unit: usize, pair_unit: usize, tiled: bool) -> Self {
         let half = k.div_ceil(2);
-        let mut bits = vec![0u32; m * half];
-        for (row, xs) in bits.chunks_mut(half).zip(x.chunks(k)) {
-            for (p, two) in row.iter_mut().zip(xs.chunks(2)) {
-                let lo = two[0].to_bits() as u32;
-                let hi = two.get(1).map_or(0, |v| v.to_bits() as u32);
-                *p = lo | (hi << 16);
+        let stride = half.next_multiple_of(pair_unit);
+        let mut bits = vec![0u32; m.next_multiple_of(row_unit) * stride];
+        // Rows per contiguous block of `bits`: 16 when tiled (a row of tiles), else 1.
+        let tile = amx::TILE_ROWS;
+        let block_rows = if tiled { tile } else { 1 };
+        let fill = |(block, xs): (&mut [u32], &[bf16])| {
+            for (i, row) in xs.chunks(k).enumerate() {
+                // Group `g` of 16 pairs: at `g * 256 + i * 16` when tiled, `g * 16` otherwise.
+                let (group_step, row_at) = if tiled { (tile * tile, i * tile) } else { (tile, 0) };
+                for (g, values) in row.chunks(2 * tile).enumerate() {
+                    let dst = &mut block[g * group_step + row_at..][..values.len().div_ceil(2)];
+                    for (d, two) in dst.iter_mut().zip(values.chunks(2)) {
+                        let lo = two[0].to_bits() as u32;
+                        let hi = two.get(1).map_or(0, |v| v.to_bits() as u32);
+                        *d = lo | (hi << 16);
+                    }
+                }
             }
+        };
+        let (dst, src) = (block_rows * stride, block_rows * k);
+        if m * k >= 1 << 16 {
+            let blocks = bits.par_chunks_mut(dst).zip(x.par_chunks(src));
+            blocks.with_min_len(16 / block_rows).for_each(fill);
+        } else {
+            bits.chunks_mut(dst).zip(x.chunks(src)).for_each(fill);
         }
-        Self { bits, m, half }
+        Self {
+            bits,
+            m,
+            half,
+            stride,
+            tiled,
+        }
+    }
+
+    /// The first of the AMX tiles of rows `r..r + 16` from pair `p` (both multiples of 16).
+    fn tile(&self, r: usize, p: usize) -> *const u8 {
+        let tile = amx::TILE_ROWS;
+        assert!(
+            self.tiled
+                && r.is_multiple_of(tile)
+                && p.is_multiple_of(tile)
+                && (r + tile) * self.stride <= self.bits.len()
+        );
+        self.bits[r * self.stride + p * tile..].as_ptr().cast()
     }
 }
 
@@ -159,17 +276,31 @@ struct Weight<'a> {
 }
 
 impl Weight<'_> {
-    /// Packs pairs `p0..p1` of columns `c0..c0 + cols` into `panel`: per tile of
-    /// [`TILE_COLS`] columns, `p1 - p0` rows of [`TILE_COLS`] pairs (columns past `cols` are
-    /// zero).
-    fn pack(&self, p0: usize, p1: usize, c0: usize, cols: usize, panel: &mut [u32], simd: bool) {
+    /// Packs pairs `p0..p1` of columns `c0..c0 + cols` into `panel`: per tile of `tile_cols`
+    /// (at most [`TILE_COLS`]) columns, `p1 - p0` rows of `tile_cols` pairs (columns past
+    /// `cols` and pairs past the weight's are zero).
+    #[allow(clippy::too_many_arguments)]
+    fn pack(
+        &self,
+        p0: usize,
+        p1: usize,
+        c0: usize,
+        cols: usize,
+        panel: &mut [u32],
+        simd: bool,
+        tile_cols: usize,
+    ) {
+        assert!(tile_cols <= TILE_COLS && tile_cols.is_multiple_of(16));
         let (k, n) = (self.k, self.n);
         let pairs = p1 - p0;
-        for (tile, chunk) in panel.chunks_mut(pairs * TILE_COLS).enumerate() {
-            let t0 = tile * TILE_COLS;
-            let width = TILE_COLS.min(cols.saturating_sub(t0));
-            if width < TILE_COLS {
+        for (tile, chunk) in panel.chunks_mut(pairs * tile_cols).enumerate() {
+            let t0 = tile * tile_cols;
+            let width = tile_cols.min(cols.saturating_sub(t0));
+            if width < tile_cols || p1 > k.div_ceil(2) {
                 chunk.fill(0);
+            }
+            if width == 0 {
+                continue;
             }
             let c = c0 + t0;
             match self.order {
@@ -186,11 +317,11 @@ impl Weight<'_> {
                         for g in 0..width / 16 {
                             let rows = &self.w[(c + 16 * g) * k..(c + 16 * g + 16) * k];
                             for p in (p0..whole).step_by(16) {
-                                let out = &mut chunk[(p - p0) * TILE_COLS + 16 * g..];
+                                let out = &mut chunk[(p - p0) * tile_cols + 16 * g..];
                                 // SAFETY: `simd` is only true on CPUs with AVX-512 F; 16 rows
                                 // of `k` values hold pairs `p..p + 16` (`2p + 32 <= k`), and
-                                // `out` holds 16 packed rows of 48 from column `16g`.
-                                unsafe { transpose_pairs(rows, k, p, out) };
+                                // `out` holds 16 packed rows of `tile_cols` from column `16g`.
+                                unsafe { transpose_pairs(rows, k, p, out, tile_cols) };
                             }
                             from[16 * g..16 * g + 16].fill(whole);
                         }
@@ -199,18 +330,19 @@ impl Weight<'_> {
                     let _ = simd;
                     for (j, &start) in from.iter().enumerate().take(width) {
                         let row = &self.w[(c + j) * k..(c + j + 1) * k];
-                        for p in start..p1 {
+                        // Pairs past the weight's stay zero (filled above).
+                        for p in start..p1.min(k.div_ceil(2)) {
                             let lo = row[2 * p].to_bits() as u32;
                             let hi = row.get(2 * p + 1).map_or(0, |v| v.to_bits() as u32);
-                            chunk[(p - p0) * TILE_COLS + j] = lo | (hi << 16);
+                            chunk[(p - p0) * tile_cols + j] = lo | (hi << 16);
                         }
                     }
                 }
                 WeightOrder::InputMajor => {
                     // Two rows of the weight per pair: their columns side by side.
-                    for p in p0..p1 {
+                    for p in p0..p1.min(k.div_ceil(2)) {
                         let lo = &self.w[2 * p * n + c..][..width];
-                        let out = &mut chunk[(p - p0) * TILE_COLS..][..width];
+                        let out = &mut chunk[(p - p0) * tile_cols..][..width];
                         if 2 * p + 1 < k {
                             let hi = &self.w[(2 * p + 1) * n + c..][..width];
                             for ((o, a), b) in out.iter_mut().zip(lo).zip(hi) {
@@ -228,19 +360,19 @@ impl Weight<'_> {
     }
 }
 
-/// Pairs `p..p + 16` of 16 rows of `k` values (`rows`) into 16 packed rows of
-/// [`TILE_COLS`] (`out`, the rows' 16 columns from its start): a 16 x 16 transpose of
-/// 32-bit pairs in registers.
+/// Pairs `p..p + 16` of 16 rows of `k` values (`rows`) into 16 packed rows `stride` apart
+/// (`out`, the rows' 16 columns from its start): a 16 x 16 transpose of 32-bit pairs in
+/// registers.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F; `rows.len() >= 16 * k`, `2 * p + 32 <= k`, and
-/// `out.len() >= 15 * TILE_COLS + 16`.
+/// `out.len() >= 15 * stride + 16`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn transpose_pairs(rows: &[bf16], k: usize, p: usize, out: &mut [u32]) {
+unsafe fn transpose_pairs(rows: &[bf16], k: usize, p: usize, out: &mut [u32], stride: usize) {
     use std::arch::x86_64::*;
 
-    assert!(rows.len() >= 16 * k && 2 * p + 32 <= k && out.len() >= 15 * TILE_COLS + 16);
+    assert!(rows.len() >= 16 * k && 2 * p + 32 <= k && out.len() >= 15 * stride + 16);
     let base = rows.as_ptr();
     // SAFETY: row `i < 16` holds values `2p..2p + 32` (asserted above).
     let r: [__m512i; 16] =
@@ -280,7 +412,7 @@ unsafe fn transpose_pairs(rows: &[bf16], k: usize, p: usize, out: &mut [u32]) {
         ];
         for (l, v) in lanes.into_iter().enumerate() {
             // SAFETY: packed row `4l + q < 16`, 16 values (asserted above).
-            unsafe { _mm512_storeu_si512(dst.add((4 * l + q) * TILE_COLS) as *mut __m512i, v) };
+            unsafe { _mm512_storeu_si512(dst.add((4 * l + q) * stride) as *mut __m512i, v) };
         }
     }
 }
@@ -299,16 +431,17 @@ unsafe fn columns(x: &Pairs, w: &Weight, block: Block, out: &Output, n: usize, s
         let p1 = (p0 + SLAB / 2).min(x.half);
         let pairs = p1 - p0;
         let panel = &mut panel[..pairs * TILE_COLS * tiles];
-        w.pack(p0, p1, c0, cols, panel, simd);
+        w.pack(p0, p1, c0, cols, panel, simd, TILE_COLS);
         for tile in 0..tiles {
             let t0 = tile * TILE_COLS;
             let b = &panel[tile * pairs * TILE_COLS..(tile + 1) * pairs * TILE_COLS];
             let mut r = r0;
             while r < r1 {
                 let rows = TILE_ROWS.min(r1 - r);
+                assert!(!x.tiled);
                 let tile = Tile {
-                    a: &x.bits[r * x.half + p0..],
-                    lda: x.half,
+                    a: &x.bits[r * x.stride + p0..],
+                    lda: x.stride,
                     b,
                     pairs,
                     // SAFETY: row `r < m`, column `c0 + t0 < n`: inside the output.
@@ -331,6 +464,108 @@ unsafe fn columns(x: &Pairs, w: &Weight, block: Block, out: &Output, n: usize, s
                 unsafe { tile.plain(rows) };
                 r += rows;
             }
+        }
+        p0 = p1;
+    }
+}
+
+/// [`columns`] with AMX: per slab of [`AMX_SLAB_PAIRS`] pairs, the task's columns packed in
+/// 16-column tiles (each 16-pair group of a tile 1 KB in a row, as the activations are),
+/// then every 32-row block of its rows against each 32 columns, four 16 x 16 tiles of sums
+/// at a time.
+///
+/// The first slab's sums start from zero, so `out` need not be initialized.
+///
+/// # Safety
+/// As [`columns`]; AMX and AVX-512 F must be available (`matmul_bf16_amx` checks).
+#[inline(never)]
+unsafe fn amx_columns(x: &Pairs, w: &Weight, block: Block, out: &Output, n: usize) {
+    let Block { c0, cols, r0, r1 } = block;
+    let group = amx::TILE_ROWS;
+    assert!(r1 <= x.m && c0 + cols <= n && r0.is_multiple_of(AMX_ROWS) && x.stride.is_multiple_of(group));
+    let Some(tiles) = amx::Tiles::new() else {
+        unreachable!("matmul_bf16_amx checked that AMX is available")
+    };
+    let col_blocks = cols.div_ceil(AMX_COLS);
+    // The panel buffer is the thread's own, kept between calls: zeroing 384 KB per task
+    // cost more than the packing (`pack` writes every value it hands out).
+    thread_local! {
+        static PANEL: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    PANEL.with_borrow_mut(|panel| {
+        let size = AMX_SLAB_PAIRS * AMX_COLS * col_blocks;
+        if panel.len() < size {
+            panel.resize(size, 0);
+        }
+        // SAFETY: as this function's.
+        unsafe { amx_slabs(x, w, block, out, n, &tiles, panel) }
+    })
+}
+
+/// [`amx_columns`] with its panel buffer.
+///
+/// # Safety
+/// As [`amx_columns`].
+unsafe fn amx_slabs(
+    x: &Pairs,
+    w: &Weight,
+    block: Block,
+    out: &Output,
+    n: usize,
+    tiles: &amx::Tiles,
+    panel: &mut [u32],
+) {
+    let Block { c0, cols, r0, r1 } = block;
+    let group = amx::TILE_ROWS;
+    let col_blocks = cols.div_ceil(AMX_COLS);
+    // Sums of a block that overhangs the output's last rows or this task's last columns.
+    let mut edge = [0f32; AMX_ROWS * AMX_COLS];
+    let mut p0 = 0;
+    while p0 < x.stride {
+        let p1 = (p0 + AMX_SLAB_PAIRS).min(x.stride);
+        let pairs = p1 - p0;
+        let steps = pairs / group;
+        let panel = &mut panel[..pairs * AMX_COLS * col_blocks];
+        w.pack(p0, p1, c0, cols, panel, true, group);
+        // Each 32-row block of activations (64 KB) against every column block of the panel.
+        let mut r = r0;
+        while r < r1 {
+            let rows = AMX_ROWS.min(r1 - r);
+            // Rows `r..r + 32` (zero-padded) from pair `p0`.
+            let a = [x.tile(r, p0), x.tile(r + group, p0)];
+            for t in 0..col_blocks {
+                let t0 = t * AMX_COLS;
+                let width = AMX_COLS.min(cols - t0);
+                // The block's two 16-column tiles: `pairs` rows of 16 pairs each.
+                let b = [
+                    panel[2 * t * pairs * group..].as_ptr().cast::<u8>(),
+                    panel[(2 * t + 1) * pairs * group..].as_ptr().cast::<u8>(),
+                ];
+                // SAFETY: row `r < m`, column `c0 + t0 < n`: inside the output.
+                let c = unsafe { out.0.add(r * n + c0 + t0) };
+                if rows == AMX_ROWS && width == AMX_COLS {
+                    // SAFETY: `steps` 1 KB tiles from each of `a` and `b` (padded rows and
+                    // pairs, packed panel), and 32 x 32 sums of this task's block from `c`.
+                    unsafe { tiles.block(a, b, c.cast(), 4 * n, steps, p0 > 0) };
+                    continue;
+                }
+                for (i, e) in edge.iter_mut().enumerate() {
+                    let (er, ec) = (i / AMX_COLS, i % AMX_COLS);
+                    let live = p0 > 0 && er < rows && ec < width;
+                    // SAFETY: inside the block's live rows and columns, written by the slab
+                    // before.
+                    *e = if live { unsafe { *c.add(er * n + ec) } } else { 0.0 };
+                }
+                // SAFETY: as above, with the sums in `edge`.
+                unsafe { tiles.block(a, b, edge.as_mut_ptr().cast(), 4 * AMX_COLS, steps, true) };
+                for er in 0..rows {
+                    for ec in 0..width {
+                        // SAFETY: as above.
+                        unsafe { *c.add(er * n + ec) = edge[er * AMX_COLS + ec] };
+                    }
+                }
+            }
+            r += rows;
         }
         p0 = p1;
     }
@@ -500,7 +735,7 @@ mod tests {
             }
             if simd {
                 for (order, w) in [(WeightOrder::InputMajor, &w), (WeightOrder::OutputMajor, &file)] {
-                    let fast = matmul_bf16_gemm(&x, w, order, m, k, n).expect("available");
+                    let fast = matmul_bf16_vdpbf16ps(&x, w, order, m, k, n).expect("available");
                     for (i, (&p, &f)) in plain.iter().zip(&fast).enumerate() {
                         // The same additions in the same order (`vdpbf16ps` flushes
                         // subnormal inputs, which these values do not have).
@@ -509,6 +744,53 @@ mod tests {
                 }
             } else {
                 assert!(matmul_bf16_gemm(&x, &w, WeightOrder::InputMajor, m, k, n).is_none());
+            }
+        }
+    }
+
+    #[test]
+    fn amx_tiles_agree_with_the_plain_code_and_the_f64_sum_in_both_weight_orders() {
+        if !amx::amx_bf16_available() {
+            eprintln!("no AMX-BF16 on this CPU: skipped");
+            assert!(
+                matmul_bf16_amx(&values(4, 1), &values(8, 2), WeightOrder::InputMajor, 2, 2, 4).is_none()
+            );
+            return;
+        }
+        // Odd and even k (across 16-pair groups and 512-pair slabs), partial 32-row blocks,
+        // 32-column tiles and 192-column tasks, row splits of narrow products.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 2, 48),
+            (8, 7, 5),
+            (33, 130, 49),
+            (17, 257, 200),
+            (64, 1100, 193),
+            (70, 1025, 64),
+            (5, 517, 96),
+            (96, 64, 400),
+        ] {
+            let x = values(m * k, 3);
+            let w = values(k * n, 4);
+            let want = exact(&x, &w, m, k, n);
+            let scale = want.iter().fold(1f64, |s, v| s.max(v.abs()));
+            let plain = matmul_bf16_gemm_reference(&x, &w, WeightOrder::InputMajor, m, k, n).expect("sizes");
+            let file = transpose(&w, k, n);
+            for (order, w) in [(WeightOrder::InputMajor, &w), (WeightOrder::OutputMajor, &file)] {
+                let tiles = matmul_bf16_amx(&x, w, order, m, k, n).expect("available");
+                assert_eq!(
+                    matmul_bf16_gemm(&x, w, order, m, k, n).as_ref(),
+                    Some(&tiles),
+                    "the dispatch"
+                );
+                for (i, ((&t, &p), &e)) in tiles.iter().zip(&plain).zip(&want).enumerate() {
+                    // Both sum exact products in f32, grouped differently.
+                    let (to_exact, to_plain) = ((t as f64 - e).abs() / scale, (t - p).abs() as f64 / scale);
+                    assert!(
+                        to_exact < 1e-5 && to_plain < 1e-5,
+                        "{m}x{k}x{n} {order:?} at {i}: {t} vs {p}, {e}"
+                    );
+                }
             }
         }
     }

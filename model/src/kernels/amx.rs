@@ -1,0 +1,242 @@
+//! Intel AMX tiles for the bf16 gemm ([`super::bf16_gemm`]): one `tdpbf16ps` multiplies a
+//! 16 x 32 bf16 block by a 32 x 16 one into 16 x 16 f32 sums, 16 times the work of a
+//! `vdpbf16ps`. Sapphire Rapids and later Xeons have them; PyTorch's CPU bf16 gemm (oneDNN)
+//! uses them, so without them a bf16 prefill cannot keep up there.
+//!
+//! Stable Rust has no AMX intrinsics yet, so the few instructions are inline assembly on the
+//! eight tile registers, which the compiler never allocates. Linux hands out the tile state
+//! only to a process that asks for it (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), once.
+
+/// Bytes of one tile row: 16 f32 sums, or 16 bf16 pairs.
+pub const ROW_BYTES: usize = 64;
+/// Rows of one tile.
+pub const TILE_ROWS: usize = 16;
+
+/// Whether this CPU has AMX-TILE and AMX-BF16 and the kernel let this process use them
+/// (checked once; off with `VIPLLAVA_AMX=0`, which keeps the `vdpbf16ps` gemm).
+pub fn amx_bf16_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::env::var("VIPLLAVA_AMX").map_or(true, |v| v != "0") && cpu_has_amx_bf16() && request_tile_state()
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_amx_bf16() -> bool {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    // CPUID leaf 7, sub-leaf 0, EDX: bit 22 AMX-BF16, bit 24 AMX-TILE.
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID exists on every x86_64 CPU; leaf 7 is read only when leaf 0 reports it.
+    let edx = unsafe {
+        if __cpuid(0).eax < 7 {
+            return false;
+        }
+        __cpuid_count(7, 0).edx
+    };
+    edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_amx_bf16() -> bool {
+    false
+}
+
+/// Asks Linux for the tile data state (XTILEDATA, feature 18) for this process.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn request_tile_state() -> bool {
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: arch_prctl with these arguments only changes which state this process may use.
+    unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn request_tile_state() -> bool {
+    false
+}
+
+/// The tile configuration every kernel here uses: palette 1, all eight tiles 16 rows of
+/// 64 bytes. Tiles 0-3 hold a 32 x 32 block of sums, 4-5 two 16-row blocks of activations,
+/// 6-7 two 16-column blocks of weight pairs.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    const fn full() -> Self {
+        let mut bytes = [0u8; 64];
+        bytes[0] = 1;
+        let mut t = 0;
+        while t < 8 {
+            bytes[16 + 2 * t] = ROW_BYTES as u8;
+            bytes[48 + t] = TILE_ROWS as u8;
+            t += 1;
+        }
+        Self(bytes)
+    }
+}
+
+static CONFIG: TileConfig = TileConfig::full();
+
+/// The tile registers of the calling thread, configured for [`Tiles::block`] while it
+/// lives and released when dropped.
+pub struct Tiles(std::marker::PhantomData<*const ()>);
+
+impl Tiles {
+    /// Loads the configuration; `None` where [`amx_bf16_available`] is false.
+    pub fn new() -> Option<Self> {
+        if !amx_bf16_available() {
+            return None;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AMX-TILE and the process holds the tile state (checked
+        // above); the configuration is 64 valid bytes.
+        unsafe {
+            std::arch::asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
+        }
+        Some(Self(std::marker::PhantomData))
+    }
+
+    /// `c += a . b` for a 32 x 32 block of f32 sums over `steps` groups of 16 pairs. Each
+    /// operand tile is 1 KB in a row (16 rows of 64 bytes), group `s` at byte `1024 s`:
+    /// `a[0]`/`a[1]` the two 16-row blocks of activation pairs, `b[0]`/`b[1]` the two
+    /// 16-column blocks of weight pairs (row `p`: pair `p` of 16 columns); `c` is 32 rows of
+    /// 32 f32, `ldc` bytes apart. With `accumulate` false the sums start from zero instead
+    /// of `c` (which may then be uninitialized memory).
+    ///
+    /// # Safety
+    /// Each of `a` and `b` must hold `1024 steps` bytes, `c` 32 rows of 128 bytes at stride
+    /// `ldc` that no one else uses meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn block(
+        &self,
+        a: [*const u8; 2],
+        b: [*const u8; 2],
+        c: *mut u8,
+        ldc: usize,
+        steps: usize,
+        accumulate: bool,
+    ) {
+        if steps == 0 {
+            return;
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no tiles outside x86_64 ({a:?} {b:?} {c:?} {ldc} {accumulate})");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles were configured by `new` on this thread (`Tiles` is neither
+        // Send nor Sync); the reads and writes stay inside the bounds above.
+        unsafe {
+            std::arch::asm!(
+                "test {accumulate}, {accumulate}",
+                "jz 3f",
+                "tileloadd tmm0, [{c} + {ldc}*1]",
+                "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
+                "tileloadd tmm2, [{c16} + {ldc}*1]",
+                "tileloadd tmm3, [{c16} + {ldc}*1 + 64]",
+                "jmp 2f",
+                "3:",
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "2:",
+                "tileloadd tmm4, [{a0} + {row}*1]",
+                "tileloadd tmm6, [{b0} + {row}*1]",
+                "tileloadd tmm5, [{a1} + {row}*1]",
+                "tileloadd tmm7, [{b1} + {row}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                "add {a0}, 1024",
+                "add {a1}, 1024",
+                "add {b0}, 1024",
+                "add {b1}, 1024",
+                "dec {steps}",
+                "jnz 2b",
+                "tilestored [{c} + {ldc}*1], tmm0",
+                "tilestored [{c} + {ldc}*1 + 64], tmm1",
+                "tilestored [{c16} + {ldc}*1], tmm2",
+                "tilestored [{c16} + {ldc}*1 + 64], tmm3",
+                a0 = inout(reg) a[0] => _,
+                a1 = inout(reg) a[1] => _,
+                b0 = inout(reg) b[0] => _,
+                b1 = inout(reg) b[1] => _,
+                c = in(reg) c,
+                c16 = in(reg) c.add(TILE_ROWS * ldc),
+                ldc = in(reg) ldc,
+                row = in(reg) ROW_BYTES,
+                steps = inout(reg) steps => _,
+                accumulate = in(reg) accumulate as usize,
+                options(nostack),
+            );
+        }
+    }
+}
+
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles were configured by `new` on this thread.
+        unsafe {
+            std::arch::asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_block_sums_pairs_of_products() {
+        let Some(tiles) = Tiles::new() else {
+            eprintln!("no AMX-BF16 on this CPU: skipped");
+            return;
+        };
+        // a[r][v] = r % 8 + (v % 8) / 8, b[v][c] = c - v / 4: bf16-exact, and so are the
+        // products and every partial sum in f32, whatever the order. Two steps of 16 pairs.
+        let steps = 2;
+        let k = 32 * steps;
+        let to_bits = |v: f32| burn::tensor::bf16::from_f32(v).to_bits();
+        let x = |r: usize, v: usize| to_bits((r % 8) as f32 + (v % 8) as f32 / 8.0);
+        let w = |v: usize, c: usize| to_bits(c as f32 - v as f32 / 4.0);
+        // Tile layout: per 16-row (16-column) half and step, 16 rows of 16 pairs.
+        let mut a = [vec![0u16; steps * 512], vec![0u16; steps * 512]];
+        let mut b = [vec![0u16; steps * 512], vec![0u16; steps * 512]];
+        for half in 0..2 {
+            for s in 0..steps {
+                for i in 0..16 {
+                    for j in 0..16 {
+                        for h in 0..2 {
+                            let v = 32 * s + 2 * j + h;
+                            a[half][s * 512 + i * 32 + 2 * j + h] = x(16 * half + i, v);
+                            let v = 32 * s + 2 * i + h;
+                            b[half][s * 512 + i * 32 + 2 * j + h] = w(v, 16 * half + j);
+                        }
+                    }
+                }
+            }
+        }
+        let mut c = vec![1f32; 32 * 32];
+        // SAFETY: the sizes above match the documented bounds.
+        unsafe {
+            tiles.block(
+                [a[0].as_ptr().cast(), a[1].as_ptr().cast()],
+                [b[0].as_ptr().cast(), b[1].as_ptr().cast()],
+                c.as_mut_ptr().cast(),
+                128,
+                steps,
+                true,
+            );
+        }
+        for r in 0..32 {
+            for col in 0..32 {
+                let want: f64 = 1.0
+                    + (0..k)
+                        .map(|v| ((r % 8) as f64 + (v % 8) as f64 / 8.0) * (col as f64 - v as f64 / 4.0))
+                        .sum::<f64>();
+                assert_eq!(c[r * 32 + col] as f64, want, "({r}, {col})");
+            }
+        }
+    }
+}
