@@ -422,6 +422,10 @@ pub(crate) fn round_bf16(v: f32) -> bf16 {
     bf16::from_bits(rounded as u16)
 }
 
+/// Not used by the model yet: its single rounding moved the bf16 fixtures' greedy tokens and
+/// the f32 cached-decoding bound past their tests (session 16); `layers::activate` keeps Burn's
+/// ops until that is settled.
+///
 /// `x * sigmoid(scale * x)` (SiLU for `scale` 1, CLIP's quick GELU for 1.702), times `up`
 /// where given (Llama's gated MLP), in one pass over f32 or bf16 values of the plain Flex
 /// device, with a vectorized exponential and one rounding at the end, as PyTorch's bf16
@@ -448,24 +452,8 @@ pub fn sigmoid_gated<const D: usize>(
     let data = x.into_data();
     let up = up.map(|u| u.clone().into_data());
     let out = match dtype {
-        DType::BF16 => {
-            let (Ok(xs), Ok(up)) = (
-                data.as_slice::<bf16>(),
-                up.as_ref().map(|u| u.as_slice::<bf16>()).transpose(),
-            ) else {
-                unreachable!("a bf16 tensor's data is bf16 (`up`'s dtype was checked)")
-            };
-            TensorData::new(gate_values(xs, up, scale), shape)
-        }
-        _ => {
-            let (Ok(xs), Ok(up)) = (
-                data.as_slice::<f32>(),
-                up.as_ref().map(|u| u.as_slice::<f32>()).transpose(),
-            ) else {
-                unreachable!("an f32 tensor's data is f32 (`up`'s dtype was checked)")
-            };
-            TensorData::new(gate_values(xs, up, scale), shape)
-        }
+        DType::BF16 => gated_data::<bf16>(&data, up.as_ref(), scale, &shape),
+        _ => gated_data::<f32>(&data, up.as_ref(), scale, &shape),
     };
     Ok(Tensor::from_data(out, (&device, dtype)))
 }
@@ -494,6 +482,19 @@ fn with_simd<R>(f: impl FnOnce() -> R) -> R {
         return unsafe { avx512(f) };
     }
     f()
+}
+
+/// [`sigmoid_gated`] on the values of `data` (and `up`), both of element type `T`.
+fn gated_data<T: GateValue + burn::tensor::Element>(
+    data: &TensorData,
+    up: Option<&TensorData>,
+    scale: f32,
+    shape: &[usize],
+) -> TensorData {
+    let (Ok(xs), Ok(up)) = (data.as_slice::<T>(), up.map(|u| u.as_slice::<T>()).transpose()) else {
+        unreachable!("the tensors' dtype was checked by `sigmoid_gated`")
+    };
+    TensorData::new(gate_values(xs, up, scale), shape.to_vec())
 }
 
 /// A value [`sigmoid_gated`] reads and writes.

@@ -19,13 +19,6 @@ pub fn activate<const D: usize>(act: Activation, x: Tensor<D>) -> Tensor<D> {
     }
 }
 
-/// `activate(act, gate) * up` (a gated MLP). `kernels::sigmoid_gated` computes it in one
-/// vectorized pass, but its single rounding moved the bf16 fixtures' greedy tokens and the f32
-/// cached-decoding bound (CI of session 16): not wired in until those are settled.
-pub fn activate_times<const D: usize>(act: Activation, gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
-    activate(act, gate) * up
-}
-
 /// How the constructors fill parameters (both lazily: nothing is computed until read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamInit {

@@ -705,6 +705,36 @@ mod tests {
         (0..n * k).map(|i| w[(i % k) * n + i / k]).collect()
     }
 
+    /// One test product: activations, the weight in both orders, the f64 sums, their largest
+    /// magnitude (at least 1) and the plain-Rust twin's result.
+    struct Case {
+        x: Vec<bf16>,
+        w: Vec<bf16>,
+        file: Vec<bf16>,
+        want: Vec<f64>,
+        scale: f64,
+        plain: Vec<f32>,
+    }
+
+    impl Case {
+        fn new(m: usize, k: usize, n: usize, seed: usize) -> Self {
+            let x = values(m * k, seed);
+            let w = values(k * n, seed + 1);
+            let want = exact(&x, &w, m, k, n);
+            let scale = want.iter().fold(1f64, |s, v| s.max(v.abs()));
+            let plain = matmul_bf16_gemm_reference(&x, &w, WeightOrder::InputMajor, m, k, n).expect("sizes");
+            let file = transpose(&w, k, n);
+            Self {
+                x,
+                w,
+                file,
+                want,
+                scale,
+                plain,
+            }
+        }
+    }
+
     #[test]
     fn gemm_equals_the_plain_code_and_the_f64_sum_in_both_weight_orders() {
         let simd = bf16_gemm_available();
@@ -720,12 +750,14 @@ mod tests {
             (5, 517, 96),
             (23, 64, 400),
         ] {
-            let x = values(m * k, 1);
-            let w = values(k * n, 2);
-            let want = exact(&x, &w, m, k, n);
-            let scale = want.iter().fold(1f64, |s, v| s.max(v.abs()));
-            let plain = matmul_bf16_gemm_reference(&x, &w, WeightOrder::InputMajor, m, k, n).expect("sizes");
-            let file = transpose(&w, k, n);
+            let Case {
+                x,
+                w,
+                file,
+                want,
+                scale,
+                plain,
+            } = Case::new(m, k, n, 1);
             let plain_file =
                 matmul_bf16_gemm_reference(&x, &file, WeightOrder::OutputMajor, m, k, n).expect("sizes");
             assert_eq!(plain, plain_file, "{m}x{k}x{n}: the two orders");
@@ -770,12 +802,14 @@ mod tests {
             (5, 517, 96),
             (96, 64, 400),
         ] {
-            let x = values(m * k, 3);
-            let w = values(k * n, 4);
-            let want = exact(&x, &w, m, k, n);
-            let scale = want.iter().fold(1f64, |s, v| s.max(v.abs()));
-            let plain = matmul_bf16_gemm_reference(&x, &w, WeightOrder::InputMajor, m, k, n).expect("sizes");
-            let file = transpose(&w, k, n);
+            let Case {
+                x,
+                w,
+                file,
+                want,
+                scale,
+                plain,
+            } = Case::new(m, k, n, 3);
             for (order, w) in [(WeightOrder::InputMajor, &w), (WeightOrder::OutputMajor, &file)] {
                 let tiles = matmul_bf16_amx(&x, w, order, m, k, n).expect("available");
                 assert_eq!(
