@@ -153,3 +153,22 @@ pub fn logits_and_tokens(name: &str, device: &Device, new_tokens: usize) -> (Vec
         .token_ids;
     (logits, tokens)
 }
+
+/// The wgpu device, or `None` (with a note) where this machine has no adapter: the README's
+/// test command builds the wgpu tests, and a machine without a Vulkan/Metal driver must still
+/// pass it. CI sets `VIPLLAVA_REQUIRE_WGPU=1` (lavapipe installed), where a missing adapter
+/// is a failure.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_device_or_skip() -> Option<Device> {
+    match vipllava::open_device("wgpu") {
+        Ok(device) => Some(device),
+        Err(e) => {
+            assert!(
+                std::env::var("VIPLLAVA_REQUIRE_WGPU").is_err(),
+                "VIPLLAVA_REQUIRE_WGPU is set but wgpu did not open: {e}"
+            );
+            eprintln!("no wgpu adapter ({e}): test skipped (install mesa-vulkan-drivers)");
+            None
+        }
+    }
+}
