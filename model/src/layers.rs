@@ -6,6 +6,7 @@ use burn::tensor::activation::{gelu, gelu_approximate, relu, sigmoid, silu};
 use burn::tensor::{DType, Device, Tensor};
 
 use crate::config::Activation;
+use crate::kernels::{SigmoidGate, sigmoid_gated};
 
 /// Applies one of the activations named in HF configs.
 pub fn activate<const D: usize>(act: Activation, x: Tensor<D>) -> Tensor<D> {
@@ -13,9 +14,25 @@ pub fn activate<const D: usize>(act: Activation, x: Tensor<D>) -> Tensor<D> {
         Activation::Gelu => gelu(x),
         Activation::GeluTanh => gelu_approximate(x),
         // CLIP's quick_gelu: x * sigmoid(1.702 x); burn has no built-in for it.
-        Activation::QuickGelu => x.clone() * sigmoid(x * 1.702),
-        Activation::Silu => silu(x),
+        Activation::QuickGelu => {
+            sigmoid_gated(x, SigmoidGate::QuickGelu, None).unwrap_or_else(|x| x.clone() * sigmoid(x * 1.702))
+        }
+        Activation::Silu => sigmoid_gated(x, SigmoidGate::Silu, None).unwrap_or_else(silu),
         Activation::Relu => relu(x),
+    }
+}
+
+/// `activate(act, gate) * up` (Llama's gated MLP), in one pass where [`sigmoid_gated`]
+/// applies (bf16 on the CPU).
+pub fn activate_times<const D: usize>(act: Activation, gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    let kind = match act {
+        Activation::Silu => SigmoidGate::Silu,
+        Activation::QuickGelu => SigmoidGate::QuickGelu,
+        _ => return activate(act, gate) * up,
+    };
+    match sigmoid_gated(gate, kind, Some(&up)) {
+        Ok(out) => out,
+        Err(gate) => activate(act, gate) * up,
     }
 }
 

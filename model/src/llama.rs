@@ -12,7 +12,7 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use crate::cache::KvCache;
 use crate::config::{Activation, LlamaConfig, RopeScaling};
 use crate::dispatch::{LinearForward, grouped_attention, project_each};
-use crate::layers::{LlamaRmsNorm, ParamInit, activate, linear};
+use crate::layers::{LlamaRmsNorm, ParamInit, activate_times, linear};
 
 /// Attention projections of one decoder layer.
 #[derive(Module, Debug)]
@@ -323,7 +323,7 @@ impl LlamaDecoderLayer {
 impl LlamaMlp {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [gate, up] = project_each([&self.gate_proj, &self.up_proj], x);
-        self.down_proj.project(activate(self.act, gate) * up)
+        self.down_proj.project(activate_times(self.act, gate, up))
     }
 }
 
