@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 
 from common import REPO_ROOT, load_processor, log, write_json
+from make_fixtures import _margins, render_prompt
 
 FIXTURES = ["tiny-5x-f32", "tiny-hub-bf16-sharded", "tiny-gqa-f16", "tiny-hub-tied-dynamic"]
 NEW_TOKENS = 10
@@ -59,10 +60,7 @@ def run(path, dtype, ids, pixel_values, kwargs):
             output_scores=True,
             return_dict_in_generate=True,
         )
-    margins = []
-    for scores in seq.scores:
-        top = torch.topk(scores[0].float(), 2).values
-        margins.append(float(top[0] - top[1]))
+    margins = _margins(torch.stack([s[0] for s in seq.scores]).float())
     return last, seq.sequences[0, ids.shape[1]:].tolist(), margins
 
 
@@ -82,8 +80,7 @@ def main() -> None:
     for name in FIXTURES:
         path = fixtures / name
         processor = load_processor(path)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": inputs["question"]}]}]
-        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = render_prompt(processor, inputs["question"])
         encoded = processor(text=prompt, images=image, return_tensors="pt")
         ids = encoded["input_ids"]
         assert ids[0].tolist() == inputs["input_ids"], f"{name}: input_ids differ from inputs.json"

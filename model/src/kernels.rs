@@ -496,10 +496,10 @@ fn with_simd<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// The value of a bf16.
+/// The value of a bf16 ([`bf16_dot::widen`] of its bits).
 #[inline(always)]
 fn widen_bf16(v: bf16) -> f32 {
-    f32::from_bits((v.to_bits() as u32) << 16)
+    bf16_dot::widen(v.to_bits())
 }
 
 /// `v` rounded to bf16 and back.
