@@ -14,7 +14,8 @@ Steps (each skips what is already there under --work, default bench-data/llamacp
     .venv/bin/python scripts/bench_llamacpp.py build
     # 2. the Llama of a VipLlava checkpoint as a LlamaForCausalLM directory (checked: equal
     #    logits in transformers), converted by llama.cpp's convert_hf_to_gguf.py to F32, BF16
-    #    and Q8_0, and quantized by llama-quantize to Q4_0
+    #    and Q8_0 (the converter also needs `.venv/bin/pip install sentencepiece`), and
+    #    quantized by llama-quantize to Q4_0
     .venv/bin/python scripts/bench_llamacpp.py gguf --model bench-data/clip-l-llama-1b-f32 --check
     # 3. interleaved: per round and precision, llama-bench then vipllava bench; medians, ratios
     .venv/bin/python scripts/bench_llamacpp.py compare --vipllava target/release/vipllava \\
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -95,7 +97,13 @@ def cmd_build(args) -> None:
         run([sys.executable, "-m", "venv", venv])
         run([venv / "bin" / "pip", "install", "-q", "cmake"])
     build = work / "build"
-    run([cmake, "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+    # -march=native, or with --no-amx the AVX-512 set without AMX: on a KVM guest reporting
+    # AMX, llama.cpp's AMX buffer type for Q8_0/Q4_0 died with SIGILL at its first `tileloadd`.
+    cpu = ["-DGGML_NATIVE=ON"] if not args.no_amx else [
+        "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+        "-DGGML_BMI2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VBMI=ON", "-DGGML_AVX512_VNNI=ON",
+        "-DGGML_AVX512_BF16=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+    run([cmake, "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", *cpu, "-DLLAMA_CURL=OFF",
          "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF"])
     run([cmake, "--build", build, "--target", "llama-bench", "llama-quantize", f"-j{os.cpu_count() or 2}"])
     log(f"built {binary(work, 'llama-bench')} and {binary(work, 'llama-quantize')}")
@@ -183,7 +191,15 @@ def check_logits(model_dir: Path, llama_dir: Path) -> None:
         raise SystemExit("the extracted Llama does not reproduce the language model's logits")
 
 
+def require_converter_modules() -> None:
+    """llama.cpp's convert_hf_to_gguf.py imports these: say so before the extraction, not after."""
+    missing = [m for m in ("sentencepiece", "numpy", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"convert_hf_to_gguf.py needs {', '.join(missing)}: pip install {' '.join(missing)}")
+
+
 def cmd_gguf(args) -> None:
+    require_converter_modules()
     work = Path(args.work)
     model_dir = Path(args.model)
     llama_dir = work / "llama-hf"
@@ -273,6 +289,8 @@ def main() -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="download and build llama-bench and llama-quantize")
     b.add_argument("--version", default="", help="llama-cpp-python version (default: the newest)")
+    b.add_argument("--no-amx", action="store_true",
+                   help="build for AVX-512 (VNNI, BF16) without AMX instead of -march=native")
     g = sub.add_parser("gguf", help="extract the Llama and convert it to GGUF")
     g.add_argument("--model", required=True, help="a VipLlava HF directory (f32 for the F32/BF16/Q8_0/Q4_0 set)")
     g.add_argument("--check", action="store_true", help="check the extracted Llama's logits in transformers")

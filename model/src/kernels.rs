@@ -766,12 +766,27 @@ fn quantized_linear<const D: usize>(
 
 /// `x @ W (+ b)` for many rows of a quantized `W` given dequantized (`[k, n]` f32): Burn's
 /// f32 gemm, the bias added in f32, the result rounded once to `x`'s dtype.
+///
+/// With bf16 activations the dequantized weight is rounded to bf16 first, as Burn's own
+/// `q_matmul` and bitsandbytes' bf16 compute dtype do, and multiplied with the bf16 gemm
+/// ([`bf16_gemm`], AMX tiles where the CPU has them) instead of Flex's f32 gemm: a q8/q4
+/// prefill then runs at the speed of a bf16 one. The rounding happens on every CPU, so
+/// the result does not depend on which of the two products runs (up to summation order).
 fn dequantized_linear<const D: usize>(
-    w: Vec<f32>,
+    mut w: Vec<f32>,
     shape: [usize; 2],
     x: &Tensor<D>,
     bias: Option<Tensor<1>>,
 ) -> Tensor<D> {
+    if x.dtype() == DType::BF16 {
+        if bf16_gemm_enabled() {
+            let rounded: Vec<bf16> = w.par_iter().map(|&v| bf16::from_f32(v)).collect();
+            if let Some(out) = bf16_weight_linear(&rounded, shape, x, bias.as_ref()) {
+                return out;
+            }
+        }
+        w.par_iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
+    }
     let weight = Tensor::<2>::from_data(TensorData::new(w, shape), &x.device());
     // Burn's cast keeps a tensor that already has the dtype.
     let mut y = x.clone().cast(DType::F32).matmul(weight.unsqueeze());
@@ -779,6 +794,26 @@ fn dequantized_linear<const D: usize>(
         y = y + b.cast(DType::F32).unsqueeze();
     }
     y.cast(x.dtype())
+}
+
+/// `x @ W (+ b)` for bf16 activations `x` and a bf16 weight `[k, n]` on the host, with the
+/// bf16 gemm; `None` where it does not run (no AVX-512 BF16, sizes that do not match).
+fn bf16_weight_linear<const D: usize>(
+    w: &[bf16],
+    [k, n]: [usize; 2],
+    x: &Tensor<D>,
+    bias: Option<&Tensor<1>>,
+) -> Option<Tensor<D>> {
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let data = x.clone().into_data();
+    let xs = data.as_slice::<bf16>().ok()?;
+    let out = bf16_gemm::matmul_bf16_gemm(xs, w, bf16_gemm::WeightOrder::InputMajor, rows, k, n)?;
+    let bias = match bias {
+        Some(b) => Some(host_f32(b.clone())?),
+        None => None,
+    };
+    Some(streamed_output(out, bias.as_deref(), x, n, DType::BF16))
 }
 
 /// `x @ W (+ b)` for a packed `W` ([`packed::PackedWeight`]), with the arithmetic of
@@ -822,6 +857,13 @@ fn packed_linear<const D: usize>(
             None => None,
         };
         return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
+    }
+    // The bits `dequantized_linear` gives with bf16 activations, without the f32 copy.
+    if dtype == DType::BF16
+        && bf16_gemm_enabled()
+        && let Some(out) = bf16_weight_linear(&w.dequantize_bf16(), [k, n], x, bias.as_ref())
+    {
+        return Some(out);
     }
     Some(dequantized_linear(w.dequantize(), [k, n], x, bias))
 }
@@ -1628,6 +1670,70 @@ pub(crate) mod tests {
             }
             if bf16_gemm_enabled() {
                 assert_eq!(got, twin, "linear and the gemm it dispatches to");
+            }
+        }
+    }
+    /// A prefill's many bf16 rows through a q8/q4 weight: packed and unpacked give the same
+    /// bits, the weight is dequantized and rounded to bf16 (`bf16(scale * q)`) before the
+    /// product, and with the bf16 gemm the result is that gemm's bit for bit.
+    #[test]
+    fn many_bf16_rows_through_quantized_weights_use_the_weight_rounded_to_bf16() {
+        use burn::module::Param;
+        use burn::nn::LinearConfig;
+        use burn::tensor::quantization::{QuantScheme, ScaleDtype};
+
+        let device = Device::flex();
+        let (rows, k, n) = (40, 96, 48);
+        let values = |t: Tensor<2>| t.cast(DType::F32).into_data().try_into_vec::<f32>().expect("f32");
+        let x = Tensor::<2>::from_data(TensorData::new(activations(rows, k), [rows, k]), &device)
+            .cast(DType::BF16);
+        let xv = values(x.clone());
+        for value in [QuantValue::Q8S, QuantValue::Q4S] {
+            let scheme = QuantScheme::default()
+                .with_value(value)
+                .per_block([32, 1], ScaleDtype::F16);
+            let mut layer = LinearConfig::new(k, n).init(&device);
+            let bias = layer.bias.take().expect("bias").val().cast(DType::BF16);
+            layer.bias = Some(Param::from_tensor(bias.clone()));
+            let quantized = layer.weight.val().quantize_dynamic(&scheme);
+            let rounded: Vec<bf16> = values(quantized.clone().dequantize())
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            layer.weight = Param::from_tensor(quantized.clone());
+            let unpacked = values(linear(&layer, x.clone()));
+            layer.weight = packed::pack_weight(Param::from_tensor(quantized));
+            assert!(
+                packed::packed_weight(&layer.weight).is_some(),
+                "{value:?}: packed"
+            );
+            let got = values(linear(&layer, x.clone()));
+            assert_eq!(got, unpacked, "{value:?}: packed and unpacked weights");
+            let bv = values(bias.clone().unsqueeze());
+            for (i, &g) in got.iter().enumerate() {
+                let (r, c) = (i / n, i % n);
+                let exact = bv[c] as f64
+                    + (0..k)
+                        .map(|kk| xv[r * k + kk] as f64 * rounded[kk * n + c].to_f64())
+                        .sum::<f64>();
+                // One bf16 rounding of the result plus f32 sums.
+                assert!(
+                    (g as f64 - exact).abs() <= exact.abs() / 256.0 + 1e-4,
+                    "{value:?} at {i}: {g} vs {exact}"
+                );
+            }
+            if bf16_gemm_enabled() {
+                let xb: Vec<bf16> = xv.iter().map(|&v| bf16::from_f32(v)).collect();
+                let order = bf16_gemm::WeightOrder::InputMajor;
+                let twin: Vec<f32> = bf16_gemm::matmul_bf16_gemm(&xb, &rounded, order, rows, k, n)
+                    .expect("sizes")
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| bf16::from_f32(v + bv[i % n]).to_f32())
+                    .collect();
+                assert_eq!(got, twin, "{value:?}: the bf16 gemm on the rounded weight");
+            } else {
+                eprintln!("no AVX-512 BF16 on this CPU: the bf16 gemm route was not checked");
             }
         }
     }

@@ -30,7 +30,7 @@ use std::sync::{Arc, LazyLock, RwLock, Weak};
 use burn::backend::{BackendTensor, DispatchKindConversion, DispatchTensor};
 use burn::module::{Param, ParamId};
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue};
-use burn::tensor::{Bytes, DType, Shape, Tensor, f16};
+use burn::tensor::{Bytes, DType, Shape, Tensor, bf16, f16};
 use burn_flex::{Flex, FlexQTensor, FlexTensor, Layout};
 use rayon::prelude::*;
 
@@ -232,6 +232,26 @@ impl PackedWeight {
                 let first = kb * block;
                 self.for_each_value(kb, src, |kk, c, q| {
                     dst[(kk - first) * n + c] = scales[c].to_f32() * q as f32
+                });
+            });
+        out
+    }
+
+    /// `scale * q` rounded to bf16, row-major `[k, n]`, in parallel: the bits of
+    /// [`PackedWeight::dequantize`] then `bf16::from_f32`, with each block row's scales
+    /// widened once.
+    pub fn dequantize_bf16(&self) -> Vec<bf16> {
+        let (n, block) = (self.n, self.block);
+        let mut out = vec![bf16::ZERO; self.k * n];
+        out.par_chunks_mut(block * n)
+            .zip(self.bytes.par_chunks(self.block_bytes()))
+            .zip(self.scales.par_chunks(n))
+            .enumerate()
+            .for_each(|(kb, ((dst, src), scales))| {
+                let first = kb * block;
+                let scales: Vec<f32> = scales.iter().map(|s| s.to_f32()).collect();
+                self.for_each_value(kb, src, |kk, c, q| {
+                    dst[(kk - first) * n + c] = bf16::from_f32(scales[c] * q as f32)
                 });
             });
         out
@@ -568,6 +588,8 @@ mod tests {
                 for (i, (&d, &v)) in dequantized.iter().zip(&q).enumerate() {
                     assert_eq!(d, scales[i / n / block * n + i % n] * v as f32, "{case} [{i}]");
                 }
+                let rounded: Vec<bf16> = dequantized.iter().map(|&d| bf16::from_f32(d)).collect();
+                assert_eq!(packed.dequantize_bf16(), rounded, "{case}: dequantized to bf16");
                 let x = activations(rows, k);
                 let xq = Int8Rows::quantize(&x, rows, k, block).expect("quantize");
                 let unpacked = matmul_int8_reference(&xq, &w).expect("unpacked");
