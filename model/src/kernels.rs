@@ -714,7 +714,8 @@ pub fn dequantize_flex(tensor: FlexQTensor) -> Result<Vec<f32>, Box<FlexQTensor>
 /// and [`int8_activations_enabled`], otherwise as `(x * scale) * q` in f32 (the result is
 /// then the f32 product with the dequantized weights up to f32 rounding). For many rows
 /// the weight is dequantized to f32 in parallel (`scale * q`, exactly as Burn's
-/// `dequantize`) for the f32 gemm. The result is rounded once to the activation dtype.
+/// `dequantize`) for the f32 gemm, or with bf16 activations rounded to bf16 for the bf16
+/// gemm ([`dequantized_linear`]). The result is rounded once to the activation dtype.
 /// (Burn's own `q_matmul`, used with `VIPLLAVA_FAST_PATHS=0`, dequantizes into a bf16/f16
 /// activation's dtype and multiplies there: less accurate.)
 fn quantized_linear<const D: usize>(
@@ -1673,6 +1674,7 @@ pub(crate) mod tests {
             }
         }
     }
+
     /// A prefill's many bf16 rows through a q8/q4 weight: packed and unpacked give the same
     /// bits, the weight is dequantized and rounded to bf16 (`bf16(scale * q)`) before the
     /// product, and with the bf16 gemm the result is that gemm's bit for bit.
