@@ -762,11 +762,38 @@ fn quantized_linear<const D: usize>(
         };
         return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
     }
-    Some(dequantized_linear(quantized.dequantize(), [k, n], x, bias))
+    Some(dequantized_linear(&quantized, [k, n], x, bias))
 }
 
-/// `x @ W (+ b)` for many rows of a quantized `W` given dequantized (`[k, n]` f32): Burn's
-/// f32 gemm, the bias added in f32, the result rounded once to `x`'s dtype.
+/// A quantized weight as [`dequantized_linear`] reads it: `scale * q` as f32 (the bits
+/// of Burn's `dequantize`) or rounded to bf16.
+trait Dequantize {
+    fn dequantize_f32(&self) -> Vec<f32>;
+    fn dequantize_bf16(&self) -> Vec<bf16>;
+}
+
+impl Dequantize for QuantizedRows {
+    fn dequantize_f32(&self) -> Vec<f32> {
+        self.dequantize()
+    }
+
+    fn dequantize_bf16(&self) -> Vec<bf16> {
+        self.dequantize().into_par_iter().map(bf16::from_f32).collect()
+    }
+}
+
+impl Dequantize for packed::PackedWeight {
+    fn dequantize_f32(&self) -> Vec<f32> {
+        self.dequantize()
+    }
+
+    fn dequantize_bf16(&self) -> Vec<bf16> {
+        packed::PackedWeight::dequantize_bf16(self)
+    }
+}
+
+/// `x @ W (+ b)` for many rows of a quantized `W` (`[k, n]`), dequantized for the call:
+/// Burn's f32 gemm, the bias added in f32, the result rounded once to `x`'s dtype.
 ///
 /// With bf16 activations the dequantized weight is rounded to bf16 first, as Burn's own
 /// `q_matmul` and bitsandbytes' bf16 compute dtype do, and multiplied with the bf16 gemm
@@ -774,18 +801,20 @@ fn quantized_linear<const D: usize>(
 /// prefill then runs at the speed of a bf16 one. The rounding happens on every CPU, so
 /// the result does not depend on which of the two products runs (up to summation order).
 fn dequantized_linear<const D: usize>(
-    mut w: Vec<f32>,
+    w: &impl Dequantize,
     shape: [usize; 2],
     x: &Tensor<D>,
     bias: Option<Tensor<1>>,
 ) -> Tensor<D> {
-    if x.dtype() == DType::BF16 {
-        if bf16_gemm_enabled() {
-            let rounded: Vec<bf16> = w.par_iter().map(|&v| bf16::from_f32(v)).collect();
-            if let Some(out) = bf16_weight_linear(&rounded, shape, x, bias.as_ref()) {
-                return out;
-            }
-        }
+    let bf16_activations = x.dtype() == DType::BF16;
+    if bf16_activations
+        && bf16_gemm_enabled()
+        && let Some(out) = bf16_weight_linear(&w.dequantize_bf16(), shape, x, bias.as_ref())
+    {
+        return out;
+    }
+    let mut w = w.dequantize_f32();
+    if bf16_activations {
         w.par_iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
     }
     let weight = Tensor::<2>::from_data(TensorData::new(w, shape), &x.device());
@@ -859,14 +888,7 @@ fn packed_linear<const D: usize>(
         };
         return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
     }
-    // The bits `dequantized_linear` gives with bf16 activations, without the f32 copy.
-    if dtype == DType::BF16
-        && bf16_gemm_enabled()
-        && let Some(out) = bf16_weight_linear(&w.dequantize_bf16(), [k, n], x, bias.as_ref())
-    {
-        return Some(out);
-    }
-    Some(dequantized_linear(w.dequantize(), [k, n], x, bias))
+    Some(dequantized_linear(w, [k, n], x, bias))
 }
 
 /// `scale * q` for a weight with `[block, 1]` blocks (`scales[(kk / block) * n + j]`), one

@@ -222,27 +222,19 @@ impl PackedWeight {
     /// `scale * q` row-major `[k, n]`, in parallel: the same bits as Burn's `dequantize`
     /// of the unpacked tensor.
     pub fn dequantize(&self) -> Vec<f32> {
-        let (n, block) = (self.n, self.block);
-        let mut out = vec![0f32; self.k * n];
-        out.par_chunks_mut(block * n)
-            .zip(self.bytes.par_chunks(self.block_bytes()))
-            .zip(self.scales.par_chunks(n))
-            .enumerate()
-            .for_each(|(kb, ((dst, src), scales))| {
-                let first = kb * block;
-                self.for_each_value(kb, src, |kk, c, q| {
-                    dst[(kk - first) * n + c] = scales[c].to_f32() * q as f32
-                });
-            });
-        out
+        self.dequantize_with(|v| v)
     }
 
-    /// `scale * q` rounded to bf16, row-major `[k, n]`, in parallel: the bits of
-    /// [`PackedWeight::dequantize`] then `bf16::from_f32`, with each block row's scales
-    /// widened once.
+    /// [`PackedWeight::dequantize`] rounded to bf16 (`bf16::from_f32`), without an f32 copy.
     pub fn dequantize_bf16(&self) -> Vec<bf16> {
+        self.dequantize_with(bf16::from_f32)
+    }
+
+    /// `convert(scale * q)` row-major `[k, n]`, in parallel; each block row's scales are
+    /// widened once.
+    fn dequantize_with<T: Copy + Default + Send>(&self, convert: impl Fn(f32) -> T + Sync) -> Vec<T> {
         let (n, block) = (self.n, self.block);
-        let mut out = vec![bf16::ZERO; self.k * n];
+        let mut out = vec![T::default(); self.k * n];
         out.par_chunks_mut(block * n)
             .zip(self.bytes.par_chunks(self.block_bytes()))
             .zip(self.scales.par_chunks(n))
@@ -251,7 +243,7 @@ impl PackedWeight {
                 let first = kb * block;
                 let scales: Vec<f32> = scales.iter().map(|s| s.to_f32()).collect();
                 self.for_each_value(kb, src, |kk, c, q| {
-                    dst[(kk - first) * n + c] = bf16::from_f32(scales[c] * q as f32)
+                    dst[(kk - first) * n + c] = convert(scales[c] * q as f32)
                 });
             });
         out
