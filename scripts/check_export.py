@@ -3,7 +3,7 @@
 no missing or unexpected keys, and the logits recorded beside it by the Rust test.
 
     VIPLLAVA_SHARDED_EXPORT_CHECK_DIR=/tmp/vipllava-sharded-check \\
-        cargo test -p vipllava-train --test scale sharded_export
+        cargo test -p vipllava-train --test train scale::sharded_export
     /path/to/venv/bin/python scripts/check_export.py /tmp/vipllava-sharded-check
 """
 

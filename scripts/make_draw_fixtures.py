@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Regenerate processor/tests/fixtures/pillow_draw/: Pillow ImageDraw references for the
 hard-edged primitives of processor/src/visual_prompt/pillow/ (tested in
-processor/tests/visual_prompt.rs, `pillow_*`).
+processor/tests/processor/visual_prompt.rs, `pillow_*`).
 
 Needs Pillow and numpy (any venv; Pillow 13.0.0 made the committed set):
 
@@ -32,7 +32,7 @@ What it writes:
   exactly.
 
 `--out DIR --random N` writes a larger randomized set elsewhere (for local checks:
-PILLOW_DRAW_FIXTURES=DIR cargo test -p vipllava-processor --test visual_prompt pillow).
+PILLOW_DRAW_FIXTURES=DIR cargo test -p vipllava-processor --test processor visual_prompt::pillow).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Regenerate processor/tests/fixtures/image/: inputs and transformers (PIL backend) outputs
-for processor/tests/image_parity.rs.
+for processor/tests/processor/image_parity.rs.
 
 Run with the project's venv (transformers 5.x, Pillow, scikit-image, numpy):
 

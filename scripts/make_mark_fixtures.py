@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Regenerate processor/tests/fixtures/pillow_marks/: what `vipllava draw` must produce by
-default, made with Pillow (tested in processor/tests/visual_prompt.rs, `training_marks_*`).
+default, made with Pillow (tested in processor/tests/processor/visual_prompt.rs, `training_marks_*`).
 
 Needs only Pillow (any venv; Pillow 13.0.0 made the committed set):
 

@@ -27,12 +27,12 @@ Run from the repository root (same venv as make_fixtures.py)::
     .venv/bin/python scripts/make_train_fixtures.py
 
 Check that transformers loads an export of ours and gives our logits: the Rust test
-``export_round_trip_gives_the_merged_model_logits`` (train/tests/parity.rs) trains LoRA for three steps,
+``export_round_trip_gives_the_merged_model_logits`` (train/tests/train/parity.rs) trains LoRA for three steps,
 exports, and, when VIPLLAVA_EXPORT_CHECK_DIR is set, leaves the export there with
 ``rust_logits.safetensors`` (input_ids, pixel_values and the logits of our merged model)::
 
     VIPLLAVA_EXPORT_CHECK_DIR=/tmp/vipllava-export-check \
-        cargo test -p vipllava-train --test parity export_round_trip
+        cargo test -p vipllava-train --test train parity::export_round_trip
     .venv/bin/python scripts/make_train_fixtures.py --check-export /tmp/vipllava-export-check
 """
 

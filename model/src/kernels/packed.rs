@@ -222,17 +222,29 @@ impl PackedWeight {
     /// `scale * q` row-major `[k, n]`, in parallel: the same bits as Burn's `dequantize`
     /// of the unpacked tensor.
     pub fn dequantize(&self) -> Vec<f32> {
-        self.dequantize_with(|v| v)
+        self.dequantize_with(dequantize_simd_available())
     }
 
     /// [`PackedWeight::dequantize`] rounded to bf16 (`bf16::from_f32`), without an f32 copy.
     pub fn dequantize_bf16(&self) -> Vec<bf16> {
-        self.dequantize_with(bf16::from_f32)
+        self.dequantize_with(dequantize_simd_available())
     }
 
-    /// `convert(scale * q)` row-major `[k, n]`, in parallel; each block row's scales are
-    /// widened once.
-    fn dequantize_with<T: Copy + Default + Send>(&self, convert: impl Fn(f32) -> T + Sync) -> Vec<T> {
+    /// [`PackedWeight::dequantize`] in plain Rust on every CPU (the reference of the
+    /// vectorized one).
+    pub fn dequantize_reference(&self) -> Vec<f32> {
+        self.dequantize_with(false)
+    }
+
+    /// [`PackedWeight::dequantize_bf16`] in plain Rust on every CPU.
+    pub fn dequantize_bf16_reference(&self) -> Vec<bf16> {
+        self.dequantize_with(false)
+    }
+
+    /// `T::from(scale * q)` row-major `[k, n]`, in parallel over block rows, whose scales
+    /// are widened once. A prefill with `--quantize` dequantizes every weight once per
+    /// product, so this loop is on its path: `simd` runs it 16 columns at a time.
+    fn dequantize_with<T: Dequantized>(&self, simd: bool) -> Vec<T> {
         let (n, block) = (self.n, self.block);
         let mut out = vec![T::default(); self.k * n];
         out.par_chunks_mut(block * n)
@@ -240,10 +252,20 @@ impl PackedWeight {
             .zip(self.scales.par_chunks(n))
             .enumerate()
             .for_each(|(kb, ((dst, src), scales))| {
-                let first = kb * block;
                 let scales: Vec<f32> = scales.iter().map(|s| s.to_f32()).collect();
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: `simd` is only true when `dequantize_simd_available()` said the
+                    // CPU has AVX-512 F; `src` is block row `kb` of this weight, `scales`
+                    // its `n` scales and `dst` its `block * n` outputs.
+                    unsafe { dequantize_avx512::block_row(self, src, &scales, dst) };
+                    return;
+                }
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = simd;
+                let first = kb * block;
                 self.for_each_value(kb, src, |kk, c, q| {
-                    dst[(kk - first) * n + c] = convert(scales[c] * q as f32)
+                    dst[(kk - first) * n + c] = T::from_f32(scales[c] * q as f32)
                 });
             });
         out
@@ -415,6 +437,127 @@ mod vnni_tile {
     }
 }
 
+/// An element type weights dequantize to: f32, or bf16 for the bf16 gemm.
+pub(crate) trait Dequantized: Copy + Default + Send + Sync {
+    /// Whether the element is bf16 (rounded to nearest even), else f32.
+    const BF16: bool;
+    /// `v` as this element.
+    fn from_f32(v: f32) -> Self;
+}
+
+impl Dequantized for f32 {
+    const BF16: bool = false;
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Dequantized for bf16 {
+    const BF16: bool = true;
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// Whether [`PackedWeight::dequantize`] runs 16 columns at a time (AVX-512 F).
+fn dequantize_simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+mod dequantize_avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Bits, Dequantized, GROUP_BYTES, PackedWeight, TILE};
+
+    /// Writes `T::from(scale * q)` of one block row to `dst [block, n]`: each 64-byte
+    /// group is 16 columns of 32-bit lanes whose byte `i` (q8), or nibble `i` (q4), is
+    /// row `i` of the group; a shift and a mask give one row of 16 columns.
+    ///
+    /// bf16 is rounded to nearest even with integer operations, which is
+    /// `bf16::from_f32` for every value `scale * q` can take (no subnormals: the scales
+    /// are f16; the NaN of `inf * 0` is the x86 default NaN, which both round alike).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `src` must be one block row of `w`, `scales` its `n`
+    /// scales and `dst` its `block * n` outputs.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn block_row<T: Dequantized>(w: &PackedWeight, src: &[u8], scales: &[f32], dst: &mut [T]) {
+        let (n, block) = (w.n, w.block);
+        let rows = w.bits.group_rows();
+        let groups = block / rows;
+        let (value_mask, offset) = match w.bits {
+            Bits::Eight => (_mm512_set1_epi32(0xFF), _mm512_set1_epi32(128)),
+            Bits::Four => (_mm512_set1_epi32(0x0F), _mm512_set1_epi32(8)),
+        };
+        assert!(src.len() >= n / TILE * groups * GROUP_BYTES && scales.len() >= n && dst.len() >= block * n);
+        let out = dst.as_mut_ptr();
+        for t in 0..n / TILE {
+            let c = t * TILE;
+            // SAFETY: `c + 16 <= n <= scales.len()`.
+            let scale = unsafe { _mm512_loadu_ps(scales.as_ptr().add(c)) };
+            for g in 0..groups {
+                // SAFETY: group `g` of tile `t` lies within `src` (asserted above).
+                let packed = unsafe {
+                    _mm512_loadu_si512(src.as_ptr().add((t * groups + g) * GROUP_BYTES) as *const __m512i)
+                };
+                let row0 = g * rows;
+                // Row `row0 + r` sits `shift` bits up in each lane.
+                let put = |r: usize, shifted: __m512i| {
+                    let q = _mm512_sub_epi32(_mm512_and_si512(shifted, value_mask), offset);
+                    let v = _mm512_mul_ps(_mm512_cvtepi32_ps(q), scale);
+                    // SAFETY: row `row0 + r < block`, columns `c..c + 16 <= n`: within `dst`.
+                    unsafe { store::<T>(out.add((row0 + r) * n + c), v) };
+                };
+                match w.bits {
+                    Bits::Eight => {
+                        put(0, packed);
+                        put(1, _mm512_srli_epi32::<8>(packed));
+                        put(2, _mm512_srli_epi32::<16>(packed));
+                        put(3, _mm512_srli_epi32::<24>(packed));
+                    }
+                    Bits::Four => {
+                        put(0, packed);
+                        put(4, _mm512_srli_epi32::<4>(packed));
+                        put(1, _mm512_srli_epi32::<8>(packed));
+                        put(5, _mm512_srli_epi32::<12>(packed));
+                        put(2, _mm512_srli_epi32::<16>(packed));
+                        put(6, _mm512_srli_epi32::<20>(packed));
+                        put(3, _mm512_srli_epi32::<24>(packed));
+                        put(7, _mm512_srli_epi32::<28>(packed));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stores 16 values at `at` as `T`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and `at` must have room for 16 `T`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn store<T: Dequantized>(at: *mut T, v: __m512) {
+        if T::BF16 {
+            let x = _mm512_castps_si512(v);
+            // Round to nearest even: add 0x7FFF plus the lowest kept bit, keep the top half.
+            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
+                x,
+                _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)),
+            ));
+            // SAFETY: room for 16 bf16 (32 bytes), by the caller.
+            unsafe { _mm256_storeu_si256(at as *mut __m256i, _mm512_cvtepi32_epi16(rounded)) };
+        } else {
+            // SAFETY: `T` is f32 and there is room for 16, by the caller.
+            unsafe { _mm512_storeu_ps(at as *mut f32, v) };
+        }
+    }
+}
+
 /// Packed weights by parameter id. The registry holds weak references: the strong one is
 /// the lazy parameter's initializer, so a packed weight is freed with its model (or when
 /// something unpacks it).
@@ -576,12 +719,15 @@ mod tests {
                 assert_eq!(packed.unpack(), q, "{case}: unpack");
                 let expected_bytes = (k * n) as f64 * bytes_per_value + (scales.len() * 2) as f64;
                 assert_eq!(packed.resident_bytes() as f64, expected_bytes, "{case}");
-                let dequantized = packed.dequantize();
+                let dequantized = packed.dequantize_reference();
                 for (i, (&d, &v)) in dequantized.iter().zip(&q).enumerate() {
                     assert_eq!(d, scales[i / n / block * n + i % n] * v as f32, "{case} [{i}]");
                 }
                 let rounded: Vec<bf16> = dequantized.iter().map(|&d| bf16::from_f32(d)).collect();
-                assert_eq!(packed.dequantize_bf16(), rounded, "{case}: dequantized to bf16");
+                assert_eq!(packed.dequantize_bf16_reference(), rounded, "{case}: to bf16");
+                // The dispatched loops (16 columns at a time where the CPU has AVX-512).
+                assert_eq!(packed.dequantize(), dequantized, "{case}: vectorized");
+                assert_eq!(packed.dequantize_bf16(), rounded, "{case}: vectorized to bf16");
                 let x = activations(rows, k);
                 let xq = Int8Rows::quantize(&x, rows, k, block).expect("quantize");
                 let unpacked = matmul_int8_reference(&xq, &w).expect("unpacked");
@@ -594,6 +740,35 @@ mod tests {
                     eprintln!("no AVX-512 VNNI on this CPU: only the plain path was checked");
                 }
             }
+        }
+    }
+
+    /// Values halfway between two bf16 values round to the even one on both paths, as
+    /// `bf16::from_f32` does (the vectorized loop rounds with integer operations).
+    #[test]
+    fn dequantizing_to_bf16_rounds_halfway_values_to_even() {
+        let (k, n, block) = (32, 16, 32);
+        // `1 + m 2^-8` for odd `m` lies halfway between two bf16 values near 1.
+        let scales: Vec<f32> = (0..n).map(|j| 1.0 + (2 * j + 1) as f32 / 256.0).collect();
+        let q: Vec<i8> = (0..k * n).map(|i| [1, -1, 3, -7][i % 4]).collect();
+        let w = ColumnBlocks {
+            q: &q,
+            scales: &scales,
+            k,
+            n,
+            block,
+        };
+        for bits in [Bits::Four, Bits::Eight] {
+            let packed = PackedWeight::pack(&w, bits).expect("pack");
+            let want: Vec<bf16> = (0..k * n)
+                .map(|i| bf16::from_f32(scales[i % n] * q[i] as f32))
+                .collect();
+            assert!(
+                (0..k * n).any(|i| want[i].to_f32() != scales[i % n] * q[i] as f32),
+                "the case holds values that round"
+            );
+            assert_eq!(packed.dequantize_bf16_reference(), want, "{bits:?}: plain");
+            assert_eq!(packed.dequantize_bf16(), want, "{bits:?}: dispatched");
         }
     }
 

@@ -18,8 +18,9 @@
 //! JPEG is decoded by libjpeg-turbo's decoder (bundled C code, through the `mozjpeg`
 //! crate; cargo feature `libjpeg`, on by default), as Pillow does, with Pillow's settings
 //! (integer IDCT, fancy upsampling): the pixels are bit-identical. CMYK/YCCK JPEGs, and
-//! every JPEG when the feature is off, go through the `image` crate's zune-jpeg, which
-//! differs from libjpeg-turbo by up to 3 levels on 4:2:0 chroma. Other formats go
+//! every JPEG when the feature is off or [`JpegDecoder::PureRust`] is asked for, go
+//! through the `image` crate's zune-jpeg, which differs from libjpeg-turbo by up to 3
+//! levels on 4:2:0 chroma. Other formats go
 //! through the `image` crate. EXIF orientation is not applied: transformers' processor
 //! does not apply it either.
 
@@ -66,9 +67,38 @@ pub fn decode_image_with_limit(bytes: &[u8], max_pixels: u64) -> Result<DynamicI
     decode_image_inner(bytes, "<memory>", max_pixels)
 }
 
+/// Which decoder reads JPEG files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JpegDecoder {
+    /// libjpeg-turbo's, Pillow's own: bit-identical pixels. Needs the `libjpeg` feature
+    /// (on by default); without it, and for CMYK/YCCK files, zune-jpeg decodes.
+    #[default]
+    Libjpeg,
+    /// zune-jpeg (pure Rust, the `image` crate's): up to 3 levels off on 4:2:0 chroma.
+    PureRust,
+}
+
+/// [`decode_image_with_limit`] with a choice of JPEG decoder.
+pub fn decode_image_with_decoder(
+    bytes: &[u8],
+    max_pixels: u64,
+    jpeg: JpegDecoder,
+) -> Result<DynamicImage, ImageError> {
+    decode_image_with(bytes, "<memory>", max_pixels, jpeg)
+}
+
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
 
 fn decode_image_inner(bytes: &[u8], what: &str, max_pixels: u64) -> Result<DynamicImage, ImageError> {
+    decode_image_with(bytes, what, max_pixels, JpegDecoder::default())
+}
+
+fn decode_image_with(
+    bytes: &[u8],
+    what: &str,
+    max_pixels: u64,
+    jpeg: JpegDecoder,
+) -> Result<DynamicImage, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::EmptyInput {
             what: what.to_string(),
@@ -96,8 +126,11 @@ fn decode_image_inner(bytes: &[u8], what: &str, max_pixels: u64) -> Result<Dynam
             "truncated: no end-of-image marker after the last scan".into(),
         ));
     }
+    #[cfg(not(feature = "libjpeg"))]
+    let _ = jpeg; // zune-jpeg decodes every JPEG
     #[cfg(feature = "libjpeg")]
     if format == image::ImageFormat::Jpeg
+        && jpeg == JpegDecoder::Libjpeg
         && let Some(img) = libjpeg::decode(bytes, what, max_pixels)?
     {
         return Ok(img);

@@ -33,8 +33,8 @@ use image::{DynamicImage, RgbImage};
 pub use config::{HeightWidth, ImageProcessorConfig, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Size};
 pub use convert::to_rgb;
 pub use decode::{
-    DEFAULT_MAX_PIXELS, MAX_IMAGE_PIXELS, decode_image, decode_image_with_limit, load_image,
-    load_image_with_limit,
+    DEFAULT_MAX_PIXELS, JpegDecoder, MAX_IMAGE_PIXELS, decode_image, decode_image_with_decoder,
+    decode_image_with_limit, load_image, load_image_with_limit,
 };
 pub use resample::{Resample, resize_pil};
 pub use window::{CropWindow, crop_window};

@@ -12,7 +12,7 @@
 //! compositing by tiny-skia's blending was measured
 //! (`cargo test -p vipllava-processor --lib tiny_skia -- --ignored --nocapture`; scenes:
 //! every shape on the 160x160 astronaut fixture and on its 672-px enlargement, as
-//! `tests/visual_prompt.rs` draws them, and a slanted triangle on grey at alpha 1, 64,
+//! `tests/processor/visual_prompt.rs` draws them, and a slanted triangle on grey at alpha 1, 64,
 //! 128, 200 and 255):
 //!
 //! | tiny-skia variant | drawn image | what the model sees (336x336 after resize + crop) |

@@ -1,8 +1,6 @@
 //! Chat-template and tokenizer vectors recorded with transformers 5.24
 //! (`scripts/make_fixtures.py`): rendering, encoding, decoding and prefix decodes.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
-
 use std::path::PathBuf;
 
 use serde_json::Value;

@@ -2,8 +2,6 @@
 //! evaluation with the training labels, and the learning-rate / clipping recipes, on the
 //! tiny fixtures.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -1,8 +1,6 @@
 //! Replays the fuzz seed corpora (`fuzz/corpus/<target>/`) through the same code paths
 //! as the `cargo fuzz` targets, so CI exercises them without a nightly toolchain.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
-
 use std::path::{Path, PathBuf};
 
 use vipllava_processor::image::{ImageProcessorConfig, decode_image_with_limit, preprocess};

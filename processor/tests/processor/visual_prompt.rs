@@ -1,7 +1,5 @@
 //! Drawing visual prompts: geometry, blending, anti-aliasing, clipping, errors, CLI parsing.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
-
 use std::path::PathBuf;
 
 use image::{DynamicImage, GrayImage, Luma, Rgb, RgbImage};
@@ -1224,7 +1222,7 @@ mod training_marks {
     }
 
     /// How far the anti-aliased renderer is from the training look (for the notes:
-    /// `cargo test -p vipllava-processor --test visual_prompt smooth_vs -- --ignored --nocapture`).
+    /// `cargo test -p vipllava-processor --test processor visual_prompt::smooth_vs -- --ignored --nocapture`).
     #[test]
     #[ignore = "report, not a check"]
     fn smooth_vs_training_report() {

@@ -1,8 +1,6 @@
 //! Fine-tuning against PyTorch references recorded by `scripts/make_train_fixtures.py`
 //! (tests/fixtures/train), plus LoRA, resume and export checks on the tiny fixtures.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a failed unwrap is a failed test
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -555,7 +553,7 @@ fn exports_of_every_fixture_reload_with_the_trained_logits() {
         t.step().unwrap();
         let trained = t.inference_model();
         // f32 asked for: by default the export takes the base checkpoint's dtype, which
-        // would round the trained weights (tested in tests/scale.rs).
+        // would round the trained weights (tested in scale.rs).
         let f32_export =
             vipllava_train::export::ExportOptions::default().with_dtype(vipllava_train::ExportDtype::F32);
         vipllava_train::export::write_hf_model_with(&trained, &c.model, &c.out, &f32_export).unwrap();
