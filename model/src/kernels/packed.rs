@@ -437,7 +437,8 @@ mod vnni_tile {
     }
 }
 
-/// An element type weights dequantize to: f32, or bf16 for the bf16 gemm.
+/// An element type weights dequantize to: f32, or bf16 for the bf16 gemm (the only two:
+/// the vectorized store writes by [`Dequantized::BF16`]).
 pub(crate) trait Dequantized: Copy + Default + Send + Sync {
     /// Whether the element is bf16 (rounded to nearest even), else f32.
     const BF16: bool;
@@ -505,7 +506,7 @@ mod dequantize_avx512 {
                     _mm512_loadu_si512(src.as_ptr().add((t * groups + g) * GROUP_BYTES) as *const __m512i)
                 };
                 let row0 = g * rows;
-                // Row `row0 + r` sits `shift` bits up in each lane.
+                // `shifted` holds row `row0 + r` in the low bits of each lane.
                 let put = |r: usize, shifted: __m512i| {
                     let q = _mm512_sub_epi32(_mm512_and_si512(shifted, value_mask), offset);
                     let v = _mm512_mul_ps(_mm512_cvtepi32_ps(q), scale);
