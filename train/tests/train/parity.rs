@@ -2,26 +2,19 @@
 //! (tests/fixtures/train), plus LoRA, resume and export checks on the tiny fixtures.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
-use burn::tensor::{Device, TensorData};
+use burn::tensor::TensorData;
 use serde_json::Value;
 use vipllava_train::data::OnBadSample;
 use vipllava_train::export::{export, merged_model};
 use vipllava_train::trainer::{LoraTarget, OptimizerKind, TrainConfig, Trainable, Trainer};
 use vipllava_train::{TrainError, train};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
+use super::{device, f32s, fixtures, keep_export_for_python};
 
 fn reference() -> Value {
     let p = fixtures().join("train/reference.json");
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
-}
-
-fn device() -> Device {
-    Device::flex()
 }
 
 fn config(model: &str, trainable: Trainable, out: &std::path::Path) -> TrainConfig {
@@ -35,10 +28,6 @@ fn config(model: &str, trainable: Trainable, out: &std::path::Path) -> TrainConf
     };
     c.lr = r["lr"][key].as_f64().unwrap();
     c
-}
-
-fn f32s(d: &TensorData) -> Vec<f32> {
-    d.clone().convert::<f32>().try_to_vec::<f32>().unwrap()
 }
 
 #[test]
@@ -368,30 +357,7 @@ fn export_round_trip_gives_the_merged_model_logits() {
         .zip(&want)
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(moved > 1e-3, "the adapters changed nothing ({moved})");
-    // For scripts/make_train_fixtures.py --check-export: keep the export with our logits.
-    if let Ok(dir) = std::env::var("VIPLLAVA_EXPORT_CHECK_DIR") {
-        let dir = PathBuf::from(dir);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        for e in std::fs::read_dir(&out).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
-        }
-        let mut m = BTreeMap::new();
-        m.insert(
-            "input_ids".to_string(),
-            TensorData::new(ids.iter().map(|&i| i as f32).collect::<Vec<f32>>(), [1, n]),
-        );
-        m.insert(
-            "pixel_values".to_string(),
-            TensorData::new(p.data.clone(), [1, 3, p.height, p.width]),
-        );
-        m.insert(
-            "logits".to_string(),
-            TensorData::new(want.clone(), [1, n, want.len() / n]),
-        );
-        vipllava_train::trainer::write_safetensors(&dir.join("rust_logits.safetensors"), &m, None).unwrap();
-    }
+    keep_export_for_python("VIPLLAVA_EXPORT_CHECK_DIR", &out, s, &want);
 }
 
 #[test]

@@ -3,10 +3,10 @@
 //! tiny fixtures.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use serde_json::Value;
 use vipllava_model::{ForwardInput, KvCache, VipLlava};
 use vipllava_train::export::{ExportOptions, write_hf_model_with};
@@ -14,17 +14,7 @@ use vipllava_train::shards::INDEX_FILE;
 use vipllava_train::trainer::{LoraTarget, OptimizerKind, TrainConfig, Trainable, Trainer};
 use vipllava_train::{EncodedSample, ExportDtype};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn device() -> Device {
-    Device::flex()
-}
-
-fn f32s(d: &TensorData) -> Vec<f32> {
-    d.clone().convert::<f32>().try_to_vec::<f32>().unwrap()
-}
+use super::{device, f32s, fixtures, keep_export_for_python};
 
 fn lora_config(model: &str, out: &Path) -> TrainConfig {
     let mut c = TrainConfig::new(fixtures().join(model), fixtures().join("train/data.json"), out);
@@ -132,33 +122,7 @@ fn sharded_export_reloads_with_the_unsharded_logits() {
     assert_eq!(left, ["model.safetensors"]);
     let loaded = vipllava_convert::load_model(&single, &device(), &Default::default()).unwrap();
     assert_eq!(logits(&loaded.model, &t.samples[1]), want);
-    // For scripts/check_export.py: the sharded export with our logits.
-    if let Ok(dir) = std::env::var("VIPLLAVA_SHARDED_EXPORT_CHECK_DIR") {
-        let dir = PathBuf::from(dir);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        for e in std::fs::read_dir(&single).unwrap() {
-            let e = e.unwrap();
-            if e.path().is_file() {
-                std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
-            }
-        }
-        let s = &t.samples[1];
-        let n = s.input_ids.len();
-        let p = &s.pixel_values;
-        let mut m = BTreeMap::new();
-        let ids: Vec<f32> = s.input_ids.iter().map(|&i| i as f32).collect();
-        m.insert("input_ids".to_string(), TensorData::new(ids, [1, n]));
-        m.insert(
-            "pixel_values".to_string(),
-            TensorData::new(p.data.clone(), [1, 3, p.height, p.width]),
-        );
-        m.insert(
-            "logits".to_string(),
-            TensorData::new(want.clone(), [1, n, want.len() / n]),
-        );
-        vipllava_train::trainer::write_safetensors(&dir.join("rust_logits.safetensors"), &m, None).unwrap();
-    }
+    keep_export_for_python("VIPLLAVA_SHARDED_EXPORT_CHECK_DIR", &single, &t.samples[1], &want);
 }
 
 #[test]
