@@ -53,18 +53,23 @@ pub fn load_image_with_limit(path: &Path, max_pixels: u64) -> Result<DynamicImag
         path: path.to_path_buf(),
         source,
     })?;
-    decode_image_inner(&bytes, &path.display().to_string(), max_pixels)
+    decode_image_with(
+        &bytes,
+        &path.display().to_string(),
+        max_pixels,
+        JpegDecoder::default(),
+    )
 }
 
 /// Decode an in-memory encoded image (PNG, JPEG, GIF, BMP, WebP, TIFF) like
 /// `PIL.Image.open(io.BytesIO(bytes))`, with the [`DEFAULT_MAX_PIXELS`] limit.
 pub fn decode_image(bytes: &[u8]) -> Result<DynamicImage, ImageError> {
-    decode_image_inner(bytes, "<memory>", DEFAULT_MAX_PIXELS)
+    decode_image_with(bytes, "<memory>", DEFAULT_MAX_PIXELS, JpegDecoder::default())
 }
 
 /// [`decode_image`] with an explicit pixel-count limit (width * height).
 pub fn decode_image_with_limit(bytes: &[u8], max_pixels: u64) -> Result<DynamicImage, ImageError> {
-    decode_image_inner(bytes, "<memory>", max_pixels)
+    decode_image_with(bytes, "<memory>", max_pixels, JpegDecoder::default())
 }
 
 /// Which decoder reads JPEG files.
@@ -88,10 +93,6 @@ pub fn decode_image_with_decoder(
 }
 
 const PNG_SIGNATURE: &[u8] = b"\x89PNG\r\n\x1a\n";
-
-fn decode_image_inner(bytes: &[u8], what: &str, max_pixels: u64) -> Result<DynamicImage, ImageError> {
-    decode_image_with(bytes, what, max_pixels, JpegDecoder::default())
-}
 
 fn decode_image_with(
     bytes: &[u8],
