@@ -1,8 +1,8 @@
 //! Rates of the decode kernels in isolation (weights streamed once per call):
 //! `cargo bench -p vipllava-model --bench stream_kernels` (set `RAYON_NUM_THREADS`;
 //! `STREAM_KERNELS=rows` for the file-order table alone, `STREAM_KERNELS=gemm` for the
-//! many-row bf16 table alone, `STREAM_KERNELS=prefill-attention` for the prefill
-//! attention table alone).
+//! many-row bf16 table alone, `STREAM_KERNELS=prefill-attention` and
+//! `STREAM_KERNELS=decode-attention` for the attention tables alone).
 //! Prints numbers only; BENCHMARKS.md (history #7) quotes them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a demo program: failing loudly is fine
@@ -45,6 +45,10 @@ fn main() {
     }
     if std::env::var("STREAM_KERNELS").as_deref() == Ok("gemm") {
         gemm_table();
+        return;
+    }
+    if std::env::var("STREAM_KERNELS").as_deref() == Ok("decode-attention") {
+        attention_table();
         return;
     }
     if std::env::var("STREAM_KERNELS").as_deref() == Ok("prefill-attention") {

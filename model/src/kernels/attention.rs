@@ -67,6 +67,18 @@ pub fn decode_attention(
     mask: Option<&Tensor<4, Bool>>,
     options: &AttentionModuleOptions,
 ) -> Option<Tensor<4>> {
+    decode_attention_with(q, k, v, mask, options, true)
+}
+
+/// [`decode_attention`] without the AVX-512 heads when `simd` is false (the tests' twin).
+fn decode_attention_with(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    mask: Option<&Tensor<4, Bool>>,
+    options: &AttentionModuleOptions,
+    simd: bool,
+) -> Option<Tensor<4>> {
     let [b, heads, t, _] = q.dims();
     let total = k.dims()[2];
     if t == 0 || t > MAX_QUERY_ROWS {
@@ -100,9 +112,9 @@ pub fn decode_attention(
     } = &inputs;
     let mask = mask.as_ref().map(|(values, mh)| (values.as_slice(), *mh));
     let out = match inputs.dtype {
-        DType::F32 => run::<f32>(queries, k, v, mask, *b, shape)?,
-        DType::BF16 => run::<bf16>(queries, k, v, mask, *b, shape)?,
-        DType::F16 => run::<f16>(queries, k, v, mask, *b, shape)?,
+        DType::F32 => run::<f32>(queries, k, v, mask, *b, shape, simd)?,
+        DType::BF16 => run::<bf16>(queries, k, v, mask, *b, shape, simd)?,
+        DType::F16 => run::<f16>(queries, k, v, mask, *b, shape, simd)?,
         _ => return None,
     };
     Some(inputs.output(out))
@@ -199,7 +211,8 @@ struct Shape4 {
 }
 
 /// All `(batch, head)` tasks in parallel over keys and values stored as `T`; the output is
-/// `[b, heads, t, d]` f32.
+/// `[b, heads, t, d]` f32. Head sizes that are whole AVX-512 registers (16 to 128) run
+/// [`head_avx512`] where the CPU has AVX-512 F, unless `simd` is false (the tests' twin).
 fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     q: &[f32],
     k: &FlexTensor,
@@ -207,22 +220,171 @@ fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     mask: Option<(&[bool], usize)>,
     b: usize,
     s: &Shape4,
+    simd: bool,
 ) -> Option<Vec<f32>> {
     let (k, v) = (strided::<T>(k)?, strided::<T>(v)?);
+    let registers = if simd && decode_simd_available() && s.d.is_multiple_of(LANES) {
+        s.d / LANES
+    } else {
+        0
+    };
     let mut out = vec![0f32; b * s.heads * s.t * s.d];
     out.par_chunks_mut(s.t * s.d).enumerate().for_each(|(task, out)| {
+        let (bi, h) = (task / s.heads, task % s.heads);
+        #[cfg(target_arch = "x86_64")]
+        {
+            // SAFETY: the CPU has AVX-512 F (`decode_simd_available`), and `d` is
+            // `registers` whole registers.
+            let done = unsafe {
+                match registers {
+                    1 => head_avx512::<T, 1>(q, &k, &v, mask, bi, h, s, out),
+                    2 => head_avx512::<T, 2>(q, &k, &v, mask, bi, h, s, out),
+                    4 => head_avx512::<T, 4>(q, &k, &v, mask, bi, h, s, out),
+                    8 => head_avx512::<T, 8>(q, &k, &v, mask, bi, h, s, out),
+                    _ => false,
+                }
+            };
+            if done {
+                return;
+            }
+        }
+        let _ = registers;
         vectorized(Head {
             q,
             k: &k,
             v: &v,
             mask,
-            bi: task / s.heads,
-            h: task % s.heads,
+            bi,
+            h,
             s,
             out,
         })
     });
     Some(out)
+}
+
+/// Whether [`head_avx512`] can run here (AVX-512 F and FMA).
+fn decode_simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`head`] for a head of `C * 16` dimensions with AVX-512: the query row in `C` registers,
+/// each key widened from `T` in registers and its score summed across lanes, the
+/// exponentials vectorized ([`exp_nonpositive`]), and the output row held in `C` registers
+/// while the values stream past. The plain loop's auto-vectorized dot product came out as
+/// 4-lane pieces, and its output row went through memory once per key. Returns false (and
+/// does nothing) when `d` is not `C * 16`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn head_avx512<T: Widen + burn::tensor::Element, const C: usize>(
+    q: &[f32],
+    k: &Strided<'_, T>,
+    v: &Strided<'_, T>,
+    mask: Option<(&[bool], usize)>,
+    bi: usize,
+    h: usize,
+    s: &Shape4,
+    out: &mut [f32],
+) -> bool {
+    use std::arch::x86_64::*;
+
+    let d = C * LANES;
+    if s.d != d || out.len() < s.t * d {
+        return false;
+    }
+    let kvh = h / s.rep;
+    let mut scores = vec![0f32; s.total];
+    for i in 0..s.t {
+        let qrow = &q[((bi * s.heads + h) * s.t + i) * d..][..d];
+        // SAFETY: `C` registers of 16 inside the row of `d = 16 C` values.
+        let qv: [__m512; C] =
+            std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qrow.as_ptr().add(c * LANES)) });
+        // Keys after the query's own position are excluded when causal.
+        let visible = if s.causal { s.total - s.t + i + 1 } else { s.total };
+        let scores = &mut scores[..visible];
+        for (j, score) in scores.iter_mut().enumerate() {
+            let key = k.row(bi, kvh, j, d).as_ptr();
+            // Two chains of additions, then one sum across the lanes.
+            let mut acc = [_mm512_setzero_ps(); 2];
+            for (c, &qc) in qv.iter().enumerate() {
+                // SAFETY: the key row holds `d` values (`row` checked the bounds).
+                let kc = unsafe { widen16(key.add(c * LANES)) };
+                acc[c % 2] = _mm512_fmadd_ps(qc, kc, acc[c % 2]);
+            }
+            *score = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) * s.scale;
+        }
+        if let Some((m, mh)) = mask {
+            let mhead = if mh == 1 { 0 } else { h };
+            let row = &m[((bi * mh + mhead) * s.t + i) * s.total..][..visible];
+            for (score, &masked) in scores.iter_mut().zip(row) {
+                if masked {
+                    *score = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let max = lane_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+        let row = &mut out[i * d..(i + 1) * d];
+        if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            continue;
+        }
+        // A masked key's probability is exactly 0 (`exp_nonpositive` stops at `exp(-87)`).
+        for score in scores.iter_mut() {
+            let p = exp_nonpositive(*score - max);
+            *score = if *score == f32::NEG_INFINITY { 0.0 } else { p };
+        }
+        let sum = lane_fold(scores, 0.0, |a, x| a + x);
+        let mut o = [_mm512_setzero_ps(); C];
+        for (j, &p) in scores.iter().enumerate() {
+            if p == 0.0 {
+                continue;
+            }
+            let value = v.row(bi, kvh, j, d).as_ptr();
+            let pv = _mm512_set1_ps(p);
+            for (c, oc) in o.iter_mut().enumerate() {
+                // SAFETY: the value row holds `d` values (`row` checked the bounds).
+                *oc = _mm512_fmadd_ps(pv, unsafe { widen16(value.add(c * LANES)) }, *oc);
+            }
+        }
+        let inv = _mm512_set1_ps(1.0 / sum);
+        for (c, oc) in o.iter().enumerate() {
+            // SAFETY: 16 values inside the output row of `d`.
+            unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(c * LANES), _mm512_mul_ps(*oc, inv)) };
+        }
+    }
+    true
+}
+
+/// 16 values of `T` (f32, bf16 or f16) at `at` as one register of f32.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `at` must point to 16 readable values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen16<T: burn::tensor::Element>(at: *const T) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: 16 values of `T` are readable at `at` (the caller's promise).
+    unsafe {
+        match T::dtype() {
+            DType::BF16 => {
+                let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(at.cast()));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
+            }
+            DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(at.cast())),
+            _ => _mm512_loadu_ps(at.cast()),
+        }
+    }
 }
 
 /// One `(batch, head)` task of [`run`], as [`Vectorized`] work.
@@ -757,16 +919,21 @@ mod tests {
         )
     }
 
-    /// Against Burn's own attention (with HF's `repeat_kv` for GQA): causal and masked,
-    /// 1 and 3 query rows, f32/bf16/f16, keys and values given as a narrowed view of a
-    /// larger buffer (the KV cache's capacity), a fully masked row.
+    /// Against Burn's own attention (with HF's `repeat_kv` for GQA) and the plain loop:
+    /// causal and masked, 1 to 3 query rows, head sizes 16/24/32/64/128 (every AVX-512 head
+    /// width, and one that is not), f32/bf16/f16, keys and values given as a narrowed view
+    /// of a larger buffer (the KV cache's capacity), a fully masked row.
     #[test]
     fn decode_attention_equals_burn() {
         let device = burn::tensor::Device::flex();
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            for &(b, heads, kv_heads, t, total, d) in
-                &[(1, 4, 4, 1, 9, 16), (2, 8, 2, 3, 21, 24), (3, 6, 3, 1, 40, 64)]
-            {
+            for &(b, heads, kv_heads, t, total, d) in &[
+                (1, 4, 4, 1, 9, 16),
+                (2, 8, 2, 3, 21, 24),
+                (3, 6, 3, 1, 40, 64),
+                (1, 8, 2, 2, 37, 128),
+                (2, 4, 2, 1, 70, 32),
+            ] {
                 let q = Tensor::<4>::random([b, heads, t, d], Distribution::Normal(0.0, 1.0), &device)
                     .cast(dtype);
                 let cap = total + 5;
@@ -779,17 +946,31 @@ mod tests {
                 let k = kbuf.clone().slice([0..b, 0..kv_heads, 0..total, 0..d]);
                 let v = vbuf.clone().slice([0..b, 0..kv_heads, 0..total, 0..d]);
                 let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+                let twin_tol = match dtype {
+                    DType::F32 => 2e-6,
+                    DType::F16 => 4e-3,
+                    _ => 3.2e-2,
+                };
                 // Causal.
                 let options = AttentionModuleOptions {
                     is_causal: true,
                     ..Default::default()
                 };
                 let ours = decode_attention(&q, &k, &v, None, &options).expect("applies");
+                let twin = decode_attention_with(&q, &k, &v, None, &options, false).expect("applies");
                 let burn = burn_attention(&q, &k, &v, None, options);
-                let diff = max_diff(ours, burn);
+                let diff = max_diff(ours.clone(), burn);
                 assert!(
                     diff <= tol,
                     "{dtype:?} causal {b}x{heads}/{kv_heads}x{t}x{total}x{d}: {diff}"
+                );
+                // The AVX-512 heads (where they run) against the plain loop: only the order
+                // of the sums and the exponential differ (the result is then cast to the
+                // dtype, so bf16/f16 may land one rounding apart).
+                let diff = max_diff(ours, twin);
+                assert!(
+                    diff <= twin_tol,
+                    "{dtype:?} causal twin {b}x{heads}/{kv_heads}x{t}x{total}x{d}: {diff}"
                 );
                 // A padding mask over keys (every second key of sequence 0 excluded, the
                 // last sequence fully masked on its first query row).
@@ -805,11 +986,17 @@ mod tests {
                 let mask = Tensor::<4, Bool>::from_data(TensorData::new(m, [b, 1, t, total]), &device);
                 let options = AttentionModuleOptions::default();
                 let ours = decode_attention(&q, &k, &v, Some(&mask), &options).expect("applies");
+                let twin = decode_attention_with(&q, &k, &v, Some(&mask), &options, false).expect("applies");
                 let burn = burn_attention(&q, &k, &v, Some(&mask), options);
-                let diff = max_diff(ours, burn);
+                let diff = max_diff(ours.clone(), burn);
                 assert!(
                     diff <= tol,
                     "{dtype:?} masked {b}x{heads}/{kv_heads}x{t}x{total}x{d}: {diff}"
+                );
+                let diff = max_diff(ours, twin);
+                assert!(
+                    diff <= twin_tol,
+                    "{dtype:?} masked twin {b}x{heads}/{kv_heads}x{t}x{total}x{d}: {diff}"
                 );
             }
         }
