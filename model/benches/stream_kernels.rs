@@ -2,7 +2,9 @@
 //! `cargo bench -p vipllava-model --bench stream_kernels` (set `RAYON_NUM_THREADS`;
 //! `STREAM_KERNELS=rows` for the file-order table alone, `STREAM_KERNELS=gemm` for the
 //! many-row bf16 table alone, `STREAM_KERNELS=prefill-attention` and
-//! `STREAM_KERNELS=decode-attention` for the attention tables alone).
+//! `STREAM_KERNELS=decode-attention` for the attention tables alone,
+//! `STREAM_KERNELS=packed-memory` for packed q4/q8 products over weights larger than the
+//! caches).
 //! Prints numbers only; BENCHMARKS.md (history #7) quotes them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a demo program: failing loudly is fine
@@ -45,6 +47,10 @@ fn main() {
     }
     if std::env::var("STREAM_KERNELS").as_deref() == Ok("gemm") {
         gemm_table();
+        return;
+    }
+    if std::env::var("STREAM_KERNELS").as_deref() == Ok("packed-memory") {
+        packed_memory_table();
         return;
     }
     if std::env::var("STREAM_KERNELS").as_deref() == Ok("decode-attention") {
@@ -379,5 +385,59 @@ fn attention_table() {
             black_box(decode_attention(&q, &k, &v, None, &options).unwrap());
         });
         println!("| {heads} / {kv_heads} x {total} x {d} | {:.3} |", ms * 1e3);
+    }
+}
+
+/// Packed q8/q4 products (one row, int8 activations) over a set of weights larger than the
+/// caches, as a decode step reads them: the 1.1B Llama's MLP and attention shapes, 22 layers'
+/// worth, each weight read once per pass. Prints read rates from memory.
+fn packed_memory_table() {
+    println!();
+    println!("| bits | weights MB | ms per pass | GB/s |");
+    println!("|---|---|---|---|");
+    let shapes = [
+        (2048, 5632),
+        (2048, 5632),
+        (5632, 2048),
+        (2048, 2048),
+        (2048, 2048),
+    ];
+    for bits in [Bits::Four, Bits::Eight] {
+        let mut weights = Vec::new();
+        for layer in 0..22 {
+            for &(k, n) in &shapes {
+                let q: Vec<i8> = (0..k * n).map(|i| ((i + layer) % 15) as i8 - 7).collect();
+                let scales = vec![1.0f32 / 128.0; k * n / 32];
+                let w = ColumnBlocks {
+                    q: &q,
+                    scales: &scales,
+                    k,
+                    n,
+                    block: 32,
+                };
+                weights.push(PackedWeight::pack(&w, bits).unwrap());
+            }
+        }
+        let inputs: Vec<Int8Rows> = [2048, 5632]
+            .iter()
+            .map(|&k| {
+                let x: Vec<f32> = (0..k).map(|i| (i % 7) as f32 * 0.1).collect();
+                Int8Rows::quantize(&x, 1, k, 32).unwrap()
+            })
+            .collect();
+        let bytes: usize = weights.iter().map(|w| w.resident_bytes()).sum();
+        let seconds = time(5, || {
+            for w in &weights {
+                let x = if w.k() == 2048 { &inputs[0] } else { &inputs[1] };
+                black_box(w.matmul_int8(x).unwrap());
+            }
+        });
+        println!(
+            "| {} | {:.0} | {:.1} | {:.2} |",
+            if bits == Bits::Four { 4 } else { 8 },
+            bytes as f64 / 1e6,
+            seconds * 1e3,
+            bytes as f64 / seconds / 1e9
+        );
     }
 }

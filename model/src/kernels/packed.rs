@@ -356,11 +356,17 @@ impl PackedWeight {
     }
 }
 
+/// How far ahead of the group it reads [`vnni_tile::add`] asks for the packed bytes: the
+/// hardware prefetchers stop at page ends, and a decode step streams every weight from
+/// memory once. 2048 bytes (32 cache lines) read 1.2-1.5x faster than none, 512-1024 and
+/// 3072-4096 less (`STREAM_KERNELS=packed-memory`, 1.1B shapes, 532 MB of q4 weights).
+const PREFETCH_BYTES: usize = 2048;
+
 #[cfg(target_arch = "x86_64")]
 mod vnni_tile {
     use std::arch::x86_64::*;
 
-    use super::{GROUP_BYTES, Int8Rows, PackedWeight, TILE};
+    use super::{GROUP_BYTES, Int8Rows, PREFETCH_BYTES, PackedWeight, TILE};
 
     /// Adds block row `kb`, tile `t` (columns `16 t..16 t + 16`) of `x` rows `r0..r0 + R`
     /// times `w` (`BITS` per value) to `out [rows, n]`; returns `R`.
@@ -397,6 +403,10 @@ mod vnni_tile {
             ]))
         };
         for g in 0..groups {
+            // A hint that never faults, whatever the address (past the end of the weight too).
+            _mm_prefetch::<_MM_HINT_T0>(
+                src.as_ptr().wrapping_add(g * GROUP_BYTES + PREFETCH_BYTES) as *const i8
+            );
             // SAFETY: `src` holds `groups` groups of 64 bytes.
             let packed = unsafe { _mm512_loadu_si512(src[g * GROUP_BYTES..].as_ptr() as *const __m512i) };
             let kk = kb * block + g * group_rows;
