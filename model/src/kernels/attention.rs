@@ -211,8 +211,9 @@ struct Shape4 {
 }
 
 /// All `(batch, head)` tasks in parallel over keys and values stored as `T`; the output is
-/// `[b, heads, t, d]` f32. Head sizes that are whole AVX-512 registers (16 to 128) run
-/// [`head_avx512`] where the CPU has AVX-512 F, unless `simd` is false (the tests' twin).
+/// `[b, heads, t, d]` f32. Head sizes of 1, 2, 4 or 8 AVX-512 registers (16, 32, 64, 128)
+/// run [`head_avx512`] where the CPU has AVX-512 F and FMA, unless `simd` is false (the
+/// tests' twin); other sizes and CPUs run the plain loop [`head`].
 fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     q: &[f32],
     k: &FlexTensor,
@@ -280,7 +281,7 @@ fn decode_simd_available() -> bool {
 /// exponentials vectorized ([`exp_nonpositive`]), and the output row held in `C` registers
 /// while the values stream past. The plain loop's auto-vectorized dot product came out as
 /// 4-lane pieces, and its output row went through memory once per key. Returns false (and
-/// does nothing) when `d` is not `C * 16`.
+/// does nothing) when `d` is not `C * 16` or `out` holds fewer than `t * d` values.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F and FMA.
@@ -366,15 +367,17 @@ unsafe fn head_avx512<T: Widen + burn::tensor::Element, const C: usize>(
     true
 }
 
-/// 16 values of `T` (f32, bf16 or f16) at `at` as one register of f32.
+/// 16 values of `T` at `at` as one register of f32: bf16, f16 and f32 with one or two
+/// instructions, any other [`Widen`] type value by value.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F; `at` must point to 16 readable values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn widen16<T: burn::tensor::Element>(at: *const T) -> std::arch::x86_64::__m512 {
+unsafe fn widen16<T: Widen + burn::tensor::Element>(at: *const T) -> std::arch::x86_64::__m512 {
     use std::arch::x86_64::*;
-    // SAFETY: 16 values of `T` are readable at `at` (the caller's promise).
+    // SAFETY: 16 values of `T` are readable at `at` (the caller's promise), and the dtype
+    // says how wide each is.
     unsafe {
         match T::dtype() {
             DType::BF16 => {
@@ -382,7 +385,11 @@ unsafe fn widen16<T: burn::tensor::Element>(at: *const T) -> std::arch::x86_64::
                 _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
             }
             DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(at.cast())),
-            _ => _mm512_loadu_ps(at.cast()),
+            DType::F32 => _mm512_loadu_ps(at.cast()),
+            _ => {
+                let values: [f32; LANES] = std::array::from_fn(|i| at.add(i).read_unaligned().widen());
+                _mm512_loadu_ps(values.as_ptr())
+            }
         }
     }
 }
@@ -920,20 +927,25 @@ mod tests {
     }
 
     /// Against Burn's own attention (with HF's `repeat_kv` for GQA) and the plain loop:
-    /// causal and masked, 1 to 3 query rows, head sizes 16/24/32/64/128 (every AVX-512 head
-    /// width, and one that is not), f32/bf16/f16, keys and values given as a narrowed view
-    /// of a larger buffer (the KV cache's capacity), a fully masked row.
+    /// causal, masked (one mask for all heads, or one per head together with the causal
+    /// limit), 1 to 3 query rows, head sizes 16/24/32/64/128 (every AVX-512 head width, and
+    /// one that is not), f32/bf16/f16, keys and values given as a narrowed view of a larger
+    /// buffer (the KV cache's capacity), fully masked rows.
     #[test]
     fn decode_attention_equals_burn() {
         let device = burn::tensor::Device::flex();
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            for &(b, heads, kv_heads, t, total, d) in &[
+            for (case, &(b, heads, kv_heads, t, total, d)) in [
                 (1, 4, 4, 1, 9, 16),
                 (2, 8, 2, 3, 21, 24),
                 (3, 6, 3, 1, 40, 64),
                 (1, 8, 2, 2, 37, 128),
                 (2, 4, 2, 1, 70, 32),
-            ] {
+                (2, 4, 4, 2, 33, 64),
+            ]
+            .iter()
+            .enumerate()
+            {
                 let q = Tensor::<4>::random([b, heads, t, d], Distribution::Normal(0.0, 1.0), &device)
                     .cast(dtype);
                 let cap = total + 5;
@@ -972,19 +984,30 @@ mod tests {
                     diff <= twin_tol,
                     "{dtype:?} causal twin {b}x{heads}/{kv_heads}x{t}x{total}x{d}: {diff}"
                 );
-                // A padding mask over keys (every second key of sequence 0 excluded, the
-                // last sequence fully masked on its first query row).
-                let mut m = vec![false; b * t * total];
-                for j in (0..total).step_by(2) {
-                    m[j] = true;
-                }
-                if b > 1 {
-                    for j in 0..total {
-                        m[((b - 1) * t) * total + j] = true;
+                // A padding mask over keys: one for all heads (`[b, 1, t, total]`) on every
+                // second shape, one per head (`[b, heads, t, total]`, with the causal limit
+                // as well) on the others. Every second key of sequence 0's first query row is
+                // excluded (from key `h % 2` with a mask per head), and the last sequence's
+                // last query row is fully masked where there is more than one row.
+                let per_head = case % 2 == 1;
+                let mh = if per_head { heads } else { 1 };
+                let at = |bi: usize, hh: usize, i: usize, j: usize| ((bi * mh + hh) * t + i) * total + j;
+                let mut m = vec![false; b * mh * t * total];
+                for hh in 0..mh {
+                    for j in (hh % 2..total).step_by(2) {
+                        m[at(0, hh, 0, j)] = true;
+                    }
+                    if b * t > 1 {
+                        for j in 0..total {
+                            m[at(b - 1, hh, t - 1, j)] = true;
+                        }
                     }
                 }
-                let mask = Tensor::<4, Bool>::from_data(TensorData::new(m, [b, 1, t, total]), &device);
-                let options = AttentionModuleOptions::default();
+                let mask = Tensor::<4, Bool>::from_data(TensorData::new(m, [b, mh, t, total]), &device);
+                let options = AttentionModuleOptions {
+                    is_causal: per_head,
+                    ..Default::default()
+                };
                 let ours = decode_attention(&q, &k, &v, Some(&mask), &options).expect("applies");
                 let twin = decode_attention_with(&q, &k, &v, Some(&mask), &options, false).expect("applies");
                 let burn = burn_attention(&q, &k, &v, Some(&mask), options);
