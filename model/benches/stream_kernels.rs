@@ -40,25 +40,17 @@ fn median_ms<const C: usize>(rounds: &[[f64; C]], c: usize) -> f64 {
 }
 
 fn main() {
-    // `STREAM_KERNELS=rows` prints the file-order table alone.
-    if std::env::var("STREAM_KERNELS").as_deref() == Ok("rows") {
-        rows_table();
-        return;
-    }
-    if std::env::var("STREAM_KERNELS").as_deref() == Ok("gemm") {
-        gemm_table();
-        return;
-    }
-    if std::env::var("STREAM_KERNELS").as_deref() == Ok("packed-memory") {
-        packed_memory_table();
-        return;
-    }
-    if std::env::var("STREAM_KERNELS").as_deref() == Ok("decode-attention") {
-        attention_table();
-        return;
-    }
-    if std::env::var("STREAM_KERNELS").as_deref() == Ok("prefill-attention") {
-        prefill_attention_table();
+    // `STREAM_KERNELS=<table>` prints that table alone.
+    let alone: Option<fn()> = match std::env::var("STREAM_KERNELS").as_deref() {
+        Ok("rows") => Some(rows_table),
+        Ok("gemm") => Some(gemm_table),
+        Ok("packed-memory") => Some(packed_memory_table),
+        Ok("decode-attention") => Some(attention_table),
+        Ok("prefill-attention") => Some(prefill_attention_table),
+        _ => None,
+    };
+    if let Some(table) = alone {
+        table();
         return;
     }
     println!(

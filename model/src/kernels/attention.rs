@@ -212,7 +212,7 @@ struct Shape4 {
 
 /// All `(batch, head)` tasks in parallel over keys and values stored as `T`; the output is
 /// `[b, heads, t, d]` f32. Head sizes of 1, 2, 4 or 8 AVX-512 registers (16, 32, 64, 128)
-/// run [`head_avx512`] where the CPU has AVX-512 F and FMA, unless `simd` is false (the
+/// run [`Head::avx512`] where the CPU has AVX-512 F and FMA, unless `simd` is false (the
 /// tests' twin); other sizes and CPUs run the plain loop [`head`].
 fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     q: &[f32],
@@ -231,35 +231,31 @@ fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     };
     let mut out = vec![0f32; b * s.heads * s.t * s.d];
     out.par_chunks_mut(s.t * s.d).enumerate().for_each(|(task, out)| {
-        let (bi, h) = (task / s.heads, task % s.heads);
-        #[cfg(target_arch = "x86_64")]
-        {
-            // SAFETY: the CPU has AVX-512 F (`decode_simd_available`), and `d` is
-            // `registers` whole registers.
-            let done = unsafe {
-                match registers {
-                    1 => head_avx512::<T, 1>(q, &k, &v, mask, bi, h, s, out),
-                    2 => head_avx512::<T, 2>(q, &k, &v, mask, bi, h, s, out),
-                    4 => head_avx512::<T, 4>(q, &k, &v, mask, bi, h, s, out),
-                    8 => head_avx512::<T, 8>(q, &k, &v, mask, bi, h, s, out),
-                    _ => false,
-                }
-            };
-            if done {
-                return;
-            }
-        }
-        let _ = registers;
-        vectorized(Head {
+        let work = Head {
             q,
             k: &k,
             v: &v,
             mask,
-            bi,
-            h,
+            bi: task / s.heads,
+            h: task % s.heads,
             s,
             out,
-        })
+        };
+        // SAFETY: the CPU has AVX-512 F and FMA (`decode_simd_available`), `d` is `registers`
+        // whole registers, and each task's output is `t * d` values.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            match registers {
+                1 => return work.avx512::<1>(),
+                2 => return work.avx512::<2>(),
+                4 => return work.avx512::<4>(),
+                8 => return work.avx512::<8>(),
+                _ => {}
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = registers;
+        vectorized(work)
     });
     Some(out)
 }
@@ -276,95 +272,95 @@ fn decode_simd_available() -> bool {
     }
 }
 
-/// [`head`] for a head of `C * 16` dimensions with AVX-512: the query row in `C` registers,
-/// each key widened from `T` in registers and its score summed across lanes, the
-/// exponentials vectorized ([`exp_nonpositive`]), and the output row held in `C` registers
-/// while the values stream past. The plain loop's auto-vectorized dot product came out as
-/// 4-lane pieces, and its output row went through memory once per key. Returns false (and
-/// does nothing) when `d` is not `C * 16` or `out` holds fewer than `t * d` values.
-///
-/// # Safety
-/// The CPU must have AVX-512 F and FMA.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn head_avx512<T: Widen + burn::tensor::Element, const C: usize>(
-    q: &[f32],
-    k: &Strided<'_, T>,
-    v: &Strided<'_, T>,
-    mask: Option<(&[bool], usize)>,
-    bi: usize,
-    h: usize,
-    s: &Shape4,
-    out: &mut [f32],
-) -> bool {
-    use std::arch::x86_64::*;
+impl<T: Widen + burn::tensor::Element> Head<'_, T> {
+    /// [`head`] for a head of `C * 16` dimensions with AVX-512: the query row in `C` registers,
+    /// each key widened from `T` in registers and its score summed across lanes, the
+    /// exponentials vectorized ([`exp_nonpositive`]), and the output row held in `C` registers
+    /// while the values stream past. The plain loop's auto-vectorized dot product came out as
+    /// 4-lane pieces, and its output row went through memory once per key.
+    ///
+    /// Panics unless the head size is `C * 16` and `out` holds `t * d` values.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and FMA.
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn avx512<const C: usize>(self) {
+        use std::arch::x86_64::*;
 
-    let d = C * LANES;
-    if s.d != d || out.len() < s.t * d {
-        return false;
-    }
-    let kvh = h / s.rep;
-    let mut scores = vec![0f32; s.total];
-    for i in 0..s.t {
-        let qrow = &q[((bi * s.heads + h) * s.t + i) * d..][..d];
-        // SAFETY: `C` registers of 16 inside the row of `d = 16 C` values.
-        let qv: [__m512; C] =
-            std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qrow.as_ptr().add(c * LANES)) });
-        // Keys after the query's own position are excluded when causal.
-        let visible = if s.causal { s.total - s.t + i + 1 } else { s.total };
-        let scores = &mut scores[..visible];
-        for (j, score) in scores.iter_mut().enumerate() {
-            let key = k.row(bi, kvh, j, d).as_ptr();
-            // Two chains of additions, then one sum across the lanes.
-            let mut acc = [_mm512_setzero_ps(); 2];
-            for (c, &qc) in qv.iter().enumerate() {
-                // SAFETY: the key row holds `d` values (`row` checked the bounds).
-                let kc = unsafe { widen16(key.add(c * LANES)) };
-                acc[c % 2] = _mm512_fmadd_ps(qc, kc, acc[c % 2]);
+        let Self {
+            q,
+            k,
+            v,
+            mask,
+            bi,
+            h,
+            s,
+            out,
+        } = self;
+        let d = C * LANES;
+        assert!(s.d == d && out.len() >= s.t * d, "a head of {C} registers");
+        let kvh = h / s.rep;
+        let mut scores = vec![0f32; s.total];
+        for i in 0..s.t {
+            let qrow = &q[((bi * s.heads + h) * s.t + i) * d..][..d];
+            // SAFETY: `C` registers of 16 inside the row of `d = 16 C` values.
+            let qv: [__m512; C] =
+                std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qrow.as_ptr().add(c * LANES)) });
+            // Keys after the query's own position are excluded when causal.
+            let visible = if s.causal { s.total - s.t + i + 1 } else { s.total };
+            let scores = &mut scores[..visible];
+            for (j, score) in scores.iter_mut().enumerate() {
+                let key = k.row(bi, kvh, j, d).as_ptr();
+                // Two chains of additions, then one sum across the lanes.
+                let mut acc = [_mm512_setzero_ps(); 2];
+                for (c, &qc) in qv.iter().enumerate() {
+                    // SAFETY: the key row holds `d` values (`row` checked the bounds).
+                    let kc = unsafe { widen16(key.add(c * LANES)) };
+                    acc[c % 2] = _mm512_fmadd_ps(qc, kc, acc[c % 2]);
+                }
+                *score = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) * s.scale;
             }
-            *score = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) * s.scale;
-        }
-        if let Some((m, mh)) = mask {
-            let mhead = if mh == 1 { 0 } else { h };
-            let row = &m[((bi * mh + mhead) * s.t + i) * s.total..][..visible];
-            for (score, &masked) in scores.iter_mut().zip(row) {
-                if masked {
-                    *score = f32::NEG_INFINITY;
+            if let Some((m, mh)) = mask {
+                let mhead = if mh == 1 { 0 } else { h };
+                let row = &m[((bi * mh + mhead) * s.t + i) * s.total..][..visible];
+                for (score, &masked) in scores.iter_mut().zip(row) {
+                    if masked {
+                        *score = f32::NEG_INFINITY;
+                    }
                 }
             }
-        }
-        let max = lane_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
-        let row = &mut out[i * d..(i + 1) * d];
-        if max == f32::NEG_INFINITY {
-            row.fill(0.0);
-            continue;
-        }
-        // A masked key's probability is exactly 0 (`exp_nonpositive` stops at `exp(-87)`).
-        for score in scores.iter_mut() {
-            let p = exp_nonpositive(*score - max);
-            *score = if *score == f32::NEG_INFINITY { 0.0 } else { p };
-        }
-        let sum = lane_fold(scores, 0.0, |a, x| a + x);
-        let mut o = [_mm512_setzero_ps(); C];
-        for (j, &p) in scores.iter().enumerate() {
-            if p == 0.0 {
+            let max = lane_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+            let row = &mut out[i * d..(i + 1) * d];
+            if max == f32::NEG_INFINITY {
+                row.fill(0.0);
                 continue;
             }
-            let value = v.row(bi, kvh, j, d).as_ptr();
-            let pv = _mm512_set1_ps(p);
-            for (c, oc) in o.iter_mut().enumerate() {
-                // SAFETY: the value row holds `d` values (`row` checked the bounds).
-                *oc = _mm512_fmadd_ps(pv, unsafe { widen16(value.add(c * LANES)) }, *oc);
+            // A masked key's probability is exactly 0 (`exp_nonpositive` stops at `exp(-87)`).
+            for score in scores.iter_mut() {
+                let p = exp_nonpositive(*score - max);
+                *score = if *score == f32::NEG_INFINITY { 0.0 } else { p };
+            }
+            let sum = lane_fold(scores, 0.0, |a, x| a + x);
+            let mut o = [_mm512_setzero_ps(); C];
+            for (j, &p) in scores.iter().enumerate() {
+                if p == 0.0 {
+                    continue;
+                }
+                let value = v.row(bi, kvh, j, d).as_ptr();
+                let pv = _mm512_set1_ps(p);
+                for (c, oc) in o.iter_mut().enumerate() {
+                    // SAFETY: the value row holds `d` values (`row` checked the bounds).
+                    *oc = _mm512_fmadd_ps(pv, unsafe { widen16(value.add(c * LANES)) }, *oc);
+                }
+            }
+            let inv = _mm512_set1_ps(1.0 / sum);
+            for (c, oc) in o.iter().enumerate() {
+                // SAFETY: 16 values inside the output row of `d`.
+                unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(c * LANES), _mm512_mul_ps(*oc, inv)) };
             }
         }
-        let inv = _mm512_set1_ps(1.0 / sum);
-        for (c, oc) in o.iter().enumerate() {
-            // SAFETY: 16 values inside the output row of `d`.
-            unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(c * LANES), _mm512_mul_ps(*oc, inv)) };
-        }
     }
-    true
 }
 
 /// 16 values of `T` at `at` as one register of f32: bf16, f16 and f32 with one or two
