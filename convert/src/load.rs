@@ -182,7 +182,8 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
     // Tensors whose dtype is the load dtype are used in place from a map of their file
     // (plain CPU device only): nothing is copied or written, and pages are read from the
     // page cache when first used. Linear weights keep the file's `[out, in]` order, seen
-    // transposed; the kernels read that order (`vipllava_model::kernels::rows`).
+    // transposed; the kernels read that order (`vipllava_model::kernels::rows`). On the
+    // same device, tensors stored in another dtype are converted in that order too.
     let mut maps = FileMaps::new(&checkpoint.files, is_plain_flex(device));
     let mut in_place: BTreeMap<String, InPlaceTensor> = BTreeMap::new();
     for tensor in &expected {
@@ -192,15 +193,22 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
         if quantized_at_load(tensor, options) {
             continue;
         }
-        if let Some(data) = maps.view(entry, options.precision.dtype())? {
-            in_place.insert(
-                tensor.burn_path.clone(),
-                InPlaceTensor {
-                    data,
-                    transposed: tensor.transposed && entry.shape.len() == 2,
-                },
-            );
-        }
+        let data = match maps.view(entry, options.precision.dtype())? {
+            Some(data) => data,
+            // Converted (another dtype on disk): read once and converted in the file's
+            // order, so that a linear weight is seen transposed like one used in place
+            // instead of being transposed into Burn's `[in, out]` (the transpose was most
+            // of a converting load's time).
+            None if maps.enabled => maps.converted(entry, options.precision.dtype())?,
+            None => continue,
+        };
+        in_place.insert(
+            tensor.burn_path.clone(),
+            InPlaceTensor {
+                data,
+                transposed: tensor.transposed && entry.shape.len() == 2,
+            },
+        );
     }
     let mut used_in_place = UseInPlace {
         path: Vec::new(),
@@ -460,23 +468,7 @@ impl<'a> FileMaps<'a> {
         ) else {
             return Ok(None);
         };
-        let map = match &self.maps[entry.file] {
-            Some(map) => Arc::clone(map),
-            None => {
-                let path = &self.files[entry.file];
-                let io = |source| ConvertError::Io {
-                    path: path.clone(),
-                    source,
-                };
-                let file = std::fs::File::open(path).map_err(io)?;
-                // SAFETY: the map is only read. As with any memory-mapped checkpoint
-                // (PyTorch's and safetensors' loaders map theirs too), truncating or
-                // rewriting the file while the model is alive is not supported.
-                let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?);
-                self.maps[entry.file] = Some(Arc::clone(&map));
-                map
-            }
-        };
+        let map = self.map(entry.file)?;
         if end > map.len() || start > end {
             return Ok(None);
         }
@@ -486,6 +478,83 @@ impl<'a> FileMaps<'a> {
             entry.shape.clone(),
             dtype,
         )))
+    }
+
+    /// `entry`'s values converted to `dtype`, in its file's shape: read from the map by all
+    /// workers, whose pages are then dropped (they are the file's, clean), so that the
+    /// file bytes do not stay resident beside the copy. Only for enabled maps.
+    fn converted(&mut self, entry: &TensorEntry, dtype: DType) -> Result<TensorData, ConvertError> {
+        let map = self.map(entry.file)?;
+        let path = &self.files[entry.file];
+        let range = usize::try_from(entry.bytes.start)
+            .ok()
+            .zip(usize::try_from(entry.bytes.end).ok())
+            .filter(|&(start, end)| start <= end && end <= map.len());
+        let Some((start, end)) = range else {
+            return Err(ConvertError::Io {
+                path: path.clone(),
+                source: std::io::Error::other(format!(
+                    "tensor bytes {:?} lie outside the file ({} bytes)",
+                    entry.bytes,
+                    map.len()
+                )),
+            });
+        };
+        // Each piece's pages are dropped as soon as it is converted: a 7B embedding's file
+        // pages (263 MB) would otherwise be resident beside the whole converted model.
+        let drop_pages = |offset: usize, len: usize| {
+            #[cfg(unix)]
+            {
+                // SAFETY: the map is read-only (`Mmap::map`), so none of its pages was
+                // written: dropping them loses nothing, and a reader of a page shared with
+                // the next piece (or a tensor used in place) maps it again from the file.
+                // Failing only leaves the pages resident.
+                let _ =
+                    unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+            }
+            #[cfg(not(unix))]
+            let _ = (offset, len);
+        };
+        let consumed =
+            |piece: &[u8]| drop_pages(piece.as_ptr() as usize - map.as_ptr() as usize, piece.len());
+        let data = crate::read::convert_bytes(
+            &map[start..end],
+            entry.dtype,
+            &entry.shape,
+            crate::read::Layout::FileOrder(&consumed),
+            dtype,
+        )
+        .map_err(|source| ConvertError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        // The kernel maps the neighbours of a faulting page too (fault-around, 64 KiB by
+        // default), some in pieces another worker had already converted and dropped: one
+        // last pass over the tensor and its margins (140 MB of such pages at the end of a
+        // 1.1B f32 -> bf16 load without it).
+        const FAULT_AROUND: usize = 1 << 16;
+        let first = start.saturating_sub(FAULT_AROUND);
+        drop_pages(first, (end + FAULT_AROUND).min(map.len()) - first);
+        Ok(data)
+    }
+
+    /// The map of file `index`, made on first use.
+    fn map(&mut self, index: usize) -> Result<Arc<memmap2::Mmap>, ConvertError> {
+        if let Some(map) = &self.maps[index] {
+            return Ok(Arc::clone(map));
+        }
+        let path = &self.files[index];
+        let io = |source| ConvertError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::File::open(path).map_err(io)?;
+        // SAFETY: the map is only read. As with any memory-mapped checkpoint (PyTorch's and
+        // safetensors' loaders map theirs too), truncating or rewriting the file while the
+        // model is alive is not supported.
+        let map = Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?);
+        self.maps[index] = Some(Arc::clone(&map));
+        Ok(map)
     }
 }
 

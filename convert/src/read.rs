@@ -1,20 +1,25 @@
-//! Checkpoint bytes -> a parameter's values in Burn's layout and the load dtype, in one pass,
-//! for the tensors the load converts or quantizes (tensors stored in the load dtype are used in
-//! place from a map of their file, see `load.rs`).
+//! Checkpoint bytes -> a parameter's values in the load dtype, in one pass, for the tensors
+//! the load converts or quantizes (tensors stored in the load dtype are used in place from a
+//! map of their file, see `load.rs`).
 //!
 //! Burn-store's PyTorch adapter transposes every linear weight (`[out, in]` on disk,
 //! `[in, out]` in Burn) on one thread, the cast adapter converts in another pass, and
 //! `Bytes::from_bytes_vec` copies each buffer once more to realign it: three fresh copies
 //! of every weight, each paying first-touch page faults (a 5.7 GB f32 load spent ~70% of
-//! its time there). Here the file bytes are read once into a reused buffer and written once,
-//! converted and transposed, into the parameter's own allocation, by all rayon workers.
+//! its time there). Here the file bytes are written once, converted, into the parameter's
+//! own allocation, by all rayon workers: in the file's order, read from its map, for a
+//! tensor the load only converts (`load.rs` sees a linear weight transposed, as it does one
+//! used in place); transposed into Burn's `[in, out]`, from a buffer read once, for one it
+//! quantizes. The conversions run [`RUN`] values at a time through loops that vectorize.
 
 use std::cell::RefCell;
 use std::fs::File;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 use std::path::Path;
 
 use burn::tensor::{DType, TensorData, bf16, f16};
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::checkpoint::DiskDType;
@@ -24,9 +29,19 @@ const ROWS_PER_TASK: usize = 64;
 /// Elements per rayon task for a plain conversion.
 const CHUNK: usize = 1 << 18;
 
+/// Values converted per step of a run: decoded into one stack buffer of f32, then encoded.
+const RUN: usize = 256;
+
 /// A dtype a parameter is loaded as.
 trait LoadElement: burn::tensor::Element + Copy + Default + Send + Sync {
     fn from_f32(v: f32) -> Self;
+
+    /// `src` converted into `out` (same length), in loops the compiler vectorizes.
+    fn encode(src: &[f32], out: &mut [MaybeUninit<Self>]) {
+        for (o, &v) in out.iter_mut().zip(src) {
+            o.write(Self::from_f32(v));
+        }
+    }
 }
 
 impl LoadElement for f32 {
@@ -41,6 +56,23 @@ impl LoadElement for bf16 {
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
     }
+
+    fn encode(src: &[f32], out: &mut [MaybeUninit<Self>]) {
+        for (o, &v) in out.iter_mut().zip(src) {
+            o.write(bf16::from_bits(bf16_bits(v)));
+        }
+    }
+}
+
+/// The bits of `bf16::from_f32(v)` (nearest, ties to even; NaN kept quiet with its high
+/// payload) without branches, so that a loop of them vectorizes.
+#[inline(always)]
+fn bf16_bits(v: f32) -> u16 {
+    let x = v.to_bits();
+    let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
+    let quiet_nan = (x >> 16) | 0x0040;
+    let is_nan = x & 0x7FFF_FFFF > 0x7F80_0000;
+    (if is_nan { quiet_nan } else { rounded }) as u16
 }
 
 impl LoadElement for f16 {
@@ -48,12 +80,31 @@ impl LoadElement for f16 {
     fn from_f32(v: f32) -> Self {
         f16::from_f32(v)
     }
+
+    fn encode(src: &[f32], out: &mut [MaybeUninit<Self>]) {
+        let mut halves = [f16::ZERO; RUN];
+        for (src, out) in src.chunks(RUN).zip(out.chunks_mut(RUN)) {
+            let halves = &mut halves[..src.len()];
+            // F16C where the CPU has it (detected at run time by `half`).
+            halves.convert_from_f32_slice(src);
+            for (o, &h) in out.iter_mut().zip(halves.iter()) {
+                o.write(h);
+            }
+        }
+    }
 }
 
 /// How one on-disk (little-endian) element reads as f32.
 trait DiskElement: Send + Sync {
     const SIZE: usize;
     fn at(bytes: &[u8], index: usize) -> f32;
+
+    /// The `out.len()` values in `bytes`, in loops the compiler vectorizes.
+    fn decode(bytes: &[u8], out: &mut [f32]) {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = Self::at(bytes, i);
+        }
+    }
 }
 
 struct DiskF32;
@@ -67,6 +118,12 @@ impl DiskElement for DiskF32 {
     fn at(bytes: &[u8], i: usize) -> f32 {
         f32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]])
     }
+
+    fn decode(bytes: &[u8], out: &mut [f32]) {
+        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
 }
 
 impl DiskElement for DiskBf16 {
@@ -75,6 +132,16 @@ impl DiskElement for DiskBf16 {
     fn at(bytes: &[u8], i: usize) -> f32 {
         bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
     }
+
+    fn decode(bytes: &[u8], out: &mut [f32]) {
+        // Widening bf16 is exact: its bits are the high half of the f32's (a NaN made
+        // quiet, as `bf16::to_f32` does).
+        for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            let wide = u32::from(u16::from_le_bytes([b[0], b[1]])) << 16;
+            let is_nan = wide & 0x7FFF_FFFF > 0x7F80_0000;
+            *o = f32::from_bits(if is_nan { wide | 0x0040_0000 } else { wide });
+        }
+    }
 }
 
 impl DiskElement for DiskF16 {
@@ -82,6 +149,18 @@ impl DiskElement for DiskF16 {
     #[inline(always)]
     fn at(bytes: &[u8], i: usize) -> f32 {
         f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
+    }
+
+    fn decode(bytes: &[u8], out: &mut [f32]) {
+        let mut halves = [f16::ZERO; RUN];
+        for (bytes, out) in bytes.chunks(2 * RUN).zip(out.chunks_mut(RUN)) {
+            let halves = &mut halves[..out.len()];
+            for (h, b) in halves.iter_mut().zip(bytes.chunks_exact(2)) {
+                *h = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+            }
+            // F16C where the CPU has it (detected at run time by `half`).
+            halves.convert_to_f32_slice(out);
+        }
     }
 }
 
@@ -116,6 +195,19 @@ impl Drop for ScratchGuard {
     }
 }
 
+/// The order [`convert_bytes`] writes a tensor in.
+#[derive(Clone, Copy)]
+pub(crate) enum Layout<'a> {
+    /// Disk `[rows, cols]` as `[cols, rows]`: a linear weight in Burn's `[in, out]`.
+    Transposed,
+    /// The file's order. The function is called with each piece of the file bytes once
+    /// it has been converted (to drop mapped pages as the conversion goes).
+    FileOrder(&'a (dyn Fn(&[u8]) + Sync)),
+}
+
+/// Nothing to do with a converted piece of file bytes.
+pub(crate) fn keep(_: &[u8]) {}
+
 /// Reads `range` of `file` and returns the tensor of `shape` (the file's shape, or its
 /// transpose when `transpose`, for a 2-D linear weight) as `dtype`.
 pub(crate) fn read_tensor(
@@ -131,12 +223,12 @@ pub(crate) fn read_tensor(
     let read = |buffer: &mut Vec<u8>| -> std::io::Result<TensorData> {
         buffer.resize(len, 0);
         read_exact_at(&File::open(file)?, &mut buffer[..len], range.start)?;
-        let bytes = &buffer[..len];
-        match dtype {
-            DType::BF16 => by_disk::<bf16>(disk, bytes, shape, transpose),
-            DType::F16 => by_disk::<f16>(disk, bytes, shape, transpose),
-            _ => by_disk::<f32>(disk, bytes, shape, transpose),
-        }
+        let layout = if transpose {
+            Layout::Transposed
+        } else {
+            Layout::FileOrder(&keep)
+        };
+        convert_bytes(&buffer[..len], disk, shape, layout, dtype)
     };
     SCRATCH.with(|scratch| match scratch.try_borrow_mut() {
         Ok(mut buffer) => read(&mut buffer),
@@ -146,17 +238,33 @@ pub(crate) fn read_tensor(
     })
 }
 
+/// The tensor of `shape` (the file's shape, transposed for [`Layout::Transposed`]) stored in
+/// `bytes` as `disk`, converted to `dtype` by all rayon workers.
+pub(crate) fn convert_bytes(
+    bytes: &[u8],
+    disk: DiskDType,
+    shape: &[usize],
+    layout: Layout<'_>,
+    dtype: DType,
+) -> std::io::Result<TensorData> {
+    match dtype {
+        DType::BF16 => by_disk::<bf16>(disk, bytes, shape, layout),
+        DType::F16 => by_disk::<f16>(disk, bytes, shape, layout),
+        _ => by_disk::<f32>(disk, bytes, shape, layout),
+    }
+}
+
 fn by_disk<T: LoadElement>(
     disk: DiskDType,
     bytes: &[u8],
     shape: &[usize],
-    transpose: bool,
+    layout: Layout<'_>,
 ) -> std::io::Result<TensorData> {
     match disk {
-        DiskDType::F32 => convert::<DiskF32, T>(bytes, shape, transpose),
-        DiskDType::BF16 => convert::<DiskBf16, T>(bytes, shape, transpose),
-        DiskDType::F16 => convert::<DiskF16, T>(bytes, shape, transpose),
-        DiskDType::F64 => convert::<DiskF64, T>(bytes, shape, transpose),
+        DiskDType::F32 => convert::<DiskF32, T>(bytes, shape, layout),
+        DiskDType::BF16 => convert::<DiskBf16, T>(bytes, shape, layout),
+        DiskDType::F16 => convert::<DiskF16, T>(bytes, shape, layout),
+        DiskDType::F64 => convert::<DiskF64, T>(bytes, shape, layout),
         DiskDType::Integer(name) => Err(std::io::Error::other(format!(
             "integer tensor ({name}) where a float parameter was expected"
         ))),
@@ -166,7 +274,7 @@ fn by_disk<T: LoadElement>(
 fn convert<S: DiskElement, T: LoadElement>(
     bytes: &[u8],
     shape: &[usize],
-    transpose: bool,
+    layout: Layout<'_>,
 ) -> std::io::Result<TensorData> {
     let count: usize = shape.iter().product();
     if bytes.len() != count * S::SIZE {
@@ -179,7 +287,12 @@ fn convert<S: DiskElement, T: LoadElement>(
     // by the kernel) by all workers as they write, not by one thread in a memset before.
     let mut out: Vec<T> = Vec::with_capacity(count);
     let slots = &mut out.spare_capacity_mut()[..count];
-    if transpose && shape.len() == 2 {
+    let consumed = match layout {
+        Layout::Transposed if shape.len() == 2 => None,
+        Layout::Transposed => Some(&keep as &(dyn Fn(&[u8]) + Sync)),
+        Layout::FileOrder(consumed) => Some(consumed),
+    };
+    let Some(consumed) = consumed else {
         // Disk `[rows, cols]` -> Burn `[cols, rows]`.
         let (rows, cols) = (shape[0], shape[1]);
         if rows > 0 {
@@ -196,12 +309,16 @@ fn convert<S: DiskElement, T: LoadElement>(
         // `count` is 0.
         unsafe { out.set_len(count) };
         return Ok(TensorData::new(out, [shape[1], shape[0]]));
-    }
+    };
     slots.par_chunks_mut(CHUNK).enumerate().for_each(|(task, out)| {
-        let first = task * CHUNK;
-        for (i, o) in out.iter_mut().enumerate() {
-            o.write(T::from_f32(S::at(bytes, first + i)));
+        let bytes = &bytes[task * CHUNK * S::SIZE..][..out.len() * S::SIZE];
+        let mut values = [0f32; RUN];
+        for (run, out) in out.chunks_mut(RUN).enumerate() {
+            let values = &mut values[..out.len()];
+            S::decode(&bytes[run * RUN * S::SIZE..], values);
+            T::encode(values, out);
         }
+        consumed(bytes);
     });
     // SAFETY: the chunks cover all `count` elements and each is written above.
     unsafe { out.set_len(count) };
@@ -276,7 +393,7 @@ mod tests {
         for &(rows, cols) in &[(1, 1), (3, 5), (17, 70), (130, 33), (64, 64), (200, 1)] {
             let values: Vec<f32> = (0..rows * cols).map(|i| i as f32 * 0.25 - 7.0).collect();
             let bytes = bytes_f32(&values);
-            let data = convert::<DiskF32, f32>(&bytes, &[rows, cols], true).expect("convert");
+            let data = convert::<DiskF32, f32>(&bytes, &[rows, cols], Layout::Transposed).expect("convert");
             assert_eq!(data.shape().to_vec(), vec![cols, rows]);
             let got: Vec<f32> = data.try_to_vec().expect("f32");
             for r in 0..rows {
@@ -288,10 +405,104 @@ mod tests {
                     );
                 }
             }
-            let data = convert::<DiskF32, bf16>(&bytes, &[rows, cols], false).expect("convert");
+            let data =
+                convert::<DiskF32, bf16>(&bytes, &[rows, cols], Layout::FileOrder(&keep)).expect("convert");
             let got: Vec<bf16> = data.try_to_vec().expect("bf16");
             let want: Vec<bf16> = values.iter().map(|&v| bf16::from_f32(v)).collect();
             assert_eq!(got, want);
+        }
+    }
+
+    /// Every dtype pair's run conversion gives the bits of the one-value-at-a-time
+    /// `from_f32(at(..))`, on specials (NaN payloads, infinities, subnormals of each width,
+    /// bf16 halfway cases both sides of even) and a stride through all f32 bit patterns, at
+    /// lengths that end inside a run and inside a task's chunk.
+    #[test]
+    fn run_conversions_give_the_bits_of_single_values() {
+        let specials: [u32; 14] = [
+            0x7FC0_0001,
+            0x7F80_0001,
+            0xFFA0_1234,
+            0x7F80_0000,
+            0xFF80_0000,
+            0x0000_0001,
+            0x8000_0000,
+            0x3F80_8000,
+            0x3F81_8000,
+            0x3F80_8001,
+            0x7F7F_FFFF,
+            0x0033_0000,
+            0x3880_0000,
+            0x3380_0000,
+        ];
+        let mut bits: Vec<u32> = specials.to_vec();
+        bits.extend((0..600_000u32).map(|i| i.wrapping_mul(7_159)));
+        let f32s: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let disks: [(&str, Vec<u8>); 3] = [
+            ("f32", f32s.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            (
+                "bf16",
+                bits.iter()
+                    .flat_map(|&b| ((b >> 16) as u16).to_le_bytes())
+                    .collect(),
+            ),
+            (
+                "f16",
+                bits.iter().flat_map(|&b| (b as u16).to_le_bytes()).collect(),
+            ),
+        ];
+        for len in [1, RUN - 1, RUN + 3, CHUNK + 5, bits.len()] {
+            for (name, bytes) in &disks {
+                let size = bytes.len() / bits.len();
+                let bytes = &bytes[..len * size];
+                let singles = |i: usize| match *name {
+                    "f32" => DiskF32::at(bytes, i),
+                    "bf16" => DiskBf16::at(bytes, i),
+                    _ => DiskF16::at(bytes, i),
+                };
+                let run = |dtype: DType| {
+                    match dtype {
+                        DType::BF16 => {
+                            by_disk::<bf16>(disk_of(name), bytes, &[len], Layout::FileOrder(&keep))
+                        }
+                        DType::F16 => by_disk::<f16>(disk_of(name), bytes, &[len], Layout::FileOrder(&keep)),
+                        _ => by_disk::<f32>(disk_of(name), bytes, &[len], Layout::FileOrder(&keep)),
+                    }
+                    .expect("convert")
+                };
+                let got: Vec<u32> = run(DType::F32)
+                    .try_to_vec::<f32>()
+                    .expect("f32")
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                let want: Vec<u32> = (0..len).map(|i| singles(i).to_bits()).collect();
+                assert!(got == want, "{name} -> f32, {len} values");
+                let got: Vec<u16> = run(DType::BF16)
+                    .try_to_vec::<bf16>()
+                    .expect("bf16")
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                let want: Vec<u16> = (0..len).map(|i| bf16::from_f32(singles(i)).to_bits()).collect();
+                assert!(got == want, "{name} -> bf16, {len} values");
+                let got: Vec<u16> = run(DType::F16)
+                    .try_to_vec::<f16>()
+                    .expect("f16")
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect();
+                let want: Vec<u16> = (0..len).map(|i| f16::from_f32(singles(i)).to_bits()).collect();
+                assert!(got == want, "{name} -> f16, {len} values");
+            }
+        }
+    }
+
+    fn disk_of(name: &str) -> DiskDType {
+        match name {
+            "f32" => DiskDType::F32,
+            "bf16" => DiskDType::BF16,
+            _ => DiskDType::F16,
         }
     }
 
@@ -307,21 +518,21 @@ mod tests {
             .flat_map(|&v| f16::from_f32(v).to_bits().to_le_bytes())
             .collect();
         let d: Vec<u8> = values.iter().flat_map(|&v| (v as f64).to_le_bytes()).collect();
-        let got: Vec<f32> = convert::<DiskBf16, f32>(&bf, &[4], false)
+        let got: Vec<f32> = convert::<DiskBf16, f32>(&bf, &[4], Layout::FileOrder(&keep))
             .unwrap()
             .try_to_vec()
             .unwrap();
         assert_eq!(got, values.map(|v| bf16::from_f32(v).to_f32()));
-        let got: Vec<f32> = convert::<DiskF16, f32>(&h, &[2, 2], false)
+        let got: Vec<f32> = convert::<DiskF16, f32>(&h, &[2, 2], Layout::FileOrder(&keep))
             .unwrap()
             .try_to_vec()
             .unwrap();
         assert_eq!(got, values.map(|v| f16::from_f32(v).to_f32()));
-        let got: Vec<f32> = convert::<DiskF64, f32>(&d, &[4], false)
+        let got: Vec<f32> = convert::<DiskF64, f32>(&d, &[4], Layout::FileOrder(&keep))
             .unwrap()
             .try_to_vec()
             .unwrap();
         assert_eq!(got, values);
-        assert!(convert::<DiskF32, f32>(&d, &[3], false).is_err());
+        assert!(convert::<DiskF32, f32>(&d, &[3], Layout::FileOrder(&keep)).is_err());
     }
 }
