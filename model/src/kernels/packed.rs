@@ -100,7 +100,8 @@ impl PackedWeight {
         if !w.is_valid() || !n.is_multiple_of(TILE) || !K_BLOCK.is_multiple_of(block) {
             return None;
         }
-        if bits == Bits::Four && w.q.par_iter().any(|&q| !bits.holds(q)) {
+        // In chunks: rayon's `any` over single values checks its stop flag per value.
+        if bits == Bits::Four && w.q.par_chunks(1 << 16).any(|q| q.iter().any(|&q| !bits.holds(q))) {
             return None;
         }
         let scales: Vec<f16> = w.scales.iter().map(|&s| f16::from_f32(s)).collect();
