@@ -187,7 +187,7 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
     let mut maps = FileMaps::new(&checkpoint.files, is_plain_flex(device));
     let mut in_place: BTreeMap<String, InPlaceTensor> = BTreeMap::new();
     for tensor in &expected {
-        let Some((_, entry)) = checkpoint.find(layout, &tensor.name) else {
+        let Some((key, entry)) = checkpoint.find(layout, &tensor.name) else {
             continue; // checked above
         };
         if quantized_at_load(tensor, options) {
@@ -199,7 +199,7 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
             // order, so that a linear weight is seen transposed like one used in place
             // instead of being transposed into Burn's `[in, out]` (the transpose was most
             // of a converting load's time).
-            None if maps.enabled => maps.converted(entry, options.precision.dtype())?,
+            None if maps.enabled => maps.converted(&key, entry, options.precision.dtype())?,
             None => continue,
         };
         in_place.insert(
@@ -483,7 +483,12 @@ impl<'a> FileMaps<'a> {
     /// `entry`'s values converted to `dtype`, in its file's shape: read from the map by all
     /// workers, whose pages are then dropped (they are the file's, clean), so that the
     /// file bytes do not stay resident beside the copy. Only for enabled maps.
-    fn converted(&mut self, entry: &TensorEntry, dtype: DType) -> Result<TensorData, ConvertError> {
+    fn converted(
+        &mut self,
+        key: &str,
+        entry: &TensorEntry,
+        dtype: DType,
+    ) -> Result<TensorData, ConvertError> {
         let map = self.map(entry.file)?;
         let path = &self.files[entry.file];
         let range = usize::try_from(entry.bytes.start)
@@ -494,7 +499,7 @@ impl<'a> FileMaps<'a> {
             return Err(ConvertError::Io {
                 path: path.clone(),
                 source: std::io::Error::other(format!(
-                    "tensor bytes {:?} lie outside the file ({} bytes)",
+                    "tensor {key}: bytes {:?} lie outside the file ({} bytes)",
                     entry.bytes,
                     map.len()
                 )),
@@ -505,10 +510,12 @@ impl<'a> FileMaps<'a> {
         let drop_pages = |offset: usize, len: usize| {
             #[cfg(unix)]
             {
-                // SAFETY: the map is read-only (`Mmap::map`), so none of its pages was
-                // written: dropping them loses nothing, and a reader of a page shared with
-                // the next piece (or a tensor used in place) maps it again from the file.
-                // Failing only leaves the pages resident.
+                debug_assert!(offset + len <= map.len(), "pages outside the map");
+                // SAFETY: `Mmap::map` is a shared, read-only map of the file: none of its
+                // pages was written (no private copies to lose), and a reader of a dropped
+                // page (the next piece, or a tensor used in place) maps it again from the
+                // file with the same bytes. Callers stay inside the map. Failing only
+                // leaves the pages resident.
                 let _ =
                     unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
             }
@@ -524,9 +531,9 @@ impl<'a> FileMaps<'a> {
             crate::read::Layout::FileOrder(&consumed),
             dtype,
         )
-        .map_err(|source| ConvertError::Io {
+        .map_err(|e| ConvertError::Io {
             path: path.clone(),
-            source,
+            source: std::io::Error::other(format!("tensor {key}: {e}")),
         })?;
         // The kernel maps the neighbours of a faulting page too (fault-around, 64 KiB by
         // default), some in pieces another worker had already converted and dropped: one
@@ -603,8 +610,9 @@ impl ModuleMapper for UseInPlace {
 
 /// A checkpoint tensor under its Burn path, in Burn's layout and the load `dtype`, read
 /// from its file by one positioned read when the model asks for it (see [`crate::read`]):
-/// the tensors that the load converts or quantizes. Their file pages are read into a
-/// buffer rather than mapped, so that they do not stay resident beside the copy.
+/// the tensors that the load quantizes, and on devices other than the plain CPU those it
+/// converts. Their file pages are read into a buffer rather than mapped, so that they do
+/// not stay resident beside the copy.
 fn file_tensor(
     file: PathBuf,
     tensor: &ExpectedTensor,

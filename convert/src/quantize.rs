@@ -301,7 +301,8 @@ impl Vectors {
         {
             match self {
                 Self::Avx512 => {
-                    std::arch::is_x86_feature_detected!("avx512bw")
+                    std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512bw")
                         && std::arch::is_x86_feature_detected!("avx512vl")
                 }
                 Self::Avx2 => std::arch::is_x86_feature_detected!("avx2"),
@@ -526,7 +527,6 @@ mod tests {
         assert!(flex_blocks(&ragged, &Quantization::Q8.scheme_along_input(Some(32))).is_none());
     }
 
-    /// Each value is within half a quantization step of its block's scale.
     /// Each instruction set this CPU has gives the plain loop's values (`round().clamp()
     /// as i8`, `max |x|`) on halfway cases, out-of-range and non-finite values, at widths
     /// that end inside a vector.
@@ -571,6 +571,7 @@ mod tests {
         }
     }
 
+    /// Each value is within half a quantization step of its block's scale.
     #[test]
     fn round_trip_error_is_half_a_step() {
         let device = Device::flex();

@@ -7,10 +7,11 @@
 //! `Bytes::from_bytes_vec` copies each buffer once more to realign it: three fresh copies
 //! of every weight, each paying first-touch page faults (a 5.7 GB f32 load spent ~70% of
 //! its time there). Here the file bytes are written once, converted, into the parameter's
-//! own allocation, by all rayon workers: in the file's order, read from its map, for a
-//! tensor the load only converts (`load.rs` sees a linear weight transposed, as it does one
-//! used in place); transposed into Burn's `[in, out]`, from a buffer read once, for one it
-//! quantizes. The conversions run [`RUN`] values at a time through loops that vectorize.
+//! own allocation, by all rayon workers: on the plain CPU device, in the file's order, read
+//! from its map, for a tensor the load only converts (`load.rs` sees a linear weight
+//! transposed, as it does one used in place); otherwise (a tensor it quantizes, or any on
+//! another device) transposed into Burn's `[in, out]`, from a buffer read once. Plain
+//! conversions run [`RUN`] values at a time through loops that vectorize (f64 excepted).
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -99,7 +100,7 @@ trait DiskElement: Send + Sync {
     const SIZE: usize;
     fn at(bytes: &[u8], index: usize) -> f32;
 
-    /// The `out.len()` values in `bytes`, in loops the compiler vectorizes.
+    /// The `out.len()` values in `bytes` (overridden with loops the compiler vectorizes).
     fn decode(bytes: &[u8], out: &mut [f32]) {
         for (i, o) in out.iter_mut().enumerate() {
             *o = Self::at(bytes, i);
@@ -438,37 +439,34 @@ mod tests {
         let mut bits: Vec<u32> = specials.to_vec();
         bits.extend((0..600_000u32).map(|i| i.wrapping_mul(7_159)));
         let f32s: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
-        let disks: [(&str, Vec<u8>); 3] = [
-            ("f32", f32s.iter().flat_map(|v| v.to_le_bytes()).collect()),
+        let disks: [(DiskDType, Vec<u8>); 3] = [
             (
-                "bf16",
+                DiskDType::F32,
+                f32s.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            (
+                DiskDType::BF16,
                 bits.iter()
                     .flat_map(|&b| ((b >> 16) as u16).to_le_bytes())
                     .collect(),
             ),
             (
-                "f16",
+                DiskDType::F16,
                 bits.iter().flat_map(|&b| (b as u16).to_le_bytes()).collect(),
             ),
         ];
         for len in [1, RUN - 1, RUN + 3, CHUNK + 5, bits.len()] {
-            for (name, bytes) in &disks {
+            for (disk, bytes) in &disks {
+                let name = disk.name();
                 let size = bytes.len() / bits.len();
                 let bytes = &bytes[..len * size];
-                let singles = |i: usize| match *name {
-                    "f32" => DiskF32::at(bytes, i),
-                    "bf16" => DiskBf16::at(bytes, i),
+                let singles = |i: usize| match disk {
+                    DiskDType::F32 => DiskF32::at(bytes, i),
+                    DiskDType::BF16 => DiskBf16::at(bytes, i),
                     _ => DiskF16::at(bytes, i),
                 };
-                let run = |dtype: DType| {
-                    match dtype {
-                        DType::BF16 => {
-                            by_disk::<bf16>(disk_of(name), bytes, &[len], Layout::FileOrder(&keep))
-                        }
-                        DType::F16 => by_disk::<f16>(disk_of(name), bytes, &[len], Layout::FileOrder(&keep)),
-                        _ => by_disk::<f32>(disk_of(name), bytes, &[len], Layout::FileOrder(&keep)),
-                    }
-                    .expect("convert")
+                let run = |dtype| {
+                    convert_bytes(bytes, *disk, &[len], Layout::FileOrder(&keep), dtype).expect("convert")
                 };
                 let got: Vec<u32> = run(DType::F32)
                     .try_to_vec::<f32>()
@@ -495,14 +493,6 @@ mod tests {
                 let want: Vec<u16> = (0..len).map(|i| f16::from_f32(singles(i)).to_bits()).collect();
                 assert!(got == want, "{name} -> f16, {len} values");
             }
-        }
-    }
-
-    fn disk_of(name: &str) -> DiskDType {
-        match name {
-            "f32" => DiskDType::F32,
-            "bf16" => DiskDType::BF16,
-            _ => DiskDType::F16,
         }
     }
 
