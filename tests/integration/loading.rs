@@ -147,6 +147,61 @@ fn weights_stored_in_the_load_dtype_are_used_in_place() {
     );
 }
 
+/// A tensor stored in the load dtype at an offset not aligned for it cannot be a view of
+/// the map: it takes the converting path (read from the map, in the file's order), and
+/// must come out with the same values, and the same logits, as the aligned file used in
+/// place.
+#[test]
+fn misaligned_tensors_in_the_load_dtype_are_converted_to_the_same_model() {
+    let device = Device::flex();
+    let name = "tiny-hub-bf16-sharded";
+    let as_bf16 = LoadOptions {
+        precision: Precision::Bf16,
+        quantize: None,
+    };
+    let dir = copy_fixture(name);
+    for shard in [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ] {
+        // One more byte of header (a space after the JSON): every tensor's data moves to an
+        // odd file offset.
+        let path = dir.path().join(shard);
+        let bytes = std::fs::read(&path).expect("read");
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        let data_start = 8 + usize::try_from(header_len).expect("header length");
+        let mut shifted = (header_len + 1).to_le_bytes().to_vec();
+        shifted.extend_from_slice(&bytes[8..data_start]);
+        shifted.push(b' ');
+        shifted.extend_from_slice(&bytes[data_start..]);
+        assert_eq!(data_start % 2, 0, "the fixture's data should start aligned");
+        std::fs::write(&path, shifted).expect("write");
+    }
+    let aligned = load_model(&fixture(name), &device, &as_bf16).expect("load aligned");
+    let misaligned = load_model(dir.path(), &device, &as_bf16).expect("load misaligned");
+    let q_proj = |m: &VipLlava| m.language_model.layers[0].self_attn.q_proj.weight.val();
+    assert!(weight_in_file_order(&q_proj(&misaligned.model)));
+    let bits = |t: Tensor<2>| {
+        t.into_data()
+            .try_to_vec::<burn::tensor::bf16>()
+            .expect("bf16")
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bits(q_proj(&aligned.model)), bits(q_proj(&misaligned.model)));
+    let reference = Reference::open(name);
+    let run = |m: &VipLlava| {
+        let pixels: Tensor<4> = reference.float("pixel_values", &device).cast(DType::BF16);
+        let input = ForwardInput::new(reference.ids(&device)).with_pixels(pixels);
+        m.forward(input, &mut KvCache::new())
+            .expect("forward")
+            .cast(DType::F32)
+    };
+    let diff = max_abs_diff(run(&aligned.model), run(&misaligned.model));
+    assert_eq!(diff, 0.0, "aligned and misaligned files: logits differ by {diff}");
+}
+
 /// Every float parameter copied into a fresh contiguous tensor.
 struct IntoBurnOrder;
 
