@@ -462,16 +462,10 @@ impl<'a> FileMaps<'a> {
         if !self.enabled || !entry.bytes.start.is_multiple_of(size) {
             return Ok(None);
         }
-        let (Ok(start), Ok(end)) = (
-            usize::try_from(entry.bytes.start),
-            usize::try_from(entry.bytes.end),
-        ) else {
+        let map = self.map(entry.file)?;
+        let Some((start, end)) = span_in(entry, &map) else {
             return Ok(None);
         };
-        let map = self.map(entry.file)?;
-        if end > map.len() || start > end {
-            return Ok(None);
-        }
         let bytes = bytes::Bytes::from_owner(SharedMap(map)).slice(start..end);
         Ok(Some(TensorData::from_bytes(
             Bytes::from_shared(bytes, AllocationProperty::File),
@@ -491,11 +485,7 @@ impl<'a> FileMaps<'a> {
     ) -> Result<TensorData, ConvertError> {
         let map = self.map(entry.file)?;
         let path = &self.files[entry.file];
-        let range = usize::try_from(entry.bytes.start)
-            .ok()
-            .zip(usize::try_from(entry.bytes.end).ok())
-            .filter(|&(start, end)| start <= end && end <= map.len());
-        let Some((start, end)) = range else {
+        let Some((start, end)) = span_in(entry, &map) else {
             return Err(ConvertError::Io {
                 path: path.clone(),
                 source: std::io::Error::other(format!(
@@ -563,6 +553,13 @@ impl<'a> FileMaps<'a> {
         self.maps[index] = Some(Arc::clone(&map));
         Ok(map)
     }
+}
+
+/// `entry`'s byte range as indices into `map`, when it lies inside it.
+fn span_in(entry: &TensorEntry, map: &memmap2::Mmap) -> Option<(usize, usize)> {
+    let start = usize::try_from(entry.bytes.start).ok()?;
+    let end = usize::try_from(entry.bytes.end).ok()?;
+    (start <= end && end <= map.len()).then_some((start, end))
 }
 
 /// A tensor used in place: its file's values and shape, and whether Burn's parameter is

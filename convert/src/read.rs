@@ -468,32 +468,29 @@ mod tests {
                 let run = |dtype| {
                     convert_bytes(bytes, *disk, &[len], Layout::FileOrder(&keep), dtype).expect("convert")
                 };
-                let got: Vec<u32> = run(DType::F32)
-                    .try_to_vec::<f32>()
-                    .expect("f32")
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect();
-                let want: Vec<u32> = (0..len).map(|i| singles(i).to_bits()).collect();
-                assert!(got == want, "{name} -> f32, {len} values");
-                let got: Vec<u16> = run(DType::BF16)
-                    .try_to_vec::<bf16>()
-                    .expect("bf16")
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect();
-                let want: Vec<u16> = (0..len).map(|i| bf16::from_f32(singles(i)).to_bits()).collect();
-                assert!(got == want, "{name} -> bf16, {len} values");
-                let got: Vec<u16> = run(DType::F16)
-                    .try_to_vec::<f16>()
-                    .expect("f16")
-                    .iter()
-                    .map(|v| v.to_bits())
-                    .collect();
-                let want: Vec<u16> = (0..len).map(|i| f16::from_f32(singles(i)).to_bits()).collect();
-                assert!(got == want, "{name} -> f16, {len} values");
+                for dtype in [DType::F32, DType::BF16, DType::F16] {
+                    let data = run(dtype);
+                    let got: Vec<u32> = match dtype {
+                        DType::BF16 => bits_of(data.as_slice::<bf16>(), |v| v.to_bits().into()),
+                        DType::F16 => bits_of(data.as_slice::<f16>(), |v| v.to_bits().into()),
+                        _ => bits_of(data.as_slice::<f32>(), |v| v.to_bits()),
+                    };
+                    let want: Vec<u32> = (0..len)
+                        .map(|i| match dtype {
+                            DType::BF16 => bf16::from_f32(singles(i)).to_bits().into(),
+                            DType::F16 => f16::from_f32(singles(i)).to_bits().into(),
+                            _ => singles(i).to_bits(),
+                        })
+                        .collect();
+                    assert!(got == want, "{name} -> {dtype:?}, {len} values");
+                }
             }
         }
+    }
+
+    /// The bits of a converted tensor's values, widened to `u32`.
+    fn bits_of<T: Copy>(values: Result<&[T], burn::tensor::DataError>, bits: impl Fn(T) -> u32) -> Vec<u32> {
+        values.expect("the load dtype").iter().map(|&v| bits(v)).collect()
     }
 
     #[test]

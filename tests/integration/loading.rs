@@ -116,12 +116,8 @@ fn burnpack_round_trip_gives_identical_logits() {
 fn weights_stored_in_the_load_dtype_are_used_in_place() {
     let device = Device::flex();
     let name = "tiny-hub-bf16-sharded";
-    let as_bf16 = LoadOptions {
-        precision: Precision::Bf16,
-        quantize: None,
-    };
     // bf16 file, bf16 load: in place, linear weights in the file's `[out, in]` order.
-    let in_place = load_model(&fixture(name), &device, &as_bf16).expect("load bf16");
+    let in_place = load_model(&fixture(name), &device, &AS_BF16).expect("load bf16");
     // bf16 file, f32 load: converted, in the file's order too.
     let converted = load_model(&fixture(name), &device, &LoadOptions::default()).expect("load f32");
     let q_proj = |m: &VipLlava| m.language_model.layers[0].self_attn.q_proj.weight.val();
@@ -134,13 +130,10 @@ fn weights_stored_in_the_load_dtype_are_used_in_place() {
     let copied = in_place.model.clone().map(&mut IntoBurnOrder);
     assert!(!weight_in_file_order(&q_proj(&copied)));
     let reference = Reference::open(name);
-    let run = |m: &VipLlava| {
-        let pixels: Tensor<4> = reference.float("pixel_values", &device).cast(DType::BF16);
-        let input = ForwardInput::new(reference.ids(&device)).with_pixels(pixels);
-        let prefill = m.forward(input, &mut KvCache::new()).expect("forward");
-        prefill.cast(DType::F32)
-    };
-    let diff = max_abs_diff(run(&in_place.model), run(&copied));
+    let diff = max_abs_diff(
+        bf16_logits(&in_place.model, &reference),
+        bf16_logits(&copied, &reference),
+    );
     assert!(
         diff <= 0.05,
         "in-place and copied weights: logits differ by {diff}"
@@ -155,10 +148,6 @@ fn weights_stored_in_the_load_dtype_are_used_in_place() {
 fn misaligned_tensors_in_the_load_dtype_are_converted_to_the_same_model() {
     let device = Device::flex();
     let name = "tiny-hub-bf16-sharded";
-    let as_bf16 = LoadOptions {
-        precision: Precision::Bf16,
-        quantize: None,
-    };
     let dir = copy_fixture(name);
     for shard in [
         "model-00001-of-00002.safetensors",
@@ -177,8 +166,8 @@ fn misaligned_tensors_in_the_load_dtype_are_converted_to_the_same_model() {
         assert_eq!(data_start % 2, 0, "the fixture's data should start aligned");
         std::fs::write(&path, shifted).expect("write");
     }
-    let aligned = load_model(&fixture(name), &device, &as_bf16).expect("load aligned");
-    let misaligned = load_model(dir.path(), &device, &as_bf16).expect("load misaligned");
+    let aligned = load_model(&fixture(name), &device, &AS_BF16).expect("load aligned");
+    let misaligned = load_model(dir.path(), &device, &AS_BF16).expect("load misaligned");
     let q_proj = |m: &VipLlava| m.language_model.layers[0].self_attn.q_proj.weight.val();
     assert!(weight_in_file_order(&q_proj(&misaligned.model)));
     let bits = |t: Tensor<2>| {
@@ -191,15 +180,28 @@ fn misaligned_tensors_in_the_load_dtype_are_converted_to_the_same_model() {
     };
     assert_eq!(bits(q_proj(&aligned.model)), bits(q_proj(&misaligned.model)));
     let reference = Reference::open(name);
-    let run = |m: &VipLlava| {
-        let pixels: Tensor<4> = reference.float("pixel_values", &device).cast(DType::BF16);
-        let input = ForwardInput::new(reference.ids(&device)).with_pixels(pixels);
-        m.forward(input, &mut KvCache::new())
-            .expect("forward")
-            .cast(DType::F32)
-    };
-    let diff = max_abs_diff(run(&aligned.model), run(&misaligned.model));
+    let diff = max_abs_diff(
+        bf16_logits(&aligned.model, &reference),
+        bf16_logits(&misaligned.model, &reference),
+    );
     assert_eq!(diff, 0.0, "aligned and misaligned files: logits differ by {diff}");
+}
+
+/// bf16 loads, nothing quantized.
+const AS_BF16: LoadOptions = LoadOptions {
+    precision: Precision::Bf16,
+    quantize: None,
+};
+
+/// The prefill logits (as f32) of a bf16 model on `reference`'s ids and pixels.
+fn bf16_logits(model: &VipLlava, reference: &Reference) -> Tensor<3> {
+    let device = Device::flex();
+    let pixels: Tensor<4> = reference.float("pixel_values", &device).cast(DType::BF16);
+    let input = ForwardInput::new(reference.ids(&device)).with_pixels(pixels);
+    model
+        .forward(input, &mut KvCache::new())
+        .expect("forward")
+        .cast(DType::F32)
 }
 
 /// Every float parameter copied into a fresh contiguous tensor.
