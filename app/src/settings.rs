@@ -81,7 +81,11 @@ impl ModelSettings {
                 spec.feature().unwrap_or("?")
             )));
         }
-        Ok(vipllava::LoadOptions { precision, quantize })
+        Ok(vipllava::LoadOptions {
+            precision,
+            quantize,
+            quantize_lm_head: None,
+        })
     }
 }
 

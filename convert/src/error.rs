@@ -99,6 +99,12 @@ pub enum ConvertError {
         /// Extra guidance.
         hint: String,
     },
+    /// `--quantize-lm-head` on a checkpoint whose `lm_head` is the token embeddings.
+    #[error(
+        "this checkpoint ties lm_head to the token embeddings (tie_word_embeddings): quantizing lm_head \
+         would quantize the embeddings as well, which is not supported; load it without --quantize-lm-head"
+    )]
+    TiedLmHead,
     /// A tensor has another shape than the config implies.
     #[error("tensor {key:?} has shape {found:?} but the config implies {expected:?}")]
     ShapeMismatch {

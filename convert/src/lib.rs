@@ -24,4 +24,6 @@ pub use load::{
     BURNPACK_CONFIG, BURNPACK_WEIGHTS, LoadOptions, LoadReport, LoadedModel, WeightFormat, load_burnpack,
     load_model, read_config, reconcile_config, save_burnpack,
 };
-pub use quantize::{Quantization, pack_quantized_weights, quantize_model, quantized_parameter_count};
+pub use quantize::{
+    Quantization, pack_quantized_weights, quantize_lm_head, quantize_model, quantized_parameter_count,
+};

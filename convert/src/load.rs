@@ -14,7 +14,8 @@ use vipllava_model::{Precision, VipLlava, VipLlavaConfig};
 use crate::checkpoint::{Checkpoint, DiskDType, KeyLayout, TensorEntry};
 use crate::error::ConvertError;
 use crate::quantize::{
-    QUANTIZED_LINEARS, Quantization, WeightPacker, WeightQuantizer, quantize_model, quantized_parameter_count,
+    QUANTIZED_LINEARS, Quantization, WeightPacker, WeightQuantizer, quantize_lm_head, quantize_model,
+    quantized_parameter_count,
 };
 
 /// File name of the resolved config written beside a burnpack checkpoint.
@@ -30,6 +31,10 @@ pub struct LoadOptions {
     pub precision: Precision,
     /// Quantize the linear-layer weights after loading (see [`crate::quantize`]).
     pub quantize: Option<Quantization>,
+    /// Quantize `lm_head` too, to this level (`--quantize-lm-head`; independent of
+    /// `quantize`). Off by default, as in transformers; llama.cpp's quantized files quantize
+    /// it. Refused for checkpoints that tie `lm_head` to the token embeddings.
+    pub quantize_lm_head: Option<Quantization>,
 }
 
 impl Default for LoadOptions {
@@ -37,6 +42,7 @@ impl Default for LoadOptions {
         Self {
             precision: Precision::F32,
             quantize: None,
+            quantize_lm_head: None,
         }
     }
 }
@@ -127,6 +133,7 @@ pub fn load_model(dir: &Path, device: &Device, options: &LoadOptions) -> Result<
         return load_safetensors(dir, device, options);
     }
     let mut loaded = load_burnpack(dir, device)?;
+    check_lm_head_option(&loaded.config, options)?;
     // A burnpack written by `convert --quantize` is already quantized (and packed as it
     // loaded): keep it as saved.
     if let Some(level) = options.quantize
@@ -134,11 +141,23 @@ pub fn load_model(dir: &Path, device: &Device, options: &LoadOptions) -> Result<
     {
         loaded.model = quantize_model(loaded.model, level);
     }
+    if let Some(level) = options.quantize_lm_head {
+        loaded.model = quantize_lm_head(loaded.model, level);
+    }
     Ok(loaded)
+}
+
+/// `--quantize-lm-head` needs an `lm_head` of its own.
+fn check_lm_head_option(config: &VipLlavaConfig, options: &LoadOptions) -> Result<(), ConvertError> {
+    if options.quantize_lm_head.is_some() && config.text.tie_word_embeddings {
+        return Err(ConvertError::TiedLmHead);
+    }
+    Ok(())
 }
 
 fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Result<LoadedModel, ConvertError> {
     let mut config = read_config(dir)?;
+    check_lm_head_option(&config, options)?;
     let checkpoint = Checkpoint::open(dir)?;
     let layout = reconcile_config(dir, &mut config, &checkpoint)?;
     let mut model = VipLlava::new(&config, device);
@@ -251,6 +270,9 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
         loaded += result.applied.len();
         if let Some(level) = options.quantize {
             group.quantize(&mut model, level);
+        }
+        if let (LoadGroup::Rest, Some(level)) = (group, options.quantize_lm_head) {
+            model = quantize_lm_head(model, level);
         }
     }
     if loaded != expected.len() {
@@ -413,9 +435,13 @@ impl LoadGroup {
 }
 
 /// Whether the load quantizes this tensor (`--quantize`: the [`QUANTIZED_LINEARS`] of the
-/// layer stacks and the projector). Those are read and copied, not used in place: the
-/// file pages read for them would otherwise stay resident beside their quantized copy.
+/// layer stacks and the projector; `--quantize-lm-head`: `lm_head`). Those are read and
+/// copied, not used in place: the file pages read for them would otherwise stay resident
+/// beside their quantized copy.
 fn quantized_at_load(tensor: &ExpectedTensor, options: &LoadOptions) -> bool {
+    if tensor.burn_path == "lm_head.weight" {
+        return options.quantize_lm_head.is_some();
+    }
     if options.quantize.is_none() {
         return false;
     }

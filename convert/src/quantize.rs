@@ -4,7 +4,9 @@
 //! the multimodal projector, Llama attention and MLP. They hold almost all parameters
 //! (about 97% of vip-llava-7b). What stays in the load dtype: token and position
 //! embeddings (a lookup reads one row, quantizing saves little and costs accuracy on rare
-//! tokens), `lm_head` (the logits decide every greedy token; it is 3.7% of 7B), the patch
+//! tokens), `lm_head` (the logits decide every greedy token; it is 3.7% of 7B, and 8-9% of
+//! a 1.1B q4 decode step) unless asked for (`--quantize-lm-head`, [`quantize_lm_head`]: as
+//! llama.cpp's quantized files do, and transformers' bitsandbytes loads do not), the patch
 //! convolution, layer norms and RMS norms, and all biases.
 //!
 //! Scheme: symmetric integers with one scale per block of 32 values (Q8_0 / Q4_0 in
@@ -23,6 +25,7 @@ use std::str::FromStr;
 
 use burn::backend::{BackendTensor, DispatchKindConversion, DispatchTensor};
 use burn::module::{Module, ModuleMapper, Param};
+use burn::nn::Linear;
 use burn::tensor::quantization::{
     QuantScheme, QuantStore, QuantValue, ScaleDtype, global_scale_dtype, scale_to_dtype,
 };
@@ -158,18 +161,42 @@ impl ModuleMapper for WeightQuantizer {
         if !selected {
             return param;
         }
-        let level = self.level;
-        let param = param.map(|tensor| {
-            let dims = tensor.dims();
-            let scheme = if D == 2 && is_plain_flex(&tensor) {
-                level.scheme_along_input(block_for(dims[0]))
-            } else {
-                level.scheme(block_for(dims[D - 1]))
-            };
-            quantize_on_flex(tensor, &scheme)
-        });
-        packed::pack_weight(param)
+        quantize_weight(param, self.level)
     }
+}
+
+/// One linear weight quantized to `level` (blocks along the input dimension on the plain CPU
+/// device, along the last one elsewhere) and packed for the CPU kernels.
+fn quantize_weight<const D: usize>(param: Param<Tensor<D>>, level: Quantization) -> Param<Tensor<D>> {
+    let param = param.map(|tensor| {
+        let dims = tensor.dims();
+        let scheme = if D == 2 && is_plain_flex(&tensor) {
+            level.scheme_along_input(block_for(dims[0]))
+        } else {
+            level.scheme(block_for(dims[D - 1]))
+        };
+        quantize_on_flex(tensor, &scheme)
+    });
+    packed::pack_weight(param)
+}
+
+/// `model` with its `lm_head` weight quantized to `level` (`--quantize-lm-head`), unless it
+/// is quantized already. A tied `lm_head` (the token embeddings) is left alone: the loader
+/// refuses the option for such checkpoints before it reads any weight
+/// ([`crate::ConvertError::TiedLmHead`]).
+pub fn quantize_lm_head(mut model: VipLlava, level: Quantization) -> VipLlava {
+    if let Some(head) = model.lm_head.take() {
+        let quantized = packed::is_packed(&head.weight) || matches!(head.weight.dtype(), DType::QFloat(_));
+        model.lm_head = Some(if quantized {
+            head
+        } else {
+            Linear {
+                weight: quantize_weight(head.weight, level),
+                ..head
+            }
+        });
+    }
+    model
 }
 
 /// Packs a module's quantized weights for the CPU kernels ([`packed::pack_weight`]);

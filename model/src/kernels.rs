@@ -53,14 +53,15 @@ pub fn bf16_gemm_enabled() -> bool {
 }
 
 /// Whether decode products with q8/q4 weights quantized along K quantize the activations
-/// to int8 too (the VNNI path of [`int8`]): on by default where the CPU has AVX-512 VNNI,
-/// off with `VIPLLAVA_INT8_ACTIVATIONS=0` or inside [`with_int8_activations`]`(false, ..)`,
+/// to int8 too (the VNNI or AVX2 kernels of [`packed`], [`packed::Int8Kernel`]): on by
+/// default where the CPU has AVX-512 VNNI or AVX2, off with `VIPLLAVA_INT8_ACTIVATIONS=0` or inside [`with_int8_activations`]`(false, ..)`,
 /// which keeps the f32 activations (the weights' error only).
 pub fn int8_activations_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let default =
         *ENABLED.get_or_init(|| std::env::var("VIPLLAVA_INT8_ACTIVATIONS").map_or(true, |v| v != "0"));
-    INT8_ACTIVATIONS.with(|o| o.get()).unwrap_or(default) && int8::vnni_available()
+    INT8_ACTIVATIONS.with(|o| o.get()).unwrap_or(default)
+        && packed::Int8Kernel::best() != packed::Int8Kernel::Plain
 }
 
 thread_local! {

@@ -47,6 +47,11 @@ pub struct RuntimeArgs {
     /// and biases stay in --dtype).
     #[arg(long)]
     pub quantize: Option<Quantization>,
+    /// Quantize lm_head too, to q8 or q4 (faster decode, less memory, slightly different
+    /// logits; llama.cpp's quantized files do this). Not for checkpoints that tie lm_head to
+    /// the token embeddings.
+    #[arg(long)]
+    pub quantize_lm_head: Option<Quantization>,
 }
 
 impl RuntimeArgs {
@@ -60,6 +65,7 @@ impl RuntimeArgs {
         LoadOptions {
             precision: self.dtype,
             quantize: self.quantize,
+            quantize_lm_head: self.quantize_lm_head,
         }
     }
 }

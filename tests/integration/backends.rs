@@ -7,7 +7,8 @@ use burn::tensor::Device;
 use vipllava::convert::quantized_parameter_count;
 use vipllava::generation::GenerationOptions;
 use vipllava::model::KvCache;
-use vipllava::model::kernels::{int8::vnni_available, packed, with_int8_activations};
+use vipllava::model::kernels::packed::{self, Int8Kernel};
+use vipllava::model::kernels::with_int8_activations;
 use vipllava::pipeline::{Pipeline, PreparedInput, Prompt};
 use vipllava::processor::image::load_image;
 use vipllava::{LoadOptions, Quantization};
@@ -72,14 +73,15 @@ const Q4_LOGIT_BOUND: f32 = 10.0;
 /// with a 2x margin.
 const INT8_ACTIVATION_LOGIT_BOUND: f32 = 0.3;
 
-/// Decode steps with int8 activations (the VNNI path, on CPUs that have it) against the same
-/// steps with f32 activations, over the same quantized weights: the logits of five steps
-/// stay within [`INT8_ACTIVATION_LOGIT_BOUND`], and the run reports how many greedy tokens
-/// agree. Where the CPU lacks AVX-512 VNNI both runs take the f32 path (reported, not
-/// failed).
+/// Decode steps with int8 activations (the VNNI or AVX2 kernel, on CPUs that have one)
+/// against the same steps with f32 activations, over the same quantized weights: the logits
+/// of five steps stay within [`INT8_ACTIVATION_LOGIT_BOUND`], and the run reports how many
+/// greedy tokens agree. Where the CPU has neither, both runs take the f32 path (reported,
+/// not failed).
 #[test]
 fn int8_activations_add_a_bounded_error() {
-    let vnni = vnni_available();
+    // VNNI or AVX2: an int8 kernel runs here.
+    let int8 = Int8Kernel::best() != Int8Kernel::Plain;
     println!(
         "| fixture | quantize | max abs logit | max |diff| int8 vs f32 activations | greedy tokens equal (5 steps) |"
     );
@@ -126,15 +128,18 @@ fn int8_activations_add_a_bounded_error() {
                 diff <= INT8_ACTIVATION_LOGIT_BOUND,
                 "{name} {level}: int8 activations moved the logits by {diff}"
             );
-            if vnni {
+            if int8 {
                 assert!(diff > 0.0, "{name} {level}: the int8 path did not run");
             } else {
-                assert_eq!(diff, 0.0, "{name} {level}: int8 activations without VNNI");
+                assert_eq!(
+                    diff, 0.0,
+                    "{name} {level}: int8 activations without an int8 kernel"
+                );
             }
         }
     }
-    if !vnni {
-        println!("this CPU has no AVX-512 VNNI: both runs used f32 activations");
+    if !int8 {
+        println!("this CPU has neither AVX-512 VNNI nor AVX2: both runs used f32 activations");
     }
 }
 
@@ -303,6 +308,85 @@ fn only_linear_weights_are_quantized() {
     assert_eq!(quantized_parameter_count(pipeline.model()), llama + clip + 2);
 }
 
+/// `--quantize-lm-head`: `lm_head` is quantized too (one more quantized parameter, packed
+/// where the CPU kernels read it), the logits stay within the weights' bound of f32 and
+/// within the q8 bound of the same load without it, the quantized path computes what the
+/// dequantized weights compute, and a checkpoint that ties `lm_head` to the embeddings is
+/// refused with a message that says so.
+#[test]
+fn quantized_lm_head_stays_close_and_is_refused_when_tied() {
+    use burn::module::Module;
+    println!(
+        "| fixture | quantize | lm_head | max |diff| vs f32 | vs lm_head in f32 | greedy tokens equal |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for name in ["tiny-5x-f32", "tiny-gqa-f16"] {
+        let (reference, _, _) = run(&fixture(name), &LoadOptions::default());
+        for (level, head, bound) in [
+            (Quantization::Q8, Quantization::Q8, Q8_LOGIT_BOUND),
+            (Quantization::Q4, Quantization::Q8, Q4_LOGIT_BOUND),
+            (Quantization::Q4, Quantization::Q4, Q4_LOGIT_BOUND),
+        ] {
+            let body = LoadOptions {
+                quantize: Some(level),
+                ..LoadOptions::default()
+            };
+            let with_head = LoadOptions {
+                quantize_lm_head: Some(head),
+                ..body.clone()
+            };
+            let (without, without_tokens, plain) =
+                with_int8_activations(false, || run(&fixture(name), &body));
+            let (logits, tokens, mut pipeline) =
+                with_int8_activations(false, || run(&fixture(name), &with_head));
+            assert_eq!(
+                quantized_parameter_count(pipeline.model()),
+                quantized_parameter_count(plain.model()) + 1,
+                "{name}: lm_head was not quantized"
+            );
+            let head_weight = &pipeline.model().lm_head.as_ref().expect("lm_head").weight;
+            assert!(packed::is_packed(head_weight), "{name}: lm_head is not packed");
+            let diff = max_slice_diff(&logits, &reference);
+            let head_diff = max_slice_diff(&logits, &without);
+            let head_bound = match head {
+                Quantization::Q8 => Q8_LOGIT_BOUND,
+                Quantization::Q4 => Q4_LOGIT_BOUND,
+            };
+            println!(
+                "| {name} | {level} | {head} | {diff:.2e} | {head_diff:.2e} | {} |",
+                tokens == without_tokens
+            );
+            assert!(
+                diff <= bound,
+                "{name} {level}/{head}: logits differ from f32 by {diff}"
+            );
+            assert!(
+                head_diff > 0.0 && head_diff <= head_bound,
+                "{name} {level}/{head}: the quantized lm_head moved the logits by {head_diff}"
+            );
+            *pipeline.model_mut() = pipeline.model().clone().map(&mut Dequantize);
+            let image = load_image(&fixture(IMAGE)).expect("image");
+            let prepared = pipeline
+                .prepare(&[image], &Prompt::User(QUESTION.into()))
+                .expect("prepare");
+            let (dequantized, _) = pipeline.prefill(&prepared).expect("prefill");
+            let path_diff = max_slice_diff(&logits, &dequantized);
+            assert!(
+                path_diff <= 1e-4,
+                "{name} {level}/{head}: quantized path off by {path_diff}"
+            );
+        }
+    }
+    let tied = LoadOptions {
+        quantize_lm_head: Some(Quantization::Q8),
+        ..LoadOptions::default()
+    };
+    let err = Pipeline::load(&fixture("tiny-hub-tied-dynamic"), &Device::flex(), &tied)
+        .err()
+        .expect("a tied lm_head must be refused");
+    assert!(format!("{err:#}").contains("ties lm_head"), "{err:#}");
+}
+
 #[test]
 fn convert_writes_a_burnpack_directory_that_generates_the_same() {
     let out_root = tempfile::tempdir().expect("tempdir");
@@ -337,6 +421,7 @@ fn convert_writes_a_burnpack_directory_that_generates_the_same() {
         let options = LoadOptions {
             precision: dtype.parse().expect("precision"),
             quantize: quantize.map(|q| q.parse().expect("level")),
+            quantize_lm_head: None,
         };
         let (direct, direct_tokens, _) = run(&input, &options);
         let (converted, converted_tokens, pipeline) = run(&out, &LoadOptions::default());

@@ -37,6 +37,7 @@ fn run(name: &str, dtype: DType) -> (Vec<f32>, Vec<u32>) {
         &LoadOptions {
             precision: Precision::from_dtype(dtype).expect("float dtype"),
             quantize: None,
+            quantize_lm_head: None,
         },
     )
     .expect("pipeline");

@@ -191,6 +191,7 @@ fn misaligned_tensors_in_the_load_dtype_are_converted_to_the_same_model() {
 const AS_BF16: LoadOptions = LoadOptions {
     precision: Precision::Bf16,
     quantize: None,
+    quantize_lm_head: None,
 };
 
 /// The prefill logits (as f32) of a bf16 model on `reference`'s ids and pixels.

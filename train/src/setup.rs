@@ -32,6 +32,8 @@ pub fn build_model(config: &TrainConfig, device: &Device) -> Result<(VipLlava, V
         &LoadOptions {
             precision: config.dtype,
             quantize: config.quantize,
+            // Training computes the loss through lm_head: keep it in the load dtype.
+            quantize_lm_head: None,
         },
     )?;
     let mut model = with_autodiff_of(loaded.model, device);

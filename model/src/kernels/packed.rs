@@ -14,7 +14,8 @@
 //!   64-byte operands).
 //!
 //! `vpdpbusd` multiplies unsigned weights by signed activations, so the offset comes off each
-//! block's int32 sum as `offset * sum(x_q)`, which is exact, as in [`super::int8`]. The
+//! block's int32 sum as `offset * sum(x_q)`, which is exact, as in [`super::int8`]. CPUs
+//! without AVX-512 VNNI read the same bytes as two 256-bit halves ([`Int8Kernel::Avx2`]). The
 //! products are those of [`super::int8::matmul_int8`] on the unpacked values, in the same
 //! order (the same K slabs, one FMA per block): packing changes memory and speed, not a
 //! single bit of the result.
@@ -272,24 +273,25 @@ impl PackedWeight {
         out
     }
 
-    /// `x @ w` as `[rows, n]` f32 with int8 activations (VNNI where the CPU has it): equal
-    /// bit for bit to [`super::int8::matmul_int8`] on the unpacked values. `None` when `x`
-    /// does not match the weight.
+    /// `x @ w` as `[rows, n]` f32 with int8 activations (VNNI or AVX2 where the CPU has
+    /// them, [`Int8Kernel::best`]): equal bit for bit to [`super::int8::matmul_int8`] on the
+    /// unpacked values. `None` when `x` does not match the weight.
     pub fn matmul_int8(&self, x: &Int8Rows) -> Option<Vec<f32>> {
-        self.matmul_int8_with(x, vnni_available())
+        self.matmul_int8_on(x, Int8Kernel::best())
     }
 
     /// [`PackedWeight::matmul_int8`] in plain Rust on every CPU.
     pub fn matmul_int8_reference(&self, x: &Int8Rows) -> Option<Vec<f32>> {
-        self.matmul_int8_with(x, false)
+        self.matmul_int8_on(x, Int8Kernel::Plain)
     }
 
-    fn matmul_int8_with(&self, x: &Int8Rows, vnni: bool) -> Option<Vec<f32>> {
-        if !self.accepts(x) {
+    /// [`PackedWeight::matmul_int8`] on `kernel`; `None` as well when this CPU cannot run it.
+    pub fn matmul_int8_on(&self, x: &Int8Rows, kernel: Int8Kernel) -> Option<Vec<f32>> {
+        if !self.accepts(x) || !kernel.runs_here() {
             return None;
         }
         Some(sum_over_slabs(x.rows(), self.n, self.k, |k0, k1, out| {
-            self.add_slab_with(x, k0, k1, vnni, out)
+            self.add_slab_with(x, k0, k1, kernel, out)
         }))
     }
 
@@ -297,12 +299,13 @@ impl PackedWeight {
     /// [`PackedWeight::matmul_int8`], for callers that run several products' slabs as one
     /// set of tasks. `x` must match the weight ([`PackedWeight::accepts`]).
     pub(crate) fn add_slab(&self, x: &Int8Rows, k0: usize, k1: usize, out: &mut [f32]) {
-        self.add_slab_with(x, k0, k1, vnni_available(), out);
+        self.add_slab_with(x, k0, k1, Int8Kernel::best(), out);
     }
 
-    fn add_slab_with(&self, x: &Int8Rows, k0: usize, k1: usize, vnni: bool, out: &mut [f32]) {
+    /// `kernel` must run on this CPU ([`Int8Kernel::runs_here`]).
+    fn add_slab_with(&self, x: &Int8Rows, k0: usize, k1: usize, kernel: Int8Kernel, out: &mut [f32]) {
         for kb in k0 / self.block..k1 / self.block {
-            self.add_block(x, kb, vnni, out);
+            self.add_block(x, kb, kernel, out);
         }
     }
 
@@ -312,14 +315,37 @@ impl PackedWeight {
     }
 
     /// `out[r, :] += (isum[r, :] * dx[r, kb]) * sw[kb, :]` for block row `kb`.
-    fn add_block(&self, x: &Int8Rows, kb: usize, vnni: bool, out: &mut [f32]) {
+    fn add_block(&self, x: &Int8Rows, kb: usize, kernel: Int8Kernel, out: &mut [f32]) {
         let rows = x.rows();
         #[cfg(target_arch = "x86_64")]
-        if vnni {
+        if kernel == Int8Kernel::Avx2 {
             for t in 0..self.n / TILE {
                 let mut r = 0;
                 while r < rows {
-                    // SAFETY: `vnni` is only true when `vnni_available()` said the CPU has
+                    // SAFETY: `Avx2` is only passed where `runs_here` said the CPU has AVX2,
+                    // FMA and F16C; as for VNNI below.
+                    r += unsafe {
+                        match (self.bits, rows - r) {
+                            (Bits::Eight, 1) => avx2_tile::add::<1, 8>(self, x, kb, t, r, out),
+                            (Bits::Eight, 2) => avx2_tile::add::<2, 8>(self, x, kb, t, r, out),
+                            (Bits::Eight, 3) => avx2_tile::add::<3, 8>(self, x, kb, t, r, out),
+                            (Bits::Eight, _) => avx2_tile::add::<4, 8>(self, x, kb, t, r, out),
+                            (Bits::Four, 1) => avx2_tile::add::<1, 4>(self, x, kb, t, r, out),
+                            (Bits::Four, 2) => avx2_tile::add::<2, 4>(self, x, kb, t, r, out),
+                            (Bits::Four, 3) => avx2_tile::add::<3, 4>(self, x, kb, t, r, out),
+                            (Bits::Four, _) => avx2_tile::add::<4, 4>(self, x, kb, t, r, out),
+                        }
+                    };
+                }
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Int8Kernel::Vnni {
+            for t in 0..self.n / TILE {
+                let mut r = 0;
+                while r < rows {
+                    // SAFETY: `Vnni` is only passed where `runs_here` said the CPU has
                     // AVX-512 F/BW/VNNI; `matmul_int8_with` checked that `x` matches the
                     // weight; each call covers rows `r..r + R <= rows`, tile `t < n / 16`
                     // and block row `kb < k / block`, and `out` holds `rows * n` values.
@@ -340,7 +366,7 @@ impl PackedWeight {
             return;
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = vnni;
+        let _ = kernel;
         let n = self.n;
         let src = &self.bytes[kb * self.block_bytes()..][..self.block_bytes()];
         let mut isum = vec![0i32; n];
@@ -353,6 +379,52 @@ impl PackedWeight {
             for ((o, &s), &sw) in out[r * n..(r + 1) * n].iter_mut().zip(&isum).zip(scales) {
                 *o = (s as f32 * dx).mul_add(sw.to_f32(), *o);
             }
+        }
+    }
+}
+
+/// The instruction sets [`PackedWeight::matmul_int8`] runs on, chosen at run time. Each
+/// gives the bits of the plain loop: the int32 sums of a block are exact on all three.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Kernel {
+    /// AVX-512 VNNI (`vpdpbusd`, 64 products per instruction).
+    Vnni,
+    /// AVX2 (`vpmaddubsw` then `vpmaddwd`, 32 products per pair), with FMA and F16C: CPUs
+    /// without AVX-512 VNNI (most AMD before Zen 4, Intel client cores).
+    Avx2,
+    /// Plain Rust, every CPU.
+    Plain,
+}
+
+impl Int8Kernel {
+    /// The fastest kernel this CPU runs.
+    pub fn best() -> Self {
+        if Self::Vnni.runs_here() {
+            Self::Vnni
+        } else if Self::Avx2.runs_here() {
+            Self::Avx2
+        } else {
+            Self::Plain
+        }
+    }
+
+    /// Whether this CPU runs it.
+    pub fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Self::Vnni => vnni_available(),
+                Self::Avx2 => {
+                    std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                        && std::arch::is_x86_feature_detected!("f16c")
+                }
+                Self::Plain => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Self::Plain
         }
     }
 }
@@ -442,6 +514,125 @@ mod vnni_tile {
                     at,
                     _mm512_fmadd_ps(_mm512_mul_ps(exact, _mm512_set1_ps(dx)), sw, _mm512_loadu_ps(at)),
                 );
+            }
+        }
+        R
+    }
+}
+
+/// [`vnni_tile`] with 256-bit registers, for CPUs without AVX-512 VNNI.
+#[cfg(target_arch = "x86_64")]
+mod avx2_tile {
+    use std::arch::x86_64::*;
+
+    use super::{GROUP_BYTES, Int8Rows, PREFETCH_BYTES, PackedWeight, TILE};
+
+    /// Adds block row `kb`, tile `t` (columns `16 t..16 t + 16`) of `x` rows `r0..r0 + R`
+    /// times `w` (`BITS` per value) to `out [rows, n]`; returns `R`.
+    ///
+    /// A 64-byte group is two registers of 8 columns, each 32-bit lane the four rows of one
+    /// column (q4: two nibbles per byte, rows `i` and `i + 4`). The stored values are made
+    /// signed again (q8: `b ^ 0x80`; q4: nibble minus 8), and each product of four goes
+    /// through `vpmaddubsw` on `|q|` and `x * sign(q)` (llama.cpp's AVX2 trick: pairs of
+    /// products stay within i16, `2 * 128 * 127`, because activations stop at +-127), then
+    /// `vpmaddwd` by ones to i32. The int32 sum of the block is the VNNI kernel's exactly,
+    /// and the scaling below is the same two operations.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `w` must hold `BITS` per value and `x` must
+    /// match it; `kb < k / block`, `t < n / 16`, `r0 + R <= x.rows()` and
+    /// `out.len() == x.rows() * n`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn add<const R: usize, const BITS: usize>(
+        w: &PackedWeight,
+        x: &Int8Rows,
+        kb: usize,
+        t: usize,
+        r0: usize,
+        out: &mut [f32],
+    ) -> usize {
+        let (n, block) = (w.n, w.block);
+        let group_rows = 32 / BITS;
+        let groups = block / group_rows;
+        let mask = _mm256_set1_epi8(0x0F);
+        let eight = _mm256_set1_epi8(8);
+        let flip = _mm256_set1_epi8(0x80u8 as i8);
+        let ones = _mm256_set1_epi16(1);
+        let first = kb * w.block_bytes() + t * groups * GROUP_BYTES;
+        let src = &w.bytes[first..first + groups * GROUP_BYTES];
+        // Two halves (columns 0-7 and 8-15 of the tile) per row.
+        let mut acc = [[_mm256_setzero_si256(); 2]; R];
+        // Four activation values of row `r` from `kk`, in every lane.
+        let four = |r: usize, kk: usize| {
+            let xr = &x.row(r0 + r)[kk..kk + 4];
+            _mm256_set1_epi32(i32::from_le_bytes([
+                xr[0] as u8,
+                xr[1] as u8,
+                xr[2] as u8,
+                xr[3] as u8,
+            ]))
+        };
+        // Per 32-bit lane, the sum of four products of signed weights `q` and activations `a`.
+        let dot = |q: __m256i, a: __m256i| {
+            _mm256_madd_epi16(
+                _mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(a, q)),
+                ones,
+            )
+        };
+        for g in 0..groups {
+            // A hint that never faults, whatever the address (past the end of the weight too).
+            _mm_prefetch::<_MM_HINT_T0>(
+                src.as_ptr().wrapping_add(g * GROUP_BYTES + PREFETCH_BYTES) as *const i8
+            );
+            let kk = kb * block + g * group_rows;
+            let mut a = [[_mm256_setzero_si256(); 2]; R];
+            for (r, a) in a.iter_mut().enumerate() {
+                a[0] = four(r, kk);
+                if BITS == 4 {
+                    a[1] = four(r, kk + 4);
+                }
+            }
+            for half in 0..2 {
+                // SAFETY: `src` holds `groups` groups of 64 bytes.
+                let packed = unsafe {
+                    _mm256_loadu_si256(src[g * GROUP_BYTES + 32 * half..].as_ptr() as *const __m256i)
+                };
+                if BITS == 8 {
+                    let q = _mm256_xor_si256(packed, flip);
+                    for (acc, a) in acc.iter_mut().zip(&a) {
+                        acc[half] = _mm256_add_epi32(acc[half], dot(q, a[0]));
+                    }
+                } else {
+                    let lo = _mm256_sub_epi8(_mm256_and_si256(packed, mask), eight);
+                    let hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16::<4>(packed), mask), eight);
+                    for (acc, a) in acc.iter_mut().zip(&a) {
+                        let sum = _mm256_add_epi32(dot(lo, a[0]), dot(hi, a[1]));
+                        acc[half] = _mm256_add_epi32(acc[half], sum);
+                    }
+                }
+            }
+        }
+        let c = t * TILE;
+        for half in 0..2 {
+            // SAFETY: `kb * n + c + 16 <= scales.len()`; f16 widens to f32 exactly.
+            let sw = unsafe {
+                _mm256_cvtph_ps(_mm_loadu_si128(
+                    w.scales[kb * n + c + 8 * half..].as_ptr() as *const __m128i
+                ))
+            };
+            for (r, acc) in acc.iter().enumerate() {
+                let (dx, _) = x.block_of(r0 + r, kb);
+                let exact = _mm256_cvtepi32_ps(acc[half]);
+                let at = (r0 + r) * n + c + 8 * half;
+                let dst = &mut out[at..at + 8];
+                // SAFETY: `dst` holds 8 values.
+                unsafe {
+                    let at = dst.as_mut_ptr();
+                    _mm256_storeu_ps(
+                        at,
+                        _mm256_fmadd_ps(_mm256_mul_ps(exact, _mm256_set1_ps(dx)), sw, _mm256_loadu_ps(at)),
+                    );
+                }
             }
         }
         R
@@ -745,11 +936,11 @@ mod tests {
                 let unpacked = matmul_int8_reference(&xq, &w).expect("unpacked");
                 let plain = packed.matmul_int8_reference(&xq).expect("plain");
                 assert_eq!(plain, unpacked, "{case}: plain packed product");
-                if vnni_available() {
-                    let fast = packed.matmul_int8(&xq).expect("vnni");
-                    assert_eq!(fast, unpacked, "{case}: VNNI packed product");
-                } else {
-                    eprintln!("no AVX-512 VNNI on this CPU: only the plain path was checked");
+                for kernel in [Int8Kernel::Vnni, Int8Kernel::Avx2] {
+                    match packed.matmul_int8_on(&xq, kernel) {
+                        Some(fast) => assert_eq!(fast, unpacked, "{case}: {kernel:?} packed product"),
+                        None => eprintln!("{kernel:?} does not run on this CPU: not checked"),
+                    }
                 }
             }
         }

@@ -30,12 +30,16 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         vipllava::convert::output::convert_model_dir(&dir, &args.out, &device, &args.runtime.load_options())
             .with_context(|| format!("converting {}", dir.display()))?;
     eprintln!(
-        "wrote {} ({:?}{}) in {:.1} s",
+        "wrote {} ({:?}{}{}) in {:.1} s",
         written.display(),
         args.runtime.dtype,
         args.runtime
             .quantize
             .map(|q| format!(", {q} weights"))
+            .unwrap_or_default(),
+        args.runtime
+            .quantize_lm_head
+            .map(|q| format!(", {q} lm_head"))
             .unwrap_or_default(),
         start.elapsed().as_secs_f64()
     );

@@ -78,6 +78,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let options = PipelineOptions::from(LoadOptions {
         precision,
         quantize: None,
+        quantize_lm_head: None,
     });
     let mut pipeline = Pipeline::load_with(&base, &device, &options)
         .with_context(|| format!("loading model {}", base.display()))?;

@@ -10,7 +10,10 @@ use std::time::Instant;
 
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::Serialize;
-use vipllava::convert::{LoadOptions, Quantization, load_model, quantize_model, read_config};
+use vipllava::convert::{
+    LoadOptions, Quantization, load_model, quantize_lm_head as quantize_lm_head_of, quantize_model,
+    read_config,
+};
 use vipllava::generation::argmax;
 use vipllava::model::{ForwardInput, KvCache, LogitsMode, Precision, VipLlava, VipLlavaConfig};
 use vipllava::pipeline::logit_rows;
@@ -68,6 +71,7 @@ pub(crate) fn bench_model(
     random_weights: bool,
     dtype: Precision,
     quantize: Option<Quantization>,
+    quantize_lm_head: Option<Quantization>,
     device: &Device,
 ) -> anyhow::Result<(VipLlava, VipLlavaConfig)> {
     if random_weights {
@@ -78,6 +82,10 @@ pub(crate) fn bench_model(
             Some(level) => quantize_model(model, level),
             None => model,
         };
+        let model = match quantize_lm_head {
+            Some(level) => quantize_lm_head_of(model, level),
+            None => model,
+        };
         Ok((model, config))
     } else {
         let loaded = load_model(
@@ -86,6 +94,7 @@ pub(crate) fn bench_model(
             &LoadOptions {
                 precision: dtype,
                 quantize,
+                quantize_lm_head,
             },
         )?;
         Ok((loaded.model, loaded.config))

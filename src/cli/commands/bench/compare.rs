@@ -41,6 +41,10 @@ pub(crate) struct CompareArgs {
     /// batch-size benchmark (one level).
     #[arg(long, value_delimiter = ',')]
     pub quantize: Vec<Quantization>,
+    /// Quantize lm_head too, to this level (q8 or q4), wherever --quantize applies (as
+    /// llama.cpp's quantized files do; the cpu/f32 reference keeps it in f32).
+    #[arg(long)]
+    pub quantize_lm_head: Option<Quantization>,
     /// Internal: run one combination in this process and write its logits here.
     #[arg(long, hide = true)]
     pub child_logits: Option<PathBuf>,
@@ -80,6 +84,7 @@ pub(crate) fn run(
             device: devices[0].clone(),
             dtype: dtypes[0],
             quantize: args.quantize.first().copied(),
+            quantize_lm_head: args.quantize_lm_head,
         };
         let (result, logits) = run_combo(model, &image, &args.question, &spec, repeats, new_tokens)?;
         write_npy(logits_path, &[logits.len() as u64], &logits)?;
@@ -129,6 +134,9 @@ pub(crate) fn run(
             .arg(&logits_path);
         if let Some(q) = quantize {
             command.arg("--quantize").arg(q.to_string());
+            if let Some(head) = args.quantize_lm_head {
+                command.arg("--quantize-lm-head").arg(head.to_string());
+            }
         }
         eprintln!(
             "running {device} {dtype}{} ...",
@@ -190,6 +198,8 @@ pub(crate) struct ComboSpec {
     pub dtype: Precision,
     /// Weight quantization.
     pub quantize: Option<Quantization>,
+    /// `lm_head` quantization.
+    pub quantize_lm_head: Option<Quantization>,
 }
 
 /// Figures for one combination.
@@ -234,6 +244,7 @@ pub(crate) fn run_combo(
     let options = LoadOptions {
         precision: spec.dtype,
         quantize: spec.quantize,
+        quantize_lm_head: spec.quantize_lm_head,
     };
     let start = Instant::now();
     let pipeline = Pipeline::load(model_dir, &device, &options)?;
@@ -266,7 +277,10 @@ pub(crate) fn run_combo(
     let result = ComboResult {
         device: spec.device.clone(),
         dtype: spec.dtype.to_string(),
-        quantize: spec.quantize.map(|q| q.to_string()),
+        quantize: spec.quantize.map(|q| match spec.quantize_lm_head {
+            Some(head) => format!("{q}, lm_head {head}"),
+            None => q.to_string(),
+        }),
         load_ms,
         image_encode_ms: median(&encode),
         prefill_ms: median(&prefill),

@@ -72,7 +72,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let quantize = args.compare.quantize.first().copied();
     let device = Device::flex();
     let start = std::time::Instant::now();
-    let (model, config) = batch::bench_model(&dir, args.random_weights, args.dtype, quantize, &device)?;
+    let head = args.compare.quantize_lm_head;
+    let (model, config) = batch::bench_model(&dir, args.random_weights, args.dtype, quantize, head, &device)?;
     let load_ms = start.elapsed().as_secs_f64() * 1000.0;
     let pixels = match &args.image {
         Some(path) => {
@@ -92,9 +93,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => None,
     };
     let label = format!(
-        "{}{}",
+        "{}{}{}",
         args.dtype,
-        quantize.map(|q| format!("+{q}")).unwrap_or_default()
+        quantize.map(|q| format!("+{q}")).unwrap_or_default(),
+        head.map(|q| format!("+head-{q}")).unwrap_or_default()
     );
     let input = batch::BenchInput {
         pixels,
@@ -103,11 +105,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     };
     if !args.json {
         println!(
-            "model {} ({} parameters), device cpu (flex), dtype {}{}, {} threads, load {:.0} ms",
+            "model {} ({} parameters), device cpu (flex), dtype {}{}{}, {} threads, load {:.0} ms",
             dir.display(),
             crate::cli::commands::info::thousands(config.num_parameters()),
             args.dtype,
             quantize.map(|q| format!(" + {q} weights")).unwrap_or_default(),
+            head.map(|q| format!(" + {q} lm_head")).unwrap_or_default(),
             stats::cpu_threads(),
             load_ms
         );
