@@ -15,7 +15,7 @@ use crate::checkpoint::{Checkpoint, DiskDType, KeyLayout, TensorEntry};
 use crate::error::ConvertError;
 use crate::quantize::{
     QUANTIZED_LINEARS, Quantization, WeightPacker, WeightQuantizer, quantize_lm_head, quantize_model,
-    quantized_parameter_count,
+    quantized_parameter_count, quantized_parameter_count_of,
 };
 
 /// File name of the resolved config written beside a burnpack checkpoint.
@@ -136,8 +136,10 @@ pub fn load_model(dir: &Path, device: &Device, options: &LoadOptions) -> Result<
     check_lm_head_option(&loaded.config, options)?;
     // A burnpack written by `convert --quantize` is already quantized (and packed as it
     // loaded): keep it as saved.
+    // (`lm_head` quantized alone by `convert --quantize-lm-head` does not count.)
+    let head = usize::from(lm_head_quantized(&loaded.model));
     if let Some(level) = options.quantize
-        && quantized_parameter_count(&loaded.model) == 0
+        && quantized_parameter_count(&loaded.model) == head
     {
         loaded.model = quantize_model(loaded.model, level);
     }
@@ -145,6 +147,14 @@ pub fn load_model(dir: &Path, device: &Device, options: &LoadOptions) -> Result<
         loaded.model = quantize_lm_head(loaded.model, level);
     }
     Ok(loaded)
+}
+
+/// Whether `lm_head` is quantized (packed or not).
+fn lm_head_quantized(model: &VipLlava) -> bool {
+    model
+        .lm_head
+        .as_ref()
+        .is_some_and(|head| quantized_parameter_count_of(head) > 0)
 }
 
 /// `--quantize-lm-head` needs an `lm_head` of its own.
@@ -414,11 +424,15 @@ impl LoadGroup {
         self.map(model, &mut WeightPacker);
     }
 
-    /// Maps this group's modules (the projector for `Rest`) with `mapper`.
+    /// Maps this group's modules (the projector and `lm_head` for `Rest`) with `mapper`.
+    /// [`WeightQuantizer`] leaves `lm_head` alone (it is not among the [`QUANTIZED_LINEARS`];
+    /// `--quantize-lm-head` quantizes it); [`WeightPacker`] packs it when a burnpack holds it
+    /// quantized.
     fn map(self, model: &mut VipLlava, mapper: &mut impl ModuleMapper) {
         match self {
             Self::Rest => {
                 model.multi_modal_projector = model.multi_modal_projector.clone().map(mapper);
+                model.lm_head = model.lm_head.take().map(|head| head.map(mapper));
             }
             Self::VisionLayer(i) => {
                 if let Some(layer) = model.vision_tower.encoder.layers.get_mut(i) {

@@ -180,21 +180,21 @@ fn quantize_weight<const D: usize>(param: Param<Tensor<D>>, level: Quantization)
     packed::pack_weight(param)
 }
 
-/// `model` with its `lm_head` weight quantized to `level` (`--quantize-lm-head`), unless it
-/// is quantized already. A tied `lm_head` (the token embeddings) is left alone: the loader
-/// refuses the option for such checkpoints before it reads any weight
-/// ([`crate::ConvertError::TiedLmHead`]).
+/// `model` with its `lm_head` weight quantized to `level` (`--quantize-lm-head`) and packed
+/// for the CPU kernels; one quantized already (a burnpack's) is only packed. A tied
+/// `lm_head` (the token embeddings) is left alone: the loader refuses the option for such
+/// checkpoints ([`crate::ConvertError::TiedLmHead`]; before reading any weight from
+/// safetensors, after reading the config and weights of a burnpack).
 pub fn quantize_lm_head(mut model: VipLlava, level: Quantization) -> VipLlava {
     if let Some(head) = model.lm_head.take() {
-        let quantized = packed::is_packed(&head.weight) || matches!(head.weight.dtype(), DType::QFloat(_));
-        model.lm_head = Some(if quantized {
-            head
+        let weight = if packed::is_packed(&head.weight) {
+            head.weight
+        } else if matches!(head.weight.dtype(), DType::QFloat(_)) {
+            packed::pack_weight(head.weight)
         } else {
-            Linear {
-                weight: quantize_weight(head.weight, level),
-                ..head
-            }
-        });
+            quantize_weight(head.weight, level)
+        };
+        model.lm_head = Some(Linear { weight, ..head });
     }
     model
 }
@@ -495,11 +495,16 @@ impl burn::module::ModuleVisitor for QuantizedCounter {
 /// Number of quantized float parameters in `model` (a Burn-native checkpoint saved by
 /// `vipllava convert --quantize` loads already quantized).
 pub fn quantized_parameter_count(model: &VipLlava) -> usize {
+    quantized_parameter_count_of(model)
+}
+
+/// [`quantized_parameter_count`] of any module.
+pub(crate) fn quantized_parameter_count_of<M: Module>(module: &M) -> usize {
     let mut counter = QuantizedCounter {
         quantized: 0,
         total: 0,
     };
-    model.visit(&mut counter);
+    module.visit(&mut counter);
     counter.quantized
 }
 

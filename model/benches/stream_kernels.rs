@@ -54,8 +54,9 @@ fn main() {
         return;
     }
     println!(
-        "VNNI: {}, AVX-512 BF16: {}",
+        "VNNI: {}, packed int8 kernel: {:?}, AVX-512 BF16: {}",
         vnni_available(),
+        vipllava_model::kernels::packed::Int8Kernel::best(),
         bf16_dot_available()
     );
     println!(

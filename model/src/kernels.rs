@@ -54,8 +54,9 @@ pub fn bf16_gemm_enabled() -> bool {
 
 /// Whether decode products with q8/q4 weights quantized along K quantize the activations
 /// to int8 too (the VNNI or AVX2 kernels of [`packed`], [`packed::Int8Kernel`]): on by
-/// default where the CPU has AVX-512 VNNI or AVX2, off with `VIPLLAVA_INT8_ACTIVATIONS=0` or inside [`with_int8_activations`]`(false, ..)`,
-/// which keeps the f32 activations (the weights' error only).
+/// default where the CPU has AVX-512 VNNI or AVX2, off with `VIPLLAVA_INT8_ACTIVATIONS=0`
+/// or inside [`with_int8_activations`]`(false, ..)`, which keeps the f32 activations (the
+/// weights' error only).
 pub fn int8_activations_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let default =
@@ -711,7 +712,7 @@ pub fn dequantize_flex(tensor: FlexQTensor) -> Result<Vec<f32>, Box<FlexQTensor>
 }
 
 /// `x @ W (+ b)` for a block-quantized `W` on Flex. For a few rows the int8 values are
-/// streamed: with int8 activations and VNNI integer products when the blocks run along K
+/// streamed: with int8 activations and integer products when the blocks run along K
 /// and [`int8_activations_enabled`], otherwise as `(x * scale) * q` in f32 (the result is
 /// then the f32 product with the dequantized weights up to f32 rounding). For many rows
 /// the weight is dequantized to f32 in parallel (`scale * q`, exactly as Burn's

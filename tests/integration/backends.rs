@@ -377,6 +377,26 @@ fn quantized_lm_head_stays_close_and_is_refused_when_tied() {
             );
         }
     }
+    // `convert` keeps the quantized head; the burnpack loads it packed, as it was.
+    let options = LoadOptions {
+        quantize: Some(Quantization::Q8),
+        quantize_lm_head: Some(Quantization::Q8),
+        ..LoadOptions::default()
+    };
+    let out_root = tempfile::tempdir().expect("tempdir");
+    let out = out_root.path().join("gqa-q8-head");
+    vipllava::convert::output::convert_model_dir(&fixture("tiny-gqa-f16"), &out, &Device::flex(), &options)
+        .expect("convert");
+    let (direct, _, _) = with_int8_activations(false, || run(&fixture("tiny-gqa-f16"), &options));
+    let (reloaded, _, pipeline) = with_int8_activations(false, || run(&out, &LoadOptions::default()));
+    let head_weight = &pipeline.model().lm_head.as_ref().expect("lm_head").weight;
+    assert!(
+        packed::is_packed(head_weight),
+        "the burnpack's lm_head is not packed"
+    );
+    let diff = max_slice_diff(&direct, &reloaded);
+    assert!(diff <= 1e-4, "the burnpack's logits differ by {diff}");
+
     let tied = LoadOptions {
         quantize_lm_head: Some(Quantization::Q8),
         ..LoadOptions::default()

@@ -202,18 +202,50 @@ fn slab(x: &Int8Rows, w: &ColumnBlocks<'_>, blocks: std::ops::Range<usize>, vnni
             }
         }
     }
-    let c = tiled;
     #[cfg(not(target_arch = "x86_64"))]
     let _ = vnni;
-    for j in c..n {
-        for r in 0..rows {
-            out[r * n + j] = column_reference(x, w, blocks.clone(), r, j);
+    plain_columns(x, w, blocks, tiled, out);
+}
+
+/// Columns `c..n` of the product in plain Rust: per block and row the exact int32 sums of
+/// all those columns, read along the weight's rows, then scaled by the activation scale and
+/// accumulated with the weight scale by one FMA per block (the VNNI kernel's order, so the
+/// bits of [`column_reference`]). Integer sums in any order are the same number.
+fn plain_columns(
+    x: &Int8Rows,
+    w: &ColumnBlocks<'_>,
+    blocks: std::ops::Range<usize>,
+    c: usize,
+    out: &mut [f32],
+) {
+    let n = w.n;
+    if c >= n {
+        return;
+    }
+    let mut isum = vec![0i32; n - c];
+    for r in 0..x.rows {
+        let xr = x.row(r);
+        for kb in blocks.clone() {
+            isum.fill(0);
+            for kk in kb * w.block..(kb + 1) * w.block {
+                let xv = xr[kk] as i32;
+                for (s, &q) in isum.iter_mut().zip(&w.q[kk * n + c..(kk + 1) * n]) {
+                    *s += xv * q as i32;
+                }
+            }
+            let (dx, _) = x.block_of(r, kb);
+            let scales = &w.scales[kb * n + c..(kb + 1) * n];
+            for ((o, &s), &sw) in out[r * n + c..(r + 1) * n].iter_mut().zip(&isum).zip(scales) {
+                *o = (s as f32 * dx).mul_add(sw, *o);
+            }
         }
     }
 }
 
-/// Output `(r, j)` in plain Rust: per block the exact int32 sum, scaled by the activation
-/// scale, then accumulated with the weight scale by one FMA (the VNNI kernel's order).
+/// Output `(r, j)` in plain Rust, one column at a time: per block the exact int32 sum,
+/// scaled by the activation scale, then accumulated with the weight scale by one FMA (the
+/// VNNI kernel's order). The reference of [`plain_columns`].
+#[cfg(test)]
 fn column_reference(
     x: &Int8Rows,
     w: &ColumnBlocks<'_>,
@@ -415,6 +447,18 @@ mod tests {
             };
             let xq = Int8Rows::quantize(&x, rows, k, block).expect("quantize");
             let plain = matmul_int8_reference(&xq, &w).expect("plain");
+            // The same slabs, one column at a time.
+            let by_column = sum_over_slabs(rows, n, k, |k0, k1, out| {
+                for r in 0..rows {
+                    for j in 0..n {
+                        out[r * n + j] = column_reference(&xq, &w, k0 / block..k1 / block, r, j);
+                    }
+                }
+            });
+            assert_eq!(
+                plain, by_column,
+                "{rows}x{k}x{n}/{block}: row-major vs one column at a time"
+            );
             for r in 0..rows {
                 for j in 0..n {
                     let mut exact = 0f64;

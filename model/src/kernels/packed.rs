@@ -346,7 +346,7 @@ impl PackedWeight {
                 let mut r = 0;
                 while r < rows {
                     // SAFETY: `Vnni` is only passed where `runs_here` said the CPU has
-                    // AVX-512 F/BW/VNNI; `matmul_int8_with` checked that `x` matches the
+                    // AVX-512 F/BW/VNNI; `matmul_int8_on` checked that `x` matches the
                     // weight; each call covers rows `r..r + R <= rows`, tile `t < n / 16`
                     // and block row `kb < k / block`, and `out` holds `rows * n` values.
                     r += unsafe {

@@ -76,6 +76,9 @@ pub(crate) fn bench_model(
 ) -> anyhow::Result<(VipLlava, VipLlavaConfig)> {
     if random_weights {
         let config = read_config(dir)?;
+        if quantize_lm_head.is_some() && config.text.tie_word_embeddings {
+            return Err(vipllava::convert::ConvertError::TiedLmHead.into());
+        }
         device.seed(0);
         let model = VipLlava::new_random(&config, device);
         let model = match quantize {
