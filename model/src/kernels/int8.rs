@@ -227,10 +227,11 @@ fn plain_columns(
         let xr = x.row(r);
         for kb in blocks.clone() {
             isum.fill(0);
-            for kk in kb * w.block..(kb + 1) * w.block {
-                let xv = xr[kk] as i32;
-                for (s, &q) in isum.iter_mut().zip(&w.q[kk * n + c..(kk + 1) * n]) {
-                    *s += xv * q as i32;
+            let block_rows = kb * w.block..(kb + 1) * w.block;
+            let weight_rows = w.q[block_rows.start * n..block_rows.end * n].chunks_exact(n);
+            for (&xv, q) in xr[block_rows].iter().zip(weight_rows) {
+                for (s, &q) in isum.iter_mut().zip(&q[c..]) {
+                    *s += xv as i32 * q as i32;
                 }
             }
             let (dx, _) = x.block_of(r, kb);
