@@ -81,7 +81,7 @@ const INT8_ACTIVATION_LOGIT_BOUND: f32 = 0.3;
 #[test]
 fn int8_activations_add_a_bounded_error() {
     // VNNI or AVX2: an int8 kernel runs here.
-    let int8 = Int8Kernel::best() != Int8Kernel::Plain;
+    let int8_kernel = Int8Kernel::best() != Int8Kernel::Plain;
     println!(
         "| fixture | quantize | max abs logit | max |diff| int8 vs f32 activations | greedy tokens equal (5 steps) |"
     );
@@ -128,7 +128,7 @@ fn int8_activations_add_a_bounded_error() {
                 diff <= INT8_ACTIVATION_LOGIT_BOUND,
                 "{name} {level}: int8 activations moved the logits by {diff}"
             );
-            if int8 {
+            if int8_kernel {
                 assert!(diff > 0.0, "{name} {level}: the int8 path did not run");
             } else {
                 assert_eq!(
@@ -138,7 +138,7 @@ fn int8_activations_add_a_bounded_error() {
             }
         }
     }
-    if !int8 {
+    if !int8_kernel {
         println!("this CPU has neither AVX-512 VNNI nor AVX2: both runs used f32 activations");
     }
 }
