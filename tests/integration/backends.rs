@@ -19,13 +19,18 @@ const QUESTION: &str = "What is in the red box?";
 /// Last-position logits and 10 greedy tokens.
 fn run(dir: &std::path::Path, options: &LoadOptions) -> (Vec<f32>, Vec<u32>, Pipeline) {
     let pipeline = Pipeline::load(dir, &Device::flex(), options).expect("pipeline");
-    let image = load_image(&fixture(IMAGE)).expect("image");
-    let prepared = pipeline
-        .prepare(&[image], &Prompt::User(QUESTION.into()))
-        .expect("prepare");
+    let prepared = prepared(&pipeline);
     let (logits, _) = pipeline.prefill(&prepared).expect("prefill");
     let tokens = greedy_tokens(&pipeline, &prepared);
     (logits, tokens, pipeline)
+}
+
+/// The fixture image and question, prepared for `pipeline`.
+fn prepared(pipeline: &Pipeline) -> PreparedInput {
+    let image = load_image(&fixture(IMAGE)).expect("image");
+    pipeline
+        .prepare(&[image], &Prompt::User(QUESTION.into()))
+        .expect("prepare")
 }
 
 /// 10 greedy tokens.
@@ -365,11 +370,7 @@ fn quantized_lm_head_stays_close_and_is_refused_when_tied() {
                 "{name} {level}/{head}: the quantized lm_head moved the logits by {head_diff}"
             );
             *pipeline.model_mut() = pipeline.model().clone().map(&mut Dequantize);
-            let image = load_image(&fixture(IMAGE)).expect("image");
-            let prepared = pipeline
-                .prepare(&[image], &Prompt::User(QUESTION.into()))
-                .expect("prepare");
-            let (dequantized, _) = pipeline.prefill(&prepared).expect("prefill");
+            let (dequantized, _) = pipeline.prefill(&prepared(&pipeline)).expect("prefill");
             let path_diff = max_slice_diff(&logits, &dequantized);
             assert!(
                 path_diff <= 1e-4,

@@ -318,52 +318,39 @@ impl PackedWeight {
     fn add_block(&self, x: &Int8Rows, kb: usize, kernel: Int8Kernel, out: &mut [f32]) {
         let rows = x.rows();
         #[cfg(target_arch = "x86_64")]
-        if kernel == Int8Kernel::Avx2 {
-            for t in 0..self.n / TILE {
-                let mut r = 0;
-                while r < rows {
-                    // SAFETY: `Avx2` is only passed where `runs_here` said the CPU has AVX2,
-                    // FMA and F16C; as for VNNI below.
-                    r += unsafe {
-                        match (self.bits, rows - r) {
-                            (Bits::Eight, 1) => avx2_tile::add::<1, 8>(self, x, kb, t, r, out),
-                            (Bits::Eight, 2) => avx2_tile::add::<2, 8>(self, x, kb, t, r, out),
-                            (Bits::Eight, 3) => avx2_tile::add::<3, 8>(self, x, kb, t, r, out),
-                            (Bits::Eight, _) => avx2_tile::add::<4, 8>(self, x, kb, t, r, out),
-                            (Bits::Four, 1) => avx2_tile::add::<1, 4>(self, x, kb, t, r, out),
-                            (Bits::Four, 2) => avx2_tile::add::<2, 4>(self, x, kb, t, r, out),
-                            (Bits::Four, 3) => avx2_tile::add::<3, 4>(self, x, kb, t, r, out),
-                            (Bits::Four, _) => avx2_tile::add::<4, 4>(self, x, kb, t, r, out),
+        {
+            // Every tile of block row `kb`, up to four activation rows per call of `$tile::add`.
+            macro_rules! each_tile {
+                ($tile:ident) => {
+                    for t in 0..self.n / TILE {
+                        let mut r = 0;
+                        while r < rows {
+                            // SAFETY: `Vnni` / `Avx2` are only passed where `runs_here` said the
+                            // CPU has AVX-512 F/BW/VNNI / AVX2, FMA and F16C; `matmul_int8_on`
+                            // checked that `x` matches the weight; each call covers rows
+                            // `r..r + R <= rows`, tile `t < n / 16` and block row
+                            // `kb < k / block`, and `out` holds `rows * n` values.
+                            r += unsafe {
+                                match (self.bits, rows - r) {
+                                    (Bits::Eight, 1) => $tile::add::<1, 8>(self, x, kb, t, r, out),
+                                    (Bits::Eight, 2) => $tile::add::<2, 8>(self, x, kb, t, r, out),
+                                    (Bits::Eight, 3) => $tile::add::<3, 8>(self, x, kb, t, r, out),
+                                    (Bits::Eight, _) => $tile::add::<4, 8>(self, x, kb, t, r, out),
+                                    (Bits::Four, 1) => $tile::add::<1, 4>(self, x, kb, t, r, out),
+                                    (Bits::Four, 2) => $tile::add::<2, 4>(self, x, kb, t, r, out),
+                                    (Bits::Four, 3) => $tile::add::<3, 4>(self, x, kb, t, r, out),
+                                    (Bits::Four, _) => $tile::add::<4, 4>(self, x, kb, t, r, out),
+                                }
+                            };
                         }
-                    };
-                }
+                    }
+                };
             }
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if kernel == Int8Kernel::Vnni {
-            for t in 0..self.n / TILE {
-                let mut r = 0;
-                while r < rows {
-                    // SAFETY: `Vnni` is only passed where `runs_here` said the CPU has
-                    // AVX-512 F/BW/VNNI; `matmul_int8_on` checked that `x` matches the
-                    // weight; each call covers rows `r..r + R <= rows`, tile `t < n / 16`
-                    // and block row `kb < k / block`, and `out` holds `rows * n` values.
-                    r += unsafe {
-                        match (self.bits, rows - r) {
-                            (Bits::Eight, 1) => vnni_tile::add::<1, 8>(self, x, kb, t, r, out),
-                            (Bits::Eight, 2) => vnni_tile::add::<2, 8>(self, x, kb, t, r, out),
-                            (Bits::Eight, 3) => vnni_tile::add::<3, 8>(self, x, kb, t, r, out),
-                            (Bits::Eight, _) => vnni_tile::add::<4, 8>(self, x, kb, t, r, out),
-                            (Bits::Four, 1) => vnni_tile::add::<1, 4>(self, x, kb, t, r, out),
-                            (Bits::Four, 2) => vnni_tile::add::<2, 4>(self, x, kb, t, r, out),
-                            (Bits::Four, 3) => vnni_tile::add::<3, 4>(self, x, kb, t, r, out),
-                            (Bits::Four, _) => vnni_tile::add::<4, 4>(self, x, kb, t, r, out),
-                        }
-                    };
-                }
+            match kernel {
+                Int8Kernel::Vnni => return each_tile!(vnni_tile),
+                Int8Kernel::Avx2 => return each_tile!(avx2_tile),
+                Int8Kernel::Plain => {}
             }
-            return;
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = kernel;
