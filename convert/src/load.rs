@@ -14,8 +14,8 @@ use vipllava_model::{Precision, VipLlava, VipLlavaConfig};
 use crate::checkpoint::{Checkpoint, DiskDType, KeyLayout, TensorEntry};
 use crate::error::ConvertError;
 use crate::quantize::{
-    QUANTIZED_LINEARS, Quantization, WeightPacker, WeightQuantizer, quantize_lm_head, quantize_model,
-    quantized_parameter_count, quantized_parameter_count_of,
+    FileWeight, QUANTIZED_LINEARS, Quantization, WeightPacker, WeightQuantizer, quantize_file_weight,
+    quantize_lm_head, quantize_model, quantized_parameter_count, quantized_parameter_count_of,
 };
 
 /// File name of the resolved config written beside a burnpack checkpoint.
@@ -212,14 +212,25 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
     // (plain CPU device only): nothing is copied or written, and pages are read from the
     // page cache when first used. Linear weights keep the file's `[out, in]` order, seen
     // transposed; the kernels read that order (`vipllava_model::kernels::rows`). On the
-    // same device, tensors stored in another dtype are converted in that order too.
+    // same device, tensors stored in another dtype are converted in that order too, and
+    // the weights the load quantizes are quantized and packed where they lie, one at a
+    // time (the peak of a 7B q4 load is its final form plus one tensor's file pages).
     let mut maps = FileMaps::new(&checkpoint.files, is_plain_flex(device));
     let mut in_place: BTreeMap<String, InPlaceTensor> = BTreeMap::new();
+    let mut packed_tensors: BTreeMap<String, FileWeight> = BTreeMap::new();
     for tensor in &expected {
         let Some((key, entry)) = checkpoint.find(layout, &tensor.name) else {
             continue; // checked above
         };
-        if quantized_at_load(tensor, options) {
+        if let Some(level) = load_quantization(tensor, options) {
+            // Quantized and packed where it lies in the map (plain CPU device), else read
+            // and quantized with its group of layers below.
+            if maps.enabled
+                && tensor.transposed
+                && let Some(weight) = maps.quantized(&key, entry, options.precision.dtype(), level)?
+            {
+                packed_tensors.insert(tensor.burn_path.clone(), weight);
+            }
             continue;
         }
         let data = match maps.view(entry, options.precision.dtype())? {
@@ -242,14 +253,16 @@ fn load_safetensors(dir: &Path, device: &Device, options: &LoadOptions) -> Resul
     let mut used_in_place = UseInPlace {
         path: Vec::new(),
         tensors: in_place,
+        packed: packed_tensors,
         device: device.clone(),
         applied: BTreeSet::new(),
     };
     model = model.map(&mut used_in_place);
 
     // Apply the other tensors group by group (everything outside the layer stacks, then one
-    // layer at a time), quantizing each group as soon as it is loaded: the peak is the
-    // model in its final form plus one layer, never the unquantized model.
+    // layer at a time), quantizing each group as soon as it is loaded (other devices, and
+    // weights the packed form does not fit): the peak is the model in its final form plus
+    // one layer, never the unquantized model.
     let mut groups: BTreeMap<LoadGroup, Vec<PackTensor>> = BTreeMap::new();
     for tensor in &expected {
         let Some((key, entry)) = checkpoint.find(layout, &tensor.name) else {
@@ -448,25 +461,25 @@ impl LoadGroup {
     }
 }
 
-/// Whether the load quantizes this tensor (`--quantize`: the [`QUANTIZED_LINEARS`] of the
-/// layer stacks and the projector; `--quantize-lm-head`: `lm_head`). Those are read and
-/// copied, not used in place: the file pages read for them would otherwise stay resident
-/// beside their quantized copy.
-fn quantized_at_load(tensor: &ExpectedTensor, options: &LoadOptions) -> bool {
+/// The level the load quantizes this tensor to, if it does (`--quantize`: the
+/// [`QUANTIZED_LINEARS`] of the layer stacks and the projector; `--quantize-lm-head`:
+/// `lm_head`). Those are never used in place: on the plain CPU device they are quantized and
+/// packed from the map, whose pages are then dropped; elsewhere they are read and copied.
+/// Either way the file pages read for them do not stay resident beside their quantized form.
+fn load_quantization(tensor: &ExpectedTensor, options: &LoadOptions) -> Option<Quantization> {
     if tensor.burn_path == "lm_head.weight" {
-        return options.quantize_lm_head.is_some();
+        return options.quantize_lm_head;
     }
-    if options.quantize.is_none() {
-        return false;
-    }
+    let level = options.quantize?;
     let parts: Vec<&str> = tensor.burn_path.split('.').collect();
     let [.., module, last] = parts.as_slice() else {
-        return false;
+        return None;
     };
-    *last == "weight"
+    let quantized = *last == "weight"
         && QUANTIZED_LINEARS.contains(module)
         && (LoadGroup::of(&tensor.name) != LoadGroup::Rest
-            || tensor.burn_path.starts_with("multi_modal_projector."))
+            || tensor.burn_path.starts_with("multi_modal_projector."));
+    quantized.then_some(level)
 }
 
 /// Whether `device` is the plain Flex CPU device (not autodiff, not a GPU).
@@ -524,36 +537,13 @@ impl<'a> FileMaps<'a> {
         dtype: DType,
     ) -> Result<TensorData, ConvertError> {
         let map = self.map(entry.file)?;
-        let path = &self.files[entry.file];
         let Some((start, end)) = span_in(entry, &map) else {
-            return Err(ConvertError::Io {
-                path: path.clone(),
-                source: std::io::Error::other(format!(
-                    "tensor {key}: bytes {:?} lie outside the file ({} bytes)",
-                    entry.bytes,
-                    map.len()
-                )),
-            });
+            return Err(self.outside(key, entry, &map));
         };
         // Each piece's pages are dropped as soon as it is converted: a 7B embedding's file
         // pages (263 MB) would otherwise be resident beside the whole converted model.
-        let drop_pages = |offset: usize, len: usize| {
-            #[cfg(unix)]
-            {
-                debug_assert!(offset + len <= map.len(), "pages outside the map");
-                // SAFETY: `Mmap::map` is a shared, read-only map of the file: none of its
-                // pages was written (no private copies to lose), and a reader of a dropped
-                // page (the next piece, or a tensor used in place) maps it again from the
-                // file with the same bytes. Callers stay inside the map. Failing only
-                // leaves the pages resident.
-                let _ =
-                    unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
-            }
-            #[cfg(not(unix))]
-            let _ = (offset, len);
-        };
         let consumed =
-            |piece: &[u8]| drop_pages(piece.as_ptr() as usize - map.as_ptr() as usize, piece.len());
+            |piece: &[u8]| drop_pages(&map, piece.as_ptr() as usize - map.as_ptr() as usize, piece.len());
         let data = crate::read::convert_bytes(
             &map[start..end],
             entry.dtype,
@@ -562,17 +552,46 @@ impl<'a> FileMaps<'a> {
             dtype,
         )
         .map_err(|e| ConvertError::Io {
-            path: path.clone(),
+            path: self.files[entry.file].clone(),
             source: std::io::Error::other(format!("tensor {key}: {e}")),
         })?;
-        // The kernel maps the neighbours of a faulting page too (fault-around, 64 KiB by
-        // default), some in pieces another worker had already converted and dropped: one
-        // last pass over the tensor and its margins (140 MB of such pages at the end of a
-        // 1.1B f32 -> bf16 load without it).
-        const FAULT_AROUND: usize = 1 << 16;
-        let first = start.saturating_sub(FAULT_AROUND);
-        drop_pages(first, (end + FAULT_AROUND).min(map.len()) - first);
+        drop_tensor_pages(&map, start, end);
         Ok(data)
+    }
+
+    /// The error for a tensor whose bytes lie outside its file.
+    fn outside(&self, key: &str, entry: &TensorEntry, map: &memmap2::Mmap) -> ConvertError {
+        ConvertError::Io {
+            path: self.files[entry.file].clone(),
+            source: std::io::Error::other(format!(
+                "tensor {key}: bytes {:?} lie outside the file ({} bytes)",
+                entry.bytes,
+                map.len()
+            )),
+        }
+    }
+
+    /// A linear weight (`[out, in]` on disk) quantized to `level` and packed from where it
+    /// lies in the map ([`quantize_file_weight`]), as a tensor loaded as `dtype` would be;
+    /// its pages are then dropped, so that only the packed form stays resident. `None` where
+    /// the packed form does not apply (the caller reads and quantizes it the general way).
+    fn quantized(
+        &mut self,
+        key: &str,
+        entry: &TensorEntry,
+        dtype: DType,
+        level: Quantization,
+    ) -> Result<Option<FileWeight>, ConvertError> {
+        let [n, k] = entry.shape[..] else {
+            return Ok(None);
+        };
+        let map = self.map(entry.file)?;
+        let Some((start, end)) = span_in(entry, &map) else {
+            return Err(self.outside(key, entry, &map));
+        };
+        let weight = quantize_file_weight(&map[start..end], entry.dtype, dtype, [n, k], level);
+        drop_tensor_pages(&map, start, end);
+        Ok(weight)
     }
 
     /// The map of file `index`, made on first use.
@@ -595,6 +614,32 @@ impl<'a> FileMaps<'a> {
     }
 }
 
+/// Drops the pages of `map[offset..offset + len]` from this process (they stay in the page
+/// cache).
+fn drop_pages(map: &memmap2::Mmap, offset: usize, len: usize) {
+    #[cfg(unix)]
+    {
+        debug_assert!(offset + len <= map.len(), "pages outside the map");
+        // SAFETY: `Mmap::map` is a shared, read-only map of the file: none of its pages was
+        // written (no private copies to lose), and a reader of a dropped page (the next
+        // piece, or a tensor used in place) maps it again from the file with the same
+        // bytes. Callers stay inside the map. Failing only leaves the pages resident.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
+    }
+    #[cfg(not(unix))]
+    let _ = (map, offset, len);
+}
+
+/// Drops the pages of a tensor read from `map[start..end]` and of its margins: the kernel
+/// maps the neighbours of a faulting page too (fault-around, 64 KiB by default), some in
+/// pieces already dropped (140 MB of such pages at the end of a 1.1B f32 -> bf16 load
+/// without this last pass).
+fn drop_tensor_pages(map: &memmap2::Mmap, start: usize, end: usize) {
+    const FAULT_AROUND: usize = 1 << 16;
+    let first = start.saturating_sub(FAULT_AROUND);
+    drop_pages(map, first, (end + FAULT_AROUND).min(map.len()) - first);
+}
+
 /// `entry`'s byte range as indices into `map`, when it lies inside it.
 fn span_in(entry: &TensorEntry, map: &memmap2::Mmap) -> Option<(usize, usize)> {
     let start = usize::try_from(entry.bytes.start).ok()?;
@@ -614,6 +659,8 @@ struct InPlaceTensor {
 struct UseInPlace {
     path: Vec<String>,
     tensors: BTreeMap<String, InPlaceTensor>,
+    /// Linear weights quantized and packed from their file, by Burn path.
+    packed: BTreeMap<String, FileWeight>,
     device: Device,
     /// Burn paths of the parameters set.
     applied: BTreeSet<String>,
@@ -630,6 +677,14 @@ impl ModuleMapper for UseInPlace {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let path = self.path.join(".");
+        if let Some(weight) = self.packed.remove(&path) {
+            // Shapes were checked against the model's before any data was read: `D` is 2.
+            let Some(packed) = weight.into_param() else {
+                return param;
+            };
+            self.applied.insert(path);
+            return packed;
+        }
         let Some(tensor) = self.tensors.remove(&path) else {
             return param;
         };

@@ -158,7 +158,8 @@ impl ModuleMapper for WeightQuantizer {
         let n = self.path.len();
         let selected =
             n >= 2 && self.path[n - 1] == "weight" && QUANTIZED_LINEARS.contains(&self.path[n - 2].as_str());
-        if !selected {
+        // Quantized and packed straight from its file already (`quantize_file_weight`).
+        if !selected || packed::is_packed(&param) {
             return param;
         }
         quantize_weight(param, self.level)
@@ -241,14 +242,7 @@ fn quantize_on_flex<const D: usize>(tensor: Tensor<D>, scheme: &QuantScheme) -> 
         }
     };
     let scale_dtype = scheme.scale_dtype();
-    let scale_of = |alpha: f32| {
-        let s = scale_to_dtype(2.0 * alpha / (high - low), scale_dtype);
-        if s > 0.0 && s.is_finite() {
-            s
-        } else {
-            scale_to_dtype(f32::MIN_POSITIVE, scale_dtype)
-        }
-    };
+    let scale_of = |alpha: f32| block_scale(alpha, low, high, scale_dtype);
     let quantize = |v: f32, inv: f32| (v * inv).round().clamp(low, high) as i8;
     let (scales, quantized) = match blocks {
         FlexBlocks::AlongLast(width) => {
@@ -304,6 +298,155 @@ fn quantize_on_flex<const D: usize>(tensor: Tensor<D>, scheme: &QuantScheme) -> 
     let dispatch =
         <DispatchTensor as DispatchKindConversion<Flex>>::from_backend(BackendTensor::Quantized(primitive));
     Tensor::from_dispatch(dispatch)
+}
+
+/// The scale of a block whose largest magnitude is `alpha` (Burn's `quantize_dynamic`:
+/// `2 alpha / (high - low)` rounded to `scale_dtype`; the smallest positive scale where that
+/// is zero or not finite).
+#[inline(always)]
+fn block_scale(alpha: f32, low: f32, high: f32, scale_dtype: ScaleDtype) -> f32 {
+    let s = scale_to_dtype(2.0 * alpha / (high - low), scale_dtype);
+    if s > 0.0 && s.is_finite() {
+        s
+    } else {
+        scale_to_dtype(f32::MIN_POSITIVE, scale_dtype)
+    }
+}
+
+/// A linear weight stored `[n, k]` (`[out, in]`, a checkpoint's order) in `bytes` as `disk`,
+/// loaded as `dtype`, quantized to `level` with blocks along its input dimension and packed
+/// for the CPU kernels, for a plain-CPU parameter of Burn's `[k, n]` shape. The same values,
+/// scales and bytes as reading it transposed into a `dtype` tensor, [`quantize_weight`] and
+/// packing it, without any of those copies: a block of the input dimension is a contiguous
+/// run of the file, quantized where it lies. The load's peak is then the model in its final
+/// form plus the file pages of one tensor (which the caller drops), not one layer in the load
+/// dtype, its f32 copy and its unpacked integers. `None` where the packed form does not apply
+/// (a width the blocks or tiles do not divide, a scale f16 cannot hold): the caller takes
+/// the general path.
+pub(crate) fn quantize_file_weight(
+    bytes: &[u8],
+    disk: crate::DiskDType,
+    dtype: DType,
+    [n, k]: [usize; 2],
+    level: Quantization,
+) -> Option<FileWeight> {
+    use crate::DiskDType;
+    let size = match disk {
+        DiskDType::F32 => 4,
+        DiskDType::F16 | DiskDType::BF16 => 2,
+        _ => return None,
+    };
+    if bytes.len() != n * k * size || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return None;
+    }
+    let scheme = level.scheme_along_input(block_for(k));
+    let block = usize::from(block_for(k)?);
+    let bits = match level {
+        Quantization::Q8 => packed::Bits::Eight,
+        Quantization::Q4 => packed::Bits::Four,
+    };
+    let (low, high) = scheme.value.range();
+    let scale_dtype = scheme.scale_dtype();
+    let vectors = Vectors::best();
+    let weight = packed::PackedWeight::from_columns(k, n, block, bits, |j, rows, q, scales| {
+        let run = &bytes[(j * k + rows.start) * size..(j * k + rows.end) * size];
+        let mut stack = [0f32; RUN_VALUES];
+        let mut heap = Vec::new();
+        let values = if rows.len() <= RUN_VALUES {
+            &mut stack[..rows.len()]
+        } else {
+            heap.resize(rows.len(), 0.0);
+            &mut heap[..]
+        };
+        // Checked above: a float dtype on disk.
+        crate::read::decode_loaded(run, disk, dtype, values);
+        quantize_runs(vectors, values, block, (low, high), scale_dtype, q, scales);
+    })?;
+    Some(FileWeight {
+        weight,
+        scheme: scheme.with_store(QuantStore::Native),
+    })
+}
+
+/// A weight quantized and packed from its file ([`quantize_file_weight`]), waiting for its
+/// parameter.
+pub(crate) struct FileWeight {
+    weight: packed::PackedWeight,
+    scheme: QuantScheme,
+}
+
+impl FileWeight {
+    /// The model parameter (plain CPU device; `None` unless `D` is 2).
+    pub(crate) fn into_param<const D: usize>(self) -> Option<Param<Tensor<D>>> {
+        self.weight.into_param(self.scheme, Device::flex())
+    }
+}
+
+/// Values decoded on the stack per call of the column quantizer (the packer asks for at most
+/// 256 rows at a time).
+const RUN_VALUES: usize = 256;
+
+/// Quantizes `values`, consecutive blocks of `block` values, into `q` with one scale per
+/// block in `scales` (the arithmetic of [`quantize_on_flex`]), compiled for `vectors` (which
+/// must be available).
+fn quantize_runs(
+    vectors: Vectors,
+    values: &[f32],
+    block: usize,
+    range: (f32, f32),
+    scale_dtype: ScaleDtype,
+    q: &mut [i8],
+    scales: &mut [f32],
+) {
+    #[inline(always)]
+    fn runs(
+        values: &[f32],
+        block: usize,
+        (low, high): (f32, f32),
+        dtype: ScaleDtype,
+        q: &mut [i8],
+        scales: &mut [f32],
+    ) {
+        for ((x, q), scale) in values.chunks(block).zip(q.chunks_mut(block)).zip(scales) {
+            // Eight lanes of maxima (exact in any order), so that the loop vectorizes.
+            let mut lanes = [0f32; 8];
+            for part in x.chunks(8) {
+                for (m, v) in lanes.iter_mut().zip(part) {
+                    *m = m.max(v.abs());
+                }
+            }
+            *scale = block_scale(lanes.iter().fold(0.0f32, |m, &v| m.max(v)), low, high, dtype);
+            let inv = 1.0 / *scale;
+            for (q, &v) in q.iter_mut().zip(x) {
+                let t = (v * inv).round().clamp(low, high);
+                let t = if t.is_nan() { 0.0 } else { t };
+                // SAFETY: `t` is finite and within `[low, high]`, inside `i8` (checked by the
+                // caller's scheme). The value of `t as i8`, converted in vectors.
+                *q = unsafe { t.to_int_unchecked::<i32>() } as i8;
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+        fn avx512(v: &[f32], b: usize, r: (f32, f32), d: ScaleDtype, q: &mut [i8], s: &mut [f32]) {
+            runs(v, b, r, d, q, s);
+        }
+        #[target_feature(enable = "avx2")]
+        fn avx2(v: &[f32], b: usize, r: (f32, f32), d: ScaleDtype, q: &mut [i8], s: &mut [f32]) {
+            runs(v, b, r, d, q, s);
+        }
+        assert!(vectors.available(), "{vectors:?} on a CPU without it");
+        match vectors {
+            // SAFETY: the CPU has the features (asserted above).
+            Vectors::Avx512 => return unsafe { avx512(values, block, range, scale_dtype, q, scales) },
+            // SAFETY: as above.
+            Vectors::Avx2 => return unsafe { avx2(values, block, range, scale_dtype, q, scales) },
+            Vectors::Baseline => {}
+        }
+    }
+    let _ = vectors;
+    runs(values, block, range, scale_dtype, q, scales)
 }
 
 /// The instruction sets the quantizer's loops are compiled for, chosen at run time.
@@ -587,6 +730,36 @@ mod tests {
                         *a = a.max(v.abs());
                     }
                 }
+                // The run quantizer (a file's contiguous blocks): every instruction set gives
+                // the plain loop's values and scales.
+                for block in [8, 16, 32].into_iter().filter(|b| values.len() % b == 0) {
+                    let run = |vectors| {
+                        let mut q = vec![0i8; values.len()];
+                        let mut scales = vec![0f32; values.len() / block];
+                        quantize_runs(
+                            vectors,
+                            values,
+                            block,
+                            (low, high),
+                            ScaleDtype::F16,
+                            &mut q,
+                            &mut scales,
+                        );
+                        (q, scales.iter().map(|s| s.to_bits()).collect::<Vec<_>>())
+                    };
+                    let plain = run(Vectors::Baseline);
+                    assert!(plain.0.iter().any(|&q| q != 0));
+                    for vectors in [Vectors::Avx512, Vectors::Avx2]
+                        .into_iter()
+                        .filter(|v| v.available())
+                    {
+                        assert_eq!(
+                            run(vectors),
+                            plain,
+                            "runs: {vectors:?}, block {block}, width {width}"
+                        );
+                    }
+                }
                 for vectors in [Vectors::Avx512, Vectors::Avx2, Vectors::Baseline] {
                     if !vectors.available() {
                         continue;
@@ -601,6 +774,104 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `[n, k]` test weights in file order: small normal-like values, a zero block, an outlier,
+    /// values on rounding boundaries.
+    fn file_order_values(n: usize, k: usize) -> Vec<f32> {
+        let mut values: Vec<f32> = (0..n * k)
+            .map(|i| {
+                let x = ((i * 7919 + 13) % 1009) as f32 / 1009.0 - 0.5;
+                0.04 * x * (1.0 + (i % 5) as f32)
+            })
+            .collect();
+        values[..8].fill(0.0);
+        values[k + 3] = 3.0;
+        values[2 * k + 1] = -0.5;
+        values[2 * k + 2] = 0.5 / 7.0 * 3.5;
+        values
+    }
+
+    /// `values` as `disk` stores them (little-endian).
+    fn disk_bytes(values: &[f32], disk: crate::DiskDType) -> Vec<u8> {
+        use crate::DiskDType;
+        values
+            .iter()
+            .flat_map(|&v| match disk {
+                DiskDType::F32 => v.to_le_bytes().to_vec(),
+                DiskDType::BF16 => burn::tensor::bf16::from_f32(v).to_le_bytes().to_vec(),
+                _ => burn::tensor::f16::from_f32(v).to_le_bytes().to_vec(),
+            })
+            .collect()
+    }
+
+    /// Quantizing a weight where it lies in its file gives the parameter that loading it as
+    /// `dtype` (transposed into Burn's `[k, n]`), quantizing and packing give: the same
+    /// values, scales and block, for every disk and load dtype, both levels, every block
+    /// length and a last task shorter than the others (k = 520). A width the tiles or the
+    /// blocks do not divide is left to the general path.
+    #[test]
+    fn file_weight_equals_the_loaded_weight_quantized() {
+        use crate::DiskDType;
+        use burn::module::ParamId;
+        let device = Device::flex();
+        for (n, k, block) in [
+            (32, 64, 32),
+            (48, 96, 32),
+            (16, 40, 8),
+            (16, 48, 16),
+            (32, 520, 8),
+        ] {
+            let values = file_order_values(n, k);
+            for disk in [DiskDType::F32, DiskDType::BF16, DiskDType::F16] {
+                let bytes = disk_bytes(&values, disk);
+                for dtype in [DType::F32, DType::BF16, DType::F16] {
+                    for level in [Quantization::Q8, Quantization::Q4] {
+                        let case = format!("[{n}, {k}] {disk:?} as {dtype:?}, {level}");
+                        let ours = quantize_file_weight(&bytes, disk, dtype, [n, k], level)
+                            .and_then(FileWeight::into_param::<2>)
+                            .unwrap_or_else(|| panic!("{case}: not packed"));
+                        let data = crate::read::convert_bytes(
+                            &bytes,
+                            disk,
+                            &[n, k],
+                            crate::read::Layout::Transposed,
+                            dtype,
+                        )
+                        .expect("converts");
+                        let loaded = Tensor::<2>::from_data(data, (&device, dtype));
+                        let general = quantize_weight(Param::initialized(ParamId::new(), loaded), level);
+                        let ours = packed::packed_weight(&ours).expect("ours is packed");
+                        let general = packed::packed_weight(&general).expect("the general path packs");
+                        assert_eq!((ours.k(), ours.n(), ours.block()), (k, n, block), "{case}");
+                        assert_eq!(ours.bits(), general.bits(), "{case}");
+                        assert_eq!(ours.block(), general.block(), "{case}");
+                        assert_eq!(ours.scales(), general.scales(), "{case}");
+                        assert_eq!(ours.unpack(), general.unpack(), "{case}");
+                        assert!(ours.unpack().iter().any(|&q| q != 0), "{case}");
+                    }
+                }
+            }
+        }
+        let bytes = disk_bytes(&file_order_values(20, 64), DiskDType::F32);
+        assert!(
+            quantize_file_weight(&bytes, DiskDType::F32, DType::F32, [20, 64], Quantization::Q8).is_none()
+        );
+        let bytes = disk_bytes(&file_order_values(16, 30), DiskDType::F32);
+        assert!(
+            quantize_file_weight(&bytes, DiskDType::F32, DType::F32, [16, 30], Quantization::Q8).is_none()
+        );
+        assert!(
+            quantize_file_weight(
+                &bytes[4..],
+                DiskDType::F32,
+                DType::F32,
+                [16, 30],
+                Quantization::Q8
+            )
+            .is_none(),
+            "a byte count that does not match the shape"
+        );
     }
 
     /// Each value is within half a quantization step of its block's scale.

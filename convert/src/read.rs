@@ -175,6 +175,33 @@ impl DiskElement for DiskF64 {
     }
 }
 
+/// The values of `bytes` (stored as `disk`, little-endian) as a tensor loaded as `dtype`
+/// holds them, widened to f32 into `out` (one per value): what the quantizer sees of a
+/// tensor that [`convert_bytes`] loads. `false` for an integer `disk`.
+pub(crate) fn decode_loaded(bytes: &[u8], disk: DiskDType, dtype: DType, out: &mut [f32]) -> bool {
+    match disk {
+        DiskDType::F32 => DiskF32::decode(bytes, out),
+        DiskDType::BF16 => DiskBf16::decode(bytes, out),
+        DiskDType::F16 => DiskF16::decode(bytes, out),
+        DiskDType::F64 => DiskF64::decode(bytes, out),
+        DiskDType::Integer(_) => return false,
+    }
+    let narrowed = match dtype {
+        DType::BF16 => disk != DiskDType::BF16,
+        DType::F16 => disk != DiskDType::F16,
+        _ => false,
+    };
+    if narrowed {
+        for v in out.iter_mut() {
+            *v = match dtype {
+                DType::BF16 => bf16::from_bits(bf16_bits(*v)).to_f32(),
+                _ => f16::from_f32(*v).to_f32(),
+            };
+        }
+    }
+    true
+}
+
 thread_local! {
     /// The file bytes of the tensor being loaded, reused from tensor to tensor so that its
     /// pages are touched once per load rather than once per tensor.

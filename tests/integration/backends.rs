@@ -543,3 +543,62 @@ fn devices_not_compiled_in_or_unknown_are_clear_errors() {
         assert!(!stderr.contains("panicked"), "{device}: {stderr}");
     }
 }
+
+/// Every packed weight of a module, in visiting order: its shape, block, values and scales.
+struct PackedWeights(Vec<(usize, usize, usize, Vec<i8>, Vec<f32>)>);
+
+impl burn::module::ModuleVisitor for PackedWeights {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
+        if let Some(weight) = packed::packed_weight(param) {
+            self.0.push((
+                weight.k(),
+                weight.n(),
+                weight.block(),
+                weight.unpack(),
+                weight.scales(),
+            ));
+        }
+    }
+}
+
+/// Quantizing at load (on the CPU each weight is quantized and packed where it lies in its
+/// file, without a copy in the load dtype) gives what loading the model unquantized and then
+/// quantizing it gives: every packed weight equal, value for value and scale for scale, in
+/// f32 and bf16, for both levels, on fixtures with f32 and f16 files.
+#[test]
+fn quantizing_at_load_equals_quantizing_the_loaded_model() {
+    use burn::module::Module;
+    use vipllava::convert::{load_model, quantize_model};
+    use vipllava::model::Precision;
+    let packed_of = |model: &vipllava::model::VipLlava| {
+        let mut weights = PackedWeights(Vec::new());
+        model.visit(&mut weights);
+        weights.0
+    };
+    for name in ["tiny-5x-f32", "tiny-gqa-f16"] {
+        for precision in [Precision::F32, Precision::Bf16] {
+            for level in [Quantization::Q8, Quantization::Q4] {
+                let case = format!("{name} {precision:?} {level}");
+                let plain = LoadOptions {
+                    precision,
+                    ..LoadOptions::default()
+                };
+                let at_load = LoadOptions {
+                    quantize: Some(level),
+                    ..plain.clone()
+                };
+                let dir = fixture(name);
+                let loaded = load_model(&dir, &Device::flex(), &at_load).expect("quantized load");
+                let later = load_model(&dir, &Device::flex(), &plain).expect("plain load");
+                let later = quantize_model(later.model, level);
+                let (ours, general) = (packed_of(&loaded.model), packed_of(&later));
+                assert!(!ours.is_empty(), "{case}: nothing packed");
+                assert_eq!(ours.len(), quantized_parameter_count(&loaded.model), "{case}");
+                assert_eq!(ours.len(), general.len(), "{case}: packed weights");
+                for (i, (a, b)) in ours.iter().zip(&general).enumerate() {
+                    assert!(a == b, "{case}: packed weight {i} differs");
+                }
+            }
+        }
+    }
+}

@@ -26,12 +26,13 @@
 //! before it reads the parameter.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Arc, LazyLock, RwLock, Weak};
 
 use burn::backend::{BackendTensor, DispatchKindConversion, DispatchTensor};
 use burn::module::{Param, ParamId};
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue};
-use burn::tensor::{Bytes, DType, Shape, Tensor, bf16, f16};
+use burn::tensor::{Bytes, DType, Device, Shape, Tensor, bf16, f16};
 use burn_flex::{Flex, FlexQTensor, FlexTensor, Layout};
 use rayon::prelude::*;
 
@@ -132,6 +133,104 @@ impl PackedWeight {
             });
         packed.bytes = bytes;
         Some(packed)
+    }
+
+    /// Builds a `[k, n]` weight column by column, with no row-major copy of it:
+    /// `column(j, k0..k1, q, scales)` writes rows `k0..k1` of column `j` (`k1 - k0` values,
+    /// a whole number of blocks) and their `(k1 - k0) / block` scales. For a loader that
+    /// quantizes a linear weight stored `[n, k]` (the file's order, where a column is a
+    /// contiguous run). The same bytes and scales as [`PackedWeight::pack`] of those values,
+    /// and `None` wherever `pack` refuses them.
+    pub fn from_columns(
+        k: usize,
+        n: usize,
+        block: usize,
+        bits: Bits,
+        column: impl Fn(usize, Range<usize>, &mut [i8], &mut [f32]) + Sync,
+    ) -> Option<Self> {
+        let shape_fits = block > 0
+            && block.is_multiple_of(8)
+            && k.is_multiple_of(block)
+            && n.is_multiple_of(TILE)
+            && K_BLOCK.is_multiple_of(block);
+        if !shape_fits {
+            return None;
+        }
+        let mut packed = Self {
+            bits,
+            k,
+            n,
+            block,
+            bytes: Vec::new(),
+            scales: Vec::new(),
+        };
+        // One task per `K_BLOCK` weight rows: `K_BLOCK / block` whole block rows.
+        let blocks_per_task = K_BLOCK / block;
+        let block_bytes = packed.block_bytes();
+        let mut bytes = vec![0u8; block_bytes * (k / block)];
+        let mut scales = vec![f16::ZERO; k / block * n];
+        let group_rows = bits.group_rows();
+        let groups = block / group_rows;
+        bytes
+            .par_chunks_mut(block_bytes * blocks_per_task)
+            .zip(scales.par_chunks_mut(n * blocks_per_task))
+            .enumerate()
+            .try_for_each(|(task, (dst, dst_scales))| {
+                let k0 = task * K_BLOCK;
+                let rows = dst.len() / block_bytes * block;
+                let nb = rows / block;
+                // One tile of 16 columns at a time: `q[j * rows + kk]`, `s[j * nb + b]`.
+                let mut q = vec![0i8; TILE * rows];
+                let mut s = vec![0f32; TILE * nb];
+                for t in 0..n / TILE {
+                    for j in 0..TILE {
+                        column(
+                            t * TILE + j,
+                            k0..k0 + rows,
+                            &mut q[j * rows..(j + 1) * rows],
+                            &mut s[j * nb..(j + 1) * nb],
+                        );
+                    }
+                    if !q.iter().all(|&v| bits.holds(v)) {
+                        return None;
+                    }
+                    for b in 0..nb {
+                        for j in 0..TILE {
+                            let scale = s[j * nb + b];
+                            let half = f16::from_f32(scale);
+                            if half.to_f32() != scale {
+                                return None;
+                            }
+                            dst_scales[b * n + t * TILE + j] = half;
+                        }
+                        for g in 0..groups {
+                            let at = b * block_bytes + (t * groups + g) * GROUP_BYTES;
+                            for j in 0..TILE {
+                                let column = &q[j * rows + b * block + g * group_rows..];
+                                for i in 0..4 {
+                                    let value = |kk: usize| (column[kk] as i32 + bits.offset()) as u8;
+                                    dst[at + 4 * j + i] = match bits {
+                                        Bits::Eight => value(i),
+                                        Bits::Four => value(i) | (value(i + 4) << 4),
+                                    };
+                                }
+                            }
+                        }
+                    }
+                }
+                Some(())
+            })?;
+        packed.bytes = bytes;
+        packed.scales = scales;
+        Some(packed)
+    }
+
+    /// This weight as a model parameter of scheme `scheme` on the plain CPU `device`, as
+    /// [`pack_weight`] leaves one: found by the kernels through [`packed_weight`], and
+    /// unpacked, once, into the quantized `[k, n]` tensor if anything reads it. `None`
+    /// unless `D` is 2.
+    pub fn into_param<const D: usize>(self, scheme: QuantScheme, device: Device) -> Option<Param<Tensor<D>>> {
+        (D == 2).then(|| register(Arc::new(self), scheme, device))
     }
 
     /// Bits per value.
@@ -810,6 +909,17 @@ pub fn pack_weight<const D: usize>(param: Param<Tensor<D>>) -> Param<Tensor<D>> 
     };
     let device = param.device();
     drop((rows, param));
+    register(packed, scheme, device)
+}
+
+/// A lazy parameter for `packed` under a new id, entered in the registry ([`packed_weight`]),
+/// whose initializer unpacks it into the quantized tensor of scheme `scheme`.
+fn register<const D: usize>(
+    packed: Arc<PackedWeight>,
+    scheme: QuantScheme,
+    device: Device,
+) -> Param<Tensor<D>> {
+    let shape = Shape::from(vec![packed.k, packed.n]);
     let id = ParamId::new();
     if let Ok(mut registry) = PACKED.write() {
         registry.retain(|_, weak| weak.strong_count() > 0);
