@@ -732,7 +732,10 @@ mod tests {
                 }
                 // The run quantizer (a file's contiguous blocks): every instruction set gives
                 // the plain loop's values and scales.
-                for block in [8, 16, 32].into_iter().filter(|b| values.len() % b == 0) {
+                for block in [8, 16, 32]
+                    .into_iter()
+                    .filter(|b| values.len().is_multiple_of(*b))
+                {
                     let run = |vectors| {
                         let mut q = vec![0i8; values.len()];
                         let mut scales = vec![0f32; values.len() / block];

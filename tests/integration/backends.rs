@@ -544,8 +544,11 @@ fn devices_not_compiled_in_or_unknown_are_clear_errors() {
     }
 }
 
-/// Every packed weight of a module, in visiting order: its shape, block, values and scales.
-struct PackedWeights(Vec<(usize, usize, usize, Vec<i8>, Vec<f32>)>);
+/// A packed weight's `k`, `n`, block, values and scales.
+type PackedContents = (usize, usize, usize, Vec<i8>, Vec<f32>);
+
+/// Every packed weight of a module, in visiting order.
+struct PackedWeights(Vec<PackedContents>);
 
 impl burn::module::ModuleVisitor for PackedWeights {
     fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
