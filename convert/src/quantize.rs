@@ -339,8 +339,9 @@ pub(crate) fn quantize_file_weight(
     if bytes.len() != n * k * size || !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         return None;
     }
-    let scheme = level.scheme_along_input(block_for(k));
-    let block = usize::from(block_for(k)?);
+    let block = block_for(k)?;
+    let scheme = level.scheme_along_input(Some(block));
+    let block = usize::from(block);
     let bits = match level {
         Quantization::Q8 => packed::Bits::Eight,
         Quantization::Q4 => packed::Bits::Four,
@@ -426,27 +427,7 @@ fn quantize_runs(
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        fn avx512(v: &[f32], b: usize, r: (f32, f32), d: ScaleDtype, q: &mut [i8], s: &mut [f32]) {
-            runs(v, b, r, d, q, s);
-        }
-        #[target_feature(enable = "avx2")]
-        fn avx2(v: &[f32], b: usize, r: (f32, f32), d: ScaleDtype, q: &mut [i8], s: &mut [f32]) {
-            runs(v, b, r, d, q, s);
-        }
-        assert!(vectors.available(), "{vectors:?} on a CPU without it");
-        match vectors {
-            // SAFETY: the CPU has the features (asserted above).
-            Vectors::Avx512 => return unsafe { avx512(values, block, range, scale_dtype, q, scales) },
-            // SAFETY: as above.
-            Vectors::Avx2 => return unsafe { avx2(values, block, range, scale_dtype, q, scales) },
-            Vectors::Baseline => {}
-        }
-    }
-    let _ = vectors;
-    runs(values, block, range, scale_dtype, q, scales)
+    vectors.run(|| runs(values, block, range, scale_dtype, q, scales))
 }
 
 /// The instruction sets the quantizer's loops are compiled for, chosen at run time.
@@ -464,6 +445,35 @@ impl Vectors {
             .into_iter()
             .find(|v| v.available())
             .unwrap_or(Self::Baseline)
+    }
+
+    /// Runs `work` compiled for these instructions, which must be available: the loops of
+    /// `work` (closures and `#[inline(always)]` functions) are inlined into a function with
+    /// the target features, where LLVM vectorizes (and rounds) with them.
+    #[inline(always)]
+    fn run<R>(self, work: impl FnOnce() -> R) -> R {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+            #[inline]
+            fn avx512<R>(work: impl FnOnce() -> R) -> R {
+                work()
+            }
+            #[target_feature(enable = "avx2")]
+            #[inline]
+            fn avx2<R>(work: impl FnOnce() -> R) -> R {
+                work()
+            }
+            assert!(self.available(), "{self:?} on a CPU without it");
+            match self {
+                // SAFETY: the CPU has the features (asserted above).
+                Self::Avx512 => return unsafe { avx512(work) },
+                // SAFETY: as above.
+                Self::Avx2 => return unsafe { avx2(work) },
+                Self::Baseline => {}
+            }
+        }
+        work()
     }
 
     fn available(self) -> bool {
@@ -497,27 +507,7 @@ fn block_row_maxima(vectors: Vectors, values: &[f32], alpha: &mut [f32]) {
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        fn avx512(values: &[f32], alpha: &mut [f32]) {
-            maxima(values, alpha);
-        }
-        #[target_feature(enable = "avx2")]
-        fn avx2(values: &[f32], alpha: &mut [f32]) {
-            maxima(values, alpha);
-        }
-        assert!(vectors.available(), "{vectors:?} on a CPU without it");
-        match vectors {
-            // SAFETY: the CPU has the features (asserted above).
-            Vectors::Avx512 => return unsafe { avx512(values, alpha) },
-            // SAFETY: as above.
-            Vectors::Avx2 => return unsafe { avx2(values, alpha) },
-            Vectors::Baseline => {}
-        }
-    }
-    let _ = vectors;
-    maxima(values, alpha)
+    vectors.run(|| maxima(values, alpha))
 }
 
 /// `q = round(v * inv[j]).clamp(low, high)` for every row of one block row (`inv` holds a
@@ -546,27 +536,7 @@ fn quantize_block_row(
             }
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-        fn avx512(values: &[f32], inv: &[f32], quantized: &mut [i8], low: f32, high: f32) {
-            rows(values, inv, quantized, low, high);
-        }
-        #[target_feature(enable = "avx2")]
-        fn avx2(values: &[f32], inv: &[f32], quantized: &mut [i8], low: f32, high: f32) {
-            rows(values, inv, quantized, low, high);
-        }
-        assert!(vectors.available(), "{vectors:?} on a CPU without it");
-        match vectors {
-            // SAFETY: the CPU has the features (asserted above).
-            Vectors::Avx512 => return unsafe { avx512(values, inv, quantized, low, high) },
-            // SAFETY: as above.
-            Vectors::Avx2 => return unsafe { avx2(values, inv, quantized, low, high) },
-            Vectors::Baseline => {}
-        }
-    }
-    let _ = vectors;
-    rows(values, inv, quantized, low, high)
+    vectors.run(|| rows(values, inv, quantized, low, high))
 }
 
 /// Whether `tensor` lives on the plain Flex device (not behind autodiff).
