@@ -518,11 +518,48 @@ impl Int8Kernel {
 /// 3072-4096 less (`STREAM_KERNELS=packed-memory`, 1.1B shapes, 532 MB of q4 weights).
 const PREFETCH_BYTES: usize = 2048;
 
+/// What a tile kernel reads of block row `kb` for activation rows `r0..r0 + R`: set up once
+/// per call, outside its loop over the tiles.
+#[cfg(target_arch = "x86_64")]
+struct BlockRow<'a, const R: usize> {
+    /// Each activation row's `block` values of this block.
+    rows: [&'a [i8]; R],
+    /// Each activation row's scale and value sum over this block ([`Int8Rows::block_of`]).
+    blocks: [(f32, i32); R],
+    /// The block row's packed bytes, tile after tile.
+    bytes: &'a [u8],
+    /// The block row's weight scales, one per output column.
+    scales: &'a [f16],
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'a, const R: usize> BlockRow<'a, R> {
+    #[inline(always)]
+    fn new(w: &'a PackedWeight, x: &'a Int8Rows, kb: usize, r0: usize) -> Self {
+        let (n, block) = (w.n, w.block);
+        Self {
+            rows: std::array::from_fn(|r| &x.row(r0 + r)[kb * block..(kb + 1) * block]),
+            blocks: std::array::from_fn(|r| x.block_of(r0 + r, kb)),
+            bytes: &w.bytes[kb * w.block_bytes()..(kb + 1) * w.block_bytes()],
+            scales: &w.scales[kb * n..(kb + 1) * n],
+        }
+    }
+
+    /// Activations `i..i + 4` of row `r` in the block as one little-endian 32-bit value (the
+    /// operand a kernel broadcasts to every lane): one load, not four.
+    #[inline(always)]
+    fn four(&self, r: usize, i: usize) -> i32 {
+        let xr = &self.rows[r][i..i + 4];
+        // SAFETY: `xr` holds four bytes; an unaligned 32-bit read of them.
+        unsafe { (xr.as_ptr() as *const i32).read_unaligned() }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod vnni_tile {
     use std::arch::x86_64::*;
 
-    use super::{GROUP_BYTES, Int8Rows, PREFETCH_BYTES, PackedWeight, TILE};
+    use super::{BlockRow, GROUP_BYTES, Int8Rows, PREFETCH_BYTES, PackedWeight, TILE};
 
     /// Adds block row `kb` of `x` rows `r0..r0 + R` times `w` (`BITS` per value) to
     /// `out [rows, n]`, tile by tile (columns `16 t..16 t + 16`); returns `R`.
@@ -548,17 +585,10 @@ mod vnni_tile {
         let groups = block / group_rows;
         let offset = if BITS == 8 { 128 } else { 8 };
         let mask = _mm512_set1_epi8(0x0F);
-        let rows: [&[i8]; R] = std::array::from_fn(|r| &x.row(r0 + r)[kb * block..(kb + 1) * block]);
+        let row = BlockRow::<R>::new(w, x, kb, r0);
         // Four activation values of row `r` from `i` in the block, in every lane.
-        let four = |r: usize, i: usize| {
-            let xr = &rows[r][i..i + 4];
-            // SAFETY: `xr` holds four bytes (one unaligned 32-bit load, little-endian).
-            _mm512_set1_epi32(unsafe { (xr.as_ptr() as *const i32).read_unaligned() })
-        };
-        let blocks: [(f32, i32); R] = std::array::from_fn(|r| x.block_of(r0 + r, kb));
-        let row_bytes = &w.bytes[kb * w.block_bytes()..(kb + 1) * w.block_bytes()];
-        let scales = &w.scales[kb * n..(kb + 1) * n];
-        for (t, src) in row_bytes.chunks_exact(groups * GROUP_BYTES).enumerate() {
+        let four = |r: usize, i: usize| _mm512_set1_epi32(row.four(r, i));
+        for (t, src) in row.bytes.chunks_exact(groups * GROUP_BYTES).enumerate() {
             let mut acc = [_mm512_setzero_si512(); R];
             for g in 0..groups {
                 // A hint that never faults, whatever the address (past the end of the weight too).
@@ -584,10 +614,12 @@ mod vnni_tile {
             let c = t * TILE;
             // SAFETY: `c + 16 <= n = scales.len()`; f16 widens to f32 exactly.
             let sw = unsafe {
-                _mm512_cvtph_ps(_mm256_loadu_si256(scales[c..c + TILE].as_ptr() as *const __m256i))
+                _mm512_cvtph_ps(_mm256_loadu_si256(
+                    row.scales[c..c + TILE].as_ptr() as *const __m256i
+                ))
             };
             for (r, acc) in acc.iter().enumerate() {
-                let (dx, sum) = blocks[r];
+                let (dx, sum) = row.blocks[r];
                 let exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(*acc, _mm512_set1_epi32(offset * sum)));
                 let dst = &mut out[(r0 + r) * n + c..(r0 + r) * n + c + TILE];
                 // SAFETY: `dst` holds 16 values.
@@ -609,7 +641,7 @@ mod vnni_tile {
 mod avx2_tile {
     use std::arch::x86_64::*;
 
-    use super::{GROUP_BYTES, Int8Rows, PREFETCH_BYTES, PackedWeight, TILE};
+    use super::{BlockRow, GROUP_BYTES, Int8Rows, PREFETCH_BYTES, PackedWeight, TILE};
 
     /// Adds block row `kb` of `x` rows `r0..r0 + R` times `w` (`BITS` per value) to
     /// `out [rows, n]`, tile by tile (columns `16 t..16 t + 16`, the loop inside as in
@@ -642,16 +674,9 @@ mod avx2_tile {
         let eight = _mm256_set1_epi8(8);
         let flip = _mm256_set1_epi8(0x80u8 as i8);
         let ones = _mm256_set1_epi16(1);
-        let rows: [&[i8]; R] = std::array::from_fn(|r| &x.row(r0 + r)[kb * block..(kb + 1) * block]);
+        let row = BlockRow::<R>::new(w, x, kb, r0);
         // Four activation values of row `r` from `i` in the block, in every lane.
-        let four = |r: usize, i: usize| {
-            let xr = &rows[r][i..i + 4];
-            // SAFETY: `xr` holds four bytes (one unaligned 32-bit load, little-endian).
-            _mm256_set1_epi32(unsafe { (xr.as_ptr() as *const i32).read_unaligned() })
-        };
-        let blocks: [(f32, i32); R] = std::array::from_fn(|r| x.block_of(r0 + r, kb));
-        let row_bytes = &w.bytes[kb * w.block_bytes()..(kb + 1) * w.block_bytes()];
-        let scales = &w.scales[kb * n..(kb + 1) * n];
+        let four = |r: usize, i: usize| _mm256_set1_epi32(row.four(r, i));
         // Per 32-bit lane, the sum of four products of signed weights `q` and activations `a`.
         let dot = |q: __m256i, a: __m256i| {
             _mm256_madd_epi16(
@@ -659,7 +684,7 @@ mod avx2_tile {
                 ones,
             )
         };
-        for (t, src) in row_bytes.chunks_exact(groups * GROUP_BYTES).enumerate() {
+        for (t, src) in row.bytes.chunks_exact(groups * GROUP_BYTES).enumerate() {
             // Two halves (columns 0-7 and 8-15 of the tile) per row.
             let mut acc = [[_mm256_setzero_si256(); 2]; R];
             for g in 0..groups {
@@ -701,11 +726,11 @@ mod avx2_tile {
                 // SAFETY: `c + 16 <= n = scales.len()`; f16 widens to f32 exactly.
                 let sw = unsafe {
                     _mm256_cvtph_ps(_mm_loadu_si128(
-                        scales[c + 8 * half..c + 8 * half + 8].as_ptr() as *const __m128i
+                        row.scales[c + 8 * half..c + 8 * half + 8].as_ptr() as *const __m128i,
                     ))
                 };
                 for (r, acc) in acc.iter().enumerate() {
-                    let (dx, _) = blocks[r];
+                    let (dx, _) = row.blocks[r];
                     let exact = _mm256_cvtepi32_ps(acc[half]);
                     let at = (r0 + r) * n + c + 8 * half;
                     let dst = &mut out[at..at + 8];
