@@ -29,6 +29,7 @@ pub mod bf16_gemm;
 pub mod int8;
 pub mod packed;
 pub mod rows;
+mod team;
 
 use int8::{ColumnBlocks, Int8Rows};
 
@@ -1198,19 +1199,16 @@ pub(crate) fn sum_over_slabs_of_each(
     slab: impl Fn(usize, usize, usize, &mut [f32]) + Sync,
 ) -> Vec<Vec<f32>> {
     let slabs = k.div_ceil(K_BLOCK).max(1);
-    let partials: Vec<Vec<f32>> = (0..widths.len() * slabs)
-        .into_par_iter()
-        .map(|task| {
-            let (i, t) = (task / slabs, task % slabs);
-            let k0 = (t * K_BLOCK).min(k);
-            let k1 = ((t + 1) * K_BLOCK).min(k);
-            let mut acc = vec![0f32; rows * widths[i]];
-            if k0 < k1 {
-                slab(i, k0, k1, &mut acc);
-            }
-            acc
-        })
-        .collect();
+    let partials: Vec<Vec<f32>> = team::map(widths.len() * slabs, |task| {
+        let (i, t) = (task / slabs, task % slabs);
+        let k0 = (t * K_BLOCK).min(k);
+        let k1 = ((t + 1) * K_BLOCK).min(k);
+        let mut acc = vec![0f32; rows * widths[i]];
+        if k0 < k1 {
+            slab(i, k0, k1, &mut acc);
+        }
+        acc
+    });
     partials
         .chunks(slabs)
         .zip(widths)

@@ -230,7 +230,7 @@ fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
         0
     };
     let mut out = vec![0f32; b * s.heads * s.t * s.d];
-    out.par_chunks_mut(s.t * s.d).enumerate().for_each(|(task, out)| {
+    super::team::for_each_chunk_mut(&mut out, s.t * s.d, |task, out| {
         let work = Head {
             q,
             k: &k,

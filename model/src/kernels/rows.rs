@@ -14,7 +14,6 @@
 //! (odd one first, as the instruction adds them), with the same final sum.
 
 use burn::tensor::bf16;
-use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::bf16_dot::as_bh;
@@ -101,10 +100,9 @@ fn by_column_tasks(rows: usize, n: usize, task: impl Fn(usize, &mut [f32]) + Syn
     if rows == 0 {
         return by_column;
     }
-    by_column
-        .par_chunks_mut(COLUMNS_PER_TASK * rows)
-        .enumerate()
-        .for_each(|(t, out)| task(t * COLUMNS_PER_TASK, out));
+    super::team::for_each_chunk_mut(&mut by_column, COLUMNS_PER_TASK * rows, |t, out| {
+        task(t * COLUMNS_PER_TASK, out)
+    });
     if rows == 1 {
         return by_column;
     }
