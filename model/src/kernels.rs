@@ -4,11 +4,12 @@
 //! by how fast the weights stream from memory. Burn's Flex backend sends bf16/f16 matmuls
 //! through a serial whole-matrix conversion to f32 on every call, and its f32 gemm is tuned
 //! for large products. [`linear`] instead streams the weight `[K, N]` row by row in K
-//! blocks (one per rayon task), converting bf16/f16 to f32 in registers, and sums the
-//! per-block partial products; the arithmetic is f32 throughout (as PyTorch's CPU bf16
-//! gemm accumulates in f32) and the result is rounded once to the weight dtype. bf16
-//! weights with bf16 activations use `vdpbf16ps` where the CPU has AVX-512 BF16
-//! ([`bf16_dot`]); q8/q4 weights use int8 products ([`int8`], [`packed`]).
+//! blocks (one task each, on the decode team of `kernels/team.rs`), converting bf16/f16 to
+//! f32 in registers, and sums the per-block partial products; the arithmetic is f32
+//! throughout (as PyTorch's CPU bf16 gemm accumulates in f32) and the result is rounded
+//! once to the weight dtype. bf16 weights with bf16 activations use `vdpbf16ps` where the
+//! CPU has AVX-512 BF16 ([`bf16_dot`]); q8/q4 weights use int8 products ([`int8`],
+//! [`packed`]).
 //!
 //! Everything else (other backends, many rows, odd layouts) goes to Burn's own ops. For
 //! many rows with bf16/f16 weights the weight is widened to f32 once per call and Burn's
@@ -249,7 +250,7 @@ fn flex_tensor<const D: usize>(t: Tensor<D>) -> Option<FlexTensor> {
 /// `x @ W (+ b)` for several `Linear`s that read the same input (q/k/v, gate/up), each
 /// with the bits of [`linear`] on its own. On a decode step with packed q8/q4 weights and
 /// int8 activations, the input is quantized once and every product's slabs run as one
-/// set of rayon tasks (one wake-up of the workers instead of one per projection);
+/// set of tasks (one parallel region instead of one per projection);
 /// anything else goes through [`linear`] layer by layer.
 pub fn linears<const D: usize, const N: usize>(layers: [&Linear; N], x: Tensor<D>) -> [Tensor<D>; N] {
     if let Some(out) = fused_packed_linears(&layers, &x) {
@@ -913,7 +914,7 @@ fn dequantize_columns(values: &[i8], scales: &[f32], block: usize, n: usize) -> 
 
 /// `x [rows, k] @ dequantize(w)` in f32 for a weight with `[block, 1]` blocks, f32
 /// activations: per block of rows the f32 sum `sum_kk x[kk] * q[kk, j]`, then one FMA with
-/// the block's scale. One rayon task per [`K_BLOCK`] weight rows (a contiguous slab), the
+/// the block's scale. One task per [`K_BLOCK`] weight rows (a contiguous slab), the
 /// partial products summed in slab order (the result does not depend on the thread count).
 /// `None` when the shapes disagree.
 pub fn matmul_q8_columns(x: &[f32], w: &ColumnBlocks<'_>, rows: usize) -> Option<Vec<f32>> {
@@ -1132,7 +1133,7 @@ impl Widen for f16 {
     }
 }
 
-/// Rows of W per rayon task. Fixed (not derived from the thread count) so that the
+/// Rows of W per task. Fixed (not derived from the thread count) so that the
 /// summation order, hence the result, is the same on every machine; a multiple of every
 /// quantization block length (8, 16, 32).
 const K_BLOCK: usize = 256;
@@ -1167,7 +1168,7 @@ pub fn matmul_stream<T: Widen>(x: &[f32], w: &[T], rows: usize, k: usize, n: usi
     stream(x, &DenseRows { w, n }, rows, k)
 }
 
-/// `x [rows, k] @ w` in [`K_BLOCK`]-row blocks of `w` (one rayon task each), the per-block
+/// `x [rows, k] @ w` in [`K_BLOCK`]-row blocks of `w` (one task each), the per-block
 /// partial products summed in block order.
 fn stream<W: StreamedWeight>(x: &[f32], w: &W, rows: usize, k: usize) -> Vec<f32> {
     sum_over_slabs(rows, w.n(), k, |k0, k1, acc| {
@@ -1176,8 +1177,9 @@ fn stream<W: StreamedWeight>(x: &[f32], w: &W, rows: usize, k: usize) -> Vec<f32
 }
 
 /// A `[rows, n]` product as the sum of its [`K_BLOCK`]-row weight slabs: `slab(k0, k1, acc)`
-/// adds rows `k0..k1`'s share to the zeroed `acc`, one rayon task per slab, and the partial
-/// products are summed in slab order (the result does not depend on the thread count).
+/// adds rows `k0..k1`'s share to the zeroed `acc`, one task per slab (on the decode team),
+/// and the partial products are summed in slab order (the result does not depend on the
+/// thread count).
 pub(crate) fn sum_over_slabs(
     rows: usize,
     n: usize,
@@ -1189,7 +1191,7 @@ pub(crate) fn sum_over_slabs(
 }
 
 /// [`sum_over_slabs`] for several products over the same `k` rows (output widths `widths`)
-/// as one set of rayon tasks: `slab(i, k0, k1, acc)` adds product `i`'s share. Each product
+/// as one set of tasks: `slab(i, k0, k1, acc)` adds product `i`'s share. Each product
 /// is summed in its own slab order, so each result has the bits of its own
 /// [`sum_over_slabs`]; one parallel region instead of one per product.
 pub(crate) fn sum_over_slabs_of_each(

@@ -22,7 +22,7 @@ use super::{Vectorized, Widen, vectorized};
 
 /// Lanes of every dot product.
 const LANES: usize = 16;
-/// Output columns per rayon task (whole rows of the weight each).
+/// Output columns per task (whole rows of the weight each).
 const COLUMNS_PER_TASK: usize = 32;
 
 /// `x [rows, k] @ w^T` for `w` stored `[n, k]`, in f32.

@@ -43,9 +43,8 @@ pub(crate) fn for_each(count: usize, task: impl Fn(usize) + Sync) {
     if count == 1 {
         return task(0);
     }
-    match Team::get() {
-        Some(team) => team.run(count, &task),
-        None => (0..count).into_par_iter().for_each(&task),
+    if !Team::get().is_some_and(|team| team.try_run(count, &task)) {
+        (0..count).into_par_iter().for_each(&task);
     }
 }
 
@@ -172,14 +171,14 @@ impl Team {
         })
     }
 
-    /// Runs the job on this thread and the helpers, or on rayon's pool when another
+    /// Runs the job on this thread and the helpers; false, with nothing run, when another
     /// caller owns the team.
-    fn run(&self, count: usize, task: &(dyn Fn(usize) + Sync)) {
+    fn try_run(&self, count: usize, task: &(dyn Fn(usize) + Sync)) -> bool {
         let _owner = match self.owner.try_lock() {
             Ok(guard) => guard,
             // A panic raised again by an earlier call; the state is reset on every call.
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => return (0..count).into_par_iter().for_each(task),
+            Err(TryLockError::WouldBlock) => return false,
         };
         let job = Job {
             task,
@@ -203,6 +202,7 @@ impl Team {
         if job.panicked.load(Ordering::Relaxed) {
             panic!("a decode task panicked (its message is above)");
         }
+        true
     }
 
     /// A helper's life: wait for a new job, work on it while it is open.
