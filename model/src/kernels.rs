@@ -1133,6 +1133,59 @@ impl Widen for f16 {
     }
 }
 
+/// 16 values of `T` at `at` as one register of f32: bf16, f16 and f32 with one or two
+/// instructions, any other [`Widen`] type value by value.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `at` must point to 16 readable values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn widen16<T: Widen + burn::tensor::Element>(at: *const T) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: 16 values of `T` are readable at `at` (the caller's promise), and the dtype
+    // says how wide each is.
+    unsafe {
+        match T::dtype() {
+            DType::BF16 => {
+                let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(at.cast()));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
+            }
+            DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(at.cast())),
+            DType::F32 => _mm512_loadu_ps(at.cast()),
+            _ => {
+                let values: [f32; 16] = std::array::from_fn(|i| at.add(i).read_unaligned().widen());
+                _mm512_loadu_ps(values.as_ptr())
+            }
+        }
+    }
+}
+
+/// 8 values of `T` at `at` as one AVX register of f32, as [`widen16`] does for 16.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; `at` must point to 8 readable values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+pub(crate) unsafe fn widen8<T: Widen + burn::tensor::Element>(at: *const T) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: 8 values of `T` are readable at `at` (the caller's promise), and the dtype
+    // says how wide each is.
+    unsafe {
+        match T::dtype() {
+            DType::BF16 => {
+                let halves = _mm256_cvtepu16_epi32(_mm_loadu_si128(at.cast()));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(halves))
+            }
+            DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(at.cast())),
+            DType::F32 => _mm256_loadu_ps(at.cast()),
+            _ => {
+                let values: [f32; 8] = std::array::from_fn(|i| at.add(i).read_unaligned().widen());
+                _mm256_loadu_ps(values.as_ptr())
+            }
+        }
+    }
+}
+
 /// Rows of W per task. Fixed (not derived from the thread count) so that the
 /// summation order, hence the result, is the same on every machine; a multiple of every
 /// quantization block length (8, 16, 32).

@@ -14,6 +14,8 @@ use burn::tensor::{Bool, DType, Device, Tensor, TensorData, bf16, f16};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::widen16;
 use super::{Vectorized, Widen, host_f32, is_plain_flex, vectorized};
 
 /// Query rows per sequence up to which [`decode_attention`] applies (decode steps and short
@@ -358,33 +360,6 @@ impl<T: Widen + burn::tensor::Element> Head<'_, T> {
             for (c, oc) in o.iter().enumerate() {
                 // SAFETY: 16 values inside the output row of `d`.
                 unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(c * LANES), _mm512_mul_ps(*oc, inv)) };
-            }
-        }
-    }
-}
-
-/// 16 values of `T` at `at` as one register of f32: bf16, f16 and f32 with one or two
-/// instructions, any other [`Widen`] type value by value.
-///
-/// # Safety
-/// The CPU must have AVX-512 F; `at` must point to 16 readable values.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn widen16<T: Widen + burn::tensor::Element>(at: *const T) -> std::arch::x86_64::__m512 {
-    use std::arch::x86_64::*;
-    // SAFETY: 16 values of `T` are readable at `at` (the caller's promise), and the dtype
-    // says how wide each is.
-    unsafe {
-        match T::dtype() {
-            DType::BF16 => {
-                let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(at.cast()));
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
-            }
-            DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(at.cast())),
-            DType::F32 => _mm512_loadu_ps(at.cast()),
-            _ => {
-                let values: [f32; LANES] = std::array::from_fn(|i| at.add(i).read_unaligned().widen());
-                _mm512_loadu_ps(values.as_ptr())
             }
         }
     }
