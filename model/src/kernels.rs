@@ -1264,16 +1264,22 @@ pub(crate) fn sum_over_slabs_of_each(
         }
         acc
     });
+    // The partials summed in slab order, each output split into pieces summed in parallel
+    // (an element's additions, and so its bits, do not depend on the split).
+    const SUM_PIECE: usize = 1024;
     partials
         .chunks(slabs)
         .zip(widths)
         .map(|(parts, &n)| {
             let mut out = vec![0f32; rows * n];
-            for p in parts {
-                for (o, v) in out.iter_mut().zip(p) {
-                    *o += v;
+            team::for_each_chunk_mut(&mut out, SUM_PIECE, |piece, out| {
+                let start = piece * SUM_PIECE;
+                for p in parts {
+                    for (o, v) in out.iter_mut().zip(&p[start..]) {
+                        *o += v;
+                    }
                 }
-            }
+            });
             out
         })
         .collect()
