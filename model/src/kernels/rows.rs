@@ -13,14 +13,12 @@
 //! CPU has AVX-512 BF16: lane `l` then takes the pairs `2l, 2l + 1` of every 32 values
 //! (odd one first, as the instruction adds them), with the same final sum.
 
-use burn::tensor::bf16;
+use burn::tensor::{Element, bf16};
 
+use super::Widen;
 #[cfg(target_arch = "x86_64")]
 use super::bf16_dot::as_bh;
 use super::bf16_dot::widen;
-use burn::tensor::Element;
-
-use super::Widen;
 #[cfg(target_arch = "x86_64")]
 use super::{widen8, widen16};
 
@@ -48,9 +46,10 @@ enum DotPath {
 }
 
 impl DotPath {
-    /// The widest path this CPU runs (checked at run time; std caches the answer).
+    /// The widest path this CPU runs, found once (every decode product asks).
     fn best() -> Self {
-        Self::available().last().copied().unwrap_or(Self::Plain)
+        static BEST: std::sync::OnceLock<DotPath> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| Self::available().last().copied().unwrap_or(Self::Plain))
     }
 
     /// Every path this CPU runs, the plain one first.
@@ -204,8 +203,7 @@ impl<T: Widen + Element> DenseDots<'_, T> {
         for r in 0..rows {
             let xr = &self.x[r * k..(r + 1) * k];
             for j in 0..out.len() / rows {
-                let j = self.j0 + j;
-                out[(j - self.j0) * rows + r] = dot(&self.w[j * k..(j + 1) * k], xr);
+                out[j * rows + r] = dot(&self.w[(self.j0 + j) * k..][..k], xr);
             }
         }
     }
@@ -247,16 +245,17 @@ fn dot<T: Widen>(w: &[T], x: &[f32]) -> f32 {
             lanes[l] = xs[l].mul_add(w[l].widen(), lanes[l]);
         }
     }
-    add_from(w, x, whole, &mut lanes);
-    lane_sum(lanes)
+    finish(lanes, w, x, whole)
 }
 
-/// Adds `x[i] * w[i]` for `i` in `from..` to lane `i % 16`, in order.
+/// Ends a dot product whose lanes hold values `..from`: adds `x[i] * w[i]` for `i` in
+/// `from..` to lane `i % 16`, in order, then sums the lanes.
 #[inline(always)]
-fn add_from<T: Widen>(w: &[T], x: &[f32], from: usize, lanes: &mut [f32; LANES]) {
+fn finish<T: Widen>(mut lanes: [f32; LANES], w: &[T], x: &[f32], from: usize) -> f32 {
     for (i, (xv, wv)) in x.iter().zip(w).enumerate().skip(from) {
         lanes[i % LANES] = xv.mul_add(wv.widen(), lanes[i % LANES]);
     }
+    lane_sum(lanes)
 }
 
 /// [`dot`] with one 16-lane register: the same fused multiply-adds in the same order.
@@ -279,8 +278,7 @@ unsafe fn dot_avx512<T: Widen + Element>(w: &[T], x: &[f32]) -> f32 {
     let mut lanes = [0f32; LANES];
     // SAFETY: 16 f32 lanes into a 16-f32 array.
     unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
-    add_from(w, x, whole, &mut lanes);
-    lane_sum(lanes)
+    finish(lanes, w, x, whole)
 }
 
 /// [`dot`] with two 8-lane registers (lanes 0-7 and 8-15): the same fused multiply-adds in
@@ -310,8 +308,7 @@ unsafe fn dot_avx2<T: Widen + Element>(w: &[T], x: &[f32]) -> f32 {
         _mm256_storeu_ps(lanes.as_mut_ptr(), low);
         _mm256_storeu_ps(lanes.as_mut_ptr().add(8), high);
     }
-    add_from(w, x, whole, &mut lanes);
-    lane_sum(lanes)
+    finish(lanes, w, x, whole)
 }
 
 /// One task of [`matmul_rows_bf16`], on bf16 bits.
