@@ -28,6 +28,7 @@ pub mod attention;
 pub mod bf16_dot;
 pub mod bf16_gemm;
 pub mod int8;
+pub mod norm_rope;
 pub mod packed;
 pub mod rows;
 mod team;

@@ -87,8 +87,15 @@ impl LlamaRmsNorm {
         }
     }
 
-    /// Normalises the last dimension.
+    /// Normalises the last dimension (in one pass on the CPU, with the bits of
+    /// [`LlamaRmsNorm::forward_ops`]).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let weight = self.weight.val();
+        crate::kernels::norm_rope::rms_norm(&x, &weight, self.eps).unwrap_or_else(|| self.forward_ops(x))
+    }
+
+    /// [`LlamaRmsNorm::forward`] with Burn's tensor operations (other devices, training).
+    pub(crate) fn forward_ops<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         let xf = if dtype == DType::F32 {
             x

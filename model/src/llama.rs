@@ -189,7 +189,15 @@ fn rotate_half(x: Tensor<4>) -> Tensor<4> {
     Tensor::cat(vec![x2.neg(), x1], 3)
 }
 
+/// HF `apply_rotary_pos_emb` of `x [b, heads, t, d]`: one pass on the CPU
+/// ([`crate::kernels::norm_rope::rope`]), the tensor operations of [`apply_rope_ops`]
+/// elsewhere (the same bits).
 fn apply_rope(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
+    crate::kernels::norm_rope::rope(&x, cos, sin).unwrap_or_else(|| apply_rope_ops(x, cos, sin))
+}
+
+/// `x * cos + rotate_half(x) * sin` with `cos` and `sin` cast to `x`'s dtype.
+pub(crate) fn apply_rope_ops(x: Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Tensor<4> {
     let dtype = x.dtype();
     let (cos, sin) = if dtype == DType::F32 {
         (cos.clone(), sin.clone())
