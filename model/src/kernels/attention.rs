@@ -69,10 +69,12 @@ pub fn decode_attention(
     mask: Option<&Tensor<4, Bool>>,
     options: &AttentionModuleOptions,
 ) -> Option<Tensor<4>> {
-    decode_attention_with(q, k, v, mask, options, true)
+    decode_attention_with(q, k, v, mask, options, true, None)
 }
 
-/// [`decode_attention`] without the AVX-512 heads when `simd` is false (the tests' twin).
+/// [`decode_attention`] without the AVX-512 heads when `simd` is false (the tests' twin), and
+/// with `group` query heads per AVX-512 task when given (1, 2, 4 or 8, dividing the heads per
+/// key/value head; otherwise one).
 fn decode_attention_with(
     q: &Tensor<4>,
     k: &Tensor<4>,
@@ -80,6 +82,7 @@ fn decode_attention_with(
     mask: Option<&Tensor<4, Bool>>,
     options: &AttentionModuleOptions,
     simd: bool,
+    group: Option<usize>,
 ) -> Option<Tensor<4>> {
     let [b, heads, t, _] = q.dims();
     let total = k.dims()[2];
@@ -114,9 +117,9 @@ fn decode_attention_with(
     } = &inputs;
     let mask = mask.as_ref().map(|(values, mh)| (values.as_slice(), *mh));
     let out = match inputs.dtype {
-        DType::F32 => run::<f32>(queries, k, v, mask, *b, shape, simd)?,
-        DType::BF16 => run::<bf16>(queries, k, v, mask, *b, shape, simd)?,
-        DType::F16 => run::<f16>(queries, k, v, mask, *b, shape, simd)?,
+        DType::F32 => run::<f32>(queries, k, v, mask, *b, shape, simd, group)?,
+        DType::BF16 => run::<bf16>(queries, k, v, mask, *b, shape, simd, group)?,
+        DType::F16 => run::<f16>(queries, k, v, mask, *b, shape, simd, group)?,
         _ => return None,
     };
     Some(inputs.output(out))
@@ -212,10 +215,20 @@ struct Shape4 {
     causal: bool,
 }
 
-/// All `(batch, head)` tasks in parallel over keys and values stored as `T`; the output is
-/// `[b, heads, t, d]` f32. Head sizes of 1, 2, 4 or 8 AVX-512 registers (16, 32, 64, 128)
+/// Query heads per task of the AVX-512 kernel at most: the heads that share a key/value head
+/// (GQA) read each key and value once for all of them.
+const MAX_GROUP: usize = 8;
+
+/// Tasks per thread the grouping leaves at least (the tasks of a step are equal in size).
+const TASKS_PER_THREAD: usize = 4;
+
+/// All `(batch, head group)` tasks in parallel over keys and values stored as `T`; the output
+/// is `[b, heads, t, d]` f32. Head sizes of 1, 2, 4 or 8 AVX-512 registers (16, 32, 64, 128)
 /// run [`Head::avx512`] where the CPU has AVX-512 F and FMA, unless `simd` is false (the
-/// tests' twin); other sizes and CPUs run the plain loop [`head`].
+/// tests' twin), with several query heads of one key/value head per task ([`head_group`], or
+/// `group` where given and valid); other sizes and CPUs run the plain loop [`head`], one head
+/// per task.
+#[allow(clippy::too_many_arguments)]
 fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     q: &[f32],
     k: &FlexTensor,
@@ -224,6 +237,7 @@ fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     b: usize,
     s: &Shape4,
     simd: bool,
+    group: Option<usize>,
 ) -> Option<Vec<f32>> {
     let (k, v) = (strided::<T>(k)?, strided::<T>(v)?);
     let registers = if simd && decode_simd_available() && s.d.is_multiple_of(LANES) {
@@ -231,27 +245,46 @@ fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     } else {
         0
     };
+    let group = match group {
+        _ if registers == 0 => 1,
+        Some(g) if matches!(g, 1 | 2 | 4 | 8) && s.rep.is_multiple_of(g) => g,
+        Some(_) => 1,
+        None => head_group(b, s, rayon::current_num_threads()),
+    };
+    let groups = s.heads / group;
     let mut out = vec![0f32; b * s.heads * s.t * s.d];
-    super::team::for_each_chunk_mut(&mut out, s.t * s.d, |task, out| {
+    super::team::for_each_chunk_mut(&mut out, group * s.t * s.d, |task, out| {
         let work = Head {
             q,
             k: &k,
             v: &v,
             mask,
-            bi: task / s.heads,
-            h: task % s.heads,
+            bi: task / groups,
+            h: task % groups * group,
             s,
             out,
         };
         // SAFETY: the CPU has AVX-512 F and FMA (`decode_simd_available`), `d` is `registers`
-        // whole registers, and each task's output is `t * d` values.
+        // whole registers, `group` query heads from `h` share one key/value head, and each
+        // task's output is `group * t * d` values.
         #[cfg(target_arch = "x86_64")]
         unsafe {
+            macro_rules! heads {
+                ($c:literal) => {
+                    match group {
+                        1 => return work.avx512::<$c, 1>(),
+                        2 => return work.avx512::<$c, 2>(),
+                        4 => return work.avx512::<$c, 4>(),
+                        8 => return work.avx512::<$c, 8>(),
+                        _ => unreachable!("groups are 1, 2, 4 or 8 heads"),
+                    }
+                };
+            }
             match registers {
-                1 => return work.avx512::<1>(),
-                2 => return work.avx512::<2>(),
-                4 => return work.avx512::<4>(),
-                8 => return work.avx512::<8>(),
+                1 => heads!(1),
+                2 => heads!(2),
+                4 => heads!(4),
+                8 => heads!(8),
                 _ => {}
             }
         }
@@ -260,6 +293,19 @@ fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
         vectorized(work)
     });
     Some(out)
+}
+
+/// Query heads per task: the most (1, 2, 4 or 8, dividing the heads per key/value head) that
+/// still leave [`TASKS_PER_THREAD`] tasks per thread, or 1.
+fn head_group(b: usize, s: &Shape4, threads: usize) -> usize {
+    let mut group = 1;
+    while group * 2 <= MAX_GROUP
+        && s.rep.is_multiple_of(group * 2)
+        && b * s.heads / (group * 2) >= TASKS_PER_THREAD * threads
+    {
+        group *= 2;
+    }
+    group
 }
 
 /// Whether [`head_avx512`] can run here (AVX-512 F and FMA).
@@ -276,18 +322,23 @@ fn decode_simd_available() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 impl<T: Widen + burn::tensor::Element> Head<'_, T> {
-    /// [`head`] for a head of `C * 16` dimensions with AVX-512: the query row in `C` registers,
-    /// each key widened from `T` in registers and its score summed across lanes, the
-    /// exponentials vectorized ([`exp_nonpositive`]), and the output row held in `C` registers
-    /// while the values stream past. The plain loop's auto-vectorized dot product came out as
-    /// 4-lane pieces, and its output row went through memory once per key.
+    /// [`head`] for `G` query heads from `h` that share one key/value head, each of `C * 16`
+    /// dimensions, with AVX-512: each key and value widened from `T` in registers once for
+    /// the `G` heads; per head the query row in `C` registers, the score of each key as one
+    /// register of partial sums summed across its lanes (16 keys at a time by
+    /// [`lane_sums16`], with the additions of `_mm512_reduce_add_ps`), the exponentials
+    /// vectorized ([`exp_nonpositive`]), and the output row held in `C` registers while the
+    /// values stream past. The plain loop's auto-vectorized dot product came out as 4-lane
+    /// pieces, and its output row went through memory once per key. The bits of each head
+    /// do not depend on `G`.
     ///
-    /// Panics unless the head size is `C * 16` and `out` holds `t * d` values.
+    /// Panics unless the head size is `C * 16`, heads `h..h + G` share a key/value head and
+    /// `out` holds `G * t * d` values.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F and FMA.
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn avx512<const C: usize>(self) {
+    unsafe fn avx512<const C: usize, const G: usize>(self) {
         use std::arch::x86_64::*;
 
         let Self {
@@ -301,68 +352,146 @@ impl<T: Widen + burn::tensor::Element> Head<'_, T> {
             out,
         } = self;
         let d = C * LANES;
-        assert!(s.d == d && out.len() >= s.t * d, "a head of {C} registers");
         let kvh = h / s.rep;
-        let mut scores = vec![0f32; s.total];
+        assert!(
+            s.d == d && out.len() >= G * s.t * d && (h + G - 1) / s.rep == kvh,
+            "{G} heads of {C} registers"
+        );
+        // Each head's scores, then its probabilities.
+        let mut scores = vec![0f32; G * s.total];
+        // The partial sums of a block of 16 keys, per head.
+        let mut partial = [[_mm512_setzero_ps(); LANES]; G];
         for i in 0..s.t {
-            let qrow = &q[((bi * s.heads + h) * s.t + i) * d..][..d];
-            // SAFETY: `C` registers of 16 inside the row of `d = 16 C` values.
-            let qv: [__m512; C] =
-                std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qrow.as_ptr().add(c * LANES)) });
+            let qv: [[__m512; C]; G] = std::array::from_fn(|g| {
+                let qrow = &q[((bi * s.heads + h + g) * s.t + i) * d..][..d];
+                // SAFETY: `C` registers of 16 inside the row of `d = 16 C` values.
+                std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qrow.as_ptr().add(c * LANES)) })
+            });
             // Keys after the query's own position are excluded when causal.
             let visible = if s.causal { s.total - s.t + i + 1 } else { s.total };
-            let scores = &mut scores[..visible];
-            for (j, score) in scores.iter_mut().enumerate() {
-                let key = k.row(bi, kvh, j, d).as_ptr();
-                // Two chains of additions, then one sum across the lanes.
-                let mut acc = [_mm512_setzero_ps(); 2];
-                for (c, &qc) in qv.iter().enumerate() {
+            for j0 in (0..visible).step_by(LANES) {
+                let keys = LANES.min(visible - j0);
+                for jj in 0..keys {
+                    let key = k.row(bi, kvh, j0 + jj, d).as_ptr();
                     // SAFETY: the key row holds `d` values (`row` checked the bounds).
-                    let kc = unsafe { widen16(key.add(c * LANES)) };
-                    acc[c % 2] = _mm512_fmadd_ps(qc, kc, acc[c % 2]);
+                    let kc: [__m512; C] = std::array::from_fn(|c| unsafe { widen16(key.add(c * LANES)) });
+                    for (qg, part) in qv.iter().zip(partial.iter_mut()) {
+                        // Two chains of additions, then one sum across the lanes.
+                        let mut acc = [_mm512_setzero_ps(); 2];
+                        for c in 0..C {
+                            acc[c % 2] = _mm512_fmadd_ps(qg[c], kc[c], acc[c % 2]);
+                        }
+                        part[jj] = _mm512_add_ps(acc[0], acc[1]);
+                    }
                 }
-                *score = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) * s.scale;
-            }
-            if let Some((m, mh)) = mask {
-                let mhead = if mh == 1 { 0 } else { h };
-                let row = &m[((bi * mh + mhead) * s.t + i) * s.total..][..visible];
-                for (score, &masked) in scores.iter_mut().zip(row) {
-                    if masked {
-                        *score = f32::NEG_INFINITY;
+                let scale = _mm512_set1_ps(s.scale);
+                for (g, part) in partial.iter().enumerate() {
+                    let row = &mut scores[g * s.total + j0..][..keys];
+                    if keys == LANES {
+                        // SAFETY: 16 scores inside the head's row.
+                        unsafe {
+                            _mm512_storeu_ps(row.as_mut_ptr(), _mm512_mul_ps(lane_sums16(part), scale))
+                        };
+                    } else {
+                        for (score, &p) in row.iter_mut().zip(part) {
+                            *score = _mm512_reduce_add_ps(p) * s.scale;
+                        }
                     }
                 }
             }
-            let max = lane_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
-            let row = &mut out[i * d..(i + 1) * d];
-            if max == f32::NEG_INFINITY {
-                row.fill(0.0);
-                continue;
-            }
-            // A masked key's probability is exactly 0 (`exp_nonpositive` stops at `exp(-87)`).
-            for score in scores.iter_mut() {
-                let p = exp_nonpositive(*score - max);
-                *score = if *score == f32::NEG_INFINITY { 0.0 } else { p };
-            }
-            let sum = lane_fold(scores, 0.0, |a, x| a + x);
-            let mut o = [_mm512_setzero_ps(); C];
-            for (j, &p) in scores.iter().enumerate() {
-                if p == 0.0 {
+            // Per head: mask, softmax; a head with every key masked gets zeros.
+            let mut sums = [0f32; G];
+            let mut live = [false; G];
+            for g in 0..G {
+                let scores = &mut scores[g * s.total..][..visible];
+                if let Some((m, mh)) = mask {
+                    let mhead = if mh == 1 { 0 } else { h + g };
+                    let row = &m[((bi * mh + mhead) * s.t + i) * s.total..][..visible];
+                    for (score, &masked) in scores.iter_mut().zip(row) {
+                        if masked {
+                            *score = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                let max = lane_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+                if max == f32::NEG_INFINITY {
                     continue;
                 }
+                live[g] = true;
+                // A masked key's probability is exactly 0 (`exp_nonpositive` stops at
+                // `exp(-87)`).
+                for score in scores.iter_mut() {
+                    let p = exp_nonpositive(*score - max);
+                    *score = if *score == f32::NEG_INFINITY { 0.0 } else { p };
+                }
+                sums[g] = lane_fold(scores, 0.0, |a, x| a + x);
+            }
+            let mut o = [[_mm512_setzero_ps(); C]; G];
+            for j in 0..visible {
                 let value = v.row(bi, kvh, j, d).as_ptr();
-                let pv = _mm512_set1_ps(p);
-                for (c, oc) in o.iter_mut().enumerate() {
-                    // SAFETY: the value row holds `d` values (`row` checked the bounds).
-                    *oc = _mm512_fmadd_ps(pv, unsafe { widen16(value.add(c * LANES)) }, *oc);
+                // SAFETY: the value row holds `d` values (`row` checked the bounds).
+                let vc: [__m512; C] = std::array::from_fn(|c| unsafe { widen16(value.add(c * LANES)) });
+                for (g, og) in o.iter_mut().enumerate() {
+                    let p = scores[g * s.total + j];
+                    if p == 0.0 {
+                        continue;
+                    }
+                    let pv = _mm512_set1_ps(p);
+                    for (oc, &vcc) in og.iter_mut().zip(&vc) {
+                        *oc = _mm512_fmadd_ps(pv, vcc, *oc);
+                    }
                 }
             }
-            let inv = _mm512_set1_ps(1.0 / sum);
-            for (c, oc) in o.iter().enumerate() {
-                // SAFETY: 16 values inside the output row of `d`.
-                unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(c * LANES), _mm512_mul_ps(*oc, inv)) };
+            for g in 0..G {
+                let row = &mut out[(g * s.t + i) * d..][..d];
+                if !live[g] {
+                    row.fill(0.0);
+                    continue;
+                }
+                let inv = _mm512_set1_ps(1.0 / sums[g]);
+                for (c, oc) in o[g].iter().enumerate() {
+                    // SAFETY: 16 values inside the output row of `d`.
+                    unsafe { _mm512_storeu_ps(row.as_mut_ptr().add(c * LANES), _mm512_mul_ps(*oc, inv)) };
+                }
             }
         }
     }
+}
+
+/// The lane sums of 16 registers (`v[j]` summed across its lanes into lane `j`), each with
+/// the additions of `_mm512_reduce_add_ps` in its order (halves of 256, then 128, 64 and 32
+/// bits): 46 shuffles and adds for the 16 instead of about 8 instructions per register.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn lane_sums16(v: &[std::arch::x86_64::__m512; LANES]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // Lanes l and l + 8 of each register: two registers' halves per result.
+    let halves: [__m512; 8] = std::array::from_fn(|i| {
+        let (a, b) = (v[2 * i], v[2 * i + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(a, b),
+            _mm512_shuffle_f32x4::<0xEE>(a, b),
+        )
+    });
+    // Lanes l and l + 4: 128-bit lane m of `quarters[i]` belongs to register 4 i + m.
+    let quarters: [__m512; 4] = std::array::from_fn(|i| {
+        let (a, b) = (halves[2 * i], halves[2 * i + 1]);
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(a, b),
+            _mm512_shuffle_f32x4::<0xDD>(a, b),
+        )
+    });
+    // Lanes l and l + 2, then l and l + 1, within each 128-bit lane.
+    let eighths: [__m512; 2] = std::array::from_fn(|i| {
+        let (a, b) = (quarters[2 * i], quarters[2 * i + 1]);
+        _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b))
+    });
+    let (a, b) = (eighths[0], eighths[1]);
+    let sums = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(a, b), _mm512_shuffle_ps::<0xDD>(a, b));
+    // Element 4 m + e now holds register 4 e + m's sum.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_ps(order, sums)
 }
 
 /// One `(batch, head)` task of [`run`], as [`Vectorized`] work.
@@ -897,6 +1026,60 @@ mod tests {
         )
     }
 
+    /// The AVX-512 kernel with 1, 2, 4 and 8 query heads per task (those that divide `rep`)
+    /// and with the automatic choice: the same bits.
+    fn same_bits_in_every_grouping(
+        q: &Tensor<4>,
+        k: &Tensor<4>,
+        v: &Tensor<4>,
+        mask: Option<&Tensor<4, Bool>>,
+        options: &AttentionModuleOptions,
+        rep: usize,
+    ) {
+        let bits = |t: Tensor<4>| -> Vec<u32> {
+            let values: Vec<f32> = t.into_data().convert::<f32>().try_into_vec().expect("f32");
+            values.iter().map(|v| v.to_bits()).collect()
+        };
+        let one = bits(decode_attention_with(q, k, v, mask, options, true, Some(1)).expect("applies"));
+        let auto = bits(decode_attention(q, k, v, mask, options).expect("applies"));
+        assert_eq!(one, auto, "automatic grouping, rep {rep}");
+        for group in [2, 4, 8].into_iter().filter(|g| rep.is_multiple_of(*g)) {
+            let grouped = decode_attention_with(q, k, v, mask, options, true, Some(group)).expect("applies");
+            assert_eq!(one, bits(grouped), "{group} heads per task, rep {rep}");
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn sixteen_lane_sums_have_the_bits_of_the_reduction() {
+        use std::arch::x86_64::*;
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        // Values of many magnitudes, so that another order of additions rounds differently.
+        let value = |i: usize| {
+            let x = ((i * 7919 + 13) % 1009) as f32 / 1009.0 - 0.5;
+            x * 10f32.powi((i % 9) as i32 - 4)
+        };
+        for trial in 0..64 {
+            let values: Vec<f32> = (0..256).map(|i| value(i + trial * 256)).collect();
+            // SAFETY: the CPU has AVX-512 F (checked above); 16 registers of 16 values.
+            let (sums, each) = unsafe {
+                let v: [__m512; 16] = std::array::from_fn(|j| _mm512_loadu_ps(values[j * 16..].as_ptr()));
+                let mut sums = [0f32; 16];
+                _mm512_storeu_ps(sums.as_mut_ptr(), lane_sums16(&v));
+                (sums, v.map(|r| _mm512_reduce_add_ps(r)))
+            };
+            for j in 0..16 {
+                assert_eq!(
+                    sums[j].to_bits(),
+                    each[j].to_bits(),
+                    "trial {trial}, register {j}"
+                );
+            }
+        }
+    }
+
     /// Against Burn's own attention (with HF's `repeat_kv` for GQA) and the plain loop:
     /// causal, masked (one mask for all heads, or one per head together with the causal
     /// limit), 1 to 3 query rows, head sizes 16/24/32/64/128 (every AVX-512 head width, and
@@ -940,7 +1123,8 @@ mod tests {
                     ..Default::default()
                 };
                 let ours = decode_attention(&q, &k, &v, None, &options).expect("applies");
-                let twin = decode_attention_with(&q, &k, &v, None, &options, false).expect("applies");
+                let twin = decode_attention_with(&q, &k, &v, None, &options, false, None).expect("applies");
+                same_bits_in_every_grouping(&q, &k, &v, None, &options, heads / kv_heads);
                 let burn = burn_attention(&q, &k, &v, None, options);
                 let diff = max_diff(ours.clone(), burn);
                 assert!(
@@ -980,7 +1164,9 @@ mod tests {
                     ..Default::default()
                 };
                 let ours = decode_attention(&q, &k, &v, Some(&mask), &options).expect("applies");
-                let twin = decode_attention_with(&q, &k, &v, Some(&mask), &options, false).expect("applies");
+                same_bits_in_every_grouping(&q, &k, &v, Some(&mask), &options, heads / kv_heads);
+                let twin =
+                    decode_attention_with(&q, &k, &v, Some(&mask), &options, false, None).expect("applies");
                 let burn = burn_attention(&q, &k, &v, Some(&mask), options);
                 let diff = max_diff(ours.clone(), burn);
                 assert!(

@@ -41,23 +41,13 @@ impl Int8Rows {
         let mut values = vec![0i8; rows * k];
         let mut scales = vec![0f32; blocks];
         let mut sums = vec![0i32; blocks];
-        for (((xb, qb), scale), sum) in x
-            .chunks_exact(block)
-            .zip(values.chunks_exact_mut(block))
-            .zip(&mut scales)
-            .zip(&mut sums)
-        {
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut s = 0i32;
-            for (q, &v) in qb.iter_mut().zip(xb) {
-                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                s += *q as i32;
-            }
-            *scale = d;
-            *sum = s;
-        }
+        super::vectorized(QuantizeBlocks {
+            x,
+            values: &mut values,
+            scales: &mut scales,
+            sums: &mut sums,
+            block,
+        });
         Some(Self {
             values,
             scales,
@@ -246,6 +236,44 @@ fn plain_columns(
 /// Output `(r, j)` in plain Rust, one column at a time: per block the exact int32 sum,
 /// scaled by the activation scale, then accumulated with the weight scale by one FMA (the
 /// VNNI kernel's order). The reference of [`plain_columns`].
+/// The blocks of [`Int8Rows::quantize`], as [`Vectorized`](super::Vectorized) work: compiled
+/// for AVX-512 or AVX2, the rounding is a few vector instructions instead of a call to
+/// `roundf` per value (the same round-half-away-from-zero).
+struct QuantizeBlocks<'a> {
+    x: &'a [f32],
+    values: &'a mut [i8],
+    scales: &'a mut [f32],
+    sums: &'a mut [i32],
+    block: usize,
+}
+
+impl super::Vectorized for QuantizeBlocks<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let block = self.block;
+        for (((xb, qb), scale), sum) in self
+            .x
+            .chunks_exact(block)
+            .zip(self.values.chunks_exact_mut(block))
+            .zip(self.scales.iter_mut())
+            .zip(self.sums.iter_mut())
+        {
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut s = 0i32;
+            for (q, &v) in qb.iter_mut().zip(xb) {
+                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                s += *q as i32;
+            }
+            *scale = d;
+            *sum = s;
+        }
+    }
+}
+
 #[cfg(test)]
 fn column_reference(
     x: &Int8Rows,
@@ -491,6 +519,32 @@ mod tests {
 
     /// Quantized activations are within half a step of the input per block, and their error
     /// bounds the product's: |x W - xq W| <= sum |x - xq| |W|.
+    #[test]
+    fn activation_quantization_rounds_half_away_from_zero_as_roundf_does() {
+        // A block whose largest magnitude is 127 has a scale of exactly 1, so every value
+        // below is the quantizer's input as written: ties, near-ties and the ends.
+        let mut x = vec![
+            127.0f32,
+            -127.0,
+            0.5,
+            -0.5,
+            1.5,
+            -2.5,
+            126.5,
+            -126.5,
+            0.49999997,
+            -0.49999997,
+        ];
+        x.extend((0..22).map(|i| i as f32 * 3.25 - 40.0));
+        let xq = Int8Rows::quantize(&x, 1, 32, 32).expect("quantize");
+        assert_eq!(xq.block_of(0, 0).0, 1.0);
+        for (i, (&q, &v)) in xq.row(0).iter().zip(&x).enumerate() {
+            // `f32::round` here is the library call the vectorized loop replaces.
+            assert_eq!(q, v.round().clamp(-127.0, 127.0) as i8, "value {i}: {v}");
+        }
+        assert_eq!(&xq.row(0)[2..10], &[1, -1, 2, -3, 127, -127, 0, 0]);
+    }
+
     #[test]
     fn activation_quantization_is_within_half_a_step() {
         let (rows, k, n) = (2, 64, 64);
