@@ -415,6 +415,8 @@ impl<T: Widen + burn::tensor::Element> Head<'_, T> {
                 }
                 let max = lane_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
                 if max == f32::NEG_INFINITY {
+                    // Probabilities of 0: the values below skip this head.
+                    scores.fill(0.0);
                     continue;
                 }
                 live[g] = true;
