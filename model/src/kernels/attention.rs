@@ -40,7 +40,7 @@ impl<T: Copy> Strided<'_, T> {
 
 /// The layout of `t` when it can be read in place: non-negative strides, inner stride 1, and
 /// every index inside the storage.
-fn strided_parts(t: &FlexTensor) -> Option<(usize, [usize; 4])> {
+pub(super) fn strided_parts(t: &FlexTensor) -> Option<(usize, [usize; 4])> {
     let layout = t.layout();
     let dims = layout.shape().to_vec();
     let strides = layout.strides();
@@ -361,6 +361,7 @@ impl<T: Widen + burn::tensor::Element> Head<'_, T> {
         let mut scores = vec![0f32; G * s.total];
         // The partial sums of a block of 16 keys, per head.
         let mut partial = [[_mm512_setzero_ps(); LANES]; G];
+        let scale = _mm512_set1_ps(s.scale);
         for i in 0..s.t {
             let qv: [[__m512; C]; G] = std::array::from_fn(|g| {
                 let qrow = &q[((bi * s.heads + h + g) * s.t + i) * d..][..d];
@@ -384,7 +385,6 @@ impl<T: Widen + burn::tensor::Element> Head<'_, T> {
                         part[jj] = _mm512_add_ps(acc[0], acc[1]);
                     }
                 }
-                let scale = _mm512_set1_ps(s.scale);
                 for (g, part) in partial.iter().enumerate() {
                     let row = &mut scores[g * s.total + j0..][..keys];
                     if keys == LANES {

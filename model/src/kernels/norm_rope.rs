@@ -172,25 +172,16 @@ pub fn rope(x: &Tensor<4>, cos: &Tensor<4>, sin: &Tensor<4>) -> Option<Tensor<4>
     let table = |t: &Tensor<4>| super::host_f32(t.clone());
     let (cos, sin) = (table(cos)?, table(sin)?);
     let xs: FlexTensor = x.clone().try_into_primitive::<Flex>().ok()?;
-    let layout = xs.layout();
-    let strides = layout.strides();
-    if strides.len() != 4 || strides[3] != 1 || strides.iter().any(|&s| s < 0) {
-        return None;
-    }
+    // Read in place as the decode attention reads the KV cache: every index checked.
+    let (offset, strides) = super::attention::strided_parts(&xs)?;
     let view = View {
-        offset: layout.start_offset(),
-        strides: [0, 1, 2].map(|i| strides[i] as usize),
+        offset,
+        strides: [strides[0], strides[1], strides[2]],
         heads,
         t,
         d,
         table_rows: if cb == 1 { 0 } else { t },
     };
-    // Every index read lies inside the storage.
-    let last = view.at(b.saturating_sub(1), heads.saturating_sub(1), t.saturating_sub(1)) + d;
-    let elements = xs.bytes().len() / xs.dtype().size().max(1);
-    if b * heads * t * d > 0 && last > elements {
-        return None;
-    }
     let dtype = x.dtype();
     let tables = (cos.as_slice(), sin.as_slice());
     let data = match dtype {
@@ -303,29 +294,10 @@ mod tests {
     use crate::layers::LlamaRmsNorm;
     use crate::llama::apply_rope_ops;
 
+    /// The values' bits, widened to f32 (exact and one-to-one for bf16 and f16).
     fn bits<const D: usize>(t: Tensor<D>) -> Vec<u32> {
-        let data = t.into_data();
-        match data.dtype() {
-            DType::F32 => data
-                .as_slice::<f32>()
-                .expect("f32")
-                .iter()
-                .map(|v| v.to_bits())
-                .collect(),
-            DType::BF16 => data
-                .as_slice::<bf16>()
-                .expect("bf16")
-                .iter()
-                .map(|v| v.to_bits() as u32)
-                .collect(),
-            DType::F16 => data
-                .as_slice::<f16>()
-                .expect("f16")
-                .iter()
-                .map(|v| v.to_bits() as u32)
-                .collect(),
-            other => panic!("{other:?}"),
-        }
+        let values: Vec<f32> = t.into_data().convert::<f32>().try_into_vec().expect("f32");
+        values.iter().map(|v| v.to_bits()).collect()
     }
 
     /// Normal values with a spread of magnitudes, so that roundings happen at every step.
