@@ -1,7 +1,8 @@
 //! Rates of the decode kernels in isolation (weights streamed once per call):
 //! `cargo bench -p vipllava-model --bench stream_kernels` (set `RAYON_NUM_THREADS`;
 //! `STREAM_KERNELS=rows` for the file-order table alone, `STREAM_KERNELS=gemm` for the
-//! many-row bf16 table alone, `STREAM_KERNELS=prefill-attention` and
+//! many-row bf16 table alone, `STREAM_KERNELS=f32-gemm` for the many-row f32 table alone,
+//! `STREAM_KERNELS=prefill-attention` and
 //! `STREAM_KERNELS=decode-attention` for the attention tables alone,
 //! `STREAM_KERNELS=packed-memory` for packed q4/q8 products over weights larger than the
 //! caches).
@@ -44,6 +45,7 @@ fn main() {
     let alone: Option<fn()> = match std::env::var("STREAM_KERNELS").as_deref() {
         Ok("rows") => Some(rows_table),
         Ok("gemm") => Some(gemm_table),
+        Ok("f32-gemm") => Some(f32_gemm_table),
         Ok("packed-memory") => Some(packed_memory_table),
         Ok("decode-attention") => Some(attention_table),
         Ok("prefill-attention") => Some(prefill_attention_table),
@@ -304,6 +306,66 @@ fn gemm_table() {
             cell(3),
             cell(4),
             median(0) / best
+        );
+    }
+}
+
+/// Many-row f32 products (f32 prefill, image encode): Flex's f32 gemm on a checkpoint-order
+/// weight (what the engine did before) against [`matmul_f32_gemm`] in both weight orders,
+/// 3 interleaved rounds, medians.
+fn f32_gemm_table() {
+    use burn::tensor::{Device, Tensor, TensorData};
+    use vipllava_model::kernels::bf16_gemm::WeightOrder;
+    use vipllava_model::kernels::f32_gemm::{f32_gemm_available, matmul_f32_gemm};
+
+    let device = Device::flex();
+    println!();
+    println!("AVX-512 F: {}", f32_gemm_available());
+    println!(
+        "| m x k x n | Flex [n,k] ms | ours [k,n] ms | ours [n,k] ms | GFLOP/s (ours [n,k]) | Flex / ours [n,k] |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (m, k, n) in [
+        (617, 2048, 5632),
+        (617, 5632, 2048),
+        (617, 2048, 2048),
+        (617, 2048, 256),
+        (577, 1024, 4096),
+        (577, 4096, 1024),
+        (577, 1024, 1024),
+    ] {
+        let x: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) * 0.05).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
+        let file: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+        let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
+        // The checkpoint's `[n, k]` rows seen as `[k, n]`, as the loader hands them out.
+        let ft = Tensor::<2>::from_data(TensorData::new(file.clone(), [n, k]), &device).swap_dims(0, 1);
+        let mut rounds = [[f64::NAN; 3]; 3];
+        for round in rounds.iter_mut() {
+            round[0] = time(3, || {
+                black_box(xt.clone().matmul(ft.clone()).into_data());
+            });
+            if f32_gemm_available() {
+                round[1] = time(3, || {
+                    black_box(matmul_f32_gemm(&x, &w, WeightOrder::InputMajor, m, k, n));
+                });
+                round[2] = time(3, || {
+                    black_box(matmul_f32_gemm(&x, &file, WeightOrder::OutputMajor, m, k, n));
+                });
+            }
+        }
+        let median = |c: usize| median_ms(&rounds, c);
+        if !f32_gemm_available() {
+            println!("| {m} x {k} x {n} | {:.1} | (no AVX-512 F) | | | |", median(0));
+            continue;
+        }
+        let gflops = 2.0 * (m * k * n) as f64 / median(2) / 1e6;
+        println!(
+            "| {m} x {k} x {n} | {:.1} | {:.1} | {:.1} | {gflops:.0} | {:.2} |",
+            median(0),
+            median(1),
+            median(2),
+            median(0) / median(2)
         );
     }
 }

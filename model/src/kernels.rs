@@ -27,6 +27,7 @@ pub mod amx;
 pub mod attention;
 pub mod bf16_dot;
 pub mod bf16_gemm;
+pub mod f32_gemm;
 pub mod int8;
 pub mod norm_rope;
 pub mod packed;
@@ -53,6 +54,15 @@ pub fn bf16_gemm_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("VIPLLAVA_BF16_GEMM").map_or(true, |v| v != "0"))
         && bf16_gemm::bf16_gemm_available()
+}
+
+/// Whether many-row f32 products with f32 weights use [`f32_gemm`] where the CPU has
+/// AVX-512 F: on by default, off with `VIPLLAVA_F32_GEMM=0` (a switch for before/after
+/// measurements: Flex's f32 gemm then does them).
+pub fn f32_gemm_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("VIPLLAVA_F32_GEMM").map_or(true, |v| v != "0"))
+        && f32_gemm::f32_gemm_available()
 }
 
 /// Whether decode products with q8/q4 weights quantized along K quantize the activations
@@ -135,7 +145,7 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
     {
         return out;
     }
-    if let Some(out) = bf16_gemm_linear(layer, weight.clone(), &x, rows) {
+    if let Some(out) = gemm_linear(layer, weight.clone(), &x, rows) {
         return out;
     }
     if weight_in_file_order(&weight) {
@@ -193,16 +203,24 @@ fn file_order_linear<const D: usize>(
     if dtype == DType::F32 { y } else { y.cast(dtype) }
 }
 
-/// `x @ W (+ b)` for many rows of bf16 activations and a bf16 weight in either order, with
-/// `vdpbf16ps` ([`bf16_gemm`]) instead of widening both to f32; `None` where the CPU lacks
-/// AVX-512 BF16 or the weight is not a plain `[k, n]` or `[n, k]` block of the Flex device.
-fn bf16_gemm_linear<const D: usize>(
+/// `x @ W (+ b)` for many rows with our own gemm, the weight in either order: bf16 with
+/// `vdpbf16ps` ([`bf16_gemm`]) instead of widening both to f32, f32 with AVX-512 FMA
+/// ([`f32_gemm`]) instead of Flex's gemm, which copies a file-order weight value by value;
+/// `None` where the CPU lacks the instructions, the dtypes differ or the weight is not a
+/// plain `[k, n]` or `[n, k]` block of the Flex device.
+fn gemm_linear<const D: usize>(
     layer: &Linear,
     weight: Tensor<2>,
     x: &Tensor<D>,
     rows: usize,
 ) -> Option<Tensor<D>> {
-    if weight.dtype() != DType::BF16 || x.dtype() != DType::BF16 || !bf16_gemm_enabled() {
+    let dtype = weight.dtype();
+    let enabled = match dtype {
+        DType::BF16 => bf16_gemm_enabled(),
+        DType::F32 => f32_gemm_enabled(),
+        _ => false,
+    };
+    if !enabled || x.dtype() != dtype {
         return None;
     }
     let [k, n] = weight.dims();
@@ -215,19 +233,17 @@ fn bf16_gemm_linear<const D: usize>(
     } else {
         return None;
     };
-    let offset = layout.start_offset();
+    let values = layout.start_offset()..layout.start_offset() + k * n;
     let data = x.clone().into_data();
-    let xs = data.as_slice::<bf16>().ok()?;
-    let out = bf16_gemm::matmul_bf16_gemm(
-        xs,
-        &w.storage::<bf16>()[offset..offset + k * n],
-        order,
-        rows,
-        k,
-        n,
-    )?;
+    let out = if dtype == DType::BF16 {
+        let xs = data.as_slice::<bf16>().ok()?;
+        bf16_gemm::matmul_bf16_gemm(xs, &w.storage::<bf16>()[values], order, rows, k, n)?
+    } else {
+        let xs = data.as_slice::<f32>().ok()?;
+        f32_gemm::matmul_f32_gemm(xs, &w.storage::<f32>()[values], order, rows, k, n)?
+    };
     let bias = host_bias(layer)?;
-    Some(streamed_output(out, bias.as_deref(), x, n, DType::BF16))
+    Some(streamed_output(out, bias.as_deref(), x, n, dtype))
 }
 
 /// A layer's bias on the host as f32: `Some(None)` for a layer without one, `None` when it
@@ -400,10 +416,15 @@ fn streamed_output<const D: usize>(
         return Tensor::<D>::from_data(TensorData::new(rounded, shape), (&x.device(), DType::BF16));
     }
     if let Some(b) = bias {
-        for row in out.chunks_mut(n) {
+        let add = |row: &mut [f32]| {
             for (o, bv) in row.iter_mut().zip(b) {
                 *o += bv;
             }
+        };
+        if out.len() >= PARALLEL_VALUES {
+            out.par_chunks_mut(n).for_each(add);
+        } else {
+            out.chunks_mut(n).for_each(add);
         }
     }
     let y = Tensor::<D>::from_data(TensorData::new(out, shape), &x.device());

@@ -150,25 +150,8 @@ fn run(
     } else {
         vec![0f32; m * n]
     };
-    let col_tasks = n.div_ceil(TASK_COLS);
-    // A narrow product (k/v projections) splits its rows too, so that every thread has work;
-    // each output is still one sum over its pairs in order, whatever the split.
-    let row_parts = (2 * rayon::current_num_threads())
-        .div_ceil(col_tasks)
-        .clamp(1, m.div_ceil(row_unit));
-    let part_rows = m.div_ceil(row_parts).next_multiple_of(row_unit);
-    let row_parts = m.div_ceil(part_rows);
     let target = Output(out.as_mut_ptr());
-    (0..col_tasks * row_parts).into_par_iter().for_each(|task| {
-        let (t, part) = (task / row_parts, task % row_parts);
-        let c0 = t * TASK_COLS;
-        let r0 = part * part_rows;
-        let block = Block {
-            c0,
-            cols: TASK_COLS.min(n - c0),
-            r0,
-            r1: (r0 + part_rows).min(m),
-        };
+    for_each_block(m, n, row_unit, |block| {
         // SAFETY: `out` holds `m * n` values and outlives the tasks; tasks write disjoint
         // (row range, column range) blocks of it.
         unsafe {
@@ -186,19 +169,42 @@ fn run(
     Some(out)
 }
 
-/// The output's first value, shared by the tasks (each writes its own block).
-struct Output(*mut f32);
+/// Runs `task` on every block of an `[m, n]` product in parallel: [`TASK_COLS`] columns
+/// each, and for a narrow product (k/v projections) parts of the rows too, in whole
+/// `row_unit`s, so that every thread has work.
+pub(super) fn for_each_block(m: usize, n: usize, row_unit: usize, task: impl Fn(Block) + Sync) {
+    let col_tasks = n.div_ceil(TASK_COLS);
+    let row_parts = (2 * rayon::current_num_threads())
+        .div_ceil(col_tasks)
+        .clamp(1, m.div_ceil(row_unit));
+    let part_rows = m.div_ceil(row_parts).next_multiple_of(row_unit);
+    let row_parts = m.div_ceil(part_rows);
+    (0..col_tasks * row_parts).into_par_iter().for_each(|i| {
+        let (t, part) = (i / row_parts, i % row_parts);
+        let c0 = t * TASK_COLS;
+        let r0 = part * part_rows;
+        task(Block {
+            c0,
+            cols: TASK_COLS.min(n - c0),
+            r0,
+            r1: (r0 + part_rows).min(m),
+        });
+    });
+}
 
-// SAFETY: the tasks write disjoint blocks of the output (see `run`).
+/// The output's first value, shared by the tasks (each writes its own block).
+pub(super) struct Output(pub(super) *mut f32);
+
+// SAFETY: the tasks write disjoint blocks of the output (see `for_each_block`).
 unsafe impl Sync for Output {}
 
 /// One task's share of the output: rows `r0..r1` of columns `c0..c0 + cols`.
 #[derive(Clone, Copy)]
-struct Block {
-    c0: usize,
-    cols: usize,
-    r0: usize,
-    r1: usize,
+pub(super) struct Block {
+    pub(super) c0: usize,
+    pub(super) cols: usize,
+    pub(super) r0: usize,
+    pub(super) r1: usize,
 }
 
 /// The activations as (value `2p`, value `2p + 1`) bit pairs, low half first, as
@@ -361,24 +367,36 @@ impl Weight<'_> {
 }
 
 /// Pairs `p..p + 16` of 16 rows of `k` values (`rows`) into 16 packed rows `stride` apart
-/// (`out`, the rows' 16 columns from its start): a 16 x 16 transpose of 32-bit pairs in
-/// registers.
+/// (`out`, the rows' 16 columns from its start): a 16 x 16 transpose of 32-bit pairs.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F; `rows.len() >= 16 * k`, `2 * p + 32 <= k`, and
 /// `out.len() >= 15 * stride + 16`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
 unsafe fn transpose_pairs(rows: &[bf16], k: usize, p: usize, out: &mut [u32], stride: usize) {
+    assert!(rows.len() >= 16 * k && 2 * p + 32 <= k && out.len() >= 15 * stride + 16);
+    // SAFETY: row `i < 16` holds values `2p..2p + 32` (64 bytes from `2 * (i * k + 2p)`),
+    // and `out` the 16 packed rows (asserted above); the CPU has AVX-512 F (this
+    // function's contract).
+    unsafe { transpose16(rows[2 * p..].as_ptr().cast(), 2 * k, out.as_mut_ptr(), stride) }
+}
+
+/// A 16 x 16 block of 32-bit values transposed in registers: value `j` of source row `i`
+/// (64 bytes at `src + i * src_step` bytes) to `dst[j * dst_step + i]`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; the 16 source rows must be readable and the 16 destination
+/// rows of 16 values writable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn transpose16(src: *const u8, src_step: usize, dst: *mut u32, dst_step: usize) {
     use std::arch::x86_64::*;
 
-    assert!(rows.len() >= 16 * k && 2 * p + 32 <= k && out.len() >= 15 * stride + 16);
-    let base = rows.as_ptr();
-    // SAFETY: row `i < 16` holds values `2p..2p + 32` (asserted above).
+    // SAFETY: the 16 source rows are readable (this function's contract).
     let r: [__m512i; 16] =
-        std::array::from_fn(|i| unsafe { _mm512_loadu_si512(base.add(i * k + 2 * p) as *const __m512i) });
-    // Rows 2i and 2i + 1 interleaved by pair, then by two pairs: in each 128-bit lane `l`,
-    // `u[4g + q]` holds pair `4l + q` of rows `4g..4g + 4`.
+        std::array::from_fn(|i| unsafe { _mm512_loadu_si512(src.add(i * src_step) as *const __m512i) });
+    // Rows 2i and 2i + 1 interleaved by value, then by two values: in each 128-bit lane `l`,
+    // `u[4g + q]` holds value `4l + q` of rows `4g..4g + 4`.
     let t: [__m512i; 16] = std::array::from_fn(|i| {
         let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
         if i % 2 == 0 {
@@ -396,9 +414,8 @@ unsafe fn transpose_pairs(rows: &[bf16], k: usize, p: usize, out: &mut [u32], st
             _mm512_unpackhi_epi64(a, b)
         }
     });
-    // Lanes regrouped so that packed row `4l + q` gathers lane `l` of `u[q]`, `u[4 + q]`,
-    // `u[8 + q]` and `u[12 + q]`.
-    let dst = out.as_mut_ptr();
+    // Lanes regrouped so that destination row `4l + q` gathers lane `l` of `u[q]`,
+    // `u[4 + q]`, `u[8 + q]` and `u[12 + q]`.
     for q in 0..4 {
         let even_lo = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[q], u[4 + q]);
         let odd_lo = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[q], u[4 + q]);
@@ -411,8 +428,8 @@ unsafe fn transpose_pairs(rows: &[bf16], k: usize, p: usize, out: &mut [u32], st
             _mm512_shuffle_i32x4::<0b11_01_11_01>(odd_lo, odd_hi),
         ];
         for (l, v) in lanes.into_iter().enumerate() {
-            // SAFETY: packed row `4l + q < 16`, 16 values (asserted above).
-            unsafe { _mm512_storeu_si512(dst.add((4 * l + q) * stride) as *mut __m512i, v) };
+            // SAFETY: destination row `4l + q < 16`, 16 values (this function's contract).
+            unsafe { _mm512_storeu_si512(dst.add((4 * l + q) * dst_step) as *mut __m512i, v) };
         }
     }
 }
@@ -642,10 +659,7 @@ impl Tile<'_> {
         // The pointer reads below stay inside these bounds.
         assert!(self.width <= TILE_COLS && self.b.len() >= self.pairs * TILE_COLS);
         assert!(R == 0 || self.a.len() >= (R - 1) * self.lda + self.pairs);
-        let masks: [__mmask16; 3] = std::array::from_fn(|j| {
-            let live = self.width.saturating_sub(16 * j).min(16);
-            ((1u32 << live) - 1) as __mmask16
-        });
+        let masks = tile_masks(self.width);
         let c = self.c;
         let mut acc = [[_mm512_setzero_ps(); 3]; R];
         for (r, row) in acc.iter_mut().enumerate() {
@@ -681,6 +695,17 @@ impl Tile<'_> {
             }
         }
     }
+}
+
+/// The live lanes of a register tile's three 16-column registers when `width` of its
+/// [`TILE_COLS`] columns are the output's.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(super) fn tile_masks(width: usize) -> [std::arch::x86_64::__mmask16; 3] {
+    std::array::from_fn(|j| {
+        let live = width.saturating_sub(16 * j).min(16);
+        ((1u32 << live) - 1) as u16
+    })
 }
 
 #[cfg(test)]
