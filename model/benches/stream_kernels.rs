@@ -495,4 +495,37 @@ fn packed_memory_table() {
             bytes as f64 / seconds / 1e9
         );
     }
+    // bf16 weights in the checkpoint's `[n, k]` order with bf16 activations, as a bf16
+    // decode step reads them.
+    let weights: Vec<(usize, usize, Vec<bf16>)> = (0..22)
+        .flat_map(|layer| {
+            shapes.iter().map(move |&(k, n)| {
+                let w = (0..k * n)
+                    .map(|i| bf16::from_f32(((i + layer) % 13) as f32 * 0.01 - 0.06))
+                    .collect();
+                (k, n, w)
+            })
+        })
+        .collect();
+    let inputs: Vec<Vec<f32>> = [2048, 5632]
+        .iter()
+        .map(|&k| {
+            (0..k)
+                .map(|i| bf16::from_f32((i % 7) as f32 * 0.1).to_f32())
+                .collect()
+        })
+        .collect();
+    let bytes: usize = weights.iter().map(|(_, _, w)| 2 * w.len()).sum();
+    let seconds = time(5, || {
+        for (k, n, w) in &weights {
+            let x = if *k == 2048 { &inputs[0] } else { &inputs[1] };
+            black_box(vipllava_model::kernels::rows::matmul_rows_bf16(x, w, 1, *k, *n));
+        }
+    });
+    println!(
+        "| bf16 [n,k], bf16 x | {:.0} | {:.1} | {:.2} |",
+        bytes as f64 / 1e6,
+        seconds * 1e3,
+        bytes as f64 / seconds / 1e9
+    );
 }

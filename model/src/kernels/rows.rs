@@ -342,14 +342,25 @@ impl Bf16Dots<'_> {
         }
     }
 
+    /// Fills `out` (column by column, `rows` each): per dot product, the whole blocks of 32
+    /// values alternate between two sets of 16 lanes (pair `p` of a block to lane `p`),
+    /// which are then added lane by lane; the values after the last whole block go to those
+    /// sums, and the lanes are summed pairwise.
     fn run_plain(&self, out: &mut [f32]) {
-        let rows = self.rows;
+        let (k, rows) = (self.k, self.rows);
+        let whole = k / (2 * LANES) * (2 * LANES);
         for j in 0..out.len() / rows {
             let w = self.row(j);
             for r in 0..rows {
-                let x = &self.x[r * self.k..(r + 1) * self.k];
-                let mut lanes = [0f32; LANES];
-                Self::add_pairs_plain(x, w, 0, &mut lanes);
+                let x = &self.x[r * k..(r + 1) * k];
+                // Whole blocks of 32 values alternate between two sets of lanes.
+                let mut two = [[0f32; LANES]; 2];
+                for (b, start) in (0..whole).step_by(2 * LANES).enumerate() {
+                    let end = start + 2 * LANES;
+                    Self::add_pairs_plain(&x[..end], &w[..end], start, &mut two[b % 2]);
+                }
+                let mut lanes: [f32; LANES] = std::array::from_fn(|l| two[0][l] + two[1][l]);
+                Self::add_pairs_plain(x, w, whole, &mut lanes);
                 out[j * rows + r] = lane_sum(lanes);
             }
         }
@@ -387,11 +398,20 @@ impl Bf16Dots<'_> {
             let x = &self.x[r * k..(r + 1) * k];
             for j in 0..columns {
                 let wr = self.row(j);
-                let mut acc = _mm512_setzero_ps();
-                for c in (0..whole).step_by(2 * LANES) {
-                    acc = _mm512_dpbf16_ps(acc, load(wr, c), load(x, c));
+                // Two chains of `vdpbf16ps` (even and odd blocks of 32 values): one chain
+                // waits on each instruction's latency, which held a decode step's products
+                // to 28-30 GB/s; with two they read 35-37 (`stream_kernels`, round 18).
+                let (mut even, mut odd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+                let mut c = 0;
+                while c + 4 * LANES <= whole {
+                    even = _mm512_dpbf16_ps(even, load(wr, c), load(x, c));
+                    odd = _mm512_dpbf16_ps(odd, load(wr, c + 2 * LANES), load(x, c + 2 * LANES));
+                    c += 4 * LANES;
                 }
-                out[j * rows + r] = finish(acc, x, wr);
+                if c < whole {
+                    even = _mm512_dpbf16_ps(even, load(wr, c), load(x, c));
+                }
+                out[j * rows + r] = finish(_mm512_add_ps(even, odd), x, wr);
             }
         }
     }
