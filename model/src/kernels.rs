@@ -1780,6 +1780,65 @@ pub(crate) mod tests {
         }
     }
 
+    /// Many f32 rows through `linear` with a bias, the weight in Burn's order and as a view of
+    /// `[n, k]` rows, the activations a strided view: within f32 rounding of the f64 product,
+    /// and equal bit for bit to [`f32_gemm`] plus the bias where the CPU runs it (`k` spans
+    /// two of its slabs). Both orders give the same bits.
+    #[test]
+    fn many_f32_rows_through_linear_in_both_weight_orders() {
+        use burn::module::Param;
+        use burn::nn::LinearConfig;
+
+        let device = Device::flex();
+        let (batch, seq, k, n) = (2, 21, 170, 53);
+        let rows = batch * seq;
+        let tensor =
+            |v: Vec<f32>, shape: [usize; 2]| Tensor::<2>::from_data(TensorData::new(v, shape), &device);
+        // Values with every mantissa bit in play, so that sums in another order differ.
+        let mixed = |len: usize, seed: usize| -> Vec<f32> {
+            (0..len)
+                .map(|i| ((i * 7919 + seed) as f32 * 0.618_034).sin())
+                .collect()
+        };
+        let wv: Vec<f32> = mixed(k * n, 1).iter().map(|v| v * 0.25).collect();
+        let bv: Vec<f32> = (0..n).map(|i| i as f32 * 0.01 - 0.2).collect();
+        let w_kn = tensor(wv.clone(), [k, n]);
+        let bias = tensor(bv.clone(), [1, n]).reshape([n]);
+        // `[n, k]` rows seen as `[k, n]`, as the loader does with a checkpoint's weight.
+        let w_file = Tensor::<2>::from_data(w_kn.clone().transpose().into_data(), &device).swap_dims(0, 1);
+        assert!(weight_in_file_order(&w_file) && !weight_in_file_order(&w_kn));
+        // `[batch, seq, k]` activations stored as `[seq, batch, k]`.
+        let x = tensor(mixed(rows * k, 2), [seq * batch, k])
+            .reshape([seq, batch, k])
+            .swap_dims(0, 1);
+        let xv = host_f32(x.clone().reshape([rows, k])).expect("f32");
+        let twin: Option<Vec<f32>> = f32_gemm_enabled().then(|| {
+            let order = bf16_gemm::WeightOrder::InputMajor;
+            let out = f32_gemm::matmul_f32_gemm(&xv, &wv, order, rows, k, n).expect("sizes");
+            out.iter().enumerate().map(|(i, v)| v + bv[i % n]).collect()
+        });
+        for weight in [w_kn, w_file] {
+            let mut layer = LinearConfig::new(k, n).init(&device);
+            layer.weight = Param::from_tensor(weight);
+            layer.bias = Some(Param::from_tensor(bias.clone()));
+            let y = linear(&layer, x.clone());
+            assert_eq!((y.dims(), y.dtype()), ([batch, seq, n], DType::F32));
+            let got = host_f32(y.reshape([rows, n])).expect("f32");
+            for (i, &g) in got.iter().enumerate() {
+                let (r, c) = (i / n, i % n);
+                let (sum, size) = (0..k).fold((bv[c] as f64, bv[c].abs() as f64), |(s, a), kk| {
+                    let p = xv[r * k + kk] as f64 * wv[kk * n + c] as f64;
+                    (s + p, a + p.abs())
+                });
+                let bound = (k + 4) as f64 * f32::EPSILON as f64 * size;
+                assert!((g as f64 - sum).abs() <= bound, "at {i}: {g} vs {sum}");
+            }
+            if let Some(twin) = &twin {
+                assert_eq!(&got, twin, "linear and the gemm it dispatches to");
+            }
+        }
+    }
+
     /// A prefill's many bf16 rows through a q8/q4 weight: packed and unpacked give the same
     /// bits, the weight is dequantized and rounded to bf16 (`bf16(scale * q)`) before the
     /// product, and with the bf16 gemm the result is that gemm's bit for bit.
