@@ -398,9 +398,9 @@ impl Bf16Dots<'_> {
             let x = &self.x[r * k..(r + 1) * k];
             for j in 0..columns {
                 let wr = self.row(j);
-                // Two chains of `vdpbf16ps` (even and odd blocks of 32 values): one chain
-                // waits on each instruction's latency, which held a decode step's products
-                // to 28-30 GB/s; with two they read 35-37 (`stream_kernels`, round 18).
+                // Two chains of `vdpbf16ps` (even and odd blocks of 32 values): with one,
+                // each instruction waits on the one before, and a 1.1B bf16 decode ran 5%
+                // slower (medians of 10 alternated runs, BENCHMARKS.md round 18).
                 let (mut even, mut odd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
                 let mut c = 0;
                 while c + 4 * LANES <= whole {
