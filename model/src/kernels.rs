@@ -1794,13 +1794,8 @@ pub(crate) mod tests {
         let rows = batch * seq;
         let tensor =
             |v: Vec<f32>, shape: [usize; 2]| Tensor::<2>::from_data(TensorData::new(v, shape), &device);
-        // Values with every mantissa bit in play, so that sums in another order differ.
-        let mixed = |len: usize, seed: usize| -> Vec<f32> {
-            (0..len)
-                .map(|i| ((i * 7919 + seed) as f32 * 0.618_034).sin())
-                .collect()
-        };
-        let wv: Vec<f32> = mixed(k * n, 1).iter().map(|v| v * 0.25).collect();
+        // Values whose sums in another order give other bits.
+        let wv: Vec<f32> = rows::tests::values(k * n, 1).iter().map(|v| v * 0.25).collect();
         let bv: Vec<f32> = (0..n).map(|i| i as f32 * 0.01 - 0.2).collect();
         let w_kn = tensor(wv.clone(), [k, n]);
         let bias = tensor(bv.clone(), [1, n]).reshape([n]);
@@ -1808,7 +1803,7 @@ pub(crate) mod tests {
         let w_file = Tensor::<2>::from_data(w_kn.clone().transpose().into_data(), &device).swap_dims(0, 1);
         assert!(weight_in_file_order(&w_file) && !weight_in_file_order(&w_kn));
         // `[batch, seq, k]` activations stored as `[seq, batch, k]`.
-        let x = tensor(mixed(rows * k, 2), [seq * batch, k])
+        let x = tensor(rows::tests::values(rows * k, 2), [seq * batch, k])
             .reshape([seq, batch, k])
             .swap_dims(0, 1);
         let xv = host_f32(x.clone().reshape([rows, k])).expect("f32");

@@ -709,7 +709,7 @@ pub(super) fn tile_masks(width: usize) -> [std::arch::x86_64::__mmask16; 3] {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::kernels::bf16_dot::tests::values;
 
@@ -726,7 +726,8 @@ mod tests {
         out
     }
 
-    fn transpose(w: &[bf16], k: usize, n: usize) -> Vec<bf16> {
+    /// A `[k, n]` weight's values in the checkpoint's `[n, k]` order.
+    pub(in crate::kernels) fn transpose<T: Copy>(w: &[T], k: usize, n: usize) -> Vec<T> {
         (0..n * k).map(|i| w[(i % k) * n + i / k]).collect()
     }
 

@@ -313,22 +313,8 @@ impl Tile<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Values in [-1, 1) with every mantissa bit in play (a fixed integer hash).
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        (0..len as u64)
-            .map(|i| {
-                let h = (i ^ (seed << 32))
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-                    .rotate_left(29);
-                (h >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
-
-    fn transpose(w: &[f32], k: usize, n: usize) -> Vec<f32> {
-        (0..n * k).map(|i| w[(i % k) * n + i / k]).collect()
-    }
+    use crate::kernels::bf16_gemm::tests::transpose;
+    use crate::kernels::rows::tests::values;
 
     /// Per output, the sum over slabs of each slab's chain of FMAs (the kernel's contract),
     /// written as plainly as possible.

@@ -418,11 +418,13 @@ impl Bf16Dots<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use burn::tensor::f16;
 
-    fn values(len: usize, seed: usize) -> Vec<f32> {
+    /// Test values in about [-1, 1] whose sums are not exact in f32 (so that another order of
+    /// additions gives other bits).
+    pub(in crate::kernels) fn values(len: usize, seed: usize) -> Vec<f32> {
         (0..len)
             .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 - 1001.0) / 977.0)
             .collect()
