@@ -17,6 +17,7 @@
 
 use burn::backend::{BackendTensor, DispatchKindConversion, DispatchTensor, TensorMetadata};
 use burn::nn::Linear;
+use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::quantization::{QuantMode, QuantValue, global_scale_dtype};
 use burn::tensor::{DType, Device, Tensor, TensorData, bf16, f16};
 use burn_flex::{Flex, FlexQTensor, FlexTensor};
@@ -460,12 +461,18 @@ pub enum SigmoidGate {
 }
 
 /// An activation of [`SigmoidGate`], times `up` where given (Llama's gated MLP,
-/// `act(gate) * up`), in one pass over the bf16 values of the plain Flex device, with a
-/// vectorized exponential and bf16 roundings where PyTorch rounds (after the activation, after
-/// the product), so that a bf16 run follows transformers' bf16 run. Burn's ops need a pass
-/// (and a conversion each way) per operation. `Err` gives `x` back where this does not apply:
-/// other dtypes (f32 stays on Burn's ops, whose values the f32 parity tests pin), autodiff,
-/// other devices, CPUs without FMA, `VIPLLAVA_FAST_PATHS=0`, shapes that differ.
+/// `act(gate) * up`), in one pass over the values of the plain Flex device, in parallel
+/// chunks for a prefill's many values. Burn's ops need a pass per operation (three for quick
+/// GELU), each on one thread.
+///
+/// - **bf16:** a vectorized exponential and bf16 roundings where PyTorch rounds (after the
+///   activation, after the product), so that a bf16 run follows transformers' bf16 run.
+/// - **f32:** the bits of Burn's ops ([`burn_gate_f32`]: the same operations in the same
+///   order, the exponential of `std`), which the f32 parity tests pin; only the passes and
+///   the threads differ.
+///
+/// `Err` gives `x` back where this does not apply: other dtypes, autodiff, other devices,
+/// bf16 on CPUs without FMA, `VIPLLAVA_FAST_PATHS=0`, shapes or dtypes that differ.
 // Both variants are the one tensor (the input given back or the result): no boxing helps.
 #[allow(clippy::result_large_err)]
 pub fn sigmoid_gated<const D: usize>(
@@ -473,13 +480,16 @@ pub fn sigmoid_gated<const D: usize>(
     gate: SigmoidGate,
     up: Option<&Tensor<D>>,
 ) -> Result<Tensor<D>, Tensor<D>> {
+    let dtype = x.dtype();
     if !fast_paths_enabled()
-        || !fma_available()
         || !is_plain_flex(&x.device())
-        || x.dtype() != DType::BF16
-        || up.is_some_and(|u| u.dims() != x.dims() || u.dtype() != DType::BF16 || u.device() != x.device())
+        || !(dtype == DType::F32 || dtype == DType::BF16 && fma_available())
+        || up.is_some_and(|u| u.dims() != x.dims() || u.dtype() != dtype || u.device() != x.device())
     {
         return Err(x);
+    }
+    if dtype == DType::F32 {
+        return Ok(gate_f32_tensor(x, gate, up));
     }
     let shape = x.dims();
     let device = x.device();
@@ -494,6 +504,83 @@ pub fn sigmoid_gated<const D: usize>(
     };
     let out = TensorData::new(gate_values(xs, ups, gate), shape.to_vec());
     Ok(Tensor::from_data(out, (&device, DType::BF16)))
+}
+
+/// [`sigmoid_gated`] for an f32 `x` (and `up`) of the plain Flex device: in place where
+/// Flex hands the values over without a copy.
+fn gate_f32_tensor<const D: usize>(x: Tensor<D>, gate: SigmoidGate, up: Option<&Tensor<D>>) -> Tensor<D> {
+    let device = x.device();
+    let mut data = x.into_data();
+    let up = up.map(|u| u.clone().into_data());
+    let ups = up.as_ref().map(|u| u.as_slice::<f32>());
+    match (data.as_mut_slice::<f32>(), ups.transpose()) {
+        (Ok(values), Ok(ups)) => gate_in_place_f32(values, ups, gate),
+        // Flex keeps f32 tensors as f32 values; should that change, Burn's ops decide.
+        _ => {
+            let x = Tensor::<D>::from_data(data, (&device, DType::F32));
+            let act = match gate {
+                SigmoidGate::Silu => silu(x),
+                SigmoidGate::QuickGelu => x.clone() * sigmoid(x * QUICK_GELU_SCALE),
+            };
+            let up = up.map(|u| Tensor::<D>::from_data(u, (&device, DType::F32)));
+            return match up {
+                Some(up) => act * up,
+                None => act,
+            };
+        }
+    }
+    Tensor::from_data(data, (&device, DType::F32))
+}
+
+/// CLIP's quick GELU factor, as Burn's scalar ops give it to an f32 tensor (an `f64` rounded
+/// to `f32`).
+const QUICK_GELU_SCALE: f64 = 1.702;
+
+/// One value of [`sigmoid_gated`] in f32, computed as Burn's ops on the Flex device compute
+/// `act(x) * up` (`x * sigmoid(x)` for SiLU, `x * sigmoid(1.702 x)` for quick GELU): each
+/// operation rounded to f32 in the same order, and Flex's sigmoid (`1 / (1 + exp(-z))` for
+/// `z >= 0`, `exp(z) / (1 + exp(z))` below), with the exponential of `std`.
+#[inline]
+pub(crate) fn burn_gate_f32(v: f32, up: Option<f32>, gate: SigmoidGate) -> f32 {
+    let z = match gate {
+        SigmoidGate::Silu => v,
+        SigmoidGate::QuickGelu => v * QUICK_GELU_SCALE as f32,
+    };
+    let sigmoid = if z >= 0.0 {
+        1.0 / (1.0 + (-z).exp())
+    } else {
+        let e = z.exp();
+        e / (1.0 + e)
+    };
+    let act = v * sigmoid;
+    match up {
+        Some(u) => act * u,
+        None => act,
+    }
+}
+
+/// [`burn_gate_f32`] on every value of `x` (the results replace them), in parallel chunks
+/// for many values.
+fn gate_in_place_f32(x: &mut [f32], up: Option<&[f32]>, gate: SigmoidGate) {
+    const CHUNK: usize = 1 << 14;
+    let run = |(i, chunk): (usize, &mut [f32])| match up {
+        Some(up) => {
+            let ups = &up[i * CHUNK..i * CHUNK + chunk.len()];
+            for (v, &u) in chunk.iter_mut().zip(ups) {
+                *v = burn_gate_f32(*v, Some(u), gate);
+            }
+        }
+        None => {
+            for v in chunk.iter_mut() {
+                *v = burn_gate_f32(*v, None, gate);
+            }
+        }
+    };
+    if x.len() >= PARALLEL_VALUES {
+        x.par_chunks_mut(CHUNK).enumerate().for_each(run);
+    } else {
+        x.chunks_mut(CHUNK).enumerate().for_each(run);
+    }
 }
 
 /// Whether the CPU has fused multiply-adds, which [`sigmoid_gated`]'s exponential needs to be
@@ -1701,12 +1788,81 @@ pub(crate) mod tests {
             sigmoid_gated(
                 x.clone().cast(DType::BF16),
                 SigmoidGate::Silu,
-                Some(&up.cast(DType::BF16))
+                Some(&up.clone().cast(DType::BF16))
             )
             .is_err()
         );
-        assert!(sigmoid_gated(x.clone(), SigmoidGate::Silu, None).is_err());
+        assert!(sigmoid_gated(x.clone(), SigmoidGate::Silu, Some(&up)).is_err());
         assert!(sigmoid_gated(x.cast(DType::F16), SigmoidGate::Silu, None).is_err());
+    }
+
+    /// The f32 one-pass activations give the bits of Burn's ops (which the f32 parity tests
+    /// against transformers pin), in the serial and the parallel chunks, with and without
+    /// `up`, on values that reach every branch: both signs, exponentials that underflow and
+    /// overflow, zeros, infinities, NaN. The inputs stay as they were (the kernel works in
+    /// place only on values it owns).
+    #[test]
+    fn f32_sigmoid_gates_equal_burns_ops_bit_for_bit() {
+        let device = Device::flex();
+        let special = [
+            0.0,
+            -0.0,
+            1e-30,
+            -1e-30,
+            88.0,
+            -88.0,
+            104.0,
+            -104.0,
+            f32::MAX,
+            f32::MIN,
+        ];
+        let special = special
+            .into_iter()
+            .chain([f32::INFINITY, f32::NEG_INFINITY, f32::NAN]);
+        for (rows, cols) in [(3, 7), (70, 1100)] {
+            let len = rows * cols;
+            let mut x = crate::kernels::rows::tests::values(len, 1);
+            for (i, v) in x.iter_mut().enumerate() {
+                // Spread over [-40, 40], with exact tiny and huge values sprinkled in.
+                *v *= 40.0 * ((i % 5) as f32 + 1.0) / 5.0;
+            }
+            for (slot, v) in x.iter_mut().step_by(7).zip(special.clone()) {
+                *slot = v;
+            }
+            let up = crate::kernels::rows::tests::values(len, 2);
+            let tensor =
+                |v: &[f32]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [rows, cols]), &device);
+            let (xt, ut) = (tensor(&x), tensor(&up));
+            for gate in [SigmoidGate::Silu, SigmoidGate::QuickGelu] {
+                let act = match gate {
+                    SigmoidGate::Silu => silu(xt.clone()),
+                    SigmoidGate::QuickGelu => xt.clone() * sigmoid(xt.clone() * 1.702),
+                };
+                for with_up in [false, true] {
+                    let want = if with_up {
+                        act.clone() * ut.clone()
+                    } else {
+                        act.clone()
+                    };
+                    let got = sigmoid_gated(xt.clone(), gate, with_up.then_some(&ut)).expect("applies");
+                    assert_eq!((got.dims(), got.dtype()), ([rows, cols], DType::F32));
+                    let (got, want) = (
+                        got.into_data().try_to_vec::<f32>(),
+                        want.into_data().try_to_vec::<f32>(),
+                    );
+                    let (got, want) = (got.expect("f32"), want.expect("f32"));
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            g.to_bits() == w.to_bits() || g.is_nan() && w.is_nan(),
+                            "{gate:?} up {with_up} at {i} (x {}): {g} vs Burn's {w}",
+                            x[i]
+                        );
+                    }
+                }
+            }
+            let unchanged = xt.into_data().try_to_vec::<f32>().expect("f32");
+            assert!(unchanged.iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
     }
 
     #[test]
