@@ -739,13 +739,19 @@ impl Vectorized for QueryBlock<'_> {
             let width = KEY_BLOCK.min(last - j0);
             let values = &values[j0 * d..];
             let visible = |r: usize| seen(r).saturating_sub(j0).min(width);
-            // Head sizes of 64 and 128 (the models') on AVX-512: two rows at a time with every
-            // partial sum in its own register; other sizes and CPUs row by row below.
+            // Head sizes of 64 and 128 (the models') on AVX-512: several rows at a time with
+            // every partial sum in its own register (four rows of 64: 16 sums and 4 loaded
+            // registers, so that each loaded key or value feeds four FMAs; two rows of 128);
+            // other sizes and CPUs row by row below.
             #[cfg(target_arch = "x86_64")]
             if (d == 4 * LANES || d == 8 * LANES) && std::arch::is_x86_feature_detected!("avx512f") {
                 let mut r = 0;
                 while r < rows {
-                    let n = if rows - r >= 2 { 2 } else { 1 };
+                    let n = match rows - r {
+                        4.. if d == 4 * LANES => 4,
+                        2.. => 2,
+                        _ => 1,
+                    };
                     let block = KeyBlock {
                         queries: &queries[r * d..(r + n) * d],
                         keys,
@@ -759,6 +765,7 @@ impl Vectorized for QueryBlock<'_> {
                     // SAFETY: the CPU has AVX-512 F (checked above).
                     unsafe {
                         match (n, d / LANES) {
+                            (4, _) => block.run::<4, 4>(std::array::from_fn(|i| visible(r + i))),
                             (2, 4) => block.run::<2, 4>([visible(r), visible(r + 1)]),
                             (2, _) => block.run::<2, 8>([visible(r), visible(r + 1)]),
                             (_, 4) => block.run::<1, 4>([visible(r)]),
@@ -1196,7 +1203,7 @@ mod tests {
 
     /// Against Burn's own attention (HF's `repeat_kv` for GQA): causal with and without
     /// earlier cached keys, not causal, row counts with and without whole query and key
-    /// blocks, head dims 16/24/64, f32/bf16/f16, keys and values as a narrowed view of a
+    /// blocks (and every row step of the AVX-512 kernel), head dims 16/24/64/128, f32/bf16/f16, keys and values as a narrowed view of a
     /// larger buffer; a mask tensor, a softcap or few rows are not this kernel's.
     #[test]
     fn prefill_attention_equals_burn() {
@@ -1207,6 +1214,9 @@ mod tests {
                 (2, 4, 2, 70, 70, 24, true),
                 (1, 4, 1, 33, 100, 64, true),
                 (2, 3, 3, 65, 65, 64, false),
+                // Last query blocks of 7 and 30 rows: four-, two- and one-row steps of 64.
+                (1, 3, 1, 39, 60, 64, true),
+                (1, 2, 2, 62, 62, 64, false),
                 (1, 2, 2, 40, 130, 16, false),
                 (1, 2, 1, 35, 35, 128, true),
                 (1, 2, 2, 19, 50, 128, false),
