@@ -70,14 +70,18 @@ fn run(x: &[f32], w: &[f32], order: WeightOrder, [m, k, n]: [usize; 3], simd: bo
         return None;
     }
     let weight = Weight { w, order, k, n };
-    // The first slab's sums are added to these zeros.
-    let mut out = vec![0f32; m * n];
+    // Not zeroed first (a single-threaded pass over the output): each task's first slab
+    // writes its block, `0 + sum` as the later slabs add to what is there.
+    let mut out = Vec::<f32>::with_capacity(m * n);
     let target = Output(out.as_mut_ptr());
     for_each_block(m, n, TILE_ROWS, |block| {
-        // SAFETY: `out` holds `m * n` values and outlives the tasks; tasks write disjoint
-        // (row range, column range) blocks of it.
+        // SAFETY: `out` has room for `m * n` values and outlives the tasks; tasks write
+        // disjoint (row range, column range) blocks of it.
         unsafe { columns(x, &weight, block, &target, simd) }
     });
+    // SAFETY: the blocks cover all `m * n` outputs and every task's first slab wrote each
+    // of its block's (`columns`).
+    unsafe { out.set_len(m * n) };
     Some(out)
 }
 
@@ -205,11 +209,12 @@ impl Weight<'_> {
     }
 }
 
-/// `block` of the product into the `[m, n]` output at `out`, slab by slab.
+/// `block` of the product into the `[m, n]` output at `out`, slab by slab: the first slab
+/// writes every value of the block, the others add to them.
 ///
 /// # Safety
-/// `out` must point to `m * n` values (`x` holds `m * k`) that no one else reads or writes
-/// inside `block`.
+/// `out` must point to room for `m * n` values (`x` holds `m * k`) that no one else reads
+/// or writes inside `block`.
 unsafe fn columns(x: &[f32], w: &Weight, block: Block, out: &Output, simd: bool) {
     let Block { c0, cols, r0, r1 } = block;
     let (k, n) = (w.k, w.n);
@@ -245,6 +250,7 @@ unsafe fn columns(x: &[f32], w: &Weight, block: Block, out: &Output, simd: bool)
                     c: unsafe { out.0.add(r * n + c0 + t0) },
                     ldc: n,
                     width: TILE_COLS.min(cols - t0),
+                    first: k0 == 0,
                 };
                 #[cfg(target_arch = "x86_64")]
                 if simd {
@@ -275,20 +281,20 @@ struct Tile<'a> {
     c: *mut f32,
     ldc: usize,
     width: usize,
+    /// The first slab: `c` holds nothing yet and gets `0 + a . b`.
+    first: bool,
 }
 
 impl Tile<'_> {
-    /// `c += a . b` over `rows` rows: per output, one FMA per input in order from zero, then
-    /// one addition to `c`.
+    /// `c += a . b` over `rows` rows (`c = 0 + a . b` for the first slab): per output, one
+    /// FMA per input in order from zero, then one addition.
     ///
     /// # Safety
-    /// `rows` output rows of `width` values from `c` (stride `ldc`) must be valid and not
-    /// in use elsewhere.
+    /// `rows` output rows of `width` values from `c` (stride `ldc`) must be valid for writes,
+    /// and written before unless `first`, and not in use elsewhere.
     unsafe fn plain(self, rows: usize) {
         assert!(self.width <= TILE_COLS && self.b.len() >= self.depth * TILE_COLS);
         for r in 0..rows {
-            // SAFETY: as this function's.
-            let out = unsafe { std::slice::from_raw_parts_mut(self.c.add(r * self.ldc), self.width) };
             let mut sums = [0f32; TILE_COLS];
             for i in 0..self.depth {
                 let v = self.a[r * self.lda + i];
@@ -297,8 +303,13 @@ impl Tile<'_> {
                     *s = v.mul_add(wv, *s);
                 }
             }
-            for (o, s) in out.iter_mut().zip(sums) {
-                *o += s;
+            for (j, s) in sums.into_iter().take(self.width).enumerate() {
+                // SAFETY: as this function's (raw reads and writes: the first slab finds the
+                // output not yet written).
+                unsafe {
+                    let o = self.c.add(r * self.ldc + j);
+                    o.write(if self.first { 0.0 } else { o.read() } + s);
+                }
             }
         }
     }
@@ -365,8 +376,12 @@ impl Tile<'_> {
                 // SAFETY: masked to the row's `width` live columns.
                 unsafe {
                     let at = c.add(r * self.ldc + 16 * j);
-                    let sum = _mm512_add_ps(_mm512_maskz_loadu_ps(masks[j], at), *v);
-                    _mm512_mask_storeu_ps(at, masks[j], sum);
+                    let before = if self.first {
+                        _mm512_setzero_ps()
+                    } else {
+                        _mm512_maskz_loadu_ps(masks[j], at)
+                    };
+                    _mm512_mask_storeu_ps(at, masks[j], _mm512_add_ps(before, *v));
                 }
             }
         }
