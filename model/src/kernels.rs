@@ -11,9 +11,10 @@
 //! CPU has AVX-512 BF16 ([`bf16_dot`]); q8/q4 weights use int8 products ([`int8`],
 //! [`packed`]).
 //!
-//! Everything else (other backends, many rows, odd layouts) goes to Burn's own ops. For
-//! many rows with bf16/f16 weights the weight is widened to f32 once per call and Burn's
-//! f32 gemm does the work.
+//! Many rows (prefill, image encode) go to our gemms where the CPU runs them: bf16 with
+//! `vdpbf16ps` or AMX ([`bf16_gemm`]), f32 and bf16 without those with AVX-512 or AVX2 FMA
+//! ([`f32_gemm`]). Everything else (other backends, odd layouts, other CPUs) goes to Burn's
+//! own ops; bf16/f16 weights are then widened to f32 once per call for Burn's f32 gemm.
 
 use burn::backend::{BackendTensor, DispatchKindConversion, DispatchTensor, TensorMetadata};
 use burn::nn::Linear;
@@ -50,16 +51,18 @@ pub fn fast_paths_enabled() -> bool {
 /// Whether many-row bf16 products use the bf16 gemm ([`bf16_gemm`]: AMX tiles, else
 /// `vdpbf16ps`) where the CPU has AVX-512 BF16: on by default, off with
 /// `VIPLLAVA_BF16_GEMM=0` (a switch for before/after measurements: bf16 is then widened to
-/// f32 for Burn's f32 gemm). `VIPLLAVA_AMX=0` keeps `vdpbf16ps` on CPUs with AMX.
+/// f32 for [`f32_gemm`], or Flex's gemm without it). `VIPLLAVA_AMX=0` keeps `vdpbf16ps` on
+/// CPUs with AMX.
 pub fn bf16_gemm_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("VIPLLAVA_BF16_GEMM").map_or(true, |v| v != "0"))
         && bf16_gemm::bf16_gemm_available()
 }
 
-/// Whether many-row f32 products with f32 weights use [`f32_gemm`] where the CPU has
-/// AVX-512 F: on by default, off with `VIPLLAVA_F32_GEMM=0` (a switch for before/after
-/// measurements: Flex's f32 gemm then does them).
+/// Whether many-row f32 products (and bf16 ones on CPUs without the bf16 gemm) use
+/// [`f32_gemm`] where the CPU has AVX-512 F, or AVX2 and FMA: on by default, off with
+/// `VIPLLAVA_F32_GEMM=0` (a switch for before/after measurements: Flex's f32 gemm then does
+/// them).
 pub fn f32_gemm_enabled() -> bool {
     static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ENABLED.get_or_init(|| std::env::var("VIPLLAVA_F32_GEMM").map_or(true, |v| v != "0"))
@@ -205,8 +208,9 @@ fn file_order_linear<const D: usize>(
 }
 
 /// `x @ W (+ b)` for many rows with our own gemm, the weight in either order: bf16 with
-/// `vdpbf16ps` ([`bf16_gemm`]) instead of widening both to f32, f32 with AVX-512 FMA
-/// ([`f32_gemm`]) instead of Flex's gemm, which copies a file-order weight value by value;
+/// `vdpbf16ps` ([`bf16_gemm`]) instead of widening both to f32, f32 (and bf16 without
+/// `vdpbf16ps`, widened as packed) with AVX-512 or AVX2 FMA ([`f32_gemm`]) instead of
+/// Flex's gemm, which copies a file-order weight value by value;
 /// `None` where the CPU lacks the instructions, the dtypes differ or the weight is not a
 /// plain `[k, n]` or `[n, k]` block of the Flex device.
 fn gemm_linear<const D: usize>(
@@ -216,12 +220,15 @@ fn gemm_linear<const D: usize>(
     rows: usize,
 ) -> Option<Tensor<D>> {
     let dtype = weight.dtype();
-    let enabled = match dtype {
-        DType::BF16 => bf16_gemm_enabled(),
-        DType::F32 => f32_gemm_enabled(),
-        _ => false,
+    // bf16 through the bf16 gemm where the CPU has AVX-512 BF16, else through the f32 gemm
+    // with the weight widened as it is packed (AVX2 CPUs: Flex would widen the whole weight
+    // first, on one thread).
+    let bf16_products = match dtype {
+        DType::BF16 if bf16_gemm_enabled() => true,
+        DType::BF16 | DType::F32 if f32_gemm_enabled() => false,
+        _ => return None,
     };
-    if !enabled || x.dtype() != dtype {
+    if x.dtype() != dtype {
         return None;
     }
     let [k, n] = weight.dims();
@@ -245,15 +252,39 @@ fn gemm_linear<const D: usize>(
     };
     let start = input.layout().start_offset();
     let inputs = start..start + rows * k;
-    let out = if dtype == DType::BF16 {
+    let out = if bf16_products {
         let xs = input.storage::<bf16>().get(inputs)?;
         bf16_gemm::matmul_bf16_gemm(xs, &w.storage::<bf16>()[values], order, rows, k, n)?
+    } else if dtype == DType::BF16 {
+        let xs = widen_bf16_values(input.storage::<bf16>().get(inputs)?);
+        f32_gemm::matmul_f32_gemm(&xs, &w.storage::<bf16>()[values], order, rows, k, n)?
     } else {
         let xs = input.storage::<f32>().get(inputs)?;
         f32_gemm::matmul_f32_gemm(xs, &w.storage::<f32>()[values], order, rows, k, n)?
     };
     let bias = host_bias(layer)?;
     Some(streamed_output(out, bias.as_deref(), x, n, dtype))
+}
+
+/// bf16 values as f32, in parallel chunks for many.
+fn widen_bf16_values(xs: &[bf16]) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    let mut out = vec![0f32; xs.len()];
+    let widen = |(o, x): (&mut [f32], &[bf16])| {
+        with_simd(|| {
+            for (o, &x) in o.iter_mut().zip(x) {
+                *o = widen_bf16(x);
+            }
+        })
+    };
+    if xs.len() >= PARALLEL_VALUES {
+        out.par_chunks_mut(CHUNK)
+            .zip(xs.par_chunks(CHUNK))
+            .for_each(widen);
+    } else {
+        out.chunks_mut(CHUNK).zip(xs.chunks(CHUNK)).for_each(widen);
+    }
+    out
 }
 
 /// A layer's bias on the host as f32: `Some(None)` for a layer without one, `None` when it
@@ -629,19 +660,32 @@ fn fma_available() -> bool {
     return true;
 }
 
-/// Runs `f` compiled for AVX-512 where the CPU has it, so that a loop inlined into it (a
-/// closure inherits the features of the function it is written in) vectorizes 16 wide.
+/// Runs `f` compiled for AVX-512 where the CPU has it, else for AVX2 and FMA, so that a
+/// loop inlined into it (a closure inherits the features of the function it is written in)
+/// vectorizes 16 or 8 wide. The bits do not change: Rust never fuses a multiply and an add
+/// by itself, and `mul_add` is fused on every path.
 #[inline(always)]
 fn with_simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        #[target_feature(enable = "avx512f")]
-        #[inline]
-        fn avx512<R>(f: impl FnOnce() -> R) -> R {
-            f()
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            #[target_feature(enable = "avx512f")]
+            #[inline]
+            fn avx512<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            // SAFETY: the CPU has AVX-512 F (checked above).
+            return unsafe { avx512(f) };
         }
-        // SAFETY: the CPU has AVX-512 F (checked above).
-        return unsafe { avx512(f) };
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            #[target_feature(enable = "avx2,fma")]
+            #[inline]
+            fn avx2<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { avx2(f) };
+        }
     }
     f()
 }
@@ -1939,10 +1983,13 @@ pub(crate) mod tests {
             let xb: Vec<bf16> = xv.iter().map(|&v| bf16::from_f32(v)).collect();
             let wb: Vec<bf16> = wv.iter().map(|&v| bf16::from_f32(v)).collect();
             // The kernel `linear` dispatches to (AMX tiles group their sums differently
-            // from the plain code; the kernels are checked against it in `bf16_gemm`).
+            // from the plain code; the kernels are checked against it in `bf16_gemm`); on
+            // CPUs without AVX-512 BF16 the f32 gemm of the widened values.
             let order = bf16_gemm::WeightOrder::InputMajor;
             let plain = if bf16_gemm_enabled() {
                 bf16_gemm::matmul_bf16_gemm(&xb, &wb, order, rows, k, n)
+            } else if f32_gemm_enabled() {
+                f32_gemm::matmul_f32_gemm(&xv, &wb, order, rows, k, n)
             } else {
                 bf16_gemm::matmul_bf16_gemm_reference(&xb, &wb, order, rows, k, n)
             }
@@ -1967,7 +2014,7 @@ pub(crate) mod tests {
                     "at {i}: {g} vs {e}"
                 );
             }
-            if bf16_gemm_enabled() {
+            if bf16_gemm_enabled() || f32_gemm_enabled() {
                 assert_eq!(got, twin, "linear and the gemm it dispatches to");
             }
         }

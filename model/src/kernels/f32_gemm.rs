@@ -1,11 +1,13 @@
-//! Many-row f32 products (f32 prefill, image encode) with AVX-512 FMA.
+//! Many-row f32 products (f32 prefill, image encode) with AVX-512 FMA, or AVX2 and FMA.
 //!
 //! Flex's f32 gemm (the `gemm` crate) takes a checkpoint-order weight (`[out, in]` rows,
 //! used in place from the file) as its packed operand and copies it value by value with
 //! strided reads, once per block of columns and per thread: a fifth of an f32 image
 //! encode went to that copy. Here each task packs its own columns once per slab of inputs
 //! (16 x 16 blocks transposed in registers), the activations are read in place, and an
-//! 8-row x 48-column tile of f32 accumulators takes one FMA per weight register and row.
+//! 8-row x 48-column tile of f32 accumulators takes one FMA per weight register and row
+//! (AVX2: 4-row x 24-column halves of it, the 12 accumulators that 16 registers allow).
+//! bf16 and f16 weights are widened as they are packed, on CPUs without a bf16 gemm.
 //!
 //! Every output is a sum over slabs of [`SLAB`] inputs, in order, of each slab's chain of
 //! FMAs from zero (one long chain would add rounding errors over all `k` inputs; these grow
@@ -13,6 +15,10 @@
 //! or the thread count, and [`matmul_f32_gemm_reference`] computes the same bits in plain
 //! Rust.
 
+use burn::tensor::{DType, Element};
+use rayon::prelude::*;
+
+use super::Widen;
 #[cfg(target_arch = "x86_64")]
 use super::bf16_gemm::tile_masks;
 use super::bf16_gemm::{Block, Output, WeightOrder, for_each_block};
@@ -23,61 +29,97 @@ const TILE_ROWS: usize = 8;
 const TILE_COLS: usize = 48;
 /// Inputs per packed weight slab (a 24 KB panel per tile, held in L1).
 const SLAB: usize = 128;
+/// Rows of one AVX2 register tile (of 16 columns): the tile's rows are taken this many at
+/// a time on AVX2.
+const AVX2_ROWS: usize = 6;
 
-/// Whether this CPU runs the kernel (AVX-512 F).
-pub fn f32_gemm_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+/// The instructions the register tiles run with (all give the same bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Plain,
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    /// The best this CPU has; `None` without AVX2 and FMA.
+    fn detected() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static DETECTED: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
+            *DETECTED.get_or_init(|| {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    Some(Isa::Avx512)
+                } else if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                    && std::arch::is_x86_feature_detected!("f16c")
+                {
+                    Some(Isa::Avx2)
+                } else {
+                    None
+                }
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
     }
 }
 
-/// `x [m, k] @ w [k, n]` with AVX-512 FMA; `None` without AVX-512 F (the caller uses
-/// Flex's gemm instead) or when the sizes do not match.
-pub fn matmul_f32_gemm(
+/// Whether this CPU runs the kernel (AVX-512 F, or AVX2 and FMA).
+pub fn f32_gemm_available() -> bool {
+    Isa::detected().is_some()
+}
+
+/// `x [m, k] @ w [k, n]` with AVX-512 FMA or AVX2 and FMA, a bf16 or f16 `w` widened to
+/// f32 as it is packed; `None` on other CPUs (the caller uses Flex's gemm instead) or when
+/// the sizes do not match.
+pub fn matmul_f32_gemm<T: Widen + Element>(
     x: &[f32],
-    w: &[f32],
+    w: &[T],
     order: WeightOrder,
     m: usize,
     k: usize,
     n: usize,
 ) -> Option<Vec<f32>> {
-    if !f32_gemm_available() {
-        return None;
-    }
-    run(x, w, order, [m, k, n], true)
+    run(x, w, order, [m, k, n], Isa::detected()?)
 }
 
 /// [`matmul_f32_gemm`]'s arithmetic in plain Rust, on every CPU (for tests).
-pub fn matmul_f32_gemm_reference(
+pub fn matmul_f32_gemm_reference<T: Widen + Element>(
     x: &[f32],
-    w: &[f32],
+    w: &[T],
     order: WeightOrder,
     m: usize,
     k: usize,
     n: usize,
 ) -> Option<Vec<f32>> {
-    run(x, w, order, [m, k, n], false)
+    run(x, w, order, [m, k, n], Isa::Plain)
 }
 
-fn run(x: &[f32], w: &[f32], order: WeightOrder, [m, k, n]: [usize; 3], simd: bool) -> Option<Vec<f32>> {
+fn run<T: Widen + Element>(
+    x: &[f32],
+    w: &[T],
+    order: WeightOrder,
+    [m, k, n]: [usize; 3],
+    isa: Isa,
+) -> Option<Vec<f32>> {
     if x.len() != m * k || w.len() != k * n || m == 0 || k == 0 || n == 0 {
         return None;
     }
     let weight = Weight { w, order, k, n };
+    // AVX2 reads the activations from groups of its tile's rows (see `GroupedRows`).
+    let grouped = (isa == Isa::Avx2).then(|| GroupedRows::of(x, m, k));
+    let row_unit = if isa == Isa::Avx2 { AVX2_ROWS } else { TILE_ROWS };
     // Not zeroed first (a single-threaded pass over the output): each task's first slab
     // writes its block, `0 + sum` as the later slabs add to what is there.
     let mut out = Vec::<f32>::with_capacity(m * n);
     let target = Output(out.as_mut_ptr());
-    for_each_block(m, n, TILE_ROWS, |block| {
+    for_each_block(m, n, row_unit, |block| {
         // SAFETY: `out` has room for `m * n` values and outlives the tasks; tasks write
         // disjoint (row range, column range) blocks of it.
-        unsafe { columns(x, &weight, block, &target, simd) }
+        unsafe { columns(x, grouped.as_ref(), &weight, block, &target, isa) }
     });
     // SAFETY: the blocks cover all `m * n` outputs and every task's first slab wrote each
     // of its block's (`columns`).
@@ -85,19 +127,62 @@ fn run(x: &[f32], w: &[f32], order: WeightOrder, [m, k, n]: [usize; 3], simd: bo
     Some(out)
 }
 
+/// The activations as the AVX2 tiles read them: per slab of [`SLAB`] inputs and group of
+/// [`AVX2_ROWS`] rows, input by input (`[i][row]`; rows past `m` zero), packed once per
+/// product. Read in place, rows `k` inputs apart fall into the same few L1 sets when `k`
+/// is a multiple of 1024 (every product of these models) and evicted the weight panel.
+struct GroupedRows {
+    values: Vec<f32>,
+    /// Rows, padded to whole groups.
+    rows: usize,
+}
+
+impl GroupedRows {
+    fn of(x: &[f32], m: usize, k: usize) -> Self {
+        let rows = m.next_multiple_of(AVX2_ROWS);
+        let mut values = vec![0f32; rows * k];
+        let fill = |(s, slab): (usize, &mut [f32])| {
+            let k0 = s * SLAB;
+            let depth = slab.len() / rows;
+            for (g, group) in slab.chunks_mut(AVX2_ROWS * depth).enumerate() {
+                for j in 0..AVX2_ROWS.min(m - g * AVX2_ROWS) {
+                    let r = g * AVX2_ROWS + j;
+                    for (slot, &v) in group
+                        .chunks_exact_mut(AVX2_ROWS)
+                        .zip(&x[r * k + k0..r * k + k0 + depth])
+                    {
+                        slot[j] = v;
+                    }
+                }
+            }
+        };
+        if m * k >= 1 << 16 {
+            values.par_chunks_mut(rows * SLAB).enumerate().for_each(fill);
+        } else {
+            values.chunks_mut(rows * SLAB).enumerate().for_each(fill);
+        }
+        Self { values, rows }
+    }
+
+    /// The group of rows from `r` (a multiple of [`AVX2_ROWS`]) of the slab from `k0`.
+    fn group(&self, k0: usize, r: usize, depth: usize) -> &[f32] {
+        &self.values[k0 * self.rows + r * depth..][..AVX2_ROWS * depth]
+    }
+}
+
 /// The weight and its layout.
-struct Weight<'a> {
-    w: &'a [f32],
+struct Weight<'a, T> {
+    w: &'a [T],
     order: WeightOrder,
     k: usize,
     n: usize,
 }
 
-impl Weight<'_> {
-    /// Packs inputs `k0..k1` of columns `c0..c0 + cols` into `panel`: per tile of
-    /// [`TILE_COLS`] columns, `k1 - k0` rows of [`TILE_COLS`] values (columns past `cols`
-    /// are zero).
-    fn pack(&self, k0: usize, k1: usize, c0: usize, cols: usize, panel: &mut [f32], simd: bool) {
+impl<T: Widen + Element> Weight<'_, T> {
+    /// Packs inputs `k0..k1` of columns `c0..c0 + cols` into `panel`, widened to f32: per
+    /// tile of [`TILE_COLS`] columns, `k1 - k0` rows of [`TILE_COLS`] values (columns past
+    /// `cols` are zero). `isa` decides whether f32 blocks are transposed in registers.
+    fn pack(&self, k0: usize, k1: usize, c0: usize, cols: usize, panel: &mut [f32], isa: Isa) {
         let (k, n) = (self.k, self.n);
         let depth = k1 - k0;
         for (tile, chunk) in panel.chunks_mut(depth * TILE_COLS).enumerate() {
@@ -110,20 +195,20 @@ impl Weight<'_> {
             match self.order {
                 WeightOrder::OutputMajor => {
                     // One row of the file per column, its inputs consecutive: 16 columns x
-                    // 16 inputs transposed in registers where the CPU allows, the rest
-                    // copied value by value.
+                    // 16 f32 inputs transposed in registers where the CPU has AVX-512, the
+                    // rest copied value by value.
                     let mut from = [k0; TILE_COLS];
                     #[cfg(target_arch = "x86_64")]
-                    if simd {
+                    if isa == Isa::Avx512 && T::dtype() == DType::F32 {
                         let whole = k0 + depth / 16 * 16;
                         for g in 0..width / 16 {
                             let rows = &self.w[(c + 16 * g) * k..(c + 16 * g + 16) * k];
                             for i in (k0..whole).step_by(16) {
                                 let out = &mut chunk[(i - k0) * TILE_COLS + 16 * g..];
                                 assert!(i + 16 <= k && out.len() >= 15 * TILE_COLS + 16);
-                                // SAFETY: `simd` is only true on CPUs with AVX-512 F; the 16
-                                // rows of `k` values hold inputs `i..i + 16`, and `out` the 16
-                                // packed rows of 16 values (asserted above).
+                                // SAFETY: `Isa::Avx512` is only chosen on CPUs with AVX-512
+                                // F; the 16 rows of `k` f32 values hold inputs `i..i + 16`,
+                                // and `out` the 16 packed rows of 16 values (asserted above).
                                 unsafe {
                                     super::bf16_gemm::transpose16(
                                         rows[i..].as_ptr().cast(),
@@ -135,19 +220,36 @@ impl Weight<'_> {
                             }
                             from[16 * g..16 * g + 16].fill(whole);
                         }
+                    } else if isa == Isa::Avx2 {
+                        let whole = k0 + depth / 8 * 8;
+                        for g in 0..width / 8 {
+                            let rows = &self.w[(c + 8 * g) * k..(c + 8 * g + 8) * k];
+                            for i in (k0..whole).step_by(8) {
+                                let out = &mut chunk[(i - k0) * TILE_COLS + 8 * g..];
+                                assert!(i + 8 <= k && out.len() >= 7 * TILE_COLS + 8);
+                                // SAFETY: `Isa::Avx2` is only chosen on CPUs with AVX2, FMA
+                                // and F16C; the 8 rows of `k` values hold inputs `i..i + 8`,
+                                // and `out` the 8 packed rows of 8 values (asserted above).
+                                unsafe { transpose8(rows[i..].as_ptr(), k, out.as_mut_ptr()) };
+                            }
+                            from[8 * g..8 * g + 8].fill(whole);
+                        }
                     }
                     #[cfg(not(target_arch = "x86_64"))]
-                    let _ = simd;
+                    let _ = isa;
                     for (j, &start) in from.iter().enumerate().take(width) {
                         let row = &self.w[(c + j) * k..(c + j + 1) * k];
                         for i in start..k1 {
-                            chunk[(i - k0) * TILE_COLS + j] = row[i];
+                            chunk[(i - k0) * TILE_COLS + j] = row[i].widen();
                         }
                     }
                 }
                 WeightOrder::InputMajor => {
                     for i in k0..k1 {
-                        chunk[(i - k0) * TILE_COLS..][..width].copy_from_slice(&self.w[i * n + c..][..width]);
+                        let to = &mut chunk[(i - k0) * TILE_COLS..][..width];
+                        for (d, s) in to.iter_mut().zip(&self.w[i * n + c..][..width]) {
+                            *d = s.widen();
+                        }
                     }
                 }
             }
@@ -155,13 +257,65 @@ impl Weight<'_> {
     }
 }
 
+/// 8 rows of 8 values of `T` (rows `step` values apart from `src`) widened to f32 and
+/// transposed into 8 rows of [`TILE_COLS`] from `dst`: value `j` of row `i` to `dst[j *
+/// TILE_COLS + i]`.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; the 8 source rows of 8 values and the 8 destination
+/// rows of 8 values must be valid.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn transpose8<T: Widen + Element>(src: *const T, step: usize, dst: *mut f32) {
+    use std::arch::x86_64::*;
+
+    // SAFETY: the 8 source rows are readable (this function's contract).
+    let r: [__m256; 8] = std::array::from_fn(|i| unsafe { super::widen8(src.add(i * step)) });
+    // Within each 128-bit half: pairs of rows interleaved, then groups of four rows.
+    let t = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    // `u[q]` (rows 0-3) and `u[4 + q]` (rows 4-7): value `q` in the low half, `q + 4` in
+    // the high half.
+    let u = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+    ];
+    for q in 0..4 {
+        // SAFETY: destination rows `q` and `q + 4` (this function's contract).
+        unsafe {
+            _mm256_storeu_ps(
+                dst.add(q * TILE_COLS),
+                _mm256_permute2f128_ps::<0x20>(u[q], u[4 + q]),
+            );
+            _mm256_storeu_ps(
+                dst.add((q + 4) * TILE_COLS),
+                _mm256_permute2f128_ps::<0x31>(u[q], u[4 + q]),
+            );
+        }
+    }
+}
+
 /// Cache lines of a block of the weight to prefetch, as rows of whole lines.
 struct Lines {
-    first: *const f32,
-    /// Values between the starts of two rows.
+    first: *const u8,
+    /// Bytes between the starts of two rows.
     stride: usize,
     rows: usize,
-    /// Lines per row (16 values apart).
+    /// Lines per row (64 bytes apart).
     per_row: usize,
     next: usize,
 }
@@ -176,7 +330,7 @@ impl Lines {
     fn prefetch(&mut self, count: usize) {
         let end = (self.next + count).min(self.rows * self.per_row);
         for line in self.next..end {
-            let at = (line / self.per_row) * self.stride + (line % self.per_row) * 16;
+            let at = (line / self.per_row) * self.stride + (line % self.per_row) * 64;
             // The address is inside the weight (`Weight::lines`); a prefetch never faults.
             #[cfg(target_arch = "x86_64")]
             // SAFETY: a prefetch reads nothing the program sees.
@@ -191,19 +345,20 @@ impl Lines {
     }
 }
 
-impl Weight<'_> {
+impl<T> Weight<'_, T> {
     /// The lines that packing inputs `k0..k1` of columns `c0..c0 + cols` reads.
     fn lines(&self, k0: usize, k1: usize, c0: usize, cols: usize) -> Lines {
         let (first, stride, rows, width) = match self.order {
             WeightOrder::OutputMajor => (c0 * self.k + k0, self.k, cols, k1 - k0),
             WeightOrder::InputMajor => (k0 * self.n + c0, self.n, k1 - k0, cols),
         };
+        let size = std::mem::size_of::<T>();
         Lines {
-            first: self.w.as_ptr().wrapping_add(first),
-            stride,
+            first: self.w.as_ptr().wrapping_add(first).cast(),
+            stride: stride * size,
             rows: if k0 < k1 { rows } else { 0 },
             // One more for a row that does not start on a line.
-            per_row: width.div_ceil(16) + 1,
+            per_row: (width * size).div_ceil(64) + 1,
             next: 0,
         }
     }
@@ -215,35 +370,48 @@ impl Weight<'_> {
 /// # Safety
 /// `out` must point to room for `m * n` values (`x` holds `m * k`) that no one else reads
 /// or writes inside `block`.
-unsafe fn columns(x: &[f32], w: &Weight, block: Block, out: &Output, simd: bool) {
+unsafe fn columns<T: Widen + Element>(
+    x: &[f32],
+    grouped: Option<&GroupedRows>,
+    w: &Weight<T>,
+    block: Block,
+    out: &Output,
+    isa: Isa,
+) {
     let Block { c0, cols, r0, r1 } = block;
     let (k, n) = (w.k, w.n);
     assert!(r1 * k <= x.len() && c0 + cols <= n);
     let tiles = cols.div_ceil(TILE_COLS);
+    let row_step = if isa == Isa::Avx2 { AVX2_ROWS } else { TILE_ROWS };
     let mut panel = vec![0f32; SLAB * TILE_COLS * tiles];
     let mut k0 = 0;
     while k0 < k {
         let k1 = (k0 + SLAB).min(k);
         let depth = k1 - k0;
         let panel = &mut panel[..depth * TILE_COLS * tiles];
-        w.pack(k0, k1, c0, cols, panel, simd);
+        w.pack(k0, k1, c0, cols, panel, isa);
         // The next slab's weight lines, fetched while this slab computes: packing reads a
         // few lines from each of many rows, too many streams for the hardware prefetchers,
         // and stalled on each (the transpose was 3-4% of an f32 image encode).
         let mut ahead = w.lines(k1, (k1 + SLAB).min(k), c0, cols);
-        let steps = tiles * (r1 - r0).div_ceil(TILE_ROWS);
+        let steps = tiles * (r1 - r0).div_ceil(row_step);
         let per_step = ahead.len().div_ceil(steps.max(1));
         for (tile, b) in panel.chunks(depth * TILE_COLS).enumerate() {
             let t0 = tile * TILE_COLS;
             let mut r = r0;
             while r < r1 {
-                if simd {
+                if isa != Isa::Plain {
                     ahead.prefetch(per_step);
                 }
-                let rows = TILE_ROWS.min(r1 - r);
+                let rows = row_step.min(r1 - r);
+                let (a, lda) = match grouped {
+                    // `r` is a multiple of `AVX2_ROWS` (`for_each_block`'s row unit).
+                    Some(g) => (g.group(k0, r, depth), 0),
+                    None => (&x[r * k + k0..], k),
+                };
                 let tile = Tile {
-                    a: &x[r * k + k0..],
-                    lda: k,
+                    a,
+                    lda,
                     b,
                     depth,
                     // SAFETY: row `r < m`, column `c0 + t0 < n`: inside the output.
@@ -252,17 +420,18 @@ unsafe fn columns(x: &[f32], w: &Weight, block: Block, out: &Output, simd: bool)
                     width: TILE_COLS.min(cols - t0),
                     first: k0 == 0,
                 };
-                #[cfg(target_arch = "x86_64")]
-                if simd {
-                    // SAFETY: `simd` is only true when `f32_gemm_available()` said the CPU
-                    // has AVX-512 F; `rows` output rows of `width` values from `c` lie in
-                    // this task's block.
-                    unsafe { tile.simd_rows(rows) };
-                    r += rows;
-                    continue;
-                }
-                // SAFETY: as above.
-                unsafe { tile.plain(rows) };
+                // SAFETY: `Isa::Avx512` and `Isa::Avx2` are only chosen on CPUs with their
+                // instructions (`Isa::detected`); `rows` output rows of `width` values from
+                // `c` lie in this task's block.
+                unsafe {
+                    match isa {
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx512 => tile.avx512_rows(rows),
+                        #[cfg(target_arch = "x86_64")]
+                        Isa::Avx2 => tile.avx2_rows(rows),
+                        _ => tile.plain(rows),
+                    }
+                };
                 r += rows;
             }
         }
@@ -270,9 +439,10 @@ unsafe fn columns(x: &[f32], w: &Weight, block: Block, out: &Output, simd: bool)
     }
 }
 
-/// One register tile's operands: activation rows (stride `lda`), `depth` packed weight rows
-/// of [`TILE_COLS`] values, and output rows from `c` (stride `ldc`) of which the first
-/// `width` columns are this tile's.
+/// One register tile's operands: activation rows (stride `lda`; for AVX2 a packed group of
+/// [`AVX2_ROWS`] rows, input by input), `depth` packed weight rows of [`TILE_COLS`] values,
+/// and output rows from `c` (stride `ldc`) of which the first `width` columns are this
+/// tile's.
 struct Tile<'a> {
     a: &'a [f32],
     lda: usize,
@@ -320,18 +490,18 @@ impl Tile<'_> {
     /// The CPU must have AVX-512 F; the output rows as for [`Tile::plain`].
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn simd_rows(self, rows: usize) {
+    unsafe fn avx512_rows(self, rows: usize) {
         // SAFETY (all arms): as this function's.
         unsafe {
             match rows {
-                8 => self.simd::<8>(),
-                7 => self.simd::<7>(),
-                6 => self.simd::<6>(),
-                5 => self.simd::<5>(),
-                4 => self.simd::<4>(),
-                3 => self.simd::<3>(),
-                2 => self.simd::<2>(),
-                _ => self.simd::<1>(),
+                8 => self.avx512::<8>(),
+                7 => self.avx512::<7>(),
+                6 => self.avx512::<6>(),
+                5 => self.avx512::<5>(),
+                4 => self.avx512::<4>(),
+                3 => self.avx512::<3>(),
+                2 => self.avx512::<2>(),
+                _ => self.avx512::<1>(),
             }
         }
     }
@@ -343,7 +513,7 @@ impl Tile<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn simd<const R: usize>(self) {
+    unsafe fn avx512<const R: usize>(self) {
         use std::arch::x86_64::*;
 
         // The pointer reads below stay inside these bounds.
@@ -386,6 +556,94 @@ impl Tile<'_> {
             }
         }
     }
+
+    /// [`Tile::plain`] with AVX2 and FMA: each 16-column third of the tile for up to
+    /// [`AVX2_ROWS`] rows (12 accumulators, 2 weight registers and a broadcast of the 16
+    /// registers; a 4 x 24 block, which fits exactly, was compiled with moves and a spill).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; the output rows as for [`Tile::plain`], at most
+    /// [`AVX2_ROWS`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2_rows(self, rows: usize) {
+        assert!(rows <= AVX2_ROWS);
+        for c0 in (0..self.width).step_by(16) {
+            // SAFETY (all arms): as this function's.
+            unsafe {
+                match rows {
+                    6 => self.avx2::<6>(c0),
+                    5 => self.avx2::<5>(c0),
+                    4 => self.avx2::<4>(c0),
+                    3 => self.avx2::<3>(c0),
+                    2 => self.avx2::<2>(c0),
+                    _ => self.avx2::<1>(c0),
+                }
+            }
+        }
+    }
+
+    /// `R` rows of [`Tile::plain`], columns `c0..c0 + 16` of the tile, in registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; the output rows as for [`Tile::plain`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn avx2<const R: usize>(&self, c0: usize) {
+        use std::arch::x86_64::*;
+
+        // The pointer reads below stay inside these bounds.
+        assert!(self.width <= TILE_COLS && c0 + 16 <= TILE_COLS && self.b.len() >= self.depth * TILE_COLS);
+        assert!(R <= AVX2_ROWS && self.a.len() >= self.depth * AVX2_ROWS);
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let a = self.a.as_ptr();
+        // SAFETY: column `c0 < TILE_COLS` of the first packed row (above).
+        let b = unsafe { self.b.as_ptr().add(c0) };
+        for i in 0..self.depth {
+            // SAFETY: `i < depth`: packed row `i` has 16 values from `c0`.
+            let (w0, w1) = unsafe {
+                (
+                    _mm256_loadu_ps(b.add(TILE_COLS * i)),
+                    _mm256_loadu_ps(b.add(TILE_COLS * i + 8)),
+                )
+            };
+            for (r, row) in acc.iter_mut().enumerate() {
+                // SAFETY: row `r < R <= AVX2_ROWS`, input `i < depth` of the packed group
+                // (checked above).
+                let v = _mm256_set1_ps(unsafe { *a.add(i * AVX2_ROWS + r) });
+                row[0] = _mm256_fmadd_ps(v, w0, row[0]);
+                row[1] = _mm256_fmadd_ps(v, w1, row[1]);
+            }
+        }
+        let live = (self.width - c0).min(16);
+        for (r, row) in acc.iter().enumerate() {
+            // SAFETY: output row `r < rows`, columns `c0..c0 + live` of the tile's.
+            unsafe {
+                let at = self.c.add(r * self.ldc + c0);
+                if live == 16 {
+                    for (j, v) in row.iter().enumerate() {
+                        let to = at.add(8 * j);
+                        let before = if self.first {
+                            _mm256_setzero_ps()
+                        } else {
+                            _mm256_loadu_ps(to)
+                        };
+                        _mm256_storeu_ps(to, _mm256_add_ps(before, *v));
+                    }
+                } else {
+                    let mut sums = [0f32; 16];
+                    for (j, v) in row.iter().enumerate() {
+                        _mm256_storeu_ps(sums.as_mut_ptr().add(8 * j), *v);
+                    }
+                    for (j, s) in sums.into_iter().take(live).enumerate() {
+                        let o = at.add(j);
+                        o.write(if self.first { 0.0 } else { o.read() } + s);
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -393,6 +651,7 @@ mod tests {
     use super::*;
     use crate::kernels::bf16_gemm::tests::transpose;
     use crate::kernels::rows::tests::values;
+    use burn::tensor::bf16;
 
     /// Per output, the sum over slabs of each slab's chain of FMAs (the kernel's contract),
     /// written as plainly as possible.
@@ -409,12 +668,28 @@ mod tests {
         out
     }
 
+    /// Every kernel this CPU runs (the plain one everywhere).
+    fn reachable() -> Vec<Isa> {
+        let mut isas = vec![Isa::Plain];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                isas.push(Isa::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") {
+                isas.push(Isa::Avx512);
+            }
+        }
+        isas
+    }
+
     #[test]
     fn gemm_has_the_bits_of_its_slabs_fma_chains_in_both_weight_orders() {
-        let simd = f32_gemm_available();
+        let isas = reachable();
+        assert_eq!(f32_gemm_available(), isas.len() > 1);
         // k across slabs (odd, past 16-input blocks), widths with and without whole tiles,
-        // 16-column groups and tasks, row counts with and without whole tiles, narrow
-        // products split by rows.
+        // tile halves and 16-column groups and tasks, row counts with and without whole
+        // tiles and 4-row steps, narrow products split by rows.
         for &(m, k, n) in &[
             (1, 1, 1),
             (3, 2, 48),
@@ -425,38 +700,56 @@ mod tests {
             (5, 517, 96),
             (23, 64, 400),
             (40, 33, 17),
+            (7, 20, 30),
         ] {
             let x = values(m * k, 1);
             let w = values(k * n, 2);
             let file = transpose(&w, k, n);
+            // bf16 weights (widened as they are packed): the same chains of their values.
+            let w16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            let file16 = transpose(&w16, k, n);
+            let wide16: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
             let want = chains(&x, &w, m, k, n);
-            let mut cases = vec![
-                (
-                    "plain [k,n]",
-                    matmul_f32_gemm_reference(&x, &w, WeightOrder::InputMajor, m, k, n),
-                ),
-                (
-                    "plain [n,k]",
-                    matmul_f32_gemm_reference(&x, &file, WeightOrder::OutputMajor, m, k, n),
-                ),
-            ];
-            if simd {
-                cases.push((
-                    "avx512 [k,n]",
-                    matmul_f32_gemm(&x, &w, WeightOrder::InputMajor, m, k, n),
-                ));
-                cases.push((
-                    "avx512 [n,k]",
-                    matmul_f32_gemm(&x, &file, WeightOrder::OutputMajor, m, k, n),
-                ));
-            } else {
-                assert!(matmul_f32_gemm(&x, &w, WeightOrder::InputMajor, m, k, n).is_none());
-            }
-            for (name, got) in cases {
-                let got = got.expect("sizes match");
-                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                    assert_eq!(g.to_bits(), e.to_bits(), "{name} {m}x{k}x{n} at {i}: {g} vs {e}");
+            let want16 = chains(&x, &wide16, m, k, n);
+            for &isa in &isas {
+                let cases = [
+                    (
+                        "f32 [k,n]",
+                        run(&x, &w, WeightOrder::InputMajor, [m, k, n], isa),
+                        &want,
+                    ),
+                    (
+                        "f32 [n,k]",
+                        run(&x, &file, WeightOrder::OutputMajor, [m, k, n], isa),
+                        &want,
+                    ),
+                    (
+                        "bf16 [k,n]",
+                        run(&x, &w16, WeightOrder::InputMajor, [m, k, n], isa),
+                        &want16,
+                    ),
+                    (
+                        "bf16 [n,k]",
+                        run(&x, &file16, WeightOrder::OutputMajor, [m, k, n], isa),
+                        &want16,
+                    ),
+                ];
+                for (name, got, want) in cases {
+                    let got = got.expect("sizes match");
+                    for (i, (g, e)) in got.iter().zip(want.iter()).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            e.to_bits(),
+                            "{isa:?} {name} {m}x{k}x{n} at {i}: {g} vs {e}"
+                        );
+                    }
                 }
+            }
+            // The public entry runs the best of them, or refuses.
+            let best = matmul_f32_gemm(&x, &file, WeightOrder::OutputMajor, m, k, n);
+            assert_eq!(best.is_some(), f32_gemm_available());
+            if let Some(best) = best {
+                assert!(best.iter().zip(&want).all(|(g, e)| g.to_bits() == e.to_bits()));
             }
         }
     }
