@@ -5,9 +5,10 @@
 //! strided reads, once per block of columns and per thread: a fifth of an f32 image
 //! encode went to that copy. Here each task packs its own columns once per slab of inputs
 //! (16 x 16 blocks transposed in registers), the activations are read in place, and an
-//! 8-row x 48-column tile of f32 accumulators takes one FMA per weight register and row
-//! (AVX2: 4-row x 24-column halves of it, the 12 accumulators that 16 registers allow).
-//! bf16 and f16 weights are widened as they are packed, on CPUs without a bf16 gemm.
+//! 8-row x 48-column tile of f32 accumulators takes one FMA per weight register and row.
+//! AVX2: 8 x 8 transposes, the activations grouped by 6 rows once per product
+//! (`GroupedRows`), and 6-row x 16-column tiles (the 12 accumulators that 16 registers
+//! allow). bf16 and f16 weights are widened as they are packed (CPUs without a bf16 gemm).
 //!
 //! Every output is a sum over slabs of [`SLAB`] inputs, in order, of each slab's chain of
 //! FMAs from zero (one long chain would add rounding errors over all `k` inputs; these grow
@@ -42,18 +43,19 @@ enum Isa {
 }
 
 impl Isa {
-    /// The best this CPU has; `None` without AVX2 and FMA.
+    /// The best this CPU has; `None` without AVX2, FMA and F16C.
     fn detected() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
         {
             static DETECTED: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
             *DETECTED.get_or_init(|| {
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    Some(Isa::Avx512)
-                } else if std::arch::is_x86_feature_detected!("avx2")
+                // Both pack with the AVX2 transposes where the AVX-512 one does not apply.
+                let avx2 = std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
-                    && std::arch::is_x86_feature_detected!("f16c")
-                {
+                    && std::arch::is_x86_feature_detected!("f16c");
+                if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
+                    Some(Isa::Avx512)
+                } else if avx2 {
                     Some(Isa::Avx2)
                 } else {
                     None
@@ -67,7 +69,7 @@ impl Isa {
     }
 }
 
-/// Whether this CPU runs the kernel (AVX-512 F, or AVX2 and FMA).
+/// Whether this CPU runs the kernel (AVX2, FMA and F16C; AVX-512 F where it has it).
 pub fn f32_gemm_available() -> bool {
     Isa::detected().is_some()
 }
@@ -195,8 +197,8 @@ impl<T: Widen + Element> Weight<'_, T> {
             match self.order {
                 WeightOrder::OutputMajor => {
                     // One row of the file per column, its inputs consecutive: 16 columns x
-                    // 16 f32 inputs transposed in registers where the CPU has AVX-512, the
-                    // rest copied value by value.
+                    // 16 f32 inputs transposed in registers where the CPU has AVX-512, 8 x 8
+                    // values (widened) with AVX2, the rest copied value by value.
                     let mut from = [k0; TILE_COLS];
                     #[cfg(target_arch = "x86_64")]
                     if isa == Isa::Avx512 && T::dtype() == DType::F32 {
@@ -220,15 +222,16 @@ impl<T: Widen + Element> Weight<'_, T> {
                             }
                             from[16 * g..16 * g + 16].fill(whole);
                         }
-                    } else if isa == Isa::Avx2 {
+                    } else if isa != Isa::Plain {
+                        // AVX2, and AVX-512 with bf16 or f16 weights.
                         let whole = k0 + depth / 8 * 8;
                         for g in 0..width / 8 {
                             let rows = &self.w[(c + 8 * g) * k..(c + 8 * g + 8) * k];
                             for i in (k0..whole).step_by(8) {
                                 let out = &mut chunk[(i - k0) * TILE_COLS + 8 * g..];
                                 assert!(i + 8 <= k && out.len() >= 7 * TILE_COLS + 8);
-                                // SAFETY: `Isa::Avx2` is only chosen on CPUs with AVX2, FMA
-                                // and F16C; the 8 rows of `k` values hold inputs `i..i + 8`,
+                                // SAFETY: `Isa::Avx2` and `Isa::Avx512` are only chosen on CPUs
+                                // with AVX2, FMA and F16C; the 8 rows of `k` values hold inputs `i..i + 8`,
                                 // and `out` the 8 packed rows of 8 values (asserted above).
                                 unsafe { transpose8(rows[i..].as_ptr(), k, out.as_mut_ptr()) };
                             }
@@ -673,10 +676,13 @@ mod tests {
         let mut isas = vec![Isa::Plain];
         #[cfg(target_arch = "x86_64")]
         {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            if avx2 {
                 isas.push(Isa::Avx2);
             }
-            if is_x86_feature_detected!("avx512f") {
+            if avx2 && is_x86_feature_detected!("avx512f") {
                 isas.push(Isa::Avx512);
             }
         }
