@@ -1203,8 +1203,9 @@ mod tests {
 
     /// Against Burn's own attention (HF's `repeat_kv` for GQA): causal with and without
     /// earlier cached keys, not causal, row counts with and without whole query and key
-    /// blocks (and every row step of the AVX-512 kernel), head dims 16/24/64/128, f32/bf16/f16, keys and values as a narrowed view of a
-    /// larger buffer; a mask tensor, a softcap or few rows are not this kernel's.
+    /// blocks (and every row step of the AVX-512 kernel), head dims 16/24/64/128,
+    /// f32/bf16/f16, keys and values as a narrowed view of a larger buffer; a mask tensor,
+    /// a softcap or few rows are not this kernel's.
     #[test]
     fn prefill_attention_equals_burn() {
         let device = burn::tensor::Device::flex();
