@@ -18,7 +18,6 @@
 
 use burn::backend::{BackendTensor, DispatchKindConversion, DispatchTensor, TensorMetadata};
 use burn::nn::Linear;
-use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::quantization::{QuantMode, QuantValue, global_scale_dtype};
 use burn::tensor::{DType, Device, Tensor, TensorData, bf16, f16};
 use burn_flex::{Flex, FlexQTensor, FlexTensor};
@@ -529,7 +528,7 @@ pub fn sigmoid_gated<const D: usize>(
         return Err(x);
     }
     if dtype == DType::F32 {
-        return Ok(gate_f32_tensor(x, gate, up));
+        return gate_f32_tensor(x, gate, up);
     }
     let shape = x.dims();
     let device = x.device();
@@ -548,28 +547,28 @@ pub fn sigmoid_gated<const D: usize>(
 
 /// [`sigmoid_gated`] for an f32 `x` (and `up`) of the plain Flex device: in place where
 /// Flex hands the values over without a copy.
-fn gate_f32_tensor<const D: usize>(x: Tensor<D>, gate: SigmoidGate, up: Option<&Tensor<D>>) -> Tensor<D> {
+// As `sigmoid_gated`'s: the one tensor either way.
+#[allow(clippy::result_large_err)]
+fn gate_f32_tensor<const D: usize>(
+    x: Tensor<D>,
+    gate: SigmoidGate,
+    up: Option<&Tensor<D>>,
+) -> Result<Tensor<D>, Tensor<D>> {
     let device = x.device();
     let mut data = x.into_data();
     let up = up.map(|u| u.clone().into_data());
     let ups = up.as_ref().map(|u| u.as_slice::<f32>());
-    match (data.as_mut_slice::<f32>(), ups.transpose()) {
-        (Ok(values), Ok(ups)) => gate_in_place_f32(values, ups, gate),
-        // Flex keeps f32 tensors as f32 values; should that change, Burn's ops decide.
-        _ => {
-            let x = Tensor::<D>::from_data(data, (&device, DType::F32));
-            let act = match gate {
-                SigmoidGate::Silu => silu(x),
-                SigmoidGate::QuickGelu => x.clone() * sigmoid(x * QUICK_GELU_SCALE),
-            };
-            let up = up.map(|u| Tensor::<D>::from_data(u, (&device, DType::F32)));
-            return match up {
-                Some(up) => act * up,
-                None => act,
-            };
+    let applied = match (data.as_mut_slice::<f32>(), ups.transpose()) {
+        (Ok(values), Ok(ups)) => {
+            gate_in_place_f32(values, ups, gate);
+            true
         }
-    }
-    Tensor::from_data(data, (&device, DType::F32))
+        // Flex keeps f32 tensors as f32 values; should that change, the caller's Burn ops
+        // decide.
+        _ => false,
+    };
+    let out = Tensor::from_data(data, (&device, DType::F32));
+    if applied { Ok(out) } else { Err(out) }
 }
 
 /// CLIP's quick GELU factor, as Burn's scalar ops give it to an f32 tensor (an `f64` rounded
@@ -1884,6 +1883,8 @@ pub(crate) mod tests {
     /// place only on values it owns).
     #[test]
     fn f32_sigmoid_gates_equal_burns_ops_bit_for_bit() {
+        use burn::tensor::activation::{sigmoid, silu};
+
         let device = Device::flex();
         let special = [
             0.0,

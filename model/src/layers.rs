@@ -23,7 +23,7 @@ pub fn activate<const D: usize>(act: Activation, x: Tensor<D>) -> Tensor<D> {
 }
 
 /// `activate(act, gate) * up` (Llama's gated MLP), in one pass where [`sigmoid_gated`]
-/// applies (bf16 on the CPU).
+/// applies (bf16 and f32 on the CPU).
 pub fn activate_times<const D: usize>(act: Activation, gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     let kind = match act {
         Activation::Silu => SigmoidGate::Silu,

@@ -69,6 +69,14 @@ impl Isa {
     }
 }
 
+impl Isa {
+    /// Output rows per register tile step (and the unit of the tasks' row parts, so that
+    /// AVX2's row groups start at a task's first row).
+    fn tile_rows(self) -> usize {
+        if self == Isa::Avx2 { AVX2_ROWS } else { TILE_ROWS }
+    }
+}
+
 /// Whether this CPU runs the kernel (AVX2, FMA and F16C; AVX-512 F where it has it).
 pub fn f32_gemm_available() -> bool {
     Isa::detected().is_some()
@@ -113,12 +121,11 @@ fn run<T: Widen + Element>(
     let weight = Weight { w, order, k, n };
     // AVX2 reads the activations from groups of its tile's rows (see `GroupedRows`).
     let grouped = (isa == Isa::Avx2).then(|| GroupedRows::of(x, m, k));
-    let row_unit = if isa == Isa::Avx2 { AVX2_ROWS } else { TILE_ROWS };
     // Not zeroed first (a single-threaded pass over the output): each task's first slab
     // writes its block, `0 + sum` as the later slabs add to what is there.
     let mut out = Vec::<f32>::with_capacity(m * n);
     let target = Output(out.as_mut_ptr());
-    for_each_block(m, n, row_unit, |block| {
+    for_each_block(m, n, isa.tile_rows(), |block| {
         // SAFETY: `out` has room for `m * n` values and outlives the tasks; tasks write
         // disjoint (row range, column range) blocks of it.
         unsafe { columns(x, grouped.as_ref(), &weight, block, &target, isa) }
@@ -385,7 +392,7 @@ unsafe fn columns<T: Widen + Element>(
     let (k, n) = (w.k, w.n);
     assert!(r1 * k <= x.len() && c0 + cols <= n);
     let tiles = cols.div_ceil(TILE_COLS);
-    let row_step = if isa == Isa::Avx2 { AVX2_ROWS } else { TILE_ROWS };
+    let row_step = isa.tile_rows();
     let mut panel = vec![0f32; SLAB * TILE_COLS * tiles];
     let mut k0 = 0;
     while k0 < k {
