@@ -269,20 +269,13 @@ fn gemm_linear<const D: usize>(
 fn widen_bf16_values(xs: &[bf16]) -> Vec<f32> {
     const CHUNK: usize = 1 << 14;
     let mut out = vec![0f32; xs.len()];
-    let widen = |(o, x): (&mut [f32], &[bf16])| {
+    for_each_chunk(&mut out, CHUNK, |i, out| {
         with_simd(|| {
-            for (o, &x) in o.iter_mut().zip(x) {
+            for (o, &x) in out.iter_mut().zip(&xs[i * CHUNK..]) {
                 *o = widen_bf16(x);
             }
         })
-    };
-    if xs.len() >= PARALLEL_VALUES {
-        out.par_chunks_mut(CHUNK)
-            .zip(xs.par_chunks(CHUNK))
-            .for_each(widen);
-    } else {
-        out.chunks_mut(CHUNK).zip(xs.chunks(CHUNK)).for_each(widen);
-    }
+    });
     out
 }
 
@@ -432,7 +425,8 @@ fn streamed_output<const D: usize>(
         // Bias and rounding in one pass, in parallel for prefills (Flex's cast is a second
         // pass on one thread); the bits of an f32 add then `bf16::from_f32`.
         let mut rounded = vec![bf16::ZERO; out.len()];
-        let round_rows = |(o, r): (&[f32], &mut [bf16])| {
+        for_each_chunk(&mut rounded, n, |i, r| {
+            let o = &out[i * n..][..r.len()];
             with_simd(|| match bias {
                 Some(b) => {
                     for ((d, &v), &bv) in r.iter_mut().zip(o).zip(b) {
@@ -445,27 +439,15 @@ fn streamed_output<const D: usize>(
                     }
                 }
             })
-        };
-        if out.len() >= PARALLEL_VALUES {
-            out.par_chunks(n)
-                .zip(rounded.par_chunks_mut(n))
-                .for_each(round_rows);
-        } else {
-            out.chunks(n).zip(rounded.chunks_mut(n)).for_each(round_rows);
-        }
+        });
         return Tensor::<D>::from_data(TensorData::new(rounded, shape), (&x.device(), DType::BF16));
     }
     if let Some(b) = bias {
-        let add = |row: &mut [f32]| {
+        for_each_chunk(&mut out, n, |_, row| {
             for (o, bv) in row.iter_mut().zip(b) {
                 *o += bv;
             }
-        };
-        if out.len() >= PARALLEL_VALUES {
-            out.par_chunks_mut(n).for_each(add);
-        } else {
-            out.chunks_mut(n).for_each(add);
-        }
+        });
     }
     let y = Tensor::<D>::from_data(TensorData::new(out, shape), &x.device());
     if dtype == DType::F32 { y } else { y.cast(dtype) }
@@ -639,15 +621,10 @@ impl BurnGateF32 {
 fn gate_in_place_f32(x: &mut [f32], up: Option<&[f32]>, gate: SigmoidGate) {
     const CHUNK: usize = 1 << 14;
     let gate = BurnGateF32 { gate };
-    let run = |(i, chunk): (usize, &mut [f32])| {
+    for_each_chunk(x, CHUNK, |i, chunk| {
         let ups = up.map(|u| &u[i * CHUNK..i * CHUNK + chunk.len()]);
         with_simd(|| gate.run(chunk, ups))
-    };
-    if x.len() >= PARALLEL_VALUES {
-        x.par_chunks_mut(CHUNK).enumerate().for_each(run);
-    } else {
-        x.chunks_mut(CHUNK).enumerate().for_each(run);
-    }
+    });
 }
 
 /// Whether the CPU has fused multiply-adds, which [`sigmoid_gated`]'s exponential needs to be
@@ -657,6 +634,75 @@ fn fma_available() -> bool {
     return std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2");
     #[cfg(not(target_arch = "x86_64"))]
     return true;
+}
+
+/// The instruction level of the kernels that have several (the f32 gemm, the prefill
+/// attention, the q8/q4 dequantization): each gives the same bits on every level, so the
+/// level is a matter of speed, and tests run every one the CPU has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Simd {
+    /// Plain Rust, on every CPU.
+    Plain,
+    /// AVX2 with FMA and F16C (x86 CPUs since Haswell and Zen have all three).
+    Avx2,
+    /// AVX-512 F, with the AVX2 level's instructions.
+    Avx512,
+}
+
+impl Simd {
+    /// The highest level this CPU runs.
+    pub(crate) fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            static BEST: std::sync::OnceLock<Simd> = std::sync::OnceLock::new();
+            *BEST.get_or_init(|| {
+                use std::arch::is_x86_feature_detected as has;
+                if !(has!("avx2") && has!("fma") && has!("f16c")) {
+                    Simd::Plain
+                } else if has!("avx512f") {
+                    Simd::Avx512
+                } else {
+                    Simd::Avx2
+                }
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Simd::Plain
+        }
+    }
+
+    /// Whether this CPU runs the level (every level up to [`Simd::best`]).
+    pub(crate) fn runs_here(self) -> bool {
+        self <= Self::best()
+    }
+
+    /// The levels above plain Rust that this CPU runs (for the tests that compare them with
+    /// the plain one).
+    #[cfg(test)]
+    pub(crate) fn reachable_simd() -> Vec<Self> {
+        [Self::Avx2, Self::Avx512]
+            .into_iter()
+            .filter(|level| level.runs_here())
+            .collect()
+    }
+}
+
+/// `task(i, piece)` on every `chunk`-long piece `i` of `values` (the last may be shorter),
+/// on the rayon pool when there are at least [`PARALLEL_VALUES`] of them (a prefill's),
+/// else on this thread (a decode step's, where waking the pool costs more than it saves).
+fn for_each_chunk<T: Send>(values: &mut [T], chunk: usize, task: impl Fn(usize, &mut [T]) + Sync) {
+    if values.len() >= PARALLEL_VALUES {
+        values
+            .par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, piece)| task(i, piece));
+    } else {
+        values
+            .chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, piece)| task(i, piece));
+    }
 }
 
 /// Runs `f` compiled for AVX-512 where the CPU has it, else for AVX2 and FMA, so that a
@@ -705,7 +751,7 @@ fn through_bf16(v: f32) -> f32 {
 fn gate_values(x: &[bf16], up: Option<&[bf16]>, gate: SigmoidGate) -> Vec<bf16> {
     const CHUNK: usize = 1 << 14;
     let mut out = vec![bf16::ZERO; x.len()];
-    let run = |(i, chunk): (usize, &mut [bf16])| {
+    for_each_chunk(&mut out, CHUNK, |i, chunk| {
         let start = i * CHUNK;
         let xs = &x[start..start + chunk.len()];
         let ups = up.map(|u| &u[start..start + chunk.len()]);
@@ -720,12 +766,7 @@ fn gate_values(x: &[bf16], up: Option<&[bf16]>, gate: SigmoidGate) -> Vec<bf16> 
         }
         #[cfg(not(target_arch = "x86_64"))]
         gate_chunk(xs, ups, chunk, gate)
-    };
-    if out.len() >= PARALLEL_VALUES {
-        out.par_chunks_mut(CHUNK).enumerate().for_each(run);
-    } else {
-        out.chunks_mut(CHUNK).enumerate().for_each(run);
-    }
+    });
     out
 }
 
@@ -2078,6 +2119,46 @@ pub(crate) mod tests {
             }
             if let Some(twin) = &twin {
                 assert_eq!(&got, twin, "linear and the gemm it dispatches to");
+            }
+        }
+    }
+
+    /// A prefill's many f32 rows through a q8/q4 weight: packed and unpacked give the same
+    /// bits, within f32 sums of the product with the dequantized weight (`scale * q`).
+    #[test]
+    fn many_f32_rows_through_quantized_weights_use_the_dequantized_weight() {
+        use burn::module::Param;
+        use burn::nn::LinearConfig;
+        use burn::tensor::quantization::{QuantScheme, ScaleDtype};
+
+        let device = Device::flex();
+        // Several K slabs of a blocked gemm.
+        let (rows, k, n) = (40, 320, 48);
+        let values = |t: Tensor<2>| t.cast(DType::F32).into_data().try_into_vec::<f32>().expect("f32");
+        let x = Tensor::<2>::from_data(TensorData::new(activations(rows, k), [rows, k]), &device);
+        let xv = values(x.clone());
+        for value in [QuantValue::Q8S, QuantValue::Q4S] {
+            let scheme = QuantScheme::default()
+                .with_value(value)
+                .per_block([32, 1], ScaleDtype::F16);
+            let mut layer = LinearConfig::new(k, n).init(&device);
+            let bv = values(layer.bias.as_ref().expect("bias").val().unsqueeze());
+            let quantized = layer.weight.val().quantize_dynamic(&scheme);
+            let dequantized = values(quantized.clone().dequantize());
+            layer.weight = Param::from_tensor(quantized.clone());
+            let unpacked = values(linear(&layer, x.clone()));
+            layer.weight = packed::pack_weight(Param::from_tensor(quantized));
+            let got = values(linear(&layer, x.clone()));
+            assert_eq!(got, unpacked, "{value:?}: packed and unpacked weights");
+            for (i, &g) in got.iter().enumerate() {
+                let (r, c) = (i / n, i % n);
+                let terms = (0..k).map(|kk| xv[r * k + kk] as f64 * dequantized[kk * n + c] as f64);
+                let exact = bv[c] as f64 + terms.clone().sum::<f64>();
+                let size = bv[c].abs() as f64 + terms.map(f64::abs).sum::<f64>();
+                assert!(
+                    (g as f64 - exact).abs() <= 1e-5 * size,
+                    "{value:?} at {i}: {g} vs {exact}"
+                );
             }
         }
     }

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::widen16;
-use super::{Vectorized, Widen, host_f32, is_plain_flex, vectorized};
+use super::{Simd, Vectorized, Widen, host_f32, is_plain_flex, vectorized};
 
 /// Query rows per sequence up to which [`decode_attention`] applies (decode steps and short
 /// follow-ups; longer prefills go to Burn's tiled kernel).
@@ -596,15 +596,24 @@ fn dot<T: Widen>(q: &[f32], k: &[T]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Query rows per task of [`prefill_attention`].
+/// Query rows per task of [`prefill_attention`] (the AVX2 kernel's: [`AVX2_QUERY_BLOCK`]).
 const QUERY_BLOCK: usize = 32;
+/// Query rows per task with [`KeyBlock::run_avx2`]: each key block (16 KB of keys and 16 KB
+/// of values at head size 64, more than half of a 32 KB L1) serves more rows before the
+/// next replaces it (CLIP-L's attention 22.4 -> 12.3 ms in the kernel table against 32 rows).
+const AVX2_QUERY_BLOCK: usize = 96;
 /// Keys per step of [`prefill_attention`]: their scores stay in L1 with the block's keys
 /// and values widened to f32.
 const KEY_BLOCK: usize = 64;
+/// Query rows per step of [`KeyBlock::run_avx2`] at most.
+const AVX2_QUERY_ROWS: usize = 6;
+/// Keys, and dimensions of the output, per pass of [`KeyBlock::run_avx2`] (two AVX2
+/// registers).
+const AVX2_COLS: usize = 16;
 
 /// Scaled dot-product attention of many query rows (a prefill, the vision tower) on Flex,
 /// without a mask tensor (causal or not), with the arguments of [`decode_attention`]: blocks
-/// of [`QUERY_BLOCK`] query rows in parallel, each going over the keys it can see
+/// of query rows ([`QUERY_BLOCK`]) in parallel, each going over the keys it can see
 /// [`KEY_BLOCK`] at a time with an online softmax (FlashAttention's), keys and values read
 /// in place and widened per block, the exponentials vectorized ([`exp_nonpositive`]).
 /// Flex's own attention instead copies queries, keys and values to f32 and calls the
@@ -617,8 +626,24 @@ pub fn prefill_attention(
     mask: Option<&Tensor<4, Bool>>,
     options: &AttentionModuleOptions,
 ) -> Option<Tensor<4>> {
+    prefill_attention_with(q, k, v, mask, options, Simd::best())
+}
+
+/// [`prefill_attention`] with the key-block kernel of level `kernel`, all of which give the
+/// same bits (the same chains of FMAs per score and per output value, in the same order):
+/// [`Simd::Avx2`] up to [`AVX2_QUERY_ROWS`] rows at a time ([`KeyBlock::run_avx2`], head
+/// sizes that are multiples of 16), [`Simd::Avx512`] four or two ([`KeyBlock::run`], head
+/// sizes 64 and 128), the row loop otherwise. `None` also where the CPU lacks the level.
+fn prefill_attention_with(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    mask: Option<&Tensor<4, Bool>>,
+    options: &AttentionModuleOptions,
+    kernel: Simd,
+) -> Option<Tensor<4>> {
     let [_, _, t, d] = q.dims();
-    if mask.is_some() || t <= MAX_QUERY_ROWS || d == 0 {
+    if mask.is_some() || t <= MAX_QUERY_ROWS || d == 0 || !kernel.runs_here() {
         return None;
     }
     let inputs = Inputs::of(q, k, v, options)?;
@@ -631,9 +656,9 @@ pub fn prefill_attention(
         ..
     } = &inputs;
     let out = match inputs.dtype {
-        DType::F32 => run_blocks::<f32>(queries, k, v, *b, shape)?,
-        DType::BF16 => run_blocks::<bf16>(queries, k, v, *b, shape)?,
-        DType::F16 => run_blocks::<f16>(queries, k, v, *b, shape)?,
+        DType::F32 => run_blocks::<f32>(queries, k, v, *b, shape, kernel)?,
+        DType::BF16 => run_blocks::<bf16>(queries, k, v, *b, shape, kernel)?,
+        DType::F16 => run_blocks::<f16>(queries, k, v, *b, shape, kernel)?,
         _ => return None,
     };
     Some(inputs.output(out))
@@ -647,6 +672,7 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     v: &FlexTensor,
     b: usize,
     s: &Shape4,
+    kernel: Simd,
 ) -> Option<Vec<f32>> {
     let (k, v) = (strided::<T>(k)?, strided::<T>(v)?);
     let d = s.d;
@@ -671,6 +697,11 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
                 }
             }
         });
+    let query_block = if kernel == Simd::Avx2 {
+        AVX2_QUERY_BLOCK
+    } else {
+        QUERY_BLOCK
+    };
     let mut out = vec![0f32; b * s.heads * s.t * d];
     out.par_chunks_mut(s.t * d)
         .enumerate()
@@ -679,10 +710,10 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
             let kv = bi * kv_heads + h / s.rep;
             let q_head = &q[task * s.t * d..(task + 1) * s.t * d];
             head_out
-                .par_chunks_mut(QUERY_BLOCK * d)
+                .par_chunks_mut(query_block * d)
                 .enumerate()
                 .for_each(|(block, out)| {
-                    let i0 = block * QUERY_BLOCK;
+                    let i0 = block * query_block;
                     vectorized(QueryBlock {
                         q: &q_head[i0 * d..i0 * d + out.len()],
                         keys: &keys[kv * d * padded..(kv + 1) * d * padded],
@@ -690,6 +721,7 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
                         padded,
                         i0,
                         s,
+                        kernel,
                         out,
                     })
                 });
@@ -706,6 +738,7 @@ struct QueryBlock<'a> {
     padded: usize,
     i0: usize,
     s: &'a Shape4,
+    kernel: Simd,
     out: &'a mut [f32],
 }
 
@@ -721,6 +754,7 @@ impl Vectorized for QueryBlock<'_> {
             padded,
             i0,
             s,
+            kernel,
             out,
         } = self;
         let d = s.d;
@@ -744,7 +778,39 @@ impl Vectorized for QueryBlock<'_> {
             // registers, so that each loaded key or value feeds four FMAs; two rows of 128);
             // other sizes and CPUs row by row below.
             #[cfg(target_arch = "x86_64")]
-            if (d == 4 * LANES || d == 8 * LANES) && std::arch::is_x86_feature_detected!("avx512f") {
+            if kernel == Simd::Avx2 && d.is_multiple_of(AVX2_COLS) {
+                let mut r = 0;
+                while r < rows {
+                    let n = AVX2_QUERY_ROWS.min(rows - r);
+                    let block = KeyBlock {
+                        queries: &queries[r * d..(r + n) * d],
+                        keys,
+                        padded,
+                        j0,
+                        values,
+                        max: &mut max[r..r + n],
+                        sum: &mut sum[r..r + n],
+                        out: &mut out[r * d..(r + n) * d],
+                    };
+                    let seen = |i: usize| visible(r + i);
+                    // SAFETY: `Simd::Avx2` runs only on CPUs with AVX2 and FMA
+                    // (`prefill_attention_with`).
+                    unsafe {
+                        match n {
+                            6 => block.run_avx2::<6>(std::array::from_fn(seen)),
+                            5 => block.run_avx2::<5>(std::array::from_fn(seen)),
+                            4 => block.run_avx2::<4>(std::array::from_fn(seen)),
+                            3 => block.run_avx2::<3>(std::array::from_fn(seen)),
+                            2 => block.run_avx2::<2>(std::array::from_fn(seen)),
+                            _ => block.run_avx2::<1>(std::array::from_fn(seen)),
+                        }
+                    }
+                    r += n;
+                }
+                continue;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if kernel == Simd::Avx512 && (d == 4 * LANES || d == 8 * LANES) {
                 let mut r = 0;
                 while r < rows {
                     let n = match rows - r {
@@ -762,7 +828,8 @@ impl Vectorized for QueryBlock<'_> {
                         sum: &mut sum[r..r + n],
                         out: &mut out[r * d..(r + n) * d],
                     };
-                    // SAFETY: the CPU has AVX-512 F (checked above).
+                    // SAFETY: `Simd::Avx512` runs only on CPUs with AVX-512 F and FMA
+                    // (`prefill_attention_with`).
                     unsafe {
                         match (n, d / LANES) {
                             (4, _) => block.run::<4, 4>(std::array::from_fn(|i| visible(r + i))),
@@ -856,7 +923,7 @@ impl KeyBlock<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::needless_range_loop)] // key `j` indexes every row's probabilities and the values
-    unsafe fn run<const R: usize, const C: usize>(self, visible: [usize; R]) {
+    unsafe fn run<const R: usize, const C: usize>(mut self, visible: [usize; R]) {
         use std::arch::x86_64::*;
 
         const GROUPS: usize = KEY_BLOCK / LANES;
@@ -887,17 +954,7 @@ impl KeyBlock<'_> {
                 unsafe { _mm512_storeu_ps(p.as_mut_ptr().add(g * LANES), *v) };
             }
         }
-        let mut rescale = [1f32; R];
-        for r in 0..R {
-            let seen = visible[r];
-            let (scores, unseen) = probs[r].split_at_mut(seen);
-            // Keys a row does not see have probability 0.
-            unseen.fill(0.0);
-            if seen == 0 {
-                continue;
-            }
-            rescale[r] = softmax_step(scores, &mut self.max[r], &mut self.sum[r]);
-        }
+        let rescale = self.softmax(&mut probs, visible);
         let out = self.out.as_mut_ptr();
         // SAFETY: row `r < R`, chunk `c < C`: inside the `R * d` outputs (asserted above).
         let mut o: [[__m512; C]; R] = std::array::from_fn(|r| {
@@ -924,6 +981,109 @@ impl KeyBlock<'_> {
             for (c, v) in row.iter().enumerate() {
                 // SAFETY: as above.
                 unsafe { _mm512_storeu_ps(out.add(r * d + c * LANES), *v) };
+            }
+        }
+    }
+
+    /// The scores in `probs` become each row's probabilities against its running maximum
+    /// ([`softmax_step`]; the keys a row does not see, 0), and the factors that rescale what
+    /// the rows accumulated before.
+    #[inline(always)]
+    fn softmax<const R: usize>(
+        &mut self,
+        probs: &mut [[f32; KEY_BLOCK]; R],
+        visible: [usize; R],
+    ) -> [f32; R] {
+        let mut rescale = [1f32; R];
+        for (r, (row, &seen)) in probs.iter_mut().zip(&visible).enumerate() {
+            let (scores, unseen) = row.split_at_mut(seen);
+            unseen.fill(0.0);
+            if seen > 0 {
+                rescale[r] = softmax_step(scores, &mut self.max[r], &mut self.sum[r]);
+            }
+        }
+        rescale
+    }
+
+    /// [`KeyBlock::run`] with AVX2 and FMA, for up to [`AVX2_QUERY_ROWS`] rows of a head size
+    /// that is a multiple of [`AVX2_COLS`]: the scores [`AVX2_COLS`] keys at a time, then the
+    /// output [`AVX2_COLS`] dimensions at a time, each as `R` rows x 2 registers of sums (12
+    /// of the 16 registers at 6 rows, as in the f32 gemm's AVX2 tile). Row by row, each
+    /// sum's chain of FMAs waits on the one before.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::needless_range_loop)] // key `j` indexes every row's probabilities and the values
+    unsafe fn run_avx2<const R: usize>(mut self, visible: [usize; R]) {
+        use std::arch::x86_64::*;
+
+        let d = self.queries.len() / R.max(1);
+        let width = visible.iter().copied().max().unwrap_or(0);
+        // The pointer reads and writes below stay inside these bounds.
+        assert!(R >= 1 && d > 0 && d.is_multiple_of(AVX2_COLS) && self.queries.len() == R * d);
+        assert!(self.out.len() >= R * d && self.max.len() >= R && self.sum.len() >= R);
+        assert!(width <= KEY_BLOCK && self.values.len() >= width * d);
+        assert!(self.keys.len() >= (d - 1) * self.padded + self.j0 + KEY_BLOCK);
+        let (keys, queries) = (self.keys.as_ptr(), self.queries.as_ptr());
+        let mut probs = [[0f32; KEY_BLOCK]; R];
+        // Groups of keys that no row sees keep their zeros (`softmax` zeroes them anyway).
+        for g in (0..width).step_by(AVX2_COLS) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for dd in 0..d {
+                // SAFETY: key row `dd` has `KEY_BLOCK` values from `j0`, and `g + 16 <=
+                // KEY_BLOCK` (asserted above).
+                let (k0, k1) = unsafe {
+                    let at = keys.add(dd * self.padded + self.j0 + g);
+                    (_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8)))
+                };
+                for (r, row) in acc.iter_mut().enumerate() {
+                    // SAFETY: row `r < R`, dimension `dd < d` (asserted above).
+                    let a = _mm256_set1_ps(unsafe { *queries.add(r * d + dd) });
+                    row[0] = _mm256_fmadd_ps(a, k0, row[0]);
+                    row[1] = _mm256_fmadd_ps(a, k1, row[1]);
+                }
+            }
+            for (p, row) in probs.iter_mut().zip(&acc) {
+                // SAFETY: 16 values from `g` inside the row of `KEY_BLOCK`.
+                unsafe {
+                    _mm256_storeu_ps(p.as_mut_ptr().add(g), row[0]);
+                    _mm256_storeu_ps(p.as_mut_ptr().add(g + 8), row[1]);
+                }
+            }
+        }
+        let rescale = self.softmax(&mut probs, visible);
+        let (out, values) = (self.out.as_mut_ptr(), self.values.as_ptr());
+        for c in (0..d).step_by(AVX2_COLS) {
+            // SAFETY (`out`'s loads and stores): row `r < R`, dimensions `c..c + 16` of `d`
+            // (asserted above).
+            let mut o: [[__m256; 2]; R] = std::array::from_fn(|r| {
+                std::array::from_fn(|h| unsafe {
+                    _mm256_mul_ps(
+                        _mm256_loadu_ps(out.add(r * d + c + 8 * h)),
+                        _mm256_set1_ps(rescale[r]),
+                    )
+                })
+            });
+            for j in 0..width {
+                // SAFETY: value row `j < width`, dimensions `c..c + 16` (asserted above).
+                let (v0, v1) = unsafe {
+                    let at = values.add(j * d + c);
+                    (_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8)))
+                };
+                for (r, row) in o.iter_mut().enumerate() {
+                    let p = _mm256_set1_ps(probs[r][j]);
+                    row[0] = _mm256_fmadd_ps(p, v0, row[0]);
+                    row[1] = _mm256_fmadd_ps(p, v1, row[1]);
+                }
+            }
+            for (r, row) in o.iter().enumerate() {
+                // SAFETY: as above.
+                unsafe {
+                    _mm256_storeu_ps(out.add(r * d + c), row[0]);
+                    _mm256_storeu_ps(out.add(r * d + c + 8), row[1]);
+                }
             }
         }
     }
@@ -1222,15 +1382,7 @@ mod tests {
                 (1, 2, 1, 35, 35, 128, true),
                 (1, 2, 2, 19, 50, 128, false),
             ] {
-                let q = Tensor::<4>::random([b, heads, t, d], Distribution::Normal(0.0, 1.0), &device)
-                    .cast(dtype);
-                let cap = total + 3;
-                let buffer = || {
-                    Tensor::<4>::random([b, kv_heads, cap, d], Distribution::Normal(0.0, 1.0), &device)
-                        .cast(dtype)
-                        .slice([0..b, 0..kv_heads, 0..total, 0..d])
-                };
-                let (k, v) = (buffer(), buffer());
+                let (q, k, v) = prefill_inputs([b, heads, kv_heads, t, total, d], dtype);
                 let options = AttentionModuleOptions {
                     is_causal: causal,
                     ..Default::default()
@@ -1257,6 +1409,68 @@ mod tests {
         assert!(prefill_attention(&q, &k, &k, None, &softcap).is_none());
         let few = Tensor::<4>::zeros([1, 2, MAX_QUERY_ROWS, 8], &device);
         assert!(prefill_attention(&few, &k, &k, None, &options).is_none());
+    }
+
+    /// Random queries `[b, heads, t, d]`, keys and values `[b, kv_heads, total, d]` in
+    /// `dtype`, the keys and values narrowed from a buffer of 3 more positions (so that
+    /// they are read with strides, as a KV cache is).
+    fn prefill_inputs(
+        [b, heads, kv_heads, t, total, d]: [usize; 6],
+        dtype: DType,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let device = burn::tensor::Device::flex();
+        let normal = Distribution::Normal(0.0, 1.0);
+        let q = Tensor::<4>::random([b, heads, t, d], normal, &device).cast(dtype);
+        let buffer = || {
+            Tensor::<4>::random([b, kv_heads, total + 3, d], normal, &device)
+                .cast(dtype)
+                .slice([0..b, 0..kv_heads, 0..total, 0..d])
+        };
+        (q, buffer(), buffer())
+    }
+
+    /// Every key-block kernel this CPU has gives the bits of the row-by-row loop: head sizes
+    /// 16, 32, 64 and 128, causal (with earlier keys) and not, row counts that end on every
+    /// row step (6 down to 1 rows with AVX2; 4, 2, 1 with AVX-512), f32 and bf16 keys and
+    /// values in a narrowed view.
+    #[test]
+    fn prefill_kernels_have_the_bits_of_the_row_loop() {
+        let kernels = Simd::reachable_simd();
+        if kernels.is_empty() {
+            eprintln!("no SIMD key-block kernel on this CPU: only the row loop runs");
+        }
+        let bits = |t: Tensor<4>| -> Vec<u32> {
+            let values: Vec<f32> = t.into_data().convert::<f32>().try_into_vec().expect("f32");
+            values.iter().map(|v| v.to_bits()).collect()
+        };
+        for dtype in [DType::F32, DType::BF16] {
+            // AVX2 (blocks of 96 rows, steps of 6): last steps of 5 (47 rows), 1 (61), 6 (36),
+            // 2 (98 = 96 + 2), 3 (33), 4 (100 = 96 + 4). AVX-512 (blocks of 32, steps of 4):
+            // 47 = 32 + 15 rows (4, 4, 4, 2, 1), 98 = 3 x 32 + 2, 100 = 3 x 32 + 4.
+            for &(b, heads, kv_heads, t, total, d, causal) in &[
+                (1, 2, 1, 47, 47, 64, true),
+                (2, 2, 2, 61, 61, 128, false),
+                (1, 1, 1, 36, 100, 32, true),
+                (1, 2, 2, 98, 130, 64, true),
+                (1, 2, 1, 33, 33, 16, false),
+                (1, 2, 2, 100, 100, 128, true),
+            ] {
+                let (q, k, v) = prefill_inputs([b, heads, kv_heads, t, total, d], dtype);
+                let options = AttentionModuleOptions {
+                    is_causal: causal,
+                    ..Default::default()
+                };
+                let run =
+                    |kernel| prefill_attention_with(&q, &k, &v, None, &options, kernel).expect("applies");
+                let rows = bits(run(Simd::Plain));
+                for &kernel in &kernels {
+                    assert!(
+                        rows == bits(run(kernel)),
+                        "{kernel:?} {dtype:?} causal {causal} {b}x{heads}/{kv_heads}x{t}x{total}x{d}"
+                    );
+                }
+            }
+        }
     }
 
     /// The vectorizable exponential within 2 f32 roundings of `f32::exp` over [-87, 0], and

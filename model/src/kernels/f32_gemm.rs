@@ -17,12 +17,11 @@
 //! Rust.
 
 use burn::tensor::{DType, Element};
-use rayon::prelude::*;
 
-use super::Widen;
 #[cfg(target_arch = "x86_64")]
 use super::bf16_gemm::tile_masks;
 use super::bf16_gemm::{Block, Output, WeightOrder, for_each_block};
+use super::{Simd, Widen};
 
 /// Rows of one register tile.
 const TILE_ROWS: usize = 8;
@@ -34,52 +33,15 @@ const SLAB: usize = 128;
 /// a time on AVX2.
 const AVX2_ROWS: usize = 6;
 
-/// The instructions the register tiles run with (all give the same bits).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    Plain,
-    Avx2,
-    Avx512,
-}
-
-impl Isa {
-    /// The best this CPU has; `None` without AVX2, FMA and F16C.
-    fn detected() -> Option<Self> {
-        #[cfg(target_arch = "x86_64")]
-        {
-            static DETECTED: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
-            *DETECTED.get_or_init(|| {
-                // Both pack with the AVX2 transposes where the AVX-512 one does not apply.
-                let avx2 = std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                    && std::arch::is_x86_feature_detected!("f16c");
-                if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
-                    Some(Isa::Avx512)
-                } else if avx2 {
-                    Some(Isa::Avx2)
-                } else {
-                    None
-                }
-            })
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            None
-        }
-    }
-}
-
-impl Isa {
-    /// Output rows per register tile step (and the unit of the tasks' row parts, so that
-    /// AVX2's row groups start at a task's first row).
-    fn tile_rows(self) -> usize {
-        if self == Isa::Avx2 { AVX2_ROWS } else { TILE_ROWS }
-    }
+/// Output rows per register tile step at level `isa` (and the unit of the tasks' row parts,
+/// so that AVX2's row groups start at a task's first row).
+fn tile_rows(isa: Simd) -> usize {
+    if isa == Simd::Avx2 { AVX2_ROWS } else { TILE_ROWS }
 }
 
 /// Whether this CPU runs the kernel (AVX2, FMA and F16C; AVX-512 F where it has it).
 pub fn f32_gemm_available() -> bool {
-    Isa::detected().is_some()
+    Simd::best() != Simd::Plain
 }
 
 /// `x [m, k] @ w [k, n]` with AVX-512 FMA or AVX2 and FMA, a bf16 or f16 `w` widened to
@@ -93,7 +55,11 @@ pub fn matmul_f32_gemm<T: Widen + Element>(
     k: usize,
     n: usize,
 ) -> Option<Vec<f32>> {
-    run(x, w, order, [m, k, n], Isa::detected()?)
+    let isa = Simd::best();
+    if isa == Simd::Plain {
+        return None;
+    }
+    run(x, w, order, [m, k, n], isa)
 }
 
 /// [`matmul_f32_gemm`]'s arithmetic in plain Rust, on every CPU (for tests).
@@ -105,7 +71,7 @@ pub fn matmul_f32_gemm_reference<T: Widen + Element>(
     k: usize,
     n: usize,
 ) -> Option<Vec<f32>> {
-    run(x, w, order, [m, k, n], Isa::Plain)
+    run(x, w, order, [m, k, n], Simd::Plain)
 }
 
 fn run<T: Widen + Element>(
@@ -113,19 +79,19 @@ fn run<T: Widen + Element>(
     w: &[T],
     order: WeightOrder,
     [m, k, n]: [usize; 3],
-    isa: Isa,
+    isa: Simd,
 ) -> Option<Vec<f32>> {
     if x.len() != m * k || w.len() != k * n || m == 0 || k == 0 || n == 0 {
         return None;
     }
     let weight = Weight { w, order, k, n };
     // AVX2 reads the activations from groups of its tile's rows (see `GroupedRows`).
-    let grouped = (isa == Isa::Avx2).then(|| GroupedRows::of(x, m, k));
+    let grouped = (isa == Simd::Avx2).then(|| GroupedRows::of(x, m, k));
     // Not zeroed first (a single-threaded pass over the output): each task's first slab
     // writes its block, `0 + sum` as the later slabs add to what is there.
     let mut out = Vec::<f32>::with_capacity(m * n);
     let target = Output(out.as_mut_ptr());
-    for_each_block(m, n, isa.tile_rows(), |block| {
+    for_each_block(m, n, tile_rows(isa), |block| {
         // SAFETY: `out` has room for `m * n` values and outlives the tasks; tasks write
         // disjoint (row range, column range) blocks of it.
         unsafe { columns(x, grouped.as_ref(), &weight, block, &target, isa) }
@@ -150,7 +116,7 @@ impl GroupedRows {
     fn of(x: &[f32], m: usize, k: usize) -> Self {
         let rows = m.next_multiple_of(AVX2_ROWS);
         let mut values = vec![0f32; rows * k];
-        let fill = |(s, slab): (usize, &mut [f32])| {
+        super::for_each_chunk(&mut values, rows * SLAB, |s, slab| {
             let k0 = s * SLAB;
             let depth = slab.len() / rows;
             for (g, group) in slab.chunks_mut(AVX2_ROWS * depth).enumerate() {
@@ -164,12 +130,7 @@ impl GroupedRows {
                     }
                 }
             }
-        };
-        if m * k >= 1 << 16 {
-            values.par_chunks_mut(rows * SLAB).enumerate().for_each(fill);
-        } else {
-            values.chunks_mut(rows * SLAB).enumerate().for_each(fill);
-        }
+        });
         Self { values, rows }
     }
 
@@ -191,7 +152,7 @@ impl<T: Widen + Element> Weight<'_, T> {
     /// Packs inputs `k0..k1` of columns `c0..c0 + cols` into `panel`, widened to f32: per
     /// tile of [`TILE_COLS`] columns, `k1 - k0` rows of [`TILE_COLS`] values (columns past
     /// `cols` are zero). `isa` decides whether f32 blocks are transposed in registers.
-    fn pack(&self, k0: usize, k1: usize, c0: usize, cols: usize, panel: &mut [f32], isa: Isa) {
+    fn pack(&self, k0: usize, k1: usize, c0: usize, cols: usize, panel: &mut [f32], isa: Simd) {
         let (k, n) = (self.k, self.n);
         let depth = k1 - k0;
         for (tile, chunk) in panel.chunks_mut(depth * TILE_COLS).enumerate() {
@@ -208,14 +169,14 @@ impl<T: Widen + Element> Weight<'_, T> {
                     // values (widened) with AVX2, the rest copied value by value.
                     let mut from = [k0; TILE_COLS];
                     #[cfg(target_arch = "x86_64")]
-                    if isa == Isa::Avx512 && T::dtype() == DType::F32 {
+                    if isa == Simd::Avx512 && T::dtype() == DType::F32 {
                         let whole = k0 + depth / 16 * 16;
                         for g in 0..width / 16 {
                             let rows = &self.w[(c + 16 * g) * k..(c + 16 * g + 16) * k];
                             for i in (k0..whole).step_by(16) {
                                 let out = &mut chunk[(i - k0) * TILE_COLS + 16 * g..];
                                 assert!(i + 16 <= k && out.len() >= 15 * TILE_COLS + 16);
-                                // SAFETY: `Isa::Avx512` is only chosen on CPUs with AVX-512
+                                // SAFETY: `Simd::Avx512` is only chosen on CPUs with AVX-512
                                 // F; the 16 rows of `k` f32 values hold inputs `i..i + 16`,
                                 // and `out` the 16 packed rows of 16 values (asserted above).
                                 unsafe {
@@ -229,7 +190,7 @@ impl<T: Widen + Element> Weight<'_, T> {
                             }
                             from[16 * g..16 * g + 16].fill(whole);
                         }
-                    } else if isa != Isa::Plain {
+                    } else if isa != Simd::Plain {
                         // AVX2, and AVX-512 with bf16 or f16 weights.
                         let whole = k0 + depth / 8 * 8;
                         for g in 0..width / 8 {
@@ -237,7 +198,7 @@ impl<T: Widen + Element> Weight<'_, T> {
                             for i in (k0..whole).step_by(8) {
                                 let out = &mut chunk[(i - k0) * TILE_COLS + 8 * g..];
                                 assert!(i + 8 <= k && out.len() >= 7 * TILE_COLS + 8);
-                                // SAFETY: `Isa::Avx2` and `Isa::Avx512` are only chosen on CPUs
+                                // SAFETY: `Simd::Avx2` and `Simd::Avx512` are only chosen on CPUs
                                 // with AVX2, FMA and F16C; the 8 rows of `k` values hold inputs `i..i + 8`,
                                 // and `out` the 8 packed rows of 8 values (asserted above).
                                 unsafe { transpose8(rows[i..].as_ptr(), k, out.as_mut_ptr()) };
@@ -386,13 +347,13 @@ unsafe fn columns<T: Widen + Element>(
     w: &Weight<T>,
     block: Block,
     out: &Output,
-    isa: Isa,
+    isa: Simd,
 ) {
     let Block { c0, cols, r0, r1 } = block;
     let (k, n) = (w.k, w.n);
     assert!(r1 * k <= x.len() && c0 + cols <= n);
     let tiles = cols.div_ceil(TILE_COLS);
-    let row_step = isa.tile_rows();
+    let row_step = tile_rows(isa);
     let mut panel = vec![0f32; SLAB * TILE_COLS * tiles];
     let mut k0 = 0;
     while k0 < k {
@@ -410,7 +371,7 @@ unsafe fn columns<T: Widen + Element>(
             let t0 = tile * TILE_COLS;
             let mut r = r0;
             while r < r1 {
-                if isa != Isa::Plain {
+                if isa != Simd::Plain {
                     ahead.prefetch(per_step);
                 }
                 let rows = row_step.min(r1 - r);
@@ -430,15 +391,15 @@ unsafe fn columns<T: Widen + Element>(
                     width: TILE_COLS.min(cols - t0),
                     first: k0 == 0,
                 };
-                // SAFETY: `Isa::Avx512` and `Isa::Avx2` are only chosen on CPUs with their
-                // instructions (`Isa::detected`); `rows` output rows of `width` values from
+                // SAFETY: `Simd::Avx512` and `Simd::Avx2` are only chosen on CPUs with their
+                // instructions (`Simd::best`); `rows` output rows of `width` values from
                 // `c` lie in this task's block.
                 unsafe {
                     match isa {
                         #[cfg(target_arch = "x86_64")]
-                        Isa::Avx512 => tile.avx512_rows(rows),
+                        Simd::Avx512 => tile.avx512_rows(rows),
                         #[cfg(target_arch = "x86_64")]
-                        Isa::Avx2 => tile.avx2_rows(rows),
+                        Simd::Avx2 => tile.avx2_rows(rows),
                         _ => tile.plain(rows),
                     }
                 };
@@ -679,20 +640,9 @@ mod tests {
     }
 
     /// Every kernel this CPU runs (the plain one everywhere).
-    fn reachable() -> Vec<Isa> {
-        let mut isas = vec![Isa::Plain];
-        #[cfg(target_arch = "x86_64")]
-        {
-            let avx2 = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
-            if avx2 {
-                isas.push(Isa::Avx2);
-            }
-            if avx2 && is_x86_feature_detected!("avx512f") {
-                isas.push(Isa::Avx512);
-            }
-        }
+    fn reachable() -> Vec<Simd> {
+        let mut isas = vec![Simd::Plain];
+        isas.extend(Simd::reachable_simd());
         isas
     }
 

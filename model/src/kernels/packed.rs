@@ -37,7 +37,7 @@ use burn_flex::{Flex, FlexQTensor, FlexTensor, Layout};
 use rayon::prelude::*;
 
 use super::int8::{ColumnBlocks, Int8Rows, vnni_available};
-use super::{BlockAxis, K_BLOCK, QuantizedRows, sum_over_slabs};
+use super::{BlockAxis, K_BLOCK, QuantizedRows, Simd, sum_over_slabs};
 
 /// Output columns per tile: one 512-bit register of int32 sums.
 const TILE: usize = 16;
@@ -323,29 +323,32 @@ impl PackedWeight {
     /// `scale * q` row-major `[k, n]`, in parallel: the same bits as Burn's `dequantize`
     /// of the unpacked tensor.
     pub fn dequantize(&self) -> Vec<f32> {
-        self.dequantize_with(dequantize_simd_available())
+        self.dequantize_with(Simd::best())
     }
 
     /// [`PackedWeight::dequantize`] rounded to bf16 (`bf16::from_f32`), without an f32 copy.
     pub fn dequantize_bf16(&self) -> Vec<bf16> {
-        self.dequantize_with(dequantize_simd_available())
+        self.dequantize_with(Simd::best())
     }
 
     /// [`PackedWeight::dequantize`] in plain Rust on every CPU (the reference of the
     /// vectorized one).
     pub fn dequantize_reference(&self) -> Vec<f32> {
-        self.dequantize_with(false)
+        self.dequantize_with(Simd::Plain)
     }
 
     /// [`PackedWeight::dequantize_bf16`] in plain Rust on every CPU.
     pub fn dequantize_bf16_reference(&self) -> Vec<bf16> {
-        self.dequantize_with(false)
+        self.dequantize_with(Simd::Plain)
     }
 
     /// `T::from(scale * q)` row-major `[k, n]`, in parallel over block rows, whose scales
     /// are widened once. A prefill with `--quantize` dequantizes every weight once per
-    /// product, so this loop is on its path: `simd` runs it 16 columns at a time.
-    fn dequantize_with<T: Dequantized>(&self, simd: bool) -> Vec<T> {
+    /// product, so this loop is on its path: the SIMD kernels run it 16 columns at a time
+    /// with AVX2 (two halves of 8) or AVX-512 (one register); all give the same bits, and a
+    /// level the CPU lacks falls back to the plain loop.
+    fn dequantize_with<T: Dequantized>(&self, kernel: Simd) -> Vec<T> {
+        let kernel = if kernel.runs_here() { kernel } else { Simd::Plain };
         let (n, block) = (self.n, self.block);
         let mut out = vec![T::default(); self.k * n];
         out.par_chunks_mut(block * n)
@@ -354,16 +357,21 @@ impl PackedWeight {
             .enumerate()
             .for_each(|(kb, ((dst, src), scales))| {
                 let scales: Vec<f32> = scales.iter().map(|s| s.to_f32()).collect();
+                // SAFETY (both arms): the CPU has the kernel's instructions (checked above);
+                // `src` is block row `kb` of this weight, `scales` its `n` scales and `dst`
+                // its `block * n` outputs.
                 #[cfg(target_arch = "x86_64")]
-                if simd {
-                    // SAFETY: `simd` is only true when `dequantize_simd_available()` said the
-                    // CPU has AVX-512 F; `src` is block row `kb` of this weight, `scales`
-                    // its `n` scales and `dst` its `block * n` outputs.
-                    unsafe { dequantize_avx512::block_row(self, src, &scales, dst) };
-                    return;
+                match kernel {
+                    Simd::Avx512 => {
+                        return unsafe { dequantize_avx512::block_row(self, src, &scales, dst) };
+                    }
+                    Simd::Avx2 => {
+                        return unsafe { dequantize_avx2::block_row(self, src, &scales, dst) };
+                    }
+                    Simd::Plain => {}
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                let _ = simd;
+                let _ = kernel;
                 let first = kb * block;
                 self.for_each_value(kb, src, |kk, c, q| {
                     dst[(kk - first) * n + c] = T::from_f32(scales[c] * q as f32)
@@ -776,12 +784,100 @@ impl Dequantized for bf16 {
     }
 }
 
-/// Whether [`PackedWeight::dequantize`] runs 16 columns at a time (AVX-512 F).
-fn dequantize_simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+#[cfg(target_arch = "x86_64")]
+mod dequantize_avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Bits, Dequantized, GROUP_BYTES, PackedWeight, TILE};
+
+    /// [`super::dequantize_avx512::block_row`] with AVX2: each 64-byte group is read as two
+    /// halves of 8 columns (32-bit lanes whose byte, or nibble, `i` is row `i` of the group).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `src` must be one block row of `w`, `scales` its `n` scales
+    /// and `dst` its `block * n` outputs.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn block_row<T: Dequantized>(w: &PackedWeight, src: &[u8], scales: &[f32], dst: &mut [T]) {
+        let (n, block) = (w.n, w.block);
+        let rows = w.bits.group_rows();
+        let groups = block / rows;
+        let (value_mask, offset) = match w.bits {
+            Bits::Eight => (_mm256_set1_epi32(0xFF), _mm256_set1_epi32(128)),
+            Bits::Four => (_mm256_set1_epi32(0x0F), _mm256_set1_epi32(8)),
+        };
+        assert!(src.len() >= n / TILE * groups * GROUP_BYTES && scales.len() >= n && dst.len() >= block * n);
+        let out = dst.as_mut_ptr();
+        for t in 0..n / TILE {
+            let c = t * TILE;
+            // SAFETY: `c + 16 <= n <= scales.len()`.
+            let scale = unsafe {
+                [
+                    _mm256_loadu_ps(scales.as_ptr().add(c)),
+                    _mm256_loadu_ps(scales.as_ptr().add(c + 8)),
+                ]
+            };
+            for g in 0..groups {
+                // SAFETY: group `g` of tile `t` lies within `src` (asserted above).
+                let packed = unsafe {
+                    let at = src.as_ptr().add((t * groups + g) * GROUP_BYTES);
+                    [
+                        _mm256_loadu_si256(at as *const __m256i),
+                        _mm256_loadu_si256(at.add(32) as *const __m256i),
+                    ]
+                };
+                let row0 = g * rows;
+                // Row `row0 + r` sits `shift` bits up in each lane.
+                let put = |r: usize, shift: i32| {
+                    let count = _mm_cvtsi32_si128(shift);
+                    let v = [0, 1].map(|h| {
+                        let shifted = _mm256_srl_epi32(packed[h], count);
+                        let q = _mm256_sub_epi32(_mm256_and_si256(shifted, value_mask), offset);
+                        _mm256_mul_ps(_mm256_cvtepi32_ps(q), scale[h])
+                    });
+                    // SAFETY: row `row0 + r < block`, columns `c..c + 16 <= n`: within `dst`.
+                    unsafe { store::<T>(out.add((row0 + r) * n + c), v) };
+                };
+                match w.bits {
+                    Bits::Eight => (0..4).for_each(|r| put(r, 8 * r as i32)),
+                    Bits::Four => (0..4).for_each(|r| {
+                        put(r, 8 * r as i32);
+                        put(r + 4, 8 * r as i32 + 4);
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Stores 16 values (two registers of 8) at `at` as `T`, bf16 rounded as the AVX-512
+    /// kernel does.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and `at` must have room for 16 `T`.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn store<T: Dequantized>(at: *mut T, v: [__m256; 2]) {
+        if T::BF16 {
+            let [lo, hi] = v.map(|v| {
+                let x = _mm256_castps_si256(v);
+                let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
+                _mm256_srli_epi32::<16>(_mm256_add_epi32(
+                    x,
+                    _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)),
+                ))
+            });
+            // 16-bit values in 32-bit lanes: `packus` takes 4 of each input per 128-bit half,
+            // the permutation puts the halves in column order.
+            let packed = _mm256_permute4x64_epi64::<0xD8>(_mm256_packus_epi32(lo, hi));
+            // SAFETY: room for 16 bf16 (32 bytes), by the caller.
+            unsafe { _mm256_storeu_si256(at as *mut __m256i, packed) };
+        } else {
+            // SAFETY: `T` is f32 and there is room for 16, by the caller.
+            unsafe {
+                _mm256_storeu_ps(at as *mut f32, v[0]);
+                _mm256_storeu_ps((at as *mut f32).add(8), v[1]);
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -1053,9 +1149,21 @@ mod tests {
                 }
                 let rounded: Vec<bf16> = dequantized.iter().map(|&d| bf16::from_f32(d)).collect();
                 assert_eq!(packed.dequantize_bf16_reference(), rounded, "{case}: to bf16");
-                // The dispatched loops (16 columns at a time where the CPU has AVX-512).
+                // The dispatched loops, and every SIMD loop this CPU runs.
                 assert_eq!(packed.dequantize(), dequantized, "{case}: vectorized");
                 assert_eq!(packed.dequantize_bf16(), rounded, "{case}: vectorized to bf16");
+                for kernel in simd_dequantize_kernels() {
+                    assert_eq!(
+                        packed.dequantize_with::<f32>(kernel),
+                        dequantized,
+                        "{case}: {kernel:?}"
+                    );
+                    assert_eq!(
+                        packed.dequantize_with::<bf16>(kernel),
+                        rounded,
+                        "{case}: {kernel:?} to bf16"
+                    );
+                }
                 let x = activations(rows, k);
                 let xq = Int8Rows::quantize(&x, rows, k, block).expect("quantize");
                 let unpacked = matmul_int8_reference(&xq, &w).expect("unpacked");
@@ -1071,7 +1179,16 @@ mod tests {
         }
     }
 
-    /// Values halfway between two bf16 values round to the even one on both paths, as
+    /// The SIMD dequantization loops this CPU runs (said when there are none).
+    fn simd_dequantize_kernels() -> Vec<Simd> {
+        let kernels = Simd::reachable_simd();
+        if kernels.is_empty() {
+            eprintln!("no SIMD dequantization loop on this CPU: only the plain one was checked");
+        }
+        kernels
+    }
+
+    /// Values halfway between two bf16 values round to the even one on every path, as
     /// `bf16::from_f32` does (the vectorized loop rounds with integer operations).
     #[test]
     fn dequantizing_to_bf16_rounds_halfway_values_to_even() {
@@ -1097,6 +1214,13 @@ mod tests {
             );
             assert_eq!(packed.dequantize_bf16_reference(), want, "{bits:?}: plain");
             assert_eq!(packed.dequantize_bf16(), want, "{bits:?}: dispatched");
+            for kernel in simd_dequantize_kernels() {
+                assert_eq!(
+                    packed.dequantize_with::<bf16>(kernel),
+                    want,
+                    "{bits:?}: {kernel:?}"
+                );
+            }
         }
     }
 
