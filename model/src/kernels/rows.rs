@@ -15,10 +15,10 @@
 
 use burn::tensor::{Element, bf16};
 
-use super::Widen;
 #[cfg(target_arch = "x86_64")]
 use super::bf16_dot::as_bh;
 use super::bf16_dot::widen;
+use super::{Simd, Widen};
 #[cfg(target_arch = "x86_64")]
 use super::{widen8, widen16};
 
@@ -29,49 +29,12 @@ const COLUMNS_PER_TASK: usize = 32;
 
 /// `x [rows, k] @ w^T` for `w` stored `[n, k]`, in f32.
 pub fn matmul_rows<T: Widen + Element>(x: &[f32], w: &[T], rows: usize, k: usize, n: usize) -> Vec<f32> {
-    matmul_rows_on(DotPath::best(), x, w, rows, k, n)
+    matmul_rows_on(Simd::best(), x, w, rows, k, n)
 }
 
-/// How [`matmul_rows`] runs its dot products; every path gives the same bits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum DotPath {
-    /// Plain Rust (any CPU).
-    Plain,
-    /// Two 8-lane registers per dot product (AVX2, FMA, F16C).
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    /// One 16-lane register per dot product (AVX-512 F, FMA).
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-}
-
-impl DotPath {
-    /// The widest path this CPU runs, found once (every decode product asks).
-    fn best() -> Self {
-        static BEST: std::sync::OnceLock<DotPath> = std::sync::OnceLock::new();
-        *BEST.get_or_init(|| Self::available().last().copied().unwrap_or(Self::Plain))
-    }
-
-    /// Every path this CPU runs, the plain one first.
-    fn available() -> Vec<Self> {
-        #[allow(unused_mut)]
-        let mut paths = vec![Self::Plain];
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx2") && has!("fma") && has!("f16c") {
-                paths.push(Self::Avx2);
-            }
-            if has!("avx512f") && has!("fma") {
-                paths.push(Self::Avx512);
-            }
-        }
-        paths
-    }
-}
-
+/// [`matmul_rows`] at the instruction level `path`; every level gives the same bits.
 fn matmul_rows_on<T: Widen + Element>(
-    path: DotPath,
+    path: Simd,
     x: &[f32],
     w: &[T],
     rows: usize,
@@ -80,16 +43,17 @@ fn matmul_rows_on<T: Widen + Element>(
 ) -> Vec<f32> {
     assert_eq!(x.len(), rows * k, "activations");
     assert_eq!(w.len(), n * k, "weight");
+    let path = if path.runs_here() { path } else { Simd::Plain };
     by_column_tasks(rows, n, |j0, out| {
         let task = DenseDots { x, w, rows, k, j0 };
         match path {
-            DotPath::Plain => task.run(out, dot),
-            // SAFETY: `available` listed this path only where the CPU has its features.
+            // SAFETY: the CPU runs this level (checked above), so it has its features.
             #[cfg(target_arch = "x86_64")]
-            DotPath::Avx2 => unsafe { task.run_avx2(out) },
+            Simd::Avx2 => unsafe { task.run_avx2(out) },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
-            DotPath::Avx512 => unsafe { task.run_avx512(out) },
+            Simd::Avx512 => unsafe { task.run_avx512(out) },
+            _ => task.run(out, dot),
         }
     })
 }
@@ -488,7 +452,7 @@ pub(super) mod tests {
     }
 
     /// Each path's products for f32, f16 and bf16 weights, as bit patterns.
-    fn products_on(path: DotPath, rows: usize, k: usize, n: usize) -> [Vec<u32>; 3] {
+    fn products_on(path: Simd, rows: usize, k: usize, n: usize) -> [Vec<u32>; 3] {
         let x = values(rows * k, 7);
         let w = values(n * k, 8);
         let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
@@ -503,14 +467,14 @@ pub(super) mod tests {
 
     #[test]
     fn every_dot_path_gives_the_plain_bits() {
-        let paths = DotPath::available();
+        let paths = Simd::reachable_simd();
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx512f") {
-            assert_eq!(paths.last(), Some(&DotPath::Avx512), "{paths:?}");
+            assert_eq!(paths.last(), Some(&Simd::Avx512), "{paths:?}");
         }
         for &(rows, k, n) in &SHAPES {
-            let plain = products_on(DotPath::Plain, rows, k, n);
-            for &path in &paths[1..] {
+            let plain = products_on(Simd::Plain, rows, k, n);
+            for &path in &paths {
                 assert_eq!(products_on(path, rows, k, n), plain, "{path:?} {rows}x{k}x{n}");
             }
         }
