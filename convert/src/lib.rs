@@ -17,6 +17,7 @@ pub mod load;
 pub mod output;
 pub mod quantize;
 mod read;
+mod stored_packing;
 
 pub use checkpoint::{Checkpoint, DiskDType, KeyLayout, canonical_key};
 pub use error::ConvertError;

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::quantization::{QuantScheme, QuantStore, QuantValue};
 use burn::tensor::{AllocationProperty, Bytes, DType, Device, Shape, Tensor, TensorData};
-use burn_store::burn_pack::{Error as PackError, Tensor as PackTensor};
-use burn_store::{BurnpackStore, ModuleAdapter, ModuleContext, ModuleSnapshot, ModuleStore, bridge};
+use burn_store::burn_pack::{Error as PackError, Reader, Tensor as PackTensor, Writer};
+use burn_store::{BurnpackStore, ModuleAdapter, ModuleContext, ModuleSnapshot, PathFilter, bridge};
 use vipllava_model::{Precision, VipLlava, VipLlavaConfig};
 
 use crate::checkpoint::{Checkpoint, DiskDType, KeyLayout, TensorEntry};
@@ -17,6 +17,7 @@ use crate::quantize::{
     FileWeight, QUANTIZED_LINEARS, Quantization, WeightPacker, WeightQuantizer, quantize_file_weight,
     quantize_lm_head, quantize_model, quantized_parameter_count, quantized_parameter_count_of,
 };
+use crate::stored_packing::{self, SetPacked, StoredWeights};
 
 /// File name of the resolved config written beside a burnpack checkpoint.
 pub const BURNPACK_CONFIG: &str = "vipllava_config.json";
@@ -741,13 +742,34 @@ pub fn save_burnpack(model: &VipLlava, config: &VipLlavaConfig, out_dir: &Path) 
         source,
     })?;
     let weights = out_dir.join(BURNPACK_WEIGHTS);
-    let mut store = BurnpackStore::from_file(&weights)
-        .overwrite(true)
-        .with_to_adapter(Q4TwoPerByte);
-    model.save_into(&mut store).map_err(|e| ConvertError::Write {
+    let write_error = |message: String| ConvertError::Write {
         path: weights.clone(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    // Packed q8/q4 weights are stored in the kernels' layout (see `stored_packing`), not
+    // through Burn: collecting them would unpack each into a quantized tensor first.
+    let packed = stored_packing::packed_params(model);
+    let filter = (!packed.is_empty()).then(|| {
+        let others = expected_tensors(model)
+            .into_iter()
+            .map(|t| t.burn_path)
+            .filter(|path| !packed.contains_key(path));
+        PathFilter::new().with_full_paths(others)
+    });
+    let mut tensors = model.collect(filter, Some(Box::new(Q4TwoPerByte)), false);
+    let mut writer_metadata = BurnpackStore::default_metadata();
+    for (path, param) in &packed {
+        let (stored, (key, value)) = stored_packing::stored_tensors(path, param);
+        tensors.extend(stored);
+        writer_metadata.insert(key, value);
+    }
+    let mut writer = Writer::new(tensors).overwrite(true);
+    for (key, value) in &writer_metadata {
+        writer = writer.with_metadata(key, value);
+    }
+    writer
+        .write_to_file(&weights)
+        .map_err(|e| write_error(e.to_string()))?;
     let config_path = out_dir.join(BURNPACK_CONFIG);
     let json = serde_json::to_string_pretty(config).map_err(|e| ConvertError::Write {
         path: config_path.clone(),
@@ -870,30 +892,41 @@ pub fn load_burnpack(dir: &Path, device: &Device) -> Result<LoadedModel, Convert
     let weights = dir.join(BURNPACK_WEIGHTS);
     let expected = expected_tensors(&model).len();
     let (bytes, map) = map_file(&weights)?;
-    let mut store = BurnpackStore::from_bytes(Some(bytes));
-    let tensors = store
-        .get_all_tensors()
-        .map_err(|e| ConvertError::Store {
-            file: weights.clone(),
-            message: e.to_string(),
-        })?
-        .clone();
-    drop(store);
+    let store_error = |message: String| ConvertError::Store {
+        file: weights.clone(),
+        message,
+    };
+    let reader = Reader::from_bytes(bytes).map_err(|e| store_error(e.to_string()))?;
+    let mut stored = StoredWeights::declared(reader.metadata()).map_err(store_error)?;
+    let tensors = reader.into_tensors().map_err(|e| store_error(e.to_string()))?;
     // Group by group (as the safetensors loader), the file pages read for each group
-    // released after it: a quantized tensor is copied, and its pages would otherwise stay
-    // resident beside the copy until the end of the load.
+    // released after it: a quantized tensor of an older file is copied, and its pages would
+    // otherwise stay resident beside the copy until the end of the load. Packed weights
+    // stored in the kernels' layout are used in place.
     let mut groups: BTreeMap<LoadGroup, Vec<PackTensor>> = BTreeMap::new();
-    for (name, tensor) in tensors {
-        groups.entry(LoadGroup::of(&name)).or_default().push(tensor);
+    for tensor in tensors {
+        if let Some(tensor) = stored.take(tensor).map_err(store_error)? {
+            groups
+                .entry(LoadGroup::of(&tensor.name))
+                .or_default()
+                .push(tensor);
+        }
     }
-    let (mut applied, mut unused) = (0usize, Vec::new());
+    let mut set_packed = SetPacked::new(stored.into_weights().map_err(store_error)?, device);
+    model = model.map(&mut set_packed);
+    if let Some(path) = set_packed.unmatched().first() {
+        return Err(store_error(format!(
+            "the packed weight {path} matches no parameter of the model"
+        )));
+    }
+    let (mut applied, mut unused) = (set_packed.applied, Vec::new());
     for (group, tensors) in groups {
         let result = model.apply(tensors, None, None, false);
         if let Some(err) = result.errors.first() {
-            return Err(ConvertError::Store {
-                file: weights,
-                message: format!("{err} ({} error(s) loading {group:?})", result.errors.len()),
-            });
+            return Err(store_error(format!(
+                "{err} ({} error(s) loading {group:?})",
+                result.errors.len()
+            )));
         }
         applied += result.applied.len();
         unused.extend(result.unused);
@@ -968,5 +1001,118 @@ mod tests {
         assert!(ours.iter().any(|(n, _)| n.ends_with("layer_norm1.weight")));
         assert!(ours.len() > 50);
         assert_eq!(ours, burn);
+    }
+
+    /// Each packed weight's stored values and scales, and whether it is used in place.
+    fn packed_parts(model: &VipLlava) -> BTreeMap<String, (Vec<u8>, Vec<f32>, bool)> {
+        stored_packing::packed_params(model)
+            .into_iter()
+            .map(|(path, p)| {
+                (
+                    path,
+                    (
+                        p.weight.values().to_vec(),
+                        p.weight.scales(),
+                        p.weight.is_mapped(),
+                    ),
+                )
+            })
+            .collect()
+    }
+
+    /// `save_burnpack` stores packed weights in the kernels' layout, which loads in place
+    /// with the same bits; a burnpack of the older layout (Burn's quantized tensors, q4 as
+    /// `PackedU32` words) still loads, packed again, to the same bits.
+    #[test]
+    fn packed_burnpacks_load_in_place_and_older_ones_as_before() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-5x-f32");
+        let device = Device::flex();
+        for level in [Quantization::Q8, Quantization::Q4] {
+            let options = LoadOptions {
+                quantize: Some(level),
+                ..LoadOptions::default()
+            };
+            let loaded = load_model(&dir, &device, &options).expect("load");
+            let original = packed_parts(&loaded.model);
+            assert!(original.len() > 10 && original.values().all(|(_, _, mapped)| !mapped));
+
+            let new = tempfile::tempdir().expect("tempdir");
+            save_burnpack(&loaded.model, &loaded.config, new.path()).expect("save");
+            // Saving read no packed weight back (that would have unpacked it for good).
+            assert_eq!(
+                packed_parts(&loaded.model),
+                original,
+                "{level:?}: saving unpacked"
+            );
+            let reloaded = load_burnpack(new.path(), &device).expect("reload");
+            assert_eq!(
+                reloaded.report.tensors_loaded,
+                expected_tensors(&reloaded.model).len()
+            );
+            let in_place = packed_parts(&reloaded.model);
+            assert_eq!(in_place.len(), original.len(), "{level:?}");
+            for (path, (values, scales, mapped)) in &in_place {
+                let (v, s, _) = &original[path];
+                assert!(*mapped, "{level:?} {path}: not in place");
+                assert!(values == v && scales == s, "{level:?} {path}: other bits");
+            }
+
+            let old = tempfile::tempdir().expect("tempdir");
+            std::fs::copy(new.path().join(BURNPACK_CONFIG), old.path().join(BURNPACK_CONFIG))
+                .expect("config");
+            let mut store = BurnpackStore::from_file(old.path().join(BURNPACK_WEIGHTS))
+                .overwrite(true)
+                .with_to_adapter(Q4TwoPerByte);
+            loaded.model.save_into(&mut store).expect("save the older layout");
+            let repacked = packed_parts(&load_burnpack(old.path(), &device).expect("older").model);
+            assert_eq!(repacked.len(), original.len(), "{level:?}");
+            for (path, (values, scales, mapped)) in &repacked {
+                let (v, s, _) = &original[path];
+                assert!(!*mapped, "{level:?} {path}: an older file is packed again");
+                assert!(
+                    values == v && scales == s,
+                    "{level:?} {path}: older layout, other bits"
+                );
+            }
+        }
+    }
+
+    /// A burnpack that declares a packed weight it does not hold, or one whose bytes do not
+    /// fit its shape, is an error naming the weight.
+    #[test]
+    fn broken_packed_weights_are_errors() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-5x-f32");
+        let device = Device::flex();
+        let options = LoadOptions {
+            quantize: Some(Quantization::Q4),
+            ..LoadOptions::default()
+        };
+        let loaded = load_model(&dir, &device, &options).expect("load");
+        let packed = stored_packing::packed_params(&loaded.model);
+        let (path, param) = packed.iter().next().expect("a packed weight");
+        let (tensors, (key, value)) = stored_packing::stored_tensors(path, param);
+        let write = |tensors: Vec<PackTensor>, metadata: &str| {
+            let out = tempfile::tempdir().expect("tempdir");
+            let config = serde_json::to_string(&loaded.config).expect("config");
+            std::fs::write(out.path().join(BURNPACK_CONFIG), config).expect("write config");
+            Writer::new(tensors)
+                .with_metadata(&key, metadata)
+                .write_to_file(out.path().join(BURNPACK_WEIGHTS))
+                .expect("write");
+            match load_burnpack(out.path(), &device) {
+                Ok(_) => panic!("a broken packed weight loaded"),
+                Err(err) => err.to_string(),
+            }
+        };
+        let [values, scales] = tensors;
+        let missing = write(vec![values.clone()], &value);
+        assert!(
+            missing.contains(path) && missing.contains("packed_scales"),
+            "{missing}"
+        );
+        let wrong_shape = value.replace(&format!("\"k\":{}", param.weight.k()), "\"k\":64000");
+        assert_ne!(wrong_shape, value);
+        let short = write(vec![values, scales], &wrong_shape);
+        assert!(short.contains(path) && short.contains("bytes"), "{short}");
     }
 }

@@ -224,13 +224,16 @@ fn quantized_weights_stay_close_to_f32() {
 struct PackedCounter {
     params: usize,
     values: usize,
+    /// Packed parameters used in place from a burnpack's map.
+    mapped: usize,
 }
 
 impl burn::module::ModuleVisitor for PackedCounter {
     fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
-        if packed::is_packed(param) {
+        if let Some(weight) = packed::packed_weight(param) {
             self.params += 1;
             self.values += param.lazy_shape().num_elements();
+            self.mapped += usize::from(weight.is_mapped());
         }
     }
 }
@@ -392,8 +395,8 @@ fn quantized_lm_head_stays_close_and_is_refused_when_tied() {
     let (reloaded, _, pipeline) = with_int8_activations(false, || run(&out, &LoadOptions::default()));
     let head_weight = &pipeline.model().lm_head.as_ref().expect("lm_head").weight;
     assert!(
-        packed::is_packed(head_weight),
-        "the burnpack's lm_head is not packed"
+        packed::packed_weight(head_weight).is_some_and(|w| w.is_mapped()),
+        "the burnpack's lm_head is not packed in place"
     );
     let diff = max_slice_diff(&direct, &reloaded);
     assert!(diff <= 1e-4, "the burnpack's logits differ by {diff}");
@@ -448,7 +451,13 @@ fn convert_writes_a_burnpack_directory_that_generates_the_same() {
         let (direct, direct_tokens, _) = run(&input, &options);
         let (converted, converted_tokens, pipeline) = run(&out, &LoadOptions::default());
         file_sizes.push(std::fs::metadata(out.join("model.bpk")).expect("size").len() as usize);
-        quantized_values = packed(&pipeline).values;
+        let counted = packed(&pipeline);
+        quantized_values = counted.values;
+        // `convert` stores them in the kernels' layout: the load uses the map in place.
+        assert_eq!(
+            counted.mapped, counted.params,
+            "{quantize:?}: packed weights mapped"
+        );
         assert_eq!(
             quantized_parameter_count(pipeline.model()) > 0,
             quantize.is_some(),

@@ -88,9 +88,79 @@ pub struct PackedWeight {
     n: usize,
     block: usize,
     /// `k * n` (q8) or `k * n / 2` (q4) bytes.
-    bytes: Vec<u8>,
+    bytes: Held<u8>,
     /// `k / block * n` scales: `scales[kb * n + j]` (Burn's order).
-    scales: Vec<f16>,
+    scales: Held<f16>,
+}
+
+/// Where a packed weight's bytes or scales live: an allocation of its own (packed at load),
+/// or a window of a memory-mapped checkpoint holding them already in this order (used in
+/// place: nothing is copied, and the pages stay file-backed, read when first used).
+#[derive(Debug, Clone)]
+enum Held<T> {
+    Owned(Vec<T>),
+    /// Checked when made ([`Held::mapped`]): aligned for `T`, a whole number of them.
+    Mapped(Bytes),
+}
+
+impl<T: bytemuck::Pod> Held<T> {
+    /// `bytes` as `len` values of `T`, if it holds exactly that many at `T`'s alignment.
+    fn mapped(bytes: Bytes, len: usize) -> Option<Self> {
+        let values: &[T] = bytemuck::try_cast_slice(&bytes).ok()?;
+        (values.len() == len).then_some(Self::Mapped(bytes))
+    }
+}
+
+impl<T: bytemuck::Pod> std::ops::Deref for Held<T> {
+    type Target = [T];
+
+    fn deref(&self) -> &[T] {
+        match self {
+            Self::Owned(values) => values,
+            // Cannot fail: checked in `Held::mapped`, and `Bytes` never moves its data.
+            Self::Mapped(bytes) => bytemuck::cast_slice(bytes),
+        }
+    }
+}
+
+/// Why [`PackedWeight::from_stored`] refused the stored parts of a weight.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoredLayoutError {
+    /// The shape cannot be packed (see [`PackedWeight::pack`]).
+    #[error("a [{k}, {n}] weight with blocks of {block} rows cannot be packed")]
+    Shape {
+        /// Input dimension.
+        k: usize,
+        /// Output dimension.
+        n: usize,
+        /// Rows per scale block.
+        block: usize,
+    },
+    /// The values are not the bytes the shape needs.
+    #[error("the packed values hold {found} bytes, the shape needs {expected}")]
+    Values {
+        /// Bytes the shape needs.
+        expected: usize,
+        /// Bytes found.
+        found: usize,
+    },
+    /// The scales are not the f16 values the shape needs, or not 2-byte aligned.
+    #[error("the scales hold {found} bytes, the shape needs {expected} (2-byte aligned)")]
+    Scales {
+        /// Bytes the shape needs.
+        expected: usize,
+        /// Bytes found.
+        found: usize,
+    },
+}
+
+/// Whether a `[k, n]` weight with blocks of `block` rows can be packed.
+fn shape_fits(k: usize, n: usize, block: usize) -> bool {
+    block > 0
+        && block.is_multiple_of(8)
+        && k.is_multiple_of(block)
+        && n.is_multiple_of(TILE)
+        && K_BLOCK.is_multiple_of(block)
 }
 
 impl PackedWeight {
@@ -115,8 +185,8 @@ impl PackedWeight {
             k,
             n,
             block,
-            bytes: Vec::new(),
-            scales,
+            bytes: Held::Owned(Vec::new()),
+            scales: Held::Owned(scales),
         };
         let mut bytes = vec![0u8; packed.block_bytes() * (k / block)];
         bytes
@@ -131,7 +201,7 @@ impl PackedWeight {
                     };
                 });
             });
-        packed.bytes = bytes;
+        packed.bytes = Held::Owned(bytes);
         Some(packed)
     }
 
@@ -148,12 +218,7 @@ impl PackedWeight {
         bits: Bits,
         column: impl Fn(usize, Range<usize>, &mut [i8], &mut [f32]) + Sync,
     ) -> Option<Self> {
-        let shape_fits = block > 0
-            && block.is_multiple_of(8)
-            && k.is_multiple_of(block)
-            && n.is_multiple_of(TILE)
-            && K_BLOCK.is_multiple_of(block);
-        if !shape_fits {
+        if !shape_fits(k, n, block) {
             return None;
         }
         let mut packed = Self {
@@ -161,8 +226,8 @@ impl PackedWeight {
             k,
             n,
             block,
-            bytes: Vec::new(),
-            scales: Vec::new(),
+            bytes: Held::Owned(Vec::new()),
+            scales: Held::Owned(Vec::new()),
         };
         // One task per `K_BLOCK` weight rows: `K_BLOCK / block` whole block rows.
         let blocks_per_task = K_BLOCK / block;
@@ -220,9 +285,59 @@ impl PackedWeight {
                 }
                 Some(())
             })?;
-        packed.bytes = bytes;
-        packed.scales = scales;
+        packed.bytes = Held::Owned(bytes);
+        packed.scales = Held::Owned(scales);
         Some(packed)
+    }
+
+    /// A weight from its stored parts, used in place: `values` as [`PackedWeight::values`]
+    /// returns them and `scales` the little-endian f16 bytes of [`PackedWeight::f16_scales`]
+    /// (a checkpoint that stores the kernel's layout, read from a memory map: loading copies
+    /// nothing). Any bytes of the right length are a valid weight.
+    pub fn from_stored(
+        bits: Bits,
+        [k, n]: [usize; 2],
+        block: usize,
+        values: Bytes,
+        scales: Bytes,
+    ) -> Result<Self, StoredLayoutError> {
+        if !shape_fits(k, n, block) {
+            return Err(StoredLayoutError::Shape { k, n, block });
+        }
+        let mut packed = Self {
+            bits,
+            k,
+            n,
+            block,
+            bytes: Held::Owned(Vec::new()),
+            scales: Held::Owned(Vec::new()),
+        };
+        let expected = packed.block_bytes() * (k / block);
+        let found = values.len();
+        packed.bytes = Held::mapped(values, expected).ok_or(StoredLayoutError::Values { expected, found })?;
+        let (count, found) = (k / block * n, scales.len());
+        packed.scales = Held::mapped(scales, count).ok_or(StoredLayoutError::Scales {
+            expected: count * size_of::<f16>(),
+            found,
+        })?;
+        Ok(packed)
+    }
+
+    /// The packed values, in the kernel's order (see the module docs): what
+    /// [`PackedWeight::from_stored`] takes back.
+    pub fn values(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The block scales as stored, `[k / block, n]` row-major.
+    pub fn f16_scales(&self) -> &[f16] {
+        &self.scales
+    }
+
+    /// Whether the values are used in place from a checkpoint's map
+    /// ([`PackedWeight::from_stored`]) rather than held in memory of their own.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.bytes, Held::Mapped(_))
     }
 
     /// This weight as a model parameter of scheme `scheme` on the plain CPU `device`, as
@@ -974,16 +1089,30 @@ mod dequantize_avx512 {
 /// Packed weights by parameter id. The registry holds weak references: the strong one is
 /// the lazy parameter's initializer, so a packed weight is freed with its model (or when
 /// something unpacks it).
-static PACKED: LazyLock<RwLock<HashMap<ParamId, Weak<PackedWeight>>>> = LazyLock::new(Default::default);
+/// Each entry also keeps the scheme of the quantized tensor the weight unpacks into.
+static PACKED: LazyLock<RwLock<HashMap<ParamId, Registered>>> = LazyLock::new(Default::default);
+
+/// A registry entry: the packed weight (weakly) and the scheme it unpacks to.
+type Registered = (Weak<PackedWeight>, QuantScheme);
 
 /// The packed form of `param`, when [`pack_weight`] made it and nothing has unpacked it since
 /// (`None` as well when an adapter was attached to it: the effective weight is not the
 /// packed one).
 pub fn packed_weight<const D: usize>(param: &Param<Tensor<D>>) -> Option<Arc<PackedWeight>> {
+    packed_weight_and_scheme(param).map(|(packed, _)| packed)
+}
+
+/// [`packed_weight`] and the scheme of the quantized tensor it stands for (what a
+/// checkpoint writer stores beside the packed bytes, to give the same parameter back).
+pub fn packed_weight_and_scheme<const D: usize>(
+    param: &Param<Tensor<D>>,
+) -> Option<(Arc<PackedWeight>, QuantScheme)> {
     if param.is_initialized() || param.adapter().is_some() {
         return None;
     }
-    PACKED.read().ok()?.get(&param.id)?.upgrade()
+    let registry = PACKED.read().ok()?;
+    let (weak, scheme) = registry.get(&param.id)?;
+    Some((weak.upgrade()?, *scheme))
 }
 
 /// Whether `param` is held packed (without unpacking it).
@@ -1046,8 +1175,8 @@ fn register<const D: usize>(
     let shape = Shape::from(vec![packed.k, packed.n]);
     let id = ParamId::new();
     if let Ok(mut registry) = PACKED.write() {
-        registry.retain(|_, weak| weak.strong_count() > 0);
-        registry.insert(id, Arc::downgrade(&packed));
+        registry.retain(|_, (weak, _)| weak.strong_count() > 0);
+        registry.insert(id, (Arc::downgrade(&packed), scheme));
     }
     Param::uninitialized(
         id,
@@ -1175,6 +1304,66 @@ mod tests {
                         None => eprintln!("{kernel:?} does not run on this CPU: not checked"),
                     }
                 }
+            }
+        }
+    }
+
+    /// A weight rebuilt from its stored parts (as a burnpack maps them) is the same weight:
+    /// the same values, scales and products, held in place; wrong lengths, a misaligned
+    /// window and unpackable shapes are errors, not panics.
+    #[test]
+    fn stored_parts_give_back_the_same_weight() {
+        for (bits, values) in [
+            (Bits::Four, q4_values as fn(usize) -> Vec<i8>),
+            (Bits::Eight, int8_values),
+        ] {
+            for &(k, n, block) in &[(64, 48, 32), (512, 32, 32), (64, 32, 8)] {
+                let case = format!("{bits:?} k {k} n {n} block {block}");
+                let q = values(k * n);
+                let scales = f16_scales(k / block * n);
+                let w = ColumnBlocks {
+                    q: &q,
+                    scales: &scales,
+                    k,
+                    n,
+                    block,
+                };
+                let packed = PackedWeight::pack(&w, bits).expect("pack");
+                let stored_values = || Bytes::from_bytes_vec(packed.values().to_vec());
+                let stored_scales = || Bytes::from_elems(packed.f16_scales().to_vec());
+                let stored = PackedWeight::from_stored(bits, [k, n], block, stored_values(), stored_scales())
+                    .expect("from_stored");
+                assert!(stored.is_mapped() && !packed.is_mapped(), "{case}");
+                assert_eq!(stored.unpack(), q, "{case}: values");
+                assert_eq!(stored.scales(), scales, "{case}: scales");
+                assert_eq!(stored.resident_bytes(), packed.resident_bytes(), "{case}");
+                assert_eq!(stored.dequantize(), packed.dequantize(), "{case}: dequantized");
+                let x = activations(3, k);
+                let xq = Int8Rows::quantize(&x, 3, k, block).expect("quantize");
+                assert_eq!(
+                    stored.matmul_int8(&xq),
+                    packed.matmul_int8(&xq),
+                    "{case}: product"
+                );
+
+                let short = Bytes::from_bytes_vec(packed.values()[1..].to_vec());
+                assert!(matches!(
+                    PackedWeight::from_stored(bits, [k, n], block, short, stored_scales()),
+                    Err(StoredLayoutError::Values { .. })
+                ));
+                // One byte in: the f16 scales are not 2-byte aligned.
+                let mut shifted = vec![0u8];
+                shifted.extend(bytemuck::cast_slice::<f16, u8>(packed.f16_scales()));
+                let len = shifted.len();
+                let misaligned = Bytes::from_elems(shifted).shared().view(1, len).expect("view");
+                assert!(matches!(
+                    PackedWeight::from_stored(bits, [k, n], block, stored_values(), misaligned),
+                    Err(StoredLayoutError::Scales { .. })
+                ));
+                assert!(matches!(
+                    PackedWeight::from_stored(bits, [k, n + 1], block, stored_values(), stored_scales()),
+                    Err(StoredLayoutError::Shape { .. })
+                ));
             }
         }
     }
