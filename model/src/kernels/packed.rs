@@ -470,18 +470,21 @@ impl PackedWeight {
             .zip(self.bytes.par_chunks(self.block_bytes()))
             .zip(self.scales.par_chunks(n))
             .enumerate()
-            .for_each(|(kb, ((dst, src), scales))| {
-                let scales: Vec<f32> = scales.iter().map(|s| s.to_f32()).collect();
+            // One scale buffer per rayon job, not one allocation per block row.
+            .for_each_init(Vec::new, |widened: &mut Vec<f32>, (kb, ((dst, src), scales))| {
+                widened.clear();
+                widened.extend(scales.iter().map(|s| s.to_f32()));
+                let scales = &widened[..];
                 // SAFETY (both arms): the CPU has the kernel's instructions (checked above);
                 // `src` is block row `kb` of this weight, `scales` its `n` scales and `dst`
                 // its `block * n` outputs.
                 #[cfg(target_arch = "x86_64")]
                 match kernel {
                     Simd::Avx512 => {
-                        return unsafe { dequantize_avx512::block_row(self, src, &scales, dst) };
+                        return unsafe { dequantize_avx512::block_row(self, src, scales, dst) };
                     }
                     Simd::Avx2 => {
-                        return unsafe { dequantize_avx2::block_row(self, src, &scales, dst) };
+                        return unsafe { dequantize_avx2::block_row(self, src, scales, dst) };
                     }
                     Simd::Plain => {}
                 }
