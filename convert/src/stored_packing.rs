@@ -230,21 +230,18 @@ impl ModuleMapper for SetPacked {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let path = self.path.join(".");
-        let fits = |w: &PackedWeight| param.lazy_shape().to_vec() == [w.k(), w.n()];
+        // A weight of another shape stays for `unmatched` to report.
+        let fits = |(w, _): &(PackedWeight, QuantScheme)| param.lazy_shape().to_vec() == [w.k(), w.n()];
+        if !self.weights.get(&path).is_some_and(fits) {
+            return param;
+        }
         let Some((weight, scheme)) = self.weights.remove(&path) else {
             return param;
         };
-        if !fits(&weight) {
-            // Left for `unmatched` to report.
-            self.weights.insert(path, (weight, scheme));
-            return param;
-        }
-        match weight.into_param::<D>(scheme, self.device.clone()) {
-            Some(packed) => {
-                self.applied += 1;
-                packed
-            }
-            None => param,
-        }
+        // The shape is `[k, n]`: `D` is 2, and `into_param` gives the parameter.
+        self.applied += 1;
+        weight
+            .into_param::<D>(scheme, self.device.clone())
+            .unwrap_or(param)
     }
 }

@@ -62,6 +62,14 @@ impl Bits {
         }
     }
 
+    /// Bytes of one block row: `block` weight rows of `n` values.
+    const fn block_bytes(self, block: usize, n: usize) -> usize {
+        match self {
+            Self::Eight => block * n,
+            Self::Four => block * n / 2,
+        }
+    }
+
     /// What is added to each value to store it unsigned.
     const fn offset(self) -> i32 {
         match self {
@@ -304,23 +312,22 @@ impl PackedWeight {
         if !shape_fits(k, n, block) {
             return Err(StoredLayoutError::Shape { k, n, block });
         }
-        let mut packed = Self {
+        let expected = bits.block_bytes(block, n) * (k / block);
+        let found = values.len();
+        let bytes = Held::mapped(values, expected).ok_or(StoredLayoutError::Values { expected, found })?;
+        let (count, found) = (k / block * n, scales.len());
+        let scales = Held::mapped(scales, count).ok_or(StoredLayoutError::Scales {
+            expected: count * size_of::<f16>(),
+            found,
+        })?;
+        Ok(Self {
             bits,
             k,
             n,
             block,
-            bytes: Held::Owned(Vec::new()),
-            scales: Held::Owned(Vec::new()),
-        };
-        let expected = packed.block_bytes() * (k / block);
-        let found = values.len();
-        packed.bytes = Held::mapped(values, expected).ok_or(StoredLayoutError::Values { expected, found })?;
-        let (count, found) = (k / block * n, scales.len());
-        packed.scales = Held::mapped(scales, count).ok_or(StoredLayoutError::Scales {
-            expected: count * size_of::<f16>(),
-            found,
-        })?;
-        Ok(packed)
+            bytes,
+            scales,
+        })
     }
 
     /// The packed values, in the kernel's order (see the module docs): what
@@ -380,10 +387,7 @@ impl PackedWeight {
 
     /// Bytes of one block row (`block` weight rows).
     fn block_bytes(&self) -> usize {
-        match self.bits {
-            Bits::Eight => self.block * self.n,
-            Bits::Four => self.block * self.n / 2,
-        }
+        self.bits.block_bytes(self.block, self.n)
     }
 
     /// Calls `f(at, kk, c)` for every byte of block row `kb`: its index `at` within the
