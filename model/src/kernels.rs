@@ -1123,7 +1123,47 @@ fn packed_linear<const D: usize>(
         };
         return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
     }
+    // Without the bf16 gemm, our f32 gemm dequantizes the weight tile by tile as it packs
+    // (the bits of `dequantized_linear`'s weights, without their f32 copy).
+    if !(dtype == DType::BF16 && bf16_gemm_enabled())
+        && f32_gemm_enabled()
+        && let Some(out) = packed_f32_gemm(w, x, rows, dtype)
+    {
+        let bias = match bias {
+            Some(b) => Some(host_f32(b)?),
+            None => None,
+        };
+        return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
+    }
     Some(dequantized_linear(w, [k, n], x, bias))
+}
+
+/// `x [rows, k] @ w` in f32 with [`f32_gemm::matmul_f32_gemm_packed`], bf16 activations
+/// widened (in parallel) and the weight rounded to bf16 for them as [`dequantized_linear`]
+/// rounds it.
+fn packed_f32_gemm<const D: usize>(
+    w: &packed::PackedWeight,
+    x: &Tensor<D>,
+    rows: usize,
+    dtype: DType,
+) -> Option<Vec<f32>> {
+    let k = w.k();
+    let input = flex_tensor(x.clone())?;
+    let input = if input.layout().is_contiguous() {
+        input
+    } else {
+        input.to_contiguous()
+    };
+    let start = input.layout().start_offset();
+    let inputs = start..start + rows * k;
+    match dtype {
+        DType::F32 => f32_gemm::matmul_f32_gemm_packed(input.storage::<f32>().get(inputs)?, w, rows, false),
+        DType::BF16 => {
+            let xs = widen_bf16_values(input.storage::<bf16>().get(inputs)?);
+            f32_gemm::matmul_f32_gemm_packed(&xs, w, rows, true)
+        }
+        _ => f32_gemm::matmul_f32_gemm_packed(&host_f32(x.clone())?, w, rows, false),
+    }
 }
 
 /// `scale * q` for a weight with `[block, 1]` blocks (`scales[(kk / block) * n + j]`), one

@@ -21,6 +21,7 @@ use burn::tensor::{DType, Element};
 #[cfg(target_arch = "x86_64")]
 use super::bf16_gemm::tile_masks;
 use super::bf16_gemm::{Block, Output, WeightOrder, for_each_block};
+use super::packed::PackedWeight;
 use super::{Simd, Widen};
 
 /// Rows of one register tile.
@@ -37,6 +38,12 @@ const AVX2_ROWS: usize = 6;
 /// so that AVX2's row groups start at a task's first row).
 fn tile_rows(isa: Simd) -> usize {
     if isa == Simd::Avx2 { AVX2_ROWS } else { TILE_ROWS }
+}
+
+/// Columns a task's block is made of at level `isa`: AVX2 multiplies 16 columns at a time,
+/// AVX-512 a whole (masked) tile of [`TILE_COLS`].
+fn tile_col_unit(isa: Simd) -> usize {
+    if isa == Simd::Avx2 { 16 } else { TILE_COLS }
 }
 
 /// Whether this CPU runs the kernel (AVX2, FMA and F16C; AVX-512 F where it has it).
@@ -62,6 +69,29 @@ pub fn matmul_f32_gemm<T: Widen + Element>(
     run(x, w, order, [m, k, n], isa)
 }
 
+/// `x [m, k] @ w` for a packed q8/q4 weight, dequantized as the panels are packed
+/// (`scale * q`, rounded to bf16 when `round_bf16`): the bits of [`matmul_f32_gemm`] on
+/// [`PackedWeight::dequantize`] (rounded alike), without the f32 copy of the whole weight
+/// that a prefill would otherwise write, and read back, for every product. `None` as
+/// [`matmul_f32_gemm`].
+pub fn matmul_f32_gemm_packed(x: &[f32], w: &PackedWeight, m: usize, round_bf16: bool) -> Option<Vec<f32>> {
+    let isa = Simd::best();
+    if isa == Simd::Plain {
+        return None;
+    }
+    run_from(x, &Dequantizing { w, round_bf16 }, m, isa)
+}
+
+/// [`matmul_f32_gemm_packed`]'s arithmetic in plain Rust, on every CPU (for tests).
+pub fn matmul_f32_gemm_packed_reference(
+    x: &[f32],
+    w: &PackedWeight,
+    m: usize,
+    round_bf16: bool,
+) -> Option<Vec<f32>> {
+    run_from(x, &Dequantizing { w, round_bf16 }, m, Simd::Plain)
+}
+
 /// [`matmul_f32_gemm`]'s arithmetic in plain Rust, on every CPU (for tests).
 pub fn matmul_f32_gemm_reference<T: Widen + Element>(
     x: &[f32],
@@ -81,20 +111,28 @@ fn run<T: Widen + Element>(
     [m, k, n]: [usize; 3],
     isa: Simd,
 ) -> Option<Vec<f32>> {
-    if x.len() != m * k || w.len() != k * n || m == 0 || k == 0 || n == 0 {
+    if w.len() != k * n {
         return None;
     }
-    let weight = Weight { w, order, k, n };
+    run_from(x, &Weight { w, order, k, n }, m, isa)
+}
+
+/// `x [m, k] @ w`, the panels packed by `weight`.
+fn run_from<S: Panels>(x: &[f32], weight: &S, m: usize, isa: Simd) -> Option<Vec<f32>> {
+    let [k, n] = weight.shape();
+    if x.len() != m * k || m == 0 || k == 0 || n == 0 {
+        return None;
+    }
     // AVX2 reads the activations from groups of its tile's rows (see `GroupedRows`).
     let grouped = (isa == Simd::Avx2).then(|| GroupedRows::of(x, m, k));
     // Not zeroed first (a single-threaded pass over the output): each task's first slab
     // writes its block, `0 + sum` as the later slabs add to what is there.
     let mut out = Vec::<f32>::with_capacity(m * n);
     let target = Output(out.as_mut_ptr());
-    for_each_block(m, n, tile_rows(isa), |block| {
+    for_each_block(m, n, tile_rows(isa), tile_col_unit(isa), |block| {
         // SAFETY: `out` has room for `m * n` values and outlives the tasks; tasks write
         // disjoint (row range, column range) blocks of it.
-        unsafe { columns(x, grouped.as_ref(), &weight, block, &target, isa) }
+        unsafe { columns(x, grouped.as_ref(), weight, block, &target, isa) }
     });
     // SAFETY: the blocks cover all `m * n` outputs and every task's first slab wrote each
     // of its block's (`columns`).
@@ -148,10 +186,43 @@ struct Weight<'a, T> {
     n: usize,
 }
 
-impl<T: Widen + Element> Weight<'_, T> {
-    /// Packs inputs `k0..k1` of columns `c0..c0 + cols` into `panel`, widened to f32: per
-    /// tile of [`TILE_COLS`] columns, `k1 - k0` rows of [`TILE_COLS`] values (columns past
-    /// `cols` are zero). `isa` decides whether f32 blocks are transposed in registers.
+/// A `[k, n]` weight as the tiles read it: packed into f32 panels slab by slab, and the
+/// memory that packing a slab reads (to prefetch it while the slab before computes).
+trait Panels: Sync {
+    /// `[k, n]`.
+    fn shape(&self) -> [usize; 2];
+
+    /// Packs inputs `k0..k1` of columns `c0..c0 + cols` into `panel` as f32: per tile of
+    /// [`TILE_COLS`] columns, `k1 - k0` rows of [`TILE_COLS`] values (columns past `cols`
+    /// are zero). `isa` decides which instructions pack.
+    fn pack(&self, k0: usize, k1: usize, c0: usize, cols: usize, panel: &mut [f32], isa: Simd);
+
+    /// The lines that packing inputs `k0..k1` of columns `c0..c0 + cols` reads.
+    fn lines(&self, k0: usize, k1: usize, c0: usize, cols: usize) -> Lines;
+}
+
+impl<T: Widen + Element> Panels for Weight<'_, T> {
+    fn shape(&self) -> [usize; 2] {
+        [self.k, self.n]
+    }
+
+    fn lines(&self, k0: usize, k1: usize, c0: usize, cols: usize) -> Lines {
+        let (first, stride, rows, width) = match self.order {
+            WeightOrder::OutputMajor => (c0 * self.k + k0, self.k, cols, k1 - k0),
+            WeightOrder::InputMajor => (k0 * self.n + c0, self.n, k1 - k0, cols),
+        };
+        let size = std::mem::size_of::<T>();
+        Lines {
+            first: self.w.as_ptr().wrapping_add(first).cast(),
+            stride: stride * size,
+            rows: if k0 < k1 { rows } else { 0 },
+            // One more for a row that does not start on a line.
+            per_row: (width * size).div_ceil(64) + 1,
+            next: 0,
+        }
+    }
+
+    /// Widened to f32 as packed; f32 blocks of a `[n, k]` weight transposed in registers.
     fn pack(&self, k0: usize, k1: usize, c0: usize, cols: usize, panel: &mut [f32], isa: Simd) {
         let (k, n) = (self.k, self.n);
         let depth = k1 - k0;
@@ -280,6 +351,55 @@ unsafe fn transpose8<T: Widen + Element>(src: *const T, step: usize, dst: *mut f
     }
 }
 
+/// A packed q8/q4 weight, dequantized 16 columns at a time into the panels.
+struct Dequantizing<'a> {
+    w: &'a PackedWeight,
+    round_bf16: bool,
+}
+
+impl Panels for Dequantizing<'_> {
+    fn shape(&self) -> [usize; 2] {
+        [self.w.k(), self.w.n()]
+    }
+
+    /// Columns come in whole 16-column tiles of the packed weight (`n` is a multiple of
+    /// 16, and so are the blocks' first columns, [`tile_col_unit`]).
+    fn pack(&self, k0: usize, k1: usize, c0: usize, cols: usize, panel: &mut [f32], isa: Simd) {
+        let depth = k1 - k0;
+        for (tile, chunk) in panel.chunks_mut(depth * TILE_COLS).enumerate() {
+            let t0 = tile * TILE_COLS;
+            let width = TILE_COLS.min(cols.saturating_sub(t0));
+            if width < TILE_COLS {
+                chunk.fill(0.0);
+            }
+            for part in (0..width).step_by(16) {
+                let t = (c0 + t0 + part) / 16;
+                self.w
+                    .dequantize_tile([k0, k1], t, self.round_bf16, &mut chunk[part..], TILE_COLS, isa);
+            }
+        }
+    }
+
+    /// Each block row's bytes of the block's tiles (all of a tile's groups: a slab may
+    /// cover part of a block).
+    fn lines(&self, k0: usize, k1: usize, c0: usize, cols: usize) -> Lines {
+        let w = self.w;
+        let block_bytes = w.block_bytes();
+        let tile_bytes = block_bytes / (w.n() / 16);
+        let (kb0, kb1) = (k0 / w.block(), k1.div_ceil(w.block()));
+        Lines {
+            first: w
+                .values()
+                .as_ptr()
+                .wrapping_add(kb0 * block_bytes + c0 / 16 * tile_bytes),
+            stride: block_bytes,
+            rows: kb1.saturating_sub(kb0),
+            per_row: (cols.div_ceil(16) * tile_bytes).div_ceil(64) + 1,
+            next: 0,
+        }
+    }
+}
+
 /// Cache lines of a block of the weight to prefetch, as rows of whole lines.
 struct Lines {
     first: *const u8,
@@ -316,41 +436,22 @@ impl Lines {
     }
 }
 
-impl<T> Weight<'_, T> {
-    /// The lines that packing inputs `k0..k1` of columns `c0..c0 + cols` reads.
-    fn lines(&self, k0: usize, k1: usize, c0: usize, cols: usize) -> Lines {
-        let (first, stride, rows, width) = match self.order {
-            WeightOrder::OutputMajor => (c0 * self.k + k0, self.k, cols, k1 - k0),
-            WeightOrder::InputMajor => (k0 * self.n + c0, self.n, k1 - k0, cols),
-        };
-        let size = std::mem::size_of::<T>();
-        Lines {
-            first: self.w.as_ptr().wrapping_add(first).cast(),
-            stride: stride * size,
-            rows: if k0 < k1 { rows } else { 0 },
-            // One more for a row that does not start on a line.
-            per_row: (width * size).div_ceil(64) + 1,
-            next: 0,
-        }
-    }
-}
-
 /// `block` of the product into the `[m, n]` output at `out`, slab by slab: the first slab
 /// writes every value of the block, the others add to them.
 ///
 /// # Safety
 /// `out` must point to room for `m * n` values (`x` holds `m * k`) that no one else reads
 /// or writes inside `block`.
-unsafe fn columns<T: Widen + Element>(
+unsafe fn columns<S: Panels>(
     x: &[f32],
     grouped: Option<&GroupedRows>,
-    w: &Weight<T>,
+    w: &S,
     block: Block,
     out: &Output,
     isa: Simd,
 ) {
     let Block { c0, cols, r0, r1 } = block;
-    let (k, n) = (w.k, w.n);
+    let [k, n] = w.shape();
     assert!(r1 * k <= x.len() && c0 + cols <= n);
     let tiles = cols.div_ceil(TILE_COLS);
     let row_step = tile_rows(isa);
@@ -713,6 +814,87 @@ mod tests {
             assert_eq!(best.is_some(), f32_gemm_available());
             if let Some(best) = best {
                 assert!(best.iter().zip(&want).all(|(g, e)| g.to_bits() == e.to_bits()));
+            }
+        }
+    }
+
+    /// A q8/q4 weight dequantized as the panels are packed: every kernel the CPU has gives
+    /// the bits of the slabs' FMA chains over the dequantized weight (rounded to bf16 for
+    /// bf16 activations), blocks shorter and longer than a slab, odd row counts, and
+    /// widths of whole and partial tiles and tasks.
+    #[test]
+    fn packed_weights_dequantized_in_the_pack_give_the_bits_of_the_dequantized_weight() {
+        use crate::kernels::int8::ColumnBlocks;
+        use crate::kernels::packed::tests::f16_scales;
+        use crate::kernels::packed::{Bits, PackedWeight};
+
+        // Pseudo-random values over the whole range (a regular pattern can repeat every
+        // 4 rows, and so hide a mix-up of a q4 byte's two nibbles).
+        let random = |len: usize, low: i32, count: u64| -> Vec<i8> {
+            let mut state = 0x9E37_79B9_7F4A_7C15u64;
+            (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    (low + (state % count) as i32) as i8
+                })
+                .collect()
+        };
+        let isas = reachable();
+        for (bits, low, count) in [(Bits::Eight, -128, 256), (Bits::Four, -8, 16)] {
+            for &(m, k, n, block) in &[
+                (1, 32, 16, 32),
+                (7, 96, 48, 32),
+                (13, 256, 208, 32),
+                (17, 512, 400, 256),
+                (6, 136, 32, 8),
+                (25, 384, 1024, 128),
+            ] {
+                let case = format!("{bits:?} {m}x{k}x{n}/{block}");
+                let q = random(k * n, low, count);
+                let scales = f16_scales(k * n / block);
+                let columns = ColumnBlocks {
+                    q: &q,
+                    scales: &scales,
+                    k,
+                    n,
+                    block,
+                };
+                let w = PackedWeight::pack(&columns, bits).expect("pack");
+                let x = values(m * k, 5);
+                let dequantized = w.dequantize_reference();
+                for round_bf16 in [false, true] {
+                    let weight: Vec<f32> = if round_bf16 {
+                        dequantized.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+                    } else {
+                        dequantized.clone()
+                    };
+                    let want = chains(&x, &weight, m, k, n);
+                    for &isa in &isas {
+                        let got = run_from(&x, &Dequantizing { w: &w, round_bf16 }, m, isa).expect("sizes");
+                        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                g.to_bits(),
+                                e.to_bits(),
+                                "{isa:?} {case} bf16 {round_bf16} at {i}: {g} vs {e}"
+                            );
+                        }
+                    }
+                    let best = matmul_f32_gemm_packed(&x, &w, m, round_bf16);
+                    assert_eq!(best.is_some(), f32_gemm_available(), "{case}");
+                    if let Some(best) = best {
+                        assert!(
+                            best.iter().zip(&want).all(|(g, e)| g.to_bits() == e.to_bits()),
+                            "{case}"
+                        );
+                    }
+                    let plain = matmul_f32_gemm_packed_reference(&x, &w, m, round_bf16).expect("sizes");
+                    assert!(
+                        plain.iter().zip(&want).all(|(g, e)| g.to_bits() == e.to_bits()),
+                        "{case}"
+                    );
+                }
             }
         }
     }

@@ -386,7 +386,7 @@ impl PackedWeight {
     }
 
     /// Bytes of one block row (`block` weight rows).
-    fn block_bytes(&self) -> usize {
+    pub(crate) fn block_bytes(&self) -> usize {
         self.bits.block_bytes(self.block, self.n)
     }
 
@@ -500,6 +500,66 @@ impl PackedWeight {
                 });
             });
         out
+    }
+
+    /// `scale * q` of inputs `k0..k1` (multiples of 8) and the 16 columns of tile `t`, as
+    /// f32, or rounded to bf16 (and kept as f32) when `round_bf16`: input `k0 + i` to
+    /// `dst[i * stride..][..16]`. The bits of [`PackedWeight::dequantize`] (then
+    /// `bf16::from_f32`), one tile at a time for a gemm that packs its panels from the
+    /// packed bytes instead of from a dequantized copy of the whole weight. AVX2 (with
+    /// F16C) where `kernel` is above plain Rust and the CPU runs it.
+    ///
+    /// # Panics
+    /// When the range, the tile or `dst` do not fit.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn dequantize_tile(
+        &self,
+        [k0, k1]: [usize; 2],
+        t: usize,
+        round_bf16: bool,
+        dst: &mut [f32],
+        stride: usize,
+        kernel: Simd,
+    ) {
+        let rows = self.bits.group_rows();
+        assert!(k0 <= k1 && k1 <= self.k && k0.is_multiple_of(rows) && k1.is_multiple_of(rows));
+        assert!((t + 1) * TILE <= self.n && stride >= TILE);
+        assert!(k1 == k0 || dst.len() >= (k1 - k0 - 1) * stride + TILE);
+        let groups = self.block / rows;
+        let block_bytes = self.block_bytes();
+        for kk in (k0..k1).step_by(rows) {
+            let (kb, g) = (kk / self.block, kk % self.block / rows);
+            let at = kb * block_bytes + (t * groups + g) * GROUP_BYTES;
+            let group: &[u8; GROUP_BYTES] = self.bytes[at..at + GROUP_BYTES].try_into().expect("64 bytes");
+            let scales = &self.scales[kb * self.n + t * TILE..][..TILE];
+            let out = &mut dst[(kk - k0) * stride..];
+            #[cfg(target_arch = "x86_64")]
+            if kernel != Simd::Plain && kernel.runs_here() {
+                // SAFETY: AVX2 and F16C come with every level above plain (`Simd::best`);
+                // `rows` output rows of 16 values `stride` apart lie in `out` (asserted above).
+                unsafe { dequantize_avx2::group(self.bits, group, scales, round_bf16, out, stride) };
+                continue;
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = kernel;
+            for j in 0..TILE {
+                let scale = scales[j].to_f32();
+                for i in 0..4 {
+                    let b = group[4 * j + i] as i32;
+                    let mut put = |row: usize, q: i32| {
+                        let v = scale * q as f32;
+                        out[row * stride + j] = if round_bf16 { bf16::from_f32(v).to_f32() } else { v };
+                    };
+                    match self.bits {
+                        Bits::Eight => put(i, b - 128),
+                        Bits::Four => {
+                            put(i, (b & 15) - 8);
+                            put(i + 4, (b >> 4) - 8);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// `x @ w` as `[rows, n]` f32 with int8 activations (VNNI or AVX2 where the CPU has
@@ -970,6 +1030,65 @@ mod dequantize_avx2 {
         }
     }
 
+    /// One 64-byte group of one tile (4 rows of q8, 8 of q4) as f32 `scale * q`, rounded to
+    /// bf16 when `round_bf16`, row `r` to `out[r * stride..][..16]`: [`block_row`]'s
+    /// arithmetic and rounding.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and F16C; `out` must hold the group's rows (checked).
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn group(
+        bits: Bits,
+        group: &[u8; GROUP_BYTES],
+        scales: &[burn::tensor::f16],
+        round_bf16: bool,
+        out: &mut [f32],
+        stride: usize,
+    ) {
+        assert!(scales.len() >= TILE && out.len() >= (bits.group_rows() - 1) * stride + TILE);
+        let (value_mask, offset) = match bits {
+            Bits::Eight => (_mm256_set1_epi32(0xFF), _mm256_set1_epi32(128)),
+            Bits::Four => (_mm256_set1_epi32(0x0F), _mm256_set1_epi32(8)),
+        };
+        // SAFETY: 16 f16 scales and 64 bytes (checked above and by the array type).
+        let (scale, packed) = unsafe {
+            let at = scales.as_ptr() as *const __m128i;
+            let from = group.as_ptr() as *const __m256i;
+            (
+                [
+                    _mm256_cvtph_ps(_mm_loadu_si128(at)),
+                    _mm256_cvtph_ps(_mm_loadu_si128(at.add(1))),
+                ],
+                [_mm256_loadu_si256(from), _mm256_loadu_si256(from.add(1))],
+            )
+        };
+        let to = out.as_mut_ptr();
+        let put = |r: usize, shift: i32| {
+            let count = _mm_cvtsi32_si128(shift);
+            for h in 0..2 {
+                let shifted = _mm256_srl_epi32(packed[h], count);
+                let q = _mm256_sub_epi32(_mm256_and_si256(shifted, value_mask), offset);
+                let mut v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), scale[h]);
+                if round_bf16 {
+                    // `store`'s rounding to nearest even, the low half cleared.
+                    let x = _mm256_castps_si256(v);
+                    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
+                    let up = _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+                    v = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_srli_epi32::<16>(up)));
+                }
+                // SAFETY: row `r` of the group, 8 values from column `8 h` (checked above).
+                unsafe { _mm256_storeu_ps(to.add(r * stride + 8 * h), v) };
+            }
+        };
+        match bits {
+            Bits::Eight => (0..4).for_each(|r| put(r, 8 * r as i32)),
+            Bits::Four => (0..4).for_each(|r| {
+                put(r, 8 * r as i32);
+                put(r + 4, 8 * r as i32 + 4);
+            }),
+        }
+    }
+
     /// Stores 16 values (two registers of 8) at `at` as `T`, bf16 rounded as the AVX-512
     /// kernel does.
     ///
@@ -1229,13 +1348,13 @@ fn unpacked_tensor<const D: usize>(packed: &PackedWeight, scheme: QuantScheme) -
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::kernels::int8::matmul_int8_reference;
     use crate::kernels::tests::{activations, block_scales, int8_values};
 
     /// [`block_scales`] rounded to f16 (what the CPU quantizer writes).
-    fn f16_scales(count: usize) -> Vec<f32> {
+    pub(in crate::kernels) fn f16_scales(count: usize) -> Vec<f32> {
         block_scales(count)
             .into_iter()
             .map(|s| f16::from_f32(s).to_f32())
@@ -1243,7 +1362,7 @@ mod tests {
     }
 
     /// `len` 4-bit test values spanning -8..=7.
-    fn q4_values(len: usize) -> Vec<i8> {
+    pub(in crate::kernels) fn q4_values(len: usize) -> Vec<i8> {
         (0..len).map(|i| ((i * 53 % 16) as i32 - 8) as i8).collect()
     }
 
