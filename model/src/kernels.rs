@@ -1052,6 +1052,13 @@ fn dequantized_linear<const D: usize>(
     if bf16_activations {
         w.par_iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
     }
+    // Our f32 gemm where it runs: the bits of a packed weight's product (which dequantizes
+    // into the same gemm's panels, `packed_f32_gemm`), so packing changes no result.
+    if f32_gemm_enabled()
+        && let Some(out) = f32_weight_linear(&w, shape, x, bias.as_ref())
+    {
+        return out;
+    }
     let weight = Tensor::<2>::from_data(TensorData::new(w, shape), &x.device());
     // Burn's cast keeps a tensor that already has the dtype.
     let mut y = x.clone().cast(DType::F32).matmul(weight.unsqueeze());
@@ -1059,6 +1066,50 @@ fn dequantized_linear<const D: usize>(
         y = y + b.cast(DType::F32).unsqueeze();
     }
     y.cast(x.dtype())
+}
+
+/// `x @ W (+ b)` for a dequantized f32 weight `[k, n]` on the host with [`f32_gemm`], the
+/// activations widened to f32 and the result rounded once to `x`'s dtype; `None` where it
+/// does not run.
+fn f32_weight_linear<const D: usize>(
+    w: &[f32],
+    [k, n]: [usize; 2],
+    x: &Tensor<D>,
+    bias: Option<&Tensor<1>>,
+) -> Option<Tensor<D>> {
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let out = with_gemm_inputs(x, rows, k, |xs| {
+        f32_gemm::matmul_f32_gemm(xs, w, bf16_gemm::WeightOrder::InputMajor, rows, k, n)
+    })?;
+    let bias = match bias {
+        Some(b) => Some(host_f32(b.clone())?),
+        None => None,
+    };
+    Some(streamed_output(out, bias.as_deref(), x, n, x.dtype()))
+}
+
+/// `f(values)` for `x`'s first `rows * k` values as f32, for [`f32_gemm`]: f32 read in
+/// place from a contiguous block, bf16 widened in parallel, f16 converted.
+fn with_gemm_inputs<const D: usize, R>(
+    x: &Tensor<D>,
+    rows: usize,
+    k: usize,
+    f: impl FnOnce(&[f32]) -> Option<R>,
+) -> Option<R> {
+    let input = flex_tensor(x.clone())?;
+    let input = if input.layout().is_contiguous() {
+        input
+    } else {
+        input.to_contiguous()
+    };
+    let start = input.layout().start_offset();
+    let inputs = start..start + rows * k;
+    match x.dtype() {
+        DType::F32 => f(input.storage::<f32>().get(inputs)?),
+        DType::BF16 => f(&widen_bf16_values(input.storage::<bf16>().get(inputs)?)),
+        _ => f(&host_f32(x.clone())?),
+    }
 }
 
 /// `x @ W (+ b)` for bf16 activations `x` and a bf16 weight `[k, n]` on the host, with the
@@ -1147,23 +1198,9 @@ fn packed_f32_gemm<const D: usize>(
     rows: usize,
     dtype: DType,
 ) -> Option<Vec<f32>> {
-    let k = w.k();
-    let input = flex_tensor(x.clone())?;
-    let input = if input.layout().is_contiguous() {
-        input
-    } else {
-        input.to_contiguous()
-    };
-    let start = input.layout().start_offset();
-    let inputs = start..start + rows * k;
-    match dtype {
-        DType::F32 => f32_gemm::matmul_f32_gemm_packed(input.storage::<f32>().get(inputs)?, w, rows, false),
-        DType::BF16 => {
-            let xs = widen_bf16_values(input.storage::<bf16>().get(inputs)?);
-            f32_gemm::matmul_f32_gemm_packed(&xs, w, rows, true)
-        }
-        _ => f32_gemm::matmul_f32_gemm_packed(&host_f32(x.clone())?, w, rows, false),
-    }
+    with_gemm_inputs(x, rows, w.k(), |xs| {
+        f32_gemm::matmul_f32_gemm_packed(xs, w, rows, dtype == DType::BF16)
+    })
 }
 
 /// `scale * q` for a weight with `[block, 1]` blocks (`scales[(kk / block) * n + j]`), one

@@ -527,11 +527,13 @@ impl PackedWeight {
         assert!(k1 == k0 || dst.len() >= (k1 - k0 - 1) * stride + TILE);
         let groups = self.block / rows;
         let block_bytes = self.block_bytes();
+        // Resolved once: a mapped weight's slices go through `Bytes` on every access.
+        let (bytes, all_scales): (&[u8], &[f16]) = (&self.bytes, &self.scales);
         for kk in (k0..k1).step_by(rows) {
             let (kb, g) = (kk / self.block, kk % self.block / rows);
             let at = kb * block_bytes + (t * groups + g) * GROUP_BYTES;
-            let group: &[u8; GROUP_BYTES] = self.bytes[at..at + GROUP_BYTES].try_into().expect("64 bytes");
-            let scales = &self.scales[kb * self.n + t * TILE..][..TILE];
+            let group = &bytes[at..at + GROUP_BYTES];
+            let scales = &all_scales[kb * self.n + t * TILE..][..TILE];
             let out = &mut dst[(kk - k0) * stride..];
             #[cfg(target_arch = "x86_64")]
             if kernel != Simd::Plain && kernel.runs_here() {
@@ -1039,18 +1041,19 @@ mod dequantize_avx2 {
     #[target_feature(enable = "avx2,f16c")]
     pub unsafe fn group(
         bits: Bits,
-        group: &[u8; GROUP_BYTES],
+        group: &[u8],
         scales: &[burn::tensor::f16],
         round_bf16: bool,
         out: &mut [f32],
         stride: usize,
     ) {
-        assert!(scales.len() >= TILE && out.len() >= (bits.group_rows() - 1) * stride + TILE);
+        assert!(group.len() >= GROUP_BYTES && scales.len() >= TILE);
+        assert!(out.len() >= (bits.group_rows() - 1) * stride + TILE);
         let (value_mask, offset) = match bits {
             Bits::Eight => (_mm256_set1_epi32(0xFF), _mm256_set1_epi32(128)),
             Bits::Four => (_mm256_set1_epi32(0x0F), _mm256_set1_epi32(8)),
         };
-        // SAFETY: 16 f16 scales and 64 bytes (checked above and by the array type).
+        // SAFETY: 16 f16 scales and 64 bytes (checked above).
         let (scale, packed) = unsafe {
             let at = scales.as_ptr() as *const __m128i;
             let from = group.as_ptr() as *const __m256i;
