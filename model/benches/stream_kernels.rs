@@ -5,7 +5,8 @@
 //! `STREAM_KERNELS=prefill-attention` and
 //! `STREAM_KERNELS=decode-attention` for the attention tables alone,
 //! `STREAM_KERNELS=packed-memory` for packed q4/q8 products over weights larger than the
-//! caches).
+//! caches, `STREAM_KERNELS=q4-gemm` for many-row q4 products: dequantized into the f32 gemm
+//! against int8 activations).
 //! Prints numbers only; BENCHMARKS.md (history #7) quotes them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a demo program: failing loudly is fine
@@ -47,6 +48,7 @@ fn main() {
         Ok("gemm") => Some(gemm_table),
         Ok("f32-gemm") => Some(f32_gemm_table),
         Ok("packed-memory") => Some(packed_memory_table),
+        Ok("q4-gemm") => Some(q4_gemm_table),
         Ok("decode-attention") => Some(attention_table),
         Ok("prefill-attention") => Some(prefill_attention_table),
         _ => None,
@@ -366,6 +368,69 @@ fn f32_gemm_table() {
             median(1),
             median(2),
             median(0) / median(2)
+        );
+    }
+}
+
+/// Many-row q4 products (a prefill's): the packed weight dequantized into the f32 gemm's
+/// panels against the activations quantized to int8 and the int8 q4 gemm (quantization
+/// included, and alone), 3 interleaved rounds, medians.
+fn q4_gemm_table() {
+    use vipllava_model::kernels::f32_gemm::matmul_f32_gemm_packed;
+
+    println!();
+    println!(
+        "| m x k x n | f32 gemm, dequantized in the pack ms | int8 x q4 gemm ms (with quantization) | quantization alone ms | f32 / int8 | int8 GFLOP/s |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (m, k, n) in [
+        (617, 2048, 5632),
+        (617, 5632, 2048),
+        (617, 2048, 2048),
+        (617, 2048, 256),
+        (577, 1024, 4096),
+        (577, 4096, 1024),
+    ] {
+        let x: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) * 0.05).collect();
+        let q: Vec<i8> = (0..k * n).map(|i| ((i * 7 + i / 3) % 16) as i8 - 8).collect();
+        let scales: Vec<f32> = (0..k * n / 32).map(|i| 0.01 + (i % 5) as f32 * 0.001).collect();
+        let scales: Vec<f32> = scales
+            .iter()
+            .map(|&s| burn::tensor::f16::from_f32(s).to_f32())
+            .collect();
+        let columns = ColumnBlocks {
+            q: &q,
+            scales: &scales,
+            k,
+            n,
+            block: 32,
+        };
+        let w = PackedWeight::pack(&columns, Bits::Four).unwrap();
+        if !w.int8_gemm_applies() {
+            println!("| {m} x {k} x {n} | | (the int8 q4 gemm needs AVX2 without VNNI) | | | |");
+            continue;
+        }
+        let mut rounds = [[f64::NAN; 3]; 3];
+        for round in rounds.iter_mut() {
+            round[0] = time(3, || {
+                black_box(matmul_f32_gemm_packed(&x, &w, m, false));
+            });
+            round[1] = time(3, || {
+                let xq = Int8Rows::quantize(&x, m, k, 32).unwrap();
+                black_box(w.matmul_int8_gemm(&xq));
+            });
+            round[2] = time(3, || {
+                black_box(Int8Rows::quantize(&x, m, k, 32));
+            });
+        }
+        let median = |c: usize| median_ms(&rounds, c);
+        println!(
+            "| {m} x {k} x {n} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |",
+            median(0),
+            median(1),
+            median(2),
+            median(0) / median(1),
+            2.0 * (m * k * n) as f64 / median(1) / 1e6
         );
     }
 }

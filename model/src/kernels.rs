@@ -997,6 +997,32 @@ fn quantized_linear<const D: usize>(
         };
         return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
     }
+    // A q4 weight that could be packed takes the packed weight's int8 gemm where it runs
+    // (packed for the call, half the bytes of the dequantized copy it replaces): packing
+    // changes no result.
+    if quantized.axis == BlockAxis::Input
+        && int8_activations_enabled()
+        && let DType::QFloat(scheme) = quantized.tensor.dtype()
+        && packed::bits_of(&scheme) == Some(packed::Bits::Four)
+        && packed::PackedWeight::int8_gemm_runs(packed::Bits::Four, quantized.block)
+        && let Some(w) = packed::PackedWeight::pack(
+            &ColumnBlocks {
+                q: values,
+                scales,
+                k,
+                n,
+                block: quantized.block,
+            },
+            packed::Bits::Four,
+        )
+        && let Some(out) = packed_int8_gemm(&w, x, rows)
+    {
+        let bias = match bias {
+            Some(b) => Some(host_f32(b)?),
+            None => None,
+        };
+        return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
+    }
     Some(dequantized_linear(&quantized, [k, n], x, bias))
 }
 
@@ -1174,11 +1200,16 @@ fn packed_linear<const D: usize>(
         };
         return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
     }
-    // Without the bf16 gemm, our f32 gemm dequantizes the weight tile by tile as it packs
-    // (the bits of `dequantized_linear`'s weights, without their f32 copy).
+    // Without the bf16 gemm: a q4 weight on a CPU without VNNI multiplies int8 activations
+    // in a gemm of its own (the decode kernel's bits); otherwise our f32 gemm dequantizes
+    // the weight tile by tile as it packs (the bits of `dequantized_linear`'s weights,
+    // without their f32 copy).
     if !(dtype == DType::BF16 && bf16_gemm_enabled())
-        && f32_gemm_enabled()
-        && let Some(out) = packed_f32_gemm(w, x, rows, dtype)
+        && let Some(out) = packed_int8_gemm(w, x, rows).or_else(|| {
+            f32_gemm_enabled()
+                .then(|| packed_f32_gemm(w, x, rows, dtype))
+                .flatten()
+        })
     {
         let bias = match bias {
             Some(b) => Some(host_f32(b)?),
@@ -1187,6 +1218,22 @@ fn packed_linear<const D: usize>(
         return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
     }
     Some(dequantized_linear(w, [k, n], x, bias))
+}
+
+/// `x [rows, k] @ w` with the activations quantized to int8 per block, through
+/// [`packed::PackedWeight::matmul_int8_gemm`] (q4 weights on CPUs with AVX2 but not
+/// AVX-512 VNNI); `None` where that gemm does not apply or int8 activations are off.
+fn packed_int8_gemm<const D: usize>(
+    w: &packed::PackedWeight,
+    x: &Tensor<D>,
+    rows: usize,
+) -> Option<Vec<f32>> {
+    if !int8_activations_enabled() || !w.int8_gemm_applies() {
+        return None;
+    }
+    with_gemm_inputs(x, rows, w.k(), |xs| {
+        w.matmul_int8_gemm(&Int8Rows::quantize(xs, rows, w.k(), w.block())?)
+    })
 }
 
 /// `x [rows, k] @ w` in f32 with [`f32_gemm::matmul_f32_gemm_packed`], bf16 activations
@@ -2224,9 +2271,11 @@ pub(crate) mod tests {
             let quantized = layer.weight.val().quantize_dynamic(&scheme);
             let dequantized = values(quantized.clone().dequantize());
             layer.weight = Param::from_tensor(quantized.clone());
-            let unpacked = values(linear(&layer, x.clone()));
+            let unpacked = with_int8_activations(false, || values(linear(&layer, x.clone())));
             layer.weight = packed::pack_weight(Param::from_tensor(quantized));
-            let got = values(linear(&layer, x.clone()));
+            // f32 activations (a q4 weight takes int8 ones by default where the int8 gemm
+            // runs: `many_rows_through_a_packed_q4_weight_give_the_bits_of_decode_steps`).
+            let got = with_int8_activations(false, || values(linear(&layer, x.clone())));
             assert_eq!(got, unpacked, "{value:?}: packed and unpacked weights");
             for (i, &g) in got.iter().enumerate() {
                 let (r, c) = (i / n, i % n);
@@ -2237,6 +2286,54 @@ pub(crate) mod tests {
                     (g as f64 - exact).abs() <= 1e-5 * size,
                     "{value:?} at {i}: {g} vs {exact}"
                 );
+            }
+        }
+    }
+
+    /// A prefill's many rows through a q4 weight, with int8 activations (the default):
+    /// packed and unpacked give the same bits; where the int8 q4 gemm runs, they are the
+    /// bits of the same rows fed as decode steps (the decode kernel, with its bias and cast)
+    /// and differ from f32 activations'. f32 and bf16 activations.
+    #[test]
+    fn many_rows_through_a_packed_q4_weight_give_the_bits_of_decode_steps() {
+        use burn::module::Param;
+        use burn::nn::LinearConfig;
+        use burn::tensor::quantization::{QuantScheme, ScaleDtype};
+
+        let device = Device::flex();
+        let (rows, k, n) = (45, 320, 48);
+        let values = |t: Tensor<2>| t.cast(DType::F32).into_data().try_into_vec::<f32>().expect("f32");
+        let scheme = QuantScheme::default()
+            .with_value(QuantValue::Q4S)
+            .per_block([32, 1], ScaleDtype::F16);
+        for dtype in [DType::F32, DType::BF16] {
+            let x =
+                Tensor::<2>::from_data(TensorData::new(activations(rows, k), [rows, k]), &device).cast(dtype);
+            let mut layer = LinearConfig::new(k, n).init(&device);
+            let bias = layer.bias.take().expect("bias").val().cast(dtype);
+            layer.bias = Some(Param::from_tensor(bias));
+            let quantized = layer.weight.val().quantize_dynamic(&scheme);
+            layer.weight = Param::from_tensor(quantized.clone());
+            let unpacked = with_int8_activations(true, || values(linear(&layer, x.clone())));
+            layer.weight = packed::pack_weight(Param::from_tensor(quantized));
+            let w = packed::packed_weight(&layer.weight).expect("packed");
+            let got = with_int8_activations(true, || values(linear(&layer, x.clone())));
+            assert_eq!(got, unpacked, "{dtype:?}: packed and unpacked weights");
+            if w.int8_gemm_applies() {
+                let steps: Vec<f32> = (0..rows)
+                    .step_by(MAX_STREAM_ROWS)
+                    .flat_map(|r0| {
+                        let r1 = (r0 + MAX_STREAM_ROWS).min(rows);
+                        with_int8_activations(true, || {
+                            values(linear(&layer, x.clone().narrow(0, r0, r1 - r0)))
+                        })
+                    })
+                    .collect();
+                assert_eq!(got, steps, "{dtype:?}: a prefill and decode steps");
+                let f32s = with_int8_activations(false, || values(linear(&layer, x.clone())));
+                assert_ne!(got, f32s, "{dtype:?}: int8 activations left no trace");
+            } else {
+                eprintln!("the int8 q4 gemm does not run on this CPU: not checked");
             }
         }
     }
@@ -2269,13 +2366,13 @@ pub(crate) mod tests {
                 .map(bf16::from_f32)
                 .collect();
             layer.weight = Param::from_tensor(quantized.clone());
-            let unpacked = values(linear(&layer, x.clone()));
+            let unpacked = with_int8_activations(false, || values(linear(&layer, x.clone())));
             layer.weight = packed::pack_weight(Param::from_tensor(quantized));
             assert!(
                 packed::packed_weight(&layer.weight).is_some(),
                 "{value:?}: packed"
             );
-            let got = values(linear(&layer, x.clone()));
+            let got = with_int8_activations(false, || values(linear(&layer, x.clone())));
             assert_eq!(got, unpacked, "{value:?}: packed and unpacked weights");
             let bv = values(bias.clone().unsqueeze());
             for (i, &g) in got.iter().enumerate() {

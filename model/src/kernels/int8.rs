@@ -29,6 +29,10 @@ pub struct Int8Rows {
     block: usize,
 }
 
+/// Values above which [`Int8Rows::quantize`] shares the blocks among the threads, in
+/// chunks of about this many.
+const PARALLEL_VALUES: usize = 1 << 16;
+
 impl Int8Rows {
     /// Quantizes `x [rows, k]` per block: `scale = max|x| / 127`, `q = round(x / scale)`.
     /// `None` unless `block` is a positive multiple of 8 that divides `k` and the length
@@ -41,13 +45,29 @@ impl Int8Rows {
         let mut values = vec![0i8; rows * k];
         let mut scales = vec![0f32; blocks];
         let mut sums = vec![0i32; blocks];
-        super::vectorized(QuantizeBlocks {
-            x,
-            values: &mut values,
-            scales: &mut scales,
-            sums: &mut sums,
-            block,
-        });
+        // Blocks are independent: a prefill's rows are quantized in parallel, a decode
+        // step's few rows on the calling thread.
+        let chunk_blocks = (PARALLEL_VALUES / block).max(1);
+        let chunk = chunk_blocks * block;
+        let quantize = |x: &[f32], values: &mut [i8], scales: &mut [f32], sums: &mut [i32]| {
+            super::vectorized(QuantizeBlocks {
+                x,
+                values,
+                scales,
+                sums,
+                block,
+            })
+        };
+        if rows * k > PARALLEL_VALUES {
+            use rayon::prelude::*;
+            x.par_chunks(chunk)
+                .zip(values.par_chunks_mut(chunk))
+                .zip(scales.par_chunks_mut(chunk_blocks))
+                .zip(sums.par_chunks_mut(chunk_blocks))
+                .for_each(|(((x, values), scales), sums)| quantize(x, values, scales, sums));
+        } else {
+            quantize(x, &mut values, &mut scales, &mut sums);
+        }
         Some(Self {
             values,
             scales,
@@ -76,6 +96,13 @@ impl Int8Rows {
     /// The quantized values of row `r` (length `k`).
     pub(crate) fn row(&self, r: usize) -> &[i8] {
         &self.values[r * self.k..(r + 1) * self.k]
+    }
+
+    /// The scales and value sums of row `r`'s blocks.
+    pub(crate) fn blocks_of_row(&self, r: usize) -> (&[f32], &[i32]) {
+        let per_row = self.k / self.block;
+        let blocks = r * per_row..(r + 1) * per_row;
+        (&self.scales[blocks.clone()], &self.sums[blocks])
     }
 
     /// Scale and value sum of block `kb` of row `r`.

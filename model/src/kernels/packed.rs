@@ -586,6 +586,51 @@ impl PackedWeight {
         }))
     }
 
+    /// Whether [`PackedWeight::matmul_int8_gemm`] runs for this weight on this CPU.
+    pub fn int8_gemm_applies(&self) -> bool {
+        Self::int8_gemm_runs(self.bits, self.block)
+    }
+
+    /// Whether [`PackedWeight::matmul_int8_gemm`] runs on this CPU for weights of `bits`
+    /// per value in blocks of `block`.
+    pub fn int8_gemm_runs(bits: Bits, block: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            bits == Bits::Four && block <= q4_gemm_avx2::MAX_BLOCK && Int8Kernel::best() == Int8Kernel::Avx2
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (bits, block);
+            false
+        }
+    }
+
+    /// [`PackedWeight::matmul_int8`] for many rows (a prefill) of a q4 weight on CPUs
+    /// without AVX-512 VNNI: the same bits, computed as a gemm. Each task keeps a 16-column
+    /// strip of the weight in L1 while groups of 4 activation rows pass along it, the
+    /// weight's unsigned nibbles multiplied by the activations with `vpmaddubsw` (a pair of
+    /// products is at most `2 * 15 * 127`, so a whole block of 32 sums in int16 with no
+    /// saturation), where the decode kernel spends a sign operation per row and group and
+    /// widens every group to int32. `None` where it does not apply (q8, blocks over 32, a
+    /// CPU with VNNI or without AVX2, or `x` not matching).
+    pub fn matmul_int8_gemm(&self, x: &Int8Rows) -> Option<Vec<f32>> {
+        #[cfg(target_arch = "x86_64")]
+        if self.int8_gemm_applies() && self.accepts(x) {
+            let (rows, n) = (x.rows(), self.n);
+            let mut out = vec![0f32; rows * n];
+            let target = super::bf16_gemm::Output(out.as_mut_ptr());
+            super::bf16_gemm::for_each_block(rows, n, q4_gemm_avx2::ROWS, TILE, |block| {
+                // SAFETY: the CPU has AVX2, FMA and F16C (`Int8Kernel::Avx2` is the best
+                // kernel); the weight holds 4 bits per value with blocks of at most
+                // `MAX_BLOCK`, `x` matches it; `out` holds `rows * n` values and outlives
+                // the tasks, which write disjoint blocks of whole 16-column tiles.
+                unsafe { q4_gemm_avx2::block(self, x, block, &target) }
+            });
+            return Some(out);
+        }
+        None
+    }
+
     /// Adds weight rows `k0..k1` (whole blocks) of `x @ w` to `out [rows, n]`: one slab of
     /// [`PackedWeight::matmul_int8`], for callers that run several products' slabs as one
     /// set of tasks. `x` must match the weight ([`PackedWeight::accepts`]).
@@ -939,6 +984,178 @@ mod avx2_tile {
                         );
                     }
                 }
+            }
+        }
+        R
+    }
+}
+
+/// [`PackedWeight::matmul_int8_gemm`]'s AVX2 kernel.
+#[cfg(target_arch = "x86_64")]
+mod q4_gemm_avx2 {
+    use std::arch::x86_64::*;
+
+    use super::super::K_BLOCK;
+    use super::super::bf16_gemm::{Block, Output};
+    use super::{GROUP_BYTES, Int8Rows, PackedWeight, TILE, f16};
+
+    /// Activation rows per register tile: per row an int16 and an f32 accumulator, beside
+    /// the weight's two nibble registers and a broadcast (13 of 16 registers).
+    pub const ROWS: usize = 4;
+
+    /// The longest block whose int16 sums cannot saturate: 8 `vpmaddubsw` pairs of at most
+    /// `2 * 15 * 127` each.
+    pub const MAX_BLOCK: usize = 32;
+
+    /// Activation bytes a task's chunk of rows may take, so that the chunk stays in L2
+    /// while the weight's 16-column strips pass over it.
+    const CHUNK_BYTES: usize = 192 << 10;
+
+    /// One task's block of the output: its tiles' weight strips copied out first (one
+    /// tile's blocks lie a block row apart in the packed order, a power of two of bytes
+    /// for the usual widths, so read in place they fell into the same few cache sets), then
+    /// per chunk of rows, per tile, per group of [`ROWS`] rows, the whole product along K.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C; `w` must hold 4 bits per value with blocks of
+    /// at most [`MAX_BLOCK`] and `x` must match it; `out` must point to `x.rows() * n`
+    /// zeroed values of which no one else touches `block` (whole tiles).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn block(w: &PackedWeight, x: &Int8Rows, block: Block, out: &Output) {
+        let Block { c0, cols, r0, r1 } = block;
+        let (n, blocks) = (w.n, w.k / w.block);
+        let tile_bytes = w.block / 8 * GROUP_BYTES;
+        let first = c0 / TILE;
+        let tiles = cols.div_ceil(TILE);
+        let mut bytes = Vec::with_capacity(tiles * blocks * tile_bytes);
+        let mut scales = Vec::with_capacity(tiles * blocks * TILE);
+        for t in first..first + tiles {
+            for kb in 0..blocks {
+                bytes.extend_from_slice(&w.bytes[kb * w.block_bytes() + t * tile_bytes..][..tile_bytes]);
+                scales.extend_from_slice(&w.scales[kb * n + t * TILE..][..TILE]);
+            }
+        }
+        let strip = |t: usize| Strip {
+            bytes: &bytes[t * blocks * tile_bytes..][..blocks * tile_bytes],
+            scales: &scales[t * blocks * TILE..][..blocks * TILE],
+            col: (first + t) * TILE,
+        };
+        let chunk_rows = (CHUNK_BYTES / w.k).max(ROWS).next_multiple_of(ROWS);
+        let mut chunk = r0;
+        while chunk < r1 {
+            let chunk_end = (chunk + chunk_rows).min(r1);
+            for t in 0..tiles {
+                let strip = strip(t);
+                let mut r = chunk;
+                while r < chunk_end {
+                    // SAFETY: as this function's; rows `r..r + R <= x.rows()`, the strip's
+                    // tile inside the task's columns.
+                    r += unsafe {
+                        match chunk_end - r {
+                            1 => tile::<1>(w, x, &strip, r, out.0),
+                            2 => tile::<2>(w, x, &strip, r, out.0),
+                            3 => tile::<3>(w, x, &strip, r, out.0),
+                            _ => tile::<ROWS>(w, x, &strip, r, out.0),
+                        }
+                    };
+                }
+            }
+            chunk = chunk_end;
+        }
+    }
+
+    /// One tile's packed bytes and scales, block after block, and its first column.
+    struct Strip<'a> {
+        bytes: &'a [u8],
+        scales: &'a [f16],
+        col: usize,
+    }
+
+    /// Adds rows `r0..r0 + R` of `x @ w` for the 16 columns of `strip` to `out`, 8 columns
+    /// at a time: per slab of [`K_BLOCK`] inputs an FMA chain over the blocks from zero,
+    /// added to `out` slab after slab, as [`super::super::sum_over_slabs`] adds the decode
+    /// kernel's slabs. Returns `R`.
+    ///
+    /// Per block, `sum(u * x)` over the stored nibbles `u = q + 8` is exact in int16 and
+    /// then int32; `8 * sum(x)` (the row's block sum) takes the offset off, exactly.
+    ///
+    /// # Safety
+    /// As [`block`]'s; `r0 + R <= x.rows()` and the strip's 16 columns inside `n`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tile<const R: usize>(
+        w: &PackedWeight,
+        x: &Int8Rows,
+        strip: &Strip<'_>,
+        r0: usize,
+        out: *mut f32,
+    ) -> usize {
+        let (n, block) = (w.n, w.block);
+        let groups = block / 8;
+        let tile_bytes = groups * GROUP_BYTES;
+        let blocks = w.k / block;
+        let slab_blocks = K_BLOCK / block;
+        let mask = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let rows: [*const i8; R] = std::array::from_fn(|r| x.row(r0 + r).as_ptr());
+        let row_blocks: [(&[f32], &[i32]); R] = std::array::from_fn(|r| x.blocks_of_row(r0 + r));
+        assert!(strip.bytes.len() == blocks * tile_bytes && strip.scales.len() == blocks * TILE);
+        for half in 0..2 {
+            let mut kb0 = 0;
+            while kb0 < blocks {
+                let kb1 = (kb0 + slab_blocks).min(blocks);
+                let mut acc = [_mm256_setzero_ps(); R];
+                for kb in kb0..kb1 {
+                    let src = strip.bytes[kb * tile_bytes + 32 * half..].as_ptr();
+                    let mut sums = [_mm256_setzero_si256(); R];
+                    for g in 0..groups {
+                        // SAFETY: group `g < block / 8` of block `kb` of the strip: 32 bytes
+                        // from `src + 64 g` lie in it.
+                        let packed =
+                            unsafe { _mm256_loadu_si256(src.add(g * GROUP_BYTES) as *const __m256i) };
+                        let lo = _mm256_and_si256(packed, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), mask);
+                        let i = kb * block + g * 8;
+                        for (sum, &row) in sums.iter_mut().zip(&rows) {
+                            // SAFETY: inputs `i..i + 8 <= k` of a row of `k` values; unaligned
+                            // 32-bit reads of four of them, broadcast to every lane.
+                            let (a_lo, a_hi) = unsafe {
+                                (
+                                    _mm256_set1_epi32((row.add(i) as *const i32).read_unaligned()),
+                                    _mm256_set1_epi32((row.add(i + 4) as *const i32).read_unaligned()),
+                                )
+                            };
+                            let pair = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, a_lo),
+                                _mm256_maddubs_epi16(hi, a_hi),
+                            );
+                            *sum = _mm256_add_epi16(*sum, pair);
+                        }
+                    }
+                    // SAFETY: 8 of block `kb`'s 16 scales in the strip; f16 widens to f32
+                    // exactly.
+                    let sw = unsafe {
+                        _mm256_cvtph_ps(_mm_loadu_si128(
+                            strip.scales[kb * TILE + 8 * half..].as_ptr() as *const __m128i
+                        ))
+                    };
+                    for ((acc, sum), (dx, xsum)) in acc.iter_mut().zip(&sums).zip(&row_blocks) {
+                        let exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(
+                            _mm256_madd_epi16(*sum, ones),
+                            _mm256_set1_epi32(8 * xsum[kb]),
+                        ));
+                        *acc = _mm256_fmadd_ps(_mm256_mul_ps(exact, _mm256_set1_ps(dx[kb])), sw, *acc);
+                    }
+                }
+                let col = strip.col + 8 * half;
+                for (r, acc) in acc.iter().enumerate() {
+                    // SAFETY: row `r0 + r < rows`, columns `col..col + 8 <= n`: inside `out`,
+                    // in this task's block.
+                    unsafe {
+                        let at = out.add((r0 + r) * n + col);
+                        _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), *acc));
+                    }
+                }
+                kb0 = kb1;
             }
         }
         R
@@ -1324,7 +1541,7 @@ fn register<const D: usize>(
 }
 
 /// The packed width of a scheme's integers (`None`: not packed).
-fn bits_of(scheme: &QuantScheme) -> Option<Bits> {
+pub(super) fn bits_of(scheme: &QuantScheme) -> Option<Bits> {
     match scheme.value {
         QuantValue::Q8S | QuantValue::Q8F => Some(Bits::Eight),
         QuantValue::Q4S | QuantValue::Q4F => Some(Bits::Four),
@@ -1434,6 +1651,72 @@ pub(super) mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The q4 gemm for many rows gives the bits of the int8 product on the unpacked values
+    /// (the decode kernels'): pseudo-random nibbles and activations, row counts that end on
+    /// every row of its 4-row tile, one and several slabs along K, blocks of 8 to 32, widths
+    /// of one tile to several tasks, and the largest int16 sums a block can reach.
+    #[test]
+    fn q4_gemm_has_the_bits_of_the_int8_product() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut ran = false;
+        for &(rows, k, n, block) in &[
+            (1, 32, 16, 32),
+            (5, 96, 48, 32),
+            (18, 768, 64, 32),
+            (7, 272, 32, 16),
+            (9, 64, 16, 8),
+            (37, 512, 400, 32),
+            (130, 1024, 96, 32),
+        ] {
+            for extreme in [false, true] {
+                let case = format!("{rows}x{k}x{n}/{block} extreme {extreme}");
+                // Extreme: every weight 7 (nibble 15) and every activation +127 or -127 per
+                // row, the largest int16 sums a block can reach.
+                let q: Vec<i8> = (0..k * n)
+                    .map(|_| if extreme { 7 } else { (next() % 16) as i8 - 8 })
+                    .collect();
+                let x: Vec<f32> = (0..rows * k)
+                    .map(|i: usize| {
+                        if extreme {
+                            if (i / k).is_multiple_of(2) { 1.5 } else { -0.25 }
+                        } else {
+                            (next() % 2001) as f32 / 1000.0 - 1.0
+                        }
+                    })
+                    .collect();
+                let scales = f16_scales(k * n / block);
+                let w = ColumnBlocks {
+                    q: &q,
+                    scales: &scales,
+                    k,
+                    n,
+                    block,
+                };
+                let packed = PackedWeight::pack(&w, Bits::Four).expect("pack");
+                let xq = Int8Rows::quantize(&x, rows, k, block).expect("quantize");
+                let want = matmul_int8_reference(&xq, &w).expect("unpacked");
+                match packed.matmul_int8_gemm(&xq) {
+                    Some(got) => {
+                        ran = true;
+                        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(g.to_bits(), e.to_bits(), "{case} at {i}: {g} vs {e}");
+                        }
+                    }
+                    None => assert!(!packed.int8_gemm_applies(), "{case}: refused where it applies"),
+                }
+            }
+        }
+        if !ran {
+            eprintln!("the q4 gemm does not run on this CPU (it needs AVX2 without VNNI): not checked");
         }
     }
 
