@@ -410,6 +410,22 @@ fn stream_linear<const D: usize>(
     Some(streamed_output(out, bias.as_deref(), x, n, dtype))
 }
 
+/// [`streamed_output`] with the layer's bias read to the host first; `None` where it
+/// cannot be read.
+fn output_with_bias<const D: usize>(
+    out: Vec<f32>,
+    bias: Option<&Tensor<1>>,
+    x: &Tensor<D>,
+    n: usize,
+    dtype: DType,
+) -> Option<Tensor<D>> {
+    let bias = match bias {
+        Some(b) => Some(host_f32(b.clone())?),
+        None => None,
+    };
+    Some(streamed_output(out, bias.as_deref(), x, n, dtype))
+}
+
 /// The `[.., n]` result of a streaming kernel (`out`, f32 rows) with the bias added, on
 /// `x`'s device, rounded once to `dtype`.
 fn streamed_output<const D: usize>(
@@ -991,11 +1007,7 @@ fn quantized_linear<const D: usize>(
                 }
             }
         };
-        let bias = match bias {
-            Some(b) => Some(host_f32(b)?),
-            None => None,
-        };
-        return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
+        return output_with_bias(out, bias.as_ref(), x, n, dtype);
     }
     // A q4 weight that could be packed takes the packed weight's int8 gemm where it runs
     // (packed for the call, half the bytes of the dequantized copy it replaces): packing
@@ -1017,11 +1029,7 @@ fn quantized_linear<const D: usize>(
         )
         && let Some(out) = packed_int8_gemm(&w, x, rows)
     {
-        let bias = match bias {
-            Some(b) => Some(host_f32(b)?),
-            None => None,
-        };
-        return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
+        return output_with_bias(out, bias.as_ref(), x, n, dtype);
     }
     Some(dequantized_linear(&quantized, [k, n], x, bias))
 }
@@ -1108,11 +1116,7 @@ fn f32_weight_linear<const D: usize>(
     let out = with_gemm_inputs(x, rows, k, |xs| {
         f32_gemm::matmul_f32_gemm(xs, w, bf16_gemm::WeightOrder::InputMajor, rows, k, n)
     })?;
-    let bias = match bias {
-        Some(b) => Some(host_f32(b.clone())?),
-        None => None,
-    };
-    Some(streamed_output(out, bias.as_deref(), x, n, x.dtype()))
+    output_with_bias(out, bias, x, n, x.dtype())
 }
 
 /// `f(values)` for `x`'s first `rows * k` values as f32, for [`f32_gemm`]: f32 read in
@@ -1151,11 +1155,7 @@ fn bf16_weight_linear<const D: usize>(
     let data = x.clone().into_data();
     let xs = data.as_slice::<bf16>().ok()?;
     let out = bf16_gemm::matmul_bf16_gemm(xs, w, bf16_gemm::WeightOrder::InputMajor, rows, k, n)?;
-    let bias = match bias {
-        Some(b) => Some(host_f32(b.clone())?),
-        None => None,
-    };
-    Some(streamed_output(out, bias.as_deref(), x, n, DType::BF16))
+    output_with_bias(out, bias, x, n, DType::BF16)
 }
 
 /// `x @ W (+ b)` for a packed `W` ([`packed::PackedWeight`]), with the arithmetic of
@@ -1194,11 +1194,7 @@ fn packed_linear<const D: usize>(
             };
             matmul_q8_columns(&xs, &columns, rows)?
         };
-        let bias = match bias {
-            Some(b) => Some(host_f32(b)?),
-            None => None,
-        };
-        return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
+        return output_with_bias(out, bias.as_ref(), x, n, dtype);
     }
     // Without the bf16 gemm: a q4 weight on a CPU without VNNI multiplies int8 activations
     // in a gemm of its own (the decode kernel's bits); otherwise our f32 gemm dequantizes
@@ -1211,11 +1207,7 @@ fn packed_linear<const D: usize>(
                 .flatten()
         })
     {
-        let bias = match bias {
-            Some(b) => Some(host_f32(b)?),
-            None => None,
-        };
-        return Some(streamed_output(out, bias.as_deref(), x, n, dtype));
+        return output_with_bias(out, bias.as_ref(), x, n, dtype);
     }
     Some(dequantized_linear(w, [k, n], x, bias))
 }
@@ -1773,6 +1765,17 @@ fn accumulate_generic<T: Widen>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// A xorshift sequence from `seed`: pseudo-random test values with no period a kernel's
+    /// tiling could line up with.
+    pub(crate) fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
 
     /// Test activations `[rows, k]` in [-1, 1] with no simple pattern.
     pub(crate) fn activations(rows: usize, k: usize) -> Vec<f32> {

@@ -226,12 +226,7 @@ impl<T: Widen + Element> Panels for Weight<'_, T> {
     fn pack(&self, k0: usize, k1: usize, c0: usize, cols: usize, panel: &mut [f32], isa: Simd) {
         let (k, n) = (self.k, self.n);
         let depth = k1 - k0;
-        for (tile, chunk) in panel.chunks_mut(depth * TILE_COLS).enumerate() {
-            let t0 = tile * TILE_COLS;
-            let width = TILE_COLS.min(cols.saturating_sub(t0));
-            if width < TILE_COLS {
-                chunk.fill(0.0);
-            }
+        for (t0, width, chunk) in panel_tiles(panel, depth, cols) {
             let c = c0 + t0;
             match self.order {
                 WeightOrder::OutputMajor => {
@@ -357,6 +352,27 @@ struct Dequantizing<'a> {
     round_bf16: bool,
 }
 
+/// A panel's tiles of [`TILE_COLS`] columns, for [`Panels::pack`]: each tile's first
+/// column in the block, how many of its columns the block has, and its `depth` rows of
+/// values, zeroed first where the block ends inside it (padding columns add nothing).
+fn panel_tiles(
+    panel: &mut [f32],
+    depth: usize,
+    cols: usize,
+) -> impl Iterator<Item = (usize, usize, &mut [f32])> {
+    panel
+        .chunks_mut(depth * TILE_COLS)
+        .enumerate()
+        .map(move |(tile, chunk)| {
+            let t0 = tile * TILE_COLS;
+            let width = TILE_COLS.min(cols.saturating_sub(t0));
+            if width < TILE_COLS {
+                chunk.fill(0.0);
+            }
+            (t0, width, chunk)
+        })
+}
+
 impl Panels for Dequantizing<'_> {
     fn shape(&self) -> [usize; 2] {
         [self.w.k(), self.w.n()]
@@ -366,12 +382,7 @@ impl Panels for Dequantizing<'_> {
     /// 16, and so are the blocks' first columns, [`tile_col_unit`]).
     fn pack(&self, k0: usize, k1: usize, c0: usize, cols: usize, panel: &mut [f32], isa: Simd) {
         let depth = k1 - k0;
-        for (tile, chunk) in panel.chunks_mut(depth * TILE_COLS).enumerate() {
-            let t0 = tile * TILE_COLS;
-            let width = TILE_COLS.min(cols.saturating_sub(t0));
-            if width < TILE_COLS {
-                chunk.fill(0.0);
-            }
+        for (t0, width, chunk) in panel_tiles(panel, depth, cols) {
             for part in (0..width).step_by(16) {
                 let t = (c0 + t0 + part) / 16;
                 self.w
@@ -385,7 +396,7 @@ impl Panels for Dequantizing<'_> {
     fn lines(&self, k0: usize, k1: usize, c0: usize, cols: usize) -> Lines {
         let w = self.w;
         let block_bytes = w.block_bytes();
-        let tile_bytes = block_bytes / (w.n() / 16);
+        let tile_bytes = w.tile_bytes();
         let (kb0, kb1) = (k0 / w.block(), k1.div_ceil(w.block()));
         Lines {
             first: w
@@ -831,15 +842,8 @@ mod tests {
         // Pseudo-random values over the whole range (a regular pattern can repeat every
         // 4 rows, and so hide a mix-up of a q4 byte's two nibbles).
         let random = |len: usize, low: i32, count: u64| -> Vec<i8> {
-            let mut state = 0x9E37_79B9_7F4A_7C15u64;
-            (0..len)
-                .map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    (low + (state % count) as i32) as i8
-                })
-                .collect()
+            let mut next = crate::kernels::tests::xorshift(0x9E37_79B9_7F4A_7C15);
+            (0..len).map(|_| (low + (next() % count) as i32) as i8).collect()
         };
         let isas = reachable();
         for (bits, low, count) in [(Bits::Eight, -128, 256), (Bits::Four, -8, 16)] {

@@ -29,9 +29,8 @@ pub struct Int8Rows {
     block: usize,
 }
 
-/// Values above which [`Int8Rows::quantize`] shares the blocks among the threads, in
-/// chunks of about this many.
-const PARALLEL_VALUES: usize = 1 << 16;
+/// Values per task when [`Int8Rows::quantize`] shares a prefill's blocks among the threads.
+const CHUNK_VALUES: usize = 1 << 16;
 
 impl Int8Rows {
     /// Quantizes `x [rows, k]` per block: `scale = max|x| / 127`, `q = round(x / scale)`.
@@ -46,8 +45,8 @@ impl Int8Rows {
         let mut scales = vec![0f32; blocks];
         let mut sums = vec![0i32; blocks];
         // Blocks are independent: a prefill's rows are quantized in parallel, a decode
-        // step's few rows on the calling thread.
-        let chunk_blocks = (PARALLEL_VALUES / block).max(1);
+        // step's (at most `MAX_STREAM_ROWS`) on the calling thread, inside its own team.
+        let chunk_blocks = (CHUNK_VALUES / block).max(1);
         let chunk = chunk_blocks * block;
         let quantize = |x: &[f32], values: &mut [i8], scales: &mut [f32], sums: &mut [i32]| {
             super::vectorized(QuantizeBlocks {
@@ -58,7 +57,7 @@ impl Int8Rows {
                 block,
             })
         };
-        if rows * k > PARALLEL_VALUES {
+        if rows > super::MAX_STREAM_ROWS {
             use rayon::prelude::*;
             x.par_chunks(chunk)
                 .zip(values.par_chunks_mut(chunk))

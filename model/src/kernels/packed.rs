@@ -390,6 +390,11 @@ impl PackedWeight {
         self.bits.block_bytes(self.block, self.n)
     }
 
+    /// Bytes of one tile (16 columns) of a block row.
+    pub(crate) fn tile_bytes(&self) -> usize {
+        self.block_bytes() / (self.n / TILE)
+    }
+
     /// Calls `f(at, kk, c)` for every byte of block row `kb`: its index `at` within the
     /// block row and the row `kk` and column `c` of its (first) value.
     #[inline(always)]
@@ -1024,15 +1029,17 @@ mod q4_gemm_avx2 {
     pub unsafe fn block(w: &PackedWeight, x: &Int8Rows, block: Block, out: &Output) {
         let Block { c0, cols, r0, r1 } = block;
         let (n, blocks) = (w.n, w.k / w.block);
-        let tile_bytes = w.block / 8 * GROUP_BYTES;
+        let (block_bytes, tile_bytes) = (w.block_bytes(), w.tile_bytes());
+        // Resolved once: a mapped weight's slices go through `Bytes` on every access.
+        let (all_bytes, all_scales): (&[u8], &[f16]) = (&w.bytes, &w.scales);
         let first = c0 / TILE;
         let tiles = cols.div_ceil(TILE);
         let mut bytes = Vec::with_capacity(tiles * blocks * tile_bytes);
         let mut scales = Vec::with_capacity(tiles * blocks * TILE);
         for t in first..first + tiles {
             for kb in 0..blocks {
-                bytes.extend_from_slice(&w.bytes[kb * w.block_bytes() + t * tile_bytes..][..tile_bytes]);
-                scales.extend_from_slice(&w.scales[kb * n + t * TILE..][..TILE]);
+                bytes.extend_from_slice(&all_bytes[kb * block_bytes + t * tile_bytes..][..tile_bytes]);
+                scales.extend_from_slice(&all_scales[kb * n + t * TILE..][..TILE]);
             }
         }
         let strip = |t: usize| Strip {
@@ -1091,7 +1098,7 @@ mod q4_gemm_avx2 {
     ) -> usize {
         let (n, block) = (w.n, w.block);
         let groups = block / 8;
-        let tile_bytes = groups * GROUP_BYTES;
+        let tile_bytes = w.tile_bytes();
         let blocks = w.k / block;
         let slab_blocks = K_BLOCK / block;
         let mask = _mm256_set1_epi8(0x0F);
@@ -1660,13 +1667,7 @@ pub(super) mod tests {
     /// of one tile to several tasks, and the largest int16 sums a block can reach.
     #[test]
     fn q4_gemm_has_the_bits_of_the_int8_product() {
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut next = crate::kernels::tests::xorshift(0x2545_F491_4F6C_DD1D);
         let mut ran = false;
         for &(rows, k, n, block) in &[
             (1, 32, 16, 32),
