@@ -22,12 +22,26 @@ new_tokens=${2:-32}
 out=${OUT:-/tmp/gpu-check}
 mkdir -p "$out"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$out/steps.log"; }
+# A carried binary, unpacked from FILE.xz where only that came.
+unpack() {
+    [ -e "$1.xz" ] && [ ! -e "$1" ] && xz -d -k -T0 "$1.xz"
+    chmod +x "$1" 2>/dev/null
+}
+# `section LIMIT LABEL FILE COMMAND...`: the command's table appended to FILE under LABEL.
+section() {
+    local limit=$1 label=$2 file=$3
+    shift 3
+    log "$label"
+    timeout "$limit" "$@" >"$out/section.md" 2>>"$out/errors.log"
+    local rc=$?
+    { echo "## $label"; cat "$out/section.md"; echo; } | tee -a "$file"
+    rm -f "$out/section.md"
+    log "$label: exit $rc"
+}
 
-for packed in "$bin_dir"/*.xz; do
-    [ -e "$packed" ] && xz -d -k -f -T0 "$packed"
-done
-chmod +x "$bin_dir/vipllava" "$bin_dir/integration" 2>/dev/null
 vipllava=$bin_dir/vipllava
+unpack "$vipllava"
+unpack "$bin_dir/integration"
 [ -x "$vipllava" ] || { log "no $vipllava"; exit 1; }
 
 # Vulkan's loader, where the image lacks it (debs downloaded beforehand into .gl/).
@@ -53,44 +67,24 @@ fi
 
 # 2. Every model fixture, cpu against wgpu.
 for fixture in tests/fixtures/tiny-*; do
-    name=$(basename "$fixture")
-    log "fixture $name"
-    timeout 120 "$vipllava" bench --model "$fixture" --image tests/fixtures/images/astronaut.png \
-        --devices cpu,wgpu --dtypes f32,f16 --quantize q8 --repeats 1 --new-tokens 8 \
-        >"$out/fixture.md" 2>>"$out/errors.log"
-    rc=$?
-    { echo "## $name"; cat "$out/fixture.md"; echo; } >>"$out/fixtures.md"
-    log "fixture $name: exit $rc"
+    section 120 "fixture $(basename "$fixture")" "$out/fixtures.md" "$vipllava" bench --model "$fixture" \
+        --image tests/fixtures/images/astronaut.png --devices cpu,wgpu --dtypes f32,f16 --quantize q8 \
+        --repeats 1 --new-tokens 8
 done
-rm -f "$out/fixture.md"
 
 # 3. The 1.1B benchmark model.
 data=/tmp/bench-data
 log "writing the 1.1B benchmark checkpoint"
 timeout 300 python3 scripts/make_bench_checkpoint.py --out "$data" --dtypes f32 >>"$out/steps.log" 2>&1 \
     || { log "checkpoint failed"; exit 1; }
-log "bench 1.1B"
+model_1b=(--model "$data/clip-l-llama-1b-f32" --image "$data/astronaut.png" --repeats 1 --new-tokens "$new_tokens")
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of arguments
-timeout 480 "$vipllava" bench --model "$data/clip-l-llama-1b-f32" --image "$data/astronaut.png" \
-    ${BENCH_ARGS:---devices cpu,wgpu --dtypes f32,f16 --quantize q8} --repeats 1 --new-tokens "$new_tokens" \
-    >"$out/bench-1b.md" 2>>"$out/errors.log"
-log "bench 1.1B: exit $?"
-cat "$out/bench-1b.md"
+section 480 "bench 1.1B" "$out/bench-1b.md" "$vipllava" bench "${model_1b[@]}" \
+    ${BENCH_ARGS:---devices cpu,wgpu --dtypes f32,f16 --quantize q8}
 
 # 4. A/B against a baseline binary: baseline, then this binary, wgpu only.
 if [ -n "${BASELINE:-}" ]; then
-    [ -e "$BASELINE.xz" ] && [ ! -e "$BASELINE" ] && xz -d -k -T0 "$BASELINE.xz"
-    chmod +x "$BASELINE"
-    for side in baseline current; do
-        exe=$vipllava
-        [ "$side" = baseline ] && exe=$BASELINE
-        log "A/B 1.1B: $side"
-        timeout 300 "$exe" bench --model "$data/clip-l-llama-1b-f32" --image "$data/astronaut.png" \
-            --devices wgpu --dtypes f32,f16 --repeats 1 --new-tokens "$new_tokens" \
-            >"$out/ab-side.md" 2>>"$out/errors.log"
-        rc=$?
-        log "A/B 1.1B: $side exit $rc"
-        { echo "## $side"; cat "$out/ab-side.md"; echo; } | tee -a "$out/ab.md"
-        rm -f "$out/ab-side.md"
-    done
+    unpack "$BASELINE"
+    section 300 "A/B 1.1B: baseline" "$out/ab.md" "$BASELINE" bench "${model_1b[@]}" --devices wgpu --dtypes f32,f16
+    section 300 "A/B 1.1B: current" "$out/ab.md" "$vipllava" bench "${model_1b[@]}" --devices wgpu --dtypes f32,f16
 fi
