@@ -655,7 +655,8 @@ fn fma_available() -> bool {
 /// The instruction level of the kernels that have several (the f32 gemm, the decode's
 /// dense row products, the prefill attention, the q8/q4 dequantization): each gives the same
 /// bits on every level, so the level is a matter of speed, and tests run every one the CPU
-/// has.
+/// has. The decode attention's levels sum in their registers' order instead: each agrees with
+/// its plain loop within rounding, and gives the same bits however its heads are grouped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Simd {
     /// Plain Rust, on every CPU.

@@ -36,6 +36,18 @@ impl<T: Copy> Strided<'_, T> {
         let start = self.offset + b * self.strides[0] + h * self.strides[1] + j * self.strides[2];
         &self.data[start..start + d]
     }
+
+    /// The first of rows `(b, h, 0..count)` and the distance from one to the next, for loops
+    /// that read `d` values at `first + j * step` for `j < count` (bounds checked here once:
+    /// panics when row `count - 1` is outside the storage).
+    #[inline(always)]
+    fn rows(&self, b: usize, h: usize, count: usize, d: usize) -> (*const T, usize) {
+        if count > 0 {
+            let _ = self.row(b, h, count - 1, d);
+        }
+        let start = self.offset + b * self.strides[0] + h * self.strides[1];
+        (self.data[start..].as_ptr(), self.strides[2])
+    }
 }
 
 /// The layout of `t` when it can be read in place: non-negative strides, inner stride 1, and
@@ -69,11 +81,11 @@ pub fn decode_attention(
     mask: Option<&Tensor<4, Bool>>,
     options: &AttentionModuleOptions,
 ) -> Option<Tensor<4>> {
-    decode_attention_with(q, k, v, mask, options, true, None)
+    decode_attention_with(q, k, v, mask, options, Simd::best(), None)
 }
 
-/// [`decode_attention`] without the AVX-512 heads when `simd` is false (the tests' twin), and
-/// with `group` query heads per AVX-512 task when given (1, 2, 4 or 8, dividing the heads per
+/// [`decode_attention`] at the instruction level `path` (`Simd::Plain`: the tests' twin), with
+/// `group` query heads per SIMD task when given (1, 2, 4 or 8, dividing the heads per
 /// key/value head; otherwise one).
 fn decode_attention_with(
     q: &Tensor<4>,
@@ -81,7 +93,7 @@ fn decode_attention_with(
     v: &Tensor<4>,
     mask: Option<&Tensor<4, Bool>>,
     options: &AttentionModuleOptions,
-    simd: bool,
+    path: Simd,
     group: Option<usize>,
 ) -> Option<Tensor<4>> {
     let [b, heads, t, _] = q.dims();
@@ -117,9 +129,9 @@ fn decode_attention_with(
     } = &inputs;
     let mask = mask.as_ref().map(|(values, mh)| (values.as_slice(), *mh));
     let out = match inputs.dtype {
-        DType::F32 => run::<f32>(queries, k, v, mask, *b, shape, simd, group)?,
-        DType::BF16 => run::<bf16>(queries, k, v, mask, *b, shape, simd, group)?,
-        DType::F16 => run::<f16>(queries, k, v, mask, *b, shape, simd, group)?,
+        DType::F32 => run::<f32>(queries, k, v, mask, *b, shape, path, group)?,
+        DType::BF16 => run::<bf16>(queries, k, v, mask, *b, shape, path, group)?,
+        DType::F16 => run::<f16>(queries, k, v, mask, *b, shape, path, group)?,
         _ => return None,
     };
     Some(inputs.output(out))
@@ -215,19 +227,37 @@ struct Shape4 {
     causal: bool,
 }
 
-/// Query heads per task of the AVX-512 kernel at most: the heads that share a key/value head
+/// Query heads per task of the SIMD kernels at most: the heads that share a key/value head
 /// (GQA) read each key and value once for all of them.
 const MAX_GROUP: usize = 8;
 
 /// Tasks per thread the grouping leaves at least (the tasks of a step are equal in size).
 const TASKS_PER_THREAD: usize = 4;
 
+/// Which decode kernel a head size gets at an instruction level: the AVX-512 heads for 1, 2,
+/// 4 or 8 registers of 16 (head sizes 16, 32, 64, 128), the AVX2 heads for 2, 4, 8 or 16
+/// registers of 8 (the same sizes) where AVX-512 is not asked for or does not fit, else the
+/// plain loop. Returns the level and the registers per head (0 for the plain loop).
+fn decode_kernel(path: Simd, d: usize) -> (Simd, usize) {
+    let path = if path.runs_here() { path } else { Simd::Plain };
+    match path {
+        Simd::Avx512 if d.is_multiple_of(LANES) && matches!(d / LANES, 1 | 2 | 4 | 8) => {
+            (Simd::Avx512, d / LANES)
+        }
+        Simd::Avx512 | Simd::Avx2
+            if d.is_multiple_of(AVX2_LANES) && matches!(d / AVX2_LANES, 2 | 4 | 8 | 16) =>
+        {
+            (Simd::Avx2, d / AVX2_LANES)
+        }
+        _ => (Simd::Plain, 0),
+    }
+}
+
 /// All `(batch, head group)` tasks in parallel over keys and values stored as `T`; the output
-/// is `[b, heads, t, d]` f32. Head sizes of 1, 2, 4 or 8 AVX-512 registers (16, 32, 64, 128)
-/// run [`Head::avx512`] where the CPU has AVX-512 F and FMA, unless `simd` is false (the
-/// tests' twin), with several query heads of one key/value head per task ([`head_group`], or
-/// `group` where given and valid); other sizes and CPUs run the plain loop [`head`], one head
-/// per task.
+/// is `[b, heads, t, d]` f32. Head sizes 16, 32, 64 and 128 run [`Head::avx512`] or
+/// [`Head::avx2`] ([`decode_kernel`] at the level `path`; `Simd::Plain` is the tests' twin),
+/// with several query heads of one key/value head per task ([`head_group`], or `group` where
+/// given and valid); other sizes and CPUs run the plain loop [`head`], one head per task.
 #[allow(clippy::too_many_arguments)]
 fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     q: &[f32],
@@ -236,17 +266,13 @@ fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     mask: Option<(&[bool], usize)>,
     b: usize,
     s: &Shape4,
-    simd: bool,
+    path: Simd,
     group: Option<usize>,
 ) -> Option<Vec<f32>> {
     let (k, v) = (strided::<T>(k)?, strided::<T>(v)?);
-    let registers = if simd && decode_simd_available() && s.d.is_multiple_of(LANES) {
-        s.d / LANES
-    } else {
-        0
-    };
+    let (kernel, registers) = decode_kernel(path, s.d);
     let group = match group {
-        _ if registers == 0 => 1,
+        _ if kernel == Simd::Plain => 1,
         Some(g) if matches!(g, 1 | 2 | 4 | 8) && s.rep.is_multiple_of(g) => g,
         Some(_) => 1,
         None => head_group(b, s, rayon::current_num_threads()),
@@ -264,27 +290,31 @@ fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
             s,
             out,
         };
-        // SAFETY: the CPU has AVX-512 F and FMA (`decode_simd_available`), `d` is `registers`
-        // whole registers, `group` query heads from `h` share one key/value head, and each
+        // SAFETY: the CPU runs `kernel` (`decode_kernel` checked), `d` is `registers` whole
+        // registers of it, `group` query heads from `h` share one key/value head, and each
         // task's output is `group * t * d` values.
         #[cfg(target_arch = "x86_64")]
         unsafe {
             macro_rules! heads {
-                ($c:literal) => {
+                ($kernel:ident, $c:literal) => {
                     match group {
-                        1 => return work.avx512::<$c, 1>(),
-                        2 => return work.avx512::<$c, 2>(),
-                        4 => return work.avx512::<$c, 4>(),
-                        8 => return work.avx512::<$c, 8>(),
+                        1 => return work.$kernel::<$c, 1>(),
+                        2 => return work.$kernel::<$c, 2>(),
+                        4 => return work.$kernel::<$c, 4>(),
+                        8 => return work.$kernel::<$c, 8>(),
                         _ => unreachable!("groups are 1, 2, 4 or 8 heads"),
                     }
                 };
             }
-            match registers {
-                1 => heads!(1),
-                2 => heads!(2),
-                4 => heads!(4),
-                8 => heads!(8),
+            match (kernel, registers) {
+                (Simd::Avx512, 1) => heads!(avx512, 1),
+                (Simd::Avx512, 2) => heads!(avx512, 2),
+                (Simd::Avx512, 4) => heads!(avx512, 4),
+                (Simd::Avx512, 8) => heads!(avx512, 8),
+                (Simd::Avx2, 2) => heads!(avx2, 2),
+                (Simd::Avx2, 4) => heads!(avx2, 4),
+                (Simd::Avx2, 8) => heads!(avx2, 8),
+                (Simd::Avx2, 16) => heads!(avx2, 16),
                 _ => {}
             }
         }
@@ -306,18 +336,6 @@ fn head_group(b: usize, s: &Shape4, threads: usize) -> usize {
         group *= 2;
     }
     group
-}
-
-/// Whether [`head_avx512`] can run here (AVX-512 F and FMA).
-fn decode_simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -399,35 +417,7 @@ impl<T: Widen + burn::tensor::Element> Head<'_, T> {
                     }
                 }
             }
-            // Per head: mask, softmax; a head with every key masked gets zeros.
-            let mut sums = [0f32; G];
-            let mut live = [false; G];
-            for g in 0..G {
-                let scores = &mut scores[g * s.total..][..visible];
-                if let Some((m, mh)) = mask {
-                    let mhead = if mh == 1 { 0 } else { h + g };
-                    let row = &m[((bi * mh + mhead) * s.t + i) * s.total..][..visible];
-                    for (score, &masked) in scores.iter_mut().zip(row) {
-                        if masked {
-                            *score = f32::NEG_INFINITY;
-                        }
-                    }
-                }
-                let max = lane_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
-                if max == f32::NEG_INFINITY {
-                    // Probabilities of 0: the values below skip this head.
-                    scores.fill(0.0);
-                    continue;
-                }
-                live[g] = true;
-                // A masked key's probability is exactly 0 (`exp_nonpositive` stops at
-                // `exp(-87)`).
-                for score in scores.iter_mut() {
-                    let p = exp_nonpositive(*score - max);
-                    *score = if *score == f32::NEG_INFINITY { 0.0 } else { p };
-                }
-                sums[g] = lane_fold(scores, 0.0, |a, x| a + x);
-            }
+            let (sums, live) = probabilities::<G>(&mut scores, mask, bi, h, i, visible, s);
             let mut o = [[_mm512_setzero_ps(); C]; G];
             for j in 0..visible {
                 let value = v.row(bi, kvh, j, d).as_ptr();
@@ -458,6 +448,216 @@ impl<T: Widen + burn::tensor::Element> Head<'_, T> {
             }
         }
     }
+}
+
+/// Lanes of an AVX2 register of f32.
+const AVX2_LANES: usize = 8;
+
+/// Query heads and registers of head dimensions whose outputs [`Head::avx2`] keeps in registers
+/// while the values stream past: 2 x 4 accumulators, 4 widened values and a broadcast fit in
+/// the 16 AVX registers (all `G x C` accumulators would not: each would go through memory on
+/// every key).
+const AVX2_VALUE_HEADS: usize = 2;
+const AVX2_VALUE_REGISTERS: usize = 4;
+
+#[cfg(target_arch = "x86_64")]
+impl<T: Widen + burn::tensor::Element> Head<'_, T> {
+    /// [`Head::avx512`] for AVX2 (8-lane registers, 16 of them): `G` query heads from `h`
+    /// sharing one key/value head, each of `C * 8` dimensions. Each key is widened once for
+    /// the `G` heads and its score summed across lanes 8 keys at a time ([`lane_sums8`], the
+    /// bits of [`sum8`]); the probabilities as in the AVX-512 kernel ([`probabilities`]); the
+    /// values then stream past once per [`AVX2_VALUE_HEADS`] heads and
+    /// [`AVX2_VALUE_REGISTERS`] registers of output, held in registers. The bits of each head
+    /// do not depend on `G`.
+    ///
+    /// Panics unless the head size is `C * 8`, heads `h..h + G` share a key/value head and
+    /// `out` holds `G * t * d` values.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn avx2<const C: usize, const G: usize>(self) {
+        use std::arch::x86_64::*;
+
+        let Self {
+            q,
+            k,
+            v,
+            mask,
+            bi,
+            h,
+            s,
+            out,
+        } = self;
+        let d = C * AVX2_LANES;
+        let kvh = h / s.rep;
+        assert!(
+            s.d == d && out.len() >= G * s.t * d && (h + G - 1) / s.rep == kvh,
+            "{G} heads of {C} AVX2 registers"
+        );
+        let mut scores = vec![0f32; G * s.total];
+        let mut partial = [[_mm256_setzero_ps(); AVX2_LANES]; G];
+        let scale = _mm256_set1_ps(s.scale);
+        for i in 0..s.t {
+            let query = |g: usize| &q[((bi * s.heads + h + g) * s.t + i) * d..][..d];
+            let visible = if s.causal { s.total - s.t + i + 1 } else { s.total };
+            let (first_key, key_step) = k.rows(bi, kvh, visible, d);
+            for j0 in (0..visible).step_by(AVX2_LANES) {
+                let keys = AVX2_LANES.min(visible - j0);
+                for jj in 0..keys {
+                    // SAFETY: key `j0 + jj < visible` holds `d` values (`rows` checked the bounds).
+                    let kc: [__m256; C] = std::array::from_fn(|c| unsafe {
+                        super::widen8(first_key.add((j0 + jj) * key_step + c * AVX2_LANES))
+                    });
+                    for (g, part) in partial.iter_mut().enumerate() {
+                        let qrow = query(g).as_ptr();
+                        let mut acc = [_mm256_setzero_ps(); 2];
+                        for (c, &kcc) in kc.iter().enumerate() {
+                            // SAFETY: register `c` of the query row of `d = 8 C` values.
+                            let qc = unsafe { _mm256_loadu_ps(qrow.add(c * AVX2_LANES)) };
+                            acc[c % 2] = _mm256_fmadd_ps(qc, kcc, acc[c % 2]);
+                        }
+                        part[jj] = _mm256_add_ps(acc[0], acc[1]);
+                    }
+                }
+                for (g, part) in partial.iter().enumerate() {
+                    let row = &mut scores[g * s.total + j0..][..keys];
+                    if keys == AVX2_LANES {
+                        // SAFETY: 8 scores inside the head's row.
+                        unsafe { _mm256_storeu_ps(row.as_mut_ptr(), _mm256_mul_ps(lane_sums8(part), scale)) };
+                    } else {
+                        for (score, &p) in row.iter_mut().zip(part) {
+                            *score = sum8(p) * s.scale;
+                        }
+                    }
+                }
+            }
+            let (sums, live) = probabilities::<G>(&mut scores, mask, bi, h, i, visible, s);
+            let (first_value, value_step) = v.rows(bi, kvh, visible, d);
+            // Both divide their counts (G: 1, 2, 4, 8; C: 2, 4, 8, 16), so every pass is whole.
+            let (heads, width) = (AVX2_VALUE_HEADS.min(G), AVX2_VALUE_REGISTERS.min(C));
+            for g0 in (0..G).step_by(heads) {
+                for c0 in (0..C).step_by(width) {
+                    let mut o = [[_mm256_setzero_ps(); AVX2_VALUE_REGISTERS]; AVX2_VALUE_HEADS];
+                    for j in 0..visible {
+                        // SAFETY: registers `c0..c0 + width` of value `j < visible`, which holds
+                        // `d = 8 C` values (`rows` checked the bounds).
+                        let vc: [__m256; AVX2_VALUE_REGISTERS] = std::array::from_fn(|c| unsafe {
+                            super::widen8(first_value.add(j * value_step + (c0 + c % width) * AVX2_LANES))
+                        });
+                        for (gg, og) in o.iter_mut().enumerate().take(heads) {
+                            let p = scores[(g0 + gg) * s.total + j];
+                            if p == 0.0 {
+                                continue;
+                            }
+                            let pv = _mm256_set1_ps(p);
+                            for (oc, &vcc) in og.iter_mut().zip(&vc).take(width) {
+                                *oc = _mm256_fmadd_ps(pv, vcc, *oc);
+                            }
+                        }
+                    }
+                    for (gg, og) in o.iter().enumerate().take(heads) {
+                        let g = g0 + gg;
+                        let row = &mut out[(g * s.t + i) * d..][..d];
+                        let inv = _mm256_set1_ps(if live[g] { 1.0 / sums[g] } else { 0.0 });
+                        for (c, oc) in og.iter().enumerate().take(width) {
+                            // SAFETY: 8 values inside the output row of `d`.
+                            unsafe {
+                                _mm256_storeu_ps(
+                                    row.as_mut_ptr().add((c0 + c) * AVX2_LANES),
+                                    _mm256_mul_ps(*oc, inv),
+                                )
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The sum of the 8 lanes of `v` in [`lane_sums8`]'s order: lanes `l` and `l + 4`, then
+/// `l + 2`, then `l + 1`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+#[inline]
+fn sum8(v: std::arch::x86_64::__m256) -> f32 {
+    let mut lanes = [0f32; AVX2_LANES];
+    // SAFETY: 8 f32 lanes into an 8-f32 array.
+    unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+    let half: [f32; 4] = std::array::from_fn(|l| lanes[l] + lanes[l + 4]);
+    (half[0] + half[2]) + (half[1] + half[3])
+}
+
+/// The lane sums of 8 registers (`v[j]` summed across its lanes into lane `j`) with the
+/// additions of [`sum8`]: 20 shuffles and adds for the 8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn lane_sums8(v: &[std::arch::x86_64::__m256; AVX2_LANES]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // Lanes l and l + 4: the low 128 bits of `halves[i]` belong to register 2 i, the high to 2 i + 1.
+    let halves: [__m256; 4] = std::array::from_fn(|i| {
+        let (a, b) = (v[2 * i], v[2 * i + 1]);
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(a, b),
+            _mm256_permute2f128_ps::<0x31>(a, b),
+        )
+    });
+    // Lanes l and l + 2: elements 0-1 of each 128-bit lane belong to one register, 2-3 to the
+    // register two further on.
+    let quarters: [__m256; 2] = std::array::from_fn(|i| {
+        let (a, b) = (halves[2 * i], halves[2 * i + 1]);
+        _mm256_add_ps(_mm256_shuffle_ps::<0x44>(a, b), _mm256_shuffle_ps::<0xEE>(a, b))
+    });
+    let (a, b) = (quarters[0], quarters[1]);
+    let sums = _mm256_add_ps(_mm256_shuffle_ps::<0x88>(a, b), _mm256_shuffle_ps::<0xDD>(a, b));
+    // Element e of the low 128 bits now holds register 2 e's sum, of the high, 2 e + 1's.
+    _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
+/// Masks the scores of the `G` query heads from `h` (query row `i`, `visible` keys; head `g`'s
+/// at `scores[g * total..]`) and turns them into unnormalised probabilities in place; returns
+/// each head's sum of probabilities and whether any key is left for it (a head with every key
+/// masked gets zeros, which the value loops skip).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn probabilities<const G: usize>(
+    scores: &mut [f32],
+    mask: Option<(&[bool], usize)>,
+    bi: usize,
+    h: usize,
+    i: usize,
+    visible: usize,
+    s: &Shape4,
+) -> ([f32; G], [bool; G]) {
+    let mut sums = [0f32; G];
+    let mut live = [false; G];
+    for g in 0..G {
+        let scores = &mut scores[g * s.total..][..visible];
+        if let Some((m, mh)) = mask {
+            let mhead = if mh == 1 { 0 } else { h + g };
+            let row = &m[((bi * mh + mhead) * s.t + i) * s.total..][..visible];
+            for (score, &masked) in scores.iter_mut().zip(row) {
+                if masked {
+                    *score = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let max = lane_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
+        if max == f32::NEG_INFINITY {
+            scores.fill(0.0);
+            continue;
+        }
+        live[g] = true;
+        // A masked key's probability is exactly 0 (`exp_nonpositive` stops at `exp(-87)`).
+        for score in scores.iter_mut() {
+            let p = exp_nonpositive(*score - max);
+            *score = if *score == f32::NEG_INFINITY { 0.0 } else { p };
+        }
+        sums[g] = lane_fold(scores, 0.0, |a, x| a + x);
+    }
+    (sums, live)
 }
 
 /// The lane sums of 16 registers (`v[j]` summed across its lanes into lane `j`), each with
@@ -1195,26 +1395,79 @@ mod tests {
         )
     }
 
-    /// The AVX-512 kernel with 1, 2, 4 and 8 query heads per task (those that divide `rep`)
-    /// and with the automatic choice: the same bits.
-    fn same_bits_in_every_grouping(
+    /// Each SIMD kernel the CPU runs with 1, 2, 4 and 8 query heads per task (those that
+    /// divide `rep`) and with the automatic choice: the same bits; and within `tol` of the
+    /// plain loop `twin` (only the order of the sums and the exponential differ; the result is
+    /// then cast to the dtype, so bf16/f16 may land one rounding apart).
+    #[allow(clippy::too_many_arguments)]
+    fn simd_kernels_agree(
         q: &Tensor<4>,
         k: &Tensor<4>,
         v: &Tensor<4>,
         mask: Option<&Tensor<4, Bool>>,
         options: &AttentionModuleOptions,
         rep: usize,
+        twin: &Tensor<4>,
+        tol: f32,
     ) {
         let bits = |t: Tensor<4>| -> Vec<u32> {
             let values: Vec<f32> = t.into_data().convert::<f32>().try_into_vec().expect("f32");
             values.iter().map(|v| v.to_bits()).collect()
         };
-        let one = bits(decode_attention_with(q, k, v, mask, options, true, Some(1)).expect("applies"));
-        let auto = bits(decode_attention(q, k, v, mask, options).expect("applies"));
-        assert_eq!(one, auto, "automatic grouping, rep {rep}");
-        for group in [2, 4, 8].into_iter().filter(|g| rep.is_multiple_of(*g)) {
-            let grouped = decode_attention_with(q, k, v, mask, options, true, Some(group)).expect("applies");
-            assert_eq!(one, bits(grouped), "{group} heads per task, rep {rep}");
+        for path in Simd::reachable_simd() {
+            let one = decode_attention_with(q, k, v, mask, options, path, Some(1)).expect("applies");
+            let diff = max_diff(one.clone(), twin.clone());
+            assert!(diff <= tol, "{path:?} against the plain loop, rep {rep}: {diff}");
+            let one = bits(one);
+            if path == Simd::best() {
+                let auto = bits(decode_attention(q, k, v, mask, options).expect("applies"));
+                assert_eq!(one, auto, "{path:?} automatic grouping, rep {rep}");
+            }
+            for group in [2, 4, 8].into_iter().filter(|g| rep.is_multiple_of(*g)) {
+                let grouped =
+                    decode_attention_with(q, k, v, mask, options, path, Some(group)).expect("applies");
+                assert_eq!(one, bits(grouped), "{path:?} {group} heads per task, rep {rep}");
+            }
+        }
+    }
+
+    /// The eight-lane sums against the one-register sum, on values of many magnitudes (so that
+    /// another order of additions rounds differently).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn eight_lane_sums_have_the_bits_of_the_reduction() {
+        use std::arch::x86_64::*;
+        if !Simd::Avx2.runs_here() {
+            return;
+        }
+        let value = |i: usize| {
+            let x = ((i * 7919 + 13) % 1009) as f32 / 1009.0 - 0.5;
+            x * 10f32.powi((i % 9) as i32 - 4)
+        };
+        for trial in 0..64 {
+            let values: Vec<f32> = (0..64).map(|i| value(i + trial * 64)).collect();
+            // SAFETY: the CPU has AVX2 (checked above); 8 registers of 8 values.
+            let (sums, each) = unsafe {
+                let v: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(values[j * 8..].as_ptr()));
+                let mut sums = [0f32; 8];
+                _mm256_storeu_ps(sums.as_mut_ptr(), lane_sums8(&v));
+                (sums, v.map(|r| sum8(r)))
+            };
+            for j in 0..8 {
+                let lanes = &values[j * 8..][..8];
+                let written = ((lanes[0] + lanes[4]) + (lanes[2] + lanes[6]))
+                    + ((lanes[1] + lanes[5]) + (lanes[3] + lanes[7]));
+                assert_eq!(
+                    sums[j].to_bits(),
+                    each[j].to_bits(),
+                    "trial {trial}, register {j}"
+                );
+                assert_eq!(
+                    each[j].to_bits(),
+                    written.to_bits(),
+                    "trial {trial}, register {j}"
+                );
+            }
         }
     }
 
@@ -1292,21 +1545,14 @@ mod tests {
                     ..Default::default()
                 };
                 let ours = decode_attention(&q, &k, &v, None, &options).expect("applies");
-                let twin = decode_attention_with(&q, &k, &v, None, &options, false, None).expect("applies");
-                same_bits_in_every_grouping(&q, &k, &v, None, &options, heads / kv_heads);
+                let twin =
+                    decode_attention_with(&q, &k, &v, None, &options, Simd::Plain, None).expect("applies");
+                simd_kernels_agree(&q, &k, &v, None, &options, heads / kv_heads, &twin, twin_tol);
                 let burn = burn_attention(&q, &k, &v, None, options);
-                let diff = max_diff(ours.clone(), burn);
+                let diff = max_diff(ours, burn);
                 assert!(
                     diff <= tol,
                     "{dtype:?} causal {b}x{heads}/{kv_heads}x{t}x{total}x{d}: {diff}"
-                );
-                // The AVX-512 heads (where they run) against the plain loop: only the order
-                // of the sums and the exponential differ (the result is then cast to the
-                // dtype, so bf16/f16 may land one rounding apart).
-                let diff = max_diff(ours, twin);
-                assert!(
-                    diff <= twin_tol,
-                    "{dtype:?} causal twin {b}x{heads}/{kv_heads}x{t}x{total}x{d}: {diff}"
                 );
                 // A padding mask over keys: one for all heads (`[b, 1, t, total]`) on every
                 // second shape, one per head (`[b, heads, t, total]`, with the causal limit
@@ -1333,19 +1579,23 @@ mod tests {
                     ..Default::default()
                 };
                 let ours = decode_attention(&q, &k, &v, Some(&mask), &options).expect("applies");
-                same_bits_in_every_grouping(&q, &k, &v, Some(&mask), &options, heads / kv_heads);
-                let twin =
-                    decode_attention_with(&q, &k, &v, Some(&mask), &options, false, None).expect("applies");
+                let twin = decode_attention_with(&q, &k, &v, Some(&mask), &options, Simd::Plain, None)
+                    .expect("applies");
+                simd_kernels_agree(
+                    &q,
+                    &k,
+                    &v,
+                    Some(&mask),
+                    &options,
+                    heads / kv_heads,
+                    &twin,
+                    twin_tol,
+                );
                 let burn = burn_attention(&q, &k, &v, Some(&mask), options);
-                let diff = max_diff(ours.clone(), burn);
+                let diff = max_diff(ours, burn);
                 assert!(
                     diff <= tol,
                     "{dtype:?} masked {b}x{heads}/{kv_heads}x{t}x{total}x{d}: {diff}"
-                );
-                let diff = max_diff(ours, twin);
-                assert!(
-                    diff <= twin_tol,
-                    "{dtype:?} masked twin {b}x{heads}/{kv_heads}x{t}x{total}x{d}: {diff}"
                 );
             }
         }
