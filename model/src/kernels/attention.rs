@@ -1504,8 +1504,8 @@ mod tests {
 
     /// Against Burn's own attention (with HF's `repeat_kv` for GQA) and the plain loop:
     /// causal, masked (one mask for all heads, or one per head together with the causal
-    /// limit), 1 to 3 query rows, head sizes 16/24/32/64/128 (every AVX-512 head width, and
-    /// one that is not), f32/bf16/f16, keys and values given as a narrowed view of a larger
+    /// limit), 1 to 3 query rows, head sizes 16/24/32/48/64/128 (every AVX-512 and AVX2 head
+    /// width, and two that are not), f32/bf16/f16, keys and values given as a narrowed view of a larger
     /// buffer (the KV cache's capacity), fully masked rows.
     #[test]
     fn decode_attention_equals_burn() {
@@ -1518,6 +1518,9 @@ mod tests {
                 (1, 8, 2, 2, 37, 128),
                 (2, 4, 2, 1, 70, 32),
                 (2, 4, 4, 2, 33, 64),
+                // A multiple of 16 that no SIMD kernel takes: the plain loop, one head per task
+                // (grouping heads there once computed only the first of each group).
+                (1, 8, 2, 1, 30, 48),
             ]
             .iter()
             .enumerate()
