@@ -38,15 +38,28 @@ impl<T: Copy> Strided<'_, T> {
     }
 
     /// The first of rows `(b, h, 0..count)` and the distance from one to the next, for loops
-    /// that read `d` values at `first + j * step` for `j < count` (bounds checked here once:
-    /// panics when row `count - 1` is outside the storage).
+    /// that read `d` values at `first + j * step` for `j < count` (bounds checked here once,
+    /// with checked arithmetic: panics when row `count - 1` is outside the storage). No rows
+    /// (`count` 0) touch nothing.
     #[inline(always)]
     fn rows(&self, b: usize, h: usize, count: usize, d: usize) -> (*const T, usize) {
-        if count > 0 {
-            let _ = self.row(b, h, count - 1, d);
+        if count == 0 {
+            return (self.data.as_ptr(), 0);
         }
-        let start = self.offset + b * self.strides[0] + h * self.strides[1];
-        (self.data[start..].as_ptr(), self.strides[2])
+        let step = self.strides[2];
+        let start = [b * self.strides[0], h * self.strides[1]]
+            .into_iter()
+            .try_fold(self.offset, usize::checked_add);
+        let end = start.and_then(|start| {
+            (count - 1)
+                .checked_mul(step)
+                .and_then(|last| last.checked_add(start))
+                .and_then(|last| last.checked_add(d))
+        });
+        match (start, end) {
+            (Some(start), Some(end)) if end <= self.data.len() => (self.data[start..].as_ptr(), step),
+            _ => panic!("rows 0..{count} of head ({b}, {h}) lie outside the storage"),
+        }
     }
 }
 
@@ -320,6 +333,8 @@ fn run<T: Widen + burn::tensor::Element + bytemuck::Pod>(
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = registers;
+        // The plain loop computes the one head `h`: a group here would leave the others zero.
+        assert_eq!(group, 1, "the plain decode loop takes one head per task");
         vectorized(work)
     });
     Some(out)
@@ -466,9 +481,9 @@ impl<T: Widen + burn::tensor::Element> Head<'_, T> {
     /// sharing one key/value head, each of `C * 8` dimensions. Each key is widened once for
     /// the `G` heads and its score summed across lanes 8 keys at a time ([`lane_sums8`], the
     /// bits of [`sum8`]); the probabilities as in the AVX-512 kernel ([`probabilities`]); the
-    /// values then stream past once per [`AVX2_VALUE_HEADS`] heads and
-    /// [`AVX2_VALUE_REGISTERS`] registers of output, held in registers. The bits of each head
-    /// do not depend on `G`.
+    /// values are then read in passes of [`AVX2_VALUE_HEADS`] heads and
+    /// [`AVX2_VALUE_REGISTERS`] registers of output each, held in registers (each value row
+    /// read `G / 2` times, part of it per pass). The bits of each head do not depend on `G`.
     ///
     /// Panics unless the head size is `C * 8`, heads `h..h + G` share a key/value head and
     /// `out` holds `G * t * d` values.
@@ -590,7 +605,7 @@ fn sum8(v: std::arch::x86_64::__m256) -> f32 {
 }
 
 /// The lane sums of 8 registers (`v[j]` summed across its lanes into lane `j`) with the
-/// additions of [`sum8`]: 20 shuffles and adds for the 8.
+/// additions of [`sum8`]: 15 shuffles and 7 additions for the 8.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 #[inline]
@@ -1518,6 +1533,8 @@ mod tests {
                 (1, 8, 2, 2, 37, 128),
                 (2, 4, 2, 1, 70, 32),
                 (2, 4, 4, 2, 33, 64),
+                // Eight query heads per key/value head: the largest grouping.
+                (1, 16, 2, 1, 45, 64),
                 // A multiple of 16 that no SIMD kernel takes: the plain loop, one head per task
                 // (grouping heads there once computed only the first of each group).
                 (1, 8, 2, 1, 30, 48),
@@ -1601,6 +1618,27 @@ mod tests {
                     "{dtype:?} masked {b}x{heads}/{kv_heads}x{t}x{total}x{d}: {diff}"
                 );
             }
+        }
+        // No keys at all (not causal): every kernel gives zeros, as a fully masked row.
+        let q = Tensor::<4>::random([1, 4, 1, 16], Distribution::Normal(0.0, 1.0), &device);
+        let none = Tensor::<4>::zeros([1, 2, 0, 16], &device);
+        for path in std::iter::once(Simd::Plain).chain(Simd::reachable_simd()) {
+            let out = decode_attention_with(
+                &q,
+                &none,
+                &none,
+                None,
+                &AttentionModuleOptions::default(),
+                path,
+                None,
+            )
+            .expect("applies");
+            assert_eq!(out.dims(), [1, 4, 1, 16]);
+            let values: Vec<f32> = out.into_data().convert::<f32>().try_into_vec().expect("f32");
+            assert!(
+                values.iter().all(|&v| v == 0.0),
+                "{path:?} without keys: {values:?}"
+            );
         }
         // Too many query rows, or a softcap: not this kernel.
         let q = Tensor::<4>::zeros([1, 2, MAX_QUERY_ROWS + 1, 8], &device);
