@@ -240,6 +240,35 @@ struct Shape4 {
     causal: bool,
 }
 
+impl Shape4 {
+    /// Keys query row `i` sees: all of them, or, when causal, none after its own position
+    /// (bottom-right aligned).
+    fn visible(&self, i: usize) -> usize {
+        if self.causal {
+            self.total - self.t + i + 1
+        } else {
+            self.total
+        }
+    }
+
+    /// Query row `i` of head `head` of sequence `bi` in `q` (`[b, heads, t, d]`).
+    fn query<'q>(&self, q: &'q [f32], bi: usize, head: usize, i: usize) -> &'q [f32] {
+        &q[((bi * self.heads + head) * self.t + i) * self.d..][..self.d]
+    }
+
+    /// The key/value head of the `group` query heads from `h`, after checking that they share
+    /// it, that the head size is `d` and that `out` holds their `group * t * d` outputs
+    /// (panics otherwise: the SIMD kernels' sizes are constants of their instances).
+    fn shared_kv_head(&self, h: usize, group: usize, d: usize, out: &[f32]) -> usize {
+        let kvh = h / self.rep;
+        assert!(
+            self.d == d && out.len() >= group * self.t * d && (h + group - 1) / self.rep == kvh,
+            "{group} query heads of size {d} from head {h}"
+        );
+        kvh
+    }
+}
+
 /// Query heads per task of the SIMD kernels at most: the heads that share a key/value head
 /// (GQA) read each key and value once for all of them.
 const MAX_GROUP: usize = 8;
@@ -385,11 +414,7 @@ impl<T: Widen + burn::tensor::Element> Head<'_, T> {
             out,
         } = self;
         let d = C * LANES;
-        let kvh = h / s.rep;
-        assert!(
-            s.d == d && out.len() >= G * s.t * d && (h + G - 1) / s.rep == kvh,
-            "{G} heads of {C} registers"
-        );
+        let kvh = s.shared_kv_head(h, G, d, out);
         // Each head's scores, then its probabilities.
         let mut scores = vec![0f32; G * s.total];
         // The partial sums of a block of 16 keys, per head.
@@ -397,12 +422,11 @@ impl<T: Widen + burn::tensor::Element> Head<'_, T> {
         let scale = _mm512_set1_ps(s.scale);
         for i in 0..s.t {
             let qv: [[__m512; C]; G] = std::array::from_fn(|g| {
-                let qrow = &q[((bi * s.heads + h + g) * s.t + i) * d..][..d];
+                let qrow = s.query(q, bi, h + g, i);
                 // SAFETY: `C` registers of 16 inside the row of `d = 16 C` values.
                 std::array::from_fn(|c| unsafe { _mm512_loadu_ps(qrow.as_ptr().add(c * LANES)) })
             });
-            // Keys after the query's own position are excluded when causal.
-            let visible = if s.causal { s.total - s.t + i + 1 } else { s.total };
+            let visible = s.visible(i);
             for j0 in (0..visible).step_by(LANES) {
                 let keys = LANES.min(visible - j0);
                 for jj in 0..keys {
@@ -505,17 +529,13 @@ impl<T: Widen + burn::tensor::Element> Head<'_, T> {
             out,
         } = self;
         let d = C * AVX2_LANES;
-        let kvh = h / s.rep;
-        assert!(
-            s.d == d && out.len() >= G * s.t * d && (h + G - 1) / s.rep == kvh,
-            "{G} heads of {C} AVX2 registers"
-        );
+        let kvh = s.shared_kv_head(h, G, d, out);
         let mut scores = vec![0f32; G * s.total];
         let mut partial = [[_mm256_setzero_ps(); AVX2_LANES]; G];
         let scale = _mm256_set1_ps(s.scale);
         for i in 0..s.t {
-            let query = |g: usize| &q[((bi * s.heads + h + g) * s.t + i) * d..][..d];
-            let visible = if s.causal { s.total - s.t + i + 1 } else { s.total };
+            let queries: [*const f32; G] = std::array::from_fn(|g| s.query(q, bi, h + g, i).as_ptr());
+            let visible = s.visible(i);
             let (first_key, key_step) = k.rows(bi, kvh, visible, d);
             for j0 in (0..visible).step_by(AVX2_LANES) {
                 let keys = AVX2_LANES.min(visible - j0);
@@ -524,8 +544,7 @@ impl<T: Widen + burn::tensor::Element> Head<'_, T> {
                     let kc: [__m256; C] = std::array::from_fn(|c| unsafe {
                         super::widen8(first_key.add((j0 + jj) * key_step + c * AVX2_LANES))
                     });
-                    for (g, part) in partial.iter_mut().enumerate() {
-                        let qrow = query(g).as_ptr();
+                    for (&qrow, part) in queries.iter().zip(partial.iter_mut()) {
                         let mut acc = [_mm256_setzero_ps(); 2];
                         for (c, &kcc) in kc.iter().enumerate() {
                             // SAFETY: register `c` of the query row of `d = 8 C` values.
@@ -750,9 +769,8 @@ fn head<T: Widen>(
     let kvh = h / s.rep;
     let mut scores = vec![0f32; s.total];
     for i in 0..s.t {
-        let qrow = &q[((bi * s.heads + h) * s.t + i) * s.d..][..s.d];
-        // Keys after the query's own position are excluded when causal.
-        let visible = if s.causal { s.total - s.t + i + 1 } else { s.total };
+        let qrow = s.query(q, bi, h, i);
+        let visible = s.visible(i);
         let masked = |j: usize| {
             mask.is_some_and(|(m, mh)| {
                 let mhead = if mh == 1 { 0 } else { h };
