@@ -36,8 +36,13 @@ const TASK_COLS: usize = 4 * TILE_COLS;
 const AMX_COLS: usize = 2 * amx::TILE_ROWS;
 /// Rows of one AMX block: two 16-row activation tiles.
 const AMX_ROWS: usize = 2 * amx::TILE_ROWS;
-/// Pairs per AMX slab (a 384 KB panel per task, held in L2).
-const AMX_SLAB_PAIRS: usize = 512;
+/// Pairs per AMX slab: a 1 MB panel for [`AMX_TASK_COLS`] columns, held in L2. Each slab
+/// stores the task's sums and the next one loads them again, so fewer, longer slabs move
+/// less: 1024 pairs (2048 inputs, the 1.1B model's whole hidden size) against 512 took
+/// 10-20% off the 617-row products on a Sapphire Rapids-class Xeon (BENCHMARKS.md, round 26).
+const AMX_SLAB_PAIRS: usize = 1024;
+/// Columns per rayon task with AMX (eight 32-column blocks).
+const AMX_TASK_COLS: usize = 256;
 
 /// The arithmetic that computes a product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +157,12 @@ fn run(
     };
     let target = Output(out.as_mut_ptr());
     // Whole task blocks, as the kernels and the AMX panels were tuned for.
-    for_each_block(m, n, row_unit, TASK_COLS, |block| {
+    let task_cols = if kernel == Kernel::Amx {
+        AMX_TASK_COLS
+    } else {
+        TASK_COLS
+    };
+    for_each_block_of(m, n, row_unit, task_cols, task_cols, |block| {
         // SAFETY: `out` holds `m * n` values and outlives the tasks; tasks write disjoint
         // (row range, column range) blocks of it.
         unsafe {
@@ -186,11 +196,23 @@ pub(super) fn for_each_block(
     col_unit: usize,
     task: impl Fn(Block) + Sync,
 ) {
+    for_each_block_of(m, n, row_unit, col_unit, TASK_COLS, task)
+}
+
+/// [`for_each_block`] with at most `max_cols` columns per task instead of [`TASK_COLS`].
+pub(super) fn for_each_block_of(
+    m: usize,
+    n: usize,
+    row_unit: usize,
+    col_unit: usize,
+    max_cols: usize,
+    task: impl Fn(Block) + Sync,
+) {
     let threads = rayon::current_num_threads();
-    let col_unit = col_unit.clamp(1, TASK_COLS);
+    let col_unit = col_unit.clamp(1, max_cols);
     let units = n.div_ceil(col_unit);
     let col_tasks = units
-        .div_ceil(TASK_COLS / col_unit)
+        .div_ceil(max_cols / col_unit)
         .next_multiple_of(threads)
         .min(units)
         .max(1);
@@ -256,10 +278,20 @@ impl Pairs {
                 let (group_step, row_at) = if tiled { (tile * tile, i * tile) } else { (tile, 0) };
                 for (g, values) in row.chunks(2 * tile).enumerate() {
                     let dst = &mut block[g * group_step + row_at..][..values.len().div_ceil(2)];
-                    for (d, two) in dst.iter_mut().zip(values.chunks(2)) {
-                        let lo = two[0].to_bits() as u32;
-                        let hi = two.get(1).map_or(0, |v| v.to_bits() as u32);
-                        *d = lo | (hi << 16);
+                    let whole = values.len() / 2 * 2;
+                    if cfg!(target_endian = "little") {
+                        // A pair's u32 (first value in the low half) has the two values'
+                        // bytes in memory order: whole pairs are a plain copy.
+                        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut dst[..whole / 2]);
+                        bytes.copy_from_slice(bytemuck::cast_slice(&values[..whole]));
+                    } else {
+                        for (d, two) in dst.iter_mut().zip(values[..whole].chunks_exact(2)) {
+                            *d = two[0].to_bits() as u32 | ((two[1].to_bits() as u32) << 16);
+                        }
+                    }
+                    if let Some(last) = values[whole..].first() {
+                        // An odd `k`'s last value pairs with zero.
+                        dst[whole / 2] = last.to_bits() as u32;
                     }
                 }
             }
@@ -524,7 +556,7 @@ unsafe fn amx_columns(x: &Pairs, w: &Weight, block: Block, out: &Output, n: usiz
         unreachable!("matmul_bf16_amx checked that AMX is available")
     };
     let col_blocks = cols.div_ceil(AMX_COLS);
-    // The panel buffer is the thread's own, kept between calls: zeroing 384 KB per task
+    // The panel buffer is the thread's own, kept between calls: zeroing its 1 MB per task
     // cost more than the packing (`pack` writes every value it hands out).
     thread_local! {
         static PANEL: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -894,8 +926,8 @@ pub(super) mod tests {
             );
             return;
         }
-        // Odd and even k (across 16-pair groups and 512-pair slabs), partial 32-row blocks,
-        // 32-column tiles and 192-column tasks, row splits of narrow products.
+        // Odd and even k (across 16-pair groups and 1024-pair slabs: k 2100 is two), partial
+        // 32-row blocks, 32-column tiles and 256-column tasks, row splits of narrow products.
         for &(m, k, n) in &[
             (1, 1, 1),
             (3, 2, 48),
@@ -906,6 +938,8 @@ pub(super) mod tests {
             (70, 1025, 64),
             (5, 517, 96),
             (96, 64, 400),
+            (40, 2100, 270),
+            (9, 4097, 33),
         ] {
             let Case {
                 x,
