@@ -173,6 +173,67 @@ impl Tiles {
     }
 }
 
+impl Tiles {
+    /// Attention scores of 16 query rows against 64 keys: `out[r][j] = q_r . k_j` in f32,
+    /// over `groups` groups of 32 dimensions. `q` is 16 rows of bf16 (`q_stride` bytes
+    /// apart, 64 bytes per group); `keys` holds per group four 1 KB tiles of 16 keys each
+    /// (row `p`: dimensions `2p, 2p + 1` of the 16 keys, as pairs), group `g` at `4096 g`;
+    /// `out` is 16 rows of 64 f32 (256 bytes apart).
+    ///
+    /// # Safety
+    /// `q` must hold 16 rows of `64 groups` bytes at stride `q_stride`, `keys` `4096 groups`
+    /// bytes, `out` 16 KB that no one else uses meanwhile; `groups > 0`.
+    pub unsafe fn scores16x64(
+        &self,
+        q: *const u8,
+        q_stride: usize,
+        keys: *const u8,
+        groups: usize,
+        out: *mut f32,
+    ) {
+        assert!(groups > 0);
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no tiles outside x86_64 ({q:?} {q_stride} {keys:?} {out:?})");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles were configured by `new` on this thread; the reads and writes
+        // stay inside the bounds above.
+        unsafe {
+            std::arch::asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                "2:",
+                "tileloadd tmm4, [{q} + {q_stride}*1]",
+                "tileloadd tmm5, [{k} + {row}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm5",
+                "tileloadd tmm6, [{k} + {row}*1 + 1024]",
+                "tdpbf16ps tmm1, tmm4, tmm6",
+                "tileloadd tmm7, [{k} + {row}*1 + 2048]",
+                "tdpbf16ps tmm2, tmm4, tmm7",
+                "tileloadd tmm5, [{k} + {row}*1 + 3072]",
+                "tdpbf16ps tmm3, tmm4, tmm5",
+                "add {q}, 64",
+                "add {k}, 4096",
+                "dec {groups}",
+                "jnz 2b",
+                "tilestored [{out} + {out_stride}*1], tmm0",
+                "tilestored [{out} + {out_stride}*1 + 64], tmm1",
+                "tilestored [{out} + {out_stride}*1 + 128], tmm2",
+                "tilestored [{out} + {out_stride}*1 + 192], tmm3",
+                q = inout(reg) q => _,
+                k = inout(reg) keys => _,
+                groups = inout(reg) groups => _,
+                q_stride = in(reg) q_stride,
+                row = in(reg) ROW_BYTES,
+                out = in(reg) out,
+                out_stride = in(reg) 4 * ROW_BYTES,
+                options(nostack),
+            );
+        }
+    }
+}
+
 impl Drop for Tiles {
     fn drop(&mut self) {
         #[cfg(target_arch = "x86_64")]

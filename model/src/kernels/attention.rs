@@ -15,6 +15,7 @@ use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
+use super::amx;
 use super::widen16;
 use super::{Simd, Vectorized, Widen, host_f32, is_plain_flex, vectorized};
 
@@ -859,7 +860,14 @@ pub fn prefill_attention(
     mask: Option<&Tensor<4, Bool>>,
     options: &AttentionModuleOptions,
 ) -> Option<Tensor<4>> {
-    prefill_attention_with(q, k, v, mask, options, Simd::best())
+    prefill_attention_with(q, k, v, mask, options, Simd::best(), true)
+}
+
+/// Whether bf16 scores go through AMX tiles ([`amx::Tiles::scores16x64`]) with the key-block
+/// kernel `kernel` and head size `d`: on CPUs with AMX-BF16, with the AVX-512 kernel (head
+/// sizes 64 and 128, whole groups of 32 dimensions for the tiles).
+fn amx_scores_apply(kernel: Simd, d: usize) -> bool {
+    kernel == Simd::Avx512 && (d == 4 * LANES || d == 8 * LANES) && amx::amx_bf16_available()
 }
 
 /// [`prefill_attention`] with the key-block kernel of level `kernel`, all of which give the
@@ -874,6 +882,7 @@ fn prefill_attention_with(
     mask: Option<&Tensor<4, Bool>>,
     options: &AttentionModuleOptions,
     kernel: Simd,
+    amx_scores: bool,
 ) -> Option<Tensor<4>> {
     let [_, _, t, d] = q.dims();
     if mask.is_some() || t <= MAX_QUERY_ROWS || d == 0 || !kernel.runs_here() {
@@ -889,9 +898,12 @@ fn prefill_attention_with(
         ..
     } = &inputs;
     let out = match inputs.dtype {
-        DType::F32 => run_blocks::<f32>(queries, k, v, *b, shape, kernel)?,
-        DType::BF16 => run_blocks::<bf16>(queries, k, v, *b, shape, kernel)?,
-        DType::F16 => run_blocks::<f16>(queries, k, v, *b, shape, kernel)?,
+        DType::F32 => run_blocks::<f32>(queries, k, v, *b, shape, kernel, false)?,
+        DType::BF16 => {
+            let amx = amx_scores && amx_scores_apply(kernel, shape.d);
+            run_blocks::<bf16>(queries, k, v, *b, shape, kernel, amx)?
+        }
+        DType::F16 => run_blocks::<f16>(queries, k, v, *b, shape, kernel, false)?,
         _ => return None,
     };
     Some(inputs.output(out))
@@ -906,6 +918,7 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     b: usize,
     s: &Shape4,
     kernel: Simd,
+    amx_scores: bool,
 ) -> Option<Vec<f32>> {
     let (k, v) = (strided::<T>(k)?, strided::<T>(v)?);
     let d = s.d;
@@ -914,16 +927,24 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     // `[total, d]`. Shared by the head's query blocks and by the query heads of a GQA group.
     let kv_heads = s.heads / s.rep;
     let padded = s.total.next_multiple_of(KEY_BLOCK);
-    let mut keys = vec![0f32; b * kv_heads * d * padded];
+    // With AMX scores the keys are bf16 tiles instead ([`key_tiles`]), `padded * d / 2`
+    // pairs per head.
+    let key_len = if amx_scores { padded * d / 2 } else { d * padded };
+    let mut keys = vec![0f32; b * kv_heads * key_len];
     let mut values = vec![0f32; b * kv_heads * s.total * d];
-    keys.par_chunks_mut(d * padded)
+    keys.par_chunks_mut(key_len)
         .zip(values.par_chunks_mut(s.total * d))
         .enumerate()
         .for_each(|(task, (kt, vs))| {
             let (bi, kvh) = (task / kv_heads, task % kv_heads);
             for j in 0..s.total {
-                for (dd, &x) in k.row(bi, kvh, j, d).iter().enumerate() {
-                    kt[dd * padded + j] = x.widen();
+                let key = k.row(bi, kvh, j, d);
+                if amx_scores {
+                    key_tiles(key, j, d, bytemuck::cast_slice_mut(kt));
+                } else {
+                    for (dd, &x) in key.iter().enumerate() {
+                        kt[dd * padded + j] = x.widen();
+                    }
                 }
                 for (o, &x) in vs[j * d..(j + 1) * d].iter_mut().zip(v.row(bi, kvh, j, d)) {
                     *o = x.widen();
@@ -949,7 +970,8 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
                     let i0 = block * query_block;
                     vectorized(QueryBlock {
                         q: &q_head[i0 * d..i0 * d + out.len()],
-                        keys: &keys[kv * d * padded..(kv + 1) * d * padded],
+                        keys: &keys[kv * key_len..(kv + 1) * key_len],
+                        amx_scores,
                         values: &values[kv * s.total * d..(kv + 1) * s.total * d],
                         padded,
                         i0,
@@ -962,11 +984,28 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     Some(out)
 }
 
+const _: () = assert!(KEY_BLOCK == 64, "amx::Tiles::scores16x64 scores 64 keys");
+
+/// Key `j` (its `d` values) into the AMX tiles of [`amx::Tiles::scores16x64`]: per block of
+/// [`KEY_BLOCK`] keys and group of 32 dimensions four 16-key tiles of 256 pairs, pair `p`
+/// of key `j % 16` at `16 p + j % 16` (the bits of two bf16, the first in the low half).
+fn key_tiles<T: Widen>(key: &[T], j: usize, d: usize, tiles: &mut [u32]) {
+    let groups = d / 32;
+    let (block, t, col) = (j / KEY_BLOCK, j % KEY_BLOCK / 16, j % 16);
+    for (pair, two) in key.chunks_exact(2).enumerate() {
+        let (g, p) = (pair / 16, pair % 16);
+        let bits = |x: T| x.widen().to_bits() >> 16;
+        tiles[((block * groups + g) * 4 + t) * 256 + 16 * p + col] = bits(two[0]) | (bits(two[1]) << 16);
+    }
+}
+
 /// One task of [`run_blocks`]: query rows `i0..` of one head (as many as `out` holds)
-/// against its key/value head in f32 (`keys` transposed, `padded` columns).
+/// against its key/value head in f32 (`keys` transposed, `padded` columns; or, with
+/// `amx_scores`, bf16 tiles from [`key_tiles`], the bits of f32 pairs).
 struct QueryBlock<'a> {
     q: &'a [f32],
     keys: &'a [f32],
+    amx_scores: bool,
     values: &'a [f32],
     padded: usize,
     i0: usize,
@@ -983,6 +1022,7 @@ impl Vectorized for QueryBlock<'_> {
         let Self {
             q,
             keys,
+            amx_scores,
             values,
             padded,
             i0,
@@ -993,6 +1033,27 @@ impl Vectorized for QueryBlock<'_> {
         let d = s.d;
         let rows = out.len() / d;
         let queries: Vec<f32> = q.iter().map(|x| x * s.scale).collect();
+        // AMX scores: the block's queries as bf16 rows (exact: they were bf16), zero rows up
+        // to whole tiles, and the scores of each key block for every row.
+        let tiles = if amx_scores { amx::Tiles::new() } else { None };
+        let q_bits: Vec<u16> = match tiles {
+            Some(_) => {
+                let mut bits = vec![0u16; rows.next_multiple_of(16) * d];
+                for (b, x) in bits.iter_mut().zip(q) {
+                    *b = (x.to_bits() >> 16) as u16;
+                }
+                bits
+            }
+            None => Vec::new(),
+        };
+        let mut amx_block = vec![
+            [0f32; KEY_BLOCK];
+            if tiles.is_some() {
+                rows.next_multiple_of(16)
+            } else {
+                0
+            }
+        ];
         let mut scores = [0f32; KEY_BLOCK];
         const { assert!(KEY_BLOCK.is_multiple_of(LANES)) };
         let mut max = vec![f32::NEG_INFINITY; rows];
@@ -1006,6 +1067,30 @@ impl Vectorized for QueryBlock<'_> {
             let width = KEY_BLOCK.min(last - j0);
             let values = &values[j0 * d..];
             let visible = |r: usize| seen(r).saturating_sub(j0).min(width);
+            if let Some(tiles) = &tiles {
+                let groups = d / 32;
+                let tile_keys: &[u32] = bytemuck::cast_slice(keys);
+                let block_keys = &tile_keys[j0 / KEY_BLOCK * groups * 1024..][..groups * 1024];
+                for (r0, scores) in (0..rows).step_by(16).zip(amx_block.chunks_exact_mut(16)) {
+                    // SAFETY: 16 query rows of `d` bf16 from row `r0` (padded to whole
+                    // tiles), the block's `groups` groups of four 1 KB key tiles, and 16
+                    // rows of `KEY_BLOCK` scores.
+                    unsafe {
+                        tiles.scores16x64(
+                            q_bits[r0 * d..(r0 + 16) * d].as_ptr().cast(),
+                            2 * d,
+                            block_keys.as_ptr().cast(),
+                            groups,
+                            scores.as_mut_ptr().cast(),
+                        )
+                    };
+                    for row in scores.iter_mut() {
+                        for x in row.iter_mut() {
+                            *x *= s.scale;
+                        }
+                    }
+                }
+            }
             // Head sizes of 64 and 128 (the models') on AVX-512: several rows at a time with
             // every partial sum in its own register (four rows of 64: 16 sums and 4 loaded
             // registers, so that each loaded key or value feeds four FMAs; two rows of 128);
@@ -1018,6 +1103,7 @@ impl Vectorized for QueryBlock<'_> {
                     let block = KeyBlock {
                         queries: &queries[r * d..(r + n) * d],
                         keys,
+                        scores: None,
                         padded,
                         j0,
                         values,
@@ -1054,6 +1140,7 @@ impl Vectorized for QueryBlock<'_> {
                     let block = KeyBlock {
                         queries: &queries[r * d..(r + n) * d],
                         keys,
+                        scores: tiles.as_ref().map(|_| &amx_block[r..r + n]),
                         padded,
                         j0,
                         values,
@@ -1135,8 +1222,10 @@ impl Vectorized for QueryBlock<'_> {
 struct KeyBlock<'a> {
     /// `R` rows of scaled queries.
     queries: &'a [f32],
-    /// The head's keys, transposed (`[d, padded]`).
+    /// The head's keys, transposed (`[d, padded]`); unused with `scores`.
     keys: &'a [f32],
+    /// The `R` rows' scores of the block's keys, computed elsewhere (AMX) and scaled.
+    scores: Option<&'a [[f32; KEY_BLOCK]]>,
     padded: usize,
     /// The block's first key.
     j0: usize,
@@ -1159,33 +1248,18 @@ impl KeyBlock<'_> {
     unsafe fn run<const R: usize, const C: usize>(mut self, visible: [usize; R]) {
         use std::arch::x86_64::*;
 
-        const GROUPS: usize = KEY_BLOCK / LANES;
         let d = C * LANES;
         let width = visible.iter().copied().max().unwrap_or(0);
         // The pointer reads and writes below stay inside these bounds.
         assert!(self.queries.len() >= R * d && self.out.len() >= R * d && self.max.len() >= R);
         assert!(self.sum.len() >= R && self.values.len() >= width * d);
-        assert!(self.keys.len() >= (d - 1) * self.padded + self.j0 + KEY_BLOCK);
-        let mut acc = [[_mm512_setzero_ps(); GROUPS]; R];
-        let keys = self.keys.as_ptr();
-        for dd in 0..d {
-            // SAFETY: key row `dd` has `KEY_BLOCK` values from `j0` (asserted above).
-            let k: [__m512; GROUPS] = std::array::from_fn(|g| unsafe {
-                _mm512_loadu_ps(keys.add(dd * self.padded + self.j0 + g * LANES))
-            });
-            for (r, row) in acc.iter_mut().enumerate() {
-                let a = _mm512_set1_ps(self.queries[r * d + dd]);
-                for (o, kv) in row.iter_mut().zip(k) {
-                    *o = _mm512_fmadd_ps(a, kv, *o);
-                }
-            }
-        }
         let mut probs = [[0f32; KEY_BLOCK]; R];
-        for (p, row) in probs.iter_mut().zip(&acc) {
-            for (g, v) in row.iter().enumerate() {
-                // SAFETY: 16 values inside the row of `KEY_BLOCK`.
-                unsafe { _mm512_storeu_ps(p.as_mut_ptr().add(g * LANES), *v) };
-            }
+        if let Some(scores) = self.scores {
+            probs.copy_from_slice(&scores[..R]);
+        } else {
+            // SAFETY: the CPU has AVX-512 F (this function's contract); `scores_into` checks
+            // the keys' bounds.
+            unsafe { self.scores_into::<R, C>(&mut probs) };
         }
         let rescale = self.softmax(&mut probs, visible);
         let out = self.out.as_mut_ptr();
@@ -1214,6 +1288,45 @@ impl KeyBlock<'_> {
             for (c, v) in row.iter().enumerate() {
                 // SAFETY: as above.
                 unsafe { _mm512_storeu_ps(out.add(r * d + c * LANES), *v) };
+            }
+        }
+    }
+
+    /// The `R` rows' scores of the block's `KEY_BLOCK` keys into `probs`, with FMAs over the
+    /// transposed f32 keys.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `keys` holds rows `..d` of `padded` from `j0 +
+    /// KEY_BLOCK` on, `queries` `R` rows.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,fma")]
+    #[inline]
+    unsafe fn scores_into<const R: usize, const C: usize>(&self, probs: &mut [[f32; KEY_BLOCK]; R]) {
+        use std::arch::x86_64::*;
+
+        const GROUPS: usize = KEY_BLOCK / LANES;
+        let d = C * LANES;
+        assert!(
+            self.queries.len() >= R * d && self.keys.len() >= (d - 1) * self.padded + self.j0 + KEY_BLOCK
+        );
+        let mut acc = [[_mm512_setzero_ps(); GROUPS]; R];
+        let keys = self.keys.as_ptr();
+        for dd in 0..d {
+            // SAFETY: key row `dd` has `KEY_BLOCK` values from `j0` (asserted above).
+            let k: [__m512; GROUPS] = std::array::from_fn(|g| unsafe {
+                _mm512_loadu_ps(keys.add(dd * self.padded + self.j0 + g * LANES))
+            });
+            for (r, row) in acc.iter_mut().enumerate() {
+                let a = _mm512_set1_ps(self.queries[r * d + dd]);
+                for (o, kv) in row.iter_mut().zip(k) {
+                    *o = _mm512_fmadd_ps(a, kv, *o);
+                }
+            }
+        }
+        for (p, row) in probs.iter_mut().zip(&acc) {
+            for (g, v) in row.iter().enumerate() {
+                // SAFETY: 16 values inside the row of `KEY_BLOCK`.
+                unsafe { _mm512_storeu_ps(p.as_mut_ptr().add(g * LANES), *v) };
             }
         }
     }
@@ -1769,8 +1882,9 @@ mod tests {
                     is_causal: causal,
                     ..Default::default()
                 };
-                let run =
-                    |kernel| prefill_attention_with(&q, &k, &v, None, &options, kernel).expect("applies");
+                let run = |kernel| {
+                    prefill_attention_with(&q, &k, &v, None, &options, kernel, false).expect("applies")
+                };
                 let rows = bits(run(Simd::Plain));
                 for &kernel in &kernels {
                     assert!(
@@ -1779,6 +1893,51 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// bf16 scores on AMX tiles against the AVX-512 kernel's f32 FMAs: the same exact
+    /// products summed in another order, and the scale applied after the sum instead of to
+    /// the query, so within two bf16 roundings of the output; head sizes 64 and 128, causal
+    /// (with earlier keys) and not, GQA, row counts past whole 16-row tiles and key counts
+    /// past whole 64-key blocks.
+    #[test]
+    fn amx_scores_agree_with_the_f32_scores() {
+        if !Simd::Avx512.runs_here() || !amx::amx_bf16_available() {
+            eprintln!("no AMX-BF16 on this CPU: skipped");
+            return;
+        }
+        let values =
+            |t: Tensor<4>| -> Vec<f32> { t.into_data().convert::<f32>().try_into_vec().expect("f32") };
+        for &(b, heads, kv_heads, t, total, d, causal) in &[
+            (1, 2, 1, 47, 47, 64, true),
+            (2, 2, 2, 61, 61, 128, false),
+            (1, 4, 2, 17, 100, 64, true),
+            (1, 2, 2, 98, 130, 64, false),
+            (1, 2, 2, 100, 100, 128, true),
+        ] {
+            let (q, k, v) = prefill_inputs([b, heads, kv_heads, t, total, d], DType::BF16);
+            let options = AttentionModuleOptions {
+                is_causal: causal,
+                ..Default::default()
+            };
+            let run = |amx| {
+                values(
+                    prefill_attention_with(&q, &k, &v, None, &options, Simd::Avx512, amx).expect("applies"),
+                )
+            };
+            let (fma, tiles) = (run(false), run(true));
+            let diff = fma
+                .iter()
+                .zip(&tiles)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let largest = fma.iter().fold(0f32, |m, x| m.max(x.abs()));
+            // Two bf16 steps of the largest output (2^-7 each, relative).
+            assert!(
+                diff <= largest / 64.0,
+                "causal {causal} {b}x{heads}/{kv_heads}x{t}x{total}x{d}: {diff} (largest {largest})"
+            );
         }
     }
 
