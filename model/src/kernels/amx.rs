@@ -234,6 +234,61 @@ impl Tiles {
     }
 }
 
+impl Tiles {
+    /// `o += p . v` for 16 rows of attention outputs over 64 keys: `p` is 16 rows of 64
+    /// bf16 probabilities (128 bytes apart); `values` holds two halves of 32 keys, each
+    /// `col_tiles` 1 KB tiles of 16 dimensions (row `p`: keys `2p, 2p + 1` of the half as
+    /// pairs), the second half `1024 col_tiles` bytes after the first; `o` is 16 rows of
+    /// `16 col_tiles` f32, `o_stride` bytes apart.
+    ///
+    /// # Safety
+    /// `p` must hold 16 rows of 128 bytes, `values` `2048 col_tiles` bytes, `o` 16 rows of
+    /// `64 col_tiles` bytes at stride `o_stride` that no one else uses meanwhile;
+    /// `col_tiles > 0`.
+    pub unsafe fn values16x64(
+        &self,
+        p: *const u8,
+        values: *const u8,
+        o: *mut f32,
+        o_stride: usize,
+        col_tiles: usize,
+    ) {
+        assert!(col_tiles > 0);
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no tiles outside x86_64 ({p:?} {values:?} {o:?} {o_stride})");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles were configured by `new` on this thread; the reads and writes
+        // stay inside the bounds above.
+        unsafe {
+            std::arch::asm!(
+                "tileloadd tmm4, [{p} + {p_stride}*1]",
+                "tileloadd tmm5, [{p} + {p_stride}*1 + 64]",
+                "2:",
+                "tileloadd tmm0, [{o} + {o_stride}*1]",
+                "tileloadd tmm6, [{v} + {row}*1]",
+                "tileloadd tmm7, [{v2} + {row}*1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm0, tmm5, tmm7",
+                "tilestored [{o} + {o_stride}*1], tmm0",
+                "add {o}, 64",
+                "add {v}, 1024",
+                "add {v2}, 1024",
+                "dec {tiles}",
+                "jnz 2b",
+                p = in(reg) p,
+                p_stride = in(reg) 2 * ROW_BYTES,
+                v = inout(reg) values => _,
+                v2 = inout(reg) values.add(1024 * col_tiles) => _,
+                o = inout(reg) o => _,
+                o_stride = in(reg) o_stride,
+                row = in(reg) ROW_BYTES,
+                tiles = inout(reg) col_tiles => _,
+                options(nostack),
+            );
+        }
+    }
+}
+
 impl Drop for Tiles {
     fn drop(&mut self) {
         #[cfg(target_arch = "x86_64")]

@@ -863,10 +863,10 @@ pub fn prefill_attention(
     prefill_attention_with(q, k, v, mask, options, Simd::best(), true)
 }
 
-/// Whether bf16 scores go through AMX tiles ([`amx::Tiles::scores16x64`]) with the key-block
-/// kernel `kernel` and head size `d`: on CPUs with AMX-BF16, with the AVX-512 kernel (head
-/// sizes 64 and 128, whole groups of 32 dimensions for the tiles).
-fn amx_scores_apply(kernel: Simd, d: usize) -> bool {
+/// Whether a bf16 prefill attention runs on AMX tiles ([`AmxQueryBlock`]) where the key-block
+/// kernel would be `kernel`, for head size `d`: on CPUs with AMX-BF16, in place of the
+/// AVX-512 kernel (head sizes 64 and 128: whole groups of 32 dimensions for the tiles).
+fn amx_apply(kernel: Simd, d: usize) -> bool {
     kernel == Simd::Avx512 && (d == 4 * LANES || d == 8 * LANES) && amx::amx_bf16_available()
 }
 
@@ -882,7 +882,7 @@ fn prefill_attention_with(
     mask: Option<&Tensor<4, Bool>>,
     options: &AttentionModuleOptions,
     kernel: Simd,
-    amx_scores: bool,
+    amx: bool,
 ) -> Option<Tensor<4>> {
     let [_, _, t, d] = q.dims();
     if mask.is_some() || t <= MAX_QUERY_ROWS || d == 0 || !kernel.runs_here() {
@@ -900,7 +900,7 @@ fn prefill_attention_with(
     let out = match inputs.dtype {
         DType::F32 => run_blocks::<f32>(queries, k, v, *b, shape, kernel, false)?,
         DType::BF16 => {
-            let amx = amx_scores && amx_scores_apply(kernel, shape.d);
+            let amx = amx && amx_apply(kernel, shape.d);
             run_blocks::<bf16>(queries, k, v, *b, shape, kernel, amx)?
         }
         DType::F16 => run_blocks::<f16>(queries, k, v, *b, shape, kernel, false)?,
@@ -918,7 +918,7 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     b: usize,
     s: &Shape4,
     kernel: Simd,
-    amx_scores: bool,
+    amx: bool,
 ) -> Option<Vec<f32>> {
     let (k, v) = (strided::<T>(k)?, strided::<T>(v)?);
     let d = s.d;
@@ -927,26 +927,28 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     // `[total, d]`. Shared by the head's query blocks and by the query heads of a GQA group.
     let kv_heads = s.heads / s.rep;
     let padded = s.total.next_multiple_of(KEY_BLOCK);
-    // With AMX scores the keys are bf16 tiles instead ([`key_tiles`]), `padded * d / 2`
-    // pairs per head.
-    let key_len = if amx_scores { padded * d / 2 } else { d * padded };
+    // With AMX the keys and values are bf16 tiles instead ([`key_tiles`], [`value_tiles`]),
+    // `padded * d / 2` pairs per head each, in f32 slots.
+    let key_len = if amx { padded * d / 2 } else { d * padded };
+    let value_len = if amx { padded * d / 2 } else { s.total * d };
     let mut keys = vec![0f32; b * kv_heads * key_len];
-    let mut values = vec![0f32; b * kv_heads * s.total * d];
+    let mut values = vec![0f32; b * kv_heads * value_len];
     keys.par_chunks_mut(key_len)
-        .zip(values.par_chunks_mut(s.total * d))
+        .zip(values.par_chunks_mut(value_len))
         .enumerate()
         .for_each(|(task, (kt, vs))| {
             let (bi, kvh) = (task / kv_heads, task % kv_heads);
             for j in 0..s.total {
-                let key = k.row(bi, kvh, j, d);
-                if amx_scores {
+                let (key, value) = (k.row(bi, kvh, j, d), v.row(bi, kvh, j, d));
+                if amx {
                     key_tiles(key, j, d, bytemuck::cast_slice_mut(kt));
-                } else {
-                    for (dd, &x) in key.iter().enumerate() {
-                        kt[dd * padded + j] = x.widen();
-                    }
+                    value_tiles(value, j, d, bytemuck::cast_slice_mut(vs));
+                    continue;
                 }
-                for (o, &x) in vs[j * d..(j + 1) * d].iter_mut().zip(v.row(bi, kvh, j, d)) {
+                for (dd, &x) in key.iter().enumerate() {
+                    kt[dd * padded + j] = x.widen();
+                }
+                for (o, &x) in vs[j * d..(j + 1) * d].iter_mut().zip(value) {
                     *o = x.widen();
                 }
             }
@@ -968,11 +970,30 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
                 .enumerate()
                 .for_each(|(block, out)| {
                     let i0 = block * query_block;
+                    let (keys, values) = (
+                        &keys[kv * key_len..(kv + 1) * key_len],
+                        &values[kv * value_len..(kv + 1) * value_len],
+                    );
+                    let q = &q_head[i0 * d..i0 * d + out.len()];
+                    if amx {
+                        let Some(tiles) = amx::Tiles::new() else {
+                            unreachable!("amx_apply checked that AMX is available")
+                        };
+                        let (keys, values) = (bytemuck::cast_slice(keys), bytemuck::cast_slice(values));
+                        return vectorized(AmxQueryBlock {
+                            tiles: &tiles,
+                            q,
+                            keys,
+                            values,
+                            i0,
+                            s,
+                            out,
+                        });
+                    }
                     vectorized(QueryBlock {
-                        q: &q_head[i0 * d..i0 * d + out.len()],
-                        keys: &keys[kv * key_len..(kv + 1) * key_len],
-                        amx_scores,
-                        values: &values[kv * s.total * d..(kv + 1) * s.total * d],
+                        q,
+                        keys,
+                        values,
                         padded,
                         i0,
                         s,
@@ -999,13 +1020,137 @@ fn key_tiles<T: Widen>(key: &[T], j: usize, d: usize, tiles: &mut [u32]) {
     }
 }
 
+/// Value `j` (its `d` values) into the AMX tiles of [`amx::Tiles::values16x64`]: per block
+/// of [`KEY_BLOCK`] keys, two halves of 32 keys, each `d / 16` tiles of 16 dimensions; row
+/// `p` of a tile holds keys `2p` (low half) and `2p + 1` of the half for its 16 dimensions.
+fn value_tiles<T: Widen>(value: &[T], j: usize, d: usize, tiles: &mut [u16]) {
+    let col_tiles = d / 16;
+    let (block, half, p, odd) = (j / KEY_BLOCK, j % KEY_BLOCK / 32, j % 32 / 2, j % 2);
+    for (c, &x) in value.iter().enumerate() {
+        let tile = (block * 2 + half) * col_tiles + c / 16;
+        tiles[2 * (tile * 256 + 16 * p + c % 16) + odd] = (x.widen().to_bits() >> 16) as u16;
+    }
+}
+
+/// One task of [`run_blocks`] on AMX tiles: query rows `i0..` of one head (as many as `out`
+/// holds) against its key/value head as bf16 tiles ([`key_tiles`], [`value_tiles`]). Per
+/// block of [`KEY_BLOCK`] keys and 16 rows: the scores on the tiles (exact products summed
+/// in f32, then scaled), the online softmax in f32 ([`softmax_step`], as the other
+/// kernels), the probabilities rounded to bf16 (as PyTorch's CPU flash attention does for
+/// bf16) and multiplied with the values on the tiles into the f32 output rows.
+struct AmxQueryBlock<'a> {
+    tiles: &'a amx::Tiles,
+    q: &'a [f32],
+    keys: &'a [u32],
+    values: &'a [u32],
+    i0: usize,
+    s: &'a Shape4,
+    out: &'a mut [f32],
+}
+
+impl Vectorized for AmxQueryBlock<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let Self {
+            tiles,
+            q,
+            keys,
+            values,
+            i0,
+            s,
+            out,
+        } = self;
+        let d = s.d;
+        let (groups, col_tiles) = (d / 32, d / 16);
+        let rows = out.len() / d;
+        let padded_rows = rows.next_multiple_of(16);
+        // The queries as bf16 rows (exact: they were bf16), zero rows up to whole tiles.
+        let mut q_bits = vec![0u16; padded_rows * d];
+        for (b, x) in q_bits.iter_mut().zip(q) {
+            *b = (x.to_bits() >> 16) as u16;
+        }
+        let mut o = vec![0f32; padded_rows * d];
+        let mut scores = [[0f32; KEY_BLOCK]; 16];
+        let mut probs = [0u16; 16 * KEY_BLOCK];
+        let mut max = vec![f32::NEG_INFINITY; rows];
+        let mut sum = vec![0f32; rows];
+        // Query `i` sees keys up to `past + i` when causal (bottom-right aligned).
+        let past = s.total - s.t;
+        let seen = |r: usize| if s.causal { past + i0 + r + 1 } else { s.total };
+        let last = seen(rows - 1);
+        for j0 in (0..last).step_by(KEY_BLOCK) {
+            let block = j0 / KEY_BLOCK;
+            let block_keys = &keys[block * groups * 1024..][..groups * 1024];
+            let block_values = &values[block * col_tiles * 512..][..col_tiles * 512];
+            for r0 in (0..rows).step_by(16) {
+                // SAFETY: 16 query rows of `d` bf16 from row `r0` (padded to whole tiles),
+                // the block's `groups` groups of four 1 KB key tiles, 16 rows of scores.
+                unsafe {
+                    tiles.scores16x64(
+                        q_bits[r0 * d..].as_ptr().cast(),
+                        2 * d,
+                        block_keys.as_ptr().cast(),
+                        groups,
+                        scores.as_mut_ptr().cast(),
+                    )
+                };
+                for (i, (row, p)) in scores
+                    .iter_mut()
+                    .zip(probs.chunks_exact_mut(KEY_BLOCK))
+                    .enumerate()
+                {
+                    let r = r0 + i;
+                    let visible = if r < rows {
+                        seen(r).saturating_sub(j0).min(KEY_BLOCK)
+                    } else {
+                        0
+                    };
+                    if visible == 0 {
+                        p.fill(0);
+                        continue;
+                    }
+                    let row = &mut row[..visible];
+                    for x in row.iter_mut() {
+                        *x *= s.scale;
+                    }
+                    let rescale = softmax_step(row, &mut max[r], &mut sum[r]);
+                    for x in &mut o[r * d..(r + 1) * d] {
+                        *x *= rescale;
+                    }
+                    for (b, &x) in p.iter_mut().zip(row.iter()) {
+                        *b = bf16::from_f32(x).to_bits();
+                    }
+                    p[visible..].fill(0);
+                }
+                // SAFETY: 16 rows of 64 bf16 probabilities, the block's two halves of
+                // `col_tiles` value tiles, and 16 output rows of `d` f32 from row `r0`.
+                unsafe {
+                    tiles.values16x64(
+                        probs.as_ptr().cast(),
+                        block_values.as_ptr().cast(),
+                        o[r0 * d..].as_mut_ptr(),
+                        4 * d,
+                        col_tiles,
+                    )
+                };
+            }
+        }
+        for ((row, o), &total) in out.chunks_mut(d).zip(o.chunks(d)).zip(&sum) {
+            let inv = 1.0 / total;
+            for (y, &x) in row.iter_mut().zip(o) {
+                *y = x * inv;
+            }
+        }
+    }
+}
+
 /// One task of [`run_blocks`]: query rows `i0..` of one head (as many as `out` holds)
-/// against its key/value head in f32 (`keys` transposed, `padded` columns; or, with
-/// `amx_scores`, bf16 tiles from [`key_tiles`], the bits of f32 pairs).
+/// against its key/value head in f32 (`keys` transposed, `padded` columns).
 struct QueryBlock<'a> {
     q: &'a [f32],
     keys: &'a [f32],
-    amx_scores: bool,
     values: &'a [f32],
     padded: usize,
     i0: usize,
@@ -1022,7 +1167,6 @@ impl Vectorized for QueryBlock<'_> {
         let Self {
             q,
             keys,
-            amx_scores,
             values,
             padded,
             i0,
@@ -1033,27 +1177,6 @@ impl Vectorized for QueryBlock<'_> {
         let d = s.d;
         let rows = out.len() / d;
         let queries: Vec<f32> = q.iter().map(|x| x * s.scale).collect();
-        // AMX scores: the block's queries as bf16 rows (exact: they were bf16), zero rows up
-        // to whole tiles, and the scores of each key block for every row.
-        let tiles = if amx_scores { amx::Tiles::new() } else { None };
-        let q_bits: Vec<u16> = match tiles {
-            Some(_) => {
-                let mut bits = vec![0u16; rows.next_multiple_of(16) * d];
-                for (b, x) in bits.iter_mut().zip(q) {
-                    *b = (x.to_bits() >> 16) as u16;
-                }
-                bits
-            }
-            None => Vec::new(),
-        };
-        let mut amx_block = vec![
-            [0f32; KEY_BLOCK];
-            if tiles.is_some() {
-                rows.next_multiple_of(16)
-            } else {
-                0
-            }
-        ];
         let mut scores = [0f32; KEY_BLOCK];
         const { assert!(KEY_BLOCK.is_multiple_of(LANES)) };
         let mut max = vec![f32::NEG_INFINITY; rows];
@@ -1067,30 +1190,6 @@ impl Vectorized for QueryBlock<'_> {
             let width = KEY_BLOCK.min(last - j0);
             let values = &values[j0 * d..];
             let visible = |r: usize| seen(r).saturating_sub(j0).min(width);
-            if let Some(tiles) = &tiles {
-                let groups = d / 32;
-                let tile_keys: &[u32] = bytemuck::cast_slice(keys);
-                let block_keys = &tile_keys[j0 / KEY_BLOCK * groups * 1024..][..groups * 1024];
-                for (r0, scores) in (0..rows).step_by(16).zip(amx_block.chunks_exact_mut(16)) {
-                    // SAFETY: 16 query rows of `d` bf16 from row `r0` (padded to whole
-                    // tiles), the block's `groups` groups of four 1 KB key tiles, and 16
-                    // rows of `KEY_BLOCK` scores.
-                    unsafe {
-                        tiles.scores16x64(
-                            q_bits[r0 * d..(r0 + 16) * d].as_ptr().cast(),
-                            2 * d,
-                            block_keys.as_ptr().cast(),
-                            groups,
-                            scores.as_mut_ptr().cast(),
-                        )
-                    };
-                    for row in scores.iter_mut() {
-                        for x in row.iter_mut() {
-                            *x *= s.scale;
-                        }
-                    }
-                }
-            }
             // Head sizes of 64 and 128 (the models') on AVX-512: several rows at a time with
             // every partial sum in its own register (four rows of 64: 16 sums and 4 loaded
             // registers, so that each loaded key or value feeds four FMAs; two rows of 128);
@@ -1103,7 +1202,6 @@ impl Vectorized for QueryBlock<'_> {
                     let block = KeyBlock {
                         queries: &queries[r * d..(r + n) * d],
                         keys,
-                        scores: None,
                         padded,
                         j0,
                         values,
@@ -1140,7 +1238,6 @@ impl Vectorized for QueryBlock<'_> {
                     let block = KeyBlock {
                         queries: &queries[r * d..(r + n) * d],
                         keys,
-                        scores: tiles.as_ref().map(|_| &amx_block[r..r + n]),
                         padded,
                         j0,
                         values,
@@ -1222,10 +1319,8 @@ impl Vectorized for QueryBlock<'_> {
 struct KeyBlock<'a> {
     /// `R` rows of scaled queries.
     queries: &'a [f32],
-    /// The head's keys, transposed (`[d, padded]`); unused with `scores`.
+    /// The head's keys, transposed (`[d, padded]`).
     keys: &'a [f32],
-    /// The `R` rows' scores of the block's keys, computed elsewhere (AMX) and scaled.
-    scores: Option<&'a [[f32; KEY_BLOCK]]>,
     padded: usize,
     /// The block's first key.
     j0: usize,
@@ -1254,13 +1349,9 @@ impl KeyBlock<'_> {
         assert!(self.queries.len() >= R * d && self.out.len() >= R * d && self.max.len() >= R);
         assert!(self.sum.len() >= R && self.values.len() >= width * d);
         let mut probs = [[0f32; KEY_BLOCK]; R];
-        if let Some(scores) = self.scores {
-            probs.copy_from_slice(&scores[..R]);
-        } else {
-            // SAFETY: the CPU has AVX-512 F (this function's contract); `scores_into` checks
-            // the keys' bounds.
-            unsafe { self.scores_into::<R, C>(&mut probs) };
-        }
+        // SAFETY: the CPU has AVX-512 F (this function's contract); `scores_into` checks the
+        // keys' bounds.
+        unsafe { self.scores_into::<R, C>(&mut probs) };
         let rescale = self.softmax(&mut probs, visible);
         let out = self.out.as_mut_ptr();
         // SAFETY: row `r < R`, chunk `c < C`: inside the `R * d` outputs (asserted above).
@@ -1896,13 +1987,13 @@ mod tests {
         }
     }
 
-    /// bf16 scores on AMX tiles against the AVX-512 kernel's f32 FMAs: the same exact
-    /// products summed in another order, and the scale applied after the sum instead of to
-    /// the query, so within two bf16 roundings of the output; head sizes 64 and 128, causal
-    /// (with earlier keys) and not, GQA, row counts past whole 16-row tiles and key counts
-    /// past whole 64-key blocks.
+    /// bf16 attention on AMX tiles against the AVX-512 kernel's f32 FMAs: the scores are the
+    /// same exact products summed in another order and scaled after the sum, the
+    /// probabilities are rounded to bf16 before the values, so the outputs agree within two
+    /// bf16 steps of the largest; head sizes 64 and 128, causal (with earlier keys) and not,
+    /// GQA, row counts past whole 16-row tiles and key counts past whole 64-key blocks.
     #[test]
-    fn amx_scores_agree_with_the_f32_scores() {
+    fn amx_attention_agrees_with_the_f32_kernel() {
         if !Simd::Avx512.runs_here() || !amx::amx_bf16_available() {
             eprintln!("no AMX-BF16 on this CPU: skipped");
             return;
