@@ -28,9 +28,10 @@ fn keep_freed_memory() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
         return;
     }
-    // SAFETY: reads and sets one of mimalloc's options, an integer that mimalloc reads
-    // atomically, so this may run after allocations; an option outside mimalloc's range
-    // is refused by `mi_option_get` / `mi_option_set` themselves.
+    // SAFETY: reads and sets one of mimalloc's options, which may happen after allocations;
+    // it runs first in `main`, before any other thread exists (the option calls are not
+    // meant to race each other); an option outside mimalloc's range is refused by
+    // `mi_option_get` / `mi_option_set` themselves.
     unsafe {
         if libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == MI_DEFAULT_PURGE_DELAY_MS {
             libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS);

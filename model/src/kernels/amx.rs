@@ -1,4 +1,5 @@
-//! Intel AMX tiles for the bf16 gemm ([`super::bf16_gemm`]): one `tdpbf16ps` multiplies a
+//! Intel AMX tiles for the bf16 gemm ([`super::bf16_gemm`]) and the bf16 prefill attention
+//! ([`super::attention`]): one `tdpbf16ps` multiplies a
 //! 16 x 32 bf16 block by a 32 x 16 one into 16 x 16 f32 sums, 16 times the work of a
 //! `vdpbf16ps`. Sapphire Rapids and later Xeons have them; PyTorch's CPU bf16 gemm (oneDNN)
 //! uses them, so without them a bf16 prefill cannot keep up there.
@@ -56,8 +57,10 @@ fn request_tile_state() -> bool {
 }
 
 /// The tile configuration every kernel here uses: palette 1, all eight tiles 16 rows of
-/// 64 bytes. Tiles 0-3 hold a 32 x 32 block of sums, 4-5 two 16-row blocks of activations,
-/// 6-7 two 16-column blocks of weight pairs.
+/// 64 bytes. In [`Tiles::block`] tiles 0-3 hold a 32 x 32 block of sums, 4-5 two 16-row
+/// blocks of activations, 6-7 two 16-column blocks of weight pairs; the attention kernels
+/// ([`Tiles::scores16x64`], [`Tiles::values16x64`]) give 0-3 (or 0) to sums, 4-5 to
+/// queries or probabilities, 5-7 to keys or values.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
@@ -77,8 +80,8 @@ impl TileConfig {
 
 static CONFIG: TileConfig = TileConfig::full();
 
-/// The tile registers of the calling thread, configured for [`Tiles::block`] while it
-/// lives and released when dropped.
+/// The tile registers of the calling thread, configured for the kernels here while it lives
+/// and released when dropped.
 pub struct Tiles(std::marker::PhantomData<*const ()>);
 
 impl Tiles {

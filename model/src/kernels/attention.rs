@@ -14,8 +14,8 @@ use burn::tensor::{Bool, DType, Device, Tensor, TensorData, bf16, f16};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-#[cfg(target_arch = "x86_64")]
 use super::amx;
+#[cfg(target_arch = "x86_64")]
 use super::widen16;
 use super::{Simd, Vectorized, Widen, host_f32, is_plain_flex, vectorized};
 
@@ -875,6 +875,8 @@ fn amx_apply(kernel: Simd, d: usize) -> bool {
 /// [`Simd::Avx2`] up to [`AVX2_QUERY_ROWS`] rows at a time ([`KeyBlock::run_avx2`], head
 /// sizes that are multiples of 16), [`Simd::Avx512`] four or two ([`KeyBlock::run`], head
 /// sizes 64 and 128), the row loop otherwise. `None` also where the CPU lacks the level.
+/// With `amx`, bf16 inputs go to the AMX tiles instead where [`amx_apply`] allows: not the
+/// same bits (other sums, probabilities rounded to bf16), see [`AmxQueryBlock`].
 fn prefill_attention_with(
     q: &Tensor<4>,
     k: &Tensor<4>,
