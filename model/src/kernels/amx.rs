@@ -174,9 +174,7 @@ impl Tiles {
             );
         }
     }
-}
 
-impl Tiles {
     /// Attention scores of 16 query rows against 64 keys: `out[r][j] = q_r . k_j` in f32,
     /// over `groups` groups of 32 dimensions. `q` is 16 rows of bf16 (`q_stride` bytes
     /// apart, 64 bytes per group); `keys` holds per group four 1 KB tiles of 16 keys each
@@ -235,9 +233,7 @@ impl Tiles {
             );
         }
     }
-}
 
-impl Tiles {
     /// `o += p . v` for 16 rows of attention outputs over 64 keys: `p` is 16 rows of 64
     /// bf16 probabilities (128 bytes apart); `values` holds two halves of 32 keys, each
     /// `col_tiles` 1 KB tiles of 16 dimensions (row `p`: keys `2p, 2p + 1` of the half as

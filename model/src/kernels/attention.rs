@@ -1015,9 +1015,9 @@ const _: () = assert!(KEY_BLOCK == 64, "amx::Tiles::scores16x64 scores 64 keys")
 fn key_tiles<T: Widen>(key: &[T], j: usize, d: usize, tiles: &mut [u32]) {
     let groups = d / 32;
     let (block, t, col) = (j / KEY_BLOCK, j % KEY_BLOCK / 16, j % 16);
+    let bits = |x: T| x.widen().to_bits() >> 16;
     for (pair, two) in key.chunks_exact(2).enumerate() {
         let (g, p) = (pair / 16, pair % 16);
-        let bits = |x: T| x.widen().to_bits() >> 16;
         tiles[((block * groups + g) * 4 + t) * 256 + 16 * p + col] = bits(two[0]) | (bits(two[1]) << 16);
     }
 }
@@ -1078,11 +1078,7 @@ impl Vectorized for AmxQueryBlock<'_> {
         let mut probs = [0u16; 16 * KEY_BLOCK];
         let mut max = vec![f32::NEG_INFINITY; rows];
         let mut sum = vec![0f32; rows];
-        // Query `i` sees keys up to `past + i` when causal (bottom-right aligned).
-        let past = s.total - s.t;
-        let seen = |r: usize| if s.causal { past + i0 + r + 1 } else { s.total };
-        let last = seen(rows - 1);
-        for j0 in (0..last).step_by(KEY_BLOCK) {
+        for j0 in (0..s.visible(i0 + rows - 1)).step_by(KEY_BLOCK) {
             let block = j0 / KEY_BLOCK;
             let block_keys = &keys[block * groups * 1024..][..groups * 1024];
             let block_values = &values[block * col_tiles * 512..][..col_tiles * 512];
@@ -1105,7 +1101,7 @@ impl Vectorized for AmxQueryBlock<'_> {
                 {
                     let r = r0 + i;
                     let visible = if r < rows {
-                        seen(r).saturating_sub(j0).min(KEY_BLOCK)
+                        s.visible(i0 + r).saturating_sub(j0).min(KEY_BLOCK)
                     } else {
                         0
                     };
@@ -1345,15 +1341,34 @@ impl KeyBlock<'_> {
     unsafe fn run<const R: usize, const C: usize>(mut self, visible: [usize; R]) {
         use std::arch::x86_64::*;
 
+        const GROUPS: usize = KEY_BLOCK / LANES;
         let d = C * LANES;
         let width = visible.iter().copied().max().unwrap_or(0);
         // The pointer reads and writes below stay inside these bounds.
         assert!(self.queries.len() >= R * d && self.out.len() >= R * d && self.max.len() >= R);
         assert!(self.sum.len() >= R && self.values.len() >= width * d);
+        assert!(self.keys.len() >= (d - 1) * self.padded + self.j0 + KEY_BLOCK);
+        let mut acc = [[_mm512_setzero_ps(); GROUPS]; R];
+        let keys = self.keys.as_ptr();
+        for dd in 0..d {
+            // SAFETY: key row `dd` has `KEY_BLOCK` values from `j0` (asserted above).
+            let k: [__m512; GROUPS] = std::array::from_fn(|g| unsafe {
+                _mm512_loadu_ps(keys.add(dd * self.padded + self.j0 + g * LANES))
+            });
+            for (r, row) in acc.iter_mut().enumerate() {
+                let a = _mm512_set1_ps(self.queries[r * d + dd]);
+                for (o, kv) in row.iter_mut().zip(k) {
+                    *o = _mm512_fmadd_ps(a, kv, *o);
+                }
+            }
+        }
         let mut probs = [[0f32; KEY_BLOCK]; R];
-        // SAFETY: the CPU has AVX-512 F (this function's contract); `scores_into` checks the
-        // keys' bounds.
-        unsafe { self.scores_into::<R, C>(&mut probs) };
+        for (p, row) in probs.iter_mut().zip(&acc) {
+            for (g, v) in row.iter().enumerate() {
+                // SAFETY: 16 values inside the row of `KEY_BLOCK`.
+                unsafe { _mm512_storeu_ps(p.as_mut_ptr().add(g * LANES), *v) };
+            }
+        }
         let rescale = self.softmax(&mut probs, visible);
         let out = self.out.as_mut_ptr();
         // SAFETY: row `r < R`, chunk `c < C`: inside the `R * d` outputs (asserted above).
@@ -1381,45 +1396,6 @@ impl KeyBlock<'_> {
             for (c, v) in row.iter().enumerate() {
                 // SAFETY: as above.
                 unsafe { _mm512_storeu_ps(out.add(r * d + c * LANES), *v) };
-            }
-        }
-    }
-
-    /// The `R` rows' scores of the block's `KEY_BLOCK` keys into `probs`, with FMAs over the
-    /// transposed f32 keys.
-    ///
-    /// # Safety
-    /// The CPU must have AVX-512 F; `keys` holds rows `..d` of `padded` from `j0 +
-    /// KEY_BLOCK` on, `queries` `R` rows.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,fma")]
-    #[inline]
-    unsafe fn scores_into<const R: usize, const C: usize>(&self, probs: &mut [[f32; KEY_BLOCK]; R]) {
-        use std::arch::x86_64::*;
-
-        const GROUPS: usize = KEY_BLOCK / LANES;
-        let d = C * LANES;
-        assert!(
-            self.queries.len() >= R * d && self.keys.len() >= (d - 1) * self.padded + self.j0 + KEY_BLOCK
-        );
-        let mut acc = [[_mm512_setzero_ps(); GROUPS]; R];
-        let keys = self.keys.as_ptr();
-        for dd in 0..d {
-            // SAFETY: key row `dd` has `KEY_BLOCK` values from `j0` (asserted above).
-            let k: [__m512; GROUPS] = std::array::from_fn(|g| unsafe {
-                _mm512_loadu_ps(keys.add(dd * self.padded + self.j0 + g * LANES))
-            });
-            for (r, row) in acc.iter_mut().enumerate() {
-                let a = _mm512_set1_ps(self.queries[r * d + dd]);
-                for (o, kv) in row.iter_mut().zip(k) {
-                    *o = _mm512_fmadd_ps(a, kv, *o);
-                }
-            }
-        }
-        for (p, row) in probs.iter_mut().zip(&acc) {
-            for (g, v) in row.iter().enumerate() {
-                // SAFETY: 16 values inside the row of `KEY_BLOCK`.
-                unsafe { _mm512_storeu_ps(p.as_mut_ptr().add(g * LANES), *v) };
             }
         }
     }
