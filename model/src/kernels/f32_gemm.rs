@@ -4,11 +4,10 @@
 //! used in place from the file) as its packed operand and copies it value by value with
 //! strided reads, once per block of columns and per thread: a fifth of an f32 image
 //! encode went to that copy. Here each task packs its own columns once per slab of inputs
-//! (16 x 16 blocks transposed in registers), the activations are read in place, and an
-//! 8-row x 48-column tile of f32 accumulators takes one FMA per weight register and row.
-//! AVX2: 8 x 8 transposes, the activations grouped by 6 rows once per product
-//! (`GroupedRows`), and 6-row x 16-column tiles (the 12 accumulators that 16 registers
-//! allow). bf16 and f16 weights are widened as they are packed (CPUs without a bf16 gemm).
+//! (16 x 16 blocks transposed in registers), the activations are grouped by a tile's rows
+//! once per product (`GroupedRows`), and an 8-row x 48-column tile of f32 accumulators
+//! takes one FMA per weight register and row. AVX2: 8 x 8 transposes, groups of 6 rows,
+//! and 6-row x 16-column tiles (the 12 accumulators that 16 registers allow). bf16 and f16 weights are widened as they are packed (CPUs without a bf16 gemm).
 //!
 //! Every output is a sum over slabs of [`SLAB`] inputs, in order, of each slab's chain of
 //! FMAs from zero (one long chain would add rounding errors over all `k` inputs; these grow
@@ -123,8 +122,8 @@ fn run_from<S: Panels>(x: &[f32], weight: &S, m: usize, isa: Simd) -> Option<Vec
     if x.len() != m * k || m == 0 || k == 0 || n == 0 {
         return None;
     }
-    // AVX2 reads the activations from groups of its tile's rows (see `GroupedRows`).
-    let grouped = (isa == Simd::Avx2).then(|| GroupedRows::of(x, m, k));
+    // The tiles read the activations from groups of their rows (see `GroupedRows`).
+    let grouped = GroupedRows::of(x, m, k, tile_rows(isa), isa);
     // Not zeroed first (a single-threaded pass over the output): each task's first slab
     // writes its block, `0 + sum` as the later slabs add to what is there.
     let mut out = Vec::<f32>::with_capacity(m * n);
@@ -132,7 +131,7 @@ fn run_from<S: Panels>(x: &[f32], weight: &S, m: usize, isa: Simd) -> Option<Vec
     for_each_block(m, n, tile_rows(isa), tile_col_unit(isa), |block| {
         // SAFETY: `out` has room for `m * n` values and outlives the tasks; tasks write
         // disjoint (row range, column range) blocks of it.
-        unsafe { columns(x, grouped.as_ref(), weight, block, &target, isa) }
+        unsafe { columns(&grouped, weight, block, &target, isa) }
     });
     // SAFETY: the blocks cover all `m * n` outputs and every task's first slab wrote each
     // of its block's (`columns`).
@@ -140,41 +139,68 @@ fn run_from<S: Panels>(x: &[f32], weight: &S, m: usize, isa: Simd) -> Option<Vec
     Some(out)
 }
 
-/// The activations as the AVX2 tiles read them: per slab of [`SLAB`] inputs and group of
-/// [`AVX2_ROWS`] rows, input by input (`[i][row]`; rows past `m` zero), packed once per
-/// product. Read in place, rows `k` inputs apart fall into the same few L1 sets when `k`
-/// is a multiple of 1024 (every product of these models) and evicted the weight panel.
+/// The activations as the tiles read them: per slab of [`SLAB`] inputs and group of a
+/// tile's rows ([`TILE_ROWS`], [`AVX2_ROWS`] on AVX2), input by input (`[i][row]`; rows
+/// past `m` zero), packed once per product. Read in place, rows `k` inputs apart fall into
+/// the same few L1 sets when `k` is a multiple of 1024 (every product of these models) and
+/// evicted the weight panel; the AVX-512 tile's broadcasts also needed an address
+/// computation per row (8 KB-apart rows: 617x2048x5632 ran 219 GFLOP/s, grouped 240-270).
 struct GroupedRows {
     values: Vec<f32>,
     /// Rows, padded to whole groups.
     rows: usize,
+    /// Rows per group.
+    size: usize,
 }
 
 impl GroupedRows {
-    fn of(x: &[f32], m: usize, k: usize) -> Self {
-        let rows = m.next_multiple_of(AVX2_ROWS);
-        let mut values = vec![0f32; rows * k];
-        super::for_each_chunk(&mut values, rows * SLAB, |s, slab| {
-            let k0 = s * SLAB;
-            let depth = slab.len() / rows;
-            for (g, group) in slab.chunks_mut(AVX2_ROWS * depth).enumerate() {
-                for j in 0..AVX2_ROWS.min(m - g * AVX2_ROWS) {
-                    let r = g * AVX2_ROWS + j;
-                    for (slot, &v) in group
-                        .chunks_exact_mut(AVX2_ROWS)
-                        .zip(&x[r * k + k0..r * k + k0 + depth])
-                    {
-                        slot[j] = v;
+    fn of(x: &[f32], m: usize, k: usize, size: usize, isa: Simd) -> Self {
+        let rows = m.next_multiple_of(size);
+        let mut values = Vec::with_capacity(rows * k);
+        // Every value written once, input by input (no zeroing pass first).
+        super::for_each_chunk(
+            &mut values.spare_capacity_mut()[..rows * k],
+            rows * SLAB,
+            |s, slab| {
+                let k0 = s * SLAB;
+                let depth = slab.len() / rows;
+                for (g, group) in slab.chunks_mut(size * depth).enumerate() {
+                    // The last group may run past `m`: its missing rows are zero.
+                    let first = g * size;
+                    let live = size.min(m - first);
+                    let rows_of = &x[first * k..(first + live) * k];
+                    // Whole groups of 8 rows: 8 x 8 blocks transposed in registers.
+                    let mut done = 0;
+                    #[cfg(target_arch = "x86_64")]
+                    if isa != Simd::Plain && live == 8 && size == 8 {
+                        done = depth / 8 * 8;
+                        for i in (0..done).step_by(8) {
+                            let to = &mut group[i * 8..i * 8 + 64];
+                            assert!(7 * k + k0 + i + 8 <= rows_of.len());
+                            // SAFETY: `Simd::Avx2` and `Simd::Avx512` are only chosen on CPUs with
+                            // AVX2, FMA and F16C; rows 0..8 hold inputs `k0 + i..k0 + i + 8`
+                            // (asserted) and `to` 8 rows of 8 values.
+                            unsafe { transpose8(rows_of[k0 + i..].as_ptr(), k, to.as_mut_ptr().cast(), 8) };
+                        }
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    let _ = isa;
+                    for (i, slot) in group.chunks_exact_mut(size).enumerate().skip(done) {
+                        for (j, value) in slot.iter_mut().enumerate() {
+                            value.write(if j < live { rows_of[j * k + k0 + i] } else { 0.0 });
+                        }
                     }
                 }
-            }
-        });
-        Self { values, rows }
+            },
+        );
+        // SAFETY: the slabs cover all `rows * k` values and each slot of each was written.
+        unsafe { values.set_len(rows * k) };
+        Self { values, rows, size }
     }
 
-    /// The group of rows from `r` (a multiple of [`AVX2_ROWS`]) of the slab from `k0`.
+    /// The group of rows from `r` (a multiple of the group size) of the slab from `k0`.
     fn group(&self, k0: usize, r: usize, depth: usize) -> &[f32] {
-        &self.values[k0 * self.rows + r * depth..][..AVX2_ROWS * depth]
+        &self.values[k0 * self.rows + r * depth..][..self.size * depth]
     }
 }
 
@@ -267,7 +293,7 @@ impl<T: Widen + Element> Panels for Weight<'_, T> {
                                 // SAFETY: `Simd::Avx2` and `Simd::Avx512` are only chosen on CPUs
                                 // with AVX2, FMA and F16C; the 8 rows of `k` values hold inputs `i..i + 8`,
                                 // and `out` the 8 packed rows of 8 values (asserted above).
-                                unsafe { transpose8(rows[i..].as_ptr(), k, out.as_mut_ptr()) };
+                                unsafe { transpose8(rows[i..].as_ptr(), k, out.as_mut_ptr(), TILE_COLS) };
                             }
                             from[8 * g..8 * g + 8].fill(whole);
                         }
@@ -295,15 +321,15 @@ impl<T: Widen + Element> Panels for Weight<'_, T> {
 }
 
 /// 8 rows of 8 values of `T` (rows `step` values apart from `src`) widened to f32 and
-/// transposed into 8 rows of [`TILE_COLS`] from `dst`: value `j` of row `i` to `dst[j *
-/// TILE_COLS + i]`.
+/// transposed into 8 rows `dst_step` values apart from `dst`: value `j` of row `i` to
+/// `dst[j * dst_step + i]`.
 ///
 /// # Safety
 /// The CPU must have AVX2 and F16C; the 8 source rows of 8 values and the 8 destination
 /// rows of 8 values must be valid.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn transpose8<T: Widen + Element>(src: *const T, step: usize, dst: *mut f32) {
+unsafe fn transpose8<T: Widen + Element>(src: *const T, step: usize, dst: *mut f32, dst_step: usize) {
     use std::arch::x86_64::*;
 
     // SAFETY: the 8 source rows are readable (this function's contract).
@@ -335,11 +361,11 @@ unsafe fn transpose8<T: Widen + Element>(src: *const T, step: usize, dst: *mut f
         // SAFETY: destination rows `q` and `q + 4` (this function's contract).
         unsafe {
             _mm256_storeu_ps(
-                dst.add(q * TILE_COLS),
+                dst.add(q * dst_step),
                 _mm256_permute2f128_ps::<0x20>(u[q], u[4 + q]),
             );
             _mm256_storeu_ps(
-                dst.add((q + 4) * TILE_COLS),
+                dst.add((q + 4) * dst_step),
                 _mm256_permute2f128_ps::<0x31>(u[q], u[4 + q]),
             );
         }
@@ -451,19 +477,12 @@ impl Lines {
 /// writes every value of the block, the others add to them.
 ///
 /// # Safety
-/// `out` must point to room for `m * n` values (`x` holds `m * k`) that no one else reads
+/// `out` must point to room for `m * n` values (`x` holds `m` rows) that no one else reads
 /// or writes inside `block`.
-unsafe fn columns<S: Panels>(
-    x: &[f32],
-    grouped: Option<&GroupedRows>,
-    w: &S,
-    block: Block,
-    out: &Output,
-    isa: Simd,
-) {
+unsafe fn columns<S: Panels>(x: &GroupedRows, w: &S, block: Block, out: &Output, isa: Simd) {
     let Block { c0, cols, r0, r1 } = block;
     let [k, n] = w.shape();
-    assert!(r1 * k <= x.len() && c0 + cols <= n);
+    assert!(r1 <= x.rows && c0 + cols <= n);
     let tiles = cols.div_ceil(TILE_COLS);
     let row_step = tile_rows(isa);
     let mut panel = vec![0f32; SLAB * TILE_COLS * tiles];
@@ -487,14 +506,10 @@ unsafe fn columns<S: Panels>(
                     ahead.prefetch(per_step);
                 }
                 let rows = row_step.min(r1 - r);
-                let (a, lda) = match grouped {
-                    // `r` is a multiple of `AVX2_ROWS` (`for_each_block`'s row unit).
-                    Some(g) => (g.group(k0, r, depth), 0),
-                    None => (&x[r * k + k0..], k),
-                };
                 let tile = Tile {
-                    a,
-                    lda,
+                    // `r` is a multiple of the group size (`for_each_block`'s row unit).
+                    a: x.group(k0, r, depth),
+                    group: x.size,
                     b,
                     depth,
                     // SAFETY: row `r < m`, column `c0 + t0 < n`: inside the output.
@@ -522,13 +537,14 @@ unsafe fn columns<S: Panels>(
     }
 }
 
-/// One register tile's operands: activation rows (stride `lda`; for AVX2 a packed group of
-/// [`AVX2_ROWS`] rows, input by input), `depth` packed weight rows of [`TILE_COLS`] values,
+/// One register tile's operands: a group of activation rows input by input
+/// ([`GroupedRows`]), `depth` packed weight rows of [`TILE_COLS`] values,
 /// and output rows from `c` (stride `ldc`) of which the first `width` columns are this
 /// tile's.
 struct Tile<'a> {
     a: &'a [f32],
-    lda: usize,
+    /// Rows in the group `a` holds.
+    group: usize,
     b: &'a [f32],
     depth: usize,
     c: *mut f32,
@@ -550,7 +566,7 @@ impl Tile<'_> {
         for r in 0..rows {
             let mut sums = [0f32; TILE_COLS];
             for i in 0..self.depth {
-                let v = self.a[r * self.lda + i];
+                let v = self.a[i * self.group + r];
                 let ws = &self.b[i * TILE_COLS..i * TILE_COLS + self.width];
                 for (s, &wv) in sums.iter_mut().zip(ws) {
                     *s = v.mul_add(wv, *s);
@@ -601,7 +617,8 @@ impl Tile<'_> {
 
         // The pointer reads below stay inside these bounds.
         assert!(self.width <= TILE_COLS && self.b.len() >= self.depth * TILE_COLS);
-        assert!(R == 0 || self.a.len() >= (R - 1) * self.lda + self.depth);
+        assert!(R <= TILE_ROWS && self.group == TILE_ROWS);
+        assert!(self.a.len() >= self.depth * TILE_ROWS);
         let masks = tile_masks(self.width);
         let c = self.c;
         let mut acc = [[_mm512_setzero_ps(); 3]; R];
@@ -618,7 +635,7 @@ impl Tile<'_> {
             };
             for (r, row) in acc.iter_mut().enumerate() {
                 // SAFETY: row `r < R`, input `i < depth` (checked above).
-                let v = _mm512_set1_ps(unsafe { *a.add(r * self.lda + i) });
+                let v = _mm512_set1_ps(unsafe { *a.add(i * TILE_ROWS + r) });
                 row[0] = _mm512_fmadd_ps(v, w0, row[0]);
                 row[1] = _mm512_fmadd_ps(v, w1, row[1]);
                 row[2] = _mm512_fmadd_ps(v, w2, row[2]);
@@ -678,7 +695,7 @@ impl Tile<'_> {
 
         // The pointer reads below stay inside these bounds.
         assert!(self.width <= TILE_COLS && c0 + 16 <= TILE_COLS && self.b.len() >= self.depth * TILE_COLS);
-        assert!(R <= AVX2_ROWS && self.a.len() >= self.depth * AVX2_ROWS);
+        assert!(R <= AVX2_ROWS && self.group == AVX2_ROWS && self.a.len() >= self.depth * AVX2_ROWS);
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         let a = self.a.as_ptr();
         // SAFETY: column `c0 < TILE_COLS` of the first packed row (above).
