@@ -474,7 +474,8 @@ impl Lines {
 }
 
 /// `block` of the product into the `[m, n]` output at `out`, slab by slab: the first slab
-/// writes every value of the block, the others add to them.
+/// writes every value of the block, the others add to them, in a buffer of the task's own
+/// until the last slab writes the output.
 ///
 /// # Safety
 /// `out` must point to room for `m * n` values (`x` holds `m` rows) that no one else reads
@@ -486,6 +487,13 @@ unsafe fn columns<S: Panels>(x: &GroupedRows, w: &S, block: Block, out: &Output,
     let tiles = cols.div_ceil(TILE_COLS);
     let row_step = tile_rows(isa);
     let mut panel = vec![0f32; SLAB * TILE_COLS * tiles];
+    // The sums of the slabs before the last, in rows of the task's tiles: the output's rows
+    // are `n` values apart, a multiple of 4 KB for most of these products, so that a tile's
+    // rows shared L1 sets with the weight panel at every slab.
+    let ldp = tiles * TILE_COLS;
+    // Not zeroed: the first slab writes each value before the next reads it (through raw
+    // pointers only: no reference to the spare room is ever made).
+    let mut partial: Vec<f32> = Vec::with_capacity(if k > SLAB { (r1 - r0) * ldp } else { 0 });
     let mut k0 = 0;
     while k0 < k {
         let k1 = (k0 + SLAB).min(k);
@@ -506,17 +514,24 @@ unsafe fn columns<S: Panels>(x: &GroupedRows, w: &S, block: Block, out: &Output,
                     ahead.prefetch(per_step);
                 }
                 let rows = row_step.min(r1 - r);
+                // Used only when there are several slabs (`partial` is allocated then).
+                let sums = partial.as_mut_ptr().wrapping_add((r - r0) * ldp + t0);
+                let (c, ldc) = if k1 < k {
+                    (sums, ldp)
+                } else {
+                    // SAFETY: row `r < m`, column `c0 + t0 < n`: inside the output.
+                    (unsafe { out.0.add(r * n + c0 + t0) }, n)
+                };
                 let tile = Tile {
                     // `r` is a multiple of the group size (`for_each_block`'s row unit).
                     a: x.group(k0, r, depth),
                     group: x.size,
                     b,
                     depth,
-                    // SAFETY: row `r < m`, column `c0 + t0 < n`: inside the output.
-                    c: unsafe { out.0.add(r * n + c0 + t0) },
-                    ldc: n,
+                    c,
+                    ldc,
                     width: TILE_COLS.min(cols - t0),
-                    first: k0 == 0,
+                    prior: (k0 > 0).then_some((sums.cast_const(), ldp)),
                 };
                 // SAFETY: `Simd::Avx512` and `Simd::Avx2` are only chosen on CPUs with their
                 // instructions (`Simd::best`); `rows` output rows of `width` values from
@@ -550,17 +565,28 @@ struct Tile<'a> {
     c: *mut f32,
     ldc: usize,
     width: usize,
-    /// The first slab: `c` holds nothing yet and gets `0 + a . b`.
-    first: bool,
+    /// The sums of the slabs before (rows `.1` values apart), or none for the first slab,
+    /// whose sums are `0 + a . b`. May be `c` itself.
+    prior: Option<(*const f32, usize)>,
 }
 
 impl Tile<'_> {
-    /// `c += a . b` over `rows` rows (`c = 0 + a . b` for the first slab): per output, one
-    /// FMA per input in order from zero, then one addition.
+    /// The prior sum of output `(r, j)` of the tile (zero for the first slab).
+    ///
+    /// # Safety
+    /// Row `r` and column `j` must lie in the tile's live rows and columns.
+    unsafe fn prior_at(&self, r: usize, j: usize) -> f32 {
+        // SAFETY: as this function's (`prior` holds the tile's rows).
+        self.prior
+            .map_or(0.0, |(p, ld)| unsafe { p.add(r * ld + j).read() })
+    }
+
+    /// `c = prior + a . b` over `rows` rows (`c = 0 + a . b` for the first slab): per
+    /// output, one FMA per input in order from zero, then one addition.
     ///
     /// # Safety
     /// `rows` output rows of `width` values from `c` (stride `ldc`) must be valid for writes,
-    /// and written before unless `first`, and not in use elsewhere.
+    /// `prior`'s (if any) written before and valid for reads, and neither in use elsewhere.
     unsafe fn plain(self, rows: usize) {
         assert!(self.width <= TILE_COLS && self.b.len() >= self.depth * TILE_COLS);
         for r in 0..rows {
@@ -573,11 +599,11 @@ impl Tile<'_> {
                 }
             }
             for (j, s) in sums.into_iter().take(self.width).enumerate() {
-                // SAFETY: as this function's (raw reads and writes: the first slab finds the
-                // output not yet written).
+                // SAFETY: as this function's (a raw write: the first slab's target is not
+                // yet written; the prior sums are read from `prior`).
                 unsafe {
                     let o = self.c.add(r * self.ldc + j);
-                    o.write(if self.first { 0.0 } else { o.read() } + s);
+                    o.write(self.prior_at(r, j) + s);
                 }
             }
         }
@@ -646,10 +672,9 @@ impl Tile<'_> {
                 // SAFETY: masked to the row's `width` live columns.
                 unsafe {
                     let at = c.add(r * self.ldc + 16 * j);
-                    let before = if self.first {
-                        _mm512_setzero_ps()
-                    } else {
-                        _mm512_maskz_loadu_ps(masks[j], at)
+                    let before = match self.prior {
+                        None => _mm512_setzero_ps(),
+                        Some((p, ld)) => _mm512_maskz_loadu_ps(masks[j], p.add(r * ld + 16 * j)),
                     };
                     _mm512_mask_storeu_ps(at, masks[j], _mm512_add_ps(before, *v));
                 }
@@ -724,10 +749,9 @@ impl Tile<'_> {
                 if live == 16 {
                     for (j, v) in row.iter().enumerate() {
                         let to = at.add(8 * j);
-                        let before = if self.first {
-                            _mm256_setzero_ps()
-                        } else {
-                            _mm256_loadu_ps(to)
+                        let before = match self.prior {
+                            None => _mm256_setzero_ps(),
+                            Some((p, ld)) => _mm256_loadu_ps(p.add(r * ld + c0 + 8 * j)),
                         };
                         _mm256_storeu_ps(to, _mm256_add_ps(before, *v));
                     }
@@ -738,7 +762,7 @@ impl Tile<'_> {
                     }
                     for (j, s) in sums.into_iter().take(live).enumerate() {
                         let o = at.add(j);
-                        o.write(if self.first { 0.0 } else { o.read() } + s);
+                        o.write(self.prior_at(r, c0 + j) + s);
                     }
                 }
             }
