@@ -32,6 +32,8 @@ const SLAB: usize = 128;
 /// Rows of one AVX2 register tile (of 16 columns): the tile's rows are taken this many at
 /// a time on AVX2.
 const AVX2_ROWS: usize = 6;
+/// Values of a row group ahead of the AVX-512 tile's input that it prefetches.
+const ACTIVATION_PREFETCH: usize = 512;
 
 /// Output rows per register tile step at level `isa` (and the unit of the tasks' row parts,
 /// so that AVX2's row groups start at a task's first row).
@@ -659,6 +661,9 @@ impl Tile<'_> {
                     _mm512_loadu_ps(b.add(TILE_COLS * i + 32)),
                 )
             };
+            // The group's inputs some lines ahead (past its end: the next group's, which the
+            // next tile reads; a prefetch never faults).
+            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(i * TILE_ROWS + ACTIVATION_PREFETCH).cast());
             for (r, row) in acc.iter_mut().enumerate() {
                 // SAFETY: row `r < R`, input `i < depth` (checked above).
                 let v = _mm512_set1_ps(unsafe { *a.add(i * TILE_ROWS + r) });
