@@ -7,13 +7,16 @@
 //! (16 x 16 blocks transposed in registers), the activations are grouped by a tile's rows
 //! once per product (`GroupedRows`), and an 8-row x 48-column tile of f32 accumulators
 //! takes one FMA per weight register and row. AVX2: 8 x 8 transposes, groups of 6 rows,
-//! and 6-row x 16-column tiles (the 12 accumulators that 16 registers allow). bf16 and f16 weights are widened as they are packed (CPUs without a bf16 gemm).
+//! and 6-row x 16-column tiles (the 12 accumulators that 16 registers allow). bf16 and f16
+//! weights are widened as they are packed (CPUs without a bf16 gemm).
 //!
 //! Every output is a sum over slabs of [`SLAB`] inputs, in order, of each slab's chain of
 //! FMAs from zero (one long chain would add rounding errors over all `k` inputs; these grow
 //! with `SLAB + k / SLAB`, as a blocked gemm's do): the result does not depend on the tiling
 //! or the thread count, and [`matmul_f32_gemm_reference`] computes the same bits in plain
 //! Rust.
+
+use std::mem::MaybeUninit;
 
 use burn::tensor::{DType, Element};
 
@@ -126,8 +129,8 @@ fn run_from<S: Panels>(x: &[f32], weight: &S, m: usize, isa: Simd) -> Option<Vec
     }
     // The tiles read the activations from groups of their rows (see `GroupedRows`).
     let grouped = GroupedRows::of(x, m, k, tile_rows(isa), isa);
-    // Not zeroed first (a single-threaded pass over the output): each task's first slab
-    // writes its block, `0 + sum` as the later slabs add to what is there.
+    // Not zeroed first (a single-threaded pass over the output): each task's last slab
+    // writes its block (`columns`).
     let mut out = Vec::<f32>::with_capacity(m * n);
     let target = Output(out.as_mut_ptr());
     for_each_block(m, n, tile_rows(isa), tile_col_unit(isa), |block| {
@@ -135,7 +138,7 @@ fn run_from<S: Panels>(x: &[f32], weight: &S, m: usize, isa: Simd) -> Option<Vec
         // disjoint (row range, column range) blocks of it.
         unsafe { columns(&grouped, weight, block, &target, isa) }
     });
-    // SAFETY: the blocks cover all `m * n` outputs and every task's first slab wrote each
+    // SAFETY: the blocks cover all `m * n` outputs and every task's last slab wrote each
     // of its block's (`columns`).
     unsafe { out.set_len(m * n) };
     Some(out)
@@ -168,30 +171,8 @@ impl GroupedRows {
                 let depth = slab.len() / rows;
                 for (g, group) in slab.chunks_mut(size * depth).enumerate() {
                     // The last group may run past `m`: its missing rows are zero.
-                    let first = g * size;
-                    let live = size.min(m - first);
-                    let rows_of = &x[first * k..(first + live) * k];
-                    // Whole groups of 8 rows: 8 x 8 blocks transposed in registers.
-                    let mut done = 0;
-                    #[cfg(target_arch = "x86_64")]
-                    if isa != Simd::Plain && live == 8 && size == 8 {
-                        done = depth / 8 * 8;
-                        for i in (0..done).step_by(8) {
-                            let to = &mut group[i * 8..i * 8 + 64];
-                            assert!(7 * k + k0 + i + 8 <= rows_of.len());
-                            // SAFETY: `Simd::Avx2` and `Simd::Avx512` are only chosen on CPUs with
-                            // AVX2, FMA and F16C; rows 0..8 hold inputs `k0 + i..k0 + i + 8`
-                            // (asserted) and `to` 8 rows of 8 values.
-                            unsafe { transpose8(rows_of[k0 + i..].as_ptr(), k, to.as_mut_ptr().cast(), 8) };
-                        }
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    let _ = isa;
-                    for (i, slot) in group.chunks_exact_mut(size).enumerate().skip(done) {
-                        for (j, value) in slot.iter_mut().enumerate() {
-                            value.write(if j < live { rows_of[j * k + k0 + i] } else { 0.0 });
-                        }
-                    }
+                    let live = size.min(m - g * size);
+                    fill_group(group, &x[g * size * k..(g * size + live) * k], k, k0, size, isa);
                 }
             },
         );
@@ -203,6 +184,33 @@ impl GroupedRows {
     /// The group of rows from `r` (a multiple of the group size) of the slab from `k0`.
     fn group(&self, k0: usize, r: usize, depth: usize) -> &[f32] {
         &self.values[k0 * self.rows + r * depth..][..self.size * depth]
+    }
+}
+
+/// One group of [`GroupedRows`]: inputs `k0..` of `rows` (whole rows of `k` values, at most
+/// `size` of them; missing rows zero) into `group`, input by input. A whole group of 8 rows
+/// goes 8 x 8 blocks at a time, transposed in registers.
+fn fill_group(group: &mut [MaybeUninit<f32>], rows: &[f32], k: usize, k0: usize, size: usize, isa: Simd) {
+    let (live, depth) = (rows.len() / k, group.len() / size);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if isa != Simd::Plain && live == 8 {
+        done = depth / 8 * 8;
+        for i in (0..done).step_by(8) {
+            let to = &mut group[i * 8..i * 8 + 64];
+            assert!(7 * k + k0 + i + 8 <= rows.len());
+            // SAFETY: `Simd::Avx2` and `Simd::Avx512` are only chosen on CPUs with AVX2, FMA
+            // and F16C; rows 0..8 hold inputs `k0 + i..k0 + i + 8` (asserted) and `to` 8
+            // rows of 8 values.
+            unsafe { transpose8(rows[k0 + i..].as_ptr(), k, to.as_mut_ptr().cast(), 8) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = isa;
+    for (i, slot) in group.chunks_exact_mut(size).enumerate().skip(done) {
+        for (j, value) in slot.iter_mut().enumerate() {
+            value.write(if j < live { rows[j * k + k0 + i] } else { 0.0 });
+        }
     }
 }
 
