@@ -1,7 +1,9 @@
 //! Rates of the decode kernels in isolation (weights streamed once per call):
 //! `cargo bench -p vipllava-model --bench stream_kernels` (set `RAYON_NUM_THREADS`;
 //! `STREAM_KERNELS=rows` for the file-order table alone, `STREAM_KERNELS=gemm` for the
-//! many-row bf16 table alone, `STREAM_KERNELS=f32-gemm` for the many-row f32 table alone,
+//! many-row bf16 table alone, `STREAM_KERNELS=amx-gemm` for its AMX column alone,
+//! `STREAM_KERNELS=amx-tile` for the AMX block loop alone (`AMX_THREADS`, `AMX_MISALIGN`),
+//! `STREAM_KERNELS=f32-gemm` for the many-row f32 table alone,
 //! `STREAM_KERNELS=prefill-attention` and
 //! `STREAM_KERNELS=decode-attention` for the attention tables alone,
 //! `STREAM_KERNELS=packed-memory` for packed q4/q8 products over weights larger than the
@@ -41,11 +43,38 @@ fn median_ms<const C: usize>(rounds: &[[f64; C]], c: usize) -> f64 {
     v[v.len() / 2] * 1e3
 }
 
+/// The many-row products of a prefill: the 1.1B Llama's (617 rows, the prompt with the
+/// image) and CLIP-L's (577 rows), as `(m, k, n)`.
+const PREFILL_PRODUCTS: [(usize, usize, usize); 7] = [
+    (617, 2048, 5632),
+    (617, 5632, 2048),
+    (617, 2048, 2048),
+    (617, 2048, 256),
+    (577, 1024, 4096),
+    (577, 4096, 1024),
+    (577, 1024, 1024),
+];
+
+/// The many-row tables' activations `[m, k]` and weight `[k, n]` (small values whose
+/// products are not exact).
+fn prefill_operands(m: usize, k: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+    let x = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) * 0.05).collect();
+    let w = (0..k * n).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
+    (x, w)
+}
+
+/// A `[k, n]` weight in a checkpoint's `[n, k]` order.
+fn checkpoint_order<T: Copy>(w: &[T], k: usize, n: usize) -> Vec<T> {
+    (0..n * k).map(|i| w[(i % k) * n + i / k]).collect()
+}
+
 fn main() {
     // `STREAM_KERNELS=<table>` prints that table alone.
     let alone: Option<fn()> = match std::env::var("STREAM_KERNELS").as_deref() {
         Ok("rows") => Some(rows_table),
         Ok("gemm") => Some(gemm_table),
+        Ok("amx-gemm") => Some(amx_gemm_table),
+        Ok("amx-tile") => Some(amx_tile_table),
         Ok("f32-gemm") => Some(f32_gemm_table),
         Ok("packed-memory") => Some(packed_memory_table),
         Ok("q4-gemm") => Some(q4_gemm_table),
@@ -230,22 +259,13 @@ fn gemm_table() {
         "| m x k x n | widen + f32 gemm ms | vdpbf16ps [k,n] ms | vdpbf16ps [n,k] ms | AMX [k,n] ms | AMX [n,k] ms | GFLOP/s (best [n,k]) | widen / best [n,k] |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    for (m, k, n) in [
-        (617, 2048, 5632),
-        (617, 5632, 2048),
-        (617, 2048, 2048),
-        (617, 2048, 256),
-        (577, 1024, 4096),
-        (577, 4096, 1024),
-        (577, 1024, 1024),
-    ] {
-        let x: Vec<bf16> = (0..m * k)
-            .map(|i| bf16::from_f32(((i % 17) as f32 - 8.0) * 0.05))
-            .collect();
-        let w: Vec<bf16> = (0..k * n)
-            .map(|i| bf16::from_f32(((i % 13) as f32 - 6.0) * 0.01))
-            .collect();
-        let file: Vec<bf16> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+    for (m, k, n) in PREFILL_PRODUCTS {
+        let (x, w) = prefill_operands(m, k, n);
+        let (x, w): (Vec<bf16>, Vec<bf16>) = (
+            x.into_iter().map(bf16::from_f32).collect(),
+            w.into_iter().map(bf16::from_f32).collect(),
+        );
+        let file = checkpoint_order(&w, k, n);
         let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
         let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), [k, n]), &device);
         let mut rounds = [[f64::NAN; 5]; 3];
@@ -312,6 +332,122 @@ fn gemm_table() {
     }
 }
 
+/// The AMX column of [`gemm_table`] alone, checkpoint-order weights, five interleaved
+/// rounds (quick to rerun while tuning the AMX gemm).
+fn amx_gemm_table() {
+    use vipllava_model::kernels::amx::amx_bf16_available;
+    use vipllava_model::kernels::bf16_gemm::{WeightOrder, matmul_bf16_amx};
+
+    if !amx_bf16_available() {
+        println!("no AMX-BF16 on this CPU");
+        return;
+    }
+    println!("| m x k x n | AMX [n,k] ms | GFLOP/s |");
+    println!("|---|---|---|");
+    for (m, k, n) in PREFILL_PRODUCTS {
+        let (x, w) = prefill_operands(m, k, n);
+        let (x, w): (Vec<bf16>, Vec<bf16>) = (
+            x.into_iter().map(bf16::from_f32).collect(),
+            w.into_iter().map(bf16::from_f32).collect(),
+        );
+        let file = checkpoint_order(&w, k, n);
+        let mut rounds = [[f64::NAN; 1]; 5];
+        for round in rounds.iter_mut() {
+            round[0] = time(5, || {
+                black_box(matmul_bf16_amx(&x, &file, WeightOrder::OutputMajor, m, k, n));
+            });
+        }
+        let ms = median_ms(&rounds, 0);
+        let gflops = 2.0 * (m * k * n) as f64 / ms / 1e6;
+        println!("| {m} x {k} x {n} | {ms:.2} | {gflops:.0} |");
+    }
+}
+
+/// The AMX block loop ([`Tiles::block`]) alone, in `AMX_THREADS` threads (default 1) at
+/// once, on operands from L1-sized to L2-sized: GFLOP/s per thread. `AMX_MISALIGN=16`
+/// starts the operand tiles 16 bytes past a cache line (what a plain `Vec` gave).
+fn amx_tile_table() {
+    use vipllava_model::kernels::amx::Tiles;
+
+    if Tiles::new().is_none() {
+        println!("no AMX-BF16 on this CPU");
+        return;
+    }
+    let env = |name: &str, default: usize| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let threads = env("AMX_THREADS", 1);
+    let misalign = env("AMX_MISALIGN", 0);
+    // bf16 bits of small values; the loop's time does not depend on them.
+    let operand = |len: usize| -> Vec<u16> {
+        (0..len)
+            .map(|i| bf16::from_f32((i % 200) as f32 * 0.01 - 1.0).to_bits())
+            .collect()
+    };
+    // A copy of `values` that starts `misalign` bytes past a cache line.
+    let placed = |values: Vec<u16>| -> (Vec<u16>, usize) {
+        let mut buffer = vec![0u16; values.len() + 64];
+        let start = (64 - buffer.as_ptr() as usize % 64) % 64 / 2 + misalign / 2;
+        buffer[start..start + values.len()].copy_from_slice(&values);
+        (buffer, start)
+    };
+    println!("| steps | 32-row blocks (A) | 32-column blocks (B) | GFLOP/s per thread ({threads} threads) |");
+    println!("|---|---|---|---|");
+    for (steps, row_blocks, col_blocks) in [
+        (8, 1, 1),
+        (64, 1, 1),
+        (64, 1, 8),
+        (64, 20, 8),
+        (16, 20, 8),
+        (64, 20, 1),
+    ] {
+        let tile = steps * 512; // bf16 values of one 16-row operand over `steps` steps
+        let (a, a0) = placed(operand(row_blocks * 2 * tile));
+        let (b, b0) = placed(operand(col_blocks * 2 * tile));
+        let (a, b) = (&a[a0..], &b[b0..]);
+        let reps = (4_000_000 / (row_blocks * col_blocks * steps)).max(1);
+        let one_thread = || {
+            let tiles = Tiles::new().expect("AMX checked above");
+            let mut c = vec![0f32; row_blocks * col_blocks * 1024];
+            time(5, || {
+                for _ in 0..reps {
+                    for r in 0..row_blocks {
+                        for t in 0..col_blocks {
+                            let ap = [
+                                a[2 * r * tile..].as_ptr().cast(),
+                                a[(2 * r + 1) * tile..].as_ptr().cast(),
+                            ];
+                            let bp = [
+                                b[2 * t * tile..].as_ptr().cast(),
+                                b[(2 * t + 1) * tile..].as_ptr().cast(),
+                            ];
+                            let cp = c[(r * col_blocks + t) * 1024..].as_mut_ptr().cast::<u8>();
+                            // SAFETY: each operand holds `steps` 1 KB tiles past its start, `c`
+                            // 32 rows of 128 bytes for this block; the thread's own buffers.
+                            unsafe { tiles.block(ap, bp, Some((cp.cast_const(), 128)), (cp, 128), steps) };
+                        }
+                    }
+                }
+            })
+        };
+        let slowest = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads).map(|_| scope.spawn(one_thread)).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("bench thread"))
+                .fold(0.0, f64::max)
+        });
+        let flops = 2.0 * 32.0 * 32.0 * 32.0 * (steps * row_blocks * col_blocks * reps) as f64;
+        println!(
+            "| {steps} | {row_blocks} | {col_blocks} | {:.0} |",
+            flops / slowest / 1e9
+        );
+    }
+}
+
 /// Many-row f32 products (f32 prefill, image encode): Flex's f32 gemm on a checkpoint-order
 /// weight (what the engine did before) against [`matmul_f32_gemm`] in both weight orders,
 /// 3 interleaved rounds, medians.
@@ -327,18 +463,9 @@ fn f32_gemm_table() {
         "| m x k x n | Flex [n,k] ms | ours [k,n] ms | ours [n,k] ms | GFLOP/s (ours [n,k]) | Flex / ours [n,k] |"
     );
     println!("|---|---|---|---|---|---|");
-    for (m, k, n) in [
-        (617, 2048, 5632),
-        (617, 5632, 2048),
-        (617, 2048, 2048),
-        (617, 2048, 256),
-        (577, 1024, 4096),
-        (577, 4096, 1024),
-        (577, 1024, 1024),
-    ] {
-        let x: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) * 0.05).collect();
-        let w: Vec<f32> = (0..k * n).map(|i| ((i % 13) as f32 - 6.0) * 0.01).collect();
-        let file: Vec<f32> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+    for (m, k, n) in PREFILL_PRODUCTS {
+        let (x, w) = prefill_operands(m, k, n);
+        let file = checkpoint_order(&w, k, n);
         let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
         // The checkpoint's `[n, k]` rows seen as `[k, n]`, as the loader hands them out.
         let ft = Tensor::<2>::from_data(TensorData::new(file.clone(), [n, k]), &device).swap_dims(0, 1);
@@ -383,15 +510,8 @@ fn q4_gemm_table() {
         "| m x k x n | f32 gemm, dequantized in the pack ms | int8 x q4 gemm ms (with quantization) | quantization alone ms | f32 / int8 | int8 GFLOP/s |"
     );
     println!("|---|---|---|---|---|---|");
-    for (m, k, n) in [
-        (617, 2048, 5632),
-        (617, 5632, 2048),
-        (617, 2048, 2048),
-        (617, 2048, 256),
-        (577, 1024, 4096),
-        (577, 4096, 1024),
-    ] {
-        let x: Vec<f32> = (0..m * k).map(|i| ((i % 17) as f32 - 8.0) * 0.05).collect();
+    for &(m, k, n) in &PREFILL_PRODUCTS[..6] {
+        let (x, _) = prefill_operands(m, k, 0);
         let q: Vec<i8> = (0..k * n).map(|i| ((i * 7 + i / 3) % 16) as i8 - 8).collect();
         let scales: Vec<f32> = (0..k * n / 32).map(|i| 0.01 + (i % 5) as f32 * 0.001).collect();
         let scales: Vec<f32> = scales

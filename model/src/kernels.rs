@@ -24,6 +24,18 @@ use burn_flex::{Flex, FlexQTensor, FlexTensor};
 
 use rayon::prelude::*;
 
+/// A buffer that starts on a 64-byte boundary: a cache line, an AVX-512 register, an AMX
+/// tile row. Rows of a tile that straddle two lines halve the tile loads' rate (AMX block
+/// loop on one core: 1300-1700 GFLOP/s aligned against 700-930 with the rows 16 bytes off).
+pub type AlignedVec<T> = aligned_vec::AVec<T, aligned_vec::ConstAlign<64>>;
+
+/// An [`AlignedVec`] of `len` zeros.
+pub fn aligned_zeros<T: bytemuck::Zeroable + Clone>(len: usize) -> AlignedVec<T> {
+    let mut values = AlignedVec::with_capacity(64, len);
+    values.resize(len, T::zeroed());
+    values
+}
+
 pub mod amx;
 pub mod attention;
 pub mod bf16_dot;

@@ -8,6 +8,24 @@
 //! eight tile registers, which the compiler never allocates. Linux hands out the tile state
 //! only to a process that asks for it (`arch_prctl(ARCH_REQ_XCOMP_PERM)`), once.
 
+/// Sixteen `prefetcht0` of the lines 2048..3072 bytes past the operand register `$r`: one
+/// tile two steps ahead of the block loop, spread over its products.
+#[rustfmt::skip]
+macro_rules! pf16 {
+    ($r:literal) => {
+        concat!(
+            "prefetcht0 [{", $r, "} + 2048]\n", "prefetcht0 [{", $r, "} + 2112]\n",
+            "prefetcht0 [{", $r, "} + 2176]\n", "prefetcht0 [{", $r, "} + 2240]\n",
+            "prefetcht0 [{", $r, "} + 2304]\n", "prefetcht0 [{", $r, "} + 2368]\n",
+            "prefetcht0 [{", $r, "} + 2432]\n", "prefetcht0 [{", $r, "} + 2496]\n",
+            "prefetcht0 [{", $r, "} + 2560]\n", "prefetcht0 [{", $r, "} + 2624]\n",
+            "prefetcht0 [{", $r, "} + 2688]\n", "prefetcht0 [{", $r, "} + 2752]\n",
+            "prefetcht0 [{", $r, "} + 2816]\n", "prefetcht0 [{", $r, "} + 2880]\n",
+            "prefetcht0 [{", $r, "} + 2944]\n", "prefetcht0 [{", $r, "} + 3008]\n",
+        )
+    };
+}
+
 /// Bytes of one tile row: 16 f32 sums, or 16 bf16 pairs.
 pub const ROW_BYTES: usize = 64;
 /// Rows of one tile.
@@ -102,74 +120,89 @@ impl Tiles {
     /// `c += a . b` for a 32 x 32 block of f32 sums over `steps` groups of 16 pairs. Each
     /// operand tile is 1 KB in a row (16 rows of 64 bytes), group `s` at byte `1024 s`:
     /// `a[0]`/`a[1]` the two 16-row blocks of activation pairs, `b[0]`/`b[1]` the two
-    /// 16-column blocks of weight pairs (row `p`: pair `p` of 16 columns); `c` is 32 rows of
-    /// 32 f32, `ldc` bytes apart. With `accumulate` false the sums start from zero instead
-    /// of `c` (which may then be uninitialized memory).
+    /// 16-column blocks of weight pairs (row `p`: pair `p` of 16 columns). The sums start
+    /// from the 32 rows of 32 f32 at `from` (`(address, bytes between rows)`), or from zero
+    /// where `from` is `None`, and end in the 32 rows at `to`, which may be `from` itself
+    /// (then uninitialized memory is fine without `from`). The loop asks for the operand
+    /// lines two steps (2 KB) ahead: the hardware prefetcher alone left the tile loads
+    /// waiting on L2.
     ///
     /// # Safety
-    /// Each of `a` and `b` must hold `1024 steps` bytes, `c` 32 rows of 128 bytes at stride
-    /// `ldc` that no one else uses meanwhile.
-    #[allow(clippy::too_many_arguments)]
+    /// Each of `a` and `b` must hold `1024 steps` bytes, `from` and `to` 32 rows of 128
+    /// bytes at their strides that no one else writes (`to`: uses) meanwhile.
     pub unsafe fn block(
         &self,
         a: [*const u8; 2],
         b: [*const u8; 2],
-        c: *mut u8,
-        ldc: usize,
+        from: Option<(*const u8, usize)>,
+        to: (*mut u8, usize),
         steps: usize,
-        accumulate: bool,
     ) {
-        if steps == 0 {
-            return;
-        }
         #[cfg(not(target_arch = "x86_64"))]
-        unreachable!("no tiles outside x86_64 ({a:?} {b:?} {c:?} {ldc} {accumulate})");
+        unreachable!("no tiles outside x86_64 ({a:?} {b:?} {from:?} {to:?} {steps})");
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the tiles were configured by `new` on this thread (`Tiles` is neither
-        // Send nor Sync); the reads and writes stay inside the bounds above.
+        // Send nor Sync); the reads and writes stay inside the bounds above. The three
+        // blocks of assembly share the tile registers, which no compiled code touches.
         unsafe {
+            match from {
+                Some((c, ldc)) => std::arch::asm!(
+                    "tileloadd tmm0, [{c} + {ldc}*1]",
+                    "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
+                    "tileloadd tmm2, [{c16} + {ldc}*1]",
+                    "tileloadd tmm3, [{c16} + {ldc}*1 + 64]",
+                    c = in(reg) c,
+                    c16 = in(reg) c.add(TILE_ROWS * ldc),
+                    ldc = in(reg) ldc,
+                    options(nostack, readonly),
+                ),
+                None => std::arch::asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem),
+                ),
+            }
+            if steps > 0 {
+                std::arch::asm!(
+                    "2:",
+                    "tileloadd tmm4, [{a0} + {row}*1]",
+                    "tileloadd tmm6, [{b0} + {row}*1]",
+                    "tileloadd tmm5, [{a1} + {row}*1]",
+                    "tileloadd tmm7, [{b1} + {row}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    pf16!("b0"),
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    pf16!("b1"),
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    pf16!("a0"),
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    pf16!("a1"),
+                    "add {a0}, 1024",
+                    "add {a1}, 1024",
+                    "add {b0}, 1024",
+                    "add {b1}, 1024",
+                    "dec {steps}",
+                    "jnz 2b",
+                    a0 = inout(reg) a[0] => _,
+                    a1 = inout(reg) a[1] => _,
+                    b0 = inout(reg) b[0] => _,
+                    b1 = inout(reg) b[1] => _,
+                    row = in(reg) ROW_BYTES,
+                    steps = inout(reg) steps => _,
+                    options(nostack, readonly),
+                );
+            }
+            let (c, ldc) = to;
             std::arch::asm!(
-                "test {accumulate}, {accumulate}",
-                "jz 3f",
-                "tileloadd tmm0, [{c} + {ldc}*1]",
-                "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
-                "tileloadd tmm2, [{c16} + {ldc}*1]",
-                "tileloadd tmm3, [{c16} + {ldc}*1 + 64]",
-                "jmp 2f",
-                "3:",
-                "tilezero tmm0",
-                "tilezero tmm1",
-                "tilezero tmm2",
-                "tilezero tmm3",
-                "2:",
-                "tileloadd tmm4, [{a0} + {row}*1]",
-                "tileloadd tmm6, [{b0} + {row}*1]",
-                "tileloadd tmm5, [{a1} + {row}*1]",
-                "tileloadd tmm7, [{b1} + {row}*1]",
-                "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm1, tmm4, tmm7",
-                "tdpbf16ps tmm2, tmm5, tmm6",
-                "tdpbf16ps tmm3, tmm5, tmm7",
-                "add {a0}, 1024",
-                "add {a1}, 1024",
-                "add {b0}, 1024",
-                "add {b1}, 1024",
-                "dec {steps}",
-                "jnz 2b",
                 "tilestored [{c} + {ldc}*1], tmm0",
                 "tilestored [{c} + {ldc}*1 + 64], tmm1",
                 "tilestored [{c16} + {ldc}*1], tmm2",
                 "tilestored [{c16} + {ldc}*1 + 64], tmm3",
-                a0 = inout(reg) a[0] => _,
-                a1 = inout(reg) a[1] => _,
-                b0 = inout(reg) b[0] => _,
-                b1 = inout(reg) b[1] => _,
                 c = in(reg) c,
                 c16 = in(reg) c.add(TILE_ROWS * ldc),
                 ldc = in(reg) ldc,
-                row = in(reg) ROW_BYTES,
-                steps = inout(reg) steps => _,
-                accumulate = in(reg) accumulate as usize,
                 options(nostack),
             );
         }
@@ -243,7 +276,8 @@ impl Tiles {
     /// # Safety
     /// `p` must hold 16 rows of 128 bytes, `values` `2048 col_tiles` bytes, `o` 16 rows of
     /// `64 col_tiles` bytes at stride `o_stride` that no one else uses meanwhile;
-    /// `col_tiles > 0`.
+    /// `col_tiles` a positive multiple of 4 (four sums at a time: two products into one
+    /// tile of sums wait for each other, four tiles keep the unit busy).
     pub unsafe fn values16x64(
         &self,
         p: *const u8,
@@ -252,7 +286,7 @@ impl Tiles {
         o_stride: usize,
         col_tiles: usize,
     ) {
-        assert!(col_tiles > 0);
+        assert!(col_tiles > 0 && col_tiles.is_multiple_of(4));
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("no tiles outside x86_64 ({p:?} {values:?} {o:?} {o_stride})");
         #[cfg(target_arch = "x86_64")]
@@ -264,15 +298,33 @@ impl Tiles {
                 "tileloadd tmm5, [{p} + {p_stride}*1 + 64]",
                 "2:",
                 "tileloadd tmm0, [{o} + {o_stride}*1]",
+                "tileloadd tmm1, [{o} + {o_stride}*1 + 64]",
+                "tileloadd tmm2, [{o} + {o_stride}*1 + 128]",
+                "tileloadd tmm3, [{o} + {o_stride}*1 + 192]",
                 "tileloadd tmm6, [{v} + {row}*1]",
-                "tileloadd tmm7, [{v2} + {row}*1]",
                 "tdpbf16ps tmm0, tmm4, tmm6",
-                "tdpbf16ps tmm0, tmm5, tmm7",
+                "tileloadd tmm7, [{v} + {row}*1 + 1024]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tileloadd tmm6, [{v} + {row}*1 + 2048]",
+                "tdpbf16ps tmm2, tmm4, tmm6",
+                "tileloadd tmm7, [{v} + {row}*1 + 3072]",
+                "tdpbf16ps tmm3, tmm4, tmm7",
+                "tileloadd tmm6, [{v2} + {row}*1]",
+                "tdpbf16ps tmm0, tmm5, tmm6",
+                "tileloadd tmm7, [{v2} + {row}*1 + 1024]",
+                "tdpbf16ps tmm1, tmm5, tmm7",
+                "tileloadd tmm6, [{v2} + {row}*1 + 2048]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tileloadd tmm7, [{v2} + {row}*1 + 3072]",
+                "tdpbf16ps tmm3, tmm5, tmm7",
                 "tilestored [{o} + {o_stride}*1], tmm0",
-                "add {o}, 64",
-                "add {v}, 1024",
-                "add {v2}, 1024",
-                "dec {tiles}",
+                "tilestored [{o} + {o_stride}*1 + 64], tmm1",
+                "tilestored [{o} + {o_stride}*1 + 128], tmm2",
+                "tilestored [{o} + {o_stride}*1 + 192], tmm3",
+                "add {o}, 256",
+                "add {v}, 4096",
+                "add {v2}, 4096",
+                "sub {tiles}, 4",
                 "jnz 2b",
                 p = in(reg) p,
                 p_stride = in(reg) 2 * ROW_BYTES,
@@ -338,10 +390,9 @@ mod tests {
             tiles.block(
                 [a[0].as_ptr().cast(), a[1].as_ptr().cast()],
                 [b[0].as_ptr().cast(), b[1].as_ptr().cast()],
-                c.as_mut_ptr().cast(),
-                128,
+                Some((c.as_ptr().cast(), 128)),
+                (c.as_mut_ptr().cast(), 128),
                 steps,
-                true,
             );
         }
         for r in 0..32 {

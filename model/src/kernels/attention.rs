@@ -116,7 +116,7 @@ fn decode_attention_with(
         return None;
     }
     // First what rules out other devices: the mask is read from the host below.
-    let inputs = Inputs::of(q, k, v, options)?;
+    let inputs = Inputs::of(q, k, v, options, true)?;
     let mask = match mask {
         Some(m) => {
             let [mb, mh, mt, mtotal] = m.dims();
@@ -154,7 +154,9 @@ fn decode_attention_with(
 /// What both kernels read: the queries as f32 (`[b, heads, t, d]`), keys and values as Flex
 /// tensors to read in place, and the sizes.
 struct Inputs {
+    /// Empty where the caller reads `q` in place instead.
     queries: Vec<f32>,
+    q: FlexTensor,
     k: FlexTensor,
     v: FlexTensor,
     b: usize,
@@ -167,7 +169,13 @@ impl Inputs {
     /// `None` where neither kernel applies: another device, a softcap, mixed or integer
     /// dtypes, key/value shapes that do not match the queries (or a head count that is not
     /// a multiple of theirs), causal with fewer keys than queries.
-    fn of(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, options: &AttentionModuleOptions) -> Option<Self> {
+    fn of(
+        q: &Tensor<4>,
+        k: &Tensor<4>,
+        v: &Tensor<4>,
+        options: &AttentionModuleOptions,
+        f32_queries: bool,
+    ) -> Option<Self> {
         let device = q.device();
         let dtype = q.dtype();
         let [b, heads, t, d] = q.dims();
@@ -187,7 +195,12 @@ impl Inputs {
             return None;
         }
         Some(Self {
-            queries: host_f32(q.clone())?,
+            queries: if f32_queries {
+                host_f32(q.clone())?
+            } else {
+                Vec::new()
+            },
+            q: q.clone().try_into_primitive::<Flex>().ok()?,
             k: k.clone().try_into_primitive::<Flex>().ok()?,
             v: v.clone().try_into_primitive::<Flex>().ok()?,
             b,
@@ -836,6 +849,9 @@ const QUERY_BLOCK: usize = 32;
 /// of values at head size 64, more than half of a 32 KB L1) serves more rows before the
 /// next replaces it (CLIP-L's attention 22.4 -> 12.3 ms in the kernel table against 32 rows).
 const AVX2_QUERY_BLOCK: usize = 96;
+/// Query rows per task of [`AmxQueryBlock`]: each key block's tiles serve more rows
+/// before the next replaces them.
+const AMX_QUERY_BLOCK: usize = 64;
 /// Keys per step of [`prefill_attention`]: their scores stay in L1 with the block's keys
 /// and values widened to f32.
 const KEY_BLOCK: usize = 64;
@@ -867,7 +883,10 @@ pub fn prefill_attention(
 /// kernel would be `kernel`, for head size `d`: on CPUs with AMX-BF16, in place of the
 /// AVX-512 kernel (head sizes 64 and 128: whole groups of 32 dimensions for the tiles).
 fn amx_apply(kernel: Simd, d: usize) -> bool {
-    kernel == Simd::Avx512 && (d == 4 * LANES || d == 8 * LANES) && amx::amx_bf16_available()
+    kernel == Simd::Avx512
+        && (d == 4 * LANES || d == 8 * LANES)
+        && amx::amx_bf16_available()
+        && super::bf16_dot::bf16_dot_available()
 }
 
 /// [`prefill_attention`] with the key-block kernel of level `kernel`, all of which give the
@@ -890,7 +909,10 @@ fn prefill_attention_with(
     if mask.is_some() || t <= MAX_QUERY_ROWS || d == 0 || !kernel.runs_here() {
         return None;
     }
-    let inputs = Inputs::of(q, k, v, options)?;
+    if amx && q.dtype() == DType::BF16 && amx_apply(kernel, d) {
+        return amx_attention(&Inputs::of(q, k, v, options, false)?);
+    }
+    let inputs = Inputs::of(q, k, v, options, true)?;
     let Inputs {
         queries,
         k,
@@ -900,12 +922,9 @@ fn prefill_attention_with(
         ..
     } = &inputs;
     let out = match inputs.dtype {
-        DType::F32 => run_blocks::<f32>(queries, k, v, *b, shape, kernel, false)?,
-        DType::BF16 => {
-            let amx = amx && amx_apply(kernel, shape.d);
-            run_blocks::<bf16>(queries, k, v, *b, shape, kernel, amx)?
-        }
-        DType::F16 => run_blocks::<f16>(queries, k, v, *b, shape, kernel, false)?,
+        DType::F32 => run_blocks::<f32>(queries, k, v, *b, shape, kernel)?,
+        DType::BF16 => run_blocks::<bf16>(queries, k, v, *b, shape, kernel)?,
+        DType::F16 => run_blocks::<f16>(queries, k, v, *b, shape, kernel)?,
         _ => return None,
     };
     Some(inputs.output(out))
@@ -920,7 +939,6 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     b: usize,
     s: &Shape4,
     kernel: Simd,
-    amx: bool,
 ) -> Option<Vec<f32>> {
     let (k, v) = (strided::<T>(k)?, strided::<T>(v)?);
     let d = s.d;
@@ -929,12 +947,9 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
     // `[total, d]`. Shared by the head's query blocks and by the query heads of a GQA group.
     let kv_heads = s.heads / s.rep;
     let padded = s.total.next_multiple_of(KEY_BLOCK);
-    // With AMX the keys and values are bf16 tiles instead ([`key_tiles`], [`value_tiles`]),
-    // `padded * d / 2` pairs per head each, in f32 slots.
-    let key_len = if amx { padded * d / 2 } else { d * padded };
-    let value_len = if amx { padded * d / 2 } else { s.total * d };
-    let mut keys = vec![0f32; b * kv_heads * key_len];
-    let mut values = vec![0f32; b * kv_heads * value_len];
+    let (key_len, value_len) = (d * padded, s.total * d);
+    let mut keys = super::aligned_zeros::<f32>(b * kv_heads * key_len);
+    let mut values = super::aligned_zeros::<f32>(b * kv_heads * value_len);
     keys.par_chunks_mut(key_len)
         .zip(values.par_chunks_mut(value_len))
         .enumerate()
@@ -942,11 +957,6 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
             let (bi, kvh) = (task / kv_heads, task % kv_heads);
             for j in 0..s.total {
                 let (key, value) = (k.row(bi, kvh, j, d), v.row(bi, kvh, j, d));
-                if amx {
-                    key_tiles(key, j, d, bytemuck::cast_slice_mut(kt));
-                    value_tiles(value, j, d, bytemuck::cast_slice_mut(vs));
-                    continue;
-                }
                 for (dd, &x) in key.iter().enumerate() {
                     kt[dd * padded + j] = x.widen();
                 }
@@ -972,30 +982,10 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
                 .enumerate()
                 .for_each(|(block, out)| {
                     let i0 = block * query_block;
-                    let (keys, values) = (
-                        &keys[kv * key_len..(kv + 1) * key_len],
-                        &values[kv * value_len..(kv + 1) * value_len],
-                    );
-                    let q = &q_head[i0 * d..i0 * d + out.len()];
-                    if amx {
-                        let Some(tiles) = amx::Tiles::new() else {
-                            unreachable!("amx_apply checked that AMX is available")
-                        };
-                        let (keys, values) = (bytemuck::cast_slice(keys), bytemuck::cast_slice(values));
-                        return vectorized(AmxQueryBlock {
-                            tiles: &tiles,
-                            q,
-                            keys,
-                            values,
-                            i0,
-                            s,
-                            out,
-                        });
-                    }
                     vectorized(QueryBlock {
-                        q,
-                        keys,
-                        values,
+                        q: &q_head[i0 * d..i0 * d + out.len()],
+                        keys: &keys[kv * key_len..(kv + 1) * key_len],
+                        values: &values[kv * value_len..(kv + 1) * value_len],
                         padded,
                         i0,
                         s,
@@ -1005,6 +995,79 @@ fn run_blocks<T: Widen + burn::tensor::Element + bytemuck::Pod>(
                 });
         });
     Some(out)
+}
+
+/// [`prefill_attention_with`] on AMX tiles for bf16 inputs ([`amx_apply`]): the queries
+/// read in place and the output written as bf16, without the f32 copies of both that the
+/// other kernels make (at 7B they took a third of the attention's time).
+fn amx_attention(inputs: &Inputs) -> Option<Tensor<4>> {
+    let Inputs {
+        q, k, v, b, shape: s, ..
+    } = inputs;
+    let (q, k, v) = (strided::<bf16>(q)?, strided::<bf16>(k)?, strided::<bf16>(v)?);
+    let d = s.d;
+    // Each key/value head once as bf16 tiles ([`key_tiles`], [`value_tiles`]), `padded * d
+    // / 2` pairs each: shared by the head's query blocks and the query heads of a GQA group.
+    let kv_heads = s.heads / s.rep;
+    let tile_len = s.total.next_multiple_of(KEY_BLOCK) * d / 2;
+    let mut keys = super::aligned_zeros::<u32>(b * kv_heads * tile_len);
+    let mut values = super::aligned_zeros::<u32>(b * kv_heads * tile_len);
+    keys.par_chunks_mut(tile_len)
+        .zip(values.par_chunks_mut(tile_len))
+        .enumerate()
+        .for_each(|(task, (kt, vs))| {
+            let (bi, kvh) = (task / kv_heads, task % kv_heads);
+            // Whole groups of 16 keys (or pairs of values) in registers, the rest one by one.
+            let (whole_keys, whole_pairs) = (s.total / 16 * 16, s.total / 2 * 2);
+            let (first, step) = k.rows(bi, kvh, whole_keys, d);
+            for j0 in (0..whole_keys).step_by(16) {
+                // SAFETY: `amx_apply` checked AVX-512 (every AMX CPU has it); `rows` checked
+                // keys `0..whole_keys` of `d` values each at `first + j * step`.
+                unsafe { key_tiles16(first.add(j0 * step), step, j0, d, kt) };
+            }
+            for j in whole_keys..s.total {
+                key_tiles(k.row(bi, kvh, j, d), j, d, kt);
+            }
+            let vs: &mut [u16] = bytemuck::cast_slice_mut(vs);
+            let (first, step) = v.rows(bi, kvh, whole_pairs, d);
+            for j in (0..whole_pairs).step_by(2) {
+                // SAFETY: as above, for values `0..whole_pairs`.
+                unsafe { value_tiles2(first.add(j * step), first.add((j + 1) * step), j, d, vs) };
+            }
+            for j in whole_pairs..s.total {
+                value_tiles(v.row(bi, kvh, j, d), j, d, vs);
+            }
+        });
+    let mut out = vec![bf16::ZERO; b * s.heads * s.t * d];
+    out.par_chunks_mut(s.t * d)
+        .enumerate()
+        .for_each(|(task, head_out)| {
+            let (bi, h) = (task / s.heads, task % s.heads);
+            let kv = bi * kv_heads + h / s.rep;
+            head_out
+                .par_chunks_mut(AMX_QUERY_BLOCK * d)
+                .enumerate()
+                .for_each(|(block, out)| {
+                    let Some(tiles) = amx::Tiles::new() else {
+                        unreachable!("amx_apply checked that AMX is available")
+                    };
+                    let i0 = block * AMX_QUERY_BLOCK;
+                    vectorized(AmxQueryBlock {
+                        tiles: &tiles,
+                        q: (0..out.len() / d).map(|r| q.row(bi, h, i0 + r, d)),
+                        keys: &keys[kv * tile_len..(kv + 1) * tile_len],
+                        values: &values[kv * tile_len..(kv + 1) * tile_len],
+                        i0,
+                        s,
+                        out,
+                    })
+                });
+        });
+    let shape = [*b, s.heads, s.t, d];
+    Some(Tensor::<4>::from_data(
+        TensorData::new(out, shape),
+        &inputs.device,
+    ))
 }
 
 const _: () = assert!(KEY_BLOCK == 64, "amx::Tiles::scores16x64 scores 64 keys");
@@ -1019,6 +1082,65 @@ fn key_tiles<T: Widen>(key: &[T], j: usize, d: usize, tiles: &mut [u32]) {
     for (pair, two) in key.chunks_exact(2).enumerate() {
         let (g, p) = (pair / 16, pair % 16);
         tiles[((block * groups + g) * 4 + t) * 256 + 16 * p + col] = bits(two[0]) | (bits(two[1]) << 16);
+    }
+}
+
+/// [`key_tiles`] for keys `j0..j0 + 16` (`j0` a multiple of 16) at `first + i * step`: per
+/// group of 32 dimensions one 16 x 16 transpose of their pairs in registers.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; the 16 keys of `d` bf16 must be readable; `tiles` as for
+/// [`key_tiles`] (asserted).
+unsafe fn key_tiles16(first: *const bf16, step: usize, j0: usize, d: usize, tiles: &mut [u32]) {
+    let groups = d / 32;
+    let (block, t) = (j0 / KEY_BLOCK, j0 % KEY_BLOCK / 16);
+    assert!(j0.is_multiple_of(16) && d.is_multiple_of(32));
+    for g in 0..groups {
+        let at = ((block * groups + g) * 4 + t) * 256;
+        let dst = &mut tiles[at..at + 256];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: key `i < 16` holds dimensions `32g..32g + 32` (64 bytes) at `first + i *
+        // step`; `dst` holds the 16 rows of 16 pairs; AVX-512 F (this function's contract).
+        unsafe {
+            super::bf16_gemm::transpose16(first.add(32 * g).cast(), 2 * step, dst.as_mut_ptr(), 16)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no AMX outside x86_64 ({first:?} {step} {dst:?})");
+    }
+}
+
+/// [`value_tiles`] for the pair of values `j`, `j + 1` (`j` even) at `even` and `odd`: per
+/// 16 dimensions one row of a tile, the two values' bits interleaved in a register.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW; both values' `d` bf16 must be readable; `tiles` as
+/// for [`value_tiles`] (asserted).
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,avx512bw"))]
+unsafe fn value_tiles2(even: *const bf16, odd: *const bf16, j: usize, d: usize, tiles: &mut [u16]) {
+    let col_tiles = d / 16;
+    let (block, half, p) = (j / KEY_BLOCK, j % KEY_BLOCK / 32, j % 32 / 2);
+    assert!(j.is_multiple_of(2) && d.is_multiple_of(16));
+    for c in 0..col_tiles {
+        let at = 2 * (((block * 2 + half) * col_tiles + c) * 256 + 16 * p);
+        let dst = &mut tiles[at..at + 32];
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: dimensions `16c..16c + 16` (32 bytes) of both values are readable and
+        // `dst` holds 32 values (this function's contract, asserted above).
+        unsafe {
+            use std::arch::x86_64::*;
+            let lo = _mm512_castsi256_si512(_mm256_loadu_si256(even.add(16 * c).cast()));
+            let hi = _mm512_castsi256_si512(_mm256_loadu_si256(odd.add(16 * c).cast()));
+            // Lane `2i` from the even value's `i`, lane `2i + 1` from the odd one's (index
+            // 32 + i picks the second operand).
+            let index = _mm512_set_epi16(
+                47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35,
+                3, 34, 2, 33, 1, 32, 0,
+            );
+            let pairs = _mm512_permutex2var_epi16(lo, index, hi);
+            _mm512_storeu_si512(dst.as_mut_ptr().cast(), pairs);
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no AMX outside x86_64 ({even:?} {odd:?} {dst:?})");
     }
 }
 
@@ -1040,17 +1162,18 @@ fn value_tiles<T: Widen>(value: &[T], j: usize, d: usize, tiles: &mut [u16]) {
 /// in f32, then scaled), the online softmax in f32 ([`softmax_step`], as the other
 /// kernels), the probabilities rounded to bf16 (as PyTorch's CPU flash attention does for
 /// bf16) and multiplied with the values on the tiles into the f32 output rows.
-struct AmxQueryBlock<'a> {
+struct AmxQueryBlock<'a, Q> {
     tiles: &'a amx::Tiles,
-    q: &'a [f32],
+    /// The block's query rows, `d` bf16 each.
+    q: Q,
     keys: &'a [u32],
     values: &'a [u32],
     i0: usize,
     s: &'a Shape4,
-    out: &'a mut [f32],
+    out: &'a mut [bf16],
 }
 
-impl Vectorized for AmxQueryBlock<'_> {
+impl<'a, Q: Iterator<Item = &'a [bf16]>> Vectorized for AmxQueryBlock<'a, Q> {
     type Output = ();
 
     #[inline(always)]
@@ -1068,21 +1191,35 @@ impl Vectorized for AmxQueryBlock<'_> {
         let (groups, col_tiles) = (d / 32, d / 16);
         let rows = out.len() / d;
         let padded_rows = rows.next_multiple_of(16);
-        // The queries as bf16 rows (exact: they were bf16), zero rows up to whole tiles.
-        let mut q_bits = vec![0u16; padded_rows * d];
-        for (b, x) in q_bits.iter_mut().zip(q) {
-            *b = (x.to_bits() >> 16) as u16;
+        // The queries' bits, zero rows up to whole tiles.
+        let mut q_bits = super::aligned_zeros::<bf16>(padded_rows * d);
+        for (row, x) in q_bits.chunks_exact_mut(d).zip(q) {
+            row.copy_from_slice(x);
         }
-        let mut o = vec![0f32; padded_rows * d];
-        let mut scores = [[0f32; KEY_BLOCK]; 16];
-        let mut probs = [0u16; 16 * KEY_BLOCK];
+        let mut o = super::aligned_zeros::<f32>(padded_rows * d);
+        assert!(rows <= AMX_QUERY_BLOCK);
+        let mut scores = [const { ScoreRows([[0f32; KEY_BLOCK]; 16]) }; AMX_QUERY_BLOCK / 16];
+        let mut probs = [const { ProbabilityRows([0u16; 16 * KEY_BLOCK]) }; AMX_QUERY_BLOCK / 16];
         let mut max = vec![f32::NEG_INFINITY; rows];
         let mut sum = vec![0f32; rows];
         for j0 in (0..s.visible(i0 + rows - 1)).step_by(KEY_BLOCK) {
             let block = j0 / KEY_BLOCK;
             let block_keys = &keys[block * groups * 1024..][..groups * 1024];
             let block_values = &values[block * col_tiles * 512..][..col_tiles * 512];
-            for r0 in (0..rows).step_by(16) {
+            // The next block's key and value tiles, fetched while this one computes: the
+            // tile loads waited on L2 (a third of the kernel's samples on two loads).
+            prefetch_lines(
+                keys.get((block + 1) * groups * 1024..).unwrap_or(&[]),
+                groups * 1024,
+            );
+            prefetch_lines(
+                values.get((block + 1) * col_tiles * 512..).unwrap_or(&[]),
+                col_tiles * 512,
+            );
+            // Each step for all row groups before the next: the vector code reads scores
+            // that the tiles stored a while before, and the tiles probabilities and outputs
+            // that it wrote a while before (right after, the loads wait for the stores).
+            for (r0, scores) in (0..rows).step_by(16).zip(&mut scores) {
                 // SAFETY: 16 query rows of `d` bf16 from row `r0` (padded to whole tiles),
                 // the block's `groups` groups of four 1 KB key tiles, 16 rows of scores.
                 unsafe {
@@ -1091,12 +1228,15 @@ impl Vectorized for AmxQueryBlock<'_> {
                         2 * d,
                         block_keys.as_ptr().cast(),
                         groups,
-                        scores.as_mut_ptr().cast(),
+                        scores.0.as_mut_ptr().cast(),
                     )
                 };
+            }
+            for ((r0, scores), probs) in (0..rows).step_by(16).zip(&mut scores).zip(&mut probs) {
                 for (i, (row, p)) in scores
+                    .0
                     .iter_mut()
-                    .zip(probs.chunks_exact_mut(KEY_BLOCK))
+                    .zip(probs.0.chunks_exact_mut(KEY_BLOCK))
                     .enumerate()
                 {
                     let r = r0 + i;
@@ -1109,24 +1249,24 @@ impl Vectorized for AmxQueryBlock<'_> {
                         p.fill(0);
                         continue;
                     }
-                    let row = &mut row[..visible];
-                    for x in row.iter_mut() {
-                        *x *= s.scale;
+                    // SAFETY: `amx_apply` checked AVX-512 F, BW and BF16.
+                    let rescale =
+                        unsafe { softmax_row_bf16(row, visible, s.scale, &mut max[r], &mut sum[r], p) };
+                    // An unchanged maximum rescales by exactly 1: the row's output is left
+                    // alone (vector stores just before the tiles load it stall them).
+                    if rescale != 1.0 {
+                        for x in &mut o[r * d..(r + 1) * d] {
+                            *x *= rescale;
+                        }
                     }
-                    let rescale = softmax_step(row, &mut max[r], &mut sum[r]);
-                    for x in &mut o[r * d..(r + 1) * d] {
-                        *x *= rescale;
-                    }
-                    for (b, &x) in p.iter_mut().zip(row.iter()) {
-                        *b = bf16::from_f32(x).to_bits();
-                    }
-                    p[visible..].fill(0);
                 }
+            }
+            for (r0, probs) in (0..rows).step_by(16).zip(&probs) {
                 // SAFETY: 16 rows of 64 bf16 probabilities, the block's two halves of
                 // `col_tiles` value tiles, and 16 output rows of `d` f32 from row `r0`.
                 unsafe {
                     tiles.values16x64(
-                        probs.as_ptr().cast(),
+                        probs.0.as_ptr().cast(),
                         block_values.as_ptr().cast(),
                         o[r0 * d..].as_mut_ptr(),
                         4 * d,
@@ -1138,11 +1278,20 @@ impl Vectorized for AmxQueryBlock<'_> {
         for ((row, o), &total) in out.chunks_mut(d).zip(o.chunks(d)).zip(&sum) {
             let inv = 1.0 / total;
             for (y, &x) in row.iter_mut().zip(o) {
-                *y = x * inv;
+                *y = bf16::from_f32(x * inv);
             }
         }
     }
 }
+
+/// An AMX query block's 16 rows of scores, on a cache line as the tile store wants them.
+#[repr(C, align(64))]
+struct ScoreRows([[f32; KEY_BLOCK]; 16]);
+
+/// An AMX query block's 16 rows of bf16 probabilities, on a cache line as the tile load
+/// wants them.
+#[repr(C, align(64))]
+struct ProbabilityRows([u16; 16 * KEY_BLOCK]);
 
 /// One task of [`run_blocks`]: query rows `i0..` of one head (as many as `out` holds)
 /// against its key/value head in f32 (`keys` transposed, `padded` columns).
@@ -1512,17 +1661,27 @@ impl KeyBlock<'_> {
 fn softmax_step(scores: &mut [f32], max: &mut f32, sum: &mut f32) -> f32 {
     let block_max = lane_fold(scores, f32::NEG_INFINITY, |m, x| if x > m { x } else { m });
     let new_max = if block_max > *max { block_max } else { *max };
-    let rescale = if *max == f32::NEG_INFINITY {
-        0.0
-    } else {
-        exp_nonpositive(*max - new_max)
-    };
+    let rescale = rescale_factor(*max, new_max);
     for sc in scores.iter_mut() {
         *sc = exp_nonpositive(*sc - new_max);
     }
     *sum = *sum * rescale + lane_fold(scores, 0.0, |a, x| a + x);
     *max = new_max;
     rescale
+}
+
+/// What a row's output so far is multiplied by when its running maximum goes from `old` to
+/// `new`: 0 when there was none yet, exactly 1 when it stays (`exp_nonpositive(0.0)`,
+/// without its chain of dependent steps), else `exp(old - new)`.
+#[inline(always)]
+fn rescale_factor(old: f32, new: f32) -> f32 {
+    if old == f32::NEG_INFINITY {
+        0.0
+    } else if new == old {
+        1.0
+    } else {
+        exp_nonpositive(old - new)
+    }
 }
 
 /// Lanes of the vector loops of [`QueryBlock`] (one AVX-512 register of f32).
@@ -1545,6 +1704,134 @@ fn lane_fold(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     lanes.into_iter().fold(init, &f)
 }
 
+/// One row of [`AmxQueryBlock`]'s online softmax over a block of [`KEY_BLOCK`] scores, of
+/// which the first `visible` count: [`softmax_step`] on the scores times `scale`, written as
+/// bf16 probabilities (zero past `visible`) into `p`; returns the rescale of the row's
+/// output. In registers: the four vectors of the row are scaled, reduced to their maximum
+/// and sum as trees, exponentiated ([`exp_nonpositive16`], the bits of [`exp_nonpositive`])
+/// and rounded to bf16 by `vcvtne2ps2bf16` (round to nearest even, as `bf16::from_f32`, for
+/// the normal numbers and zeros that [`exp_nonpositive`] gives). The loops of
+/// [`softmax_step`] left a row in scalar pieces and were most of this kernel's time.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and BF16; `p` must hold [`KEY_BLOCK`] values.
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx512f,avx512bw,avx512bf16")
+)]
+unsafe fn softmax_row_bf16(
+    row: &[f32; KEY_BLOCK],
+    visible: usize,
+    scale: f32,
+    max: &mut f32,
+    sum: &mut f32,
+    p: &mut [u16],
+) -> f32 {
+    assert!(p.len() >= KEY_BLOCK && visible <= KEY_BLOCK);
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("no AMX outside x86_64 ({row:?} {visible} {scale} {max} {sum} {p:?})");
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // Lanes of vector `i` that hold visible scores.
+        let masks: [__mmask16; 4] = std::array::from_fn(|i| {
+            let n = visible.saturating_sub(LANES * i).min(LANES);
+            ((1u32 << n) - 1) as __mmask16
+        });
+        let below = _mm512_set1_ps(f32::NEG_INFINITY);
+        // SAFETY: the row holds four vectors.
+        let x: [__m512; 4] = std::array::from_fn(|i| {
+            let v = unsafe { _mm512_loadu_ps(row.as_ptr().add(LANES * i)) };
+            _mm512_mask_mov_ps(below, masks[i], _mm512_mul_ps(v, _mm512_set1_ps(scale)))
+        });
+        let block_max = _mm512_reduce_max_ps(_mm512_max_ps(
+            _mm512_max_ps(x[0], x[1]),
+            _mm512_max_ps(x[2], x[3]),
+        ));
+        let new_max = if block_max > *max { block_max } else { *max };
+        let rescale = rescale_factor(*max, new_max);
+        let shift = _mm512_set1_ps(new_max);
+        let e: [__m512; 4] = std::array::from_fn(|i| {
+            _mm512_maskz_mov_ps(masks[i], exp_nonpositive16(_mm512_sub_ps(x[i], shift)))
+        });
+        let block_sum = _mm512_reduce_add_ps(_mm512_add_ps(
+            _mm512_add_ps(e[0], e[1]),
+            _mm512_add_ps(e[2], e[3]),
+        ));
+        *sum = *sum * rescale + block_sum;
+        *max = new_max;
+        for half in 0..2 {
+            // The low 16 bf16 from the second operand.
+            let bits: __m512i =
+                unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(e[2 * half + 1], e[2 * half])) };
+            // SAFETY: `p` holds 64 values (asserted).
+            unsafe { _mm512_storeu_si512(p.as_mut_ptr().add(32 * half).cast(), bits) };
+        }
+        rescale
+    }
+}
+
+/// [`exp_nonpositive`] on 16 lanes, step for step (the same bits, NaN included).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp_nonpositive16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let set = _mm512_set1_ps;
+    // `vmaxps a, b` gives `b` where either is NaN: NaN stays NaN, as in the scalar clamp.
+    let x = _mm512_max_ps(set(EXP_FLOOR), x);
+    let shifted = _mm512_add_ps(_mm512_mul_ps(x, set(std::f32::consts::LOG2_E)), set(EXP_ROUND));
+    let n = _mm512_sub_ps(shifted, set(EXP_ROUND));
+    let r = _mm512_fmadd_ps(n, set(-EXP_LN2_LO), _mm512_fmadd_ps(n, set(-EXP_LN2_HI), x));
+    let mut p = set(EXP_TAYLOR[0]);
+    for c in &EXP_TAYLOR[1..] {
+        p = _mm512_fmadd_ps(p, r, set(*c));
+    }
+    let two_n = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+        _mm512_castps_si512(shifted),
+        _mm512_set1_epi32(127),
+    ));
+    _mm512_mul_ps(p, _mm512_castsi512_ps(two_n))
+}
+
+/// Asks for the cache lines of the first `len` values of `values` (fewer if it is shorter),
+/// into L1, where the CPU has the instruction.
+#[inline(always)]
+fn prefetch_lines(values: &[u32], len: usize) {
+    let values = &values[..len.min(values.len())];
+    for line in values.chunks(16) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a prefetch reads nothing the program sees; the address is inside `values`.
+        unsafe {
+            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = line;
+    }
+}
+
+// The constants of [`exp_nonpositive`], shared with its 16-lane form [`exp_nonpositive16`]
+// so that both give the same bits.
+/// Inputs below this clamp to it: `exp(-87)` is still a normal f32.
+const EXP_FLOOR: f32 = -87.0;
+/// ln 2 in two parts: `n * EXP_LN2_HI` is exact for |n| < 2^11.
+const EXP_LN2_HI: f32 = 0.693_145_75;
+const EXP_LN2_LO: f32 = 1.428_606_8e-6;
+/// Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
+const EXP_ROUND: f32 = 12_582_912.0;
+/// The Taylor coefficients of `e^r` from degree 7 down to 0, for Horner's scheme.
+const EXP_TAYLOR: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
 /// `exp(x)` for `x <= 0` (a score minus its row's maximum) in plain arithmetic that
 /// vectorizes: `2^n * e^r` with `n` the nearest integer to `x / ln 2` and `|r| <= ln 2 / 2`,
 /// `e^r` by its Taylor series to degree 7 (truncation below 6e-9 relative, under f32's
@@ -1552,19 +1839,13 @@ fn lane_fold(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
 /// maximum term, 1); NaN stays NaN.
 #[inline(always)]
 pub fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 in two parts: `n * LN2_HI` is exact for |n| < 2^11.
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    let x = if x < -87.0 { -87.0 } else { x };
-    let shifted = x * LOG2_E + ROUND;
-    let n = shifted - ROUND;
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let mut p: f32 = 1.0 / 5040.0;
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
-        p = p.mul_add(r, c);
+    let x = if x < EXP_FLOOR { EXP_FLOOR } else { x };
+    let shifted = x * std::f32::consts::LOG2_E + EXP_ROUND;
+    let n = shifted - EXP_ROUND;
+    let r = n.mul_add(-EXP_LN2_LO, n.mul_add(-EXP_LN2_HI, x));
+    let mut p = EXP_TAYLOR[0];
+    for c in &EXP_TAYLOR[1..] {
+        p = p.mul_add(r, *c);
     }
     // `n` lies in [-126, 0] and sits in the low bits of `shifted` (1.5 * 2^23 + n, whose
     // bits are 0x4B40_0000 + n): shifted left by 23 past those high bits, `n + 127` is the
@@ -2007,6 +2288,126 @@ mod tests {
                 diff <= largest / 64.0,
                 "causal {causal} {b}x{heads}/{kv_heads}x{t}x{total}x{d}: {diff} (largest {largest})"
             );
+        }
+    }
+
+    /// The AMX kernel's packing in registers ([`key_tiles16`], [`value_tiles2`]) writes the
+    /// bits of the value-by-value packing, from rows further apart than `d`.
+    #[test]
+    fn amx_tiles_packed_in_registers_match_the_scalar_packing() {
+        if !Simd::Avx512.runs_here() || !super::super::bf16_dot::bf16_dot_available() {
+            eprintln!("no AVX-512 BF16 on this CPU: skipped");
+            return;
+        }
+        for d in [64, 128] {
+            let (keys, step) = (64, d + 24);
+            let rows: Vec<bf16> = (0..keys * step)
+                .map(|i| bf16::from_f32(((i * 7919) % 1013) as f32 / 64.0 - 8.0))
+                .collect();
+            let row = |j: usize| &rows[j * step..j * step + d];
+            let len = keys * d / 2;
+            let (mut want, mut got) = (vec![0u32; len], vec![0u32; len]);
+            for j in 0..keys {
+                key_tiles(row(j), j, d, &mut want);
+            }
+            for j0 in (0..keys).step_by(16) {
+                // SAFETY: AVX-512 checked above; 16 rows of `d` values `step` apart from `j0`.
+                unsafe { key_tiles16(rows[j0 * step..].as_ptr(), step, j0, d, &mut got) };
+            }
+            assert_eq!(want, got, "keys, d {d}");
+            let (mut want, mut got) = (vec![0u16; 2 * len], vec![0u16; 2 * len]);
+            for j in 0..keys {
+                value_tiles(row(j), j, d, &mut want);
+            }
+            for j in (0..keys).step_by(2) {
+                let (even, odd) = (row(j).as_ptr(), row(j + 1).as_ptr());
+                // SAFETY: AVX-512 BW checked above; both rows hold `d` values.
+                unsafe { value_tiles2(even, odd, j, d, &mut got) };
+            }
+            assert_eq!(want, got, "values, d {d}");
+        }
+    }
+
+    /// [`softmax_row_bf16`] is [`softmax_step`] on the scaled visible scores with the
+    /// probabilities rounded to bf16: the same maxima, rescales and probability bits, sums
+    /// within f32 rounding (the order of the additions differs), over blocks whose maximum
+    /// rises, stays and falls, for every count of visible keys.
+    #[test]
+    fn softmax_row_bf16_is_softmax_step_rounded() {
+        if !Simd::Avx512.runs_here() || !super::super::bf16_dot::bf16_dot_available() {
+            eprintln!("no AVX-512 BF16 on this CPU: skipped");
+            return;
+        }
+        let scale = 0.125;
+        for visible in 1..=KEY_BLOCK {
+            let (mut max, mut sum) = (f32::NEG_INFINITY, 0f32);
+            let (mut want_max, mut want_sum) = (f32::NEG_INFINITY, 0f32);
+            for (block, offset) in [0.0f32, 9.0, 9.0, -30.0].into_iter().enumerate() {
+                let row: [f32; KEY_BLOCK] =
+                    std::array::from_fn(|j| ((j * 37 + block * 11) % 61) as f32 * 0.7 - 20.0 + offset);
+                let mut p = vec![0xFFFFu16; KEY_BLOCK];
+                // SAFETY: AVX-512 F, BW and BF16 checked above; `p` holds a block.
+                let rescale = unsafe { softmax_row_bf16(&row, visible, scale, &mut max, &mut sum, &mut p) };
+                let mut scores: Vec<f32> = row[..visible].iter().map(|x| x * scale).collect();
+                let want_rescale = softmax_step(&mut scores, &mut want_max, &mut want_sum);
+                assert_eq!(
+                    rescale.to_bits(),
+                    want_rescale.to_bits(),
+                    "visible {visible} block {block}"
+                );
+                assert_eq!(
+                    max.to_bits(),
+                    want_max.to_bits(),
+                    "visible {visible} block {block}"
+                );
+                assert!((sum - want_sum).abs() <= 1e-6 * want_sum, "{sum} vs {want_sum}");
+                let want: Vec<u16> = scores.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+                assert_eq!(p[..visible], want[..], "visible {visible} block {block}");
+                assert!(
+                    p[visible..].iter().all(|&b| b == 0),
+                    "zeros past the visible keys"
+                );
+            }
+        }
+    }
+
+    /// [`exp_nonpositive16`] has the bits of [`exp_nonpositive`], clamp and NaN included.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn exp_nonpositive16_has_the_scalar_bits() {
+        if !Simd::Avx512.runs_here() {
+            eprintln!("no AVX-512 on this CPU: skipped");
+            return;
+        }
+        use std::arch::x86_64::{_mm512_loadu_ps, _mm512_storeu_ps};
+        let mut xs: Vec<f32> = (0..4096).map(|i| -100.0 * i as f32 / 4096.0).collect();
+        xs.extend([
+            0.0,
+            -0.0,
+            -87.0,
+            -87.5,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -1e-30,
+            -88.7,
+        ]);
+        xs.resize(xs.len().next_multiple_of(16), -3.25);
+        for chunk in xs.chunks_exact(16) {
+            let mut out = [0f32; 16];
+            // SAFETY: AVX-512 F checked above; 16 values in and out.
+            unsafe {
+                _mm512_storeu_ps(
+                    out.as_mut_ptr(),
+                    exp_nonpositive16(_mm512_loadu_ps(chunk.as_ptr())),
+                )
+            };
+            for (&x, &y) in chunk.iter().zip(&out) {
+                let want = exp_nonpositive(x);
+                assert!(
+                    want.to_bits() == y.to_bits() || (want.is_nan() && y.is_nan()),
+                    "{x}: {y} vs {want}"
+                );
+            }
         }
     }
 

@@ -156,13 +156,16 @@ fn run(
         vec![0f32; m * n]
     };
     let target = Output(out.as_mut_ptr());
-    // Whole task blocks, as the kernels and the AMX panels were tuned for.
-    let task_cols = if kernel == Kernel::Amx {
-        AMX_TASK_COLS
+    // AMX: whole task blocks, as its panels were tuned for. The register tile: tasks of
+    // whole tiles, as even as the thread count allows (whole 192-column tasks left a
+    // 1024-column product at 3 against 2.33 tasks of work on two threads; BENCHMARKS.md
+    // round 28: 577 x 4096 x 1024 13.8-14.0 -> 12.7-12.8 ms on a Zen 4).
+    let (task_cols, col_unit) = if kernel == Kernel::Amx {
+        (AMX_TASK_COLS, AMX_TASK_COLS)
     } else {
-        TASK_COLS
+        (TASK_COLS, TILE_COLS)
     };
-    for_each_block_of(m, n, row_unit, task_cols, task_cols, |block| {
+    for_each_block_of(m, n, row_unit, col_unit, task_cols, |block| {
         // SAFETY: `out` holds `m * n` values and outlives the tasks; tasks write disjoint
         // (row range, column range) blocks of it.
         unsafe {
@@ -253,7 +256,7 @@ pub(super) struct Block {
 /// `vdpbf16ps` and `tdpbf16ps` take them; an odd last value pairs with zero, and zero rows
 /// and pairs pad the block to whole units of the kernel.
 struct Pairs {
-    bits: Vec<u32>,
+    bits: super::AlignedVec<u32>,
     m: usize,
     /// Pairs per row.
     half: usize,
@@ -268,7 +271,7 @@ impl Pairs {
     fn of(x: &[bf16], m: usize, k: usize, row_unit: usize, pair_unit: usize, tiled: bool) -> Self {
         let half = k.div_ceil(2);
         let stride = half.next_multiple_of(pair_unit);
-        let mut bits = vec![0u32; m.next_multiple_of(row_unit) * stride];
+        let mut bits = super::aligned_zeros::<u32>(m.next_multiple_of(row_unit) * stride);
         // Rows per contiguous block of `bits`: 16 when tiled (a row of tiles), else 1.
         let tile = amx::TILE_ROWS;
         let block_rows = if tiled { tile } else { 1 };
@@ -494,7 +497,7 @@ unsafe fn columns(x: &Pairs, w: &Weight, block: Block, out: &Output, n: usize, s
     let Block { c0, cols, r0, r1 } = block;
     assert!(r1 <= x.m && c0 + cols <= n);
     let tiles = cols.div_ceil(TILE_COLS);
-    let mut panel = vec![0u32; SLAB / 2 * TILE_COLS * tiles];
+    let mut panel = super::aligned_zeros::<u32>(SLAB / 2 * TILE_COLS * tiles);
     let mut p0 = 0;
     while p0 < x.half {
         let p1 = (p0 + SLAB / 2).min(x.half);
@@ -559,7 +562,7 @@ unsafe fn amx_columns(x: &Pairs, w: &Weight, block: Block, out: &Output, n: usiz
     // The panel buffer is the thread's own, kept between calls: zeroing its 1 MB per task
     // cost more than the packing (`pack` writes every value it hands out).
     thread_local! {
-        static PANEL: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+        static PANEL: std::cell::RefCell<super::AlignedVec<u32>> = std::cell::RefCell::new(super::aligned_zeros(0));
     }
     PANEL.with_borrow_mut(|panel| {
         let size = AMX_SLAB_PAIRS * AMX_COLS * col_blocks;
@@ -615,7 +618,9 @@ unsafe fn amx_slabs(
                 if rows == AMX_ROWS && width == AMX_COLS {
                     // SAFETY: `steps` 1 KB tiles from each of `a` and `b` (padded rows and
                     // pairs, packed panel), and 32 x 32 sums of this task's block from `c`.
-                    unsafe { tiles.block(a, b, c.cast(), 4 * n, steps, p0 > 0) };
+                    let to = (c.cast::<u8>(), 4 * n);
+                    let from = (p0 > 0).then_some((to.0.cast_const(), to.1));
+                    unsafe { tiles.block(a, b, from, to, steps) };
                     continue;
                 }
                 for (i, e) in edge.iter_mut().enumerate() {
@@ -626,7 +631,8 @@ unsafe fn amx_slabs(
                     *e = if live { unsafe { *c.add(er * n + ec) } } else { 0.0 };
                 }
                 // SAFETY: as above, with the sums in `edge`.
-                unsafe { tiles.block(a, b, edge.as_mut_ptr().cast(), 4 * AMX_COLS, steps, true) };
+                let to = (edge.as_mut_ptr().cast::<u8>(), 4 * AMX_COLS);
+                unsafe { tiles.block(a, b, Some((to.0.cast_const(), to.1)), to, steps) };
                 for er in 0..rows {
                     for ec in 0..width {
                         // SAFETY: as above.

@@ -496,14 +496,14 @@ unsafe fn columns<S: Panels>(x: &GroupedRows, w: &S, block: Block, out: &Output,
     assert!(r1 <= x.rows && c0 + cols <= n);
     let tiles = cols.div_ceil(TILE_COLS);
     let row_step = tile_rows(isa);
-    let mut panel = vec![0f32; SLAB * TILE_COLS * tiles];
+    let mut panel = super::aligned_zeros::<f32>(SLAB * TILE_COLS * tiles);
     // The sums of the slabs before the last, in rows of the task's tiles: the output's rows
     // are `n` values apart, a multiple of 4 KB for most of these products, so that a tile's
     // rows shared L1 sets with the weight panel at every slab.
     let ldp = tiles * TILE_COLS;
     // Not zeroed: the first slab writes each value before the next reads it (through raw
     // pointers only: no reference to the spare room is ever made).
-    let mut partial: Vec<f32> = Vec::with_capacity(if k > SLAB { (r1 - r0) * ldp } else { 0 });
+    let mut partial = super::AlignedVec::<f32>::with_capacity(64, if k > SLAB { (r1 - r0) * ldp } else { 0 });
     let mut k0 = 0;
     while k0 < k {
         let k1 = (k0 + SLAB).min(k);
