@@ -65,6 +65,9 @@ pub struct ClipEncoderLayer {
     pub mlp: ClipMlp,
     /// Norm before the MLP.
     pub layer_norm2: LayerNorm,
+    /// Both norms' epsilon (Burn keeps a `LayerNorm`'s private).
+    #[module(skip)]
+    pub layer_norm_eps: f64,
 }
 
 /// The encoder's layer stack (HF path `encoder.layers.N`).
@@ -87,6 +90,9 @@ pub struct ClipVisionTower {
     pub patch_size: usize,
     /// Expected input side length.
     pub image_size: usize,
+    /// `pre_layrnorm`'s epsilon (Burn keeps a `LayerNorm`'s private).
+    #[module(skip)]
+    pub layer_norm_eps: f64,
 }
 
 impl ClipVisionTower {
@@ -138,6 +144,7 @@ impl ClipVisionTower {
                     act: config.hidden_act,
                 },
                 layer_norm2: ln(device),
+                layer_norm_eps: config.layer_norm_eps,
             })
             .collect();
         Self {
@@ -146,6 +153,7 @@ impl ClipVisionTower {
             encoder: ClipEncoder { layers },
             patch_size: config.patch_size,
             image_size: config.image_size,
+            layer_norm_eps: config.layer_norm_eps,
         }
     }
 
@@ -155,7 +163,11 @@ impl ClipVisionTower {
     /// `None` if an index is deeper than the layers built.
     pub fn hidden_states(&self, pixel_values: Tensor<4>, indices: &[usize]) -> Option<Vec<Tensor<3>>> {
         let deepest = indices.iter().copied().max().unwrap_or(0);
-        let mut h = layer_norm_f32(&self.pre_layrnorm, self.embeddings.forward(pixel_values));
+        let mut h = layer_norm_f32(
+            &self.pre_layrnorm,
+            self.layer_norm_eps,
+            self.embeddings.forward(pixel_values),
+        );
         let mut states: Vec<Option<Tensor<3>>> = vec![None; deepest + 1];
         states[0] = Some(h.clone());
         for (i, layer) in self.encoder.layers.iter().take(deepest).enumerate() {
@@ -209,8 +221,13 @@ impl ClipMlp {
 
 impl ClipEncoderLayer {
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = x.clone() + self.self_attn.forward(layer_norm_f32(&self.layer_norm1, x));
-        let m = self.mlp.forward(layer_norm_f32(&self.layer_norm2, h.clone()));
-        h + m
+        let a = self
+            .self_attn
+            .forward(layer_norm_f32(&self.layer_norm1, self.layer_norm_eps, x.clone()));
+        let h = kernels::residual::add(x, a);
+        let m = self
+            .mlp
+            .forward(layer_norm_f32(&self.layer_norm2, self.layer_norm_eps, h.clone()));
+        kernels::residual::add(h, m)
     }
 }

@@ -42,8 +42,10 @@ pub mod bf16_dot;
 pub mod bf16_gemm;
 pub mod f32_gemm;
 pub mod int8;
+pub mod layer_norm;
 pub mod norm_rope;
 pub mod packed;
+pub mod residual;
 pub mod rows;
 mod team;
 
@@ -263,9 +265,20 @@ fn gemm_linear<const D: usize>(
     };
     let start = input.layout().start_offset();
     let inputs = start..start + rows * k;
+    let bias = host_bias(layer)?;
     let out = if bf16_products {
         let xs = input.storage::<bf16>().get(inputs)?;
-        bf16_gemm::matmul_bf16_gemm(xs, &w.storage::<bf16>()[values], order, rows, k, n)?
+        let w = &w.storage::<bf16>()[values];
+        // With AMX the blocks are rounded with the bias as they finish (same bits).
+        if let Some(out) = bf16_gemm::matmul_bf16_amx_rounded(xs, w, order, (rows, k, n), bias.as_deref()) {
+            let mut shape = x.dims();
+            shape[D - 1] = n;
+            return Some(Tensor::from_data(
+                TensorData::new(out, shape),
+                (&x.device(), DType::BF16),
+            ));
+        }
+        bf16_gemm::matmul_bf16_gemm(xs, w, order, rows, k, n)?
     } else if dtype == DType::BF16 {
         let xs = widen_bf16_values(input.storage::<bf16>().get(inputs)?);
         f32_gemm::matmul_f32_gemm(&xs, &w.storage::<bf16>()[values], order, rows, k, n)?
@@ -273,7 +286,6 @@ fn gemm_linear<const D: usize>(
         let xs = input.storage::<f32>().get(inputs)?;
         f32_gemm::matmul_f32_gemm(xs, &w.storage::<f32>()[values], order, rows, k, n)?
     };
-    let bias = host_bias(layer)?;
     Some(streamed_output(out, bias.as_deref(), x, n, dtype))
 }
 

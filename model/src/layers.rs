@@ -121,13 +121,21 @@ impl LlamaRmsNorm {
 
 /// `LayerNorm` computed in f32 whatever the input dtype, result cast back: PyTorch's CPU
 /// `layer_norm` for f16/bf16 accumulates and normalises in f32 and rounds once at the end
-/// (Burn's own `LayerNorm` widens f16 only, and does bf16 in bf16).
-pub fn layer_norm_f32<const D: usize>(norm: &LayerNorm, x: Tensor<D>) -> Tensor<D> {
+/// (Burn's own `LayerNorm` widens f16 only, and does bf16 in bf16). `epsilon` is the norm's
+/// own, which Burn does not expose: the bf16/f16 kernel ([`crate::kernels::layer_norm`])
+/// needs it.
+pub fn layer_norm_f32<const D: usize>(norm: &LayerNorm, epsilon: f64, x: Tensor<D>) -> Tensor<D> {
     let dtype = x.dtype();
     // Under autodiff the widened copies below would be non-leaf parameters, which Burn
     // refuses; training uses Burn's own LayerNorm (it widens f16, keeps bf16).
     if dtype == DType::F32 || x.device().is_autodiff() {
         return norm.forward(x);
+    }
+    let beta = norm.beta.as_ref().map(|b| b.val());
+    if let Some(y) =
+        crate::kernels::layer_norm::layer_norm_half(&x, &norm.gamma.val(), beta.as_ref(), epsilon)
+    {
+        return y;
     }
     let mut wide = norm.clone();
     wide.gamma = Param::from_tensor(norm.gamma.val().cast(DType::F32));

@@ -322,9 +322,9 @@ impl LlamaDecoderLayer {
         let a = self
             .self_attn
             .forward(self.input_layernorm.forward(x.clone()), context, cache);
-        let h = x + a;
+        let h = crate::kernels::residual::add(x, a);
         let n = self.post_attention_layernorm.forward(h.clone());
-        h + self.mlp.forward(n)
+        crate::kernels::residual::add(h, self.mlp.forward(n))
     }
 }
 

@@ -27,6 +27,9 @@ pub struct VipLlavaProjector {
     /// Activation between the linears.
     #[module(skip)]
     pub act: Activation,
+    /// `projector_layernorm`'s epsilon (Burn keeps a `LayerNorm`'s private).
+    #[module(skip)]
+    pub layernorm_eps: f64,
 }
 
 impl VipLlavaProjector {
@@ -34,7 +37,7 @@ impl VipLlavaProjector {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let h = self
             .linear_1
-            .project(layer_norm_f32(&self.projector_layernorm, x));
+            .project(layer_norm_f32(&self.projector_layernorm, self.layernorm_eps, x));
         self.linear_2.project(activate(self.act, h))
     }
 }
@@ -90,6 +93,7 @@ impl VipLlava {
                 linear_1: linear(width, t.hidden_size, true, init, device),
                 linear_2: linear(t.hidden_size, t.hidden_size, true, init, device),
                 act: config.projector_hidden_act,
+                layernorm_eps: config.projector_layernorm_eps,
             },
             language_model: LlamaModel::with_init(t, init, device),
             lm_head: (!t.tie_word_embeddings)

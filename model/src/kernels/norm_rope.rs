@@ -82,61 +82,81 @@ pub fn rms_norm<const D: usize>(x: &Tensor<D>, weight: &Tensor<1>, eps: f64) -> 
 }
 
 /// [`rms_norm`] on `x`'s `len` values from `x0`, rows of `width`, with the weight's `width`
-/// values from `w0`.
+/// values from `w0`: a prefill's rows in parallel blocks (one thread took 6.3 ms for the
+/// 617 x 2048 rows of the 1.1B model, 44 times per prefill), a decode step's on this one.
 fn norm_rows<T: Stored, W: Stored>(
     (x, x0, len): (&FlexTensor, usize, usize),
     (w, w0): (&FlexTensor, usize),
     width: usize,
     eps: f64,
 ) -> Vec<T> {
-    let rows = len / width;
-    vectorized(NormRows {
-        x: &x.storage::<T>()[x0..x0 + len],
-        weight: &w.storage::<W>()[w0..w0 + width],
-        rows,
-        width,
-        eps,
-    })
+    let x = &x.storage::<T>()[x0..x0 + len];
+    // The weight rounded to `x`'s dtype, as the ops cast it.
+    let weight: Vec<f32> = w.storage::<W>()[w0..w0 + width]
+        .iter()
+        .map(|v| T::narrow(v.widen()).widen())
+        .collect();
+    let mut out = vec![T::zeroed(); len];
+    let block = NORM_BLOCK_ROWS * width;
+    let task = |(x, out): (&[T], &mut [T])| {
+        vectorized(NormRows {
+            x,
+            weight: &weight,
+            width,
+            eps,
+            out,
+        })
+    };
+    if len >= PARALLEL_VALUES {
+        use rayon::prelude::*;
+        x.par_chunks(block).zip(out.par_chunks_mut(block)).for_each(task);
+    } else {
+        x.chunks(block).zip(out.chunks_mut(block)).for_each(task);
+    }
+    out
 }
 
-/// The arguments of [`norm_rows`], as [`Vectorized`] work.
-struct NormRows<'a, T, W> {
+/// Rows per task of [`norm_rows`].
+const NORM_BLOCK_ROWS: usize = 16;
+
+/// The arguments of [`norm_rows`] for one block of rows, as [`Vectorized`] work.
+struct NormRows<'a, T> {
     x: &'a [T],
-    weight: &'a [W],
-    rows: usize,
+    /// The weight as the ops see it (rounded to `T`), widened.
+    weight: &'a [f32],
     width: usize,
     eps: f64,
+    out: &'a mut [T],
 }
 
-impl<T: Stored, W: Stored> Vectorized for NormRows<'_, T, W> {
-    type Output = Vec<T>;
+impl<T: Stored> Vectorized for NormRows<'_, T> {
+    type Output = ();
 
     #[inline(always)]
-    fn run(self) -> Vec<T> {
+    fn run(self) {
         let Self {
             x,
             weight,
-            rows,
             width,
             eps,
+            out,
         } = self;
-        // The weight rounded to `x`'s dtype, as the ops cast it.
-        let weight: Vec<f32> = weight.iter().map(|v| T::narrow(v.widen()).widen()).collect();
+        let rows = x.len() / width;
         let wide: Vec<f32> = x.iter().map(|v| v.widen()).collect();
         let squares: Vec<f32> = wide.iter().map(|v| v * v).collect();
         let mut sums = vec![0f32; rows];
         burn_flex::simd::kernels::sum_rows_f32(&squares, &mut sums, rows, width);
-        let mut out = Vec::with_capacity(x.len());
-        for (row, sum) in wide.chunks_exact(width).zip(sums) {
+        for ((row, sum), out) in wide
+            .chunks_exact(width)
+            .zip(sums)
+            .zip(out.chunks_exact_mut(width))
+        {
             // The ops' steps: the mean as sum / width, eps added in f32, then 1 / sqrt.
             let scale = 1.0 / (sum / width as f32 + eps as f32).sqrt();
-            out.extend(
-                row.iter()
-                    .zip(&weight)
-                    .map(|(v, w)| T::narrow(T::narrow(v * scale).widen() * w)),
-            );
+            for ((o, v), w) in out.iter_mut().zip(row).zip(weight) {
+                *o = T::narrow(T::narrow(v * scale).widen() * w);
+            }
         }
-        out
     }
 }
 
