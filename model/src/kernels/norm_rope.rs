@@ -337,7 +337,13 @@ mod tests {
             (DType::F16, DType::F16),
             (DType::F16, DType::F32),
         ] {
-            for (rows, width, eps, scale) in [(1, 2048, 1e-5, 1.0), (3, 37, 1e-6, 30.0), (2, 1, 1e-5, 0.01)] {
+            // The last: a prefill's rows in parallel blocks of 16, the last block short.
+            for (rows, width, eps, scale) in [
+                (1, 2048, 1e-5, 1.0),
+                (3, 37, 1e-6, 30.0),
+                (2, 1, 1e-5, 0.01),
+                (67, 1000, 1e-5, 1.0),
+            ] {
                 let mut norm = LlamaRmsNorm::new(width, eps, &device);
                 let weight = values([width], 0.5, DType::F32) + 1.0;
                 norm.weight = burn::module::Param::from_tensor(weight.cast(weight_dtype));
