@@ -251,6 +251,10 @@ fn positions_first<T: Copy + Default + Send>(
     narrow: impl Fn(f32) -> T + Sync,
 ) -> Vec<T> {
     let mut moved = vec![T::default(); out.len()];
+    if moved.is_empty() {
+        // No heads or a head size of 0 (chunks of 0 values would panic).
+        return moved;
+    }
     super::for_each_chunk(&mut moved, heads * d, |row, values| {
         let (bi, i) = (row / t, row % t);
         for (h, dst) in values.chunks_exact_mut(d).enumerate() {

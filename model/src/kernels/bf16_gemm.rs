@@ -119,7 +119,7 @@ pub fn matmul_bf16_amx(
 }
 
 /// [`matmul_bf16_amx`] with `bias` (`n` values) added and the sums rounded to bf16 as each
-/// 32 x 32 block finishes, while it is in L1: the bits of rounding the f32 result plus the
+/// 32 x 32 block finishes, from an L1 buffer of the block's last tiles: the bits of rounding the f32 result plus the
 /// bias (an f32 add, then to nearest even), without the `m x n` f32 result, its page
 /// faults, and the pass over it (1 ms of CLIP-L's 577 x 4096 up projection, 1.5 ms of the
 /// 1.1B model's 617 x 5632 ones). `None` as for [`matmul_bf16_amx`], or for a bias of
@@ -294,7 +294,8 @@ enum Sums<'a> {
     /// As f32 in the `[m, n]` output, which also holds them between slabs.
     F32(&'a Output),
     /// Rounded to bf16 with the bias added (if any) in the `[m, n]` output; between slabs
-    /// in the thread's f32 scratch.
+    /// (k > 2048) in the thread's f32 scratch of the task's blocks, which stays allocated
+    /// for the next product (about 1 KB per row of the task: 0.6 MB for a 617-row prefill).
     Rounded(&'a RoundedOutput, Option<&'a [f32]>),
 }
 
@@ -658,18 +659,22 @@ unsafe fn round_block(
     dst: *mut bf16,
     n: usize,
 ) {
+    assert!(rows <= AMX_ROWS && width <= AMX_COLS && bias.is_none_or(|b| b.len() >= width));
     for (er, sums) in edge.chunks_exact(AMX_COLS).take(rows).enumerate() {
+        // Written through the pointer: the output is not initialized yet, so no slice of it.
         // SAFETY: row `er` of the block, `width` values (this function's contract).
-        let row = unsafe { std::slice::from_raw_parts_mut(dst.add(er * n), width) };
+        let row = unsafe { dst.add(er * n) };
         match bias {
             Some(bias) => {
-                for ((o, &v), &b) in row.iter_mut().zip(sums).zip(bias) {
-                    *o = super::round_bf16(v + b);
+                for (c, (&v, &b)) in sums[..width].iter().zip(bias).enumerate() {
+                    // SAFETY: `c < width`.
+                    unsafe { row.add(c).write(super::round_bf16(v + b)) };
                 }
             }
             None => {
-                for (o, &v) in row.iter_mut().zip(sums) {
-                    *o = super::round_bf16(v);
+                for (c, &v) in sums[..width].iter().enumerate() {
+                    // SAFETY: `c < width`.
+                    unsafe { row.add(c).write(super::round_bf16(v)) };
                 }
             }
         }
@@ -725,12 +730,12 @@ unsafe fn amx_slabs(
                         // per row of the block).
                         // (Empty for a product of one slab, which keeps no sums.)
                         let ld = col_blocks * AMX_COLS;
-                        let mut kept = || (scratch[(r - r0) * ld + t0..].as_mut_ptr().cast::<u8>(), 4 * ld);
-                        let from = (p0 > 0).then(&mut kept).map(|(at, ld)| (at.cast_const(), ld));
-                        let to = if last {
-                            (edge.as_mut_ptr().cast::<u8>(), 4 * AMX_COLS)
-                        } else {
-                            kept()
+                        let kept = (p0 > 0 || !last)
+                            .then(|| (scratch[(r - r0) * ld + t0..].as_mut_ptr().cast::<u8>(), 4 * ld));
+                        let from = kept.filter(|_| p0 > 0).map(|(at, ld)| (at.cast_const(), ld));
+                        let to = match kept {
+                            Some(kept) if !last => kept,
+                            _ => (edge.as_mut_ptr().cast::<u8>(), 4 * AMX_COLS),
                         };
                         // SAFETY: `steps` 1 KB tiles from each of `a` and `b`, 32 rows of
                         // 32 sums in the scratch (sized for the task's whole blocks) and
