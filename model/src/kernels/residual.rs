@@ -39,13 +39,13 @@ fn pooled_sum<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> Option<Tensor<D>>
     {
         return None;
     }
-    let flex = |t: &Tensor<D>| -> Option<FlexTensor> {
+    // The Flex tensor and the range of its values, where they are one contiguous run.
+    let flex = |t: &Tensor<D>| -> Option<(FlexTensor, std::ops::Range<usize>)> {
         let t: FlexTensor = t.clone().try_into_primitive::<Flex>().ok()?;
-        t.layout().contiguous_offsets().map(|_| t)
+        let (start, end) = t.layout().contiguous_offsets()?;
+        Some((t, start..end))
     };
-    let (fa, fb) = (flex(a)?, flex(b)?);
-    let values = |t: &FlexTensor| t.layout().contiguous_offsets().map(|(start, end)| start..end);
-    let (ra, rb) = (values(&fa)?, values(&fb)?);
+    let ((fa, ra), (fb, rb)) = (flex(a)?, flex(b)?);
     let data = match dtype {
         DType::BF16 => {
             let (xs, ys) = (&fa.storage::<bf16>()[ra], &fb.storage::<bf16>()[rb]);
