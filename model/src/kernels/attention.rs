@@ -1047,36 +1047,37 @@ fn amx_attention(inputs: &Inputs) -> Option<Tensor<4>> {
     // / 2` pairs each: shared by the head's query blocks and the query heads of a GQA group.
     let kv_heads = s.heads / s.rep;
     let tile_len = s.total.next_multiple_of(KEY_BLOCK) * d / 2;
-    let mut keys = super::aligned_zeros::<u32>(b * kv_heads * tile_len);
-    let mut values = super::aligned_zeros::<u32>(b * kv_heads * tile_len);
-    keys.par_chunks_mut(tile_len)
-        .zip(values.par_chunks_mut(tile_len))
-        .enumerate()
-        .for_each(|(task, (kt, vs))| {
-            let (bi, kvh) = (task / kv_heads, task % kv_heads);
-            // Whole groups of 16 keys (or pairs of values) in registers, the rest one by one.
-            let (whole_keys, whole_pairs) = (s.total / 16 * 16, s.total / 2 * 2);
-            let (first, step) = k.rows(bi, kvh, whole_keys, d);
-            for j0 in (0..whole_keys).step_by(16) {
-                // SAFETY: `amx_apply` checked AVX-512 (every AMX CPU has it); `rows` checked
-                // keys `0..whole_keys` of `d` values each at `first + j * step`.
-                unsafe { key_tiles16(first.add(j0 * step), step, j0, d, kt) };
-            }
-            for j in whole_keys..s.total {
-                key_tiles(k.row(bi, kvh, j, d), j, d, kt);
-            }
-            let vs: &mut [u16] = bytemuck::cast_slice_mut(vs);
-            let (first, step) = v.rows(bi, kvh, whole_pairs, d);
-            for j in (0..whole_pairs).step_by(2) {
-                // SAFETY: as above, for values `0..whole_pairs`.
-                unsafe { value_tiles2(first.add(j * step), first.add((j + 1) * step), j, d, vs) };
-            }
-            for j in whole_pairs..s.total {
-                value_tiles(v.row(bi, kvh, j, d), j, d, vs);
-            }
-        });
-    // Stored as `[b, t, heads, d]`, returned as a swapped view (see `Inputs::output`).
-    let mut out = vec![bf16::ZERO; b * s.heads * s.t * d];
+    // Whole groups of 16 keys (or pairs of values) in registers, the rest one by one; the
+    // padding keys stay zero (each task zeroes its own tiles).
+    let (whole_keys, whole_pairs) = (s.total / 16 * 16, s.total / 2 * 2);
+    let keys = super::aligned_filled::<u32>(b * kv_heads * tile_len, tile_len, |task, kt| {
+        let (bi, kvh) = (task / kv_heads, task % kv_heads);
+        let (first, step) = k.rows(bi, kvh, whole_keys, d);
+        for j0 in (0..whole_keys).step_by(16) {
+            // SAFETY: `amx_apply` checked AVX-512 (every AMX CPU has it); `rows` checked
+            // keys `0..whole_keys` of `d` values each at `first + j * step`.
+            unsafe { key_tiles16(first.add(j0 * step), step, j0, d, kt) };
+        }
+        for j in whole_keys..s.total {
+            key_tiles(k.row(bi, kvh, j, d), j, d, kt);
+        }
+    });
+    let values = super::aligned_filled::<u32>(b * kv_heads * tile_len, tile_len, |task, vs| {
+        let (bi, kvh) = (task / kv_heads, task % kv_heads);
+        let vs: &mut [u16] = bytemuck::cast_slice_mut(vs);
+        let (first, step) = v.rows(bi, kvh, whole_pairs, d);
+        for j in (0..whole_pairs).step_by(2) {
+            // SAFETY: as above, for values `0..whole_pairs`.
+            unsafe { value_tiles2(first.add(j * step), first.add((j + 1) * step), j, d, vs) };
+        }
+        for j in whole_pairs..s.total {
+            value_tiles(v.row(bi, kvh, j, d), j, d, vs);
+        }
+    });
+    // Stored as `[b, t, heads, d]`, returned as a swapped view (see `Inputs::output`). Not
+    // zeroed first: the tasks write every value.
+    let len = b * s.heads * s.t * d;
+    let mut out: Vec<bf16> = Vec::with_capacity(len);
     let target = OutputRows(out.as_mut_ptr());
     let blocks = s.t.div_ceil(AMX_QUERY_BLOCK);
     (0..b * s.heads * blocks).into_par_iter().for_each(|task| {
@@ -1103,6 +1104,8 @@ fn amx_attention(inputs: &Inputs) -> Option<Tensor<4>> {
             ),
         })
     });
+    // SAFETY: the tasks wrote every value: each `(batch, head, block)` its rows' `d` values.
+    unsafe { out.set_len(len) };
     let shape = [*b, s.t, s.heads, d];
     // The dtype named: `from_data` alone would widen the values to the default f32.
     let out = Tensor::<4>::from_data(TensorData::new(out, shape), (&inputs.device, DType::BF16));
@@ -1336,11 +1339,12 @@ impl<'a, Q: Iterator<Item = &'a [bf16]>> Vectorized for AmxQueryBlock<'a, Q> {
             }
         }
         for (r, (o, &total)) in o.chunks(d).zip(&sum).enumerate() {
-            // SAFETY: the block's output rows are its own (see `AmxQueryBlock::out`).
-            let row = unsafe { std::slice::from_raw_parts_mut(out.0.add(r * out.1), d) };
             let inv = 1.0 / total;
-            for (y, &x) in row.iter_mut().zip(o) {
-                *y = bf16::from_f32(x * inv);
+            for (c, &x) in o.iter().enumerate() {
+                // Written through the pointer: the output is not initialized yet.
+                // SAFETY: the block's output rows are its own (see `AmxQueryBlock::out`),
+                // `d` values each.
+                unsafe { out.0.add(r * out.1 + c).write(bf16::from_f32(x * inv)) };
             }
         }
     }

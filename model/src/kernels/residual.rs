@@ -10,7 +10,7 @@ use burn::tensor::{DType, Tensor, TensorData, bf16};
 use burn_flex::{Flex, FlexTensor};
 
 use super::{
-    PARALLEL_VALUES, fast_paths_enabled, for_each_chunk, is_plain_flex, round_bf16, widen_bf16, with_simd,
+    PARALLEL_VALUES, fast_paths_enabled, is_plain_flex, round_bf16, widen_bf16, with_simd, written_in_chunks,
 };
 
 /// Values per task.
@@ -64,18 +64,20 @@ fn pooled_sum<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> Option<Tensor<D>>
 }
 
 /// `sum(x, y)` of every pair, in parallel chunks compiled for the CPU's vectors.
-fn sum_values<T: Copy + Default + Send + Sync>(xs: &[T], ys: &[T], sum: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+fn sum_values<T: Copy + Send + Sync>(xs: &[T], ys: &[T], sum: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     assert_eq!(xs.len(), ys.len());
-    let mut out = vec![T::default(); xs.len()];
-    for_each_chunk(&mut out, CHUNK, |i, chunk| {
-        let (xs, ys) = (&xs[i * CHUNK..], &ys[i * CHUNK..]);
-        with_simd(|| {
-            for ((o, &x), &y) in chunk.iter_mut().zip(xs).zip(ys) {
-                *o = sum(x, y);
-            }
+    // SAFETY: chunk `i` holds values `i * CHUNK..` of `xs` and `ys` (the same lengths),
+    // each written.
+    unsafe {
+        written_in_chunks(xs.len(), CHUNK, |i, chunk| {
+            let (xs, ys) = (&xs[i * CHUNK..], &ys[i * CHUNK..]);
+            with_simd(|| {
+                for ((o, &x), &y) in chunk.iter_mut().zip(xs).zip(ys) {
+                    o.write(sum(x, y));
+                }
+            })
         })
-    });
-    out
+    }
 }
 
 #[cfg(test)]
