@@ -400,7 +400,18 @@ fn write_pairs(dst: &mut [MaybeUninit<u32>], values: &[bf16]) {
     assert!(values.len().div_ceil(2) <= dst.len());
     let whole = values.len() / 2;
     let (head, tail) = dst.split_at_mut(whole);
-    if cfg!(target_endian = "little") {
+    if cfg!(target_endian = "little") && whole == 16 {
+        // A whole tile group: 64 bytes of a known length (two vector moves, where a copy of
+        // a length known only at run time is a library call).
+        // SAFETY: as below, with `whole` 16.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                values.as_ptr().cast::<[u8; 64]>(),
+                head.as_mut_ptr().cast::<[u8; 64]>(),
+                1,
+            )
+        };
+    } else if cfg!(target_endian = "little") {
         // A pair's u32 (first value in the low half) has the two values' bytes in memory
         // order: whole pairs are a plain copy.
         // SAFETY: `head` holds `whole` u32 (`4 whole` bytes) and `values` at least `2 whole`
