@@ -330,9 +330,9 @@ impl Pairs {
         let half = k.div_ceil(2);
         let stride = half.next_multiple_of(pair_unit);
         let total = m.next_multiple_of(row_unit) * stride;
-        // Not zeroed first: each task zeroes its own blocks before it fills them (a zeroed
-        // buffer was one thread's memset of it all, and its page faults, while the others
-        // waited: 1.3% of a bf16 run's samples).
+        // Not zeroed first: the tasks write every slot, padding included (a zeroed buffer was
+        // one thread's memset of it all, and its page faults, while the others waited: 1.3%
+        // of a bf16 run's samples).
         let mut bits = super::AlignedVec::<u32>::with_capacity(64, total);
         // SAFETY: the buffer holds `total` values; `MaybeUninit` needs no initialization.
         let slots =
@@ -361,6 +361,8 @@ impl Pairs {
         // The blocks of the rows (a whole number of them fits: `row_unit` is a multiple of
         // `block_rows`), then the padding rows.
         let (rows, padding) = slots.split_at_mut(m.div_ceil(block_rows) * dst);
+        // One block of slots per block of rows, so that `fill` meets every slot.
+        assert_eq!(rows.len() / dst, x.len().div_ceil(src));
         if m * k >= 1 << 16 {
             let blocks = rows.par_chunks_mut(dst).zip(x.par_chunks(src));
             blocks.with_min_len(16 / block_rows).for_each(fill);
