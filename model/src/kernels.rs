@@ -295,7 +295,7 @@ fn gemm_linear<const D: usize>(
     };
     let start = input.layout().start_offset();
     let inputs = start..start + rows * k;
-    let bias = host_bias(layer)?;
+    let bias = host_bias(layer, n)?;
     let out = if bf16_products {
         let xs = input.storage::<bf16>().get(inputs)?;
         let w = &w.storage::<bf16>()[values];
@@ -334,10 +334,12 @@ fn widen_bf16_values(xs: &[bf16]) -> Vec<f32> {
 }
 
 /// A layer's bias on the host as f32: `Some(None)` for a layer without one, `None` when it
-/// cannot be read.
-fn host_bias(layer: &Linear) -> Option<Option<Vec<f32>>> {
+/// cannot be read or does not hold `n` values.
+fn host_bias(layer: &Linear, n: usize) -> Option<Option<Vec<f32>>> {
     match &layer.bias {
-        Some(b) => host_f32(b.val()).map(Some),
+        // A bias of another length: Burn's ops say what is wrong with such a layer (the
+        // kernels write as many values per row as the bias has).
+        Some(b) => host_f32(b.val()).filter(|b| b.len() == n).map(Some),
         None => Some(None),
     }
 }
@@ -399,7 +401,7 @@ pub(crate) fn fused_packed_linears<const D: usize, const N: usize>(
     });
     let mut outputs = Vec::with_capacity(N);
     for ((layer, out), n) in layers.iter().zip(products).zip(widths) {
-        let bias = host_bias(layer)?;
+        let bias = host_bias(layer, n)?;
         outputs.push(streamed_output(out, bias.as_deref(), x, n, dtype));
     }
     outputs.try_into().ok()
@@ -430,7 +432,7 @@ fn stream_linear<const D: usize>(
     if xs.len() != rows * k {
         return None;
     }
-    let bias = host_bias(layer)?;
+    let bias = host_bias(layer, n)?;
     if file_order {
         let out = match dtype {
             DType::F32 => rows::matmul_rows(&xs, &w.storage::<f32>()[offset..offset + k * n], rows, k, n),
@@ -489,6 +491,8 @@ fn streamed_output<const D: usize>(
     n: usize,
     dtype: DType,
 ) -> Tensor<D> {
+    // The rounding pass writes as many values per row as the bias has.
+    assert!(bias.is_none_or(|b| b.len() == n), "a bias of {n} values");
     let mut shape = x.dims();
     shape[D - 1] = n;
     if dtype == DType::BF16 {
@@ -560,7 +564,9 @@ pub enum SigmoidGate {
 /// GELU), each on one thread.
 ///
 /// - **bf16:** a vectorized exponential and bf16 roundings where PyTorch rounds (after the
-///   activation, after the product), so that a bf16 run follows transformers' bf16 run.
+///   activation, after the product), so that a bf16 run follows transformers' bf16 run;
+///   computed once per gate for all 65536 bf16 inputs ([`gate_table`]) and looked up, in
+///   place on `x`'s buffer where Flex hands it over.
 /// - **f32:** the bits of Burn's ops ([`BurnGateF32`]: the same operations in the same
 ///   order, the exponential of `std`), which the f32 parity tests pin; only the passes and
 ///   the threads differ.
@@ -857,7 +863,7 @@ fn through_bf16(v: f32) -> f32 {
     widen_bf16(round_bf16(v))
 }
 
-/// [`gate_values`] without `up` for every bf16 input, by its bits: an activation of bf16
+/// The bf16 gates' arithmetic ([`gate_slice`]) without `up` for every bf16 input, by its bits: an activation of bf16
 /// values has only 65536 results, so a prefill's millions of values are table reads of the
 /// same bits instead of an exponential, a division and four roundings each (3-6 cycles per
 /// value on a Sapphire Rapids-class Xeon: 4% of a bf16 run's samples). Computed once per
@@ -870,15 +876,16 @@ fn gate_table(gate: SigmoidGate) -> &'static [bf16; 1 << 16] {
         SigmoidGate::QuickGelu => 1,
     };
     TABLES[slot].get_or_init(|| {
+        // On this thread, not the pool: a pool task that waited here for a table that a
+        // pool task builds could deadlock.
         let inputs: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
-        let results = gate_values(&inputs, None, gate);
         let mut table = Box::new([bf16::ZERO; 1 << 16]);
-        table.copy_from_slice(&results);
+        gate_slice(&inputs, None, &mut table[..], gate);
         table
     })
 }
 
-/// Every value of `x` replaced by [`gate_values`]' result for it (and `up`), through
+/// Every value of `x` replaced by its gate's arithmetic on it ([`gate_slice`], and `up`), through
 /// [`gate_table`]: the same bits, since the gate of `x` alone is a bf16 value that the
 /// product with `up` widens exactly.
 fn gate_in_place_bf16(x: &mut [bf16], up: Option<&[bf16]>, gate: SigmoidGate) {
@@ -910,28 +917,22 @@ fn gate_in_place_bf16(x: &mut [bf16], up: Option<&[bf16]>, gate: SigmoidGate) {
     });
 }
 
-/// [`sigmoid_gated`]'s arithmetic on every value, in parallel chunks for many values (it
-/// builds [`gate_table`]).
-fn gate_values(x: &[bf16], up: Option<&[bf16]>, gate: SigmoidGate) -> Vec<bf16> {
-    const CHUNK: usize = 1 << 14;
-    let mut out = vec![bf16::ZERO; x.len()];
-    for_each_chunk(&mut out, CHUNK, |i, chunk| {
-        let start = i * CHUNK;
-        let xs = &x[start..start + chunk.len()];
-        let ups = up.map(|u| &u[start..start + chunk.len()]);
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512 F (checked above) and FMA (`sigmoid_gated`).
-                return unsafe { gate_chunk_avx512(xs, ups, chunk, gate) };
-            }
-            // SAFETY: `sigmoid_gated` runs only where the CPU has AVX2 and FMA.
-            unsafe { gate_chunk_avx2(xs, ups, chunk, gate) }
+/// [`gate_chunk`] compiled for the widest vectors this CPU has with FMA, else plain (the
+/// same bits: `mul_add` is fused on every path).
+fn gate_slice(x: &[bf16], up: Option<&[bf16]>, out: &mut [bf16], gate: SigmoidGate) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("fma") {
+            // SAFETY: the CPU has AVX-512 F and FMA (checked above).
+            return unsafe { gate_chunk_avx512(x, up, out, gate) };
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        gate_chunk(xs, ups, chunk, gate)
-    });
-    out
+        if has!("avx2") && has!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return unsafe { gate_chunk_avx2(x, up, out, gate) };
+        }
+    }
+    gate_chunk(x, up, out, gate)
 }
 
 /// [`gate_chunk`] compiled for AVX-512 with FMA.
@@ -962,9 +963,9 @@ fn sigmoid_f32(z: f32) -> f32 {
     if z >= 0.0 { 1.0 / (1.0 + e) } else { e / (1.0 + e) }
 }
 
-/// One chunk of [`gate_values`]: inlined into the callers above, so that each loop (one per
-/// case, without branches inside) vectorizes and the exponential's `mul_add`s are FMA
-/// instructions. The roundings are PyTorch's, see [`SigmoidGate`].
+/// One chunk of the bf16 gates ([`gate_slice`]): inlined into the callers above, so that
+/// each loop (one per case, without branches inside) vectorizes and the exponential's
+/// `mul_add`s are FMA instructions. The roundings are PyTorch's, see [`SigmoidGate`].
 #[inline(always)]
 fn gate_chunk(x: &[bf16], up: Option<&[bf16]>, out: &mut [bf16], gate: SigmoidGate) {
     #[inline(always)]
@@ -2121,10 +2122,28 @@ pub(crate) mod tests {
         }
     }
 
+    /// The bf16 gates' arithmetic on every value, in parallel chunks as the kernel ran it
+    /// before [`gate_table`] (which it builds from the same [`gate_slice`]).
+    fn gate_values(x: &[bf16], up: Option<&[bf16]>, gate: SigmoidGate) -> Vec<bf16> {
+        const CHUNK: usize = 1 << 14;
+        let mut out = vec![bf16::ZERO; x.len()];
+        for_each_chunk(&mut out, CHUNK, |i, chunk| {
+            let start = i * CHUNK;
+            let xs = &x[start..start + chunk.len()];
+            let ups = up.map(|u| &u[start..start + chunk.len()]);
+            gate_slice(xs, ups, chunk, gate)
+        });
+        out
+    }
+
     /// The table path has the bits of the arithmetic for every bf16 input (NaNs, infinities,
     /// subnormals included), alone and times `up`, in parallel chunks and a short tail.
     #[test]
     fn gate_tables_have_the_bits_of_the_arithmetic() {
+        if !fma_available() {
+            eprintln!("no FMA on this CPU: the bf16 gates do not run here; skipped");
+            return;
+        }
         let inputs: Vec<bf16> = (0..=u16::MAX)
             .map(bf16::from_bits)
             .chain((0..77).map(bf16::from_bits))
@@ -2203,6 +2222,19 @@ pub(crate) mod tests {
                     "{gate:?} up {with_up}: {off} values one bf16 step off"
                 );
             }
+            // `up` as a transposed view (read through a copy) gives the same bits, and the
+            // input, whose buffer `xt` still shares, is left as it was.
+            let transposed: Vec<bf16> = (0..rows * cols)
+                .map(|i| up[(i % rows) * cols + i / rows])
+                .collect();
+            let view =
+                Tensor::<2>::from_data(TensorData::new(transposed, [cols, rows]), (&device, DType::BF16))
+                    .transpose();
+            let bits = |t: Tensor<2>| t.into_data().try_to_vec::<bf16>().expect("bf16");
+            let through_view = sigmoid_gated(xt.clone(), gate, Some(&view)).expect("applies");
+            let direct = sigmoid_gated(xt.clone(), gate, Some(&ut)).expect("applies");
+            assert!(bits(through_view) == bits(direct), "{gate:?}: up as a view");
+            assert!(bits(xt.clone()) == x, "{gate:?}: the input changed");
         }
         // Shapes that differ, and other dtypes, are given back.
         let x = Tensor::<2>::from_data(TensorData::new(vec![1f32; 6], [2, 3]), &device);

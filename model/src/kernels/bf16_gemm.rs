@@ -361,8 +361,10 @@ impl Pairs {
         // The blocks of the rows (a whole number of them fits: `row_unit` is a multiple of
         // `block_rows`), then the padding rows.
         let (rows, padding) = slots.split_at_mut(m.div_ceil(block_rows) * dst);
-        // One block of slots per block of rows, so that `fill` meets every slot.
+        // One block of slots per block of rows, so that `fill` meets every slot, and whole
+        // groups per tiled row.
         assert_eq!(rows.len() / dst, x.len().div_ceil(src));
+        assert!(!tiled || stride.is_multiple_of(tile));
         if m * k >= 1 << 16 {
             let blocks = rows.par_chunks_mut(dst).zip(x.par_chunks(src));
             blocks.with_min_len(16 / block_rows).for_each(fill);
