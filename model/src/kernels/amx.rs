@@ -208,6 +208,73 @@ impl Tiles {
         }
     }
 
+    /// [`Tiles::block`] for a 16 x 32 block: one 16-row tile of activations (`a`) against
+    /// the two weight tiles, two tiles of sums, the first 16 of the 32 rows at `from` and
+    /// `to`. For the last rows of a product that end in the first half of a 32-row block
+    /// (577 = 18 x 32 + 1 in CLIP-L, 617 = 19 x 32 + 9 in the 1.1B prefill): half the work of
+    /// a whole block, most of which was zero rows.
+    ///
+    /// # Safety
+    /// As [`Tiles::block`], with 16 rows of 128 bytes at `from` and `to`.
+    pub unsafe fn block16(
+        &self,
+        a: *const u8,
+        b: [*const u8; 2],
+        from: Option<(*const u8, usize)>,
+        to: (*mut u8, usize),
+        steps: usize,
+    ) {
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no tiles outside x86_64 ({a:?} {b:?} {from:?} {to:?} {steps})");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `block`: the tiles were configured on this thread, the reads and
+        // writes stay inside the bounds above, and only these blocks touch the tiles.
+        unsafe {
+            match from {
+                Some((c, ldc)) => std::arch::asm!(
+                    "tileloadd tmm0, [{c} + {ldc}*1]",
+                    "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
+                    c = in(reg) c,
+                    ldc = in(reg) ldc,
+                    options(nostack, readonly),
+                ),
+                None => std::arch::asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem)),
+            }
+            if steps > 0 {
+                std::arch::asm!(
+                    "2:",
+                    "tileloadd tmm4, [{a0} + {row}*1]",
+                    "tileloadd tmm6, [{b0} + {row}*1]",
+                    "tileloadd tmm7, [{b1} + {row}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    pf16!("b0"),
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    pf16!("b1"),
+                    pf16!("a0"),
+                    "add {a0}, 1024",
+                    "add {b0}, 1024",
+                    "add {b1}, 1024",
+                    "dec {steps}",
+                    "jnz 2b",
+                    a0 = inout(reg) a => _,
+                    b0 = inout(reg) b[0] => _,
+                    b1 = inout(reg) b[1] => _,
+                    row = in(reg) ROW_BYTES,
+                    steps = inout(reg) steps => _,
+                    options(nostack, readonly),
+                );
+            }
+            let (c, ldc) = to;
+            std::arch::asm!(
+                "tilestored [{c} + {ldc}*1], tmm0",
+                "tilestored [{c} + {ldc}*1 + 64], tmm1",
+                c = in(reg) c,
+                ldc = in(reg) ldc,
+                options(nostack),
+            );
+        }
+    }
+
     /// Attention scores of 16 query rows against 64 keys: `out[r][j] = q_r . k_j` in f32,
     /// over `groups` groups of 32 dimensions. `q` is 16 rows of bf16 (`q_stride` bytes
     /// apart, 64 bytes per group); `keys` holds per group four 1 KB tiles of 16 keys each
@@ -395,6 +462,19 @@ mod tests {
                 steps,
             );
         }
+        // The 16-row block of the first half: the same first 16 rows.
+        let mut half = vec![1f32; 16 * 32];
+        // SAFETY: as above, 16 rows of sums.
+        unsafe {
+            tiles.block16(
+                a[0].as_ptr().cast(),
+                [b[0].as_ptr().cast(), b[1].as_ptr().cast()],
+                Some((half.as_ptr().cast(), 128)),
+                (half.as_mut_ptr().cast(), 128),
+                steps,
+            );
+        }
+        assert_eq!(half[..], c[..16 * 32], "the 16-row block");
         for r in 0..32 {
             for col in 0..32 {
                 let want: f64 = 1.0

@@ -735,6 +735,31 @@ unsafe fn round_block(
     }
 }
 
+/// [`amx::Tiles::block`] for a block of `rows` live rows: where they end in its first half,
+/// [`amx::Tiles::block16`] on the first tile of activations only (the rest are zero rows).
+///
+/// # Safety
+/// As [`amx::Tiles::block`].
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_of(
+    tiles: &amx::Tiles,
+    rows: usize,
+    a: [*const u8; 2],
+    b: [*const u8; 2],
+    from: Option<(*const u8, usize)>,
+    to: (*mut u8, usize),
+    steps: usize,
+) {
+    // SAFETY: as this function's (the 16-row block reads and writes a part of the same).
+    unsafe {
+        if rows <= amx::TILE_ROWS {
+            tiles.block16(a[0], b, from, to, steps)
+        } else {
+            tiles.block(a, b, from, to, steps)
+        }
+    }
+}
+
 /// [`amx_columns`] with its panel buffer.
 ///
 /// # Safety
@@ -794,7 +819,7 @@ unsafe fn amx_slabs(
                         // SAFETY: `steps` 1 KB tiles from each of `a` and `b`, 32 rows of
                         // 32 sums in the scratch (sized for the task's whole blocks) and
                         // in `edge`.
-                        unsafe { tiles.block(a, b, from, to, steps) };
+                        unsafe { block_of(tiles, rows, a, b, from, to, steps) };
                         if last {
                             let bias = bias.map(|b| &b[c0 + t0..c0 + t0 + width]);
                             // SAFETY: row `r < m`, columns `c0 + t0..c0 + t0 + width` of
@@ -826,7 +851,7 @@ unsafe fn amx_slabs(
                 }
                 // SAFETY: as above, with the sums in `edge`.
                 let to = (edge.as_mut_ptr().cast::<u8>(), 4 * AMX_COLS);
-                unsafe { tiles.block(a, b, Some((to.0.cast_const(), to.1)), to, steps) };
+                unsafe { block_of(tiles, rows, a, b, Some((to.0.cast_const(), to.1)), to, steps) };
                 for er in 0..rows {
                     for ec in 0..width {
                         // SAFETY: as above.
