@@ -12,7 +12,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Tensor};
 
 use crate::config::{Activation, ClipVisionConfig};
-use crate::dispatch::LinearForward;
+use crate::dispatch::{LinearForward, project_each};
 use crate::kernels;
 use crate::layers::{ParamInit, activate, layer_norm_f32, linear};
 
@@ -201,9 +201,7 @@ impl ClipAttention {
         let [b, t, d] = x.dims();
         let hd = d / self.num_heads;
         let split = |y: Tensor<3>| y.reshape([b, t, self.num_heads, hd]).swap_dims(1, 2);
-        let q = split(self.q_proj.project(x.clone()));
-        let k = split(self.k_proj.project(x.clone()));
-        let v = split(self.v_proj.project(x));
+        let [q, k, v] = project_each([&self.q_proj, &self.k_proj, &self.v_proj], x).map(split);
         let options = AttentionModuleOptions::default();
         let fast = kernels::fast_paths_enabled()
             .then(|| kernels::attention::prefill_attention(&q, &k, &v, None, &options))

@@ -362,7 +362,8 @@ pub fn linears<const D: usize, const N: usize>(layers: [&Linear; N], x: Tensor<D
     if let Some(out) = fused_packed_linears(&layers, &x) {
         return out;
     }
-    layers.map(|layer| linear(layer, x.clone()))
+    // `x` is held meanwhile: its AMX packing can serve every product.
+    bf16_gemm::sharing_activations(|| layers.map(|layer| linear(layer, x.clone())))
 }
 
 /// [`linears`]' fused case, or `None` where it does not apply.

@@ -144,19 +144,61 @@ pub fn matmul_bf16_amx_rounded(
     {
         return None;
     }
-    let pairs = Pairs::of(x, m, k, AMX_ROWS, amx::TILE_ROWS, true);
+    let shared = shared_pairs(x, m, k);
+    let pairs: &Pairs = &shared;
     let weight = Weight { w, order, k, n };
     let mut out: Vec<bf16> = Vec::with_capacity(m * n);
     let target = RoundedOutput(out.as_mut_ptr());
     for_each_block_of(m, n, AMX_ROWS, AMX_TASK_COLS, AMX_TASK_COLS, |block| {
         // SAFETY: `out` holds `m * n` values and outlives the tasks; tasks write disjoint
         // blocks of it; AMX and AVX-512 BF16 are available (checked above).
-        unsafe { amx_columns(&pairs, &weight, block, Sums::Rounded(&target, bias), n) };
+        unsafe { amx_columns(pairs, &weight, block, Sums::Rounded(&target, bias), n) };
     });
     // SAFETY: the tasks wrote all `m * n` values (every block's last slab rounds all of its
     // rows and columns).
     unsafe { out.set_len(m * n) };
     Some(out)
+}
+
+thread_local! {
+    /// Inside [`sharing_activations`]: the AMX tiles of the last activations this thread
+    /// packed, by their address, length and row length.
+    static SHARED: std::cell::RefCell<Option<Option<SharedPairs>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Activations packed for the AMX products, and what they were packed from.
+type SharedPairs = ((usize, usize, usize), std::rc::Rc<Pairs>);
+
+/// Runs `products`, whose AMX products of one activation slice (the same address, length
+/// and row length) pack it once: q/k/v and gate/up read one input, and each packing is a
+/// pass of 1.2-7 MB. Only for products of the same values: the caller holds the input for
+/// the whole call, so an address cannot meet other values inside it.
+pub fn sharing_activations<R>(products: impl FnOnce() -> R) -> R {
+    /// Ends the sharing, on a panic too.
+    struct End;
+    impl Drop for End {
+        fn drop(&mut self) {
+            SHARED.set(None);
+        }
+    }
+    SHARED.set(Some(None));
+    let _end = End;
+    products()
+}
+
+/// The AMX tiles of `x`: inside [`sharing_activations`] the packing of the same slice
+/// again if there is one, else a new packing (kept for the next product there).
+fn shared_pairs(x: &[bf16], m: usize, k: usize) -> std::rc::Rc<Pairs> {
+    let key = (x.as_ptr() as usize, x.len(), k);
+    SHARED.with_borrow_mut(|shared| match shared {
+        Some(Some((at, pairs))) if *at == key && pairs.m == m => pairs.clone(),
+        Some(slot) => {
+            let pairs = std::rc::Rc::new(Pairs::of(x, m, k, AMX_ROWS, amx::TILE_ROWS, true));
+            *slot = Some((key, pairs.clone()));
+            pairs
+        }
+        None => std::rc::Rc::new(Pairs::of(x, m, k, AMX_ROWS, amx::TILE_ROWS, true)),
+    })
 }
 
 /// [`matmul_bf16_gemm`]'s arithmetic in plain Rust, on every CPU (for tests).
@@ -1232,6 +1274,40 @@ pub(super) mod tests {
                     .is_none()
             );
         }
+    }
+
+    /// Inside `sharing_activations` one slice is packed once, other slices (or the same
+    /// length read as other rows) are not mistaken for it, nothing is kept after it, and every
+    /// product keeps its bits.
+    #[test]
+    fn shared_activations_are_packed_once_and_keep_the_bits() {
+        let (m, k, n) = (40, 130, 70);
+        let (x, other) = (values(m * k, 1), values(m * k, 9));
+        let ws = [values(k * n, 2), values(k * n, 3)];
+        let same = |a: &std::rc::Rc<Pairs>, b: &std::rc::Rc<Pairs>| std::rc::Rc::ptr_eq(a, b);
+        sharing_activations(|| {
+            let first = shared_pairs(&x, m, k);
+            assert!(same(&first, &shared_pairs(&x, m, k)), "packed again");
+            assert!(!same(&first, &shared_pairs(&other, m, k)), "another slice");
+            assert!(
+                !same(&shared_pairs(&x, m, k), &shared_pairs(&x, 2 * m, k / 2)),
+                "another row length"
+            );
+        });
+        assert!(SHARED.with_borrow(|s| s.is_none()), "kept after the call");
+        if !amx::amx_bf16_available() {
+            eprintln!("no AMX-BF16 on this CPU: the products skipped");
+            return;
+        }
+        let product = |x: &[bf16], w: &[bf16]| {
+            let out =
+                matmul_bf16_amx_rounded(x, w, WeightOrder::InputMajor, (m, k, n), None).expect("available");
+            out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        };
+        let alone = [product(&x, &ws[0]), product(&x, &ws[1]), product(&other, &ws[0])];
+        let shared =
+            sharing_activations(|| [product(&x, &ws[0]), product(&x, &ws[1]), product(&other, &ws[0])]);
+        assert!(alone == shared, "the bits of each product");
     }
 
     #[test]
