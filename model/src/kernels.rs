@@ -353,6 +353,14 @@ fn flex_tensor<const D: usize>(t: Tensor<D>) -> Option<FlexTensor> {
     t.try_into_primitive::<Flex>().ok()
 }
 
+/// `t`'s Flex tensor and the range of its values in the storage, where they are one
+/// contiguous run: read in place, without `into_data`'s copy of a shared buffer.
+pub(crate) fn contiguous_flex<const D: usize>(t: &Tensor<D>) -> Option<(FlexTensor, std::ops::Range<usize>)> {
+    let t = flex_tensor(t.clone())?;
+    let (start, end) = t.layout().contiguous_offsets()?;
+    Some((t, start..end))
+}
+
 /// `x @ W (+ b)` for several `Linear`s that read the same input (q/k/v, gate/up), each
 /// with the bits of [`linear`] on its own. On a decode step with packed q8/q4 weights and
 /// int8 activations, the input is quantized once and every product's slabs run as one
@@ -589,63 +597,50 @@ pub fn sigmoid_gated<const D: usize>(
     {
         return Err(x);
     }
-    if dtype == DType::F32 {
-        return gate_f32_tensor(x, gate, up);
+    match dtype {
+        DType::F32 => gate_tensor(x, up, DType::F32, |x: &mut [f32], up| {
+            gate_in_place_f32(x, up, gate)
+        }),
+        _ => gate_tensor(x, up, DType::BF16, |x: &mut [bf16], up| {
+            gate_in_place_bf16(x, up, gate)
+        }),
     }
+}
+
+/// [`sigmoid_gated`] on the values of `x` (and `up`), of `dtype` on the plain Flex device,
+/// by `apply`: in place where Flex hands `x`'s values over without a copy (a product's fresh
+/// output is the tensor's only owner: no buffer, no page faults), with `up` read where it
+/// lies when it is one contiguous run (else copied).
+// As `sigmoid_gated`'s: the one tensor either way.
+#[allow(clippy::result_large_err)]
+fn gate_tensor<const D: usize, T: burn::tensor::Element + bytemuck::Pod>(
+    x: Tensor<D>,
+    up: Option<&Tensor<D>>,
+    dtype: DType,
+    apply: impl FnOnce(&mut [T], Option<&[T]>),
+) -> Result<Tensor<D>, Tensor<D>> {
     let device = x.device();
-    // In place where Flex hands the values over without a copy (a product's fresh output
-    // is the tensor's only owner): no buffer, no page faults.
     let mut data = x.into_data();
-    // `up` read where it lies when it is one contiguous run of bf16, else copied.
-    let up_values = up.and_then(|u| {
-        let t: FlexTensor = u.clone().try_into_primitive::<Flex>().ok()?;
-        let (start, end) = t.layout().contiguous_offsets()?;
-        (t.dtype() == DType::BF16).then_some((t, start..end))
-    });
+    let up_values = up.and_then(contiguous_flex).filter(|(t, _)| t.dtype() == dtype);
     let up_data = match (up, &up_values) {
         (Some(u), None) => Some(u.clone().into_data()),
         _ => None,
     };
     let ups = match (&up_values, &up_data) {
-        (Some((t, range)), _) => Some(Ok(&t.storage::<bf16>()[range.clone()])),
-        (None, Some(data)) => Some(data.as_slice::<bf16>()),
+        (Some((t, range)), _) => Some(Ok(&t.storage::<T>()[range.clone()])),
+        (None, Some(data)) => Some(data.as_slice::<T>()),
         (None, None) => None,
     };
-    let applied = match (data.as_mut_slice::<bf16>(), ups.transpose()) {
+    let applied = match (data.as_mut_slice::<T>(), ups.transpose()) {
         (Ok(values), Ok(ups)) => {
-            gate_in_place_bf16(values, ups, gate);
+            apply(values, ups);
             true
         }
-        // Flex keeps bf16 tensors as bf16 values; anything else keeps Burn's ops.
+        // Flex keeps f32 and bf16 tensors as values of their dtype; should that change, the
+        // caller's Burn ops decide.
         _ => false,
     };
-    let out = Tensor::from_data(data, (&device, DType::BF16));
-    if applied { Ok(out) } else { Err(out) }
-}
-
-/// [`sigmoid_gated`] for an f32 `x` (and `up`) of the plain Flex device: in place where
-/// Flex hands the values over without a copy.
-// As `sigmoid_gated`'s: the one tensor either way.
-#[allow(clippy::result_large_err)]
-fn gate_f32_tensor<const D: usize>(
-    x: Tensor<D>,
-    gate: SigmoidGate,
-    up: Option<&Tensor<D>>,
-) -> Result<Tensor<D>, Tensor<D>> {
-    let device = x.device();
-    let mut data = x.into_data();
-    let up = up.map(|u| u.clone().into_data());
-    let ups = up.as_ref().map(|u| u.as_slice::<f32>());
-    let applied = match (data.as_mut_slice::<f32>(), ups.transpose()) {
-        (Ok(values), Ok(ups)) => {
-            gate_in_place_f32(values, ups, gate);
-            true
-        }
-        // Flex keeps f32 tensors as f32 values; should that change, the caller's Burn ops
-        // decide.
-        _ => false,
-    };
-    let out = Tensor::from_data(data, (&device, DType::F32));
+    let out = Tensor::from_data(data, (&device, dtype));
     if applied { Ok(out) } else { Err(out) }
 }
 
@@ -921,19 +916,15 @@ fn gate_in_place_bf16(x: &mut [bf16], up: Option<&[bf16]>, gate: SigmoidGate) {
 /// [`gate_chunk`] compiled for the widest vectors this CPU has with FMA, else plain (the
 /// same bits: `mul_add` is fused on every path).
 fn gate_slice(x: &[bf16], up: Option<&[bf16]>, out: &mut [bf16], gate: SigmoidGate) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("fma") {
-            // SAFETY: the CPU has AVX-512 F and FMA (checked above).
-            return unsafe { gate_chunk_avx512(x, up, out, gate) };
-        }
-        if has!("avx2") && has!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA (checked above).
-            return unsafe { gate_chunk_avx2(x, up, out, gate) };
-        }
+    match Simd::best() {
+        // SAFETY: the level's CPU features (AVX-512 F, AVX2, FMA) are there.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { gate_chunk_avx512(x, up, out, gate) },
+        // SAFETY: the level's CPU features (AVX2, FMA) are there.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { gate_chunk_avx2(x, up, out, gate) },
+        _ => gate_chunk(x, up, out, gate),
     }
-    gate_chunk(x, up, out, gate)
 }
 
 /// [`gate_chunk`] compiled for AVX-512 with FMA.

@@ -145,25 +145,7 @@ impl Tiles {
         // Send nor Sync); the reads and writes stay inside the bounds above. The three
         // blocks of assembly share the tile registers, which no compiled code touches.
         unsafe {
-            match from {
-                Some((c, ldc)) => std::arch::asm!(
-                    "tileloadd tmm0, [{c} + {ldc}*1]",
-                    "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
-                    "tileloadd tmm2, [{c16} + {ldc}*1]",
-                    "tileloadd tmm3, [{c16} + {ldc}*1 + 64]",
-                    c = in(reg) c,
-                    c16 = in(reg) c.add(TILE_ROWS * ldc),
-                    ldc = in(reg) ldc,
-                    options(nostack, readonly),
-                ),
-                None => std::arch::asm!(
-                    "tilezero tmm0",
-                    "tilezero tmm1",
-                    "tilezero tmm2",
-                    "tilezero tmm3",
-                    options(nostack, nomem),
-                ),
-            }
+            sums_from(from, true);
             if steps > 0 {
                 std::arch::asm!(
                     "2:",
@@ -194,17 +176,7 @@ impl Tiles {
                     options(nostack, readonly),
                 );
             }
-            let (c, ldc) = to;
-            std::arch::asm!(
-                "tilestored [{c} + {ldc}*1], tmm0",
-                "tilestored [{c} + {ldc}*1 + 64], tmm1",
-                "tilestored [{c16} + {ldc}*1], tmm2",
-                "tilestored [{c16} + {ldc}*1 + 64], tmm3",
-                c = in(reg) c,
-                c16 = in(reg) c.add(TILE_ROWS * ldc),
-                ldc = in(reg) ldc,
-                options(nostack),
-            );
+            sums_to(to, true);
         }
     }
 
@@ -230,16 +202,7 @@ impl Tiles {
         // SAFETY: as in `block`: the tiles were configured on this thread, the reads and
         // writes stay inside the bounds above, and only these blocks touch the tiles.
         unsafe {
-            match from {
-                Some((c, ldc)) => std::arch::asm!(
-                    "tileloadd tmm0, [{c} + {ldc}*1]",
-                    "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
-                    c = in(reg) c,
-                    ldc = in(reg) ldc,
-                    options(nostack, readonly),
-                ),
-                None => std::arch::asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem)),
-            }
+            sums_from(from, false);
             if steps > 0 {
                 std::arch::asm!(
                     "2:",
@@ -264,14 +227,7 @@ impl Tiles {
                     options(nostack, readonly),
                 );
             }
-            let (c, ldc) = to;
-            std::arch::asm!(
-                "tilestored [{c} + {ldc}*1], tmm0",
-                "tilestored [{c} + {ldc}*1 + 64], tmm1",
-                c = in(reg) c,
-                ldc = in(reg) ldc,
-                options(nostack),
-            );
+            sums_to(to, false);
         }
     }
 
@@ -401,6 +357,75 @@ impl Tiles {
                 o_stride = in(reg) o_stride,
                 row = in(reg) ROW_BYTES,
                 tiles = inout(reg) col_tiles => _,
+                options(nostack),
+            );
+        }
+    }
+}
+
+/// The sums of [`Tiles::block`] (`both_halves`: tiles 0-3, 32 rows) or [`Tiles::block16`]
+/// (tiles 0-1, 16 rows) loaded from the rows of 32 f32 at `from` (`(address, bytes between
+/// rows)`), or zeroed.
+///
+/// # Safety
+/// The tiles must be configured on this thread; `from` must hold the rows.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn sums_from(from: Option<(*const u8, usize)>, both_halves: bool) {
+    // SAFETY: as this function's; the tile registers are touched by no compiled code.
+    unsafe {
+        match from {
+            Some((c, ldc)) => {
+                std::arch::asm!(
+                    "tileloadd tmm0, [{c} + {ldc}*1]",
+                    "tileloadd tmm1, [{c} + {ldc}*1 + 64]",
+                    c = in(reg) c,
+                    ldc = in(reg) ldc,
+                    options(nostack, readonly),
+                );
+                if both_halves {
+                    std::arch::asm!(
+                        "tileloadd tmm2, [{c} + {ldc}*1]",
+                        "tileloadd tmm3, [{c} + {ldc}*1 + 64]",
+                        c = in(reg) c.add(TILE_ROWS * ldc),
+                        ldc = in(reg) ldc,
+                        options(nostack, readonly),
+                    );
+                }
+            }
+            None => {
+                std::arch::asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+                if both_halves {
+                    std::arch::asm!("tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+                }
+            }
+        }
+    }
+}
+
+/// The sums of [`sums_from`] stored to the rows at `to`.
+///
+/// # Safety
+/// The tiles must be configured on this thread; `to` must hold the rows, used by no one
+/// else meanwhile.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn sums_to((c, ldc): (*mut u8, usize), both_halves: bool) {
+    // SAFETY: as this function's.
+    unsafe {
+        std::arch::asm!(
+            "tilestored [{c} + {ldc}*1], tmm0",
+            "tilestored [{c} + {ldc}*1 + 64], tmm1",
+            c = in(reg) c,
+            ldc = in(reg) ldc,
+            options(nostack),
+        );
+        if both_halves {
+            std::arch::asm!(
+                "tilestored [{c} + {ldc}*1], tmm2",
+                "tilestored [{c} + {ldc}*1 + 64], tmm3",
+                c = in(reg) c.add(TILE_ROWS * ldc),
+                ldc = in(reg) ldc,
                 options(nostack),
             );
         }

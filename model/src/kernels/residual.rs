@@ -7,10 +7,10 @@
 //! widened values, rounded to nearest even).
 
 use burn::tensor::{DType, Tensor, TensorData, bf16};
-use burn_flex::{Flex, FlexTensor};
 
 use super::{
-    PARALLEL_VALUES, fast_paths_enabled, is_plain_flex, round_bf16, widen_bf16, with_simd, written_in_chunks,
+    PARALLEL_VALUES, contiguous_flex, fast_paths_enabled, is_plain_flex, round_bf16, widen_bf16, with_simd,
+    written_in_chunks,
 };
 
 /// Values per task.
@@ -39,13 +39,7 @@ fn pooled_sum<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> Option<Tensor<D>>
     {
         return None;
     }
-    // The Flex tensor and the range of its values, where they are one contiguous run.
-    let flex = |t: &Tensor<D>| -> Option<(FlexTensor, std::ops::Range<usize>)> {
-        let t: FlexTensor = t.clone().try_into_primitive::<Flex>().ok()?;
-        let (start, end) = t.layout().contiguous_offsets()?;
-        Some((t, start..end))
-    };
-    let ((fa, ra), (fb, rb)) = (flex(a)?, flex(b)?);
+    let ((fa, ra), (fb, rb)) = (contiguous_flex(a)?, contiguous_flex(b)?);
     let data = match dtype {
         DType::BF16 => {
             let (xs, ys) = (&fa.storage::<bf16>()[ra], &fb.storage::<bf16>()[rb]);
