@@ -881,6 +881,57 @@ fn gate_table(gate: SigmoidGate) -> &'static [bf16; 1 << 16] {
     })
 }
 
+/// GELU in its erf form (HF's `"gelu"`, ViP-LLaVA's projector) of a bf16 tensor, read from a
+/// table of Burn's own results for all 65536 bf16 inputs ([`gelu_table`]): the bits of
+/// `burn::tensor::activation::gelu`, which evaluates `erf` value by value on one thread
+/// (1-2% of a bf16 image encode), in parallel table reads, in place where Flex hands the
+/// values over.
+///
+/// `Err` gives `x` back where this does not apply: other dtypes, autodiff, other devices,
+/// `VIPLLAVA_FAST_PATHS=0`.
+// As `sigmoid_gated`'s: the one tensor either way.
+#[allow(clippy::result_large_err)]
+pub fn gelu_bf16<const D: usize>(x: Tensor<D>) -> Result<Tensor<D>, Tensor<D>> {
+    let device = x.device();
+    if !fast_paths_enabled() || !is_plain_flex(&device) || x.dtype() != DType::BF16 {
+        return Err(x);
+    }
+    let Some(table) = gelu_table(&device) else {
+        return Err(x);
+    };
+    gate_tensor(x, None, DType::BF16, |x: &mut [bf16], _| {
+        for_each_chunk(x, 1 << 14, |_, chunk| {
+            for v in chunk.iter_mut() {
+                *v = table[v.to_bits() as usize];
+            }
+        })
+    })
+}
+
+/// Burn's GELU of every bf16 input, by its bits, computed once by Burn itself on the plain
+/// Flex `device` (so the table has its bits whatever its formula); `None` if the values do
+/// not come back as bf16.
+fn gelu_table(device: &Device) -> Option<&'static [bf16; 1 << 16]> {
+    static TABLE: std::sync::OnceLock<Option<Box<[bf16; 1 << 16]>>> = std::sync::OnceLock::new();
+    TABLE
+        .get_or_init(|| {
+            let inputs: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+            let x = Tensor::<1>::from_data(TensorData::new(inputs, [1 << 16]), (device, DType::BF16));
+            let values = burn::tensor::activation::gelu(x).into_data();
+            if values.dtype() != DType::BF16 {
+                return None;
+            }
+            values
+                .as_slice::<bf16>()
+                .ok()?
+                .to_vec()
+                .into_boxed_slice()
+                .try_into()
+                .ok()
+        })
+        .as_deref()
+}
+
 /// Every value of `x` replaced by its gate's arithmetic on it ([`gate_slice`], and `up`), through
 /// [`gate_table`]: the same bits, since the gate of `x` alone is a bf16 value that the
 /// product with `up` widens exactly.
@@ -2157,6 +2208,50 @@ pub(crate) mod tests {
                 assert!(bits(&got) == bits(&want), "{gate:?} up {}", up.is_some());
             }
         }
+    }
+
+    /// [`gelu_bf16`] has the bits of Burn's GELU on a bf16 tensor over the parallel chunks and
+    /// a short tail: random values over a wide range, zeros, infinities, NaNs, subnormals,
+    /// and a strided view (Flex copies it first).
+    #[test]
+    fn gelu_bf16_has_the_bits_of_burn() {
+        use burn::tensor::Distribution;
+        let device = Device::flex();
+        let random = Tensor::<2>::random([3, 11_001], Distribution::Normal(0.0, 4.0), &device);
+        let specials = [
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1e-39,
+            -1e-39,
+            3e38,
+            -3e38,
+            -5.5,
+        ];
+        let specials = Tensor::<2>::from_data(TensorData::new(specials.repeat(3).to_vec(), [3, 10]), &device);
+        let x = Tensor::cat(vec![random, specials], 1).cast(DType::BF16);
+        for x in [x.clone(), x.swap_dims(0, 1)] {
+            let want = burn::tensor::activation::gelu(x.clone()).into_data();
+            let Ok(got) = gelu_bf16(x) else {
+                panic!("the table path applies to bf16 on Flex");
+            };
+            assert_eq!(got.dtype(), DType::BF16);
+            let bits = |d: TensorData| {
+                d.try_to_vec::<bf16>()
+                    .expect("bf16")
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            let (got, want) = (bits(got.into_data()), bits(want));
+            assert_eq!(got.len(), want.len());
+            let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(differ, 0, "values whose bits differ from Burn's GELU");
+        }
+        let f32s = Tensor::<1>::from_data(TensorData::new(vec![1.0f32; 4], [4]), &device);
+        assert!(gelu_bf16(f32s).is_err(), "f32 keeps Burn's op");
     }
 
     /// PyTorch's bf16 sequence of roundings (see [`SigmoidGate`]) with the sigmoid computed in

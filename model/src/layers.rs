@@ -11,7 +11,7 @@ use crate::kernels::{SigmoidGate, sigmoid_gated};
 /// Applies one of the activations named in HF configs.
 pub fn activate<const D: usize>(act: Activation, x: Tensor<D>) -> Tensor<D> {
     match act {
-        Activation::Gelu => gelu(x),
+        Activation::Gelu => crate::kernels::gelu_bf16(x).unwrap_or_else(gelu),
         Activation::GeluTanh => gelu_approximate(x),
         // CLIP's quick_gelu: x * sigmoid(1.702 x); burn has no built-in for it.
         Activation::QuickGelu => {

@@ -1254,17 +1254,29 @@ impl<'a, Q: Iterator<Item = &'a [bf16]>> Vectorized for AmxQueryBlock<'a, Q> {
         let d = s.d;
         let (groups, col_tiles) = (d / 32, d / 16);
         let padded_rows = rows.next_multiple_of(16);
-        // The queries' bits, zero rows up to whole tiles.
-        let mut q_bits = super::aligned_zeros::<bf16>(padded_rows * d);
+        // The queries' bits (zero rows up to whole tiles) and the output sums, in buffers
+        // that the thread keeps from task to task: an aligned allocation per task took the
+        // allocator's slow path and a memset of its own (about 1% of an encode's samples).
+        thread_local! {
+            static BUFFERS: std::cell::Cell<Option<(super::AlignedVec<bf16>, super::AlignedVec<f32>)>> =
+                const { std::cell::Cell::new(None) };
+        }
+        let (mut q_bits, mut o) = BUFFERS
+            .take()
+            .unwrap_or_else(|| (super::aligned_zeros(0), super::aligned_zeros(0)));
+        q_bits.clear();
+        q_bits.resize(padded_rows * d, bf16::ZERO);
         for (row, x) in q_bits.chunks_exact_mut(d).zip(q) {
             row.copy_from_slice(x);
         }
-        let mut o = super::aligned_zeros::<f32>(padded_rows * d);
+        o.clear();
+        o.resize(padded_rows * d, 0.0);
         assert!(rows <= AMX_QUERY_BLOCK);
         let mut scores = [const { ScoreRows([[0f32; KEY_BLOCK]; 16]) }; AMX_QUERY_BLOCK / 16];
         let mut probs = [const { ProbabilityRows([0u16; 16 * KEY_BLOCK]) }; AMX_QUERY_BLOCK / 16];
-        let mut max = vec![f32::NEG_INFINITY; rows];
-        let mut sum = vec![0f32; rows];
+        // The rows' running maxima and sums, by groups of 16 as the tiles hold them.
+        let mut max = [[f32::NEG_INFINITY; 16]; AMX_QUERY_BLOCK / 16];
+        let mut sum = [[0f32; 16]; AMX_QUERY_BLOCK / 16];
         for j0 in (0..s.visible(i0 + rows - 1)).step_by(KEY_BLOCK) {
             let block = j0 / KEY_BLOCK;
             let block_keys = &keys[block * groups * 1024..][..groups * 1024];
@@ -1295,31 +1307,28 @@ impl<'a, Q: Iterator<Item = &'a [bf16]>> Vectorized for AmxQueryBlock<'a, Q> {
                     )
                 };
             }
-            for ((r0, scores), probs) in (0..rows).step_by(16).zip(&mut scores).zip(&mut probs) {
-                for (i, (row, p)) in scores
-                    .0
-                    .iter_mut()
-                    .zip(probs.0.chunks_exact_mut(KEY_BLOCK))
-                    .enumerate()
-                {
+            for (((r0, scores), probs), (max, sum)) in (0..rows)
+                .step_by(16)
+                .zip(&scores)
+                .zip(&mut probs)
+                .zip(max.iter_mut().zip(&mut sum))
+            {
+                let visible = std::array::from_fn(|i| {
                     let r = r0 + i;
-                    let visible = if r < rows {
+                    if r < rows {
                         s.visible(i0 + r).saturating_sub(j0).min(KEY_BLOCK)
                     } else {
                         0
-                    };
-                    if visible == 0 {
-                        p.fill(0);
-                        continue;
                     }
-                    // SAFETY: `amx_apply` checked AVX-512 F, BW and BF16.
-                    let rescale =
-                        unsafe { softmax_row_bf16(row, visible, s.scale, &mut max[r], &mut sum[r], p) };
+                });
+                // SAFETY: `amx_apply` checked AVX-512 F, BW and BF16.
+                let rescale = unsafe { softmax_rows16_bf16(scores, visible, s.scale, max, sum, probs) };
+                for (r, &factor) in (r0..rows).zip(&rescale) {
                     // An unchanged maximum rescales by exactly 1: the row's output is left
                     // alone (vector stores just before the tiles load it stall them).
-                    if rescale != 1.0 {
+                    if factor != 1.0 {
                         for x in &mut o[r * d..(r + 1) * d] {
-                            *x *= rescale;
+                            *x *= factor;
                         }
                     }
                 }
@@ -1338,7 +1347,7 @@ impl<'a, Q: Iterator<Item = &'a [bf16]>> Vectorized for AmxQueryBlock<'a, Q> {
                 };
             }
         }
-        for (r, (o, &total)) in o.chunks(d).zip(&sum).enumerate() {
+        for (r, (o, &total)) in o.chunks(d).zip(sum.as_flattened()).enumerate().take(rows) {
             let inv = 1.0 / total;
             for (c, &x) in o.iter().enumerate() {
                 // Written through the pointer: the output is not initialized yet.
@@ -1347,6 +1356,7 @@ impl<'a, Q: Iterator<Item = &'a [bf16]>> Vectorized for AmxQueryBlock<'a, Q> {
                 unsafe { out.0.add(r * out.1 + c).write(bf16::from_f32(x * inv)) };
             }
         }
+        BUFFERS.set(Some((q_bits, o)));
     }
 }
 
@@ -1770,17 +1780,19 @@ fn lane_fold(values: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
     lanes.into_iter().fold(init, &f)
 }
 
-/// One row of [`AmxQueryBlock`]'s online softmax over a block of [`KEY_BLOCK`] scores, of
-/// which the first `visible` count: [`softmax_step`] on the scores times `scale`, written as
+/// One row of an online softmax over a block of [`KEY_BLOCK`] scores, of which the first
+/// `visible` count: [`softmax_step`] on the scores times `scale`, written as
 /// bf16 probabilities (zero past `visible`) into `p`; returns the rescale of the row's
 /// output. In registers: the four vectors of the row are scaled, reduced to their maximum
 /// and sum as trees, exponentiated ([`exp_nonpositive16`], the bits of [`exp_nonpositive`])
 /// and rounded to bf16 by `vcvtne2ps2bf16` (round to nearest even, as `bf16::from_f32`, for
 /// the normal numbers and zeros that [`exp_nonpositive`] gives). The loops of
-/// [`softmax_step`] left a row in scalar pieces and were most of this kernel's time.
+/// [`softmax_step`] left a row in scalar pieces. [`AmxQueryBlock`] now runs 16 rows at once
+/// ([`softmax_rows16_bf16`]); this row-by-row form is the tests' reference for it.
 ///
 /// # Safety
 /// The CPU must have AVX-512 F, BW and BF16; `p` must hold [`KEY_BLOCK`] values.
+#[cfg(test)]
 #[cfg_attr(
     target_arch = "x86_64",
     target_feature(enable = "avx512f,avx512bw,avx512bf16")
@@ -1835,6 +1847,166 @@ unsafe fn softmax_row_bf16(
         }
         rescale
     }
+}
+
+/// `softmax_row_bf16` (the tests' row-by-row reference) on the 16 rows of an AMX tile of
+/// scores at once, with the same bits
+/// (maxima, rescales, sums and probabilities): row `r` sees `visible[r]` of its keys (none
+/// for a padding row or a row before its first key, whose max and sum stay and whose
+/// probabilities are zeros), `max` and `sum` are the rows' running values, and the rows'
+/// rescales come back. One row at a time, each row waited on its own chain of dependent
+/// steps (two horizontal reductions, a scalar `exp`, the broadcast back); here the 16 rows'
+/// maxima and sums are reduced together by [`rows_reduced`], the rescales are one vector,
+/// and the rows' exponentials run side by side.
+///
+/// # Safety
+/// The CPU must have AVX-512 F, BW and BF16.
+#[cfg_attr(
+    target_arch = "x86_64",
+    target_feature(enable = "avx512f,avx512bw,avx512bf16")
+)]
+unsafe fn softmax_rows16_bf16(
+    scores: &ScoreRows,
+    visible: [usize; 16],
+    scale: f32,
+    max: &mut [f32; 16],
+    sum: &mut [f32; 16],
+    probs: &mut ProbabilityRows,
+) -> [f32; 16] {
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!(
+        "no AMX outside x86_64 ({visible:?} {scale} {max:?} {sum:?} {:?})",
+        (&scores.0, &probs.0)
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        // Plain loops over the rows rather than `array::from_fn`: its closures were not
+        // inlined, and their vectors went through memory.
+        // Lanes of each of a row's four vectors that hold visible scores.
+        let mut masks = [[0 as __mmask16; 4]; 16];
+        for (row, &seen) in masks.iter_mut().zip(&visible) {
+            for (i, mask) in row.iter_mut().enumerate() {
+                let n = seen.saturating_sub(LANES * i).min(LANES);
+                *mask = ((1u32 << n) - 1) as __mmask16;
+            }
+        }
+        let below = _mm512_set1_ps(f32::NEG_INFINITY);
+        let scale = _mm512_set1_ps(scale);
+        // Row `r`'s scaled visible scores, -inf past them, into `x`.
+        macro_rules! scaled {
+            ($r:expr, $x:ident) => {
+                let mut $x = [below; 4];
+                for (i, v) in $x.iter_mut().enumerate() {
+                    // SAFETY: a row holds four vectors.
+                    let loaded = unsafe { _mm512_loadu_ps(scores.0[$r].as_ptr().add(LANES * i)) };
+                    *v = _mm512_mask_mov_ps(below, masks[$r][i], _mm512_mul_ps(loaded, scale));
+                }
+            };
+        }
+        let mut row_max = [below; 16];
+        for (r, m) in row_max.iter_mut().enumerate() {
+            scaled!(r, x);
+            *m = _mm512_max_ps(_mm512_max_ps(x[0], x[1]), _mm512_max_ps(x[2], x[3]));
+        }
+        let block_max = rows_reduced(row_max, |a, b| _mm512_max_ps(a, b));
+        // SAFETY: 16 values each.
+        let old = unsafe { _mm512_loadu_ps(max.as_ptr()) };
+        // `block > old ? block : old` lane by lane, as the scalar comparison (`vmaxps`
+        // gives its second operand where either is NaN).
+        let new = _mm512_max_ps(block_max, old);
+        // [`rescale_factor`]: 0 where there was no maximum yet, else exactly 1 where it
+        // stays, else `exp(old - new)`.
+        let rescale = _mm512_mask_mov_ps(
+            _mm512_mask_mov_ps(
+                exp_nonpositive16(_mm512_sub_ps(old, new)),
+                _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(new, old),
+                _mm512_set1_ps(1.0),
+            ),
+            _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(old, below),
+            _mm512_setzero_ps(),
+        );
+        // SAFETY: 16 values.
+        unsafe { _mm512_storeu_ps(max.as_mut_ptr(), new) };
+        let mut row_sums = [below; 16];
+        for (r, row_sum) in row_sums.iter_mut().enumerate() {
+            scaled!(r, x);
+            let shift = _mm512_set1_ps(max[r]);
+            let mut e = [below; 4];
+            for ((e, &x), &mask) in e.iter_mut().zip(&x).zip(&masks[r]) {
+                *e = _mm512_maskz_mov_ps(mask, exp_nonpositive16(_mm512_sub_ps(x, shift)));
+            }
+            for half in 0..2 {
+                // The low 16 bf16 from the second operand.
+                let bits: __m512i =
+                    unsafe { std::mem::transmute(_mm512_cvtne2ps_pbh(e[2 * half + 1], e[2 * half])) };
+                // SAFETY: row `r` of `probs` holds 64 values.
+                unsafe {
+                    _mm512_storeu_si512(probs.0.as_mut_ptr().add(r * KEY_BLOCK + 32 * half).cast(), bits)
+                };
+            }
+            *row_sum = _mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(e[2], e[3]));
+        }
+        let block_sum = rows_reduced(row_sums, |a, b| _mm512_add_ps(a, b));
+        // SAFETY: 16 values each.
+        unsafe {
+            let total = _mm512_loadu_ps(sum.as_ptr());
+            _mm512_storeu_ps(
+                sum.as_mut_ptr(),
+                _mm512_add_ps(_mm512_mul_ps(total, rescale), block_sum),
+            );
+        }
+        let mut out = [0f32; 16];
+        // SAFETY: 16 values.
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), rescale) };
+        out
+    }
+}
+
+/// Lane `r` of the result is `rows[r]`'s 16 lanes folded by `op` in the order of
+/// `_mm512_reduce_add_ps` (lane `i` with lane `i + 8`, then `i + 4`, `i + 2`, `i + 1`), so
+/// that a sum has the bits of that reduction; the rows are reduced together, four steps of
+/// shuffles for all 16 instead of four per row.
+///
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn rows_reduced(
+    rows: [std::arch::x86_64::__m512; 16],
+    op: impl Fn(std::arch::x86_64::__m512, std::arch::x86_64::__m512) -> std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // Halves (lanes i and i + 8): rows 2a and 2a + 1 side by side, eight lanes each.
+    let mut halves = [rows[0]; 8];
+    for (a, half) in halves.iter_mut().enumerate() {
+        let (x, y) = (rows[2 * a], rows[2 * a + 1]);
+        *half = op(
+            _mm512_shuffle_f32x4::<0x44>(x, y),
+            _mm512_shuffle_f32x4::<0xEE>(x, y),
+        );
+    }
+    // Quarters (i and i + 4): 128-bit lane k of `quarters[c]` is row 4c + k's four values.
+    let mut quarters = [rows[0]; 4];
+    for (c, quarter) in quarters.iter_mut().enumerate() {
+        let (x, y) = (halves[2 * c], halves[2 * c + 1]);
+        *quarter = op(
+            _mm512_shuffle_f32x4::<0x88>(x, y),
+            _mm512_shuffle_f32x4::<0xDD>(x, y),
+        );
+    }
+    // Pairs (i and i + 2): lane k holds rows k, k + 4 (first) or k + 8, k + 12 (second),
+    // two values each.
+    let mut pairs = [rows[0]; 2];
+    for (h, pair) in pairs.iter_mut().enumerate() {
+        let (x, y) = (quarters[2 * h], quarters[2 * h + 1]);
+        *pair = op(_mm512_shuffle_ps::<0x44>(x, y), _mm512_shuffle_ps::<0xEE>(x, y));
+    }
+    // Last step (i and i + 1): 128-bit lane k holds rows k, k + 4, k + 8, k + 12.
+    let (x, y) = (pairs[0], pairs[1]);
+    let folded = op(_mm512_shuffle_ps::<0x88>(x, y), _mm512_shuffle_ps::<0xDD>(x, y));
+    // Row r = 4m + k sits in lane 4k + m.
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    _mm512_permutexvar_ps(order, folded)
 }
 
 /// [`exp_nonpositive`] on 16 lanes, step for step (the same bits, NaN included).
@@ -2438,6 +2610,68 @@ mod tests {
                     "zeros past the visible keys"
                 );
             }
+        }
+    }
+
+    /// [`softmax_rows16_bf16`] has the bits of [`softmax_row_bf16`] run on each of its rows
+    /// (maxima, rescales, sums, probabilities), over blocks whose maxima rise, stay and fall,
+    /// with rows that see every count of keys from none (a row before its first key, a
+    /// padding row) to all, so that every lane of the joint reductions is checked.
+    #[test]
+    fn softmax_rows16_bf16_has_the_bits_of_the_row_loop() {
+        if !Simd::Avx512.runs_here() || !super::super::bf16_dot::bf16_dot_available() {
+            eprintln!("no AVX-512 BF16 on this CPU: skipped");
+            return;
+        }
+        let scale = 0.125;
+        for pattern in 0..9usize {
+            let (mut max, mut sum) = ([f32::NEG_INFINITY; 16], [0f32; 16]);
+            let (mut want_max, mut want_sum) = ([f32::NEG_INFINITY; 16], [0f32; 16]);
+            for (block, offset) in [0.0f32, 9.0, 9.0, -30.0, 4.0].into_iter().enumerate() {
+                // Causal-like counts that grow with the row and the block, some rows
+                // without keys until a later block, the last rows padding in some patterns.
+                let visible: [usize; 16] = std::array::from_fn(|r| {
+                    if pattern % 3 == 2 && r >= 13 {
+                        0
+                    } else {
+                        ((r * 7 + pattern * 5 + block * 13) % 67)
+                            .saturating_sub(3 * (r % 2))
+                            .min(KEY_BLOCK)
+                    }
+                });
+                let mut scores = ScoreRows([[0f32; KEY_BLOCK]; 16]);
+                for (r, row) in scores.0.iter_mut().enumerate() {
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x = ((j * 37 + block * 11 + r * 29 + pattern) % 61) as f32 * 0.7 - 20.0
+                            + offset
+                            + r as f32 * 0.5;
+                    }
+                }
+                let mut probs = ProbabilityRows([0xFFFF; 16 * KEY_BLOCK]);
+                // SAFETY: AVX-512 F, BW and BF16 checked above.
+                let rescale =
+                    unsafe { softmax_rows16_bf16(&scores, visible, scale, &mut max, &mut sum, &mut probs) };
+                for r in 0..16 {
+                    let mut p = vec![0xFFFFu16; KEY_BLOCK];
+                    // SAFETY: as above; `p` holds a block.
+                    let want_rescale = unsafe {
+                        softmax_row_bf16(
+                            &scores.0[r],
+                            visible[r],
+                            scale,
+                            &mut want_max[r],
+                            &mut want_sum[r],
+                            &mut p,
+                        )
+                    };
+                    let at = format!("pattern {pattern} block {block} row {r} visible {}", visible[r]);
+                    assert_eq!(rescale[r].to_bits(), want_rescale.to_bits(), "{at}");
+                    assert_eq!(max[r].to_bits(), want_max[r].to_bits(), "{at}");
+                    assert_eq!(sum[r].to_bits(), want_sum[r].to_bits(), "{at}");
+                    assert_eq!(probs.0[r * KEY_BLOCK..][..KEY_BLOCK], p[..], "{at}");
+                }
+            }
+            assert!(sum.iter().any(|&x| x > 0.0), "some rows saw keys");
         }
     }
 
