@@ -1873,6 +1873,7 @@ unsafe fn softmax_rows16_bf16(
     sum: &mut [f32; 16],
     probs: &mut ProbabilityRows,
 ) -> [f32; 16] {
+    debug_assert!(visible.iter().all(|&v| v <= KEY_BLOCK));
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!(
         "no AMX outside x86_64 ({visible:?} {scale} {max:?} {sum:?} {:?})",
@@ -1967,7 +1968,6 @@ unsafe fn softmax_rows16_bf16(
 /// `_mm512_reduce_add_ps` (lane `i` with lane `i + 8`, then `i + 4`, `i + 2`, `i + 1`), so
 /// that a sum has the bits of that reduction; the rows are reduced together, four steps of
 /// shuffles for all 16 instead of four per row.
-///
 #[cfg(target_arch = "x86_64")]
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -2616,7 +2616,10 @@ mod tests {
     /// [`softmax_rows16_bf16`] has the bits of [`softmax_row_bf16`] run on each of its rows
     /// (maxima, rescales, sums, probabilities), over blocks whose maxima rise, stay and fall,
     /// with rows that see every count of keys from none (a row before its first key, a
-    /// padding row) to all, so that every lane of the joint reductions is checked.
+    /// padding row) to all, so that every lane of the joint reductions is checked; and a last
+    /// pattern of special scores where `vmaxps`'s operand order shows (NaNs at the lanes the
+    /// reductions pair, ties of +0 and -0, +inf, a row of -inf, a running maximum that turns
+    /// NaN).
     #[test]
     fn softmax_rows16_bf16_has_the_bits_of_the_row_loop() {
         if !Simd::Avx512.runs_here() || !super::super::bf16_dot::bf16_dot_available() {
@@ -2624,14 +2627,17 @@ mod tests {
             return;
         }
         let scale = 0.125;
-        for pattern in 0..9usize {
+        let specials = 9;
+        for pattern in 0..=specials {
             let (mut max, mut sum) = ([f32::NEG_INFINITY; 16], [0f32; 16]);
             let (mut want_max, mut want_sum) = ([f32::NEG_INFINITY; 16], [0f32; 16]);
             for (block, offset) in [0.0f32, 9.0, 9.0, -30.0, 4.0].into_iter().enumerate() {
                 // Causal-like counts that grow with the row and the block, some rows
                 // without keys until a later block, the last rows padding in some patterns.
                 let visible: [usize; 16] = std::array::from_fn(|r| {
-                    if pattern % 3 == 2 && r >= 13 {
+                    if pattern == specials {
+                        KEY_BLOCK
+                    } else if pattern % 3 == 2 && r >= 13 {
                         0
                     } else {
                         ((r * 7 + pattern * 5 + block * 13) % 67)
@@ -2645,6 +2651,27 @@ mod tests {
                         *x = ((j * 37 + block * 11 + r * 29 + pattern) % 61) as f32 * 0.7 - 20.0
                             + offset
                             + r as f32 * 0.5;
+                    }
+                }
+                if pattern == specials {
+                    let rows = &mut scores.0;
+                    // A NaN reaches a row's maximum from the second operand of `vmaxps`
+                    // (the last vector of the row): at the lanes that the reductions pair.
+                    for j in [48, 55, 56, 63, 40] {
+                        rows[1][j] = f32::NAN;
+                    }
+                    // +0 and -0 in the lanes that each step of the reductions pairs.
+                    for (r, stride) in [(2, 8), (6, 4), (7, 2), (8, 1)] {
+                        for (j, x) in rows[r].iter_mut().enumerate() {
+                            *x = if j / stride % 2 == 0 { 0.0 } else { -0.0 };
+                        }
+                    }
+                    if block == 1 {
+                        rows[3][5] = f32::INFINITY;
+                    }
+                    rows[4].fill(f32::NEG_INFINITY);
+                    if block == 2 {
+                        rows[5][33] = f32::NAN;
                     }
                 }
                 let mut probs = ProbabilityRows([0xFFFF; 16 * KEY_BLOCK]);
