@@ -900,11 +900,7 @@ pub fn gelu_bf16<const D: usize>(x: Tensor<D>) -> Result<Tensor<D>, Tensor<D>> {
         return Err(x);
     };
     gate_tensor(x, None, DType::BF16, |x: &mut [bf16], _| {
-        for_each_chunk(x, 1 << 14, |_, chunk| {
-            for v in chunk.iter_mut() {
-                *v = table[v.to_bits() as usize];
-            }
-        })
+        looked_up_in_place(x, table)
     })
 }
 
@@ -917,17 +913,11 @@ fn gelu_table(device: &Device) -> Option<&'static [bf16; 1 << 16]> {
         .get_or_init(|| {
             let inputs: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
             let x = Tensor::<1>::from_data(TensorData::new(inputs, [1 << 16]), (device, DType::BF16));
-            let values = burn::tensor::activation::gelu(x).into_data();
-            if values.dtype() != DType::BF16 {
-                return None;
-            }
-            values
-                .as_slice::<bf16>()
-                .ok()?
-                .to_vec()
-                .into_boxed_slice()
-                .try_into()
-                .ok()
+            let values = burn::tensor::activation::gelu(x)
+                .into_data()
+                .try_into_vec::<bf16>()
+                .ok()?;
+            values.into_boxed_slice().try_into().ok()
         })
         .as_deref()
 }
@@ -940,28 +930,34 @@ fn gate_in_place_bf16(x: &mut [bf16], up: Option<&[bf16]>, gate: SigmoidGate) {
     /// Values per table pass, then per vectorized product pass.
     const STEP: usize = 256;
     let table = gate_table(gate);
-    assert!(up.is_none_or(|u| u.len() == x.len()));
-    for_each_chunk(x, CHUNK, |i, chunk| match up {
-        None => {
-            for v in chunk.iter_mut() {
-                *v = table[v.to_bits() as usize];
+    let Some(up) = up else {
+        return looked_up_in_place(x, table);
+    };
+    assert_eq!(up.len(), x.len());
+    for_each_chunk(x, CHUNK, |i, chunk| {
+        let ups = &up[i * CHUNK..][..chunk.len()];
+        let mut acts = [0f32; STEP];
+        for (xs, us) in chunk.chunks_mut(STEP).zip(ups.chunks(STEP)) {
+            for (a, v) in acts.iter_mut().zip(xs.iter()) {
+                *a = widen_bf16(table[v.to_bits() as usize]);
             }
-        }
-        Some(up) => {
-            let ups = &up[i * CHUNK..][..chunk.len()];
-            let mut acts = [0f32; STEP];
-            for (xs, us) in chunk.chunks_mut(STEP).zip(ups.chunks(STEP)) {
-                for (a, v) in acts.iter_mut().zip(xs.iter()) {
-                    *a = widen_bf16(table[v.to_bits() as usize]);
+            with_simd(|| {
+                for ((v, &a), &u) in xs.iter_mut().zip(&acts).zip(us) {
+                    *v = round_bf16(a * widen_bf16(u));
                 }
-                with_simd(|| {
-                    for ((v, &a), &u) in xs.iter_mut().zip(&acts).zip(us) {
-                        *v = round_bf16(a * widen_bf16(u));
-                    }
-                });
-            }
+            });
         }
     });
+}
+
+/// Every value of `x` replaced by `table`'s entry for its bits, in parallel chunks for a
+/// prefill's many values (the bf16 gates without `up`, [`gelu_bf16`]).
+fn looked_up_in_place(x: &mut [bf16], table: &[bf16; 1 << 16]) {
+    for_each_chunk(x, 1 << 14, |_, chunk| {
+        for v in chunk.iter_mut() {
+            *v = table[v.to_bits() as usize];
+        }
+    })
 }
 
 /// [`gate_chunk`] compiled for the widest vectors this CPU has with FMA, else plain (the

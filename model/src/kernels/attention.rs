@@ -2533,12 +2533,21 @@ mod tests {
         }
     }
 
+    /// Whether this CPU has AVX-512 F, BW and BF16, which the AMX kernel's vector pieces need;
+    /// says so when a test skips for want of them.
+    fn avx512_bf16_here() -> bool {
+        let here = Simd::Avx512.runs_here() && super::super::bf16_dot::bf16_dot_available();
+        if !here {
+            eprintln!("no AVX-512 BF16 on this CPU: skipped");
+        }
+        here
+    }
+
     /// The AMX kernel's packing in registers ([`key_tiles16`], [`value_tiles2`]) writes the
     /// bits of the value-by-value packing, from rows further apart than `d`.
     #[test]
     fn amx_tiles_packed_in_registers_match_the_scalar_packing() {
-        if !Simd::Avx512.runs_here() || !super::super::bf16_dot::bf16_dot_available() {
-            eprintln!("no AVX-512 BF16 on this CPU: skipped");
+        if !avx512_bf16_here() {
             return;
         }
         for d in [64, 128] {
@@ -2576,8 +2585,7 @@ mod tests {
     /// rises, stays and falls, for every count of visible keys.
     #[test]
     fn softmax_row_bf16_is_softmax_step_rounded() {
-        if !Simd::Avx512.runs_here() || !super::super::bf16_dot::bf16_dot_available() {
-            eprintln!("no AVX-512 BF16 on this CPU: skipped");
+        if !avx512_bf16_here() {
             return;
         }
         let scale = 0.125;
@@ -2622,8 +2630,7 @@ mod tests {
     /// NaN).
     #[test]
     fn softmax_rows16_bf16_has_the_bits_of_the_row_loop() {
-        if !Simd::Avx512.runs_here() || !super::super::bf16_dot::bf16_dot_available() {
-            eprintln!("no AVX-512 BF16 on this CPU: skipped");
+        if !avx512_bf16_here() {
             return;
         }
         let scale = 0.125;
