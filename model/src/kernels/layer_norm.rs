@@ -100,27 +100,40 @@ fn normalize<T: Half>(
     let values = |t: &FlexTensor| -> Vec<f32> { t.storage::<T>().iter().map(|v| v.widen()).collect() };
     let (gamma, beta) = (values(gamma), beta.map(values));
     let xs = x.storage::<T>();
-    let mut out = vec![T::zeroed(); xs.len()];
-    out.par_chunks_mut(ROWS_PER_TASK * width)
+    let beta = beta.as_deref().unwrap_or(&[]);
+    assert!(
+        xs.len().is_multiple_of(width),
+        "whole rows of a contiguous tensor"
+    );
+    // Not zeroed first, and each task's f32 rows are one row of scratch each: zeroed
+    // buffers of the whole tensor and of a task's 64 rows took a memset, on fresh pages, per
+    // norm, and the widening and rounding loops ran at the crate's baseline vector width
+    // (with the row kernel, 4.8% of a bf16 image encode's samples on a Sapphire
+    // Rapids-class Xeon; BENCHMARKS.md round 32).
+    let mut out: Vec<T> = Vec::with_capacity(xs.len());
+    let slots = &mut out.spare_capacity_mut()[..xs.len()];
+    slots
+        .par_chunks_mut(ROWS_PER_TASK * width)
         .zip(xs.par_chunks(ROWS_PER_TASK * width))
         .for_each(|(out, xs)| {
-            let mut wide = vec![0f32; xs.len()];
-            for (w, &v) in wide.iter_mut().zip(xs) {
-                *w = v.widen();
-            }
-            let mut normed = vec![0f32; xs.len()];
-            rows_f32(
-                &wide,
-                &mut normed,
-                &gamma,
-                beta.as_deref().unwrap_or(&[]),
-                width,
-                epsilon as f32,
-            );
-            for (o, &v) in out.iter_mut().zip(&normed) {
-                *o = T::narrow(v);
+            let (mut wide, mut normed) = (vec![0f32; width], vec![0f32; width]);
+            for (out, row) in out.chunks_exact_mut(width).zip(xs.chunks_exact(width)) {
+                super::with_simd(|| {
+                    for (w, &v) in wide.iter_mut().zip(row) {
+                        *w = v.widen();
+                    }
+                });
+                rows_f32(&wide, &mut normed, &gamma, beta, width, epsilon as f32);
+                super::with_simd(|| {
+                    for (o, &v) in out.iter_mut().zip(&normed) {
+                        o.write(T::narrow(v));
+                    }
+                });
             }
         });
+    // SAFETY: the tasks wrote every value: the chunks cover all `xs.len()` slots, and a
+    // chunk's rows (whole rows: `xs.len()` is a multiple of `width`) all of theirs.
+    unsafe { out.set_len(xs.len()) };
     out
 }
 
