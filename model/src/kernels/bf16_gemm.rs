@@ -447,16 +447,9 @@ fn write_pairs(dst: &mut [MaybeUninit<u32>], values: &[bf16]) {
     let whole = values.len() / 2;
     let (head, tail) = dst.split_at_mut(whole);
     if cfg!(target_endian = "little") && whole == 16 {
-        // A whole tile group: 64 bytes of a known length (two vector moves, where a copy of
-        // a length known only at run time is a library call).
+        // A whole tile group: 64 bytes in vector moves.
         // SAFETY: as below, with `whole` 16.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                values.as_ptr().cast::<[u8; 64]>(),
-                head.as_mut_ptr().cast::<[u8; 64]>(),
-                1,
-            )
-        };
+        unsafe { copy64(values.as_ptr().cast(), head.as_mut_ptr().cast()) };
     } else if cfg!(target_endian = "little") {
         // A pair's u32 (first value in the low half) has the two values' bytes in memory
         // order: whole pairs are a plain copy.
@@ -478,6 +471,31 @@ fn write_pairs(dst: &mut [MaybeUninit<u32>], values: &[bf16]) {
         let odd = values.get(2 * whole).filter(|_| j == 0);
         d.write(odd.map_or(0, |v| v.to_bits() as u32));
     }
+}
+
+/// Copies 64 bytes from `src` to `dst` in four 16-byte vector moves. A `copy_nonoverlapping`
+/// of 64 bytes here was merged with the copy of a run-time length beside it into one
+/// library call (`memmove`: 1.3% of a bf16 image encode's samples, a quarter of the
+/// packing's).
+///
+/// # Safety
+/// `src` must be readable and `dst` writable for 64 bytes, and they must not overlap.
+#[inline(always)]
+unsafe fn copy64(src: *const u8, dst: *mut u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as this function's; SSE2 is part of x86_64.
+    unsafe {
+        use std::arch::x86_64::*;
+        let v: [__m128i; 4] = std::array::from_fn(|i| _mm_loadu_si128(src.add(16 * i).cast()));
+        for (i, v) in v.into_iter().enumerate() {
+            _mm_storeu_si128(dst.add(16 * i).cast(), v);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    // SAFETY: as this function's.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src, dst, 64)
+    };
 }
 
 /// The weight and its layout.
