@@ -1328,6 +1328,24 @@ pub(super) mod tests {
         assert!(alone == shared, "the bits of each product");
     }
 
+    /// Pairs written for whole tile groups (the 64-byte vector moves), a group short of one
+    /// value, one value past a group and a group short of pairs, on any CPU: each slot the two
+    /// values' bits (the first in the low half), an odd last value with zero, zeros after.
+    #[test]
+    fn written_pairs_hold_the_values_in_order_then_zeros() {
+        for &(len, slots) in &[(32, 16), (31, 16), (33, 17), (32, 17), (30, 17), (0, 3)] {
+            let xs: Vec<bf16> = (0..len).map(|i| bf16::from_bits(0x3f00 + 7 * i as u16)).collect();
+            let mut dst = vec![MaybeUninit::new(u32::MAX); slots];
+            write_pairs(&mut dst, &xs);
+            for (p, slot) in dst.iter().enumerate() {
+                // SAFETY: every slot was initialized above.
+                let got = unsafe { slot.assume_init() };
+                let bits = |i: usize| xs.get(i).map_or(0, |v| u32::from(v.to_bits()));
+                assert_eq!(got, bits(2 * p) | bits(2 * p + 1) << 16, "{len} values, slot {p}");
+            }
+        }
+    }
+
     #[test]
     fn wrong_sizes_are_refused() {
         let w = values(4 * 3, 0);
