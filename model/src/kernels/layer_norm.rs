@@ -9,9 +9,10 @@
 //! three passes (the same vectors, the same `reduce_add`, through the same SIMD crate, so
 //! the same sums) and rounds the result back, as the casts would.
 
+use std::mem::MaybeUninit;
+
 use burn::tensor::{DType, Tensor, TensorData, bf16, f16};
 use burn_flex::{Flex, FlexTensor};
-use rayon::prelude::*;
 
 use super::{fast_paths_enabled, is_plain_flex};
 
@@ -110,31 +111,29 @@ fn normalize<T: Half>(
     // norm, and the widening and rounding loops ran at the crate's baseline vector width
     // (with the row kernel, 4.8% of a bf16 image encode's samples on a Sapphire
     // Rapids-class Xeon; BENCHMARKS.md round 32).
-    let mut out: Vec<T> = Vec::with_capacity(xs.len());
-    let slots = &mut out.spare_capacity_mut()[..xs.len()];
-    slots
-        .par_chunks_mut(ROWS_PER_TASK * width)
-        .zip(xs.par_chunks(ROWS_PER_TASK * width))
-        .for_each(|(out, xs)| {
-            let (mut wide, mut normed) = (vec![0f32; width], vec![0f32; width]);
-            for (out, row) in out.chunks_exact_mut(width).zip(xs.chunks_exact(width)) {
-                super::with_simd(|| {
-                    for (w, &v) in wide.iter_mut().zip(row) {
-                        *w = v.widen();
-                    }
-                });
-                rows_f32(&wide, &mut normed, &gamma, beta, width, epsilon as f32);
-                super::with_simd(|| {
-                    for (o, &v) in out.iter_mut().zip(&normed) {
-                        o.write(T::narrow(v));
-                    }
-                });
-            }
-        });
-    // SAFETY: the tasks wrote every value: the chunks cover all `xs.len()` slots, and a
-    // chunk's rows (whole rows: `xs.len()` is a multiple of `width`) all of theirs.
-    unsafe { out.set_len(xs.len()) };
-    out
+    let chunk = ROWS_PER_TASK * width;
+    let fill = |i: usize, out: &mut [MaybeUninit<T>]| {
+        let xs = &xs[i * chunk..][..out.len()];
+        let (mut wide, mut normed) = (vec![0f32; width], vec![0f32; width]);
+        for (out, row) in out.chunks_exact_mut(width).zip(xs.chunks_exact(width)) {
+            // The two loops each on their own under `with_simd`: with the row kernel inside
+            // one `with_simd` too, the norm took twice the samples.
+            super::with_simd(|| {
+                for (w, &v) in wide.iter_mut().zip(row) {
+                    *w = v.widen();
+                }
+            });
+            rows_f32(&wide, &mut normed, &gamma, beta, width, epsilon as f32);
+            super::with_simd(|| {
+                for (o, &v) in out.iter_mut().zip(&normed) {
+                    o.write(T::narrow(v));
+                }
+            });
+        }
+    };
+    // SAFETY: `fill` writes every slot of its chunk: a chunk is whole rows (`xs.len()` is a
+    // multiple of `width`, and so is `chunk`), each written value by value.
+    unsafe { super::written_in_chunks(xs.len(), chunk, fill) }
 }
 
 /// Flex's f32 LayerNorm rows (`layer_norm_row_f32_simd` in burn-flex 0.22), pass for pass:
