@@ -5,7 +5,8 @@
 //! `STREAM_KERNELS=amx-tile` for the AMX block loop alone (`AMX_THREADS`, `AMX_MISALIGN`),
 //! `STREAM_KERNELS=f32-gemm` for the many-row f32 table alone,
 //! `STREAM_KERNELS=prefill-attention` and
-//! `STREAM_KERNELS=decode-attention` for the attention tables alone,
+//! `STREAM_KERNELS=decode-attention` for the attention tables alone, `STREAM_KERNELS=gate`
+//! for the MLP gates (SiLU times `up`, quick GELU) at prefill sizes,
 //! `STREAM_KERNELS=packed-memory` for packed q4/q8 products over weights larger than the
 //! caches, `STREAM_KERNELS=q4-gemm` for many-row q4 products: dequantized into the f32 gemm
 //! against int8 activations).
@@ -80,6 +81,7 @@ fn main() {
         Ok("q4-gemm") => Some(q4_gemm_table),
         Ok("decode-attention") => Some(attention_table),
         Ok("prefill-attention") => Some(prefill_attention_table),
+        Ok("gate") => Some(gate_table),
         _ => None,
     };
     if let Some(table) = alone {
@@ -598,6 +600,48 @@ fn prefill_attention_table() {
             median(0),
             median(1),
             median(0) / median(1)
+        );
+    }
+}
+
+/// The MLP gates of a prefill in f32 and bf16 ([`sigmoid_gated`]): the 1.1B Llama's SiLU
+/// times `up` (617 x 5632) and CLIP-L's quick GELU (577 x 4096). Each call starts from a
+/// shared tensor, so it includes the copy that the model's fresh product outputs skip.
+///
+/// [`sigmoid_gated`]: vipllava_model::kernels::sigmoid_gated
+fn gate_table() {
+    use burn::tensor::{DType, Device, Distribution, Tensor};
+    use vipllava_model::kernels::{SigmoidGate, sigmoid_gated};
+
+    let device = Device::flex();
+    println!();
+    println!("| gate, rows x columns | f32 ms | f32 ns/value | bf16 ms | bf16 ns/value |");
+    println!("|---|---|---|---|---|");
+    for (gate, rows, cols) in [
+        (SigmoidGate::Silu, 617, 5632),
+        (SigmoidGate::QuickGelu, 577, 4096),
+    ] {
+        let x = Tensor::<2>::random([rows, cols], Distribution::Normal(0.0, 2.0), &device);
+        let up = Tensor::<2>::random([rows, cols], Distribution::Normal(0.0, 1.0), &device);
+        let with_up = matches!(gate, SigmoidGate::Silu);
+        let mut rounds = [[0f64; 2]; 5];
+        for round in rounds.iter_mut() {
+            for (c, dtype) in [DType::F32, DType::BF16].into_iter().enumerate() {
+                let (x, up) = (x.clone().cast(dtype), up.clone().cast(dtype));
+                round[c] = time(9, || {
+                    let y = sigmoid_gated(x.clone(), gate, with_up.then_some(&up)).unwrap();
+                    black_box(y);
+                });
+            }
+        }
+        let ns = |c: usize| median_ms(&rounds, c) * 1e6 / (rows * cols) as f64;
+        println!(
+            "| {gate:?}{}, {rows} x {cols} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            if with_up { " x up" } else { "" },
+            median_ms(&rounds, 0),
+            ns(0),
+            median_ms(&rounds, 1),
+            ns(1)
         );
     }
 }

@@ -73,6 +73,7 @@ pub mod bf16_gemm;
 pub mod f32_gemm;
 pub mod int8;
 pub mod layer_norm;
+mod libm_exp;
 pub mod norm_rope;
 pub mod packed;
 pub mod residual;
@@ -577,8 +578,9 @@ pub enum SigmoidGate {
 ///   computed once per gate for all 65536 bf16 inputs ([`gate_table`]) and looked up, in
 ///   place on `x`'s buffer where Flex hands it over.
 /// - **f32:** the bits of Burn's ops ([`BurnGateF32`]: the same operations in the same
-///   order, the exponential of `std`), which the f32 parity tests pin; only the passes and
-///   the threads differ.
+///   order, the exponential of `std`, or of glibc's steps vectorized where they give its
+///   bits: [`libm_exp`]), which the f32 parity tests pin; only the passes and the threads
+///   differ.
 ///
 /// `Err` gives `x` back where this does not apply: other dtypes, autodiff, other devices,
 /// bf16 on CPUs without FMA, `VIPLLAVA_FAST_PATHS=0`, shapes or dtypes that differ.
@@ -653,12 +655,15 @@ const QUICK_GELU_SCALE: f64 = 1.702;
 /// operation rounded to f32 in the same order, and Flex's sigmoid (`1 / (1 + exp(-z))` for
 /// `z >= 0`, `exp(z) / (1 + exp(z))` below), with the exponential of `std`.
 ///
-/// Both of Flex's cases take `exp(-|z|)`, so the exponential is one call per value
-/// without a branch (the signs of activations are as good as random: a branch on them was
-/// mispredicted half the time), in a loop of its own; the rest runs as a vectorized loop.
+/// Both of Flex's cases take `exp(-|z|)`, so the exponential is one per value without a
+/// branch (the signs of activations are as good as random: a branch on them was mispredicted
+/// half the time), in a loop of its own; the rest runs as a vectorized loop.
 #[derive(Clone, Copy)]
 struct BurnGateF32 {
     gate: SigmoidGate,
+    /// Whether the exponentials go through [`libm_exp::exp_into`] (vectorized, the bits of
+    /// this platform's `expf`: [`libm_exp::matches_std`]) instead of `f32::exp` one by one.
+    vector_exp: bool,
 }
 
 impl BurnGateF32 {
@@ -684,11 +689,18 @@ impl BurnGateF32 {
     /// Every value of `x` replaced by `act(x) (* up)`.
     #[inline(always)]
     fn run(self, x: &mut [f32], up: Option<&[f32]>) {
-        let mut e = [0f32; Self::STEP];
+        let (mut arg, mut e) = ([0f32; Self::STEP], [0f32; Self::STEP]);
         for (i, xs) in x.chunks_mut(Self::STEP).enumerate() {
-            let e = &mut e[..xs.len()];
-            for (e, &v) in e.iter_mut().zip(xs.iter()) {
-                *e = (-self.z(v).abs()).exp();
+            let (arg, e) = (&mut arg[..xs.len()], &mut e[..xs.len()]);
+            if self.vector_exp {
+                for (a, &v) in arg.iter_mut().zip(xs.iter()) {
+                    *a = -self.z(v).abs();
+                }
+                libm_exp::exp_into(arg, e);
+            } else {
+                for (e, &v) in e.iter_mut().zip(xs.iter()) {
+                    *e = (-self.z(v).abs()).exp();
+                }
             }
             match up {
                 Some(up) => {
@@ -711,11 +723,31 @@ impl BurnGateF32 {
 /// many values, compiled for AVX-512 where the CPU has it.
 fn gate_in_place_f32(x: &mut [f32], up: Option<&[f32]>, gate: SigmoidGate) {
     const CHUNK: usize = 1 << 14;
-    let gate = BurnGateF32 { gate };
+    let gate = BurnGateF32 {
+        gate,
+        vector_exp: libm_exp::matches_std(),
+    };
     for_each_chunk(x, CHUNK, |i, chunk| {
         let ups = up.map(|u| &u[i * CHUNK..i * CHUNK + chunk.len()]);
-        with_simd(|| gate.run(chunk, ups))
+        vectorized(GateChunkF32 { gate, chunk, ups })
     });
+}
+
+/// [`BurnGateF32`] on one chunk, as [`Vectorized`] work: compiled with FMA, which the
+/// vectorized exponential's `mul_add`s need to be instructions rather than calls.
+struct GateChunkF32<'a> {
+    gate: BurnGateF32,
+    chunk: &'a mut [f32],
+    ups: Option<&'a [f32]>,
+}
+
+impl Vectorized for GateChunkF32<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        self.gate.run(self.chunk, self.ups)
+    }
 }
 
 /// Whether the CPU has fused multiply-adds, which [`sigmoid_gated`]'s exponential needs to be

@@ -116,7 +116,8 @@ fn decode_attention_with(
         return None;
     }
     // First what rules out other devices: the mask is read from the host below.
-    let inputs = Inputs::of(q, k, v, options, true)?;
+    let inputs = Inputs::of(q, k, v, options)?;
+    let queries = &host_f32(q.clone())?;
     let mask = match mask {
         Some(m) => {
             let [mb, mh, mt, mtotal] = m.dims();
@@ -133,14 +134,7 @@ fn decode_attention_with(
         }
         None => None,
     };
-    let Inputs {
-        queries,
-        k,
-        v,
-        b,
-        shape,
-        ..
-    } = &inputs;
+    let Inputs { k, v, b, shape, .. } = &inputs;
     let mask = mask.as_ref().map(|(values, mh)| (values.as_slice(), *mh));
     let out = match inputs.dtype {
         DType::F32 => run::<f32>(queries, k, v, mask, *b, shape, path, group)?,
@@ -151,11 +145,9 @@ fn decode_attention_with(
     Some(inputs.output(out))
 }
 
-/// What both kernels read: the queries as f32 (`[b, heads, t, d]`), keys and values as Flex
-/// tensors to read in place, and the sizes.
+/// What the kernels read: queries, keys and values as Flex tensors to read in place (the
+/// kernels that take the queries as f32 copy them with [`host_f32`]), and the sizes.
 struct Inputs {
-    /// Empty where the caller reads `q` in place instead.
-    queries: Vec<f32>,
     q: FlexTensor,
     k: FlexTensor,
     v: FlexTensor,
@@ -169,13 +161,7 @@ impl Inputs {
     /// `None` where neither kernel applies: another device, a softcap, mixed or integer
     /// dtypes, key/value shapes that do not match the queries (or a head count that is not
     /// a multiple of theirs), causal with fewer keys than queries.
-    fn of(
-        q: &Tensor<4>,
-        k: &Tensor<4>,
-        v: &Tensor<4>,
-        options: &AttentionModuleOptions,
-        f32_queries: bool,
-    ) -> Option<Self> {
+    fn of(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, options: &AttentionModuleOptions) -> Option<Self> {
         let device = q.device();
         let dtype = q.dtype();
         let [b, heads, t, d] = q.dims();
@@ -195,11 +181,6 @@ impl Inputs {
             return None;
         }
         Some(Self {
-            queries: if f32_queries {
-                host_f32(q.clone())?
-            } else {
-                Vec::new()
-            },
             q: q.clone().try_into_primitive::<Flex>().ok()?,
             k: k.clone().try_into_primitive::<Flex>().ok()?,
             v: v.clone().try_into_primitive::<Flex>().ok()?,
@@ -947,17 +928,11 @@ fn prefill_attention_with(
         return None;
     }
     if amx && q.dtype() == DType::BF16 && amx_apply(kernel, d) {
-        return amx_attention(&Inputs::of(q, k, v, options, false)?);
+        return amx_attention(&Inputs::of(q, k, v, options)?);
     }
-    let inputs = Inputs::of(q, k, v, options, true)?;
-    let Inputs {
-        queries,
-        k,
-        v,
-        b,
-        shape,
-        ..
-    } = &inputs;
+    let inputs = Inputs::of(q, k, v, options)?;
+    let queries = &host_f32(q.clone())?;
+    let Inputs { k, v, b, shape, .. } = &inputs;
     let out = match inputs.dtype {
         DType::F32 => run_blocks::<f32>(queries, k, v, *b, shape, kernel)?,
         DType::BF16 => run_blocks::<bf16>(queries, k, v, *b, shape, kernel)?,
