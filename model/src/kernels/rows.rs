@@ -31,6 +31,13 @@ const COLUMNS_PER_TASK: usize = 32;
 /// at 5.6-5.8 tok/s; with the hint 2048 bytes ahead 6.2-6.3 (1024: 6.0-6.1, 4096: 6.1-6.2,
 /// 8192: 5.9-6.0), about llama.cpp's rate there.
 const ROW_PREFETCH_BYTES: usize = 2048;
+/// How far ahead of its loads [`Bf16Dots::run_simd`] asks for the weight row's bytes (each
+/// task's rows are one sequential stream, so past a row's end the hint reaches into the next).
+/// On the AMX Xeon of round 33 (BENCHMARKS.md) the 1.1B bf16 decode ran 8.8-9.2 tok/s without
+/// the hint, 10.2-10.7 with it 1024 bytes ahead, 10.7-11.8 at 2048 and 11.1-11.7 at 4096
+/// (interleaved, 4 rounds); in a slower window 2048 gave 9.7-10.2, 4096 10.1-10.6, 8192
+/// 9.1-10.5, 16384 9.1-9.5.
+const BF16_ROW_PREFETCH_BYTES: usize = 4096;
 
 /// `x [rows, k] @ w^T` for `w` stored `[n, k]`, in f32.
 pub fn matmul_rows<T: Widen + Element>(x: &[f32], w: &[T], rows: usize, k: usize, n: usize) -> Vec<f32> {
@@ -380,6 +387,15 @@ impl Bf16Dots<'_> {
                 let (mut even, mut odd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
                 let mut c = 0;
                 while c + 4 * LANES <= whole {
+                    // Hints only (never fault, change no result): they may point past the
+                    // weight. Two, for the two cache lines that this step reads.
+                    let ahead = wr
+                        .as_ptr()
+                        .wrapping_add(c)
+                        .cast::<i8>()
+                        .wrapping_add(BF16_ROW_PREFETCH_BYTES);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
                     even = _mm512_dpbf16_ps(even, load(wr, c), load(x, c));
                     odd = _mm512_dpbf16_ps(odd, load(wr, c + 2 * LANES), load(x, c + 2 * LANES));
                     c += 4 * LANES;
