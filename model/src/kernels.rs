@@ -653,7 +653,8 @@ const QUICK_GELU_SCALE: f64 = 1.702;
 /// [`sigmoid_gated`] in f32, computed as Burn's ops on the Flex device compute
 /// `act(x) * up` (`x * sigmoid(x)` for SiLU, `x * sigmoid(1.702 x)` for quick GELU): each
 /// operation rounded to f32 in the same order, and Flex's sigmoid (`1 / (1 + exp(-z))` for
-/// `z >= 0`, `exp(z) / (1 + exp(z))` below), with the exponential of `std`.
+/// `z >= 0`, `exp(z) / (1 + exp(z))` below), with the exponential of `std` (or the same
+/// bits from [`libm_exp`]).
 ///
 /// Both of Flex's cases take `exp(-|z|)`, so the exponential is one per value without a
 /// branch (the signs of activations are as good as random: a branch on them was mispredicted
@@ -720,7 +721,7 @@ impl BurnGateF32 {
 }
 
 /// [`BurnGateF32`] on every value of `x` (the results replace them), in parallel chunks for
-/// many values, compiled for AVX-512 where the CPU has it.
+/// many values, each as [`Vectorized`] work (AVX-512 or AVX2, with FMA, where the CPU has them).
 fn gate_in_place_f32(x: &mut [f32], up: Option<&[f32]>, gate: SigmoidGate) {
     const CHUNK: usize = 1 << 14;
     let gate = BurnGateF32 {

@@ -117,7 +117,6 @@ fn decode_attention_with(
     }
     // First what rules out other devices: the mask is read from the host below.
     let inputs = Inputs::of(q, k, v, options)?;
-    let queries = &host_f32(q.clone())?;
     let mask = match mask {
         Some(m) => {
             let [mb, mh, mt, mtotal] = m.dims();
@@ -134,6 +133,8 @@ fn decode_attention_with(
         }
         None => None,
     };
+    // Copied once the mask is known to fit.
+    let queries = &host_f32(q.clone())?;
     let Inputs { k, v, b, shape, .. } = &inputs;
     let mask = mask.as_ref().map(|(values, mh)| (values.as_slice(), *mh));
     let out = match inputs.dtype {

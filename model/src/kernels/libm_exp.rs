@@ -9,8 +9,9 @@
 //! same bits, provided they are the same steps: glibc's x86-64 build picks a variant compiled
 //! with fused multiply-adds on CPUs with FMA and AVX2, and the compiler fused both uses of
 //! `32 x / ln 2` as well as the cubic's three multiply-adds (read from its machine code). That
-//! variant is the one reproduced here; [`matches_std`] checks at run time that the platform's
-//! `expf` is it, and the callers keep `f32::exp` otherwise.
+//! variant is the one reproduced here. Its bits differ from the variant without FMA at only two
+//! f32 arguments of the main path; [`matches_std`] checks at run time that the platform's `expf`
+//! agrees on a spread of arguments and on those two, and the callers keep `f32::exp` otherwise.
 
 /// `32 / ln 2`, rounded to double.
 const INV_LN2_N: f64 = f64::from_bits(0x4047_1547_652b_82fe);
@@ -62,12 +63,20 @@ const POWERS: [u64; 32] = {
     bits
 };
 
-/// Arguments from here up to [`MAIN_PATH_TO`] take the main path of glibc's `expf` (off it,
-/// it checks for overflow, underflow, infinities and NaN first).
+/// The arguments from here to [`MAIN_PATH_TO`] are the ones [`exp_into`] computes itself: glibc
+/// takes its main path for them (at exactly -88 and 88 after its checks for overflow,
+/// underflow, infinities and NaN). Its main path goes on down to about -103.97 and up to 88.72;
+/// those rare arguments, and the rest, go to `f32::exp`.
 const MAIN_PATH_FROM: f32 = -88.0;
-/// The largest argument of the main path that [`exp_into`] computes itself (glibc's main path
-/// goes on to 88.72; the rest of the way goes to `f32::exp`, as rare as it is there).
+/// See [`MAIN_PATH_FROM`].
 const MAIN_PATH_TO: f32 = 88.0;
+
+/// The two f32 arguments in `[-88, 88]` where glibc's variants with and without FMA round to
+/// different results (found by comparing the two over every f32 of the range): -63.09946 and
+/// 32.56463. The run-time check includes them, so that it tells the variant reproduced here
+/// from the other (which glibc runs on CPUs without FMA or AVX2, or when told to by
+/// `GLIBC_TUNABLES`, while Rust's feature detection still reports both).
+const VARIANTS_DIFFER_AT: [u32; 2] = [0xc27c_65d9, 0x4202_422f];
 
 /// Whether [`exp_into`] computes `expf(x)` itself.
 #[inline(always)]
@@ -131,16 +140,16 @@ fn exp_vectorized(x: &[f32], out: &mut [f32]) {
 
 /// Whether [`exp_into`] gives the bits of `f32::exp` on this machine: on Linux with glibc
 /// and a CPU with FMA and AVX2 (where glibc picks the variant reproduced here), checked once
-/// against `f32::exp` on 65536 arguments spread over every binade of its main path. `false`
-/// elsewhere (another C library, or glibc's variant without FMA), where the callers keep
-/// `f32::exp`.
+/// against `f32::exp` on [`check_arguments`] (65540 arguments over every binade of the main
+/// path, and the two where glibc's variants differ). `false` elsewhere (another C library, or
+/// glibc's variant without FMA), where the callers keep `f32::exp`.
 pub(super) fn matches_std() -> bool {
     static MATCHES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *MATCHES.get_or_init(|| {
         #[cfg(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
         {
             use std::arch::is_x86_feature_detected as has;
-            has!("fma") && has!("avx2") && agrees_with_std(&spread_arguments(1 << 16), exp_vectorized)
+            has!("fma") && has!("avx2") && agrees_with_std(&check_arguments(), exp_vectorized)
         }
         #[cfg(not(all(target_arch = "x86_64", target_os = "linux", target_env = "gnu")))]
         {
@@ -149,20 +158,26 @@ pub(super) fn matches_std() -> bool {
     })
 }
 
-/// `count` arguments whose bits step evenly from 88 down through zero to -88 (and the
-/// bounds themselves), so every binade of the main path is sampled, on both signs.
-fn spread_arguments(count: usize) -> Vec<f32> {
-    let top = 88f32.to_bits();
-    let half = count / 2;
-    let positive = (0..half).map(|i| f32::from_bits((i as u64 * top as u64 / half as u64) as u32));
-    positive.flat_map(|v| [v, -v]).chain([88.0, -88.0]).collect()
+/// The arguments of the run-time check: 32768 magnitudes whose bits step evenly from zero up
+/// to 88, each with both signs (every binade of the main path), the bounds 88 and -88, and
+/// [`VARIANTS_DIFFER_AT`].
+fn check_arguments() -> Vec<f32> {
+    const HALF: u64 = 1 << 15;
+    let top = u64::from(88f32.to_bits());
+    let magnitudes = (0..HALF).map(|i| f32::from_bits((i * top / HALF) as u32));
+    let special = [88.0, -88.0]
+        .into_iter()
+        .chain(VARIANTS_DIFFER_AT.map(f32::from_bits));
+    magnitudes.flat_map(|v| [v, -v]).chain(special).collect()
 }
 
 /// Whether `exp` (arguments, results) and `f32::exp` agree bit for bit on every value of `x`.
 fn agrees_with_std(x: &[f32], mut exp: impl FnMut(&[f32], &mut [f32])) -> bool {
     let mut got = vec![0f32; x.len()];
     exp(x, &mut got);
-    got.iter().zip(x).all(|(g, &v)| g.to_bits() == v.exp().to_bits())
+    got.iter()
+        .zip(x)
+        .all(|(g, &v)| g.to_bits() == std::hint::black_box(v).exp().to_bits())
 }
 
 #[cfg(test)]
@@ -229,36 +244,42 @@ mod tests {
             89.0,
             f32::INFINITY,
         ];
+        // Magnitudes per chunk (each with both signs).
+        const CHUNK: u32 = 1 << 19;
         for level in [Simd::Plain, Simd::Avx2, Simd::Avx512] {
             let step = if level == Simd::Plain { 613 } else { 61 };
-            let dense: Vec<f32> = (0..=top)
-                .step_by(step)
-                .map(f32::from_bits)
-                .flat_map(|v| [v, -v])
-                .collect();
-            for chunk in dense.chunks(1 << 20) {
-                let mut ran = true;
-                let agrees = agrees_with_std(chunk, |x, out| ran = exp_at(level, x, out));
-                if !ran {
-                    eprintln!("{level:?}: not on this CPU, skipped");
-                    break;
-                }
+            let mut ran = true;
+            let mut first = 0u32;
+            while ran && first <= top {
+                let chunk: Vec<f32> = (0..CHUNK)
+                    .map(|i| first.saturating_add(i * step))
+                    .take_while(|&bits| bits <= top)
+                    .map(f32::from_bits)
+                    .flat_map(|v| [v, -v])
+                    .collect();
+                let agrees = agrees_with_std(&chunk, |x, out| ran = exp_at(level, x, out));
                 assert!(
-                    agrees,
+                    agrees || !ran,
                     "{level:?}: a value between {} and {}",
                     chunk[0],
                     chunk[chunk.len() - 1]
                 );
+                first = first.saturating_add(CHUNK * step);
+            }
+            if !ran {
+                eprintln!("{level:?}: not on this CPU, skipped");
+                continue;
             }
             let mut got = [0f32; 12];
-            if exp_at(level, &off_path, &mut got) {
-                for (g, v) in got.iter().zip(off_path) {
-                    let want = v.exp();
-                    assert!(
-                        g.to_bits() == want.to_bits() || g.is_nan() && want.is_nan(),
-                        "{level:?} {v}: {g} vs {want}"
-                    );
-                }
+            assert!(exp_at(level, &off_path, &mut got));
+            for (g, v) in got.iter().zip(off_path) {
+                // Through `black_box`: LLVM folds the exponential of a constant with its own
+                // arithmetic, which is not glibc's.
+                let want = std::hint::black_box(v).exp();
+                assert!(
+                    g.to_bits() == want.to_bits() || g.is_nan() && want.is_nan(),
+                    "{level:?} {v}: {g} vs {want}"
+                );
             }
         }
     }
@@ -266,7 +287,7 @@ mod tests {
     /// The run-time check tells glibc's exponential from a near one: the correctly rounded
     /// exponential of the f64 argument, rounded to f32 (what a C library that rounds
     /// correctly would give, but for rare double roundings), differs from glibc's at some of
-    /// the check's 65538 arguments (8 here), so [`matches_std`] would keep `f32::exp` on such
+    /// the check's 65540 arguments (8 here), so [`matches_std`] would keep `f32::exp` on such
     /// a platform.
     #[test]
     fn the_check_tells_a_correctly_rounded_exp_apart() {
@@ -278,6 +299,37 @@ mod tests {
                 *o = f64::from(v).exp() as f32;
             }
         };
-        assert!(!agrees_with_std(&spread_arguments(1 << 16), rounded_once));
+        assert!(!agrees_with_std(&check_arguments(), rounded_once));
+    }
+
+    /// The same steps without fused multiply-adds (glibc's variant for CPUs without FMA)
+    /// differ from the platform's `expf` exactly at [`VARIANTS_DIFFER_AT`] (which the
+    /// run-time check therefore includes), and agree with it on the rest of the check's
+    /// arguments. These two values pin the fused remainder `r`: unfused there, the tests fail;
+    /// unfusing `kd` or the cubic instead changes no result among the tests' arguments.
+    #[test]
+    fn the_check_tells_glibcs_variant_without_fma_apart() {
+        if !matches_std() {
+            return;
+        }
+        let unfused = |x: &[f32], out: &mut [f32]| {
+            for (o, &v) in out.iter_mut().zip(x) {
+                let xd = f64::from(v);
+                let z = INV_LN2_N * xd;
+                let kd = z + SHIFT;
+                let ki = kd.to_bits();
+                let kd = kd - SHIFT;
+                let r = z - kd;
+                let scale = f64::from_bits(POWERS[(ki % 32) as usize].wrapping_add(ki << 47));
+                let y = (r * C0 + C1) * (r * r) + (r * C2 + 1.0);
+                *o = (y * scale) as f32;
+            }
+        };
+        let arguments = check_arguments();
+        let (spread, differ) = arguments.split_at(arguments.len() - VARIANTS_DIFFER_AT.len());
+        assert!(agrees_with_std(spread, unfused));
+        for &v in differ {
+            assert!(!agrees_with_std(&[v], unfused), "{v}");
+        }
     }
 }

@@ -31,8 +31,9 @@ const COLUMNS_PER_TASK: usize = 32;
 /// at 5.6-5.8 tok/s; with the hint 2048 bytes ahead 6.2-6.3 (1024: 6.0-6.1, 4096: 6.1-6.2,
 /// 8192: 5.9-6.0), about llama.cpp's rate there.
 const ROW_PREFETCH_BYTES: usize = 2048;
-/// How far ahead of its loads [`Bf16Dots::run_simd`] asks for the weight row's bytes (each
-/// task's rows are one sequential stream, so past a row's end the hint reaches into the next).
+/// How far ahead of its loads [`Bf16Dots::run_simd`] asks for the weight row's bytes (a task's
+/// rows are one sequential stream per activation row, so past a row's end the hint reaches
+/// into the next; past the task's last row it asks for bytes nobody reads, at no risk).
 /// On the AMX Xeon of round 33 (BENCHMARKS.md) the 1.1B bf16 decode ran 8.8-9.2 tok/s without
 /// the hint, 10.2-10.7 with it 1024 bytes ahead, 10.7-11.8 at 2048 and 11.1-11.7 at 4096
 /// (interleaved, 4 rounds); in a slower window 2048 gave 9.7-10.2, 4096 10.1-10.6, 8192
