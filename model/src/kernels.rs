@@ -693,14 +693,14 @@ impl BurnGateF32 {
         let (mut arg, mut e) = ([0f32; Self::STEP], [0f32; Self::STEP]);
         for (i, xs) in x.chunks_mut(Self::STEP).enumerate() {
             let (arg, e) = (&mut arg[..xs.len()], &mut e[..xs.len()]);
+            for (a, &v) in arg.iter_mut().zip(xs.iter()) {
+                *a = -self.z(v).abs();
+            }
             if self.vector_exp {
-                for (a, &v) in arg.iter_mut().zip(xs.iter()) {
-                    *a = -self.z(v).abs();
-                }
                 libm_exp::exp_into(arg, e);
             } else {
-                for (e, &v) in e.iter_mut().zip(xs.iter()) {
-                    *e = (-self.z(v).abs()).exp();
+                for (e, &a) in e.iter_mut().zip(arg.iter()) {
+                    *e = a.exp();
                 }
             }
             match up {

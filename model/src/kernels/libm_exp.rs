@@ -25,43 +25,40 @@ const C2: f64 = f64::from_bits(0x3f96_2e42_ff0c_52d6);
 
 /// The bits of `2^(i/32)` less `i << 47`: adding `k << 47` for an integer `k` with `k % 32 ==
 /// i` scales the value by `2^(k/32 - i/32)`, a power of two, through the exponent field.
-const POWERS: [u64; 32] = {
-    let bits: [u64; 32] = [
-        0x3ff0000000000000,
-        0x3fefd9b0d3158574,
-        0x3fefb5586cf9890f,
-        0x3fef9301d0125b51,
-        0x3fef72b83c7d517b,
-        0x3fef54873168b9aa,
-        0x3fef387a6e756238,
-        0x3fef1e9df51fdee1,
-        0x3fef06fe0a31b715,
-        0x3feef1a7373aa9cb,
-        0x3feedea64c123422,
-        0x3feece086061892d,
-        0x3feebfdad5362a27,
-        0x3feeb42b569d4f82,
-        0x3feeab07dd485429,
-        0x3feea47eb03a5585,
-        0x3feea09e667f3bcd,
-        0x3fee9f75e8ec5f74,
-        0x3feea11473eb0187,
-        0x3feea589994cce13,
-        0x3feeace5422aa0db,
-        0x3feeb737b0cdc5e5,
-        0x3feec49182a3f090,
-        0x3feed503b23e255d,
-        0x3feee89f995ad3ad,
-        0x3feeff76f2fb5e47,
-        0x3fef199bdd85529c,
-        0x3fef3720dcef9069,
-        0x3fef5818dcfba487,
-        0x3fef7c97337b9b5f,
-        0x3fefa4afa2a490da,
-        0x3fefd0765b6e4540,
-    ];
-    bits
-};
+const POWERS: [u64; 32] = [
+    0x3ff0000000000000,
+    0x3fefd9b0d3158574,
+    0x3fefb5586cf9890f,
+    0x3fef9301d0125b51,
+    0x3fef72b83c7d517b,
+    0x3fef54873168b9aa,
+    0x3fef387a6e756238,
+    0x3fef1e9df51fdee1,
+    0x3fef06fe0a31b715,
+    0x3feef1a7373aa9cb,
+    0x3feedea64c123422,
+    0x3feece086061892d,
+    0x3feebfdad5362a27,
+    0x3feeb42b569d4f82,
+    0x3feeab07dd485429,
+    0x3feea47eb03a5585,
+    0x3feea09e667f3bcd,
+    0x3fee9f75e8ec5f74,
+    0x3feea11473eb0187,
+    0x3feea589994cce13,
+    0x3feeace5422aa0db,
+    0x3feeb737b0cdc5e5,
+    0x3feec49182a3f090,
+    0x3feed503b23e255d,
+    0x3feee89f995ad3ad,
+    0x3feeff76f2fb5e47,
+    0x3fef199bdd85529c,
+    0x3fef3720dcef9069,
+    0x3fef5818dcfba487,
+    0x3fef7c97337b9b5f,
+    0x3fefa4afa2a490da,
+    0x3fefd0765b6e4540,
+];
 
 /// The arguments from here to [`MAIN_PATH_TO`] are the ones [`exp_into`] computes itself: glibc
 /// takes its main path for them (at exactly -88 and 88 after its checks for overflow,
@@ -189,28 +186,31 @@ mod tests {
     fn exp_at(level: super::super::Simd, x: &[f32], out: &mut [f32]) -> bool {
         use super::super::Simd;
         #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            match level {
-                Simd::Plain => {}
-                Simd::Avx2 if has!("avx2") && has!("fma") => {
-                    // SAFETY: the CPU has AVX2 and FMA (the guard).
-                    unsafe { super::super::run_avx2(ExpInto(x, out)) };
-                    return true;
-                }
-                Simd::Avx512 if has!("avx512f") && has!("avx512bw") && has!("fma") => {
-                    // SAFETY: the CPU has AVX-512 F and BW and FMA (the guard).
-                    unsafe { super::super::run_avx512(ExpInto(x, out)) };
-                    return true;
-                }
-                _ => return false,
+        use std::arch::is_x86_feature_detected as has;
+        match level {
+            Simd::Plain => exp_into(x, out),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 if has!("avx2") && has!("fma") => {
+                // SAFETY: the CPU has AVX2 and FMA (the guard).
+                unsafe { super::super::run_avx2(ExpInto(x, out)) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 if has!("avx512f") && has!("avx512bw") && has!("fma") => {
+                // SAFETY: the CPU has AVX-512 F and BW and FMA (the guard).
+                unsafe { super::super::run_avx512(ExpInto(x, out)) }
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// `f` on every value, as the slice function that [`agrees_with_std`] takes.
+    fn each(f: impl Fn(f32) -> f32) -> impl FnMut(&[f32], &mut [f32]) {
+        move |x, out| {
+            for (o, &v) in out.iter_mut().zip(x) {
+                *o = f(v);
             }
         }
-        if level != Simd::Plain {
-            return false;
-        }
-        exp_into(x, out);
-        true
     }
 
     /// On the machines the project's CI runs (Linux, glibc, x86-64 with FMA and AVX2), the
@@ -294,11 +294,7 @@ mod tests {
         if !matches_std() {
             return;
         }
-        let rounded_once = |x: &[f32], out: &mut [f32]| {
-            for (o, &v) in out.iter_mut().zip(x) {
-                *o = f64::from(v).exp() as f32;
-            }
-        };
+        let rounded_once = each(|v| f64::from(v).exp() as f32);
         assert!(!agrees_with_std(&check_arguments(), rounded_once));
     }
 
@@ -312,24 +308,22 @@ mod tests {
         if !matches_std() {
             return;
         }
-        let unfused = |x: &[f32], out: &mut [f32]| {
-            for (o, &v) in out.iter_mut().zip(x) {
-                let xd = f64::from(v);
-                let z = INV_LN2_N * xd;
-                let kd = z + SHIFT;
-                let ki = kd.to_bits();
-                let kd = kd - SHIFT;
-                let r = z - kd;
-                let scale = f64::from_bits(POWERS[(ki % 32) as usize].wrapping_add(ki << 47));
-                let y = (r * C0 + C1) * (r * r) + (r * C2 + 1.0);
-                *o = (y * scale) as f32;
-            }
+        let unfused = |v: f32| {
+            let xd = f64::from(v);
+            let z = INV_LN2_N * xd;
+            let kd = z + SHIFT;
+            let ki = kd.to_bits();
+            let kd = kd - SHIFT;
+            let r = z - kd;
+            let scale = f64::from_bits(POWERS[(ki % 32) as usize].wrapping_add(ki << 47));
+            let y = (r * C0 + C1) * (r * r) + (r * C2 + 1.0);
+            (y * scale) as f32
         };
         let arguments = check_arguments();
         let (spread, differ) = arguments.split_at(arguments.len() - VARIANTS_DIFFER_AT.len());
-        assert!(agrees_with_std(spread, unfused));
+        assert!(agrees_with_std(spread, each(unfused)));
         for &v in differ {
-            assert!(!agrees_with_std(&[v], unfused), "{v}");
+            assert!(!agrees_with_std(&[v], each(unfused)), "{v}");
         }
     }
 }
