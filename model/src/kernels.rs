@@ -1416,6 +1416,14 @@ fn packed_linear<const D: usize>(
         };
         return output_with_bias(out, bias.as_ref(), x, n, dtype);
     }
+    // With AMX, the tasks dequantize their panels from the packed bytes (the bits of the
+    // bf16 gemm on `dequantize_bf16`'s copy below, with the bias added as blocks finish).
+    if dtype == DType::BF16
+        && bf16_gemm_enabled()
+        && let Some(out) = packed_amx_linear(w, x, rows, bias.as_ref())
+    {
+        return Some(out);
+    }
     // Without the bf16 gemm: a q4 weight on a CPU without VNNI multiplies int8 activations
     // in a gemm of its own (the decode kernel's bits); otherwise our f32 gemm dequantizes
     // the weight tile by tile as it packs (the bits of `dequantized_linear`'s weights,
@@ -1430,6 +1438,29 @@ fn packed_linear<const D: usize>(
         return output_with_bias(out, bias.as_ref(), x, n, dtype);
     }
     Some(dequantized_linear(w, [k, n], x, bias))
+}
+
+/// `x @ w (+ bias)` for bf16 activations and a packed weight with AMX
+/// ([`bf16_gemm::matmul_bf16_amx_rounded_packed`]); `None` without AMX.
+fn packed_amx_linear<const D: usize>(
+    w: &packed::PackedWeight,
+    x: &Tensor<D>,
+    rows: usize,
+    bias: Option<&Tensor<1>>,
+) -> Option<Tensor<D>> {
+    let bias = match bias {
+        Some(b) => Some(host_f32(b.clone())?),
+        None => None,
+    };
+    let data = x.clone().into_data();
+    let xs = data.as_slice::<bf16>().ok()?;
+    let out = bf16_gemm::matmul_bf16_amx_rounded_packed(xs, w, rows, bias.as_deref())?;
+    let mut shape = x.dims();
+    shape[D - 1] = w.n();
+    Some(Tensor::from_data(
+        TensorData::new(out, shape),
+        (&x.device(), DType::BF16),
+    ))
 }
 
 /// `x [rows, k] @ w` with the activations quantized to int8 per block, through

@@ -25,6 +25,7 @@ use super::amx;
 #[cfg(target_arch = "x86_64")]
 use super::bf16_dot::as_bh;
 use super::bf16_dot::widen;
+use super::packed::PackedWeight;
 
 /// Rows of one register tile.
 const TILE_ROWS: usize = 8;
@@ -133,10 +134,46 @@ pub fn matmul_bf16_amx_rounded(
     (m, k, n): (usize, usize, usize),
     bias: Option<&[f32]>,
 ) -> Option<Vec<bf16>> {
+    if w.len() != k * n {
+        return None;
+    }
+    let values = Values::Bf16(w, order);
+    amx_rounded(x, Weight { values, k, n }, m, bias)
+}
+
+/// [`matmul_bf16_amx_rounded`] for a q8/q4 weight packed for the decode kernels: each task
+/// dequantizes its panels from the packed bytes, rounded to bf16
+/// ([`PackedWeight::dequantize_tile`]), instead of reading a dequantized bf16 copy of the
+/// whole weight. The panels hold the same pairs, so the result has the bits of
+/// [`matmul_bf16_amx_rounded`] on [`PackedWeight::dequantize_bf16`] (`[k, n]` rows) without
+/// that copy: its allocation, page faults and second pass over 2 bytes per value (a 7B
+/// `--quantize q4` prefill wrote and read 13 GB of them). `None` as for
+/// [`matmul_bf16_amx_rounded`].
+pub fn matmul_bf16_amx_rounded_packed(
+    x: &[bf16],
+    w: &PackedWeight,
+    m: usize,
+    bias: Option<&[f32]>,
+) -> Option<Vec<bf16>> {
+    let (k, n) = (w.k(), w.n());
+    amx_rounded(
+        x,
+        Weight {
+            values: Values::Packed(w),
+            k,
+            n,
+        },
+        m,
+        bias,
+    )
+}
+
+/// The body of [`matmul_bf16_amx_rounded`] and its packed twin.
+fn amx_rounded(x: &[bf16], weight: Weight, m: usize, bias: Option<&[f32]>) -> Option<Vec<bf16>> {
+    let (k, n) = (weight.k, weight.n);
     if !amx::amx_bf16_available()
         || !bf16_gemm_available()
         || x.len() != m * k
-        || w.len() != k * n
         || m == 0
         || k == 0
         || n == 0
@@ -146,7 +183,6 @@ pub fn matmul_bf16_amx_rounded(
     }
     let shared = shared_pairs(x, m, k);
     let pairs: &Pairs = &shared;
-    let weight = Weight { w, order, k, n };
     let mut out: Vec<bf16> = Vec::with_capacity(m * n);
     let target = RoundedOutput(out.as_mut_ptr());
     for_each_block_of(m, n, AMX_ROWS, AMX_TASK_COLS, AMX_TASK_COLS, |block| {
@@ -231,7 +267,11 @@ fn run(
         _ => (TILE_ROWS, 1),
     };
     let pairs = Pairs::of(x, m, k, row_unit, pair_unit, kernel == Kernel::Amx);
-    let weight = Weight { w, order, k, n };
+    let weight = Weight {
+        values: Values::Bf16(w, order),
+        k,
+        n,
+    };
     // AMX writes every output before it adds to it; the other kernels add from zero.
     let mut out = if kernel == Kernel::Amx {
         Vec::with_capacity(m * n)
@@ -498,12 +538,20 @@ unsafe fn copy64(src: *const u8, dst: *mut u8) {
     };
 }
 
-/// The weight and its layout.
+/// The weight: its values and `[k, n]` shape.
 struct Weight<'a> {
-    w: &'a [bf16],
-    order: WeightOrder,
+    values: Values<'a>,
     k: usize,
     n: usize,
+}
+
+/// Where a weight's values are.
+#[derive(Clone, Copy)]
+enum Values<'a> {
+    /// bf16 values in this order.
+    Bf16(&'a [bf16], WeightOrder),
+    /// Quantized values packed for the decode kernels, dequantized in the pack (AMX only).
+    Packed(&'a PackedWeight),
 }
 
 impl Weight<'_> {
@@ -523,6 +571,16 @@ impl Weight<'_> {
     ) {
         assert!(tile_cols <= TILE_COLS && tile_cols.is_multiple_of(16));
         let (k, n) = (self.k, self.n);
+        let (w, order) = match self.values {
+            Values::Bf16(w, order) => (w, order),
+            Values::Packed(packed) => {
+                assert!(
+                    simd && tile_cols == 16,
+                    "packed weights are only read by the AMX tasks"
+                );
+                return pack_dequantized(packed, p0, p1, c0, cols, panel);
+            }
+        };
         let pairs = p1 - p0;
         for (tile, chunk) in panel.chunks_mut(pairs * tile_cols).enumerate() {
             let t0 = tile * tile_cols;
@@ -534,7 +592,7 @@ impl Weight<'_> {
                 continue;
             }
             let c = c0 + t0;
-            match self.order {
+            match order {
                 WeightOrder::OutputMajor => {
                     // One row of the file per column: its pairs are consecutive. Groups of
                     // 16 columns x 16 pairs are transposed in registers where the CPU
@@ -546,7 +604,7 @@ impl Weight<'_> {
                         // pair is half outside).
                         let whole = p0 + (p1.min(k / 2).saturating_sub(p0)) / 16 * 16;
                         for g in 0..width / 16 {
-                            let rows = &self.w[(c + 16 * g) * k..(c + 16 * g + 16) * k];
+                            let rows = &w[(c + 16 * g) * k..(c + 16 * g + 16) * k];
                             for p in (p0..whole).step_by(16) {
                                 let out = &mut chunk[(p - p0) * tile_cols + 16 * g..];
                                 // SAFETY: `simd` is only true on CPUs with AVX-512 F; 16 rows
@@ -560,7 +618,7 @@ impl Weight<'_> {
                     #[cfg(not(target_arch = "x86_64"))]
                     let _ = simd;
                     for (j, &start) in from.iter().enumerate().take(width) {
-                        let row = &self.w[(c + j) * k..(c + j + 1) * k];
+                        let row = &w[(c + j) * k..(c + j + 1) * k];
                         // Pairs past the weight's stay zero (filled above).
                         for p in start..p1.min(k.div_ceil(2)) {
                             let lo = row[2 * p].to_bits() as u32;
@@ -572,10 +630,10 @@ impl Weight<'_> {
                 WeightOrder::InputMajor => {
                     // Two rows of the weight per pair: their columns side by side.
                     for p in p0..p1.min(k.div_ceil(2)) {
-                        let lo = &self.w[2 * p * n + c..][..width];
+                        let lo = &w[2 * p * n + c..][..width];
                         let out = &mut chunk[(p - p0) * tile_cols..][..width];
                         if 2 * p + 1 < k {
-                            let hi = &self.w[(2 * p + 1) * n + c..][..width];
+                            let hi = &w[(2 * p + 1) * n + c..][..width];
                             for ((o, a), b) in out.iter_mut().zip(lo).zip(hi) {
                                 *o = a.to_bits() as u32 | ((b.to_bits() as u32) << 16);
                             }
@@ -588,6 +646,32 @@ impl Weight<'_> {
                 }
             }
         }
+    }
+}
+
+/// [`Weight::pack`] of 16-column tiles from a packed q8/q4 weight: per tile, its inputs
+/// `2 p0..2 p1` dequantized, rounded to bf16 and joined into pairs
+/// ([`PackedWeight::dequantize_tile_pairs`], the bits of [`PackedWeight::dequantize_bf16`]).
+/// Inputs past the weight's and columns past `cols` are zero.
+fn pack_dequantized(w: &PackedWeight, p0: usize, p1: usize, c0: usize, cols: usize, panel: &mut [u32]) {
+    const TILE: usize = 16;
+    let pairs = p1 - p0;
+    let (k0, k1) = ((2 * p0).min(w.k()), (2 * p1).min(w.k()));
+    assert!(
+        c0.is_multiple_of(TILE)
+            && cols.is_multiple_of(TILE)
+            && panel.len() >= pairs * TILE * cols.div_ceil(TILE)
+    );
+    let kernel = super::Simd::best();
+    for (t, chunk) in panel.chunks_mut(pairs * TILE).enumerate() {
+        if t * TILE >= cols {
+            chunk.fill(0);
+            continue;
+        }
+        // Pair rows from inputs `k0..k1`; the rows past `k1` are zero.
+        let (live, padding) = chunk.split_at_mut((k1 - k0) / 2 * TILE);
+        w.dequantize_tile_pairs([k0, k1], (c0 + t * TILE) / TILE, live, kernel);
+        padding.fill(0);
     }
 }
 
@@ -1291,6 +1375,67 @@ pub(super) mod tests {
                 matmul_bf16_amx_rounded(&x, &w, WeightOrder::InputMajor, (m, k, n), Some(&bias[1..]))
                     .is_none()
             );
+        }
+    }
+
+    /// The AMX product of a packed q8/q4 weight, dequantized in the tasks' panels, has the
+    /// bits of the same product on the weight's whole bf16 dequantization: one slab and
+    /// several (k past 2048 pairs), one task and several, narrow products split by rows,
+    /// inputs that end inside a 16-pair group, and 8-, 16- and 32-row blocks.
+    #[test]
+    fn packed_weights_dequantized_in_the_amx_panels_keep_the_bits() {
+        use crate::kernels::int8::ColumnBlocks;
+        use crate::kernels::packed::tests::f16_scales;
+        use crate::kernels::packed::{Bits, PackedWeight};
+
+        let mut next = crate::kernels::tests::xorshift(0x9E37_79B9_7F4A_7C15);
+        for &(m, k, n, block) in &[
+            (33, 96, 48, 32),
+            (70, 4160, 304, 32),
+            (45, 40, 32, 8),
+            (617, 128, 16, 16),
+        ] {
+            for bits in [Bits::Eight, Bits::Four] {
+                let case = format!("{m}x{k}x{n}/{block} {bits:?}");
+                let range = if bits == Bits::Four { 16 } else { 255 };
+                let q: Vec<i8> = (0..k * n)
+                    .map(|_| ((next() % range) as i64 - range as i64 / 2) as i8)
+                    .collect();
+                let scales = f16_scales(k * n / block);
+                let columns = ColumnBlocks {
+                    q: &q,
+                    scales: &scales,
+                    k,
+                    n,
+                    block,
+                };
+                let packed = PackedWeight::pack(&columns, bits).expect("pack");
+                let x = values(m * k, 7);
+                let bias: Vec<f32> = (0..n).map(|c| (c % 5) as f32 * 0.25 - 0.5).collect();
+                let dequantized = packed.dequantize_bf16();
+                for bias in [None, Some(bias.as_slice())] {
+                    let want =
+                        matmul_bf16_amx_rounded(&x, &dequantized, WeightOrder::InputMajor, (m, k, n), bias);
+                    let got = matmul_bf16_amx_rounded_packed(&x, &packed, m, bias);
+                    let Some(want) = want else {
+                        assert!(got.is_none(), "{case}: ran without AMX");
+                        continue;
+                    };
+                    let got = got.expect("AMX ran the dense product");
+                    let (got, want): (Vec<u16>, Vec<u16>) = (
+                        got.iter().map(|v| v.to_bits()).collect(),
+                        want.iter().map(|v| v.to_bits()).collect(),
+                    );
+                    assert!(got == want, "{case} bias {}", bias.is_some());
+                }
+                assert!(
+                    matmul_bf16_amx_rounded_packed(&x[1..], &packed, m, None).is_none(),
+                    "{case}"
+                );
+            }
+        }
+        if !amx::amx_bf16_available() {
+            eprintln!("no AMX-BF16 on this CPU: only the refusals were checked");
         }
     }
 

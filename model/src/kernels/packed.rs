@@ -569,6 +569,43 @@ impl PackedWeight {
         }
     }
 
+    /// [`PackedWeight::dequantize_tile`] rounded to bf16 and joined into the pairs that the
+    /// AMX gemm's panels hold: pair `i` of inputs `k0 + 2i, k0 + 2i + 1` of tile `t`'s 16
+    /// columns to `dst[16 i..][..16]`, the even input's bf16 bits in the low half. In one
+    /// AVX-512 pass where the CPU has AVX-512 F (no f32 values written and read back), else
+    /// through [`PackedWeight::dequantize_tile`]; the same bits either way.
+    ///
+    /// # Panics
+    /// When `k0..k1` is not whole groups inside the weight, the tile is past it, or `dst`
+    /// holds fewer than `(k1 - k0) / 2` rows of 16.
+    pub(crate) fn dequantize_tile_pairs(
+        &self,
+        [k0, k1]: [usize; 2],
+        t: usize,
+        dst: &mut [u32],
+        kernel: Simd,
+    ) {
+        let rows = self.bits.group_rows();
+        assert!(k0 <= k1 && k1 <= self.k && k0.is_multiple_of(rows) && k1.is_multiple_of(rows));
+        assert!((t + 1) * TILE <= self.n && dst.len() >= (k1 - k0) / 2 * TILE);
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Simd::Avx512 && kernel.runs_here() {
+            // SAFETY: the CPU has AVX-512 F (checked); the range, tile and `dst` fit (asserted).
+            return unsafe { dequantize_avx512::tile_pairs(self, [k0, k1], t, dst) };
+        }
+        let mut values = vec![0f32; (k1 - k0) * TILE];
+        self.dequantize_tile([k0, k1], t, true, &mut values, TILE, kernel);
+        for (i, out) in dst.chunks_exact_mut(TILE).take((k1 - k0) / 2).enumerate() {
+            let (even, odd) = (
+                &values[2 * i * TILE..][..TILE],
+                &values[(2 * i + 1) * TILE..][..TILE],
+            );
+            for ((o, e), d) in out.iter_mut().zip(even).zip(odd) {
+                *o = (e.to_bits() >> 16) | (d.to_bits() & 0xFFFF_0000);
+            }
+        }
+    }
+
     /// `x @ w` as `[rows, n]` f32 with int8 activations (VNNI or AVX2 where the CPU has
     /// them, [`Int8Kernel::best`]): equal bit for bit to [`super::int8::matmul_int8`] on the
     /// unpacked values. `None` when `x` does not match the weight.
@@ -1415,6 +1452,80 @@ mod dequantize_avx512 {
         }
     }
 
+    /// [`super::PackedWeight::dequantize_tile_pairs`] on AVX-512: per group, each row's 16
+    /// values `scale * q` rounded to bf16 in place in their 32-bit lanes as [`store`]
+    /// rounds them, two rows joined into one register of pairs.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `k0..k1` whole groups of the weight, tile `t` inside
+    /// it, and room for `(k1 - k0) / 2` rows of 16 in `dst` (the wrapper asserts them).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile_pairs(w: &PackedWeight, [k0, k1]: [usize; 2], t: usize, dst: &mut [u32]) {
+        let rows = w.bits.group_rows();
+        let groups = w.block / rows;
+        let block_bytes = w.block_bytes();
+        let (value_mask, offset) = match w.bits {
+            Bits::Eight => (_mm512_set1_epi32(0xFF), _mm512_set1_epi32(128)),
+            Bits::Four => (_mm512_set1_epi32(0x0F), _mm512_set1_epi32(8)),
+        };
+        let (bytes, scales): (&[u8], &[super::f16]) = (&w.bytes, &w.scales);
+        assert!(dst.len() >= (k1 - k0) / 2 * TILE && (t + 1) * TILE <= w.n);
+        let out = dst.as_mut_ptr() as *mut __m512i;
+        let mut scale = _mm512_setzero_ps();
+        for kk in (k0..k1).step_by(rows) {
+            let (kb, g) = (kk / w.block, kk % w.block / rows);
+            if g == 0 || kk == k0 {
+                let at = &scales[kb * w.n + t * TILE..][..TILE];
+                // SAFETY: 16 f16 scales (32 bytes) of this block and tile.
+                scale = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(at.as_ptr() as *const __m256i) });
+            }
+            let group = &bytes[kb * block_bytes + (t * groups + g) * GROUP_BYTES..][..GROUP_BYTES];
+            // SAFETY: 64 bytes.
+            let packed = unsafe { _mm512_loadu_si512(group.as_ptr() as *const __m512i) };
+            // Row `r` of the group (its low bits in `shifted`) rounded to bf16, kept in the
+            // top half of each lane.
+            let rounded = |shifted: __m512i| {
+                let q = _mm512_sub_epi32(_mm512_and_si512(shifted, value_mask), offset);
+                let x = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(q), scale));
+                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+                _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)))
+            };
+            let pair = |even: __m512i, odd: __m512i| {
+                _mm512_or_si512(
+                    _mm512_srli_epi32::<16>(rounded(even)),
+                    _mm512_and_si512(rounded(odd), _mm512_set1_epi32(0xFFFF_0000u32 as i32)),
+                )
+            };
+            let first = (kk - k0) / 2;
+            // SAFETY (stores): pair rows `first..first + rows / 2` lie in `dst`.
+            match w.bits {
+                Bits::Eight => unsafe {
+                    _mm512_storeu_si512(out.add(first), pair(packed, _mm512_srli_epi32::<8>(packed)));
+                    _mm512_storeu_si512(
+                        out.add(first + 1),
+                        pair(_mm512_srli_epi32::<16>(packed), _mm512_srli_epi32::<24>(packed)),
+                    );
+                },
+                // Nibble `r` of a byte-row pair: rows 0-3 in the low nibbles, 4-7 in the high.
+                Bits::Four => unsafe {
+                    _mm512_storeu_si512(out.add(first), pair(packed, _mm512_srli_epi32::<8>(packed)));
+                    _mm512_storeu_si512(
+                        out.add(first + 1),
+                        pair(_mm512_srli_epi32::<16>(packed), _mm512_srli_epi32::<24>(packed)),
+                    );
+                    _mm512_storeu_si512(
+                        out.add(first + 2),
+                        pair(_mm512_srli_epi32::<4>(packed), _mm512_srli_epi32::<12>(packed)),
+                    );
+                    _mm512_storeu_si512(
+                        out.add(first + 3),
+                        pair(_mm512_srli_epi32::<20>(packed), _mm512_srli_epi32::<28>(packed)),
+                    );
+                },
+            }
+        }
+    }
+
     /// Stores 16 values at `at` as `T`.
     ///
     /// # Safety
@@ -1788,6 +1899,52 @@ pub(super) mod tests {
             eprintln!("no SIMD dequantization loop on this CPU: only the plain one was checked");
         }
         kernels
+    }
+
+    /// The AMX panels' pairs of a tile, on every kernel this CPU runs, are the bf16
+    /// dequantization's values two inputs at a time (even input in the low half), from
+    /// any whole group on, across blocks.
+    #[test]
+    fn tile_pairs_have_the_bits_of_the_bf16_dequantization() {
+        // Random values: `q4_values` repeats every 16 columns, so all rows of a tile would
+        // hold the same values and a pair's halves could be swapped unseen.
+        let mut next = crate::kernels::tests::xorshift(0x5851_F42D_4C95_7F2D);
+        for bits in [Bits::Four, Bits::Eight] {
+            let range: u64 = if bits == Bits::Four { 16 } else { 255 };
+            for &(k, n, block) in &[(64, 32, 32), (96, 48, 16), (40, 16, 8)] {
+                let q: Vec<i8> = (0..k * n)
+                    .map(|_| ((next() % range) as i64 - range as i64 / 2) as i8)
+                    .collect();
+                let scales = f16_scales(k * n / block);
+                let w = ColumnBlocks {
+                    q: &q,
+                    scales: &scales,
+                    k,
+                    n,
+                    block,
+                };
+                let packed = PackedWeight::pack(&w, bits).expect("pack");
+                let dense = packed.dequantize_bf16_reference();
+                let rows = bits.group_rows();
+                for kernel in std::iter::once(Simd::Plain).chain(simd_dequantize_kernels()) {
+                    for t in 0..n / TILE {
+                        for k0 in (0..k).step_by(rows) {
+                            let mut got = vec![0u32; (k - k0) / 2 * TILE];
+                            packed.dequantize_tile_pairs([k0, k], t, &mut got, kernel);
+                            for (i, &pair) in got.iter().enumerate() {
+                                let (p, j) = (k0 / 2 + i / TILE, t * TILE + i % TILE);
+                                let want = dense[2 * p * n + j].to_bits() as u32
+                                    | ((dense[(2 * p + 1) * n + j].to_bits() as u32) << 16);
+                                assert_eq!(
+                                    pair, want,
+                                    "{bits:?} {k}x{n}/{block} {kernel:?} tile {t} from {k0} at {i}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Values halfway between two bf16 values round to the even one on every path, as
