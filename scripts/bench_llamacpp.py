@@ -21,6 +21,15 @@ Steps (each skips what is already there under --work, default bench-data/llamacp
     .venv/bin/python scripts/bench_llamacpp.py compare --vipllava target/release/vipllava \\
         --model-dir bench-data --image bench-data/astronaut.png --precisions f32,bf16,q8,q4 --rounds 2
 
+At the 7B size (scripts/make_random_checkpoint.py; its F32 file would not fit 24 GiB of memory):
+the GGUF files in a directory of their own, BF16 converted, Q8_0 and Q4_0 quantized from it by
+llama-quantize, and our side run on the same VipLlava directory in every precision:
+
+    .venv/bin/python scripts/bench_llamacpp.py --gguf-dir bench-data/llamacpp-7b gguf \\
+        --model /tmp/vip7b --precisions bf16,q8,q4
+    .venv/bin/python scripts/bench_llamacpp.py --gguf-dir bench-data/llamacpp-7b compare \\
+        --model /tmp/vip7b --precisions bf16,q8,q4 --rounds 2
+
 The comparison: decode tokens/s at a 617-token context (`llama-bench -p 0 -n 32 -d 617` vs the
 decode of `vipllava bench --batch-sizes 1`, whose prompt is 617 tokens with the image) and the
 prefill of 617 tokens (`llama-bench -p 617 -n 0` vs our prefill minus the image encoding), both
@@ -202,35 +211,62 @@ def require_converter_modules() -> None:
         raise SystemExit(f"convert_hf_to_gguf.py needs {', '.join(missing)}: pip install {' '.join(missing)}")
 
 
+def precisions(value: str) -> list[str]:
+    """`--precisions`, checked: a typo should not cost a conversion or a round."""
+    names = value.split(",")
+    unknown = [p for p in names if p not in GGUF]
+    if unknown:
+        raise SystemExit(f"unknown precision(s) {', '.join(unknown)}: choose from {', '.join(GGUF)}")
+    return names
+
+
 def cmd_gguf(args) -> None:
     require_converter_modules()
-    work = Path(args.work)
+    work, out_dir = Path(args.work), gguf_dir(args)
+    wanted = precisions(args.precisions)
     model_dir = Path(args.model)
-    llama_dir = work / "llama-hf"
-    if not (llama_dir / "model.safetensors.index.json").is_file():
+    llama_dir = out_dir / "llama-hf"
+    # With F32 the converter writes F32, BF16 and Q8_0 and llama-quantize makes Q4_0 from F32;
+    # without it (a 7B, whose F32 file is 27 GB) only BF16 is converted, and the extracted
+    # directory (13 GB at 7B) is removed before Q8_0 and Q4_0 are quantized from BF16.
+    converted = ["f32", "bf16", "q8"] if "f32" in wanted else ["bf16"]
+    source = "F32" if "f32" in wanted else "BF16"
+    missing = [p for p in converted if not (out_dir / f"llama-{GGUF[p]}.gguf").is_file()]
+    if missing and not (llama_dir / "model.safetensors.index.json").is_file():
         extract_llama(model_dir, llama_dir)
         if args.check:
             check_logits(model_dir, llama_dir)
     src = llama_src(work)
     env = dict(os.environ, PYTHONPATH=str(src / "gguf-py") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for outtype, name in (("f32", "F32"), ("bf16", "BF16"), ("q8_0", "Q8_0")):
-        out = work / f"llama-{name}.gguf"
-        if out.is_file():
-            continue
+    for p in missing:
+        out = out_dir / f"llama-{GGUF[p]}.gguf"
         partial = out.with_suffix(".partial")
+        outtype = GGUF[p].lower()
         run([sys.executable, src / "convert_hf_to_gguf.py", llama_dir, "--outtype", outtype, "--outfile", partial],
             env=env)
         partial.rename(out)
-    q4 = work / "llama-Q4_0.gguf"
-    if not q4.is_file():
-        run([binary(work, "llama-quantize"), work / "llama-F32.gguf", q4.with_suffix(".partial"), "Q4_0"])
-        q4.with_suffix(".partial").rename(q4)
-    if not args.keep_hf:
+    if not args.keep_hf and llama_dir.is_dir():
         shutil.rmtree(llama_dir)  # 4.4 GB for the benchmark model; the GGUF files are what is used
+    for p in wanted:
+        out = out_dir / f"llama-{GGUF[p]}.gguf"
+        if out.is_file():
+            continue
+        partial = out.with_suffix(".partial")
+        run([binary(work, "llama-quantize"), out_dir / f"llama-{source}.gguf", partial, GGUF[p]])
+        partial.rename(out)
 
 
-def llama_bench(work: Path, precision: str) -> dict:
-    model = work / f"llama-{GGUF[precision]}.gguf"
+def gguf_dir(args) -> Path:
+    """Where the GGUF files are: `--gguf-dir`, or the build's directory (`--work`)."""
+    path = Path(args.gguf_dir or args.work)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def llama_bench(work: Path, models: Path, precision: str) -> dict:
+    model = models / f"llama-{GGUF[precision]}.gguf"
+    if not model.is_file():
+        raise SystemExit(f"{model} missing: run `gguf` with --precisions {precision} first")
     bench = binary(work, "llama-bench")
     out = {}
     for flags, key in ((["-p", CONTEXT, "-n", 0], "prefill_tokens_per_s"),
@@ -242,10 +278,10 @@ def llama_bench(work: Path, precision: str) -> dict:
     return out
 
 
-def vipllava_bench(binary_path: str, model_dir: Path, image: str, precision: str) -> dict:
+def vipllava_bench(binary_path: str, model_dir: Path, model: Path | None, image: str, precision: str) -> dict:
     name, flags = OURS[precision]
     env = dict(os.environ, RAYON_NUM_THREADS=str(THREADS))
-    r = run([binary_path, "bench", "--model", model_dir / name, "--image", image, "--batch-sizes", "1",
+    r = run([binary_path, "bench", "--model", model or model_dir / name, "--image", image, "--batch-sizes", "1",
              "--new-tokens", NEW_TOKENS, "--repeats", "1", "--json", *flags], capture_output=True, text=True, env=env)
     row = json.loads(r.stdout.strip().splitlines()[-1])
     if row["prompt_tokens"] != CONTEXT:
@@ -259,15 +295,19 @@ def vipllava_bench(binary_path: str, model_dir: Path, image: str, precision: str
 
 
 def cmd_compare(args) -> None:
-    work = Path(args.work)
+    work, models = Path(args.work), gguf_dir(args)
     model_dir = Path(args.model_dir)
-    precisions = args.precisions.split(",")
+    model = Path(args.model) if args.model else None
+    wanted = precisions(args.precisions)
     results: dict[tuple[str, str], list[dict]] = {}
     for rnd in range(args.rounds):
-        for p in precisions:
+        for p in wanted:
             for side in ("llama.cpp", "vipllava"):
                 t0 = time.time()
-                r = llama_bench(work, p) if side == "llama.cpp" else vipllava_bench(args.vipllava, model_dir, args.image, p)
+                if side == "llama.cpp":
+                    r = llama_bench(work, models, p)
+                else:
+                    r = vipllava_bench(args.vipllava, model_dir, model, args.image, p)
                 r["load_avg"] = os.getloadavg()[0]
                 log(f"round {rnd + 1} {p} {side}: {r} ({time.time() - t0:.0f} s)")
                 results.setdefault((p, side), []).append(r)
@@ -280,7 +320,7 @@ def cmd_compare(args) -> None:
     print(f"\n| precision | decode tok/s llama.cpp | decode tok/s vipllava | us / llama.cpp | prefill ms llama.cpp | "
           f"prefill ms vipllava | llama.cpp / us |")
     print("|---|---|---|---|---|---|---|")
-    for p in precisions:
+    for p in wanted:
         dl, dv = med(p, "llama.cpp", "decode_tokens_per_s"), med(p, "vipllava", "decode_tokens_per_s")
         pl, pv = med(p, "llama.cpp", "prefill_ms"), med(p, "vipllava", "prefill_ms")
         print(f"| {p} ({GGUF[p]}) | {dl:.2f} | {dv:.2f} | {dv / dl:.2f} | {pl:.0f} | {pv:.0f} | {pl / pv:.2f} |")
@@ -289,7 +329,8 @@ def cmd_compare(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default=str(WORK))
+    ap.add_argument("--work", default=str(WORK), help="llama.cpp's sources and build (and the GGUF files by default)")
+    ap.add_argument("--gguf-dir", default="", help="where the GGUF files are written and read (default: --work)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="download and build llama-bench and llama-quantize")
     b.add_argument("--version", default="", help="llama-cpp-python version (default: the newest)")
@@ -299,9 +340,13 @@ def main() -> None:
     g.add_argument("--model", required=True, help="a VipLlava HF directory (f32 for the F32/BF16/Q8_0/Q4_0 set)")
     g.add_argument("--check", action="store_true", help="check the extracted Llama's logits in transformers")
     g.add_argument("--keep-hf", action="store_true", help="keep the extracted LlamaForCausalLM directory")
+    g.add_argument("--precisions", default="f32,bf16,q8,q4",
+                   help="GGUF files to make; without f32, Q8_0 and Q4_0 are quantized from BF16")
     c = sub.add_parser("compare", help="llama-bench and vipllava bench, interleaved")
     c.add_argument("--vipllava", default=str(REPO_ROOT / "target" / "release" / "vipllava"))
-    c.add_argument("--model-dir", default=str(REPO_ROOT / "bench-data"))
+    c.add_argument("--model-dir", default=str(REPO_ROOT / "bench-data"),
+                   help="holds the benchmark's clip-l-llama-1b-f32 and -bf16 checkpoints")
+    c.add_argument("--model", default="", help="one VipLlava directory for every precision instead (a 7B)")
     c.add_argument("--image", default=str(REPO_ROOT / "bench-data" / "astronaut.png"))
     c.add_argument("--precisions", default="f32,bf16,q8,q4")
     c.add_argument("--rounds", type=int, default=2)
