@@ -1381,7 +1381,9 @@ fn bf16_weight_linear<const D: usize>(
 /// `x @ W (+ b)` for a packed `W` ([`packed::PackedWeight`]), with the arithmetic of
 /// [`quantized_linear`] on the unpacked weight: the same bits. Few rows with int8
 /// activations multiply the nibbles in place; few rows with f32 activations (the slower,
-/// exact option) unpack the weight for the call; many rows dequantize it for the f32 gemm.
+/// exact option) unpack the weight for the call; many rows dequantize it as they pack it:
+/// into the AMX panels for bf16 activations where the CPU has AMX, into the f32 gemm's
+/// otherwise (or, without the f32 gemm, into a copy for the call).
 /// `None` when `x` is not on the plain Flex device or not a float of the model's dtypes.
 fn packed_linear<const D: usize>(
     layer: &Linear,
@@ -1448,6 +1450,10 @@ fn packed_amx_linear<const D: usize>(
     rows: usize,
     bias: Option<&Tensor<1>>,
 ) -> Option<Tensor<D>> {
+    // Refused before the copies below, which the other paths make again.
+    if !amx::amx_bf16_available() {
+        return None;
+    }
     let bias = match bias {
         Some(b) => Some(host_f32(b.clone())?),
         None => None,

@@ -143,7 +143,7 @@ pub fn matmul_bf16_amx_rounded(
 
 /// [`matmul_bf16_amx_rounded`] for a q8/q4 weight packed for the decode kernels: each task
 /// dequantizes its panels from the packed bytes, rounded to bf16
-/// ([`PackedWeight::dequantize_tile`]), instead of reading a dequantized bf16 copy of the
+/// ([`PackedWeight::dequantize_tile_pairs`]), instead of reading a dequantized bf16 copy of the
 /// whole weight. The panels hold the same pairs, so the result has the bits of
 /// [`matmul_bf16_amx_rounded`] on [`PackedWeight::dequantize_bf16`] (`[k, n]` rows) without
 /// that copy: its allocation, page faults and second pass over 2 bytes per value (a 7B

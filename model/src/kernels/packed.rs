@@ -467,8 +467,8 @@ impl PackedWeight {
     }
 
     /// `T::from(scale * q)` row-major `[k, n]`, in parallel over block rows, whose scales
-    /// are widened once. A prefill with `--quantize` dequantizes every weight once per
-    /// product, so this loop is on its path: the SIMD kernels run it 16 columns at a time
+    /// are widened once. A prefill with `--quantize` on a CPU without AMX dequantizes every
+    /// weight once per product, so this loop is on its path: the SIMD kernels run it 16 columns at a time
     /// with AVX2 (two halves of 8) or AVX-512 (one register); all give the same bits, and a
     /// level the CPU lacks falls back to the plain loop.
     fn dequantize_with<T: Dequantized>(&self, kernel: Simd) -> Vec<T> {
@@ -1334,11 +1334,9 @@ mod dequantize_avx2 {
                 let q = _mm256_sub_epi32(_mm256_and_si256(shifted, value_mask), offset);
                 let mut v = _mm256_mul_ps(_mm256_cvtepi32_ps(q), scale[h]);
                 if round_bf16 {
-                    // `store`'s rounding to nearest even, the low half cleared.
-                    let x = _mm256_castps_si256(v);
-                    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
-                    let up = _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-                    v = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_srli_epi32::<16>(up)));
+                    // `store`'s rounding, the low half cleared.
+                    let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
+                    v = _mm256_castsi256_ps(_mm256_and_si256(rounded_bf16(v), high));
                 }
                 // SAFETY: row `r` of the group, 8 values from column `8 h` (checked above).
                 unsafe { _mm256_storeu_ps(to.add(r * stride + 8 * h), v) };
@@ -1353,6 +1351,18 @@ mod dequantize_avx2 {
         }
     }
 
+    /// `bf16::from_f32` of 8 values in the top half of each lane, as the AVX-512 kernel's
+    /// `rounded_bf16`: to nearest even, a NaN kept a quiet NaN.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    fn rounded_bf16(v: __m256) -> __m256i {
+        let x = _mm256_castps_si256(v);
+        let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
+        let rounded = _mm256_add_epi32(x, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+        let nan = _mm256_castps_si256(_mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        _mm256_blendv_epi8(rounded, _mm256_or_si256(x, _mm256_set1_epi32(0x0040_0000)), nan)
+    }
+
     /// Stores 16 values (two registers of 8) at `at` as `T`, bf16 rounded as the AVX-512
     /// kernel does.
     ///
@@ -1362,14 +1372,7 @@ mod dequantize_avx2 {
     #[inline]
     unsafe fn store<T: Dequantized>(at: *mut T, v: [__m256; 2]) {
         if T::BF16 {
-            let [lo, hi] = v.map(|v| {
-                let x = _mm256_castps_si256(v);
-                let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(x), _mm256_set1_epi32(1));
-                _mm256_srli_epi32::<16>(_mm256_add_epi32(
-                    x,
-                    _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)),
-                ))
-            });
+            let [lo, hi] = v.map(|v| _mm256_srli_epi32::<16>(rounded_bf16(v)));
             // 16-bit values in 32-bit lanes: `packus` takes 4 of each input per 128-bit half,
             // the permutation puts the halves in column order.
             let packed = _mm256_permute4x64_epi64::<0xD8>(_mm256_packus_epi32(lo, hi));
@@ -1395,9 +1398,8 @@ mod dequantize_avx512 {
     /// group is 16 columns of 32-bit lanes whose byte `i` (q8), or nibble `i` (q4), is
     /// row `i` of the group; a shift and a mask give one row of 16 columns.
     ///
-    /// bf16 is rounded to nearest even with integer operations, which is
-    /// `bf16::from_f32` for every value `scale * q` can take (no subnormals: the scales
-    /// are f16; the NaN of `inf * 0` is the x86 default NaN, which both round alike).
+    /// bf16 is rounded to nearest even with integer operations ([`rounded_bf16`]), which
+    /// is `bf16::from_f32` for every value `scale * q` can take.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F; `src` must be one block row of `w`, `scales` its `n`
@@ -1453,8 +1455,8 @@ mod dequantize_avx512 {
     }
 
     /// [`super::PackedWeight::dequantize_tile_pairs`] on AVX-512: per group, each row's 16
-    /// values `scale * q` rounded to bf16 in place in their 32-bit lanes as [`store`]
-    /// rounds them, two rows joined into one register of pairs.
+    /// values `scale * q` rounded to bf16 in place in their 32-bit lanes ([`rounded_bf16`],
+    /// as [`store`] rounds them), two rows joined into one register of pairs.
     ///
     /// # Safety
     /// The CPU must have AVX-512 F; `k0..k1` whole groups of the weight, tile `t` inside
@@ -1469,6 +1471,7 @@ mod dequantize_avx512 {
             Bits::Four => (_mm512_set1_epi32(0x0F), _mm512_set1_epi32(8)),
         };
         let (bytes, scales): (&[u8], &[super::f16]) = (&w.bytes, &w.scales);
+        assert!(k0 <= k1 && k1 <= w.k && k0.is_multiple_of(rows) && k1.is_multiple_of(rows));
         assert!(dst.len() >= (k1 - k0) / 2 * TILE && (t + 1) * TILE <= w.n);
         let out = dst.as_mut_ptr() as *mut __m512i;
         let mut scale = _mm512_setzero_ps();
@@ -1486,9 +1489,7 @@ mod dequantize_avx512 {
             // top half of each lane.
             let rounded = |shifted: __m512i| {
                 let q = _mm512_sub_epi32(_mm512_and_si512(shifted, value_mask), offset);
-                let x = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(q), scale));
-                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
-                _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)))
+                rounded_bf16(_mm512_mul_ps(_mm512_cvtepi32_ps(q), scale))
             };
             let pair = |even: __m512i, odd: __m512i| {
                 _mm512_or_si512(
@@ -1497,33 +1498,35 @@ mod dequantize_avx512 {
                 )
             };
             let first = (kk - k0) / 2;
-            // SAFETY (stores): pair rows `first..first + rows / 2` lie in `dst`.
-            match w.bits {
-                Bits::Eight => unsafe {
-                    _mm512_storeu_si512(out.add(first), pair(packed, _mm512_srli_epi32::<8>(packed)));
-                    _mm512_storeu_si512(
-                        out.add(first + 1),
-                        pair(_mm512_srli_epi32::<16>(packed), _mm512_srli_epi32::<24>(packed)),
-                    );
-                },
-                // Nibble `r` of a byte-row pair: rows 0-3 in the low nibbles, 4-7 in the high.
-                Bits::Four => unsafe {
-                    _mm512_storeu_si512(out.add(first), pair(packed, _mm512_srli_epi32::<8>(packed)));
-                    _mm512_storeu_si512(
-                        out.add(first + 1),
-                        pair(_mm512_srli_epi32::<16>(packed), _mm512_srli_epi32::<24>(packed)),
-                    );
-                    _mm512_storeu_si512(
-                        out.add(first + 2),
-                        pair(_mm512_srli_epi32::<4>(packed), _mm512_srli_epi32::<12>(packed)),
-                    );
-                    _mm512_storeu_si512(
-                        out.add(first + 3),
-                        pair(_mm512_srli_epi32::<20>(packed), _mm512_srli_epi32::<28>(packed)),
-                    );
-                },
+            // Rows 0-3 in each lane's bytes (q8), or in its bytes' low nibbles (q4, rows 4-7
+            // in the high ones). SAFETY (stores): pair rows `first..first + rows / 2` lie in
+            // `dst` (asserted above: whole groups inside `k0..k1`).
+            unsafe {
+                _mm512_storeu_si512(out.add(first), pair(packed, _mm512_srli_epi32::<8>(packed)));
+                let (two, three) = (_mm512_srli_epi32::<16>(packed), _mm512_srli_epi32::<24>(packed));
+                _mm512_storeu_si512(out.add(first + 1), pair(two, three));
+                if w.bits == Bits::Four {
+                    let (four, five) = (_mm512_srli_epi32::<4>(packed), _mm512_srli_epi32::<12>(packed));
+                    _mm512_storeu_si512(out.add(first + 2), pair(four, five));
+                    let (six, seven) = (_mm512_srli_epi32::<20>(packed), _mm512_srli_epi32::<28>(packed));
+                    _mm512_storeu_si512(out.add(first + 3), pair(six, seven));
+                }
             }
         }
+    }
+
+    /// `bf16::from_f32` of 16 values, in the top half of each lane (the low half is not
+    /// cleared): to nearest even by adding 0x7FFF plus the lowest kept bit; a NaN keeps its
+    /// sign and top payload bits with the quiet bit set, as `from_f32` does (a scale read
+    /// from a file can be one).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn rounded_bf16(v: __m512) -> __m512i {
+        let x = _mm512_castps_si512(v);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+        let rounded = _mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+        _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(x, _mm512_set1_epi32(0x0040_0000)))
     }
 
     /// Stores 16 values at `at` as `T`.
@@ -1534,13 +1537,7 @@ mod dequantize_avx512 {
     #[inline]
     unsafe fn store<T: Dequantized>(at: *mut T, v: __m512) {
         if T::BF16 {
-            let x = _mm512_castps_si512(v);
-            // Round to nearest even: add 0x7FFF plus the lowest kept bit, keep the top half.
-            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
-            let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(
-                x,
-                _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)),
-            ));
+            let rounded = _mm512_srli_epi32::<16>(rounded_bf16(v));
             // SAFETY: room for 16 bf16 (32 bytes), by the caller.
             unsafe { _mm256_storeu_si256(at as *mut __m256i, _mm512_cvtepi32_epi16(rounded)) };
         } else {
@@ -1952,8 +1949,15 @@ pub(super) mod tests {
     #[test]
     fn dequantizing_to_bf16_rounds_halfway_values_to_even() {
         let (k, n, block) = (32, 16, 32);
-        // `1 + m 2^-8` for odd `m` lies halfway between two bf16 values near 1.
+        // `1 + m 2^-8` for odd `m` lies halfway between two bf16 values near 1; the last
+        // column's scale is a NaN (a file can hold one): `from_f32` keeps it a quiet NaN.
         let scales: Vec<f32> = (0..n).map(|j| 1.0 + (2 * j + 1) as f32 / 256.0).collect();
+        // A NaN with every payload bit set: rounding it as a number would carry into the sign.
+        let nan = f16::from_bits(0x7FFF);
+        let stored: Vec<f32> = (0..n)
+            .map(|j| if j == n - 1 { nan.to_f32() } else { scales[j] })
+            .collect();
+        let bits_of = |v: Vec<bf16>| -> Vec<u16> { v.into_iter().map(bf16::to_bits).collect() };
         let q: Vec<i8> = (0..k * n).map(|i| [1, -1, 3, -7][i % 4]).collect();
         let w = ColumnBlocks {
             q: &q,
@@ -1964,21 +1968,46 @@ pub(super) mod tests {
         };
         for bits in [Bits::Four, Bits::Eight] {
             let packed = PackedWeight::pack(&w, bits).expect("pack");
+            // `pack` refuses a NaN scale; a stored weight (a burnpack) may hold one.
+            let mut stored_scales = packed.f16_scales().to_vec();
+            stored_scales[n - 1] = nan;
+            let values = Bytes::from_bytes_vec(packed.values().to_vec());
+            let packed =
+                PackedWeight::from_stored(bits, [k, n], block, values, Bytes::from_elems(stored_scales))
+                    .expect("stored parts");
             let want: Vec<bf16> = (0..k * n)
-                .map(|i| bf16::from_f32(scales[i % n] * q[i] as f32))
+                .map(|i| bf16::from_f32(stored[i % n] * q[i] as f32))
                 .collect();
             assert!(
-                (0..k * n).any(|i| want[i].to_f32() != scales[i % n] * q[i] as f32),
+                (0..k * n).any(|i| want[i].to_f32() != stored[i % n] * q[i] as f32 && !want[i].is_nan()),
                 "the case holds values that round"
             );
-            assert_eq!(packed.dequantize_bf16_reference(), want, "{bits:?}: plain");
-            assert_eq!(packed.dequantize_bf16(), want, "{bits:?}: dispatched");
+            let want = bits_of(want);
+            assert_eq!(
+                bits_of(packed.dequantize_bf16_reference()),
+                want,
+                "{bits:?}: plain"
+            );
+            assert_eq!(bits_of(packed.dequantize_bf16()), want, "{bits:?}: dispatched");
             for kernel in simd_dequantize_kernels() {
                 assert_eq!(
-                    packed.dequantize_with::<bf16>(kernel),
+                    bits_of(packed.dequantize_with::<bf16>(kernel)),
                     want,
                     "{bits:?}: {kernel:?}"
                 );
+            }
+            // The AMX panels' pairs round alike, on every kernel.
+            for kernel in std::iter::once(Simd::Plain).chain(simd_dequantize_kernels()) {
+                let mut pairs = vec![0u32; k / 2 * n];
+                for t in 0..n / TILE {
+                    packed.dequantize_tile_pairs([0, k], t, &mut pairs[t * k / 2 * TILE..], kernel);
+                }
+                for (i, &pair) in pairs.iter().enumerate() {
+                    let (t, p, j) = (i / (k / 2 * TILE), i % (k / 2 * TILE) / TILE, i % TILE);
+                    let c = t * TILE + j;
+                    let expected = want[2 * p * n + c] as u32 | (want[(2 * p + 1) * n + c] as u32) << 16;
+                    assert_eq!(pair, expected, "{bits:?}: {kernel:?} pairs at {i}");
+                }
             }
         }
     }
