@@ -286,28 +286,14 @@ fn gemm_linear<const D: usize>(
         return None;
     };
     let values = layout.start_offset()..layout.start_offset() + k * n;
-    // The activations in place when they are one contiguous block (a prefill's are; a copy
-    // cost 1-2% of an f32 image encode), else a contiguous copy.
-    let input = flex_tensor(x.clone())?;
-    let input = if input.layout().is_contiguous() {
-        input
-    } else {
-        input.to_contiguous()
-    };
-    let start = input.layout().start_offset();
-    let inputs = start..start + rows * k;
+    let (input, inputs) = contiguous_rows(x, rows * k)?;
     let bias = host_bias(layer, n)?;
     let out = if bf16_products {
         let xs = input.storage::<bf16>().get(inputs)?;
         let w = &w.storage::<bf16>()[values];
         // With AMX the blocks are rounded with the bias as they finish (same bits).
         if let Some(out) = bf16_gemm::matmul_bf16_amx_rounded(xs, w, order, (rows, k, n), bias.as_deref()) {
-            let mut shape = x.dims();
-            shape[D - 1] = n;
-            return Some(Tensor::from_data(
-                TensorData::new(out, shape),
-                (&x.device(), DType::BF16),
-            ));
+            return Some(bf16_output(out, x, n));
         }
         bf16_gemm::matmul_bf16_gemm(xs, w, order, rows, k, n)?
     } else if dtype == DType::BF16 {
@@ -318,6 +304,30 @@ fn gemm_linear<const D: usize>(
         f32_gemm::matmul_f32_gemm(xs, &w.storage::<f32>()[values], order, rows, k, n)?
     };
     Some(streamed_output(out, bias.as_deref(), x, n, dtype))
+}
+
+/// `x` as one contiguous Flex block and the range of its first `len` values: in place when
+/// it already is one (a prefill's activations are; a copy cost 1-2% of an f32 image
+/// encode), else a contiguous copy.
+fn contiguous_rows<const D: usize>(
+    x: &Tensor<D>,
+    len: usize,
+) -> Option<(FlexTensor, std::ops::Range<usize>)> {
+    let input = flex_tensor(x.clone())?;
+    let input = if input.layout().is_contiguous() {
+        input
+    } else {
+        input.to_contiguous()
+    };
+    let start = input.layout().start_offset();
+    Some((input, start..start + len))
+}
+
+/// A bf16 result `[.., n]` (rows as `x`'s) on `x`'s device.
+fn bf16_output<const D: usize>(out: Vec<bf16>, x: &Tensor<D>, n: usize) -> Tensor<D> {
+    let mut shape = x.dims();
+    shape[D - 1] = n;
+    Tensor::from_data(TensorData::new(out, shape), (&x.device(), DType::BF16))
 }
 
 /// bf16 values as f32, in parallel chunks for many.
@@ -1347,14 +1357,7 @@ fn with_gemm_inputs<const D: usize, R>(
     k: usize,
     f: impl FnOnce(&[f32]) -> Option<R>,
 ) -> Option<R> {
-    let input = flex_tensor(x.clone())?;
-    let input = if input.layout().is_contiguous() {
-        input
-    } else {
-        input.to_contiguous()
-    };
-    let start = input.layout().start_offset();
-    let inputs = start..start + rows * k;
+    let (input, inputs) = contiguous_rows(x, rows * k)?;
     match x.dtype() {
         DType::F32 => f(input.storage::<f32>().get(inputs)?),
         DType::BF16 => f(&widen_bf16_values(input.storage::<bf16>().get(inputs)?)),
@@ -1422,7 +1425,7 @@ fn packed_linear<const D: usize>(
     // bf16 gemm on `dequantize_bf16`'s copy below, with the bias added as blocks finish).
     if dtype == DType::BF16
         && bf16_gemm_enabled()
-        && let Some(out) = packed_amx_linear(w, x, rows, bias.as_ref())
+        && let Some(out) = packed_amx_linear(layer, w, x, rows)
     {
         return Some(out);
     }
@@ -1445,28 +1448,22 @@ fn packed_linear<const D: usize>(
 /// `x @ w (+ bias)` for bf16 activations and a packed weight with AMX
 /// ([`bf16_gemm::matmul_bf16_amx_rounded_packed`]); `None` without AMX.
 fn packed_amx_linear<const D: usize>(
+    layer: &Linear,
     w: &packed::PackedWeight,
     x: &Tensor<D>,
     rows: usize,
-    bias: Option<&Tensor<1>>,
 ) -> Option<Tensor<D>> {
-    // Refused before the copies below, which the other paths make again.
+    // Refused before the bias is read, which the other paths do again.
     if !amx::amx_bf16_available() {
         return None;
     }
-    let bias = match bias {
-        Some(b) => Some(host_f32(b.clone())?),
-        None => None,
-    };
-    let data = x.clone().into_data();
-    let xs = data.as_slice::<bf16>().ok()?;
+    // The activations read in place, as the dense products read them (and so packed once
+    // for the products of one input inside `sharing_activations`).
+    let (input, inputs) = contiguous_rows(x, rows * w.k())?;
+    let xs = input.storage::<bf16>().get(inputs)?;
+    let bias = host_bias(layer, w.n())?;
     let out = bf16_gemm::matmul_bf16_amx_rounded_packed(xs, w, rows, bias.as_deref())?;
-    let mut shape = x.dims();
-    shape[D - 1] = w.n();
-    Some(Tensor::from_data(
-        TensorData::new(out, shape),
-        (&x.device(), DType::BF16),
-    ))
+    Some(bf16_output(out, x, w.n()))
 }
 
 /// `x [rows, k] @ w` with the activations quantized to int8 per block, through

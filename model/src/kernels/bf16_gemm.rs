@@ -1384,9 +1384,8 @@ pub(super) mod tests {
     /// inputs that end inside a 16-pair group, and 8-, 16- and 32-row blocks.
     #[test]
     fn packed_weights_dequantized_in_the_amx_panels_keep_the_bits() {
-        use crate::kernels::int8::ColumnBlocks;
-        use crate::kernels::packed::tests::f16_scales;
-        use crate::kernels::packed::{Bits, PackedWeight};
+        use crate::kernels::packed::Bits;
+        use crate::kernels::packed::tests::random_packed;
 
         let mut next = crate::kernels::tests::xorshift(0x9E37_79B9_7F4A_7C15);
         for &(m, k, n, block) in &[
@@ -1397,19 +1396,7 @@ pub(super) mod tests {
         ] {
             for bits in [Bits::Eight, Bits::Four] {
                 let case = format!("{m}x{k}x{n}/{block} {bits:?}");
-                let range = if bits == Bits::Four { 16 } else { 255 };
-                let q: Vec<i8> = (0..k * n)
-                    .map(|_| ((next() % range) as i64 - range as i64 / 2) as i8)
-                    .collect();
-                let scales = f16_scales(k * n / block);
-                let columns = ColumnBlocks {
-                    q: &q,
-                    scales: &scales,
-                    k,
-                    n,
-                    block,
-                };
-                let packed = PackedWeight::pack(&columns, bits).expect("pack");
+                let packed = random_packed(bits, [k, n], block, &mut next);
                 let x = values(m * k, 7);
                 let bias: Vec<f32> = (0..n).map(|c| (c % 5) as f32 * 0.25 - 0.5).collect();
                 let dequantized = packed.dequantize_bf16();

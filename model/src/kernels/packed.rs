@@ -1688,6 +1688,29 @@ pub(super) mod tests {
     use crate::kernels::int8::matmul_int8_reference;
     use crate::kernels::tests::{activations, block_scales, int8_values};
 
+    /// A `[k, n]` weight of pseudo-random values of `bits` (from `next`) with [`f16_scales`],
+    /// packed: unlike [`q4_values`], the rows of a tile differ.
+    pub(in crate::kernels) fn random_packed(
+        bits: Bits,
+        [k, n]: [usize; 2],
+        block: usize,
+        next: &mut impl FnMut() -> u64,
+    ) -> PackedWeight {
+        let range: u64 = if bits == Bits::Four { 16 } else { 255 };
+        let q: Vec<i8> = (0..k * n)
+            .map(|_| ((next() % range) as i64 - range as i64 / 2) as i8)
+            .collect();
+        let scales = f16_scales(k * n / block);
+        let w = ColumnBlocks {
+            q: &q,
+            scales: &scales,
+            k,
+            n,
+            block,
+        };
+        PackedWeight::pack(&w, bits).expect("pack")
+    }
+
     /// [`block_scales`] rounded to f16 (what the CPU quantizer writes).
     pub(in crate::kernels) fn f16_scales(count: usize) -> Vec<f32> {
         block_scales(count)
@@ -1907,20 +1930,8 @@ pub(super) mod tests {
         // hold the same values and a pair's halves could be swapped unseen.
         let mut next = crate::kernels::tests::xorshift(0x5851_F42D_4C95_7F2D);
         for bits in [Bits::Four, Bits::Eight] {
-            let range: u64 = if bits == Bits::Four { 16 } else { 255 };
             for &(k, n, block) in &[(64, 32, 32), (96, 48, 16), (40, 16, 8)] {
-                let q: Vec<i8> = (0..k * n)
-                    .map(|_| ((next() % range) as i64 - range as i64 / 2) as i8)
-                    .collect();
-                let scales = f16_scales(k * n / block);
-                let w = ColumnBlocks {
-                    q: &q,
-                    scales: &scales,
-                    k,
-                    n,
-                    block,
-                };
-                let packed = PackedWeight::pack(&w, bits).expect("pack");
+                let packed = random_packed(bits, [k, n], block, &mut next);
                 let dense = packed.dequantize_bf16_reference();
                 let rows = bits.group_rows();
                 for kernel in std::iter::once(Simd::Plain).chain(simd_dequantize_kernels()) {
