@@ -12,7 +12,9 @@ then greedy decoding to 32 new tokens with the KV cache. Each figure is the medi
 
 Prints one JSON object (with --json) with the same field names as `vipllava bench --json`.
 
-Driver (interleaves the two sides, one process per run, and prints the ratios us/PyTorch):
+Driver (interleaves the two sides, one process per run, and prints the ratios us/PyTorch; with
+`--model DIR` both sides run that one checkpoint in every dtype instead of
+`--model-dir`/clip-l-llama-1b-<dtype>):
 
     .venv/bin/python scripts/bench_pytorch.py --compare --vipllava target/release/vipllava \
         --model-dir bench-data --image bench-data/astronaut.png --dtypes f32,bf16,q8 \
@@ -63,8 +65,14 @@ def read_bandwidth_gbs(threads, gib=1.0, repeats=5):
 def decode_weight_bytes(config_path, dtype):
     """Bytes one decode step streams: every decoder layer's matrices and norms, the final norm and
     lm_head (the embedding is a row lookup)."""
+    from transformers import LlamaConfig
+
     with open(config_path) as f:
-        c = json.load(f)["text_config"]
+        written = json.load(f)["text_config"]
+    # The 7B hub config leaves most of text_config to LlamaConfig's defaults (hidden 4096, 32
+    # layers, ...): fill them in as transformers does.
+    defaults = LlamaConfig().to_dict()
+    c = {k: written.get(k, defaults.get(k)) for k in set(defaults) | set(written)}
     h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
     heads, kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
     hd = c.get("head_dim", h // heads)
@@ -91,7 +99,9 @@ def compare(args):
         else:
             variants.append((dtype, dtype, [], dtype))
     for label, dtype, extra, torch_dtype in variants:
-        model = os.path.join(args.model_dir, f"clip-l-llama-1b-{dtype}")
+        # `--model` compares on that one checkpoint in every dtype (e.g. the 7B architecture
+        # from make_random_checkpoint.py); otherwise the bench checkpoint stored in each dtype.
+        model = args.model or os.path.join(args.model_dir, f"clip-l-llama-1b-{dtype}")
         runs = {"vipllava": [], "pytorch": []}
         for r in range(args.rounds):
             ours = [args.vipllava, "bench", "--model", model, "--image", args.image, "--dtype", dtype,

@@ -1689,7 +1689,7 @@ pub(super) mod tests {
     use crate::kernels::tests::{activations, block_scales, int8_values};
 
     /// A `[k, n]` weight of pseudo-random values of `bits` (from `next`) with [`f16_scales`],
-    /// packed: unlike [`q4_values`], the rows of a tile differ.
+    /// packed.
     pub(in crate::kernels) fn random_packed(
         bits: Bits,
         [k, n]: [usize; 2],
@@ -1719,9 +1719,13 @@ pub(super) mod tests {
             .collect()
     }
 
-    /// `len` 4-bit test values spanning -8..=7.
+    /// `len` 4-bit test values spanning -8..=7, shifted by 7 every 16 values so that the
+    /// rows of a 16-column tile differ (without the shift each row repeated the one before,
+    /// and a row swap inside a tile went unseen).
     pub(in crate::kernels) fn q4_values(len: usize) -> Vec<i8> {
-        (0..len).map(|i| ((i * 53 % 16) as i32 - 8) as i8).collect()
+        (0..len)
+            .map(|i| (((i * 53 + i / 16 * 7) % 16) as i32 - 8) as i8)
+            .collect()
     }
 
     /// Packing keeps every value and scale; the packed product equals the unpacked int8
@@ -1926,8 +1930,7 @@ pub(super) mod tests {
     /// any whole group on, across blocks.
     #[test]
     fn tile_pairs_have_the_bits_of_the_bf16_dequantization() {
-        // Random values: `q4_values` repeats every 16 columns, so all rows of a tile would
-        // hold the same values and a pair's halves could be swapped unseen.
+        // Random values, so that no pattern hides a swap of a pair's halves.
         let mut next = crate::kernels::tests::xorshift(0x5851_F42D_4C95_7F2D);
         for bits in [Bits::Four, Bits::Eight] {
             for &(k, n, block) in &[(64, 32, 32), (96, 48, 16), (40, 16, 8)] {
