@@ -14,7 +14,8 @@ Prints one JSON object (with --json) with the same field names as `vipllava benc
 
 Driver (interleaves the two sides, one process per run, and prints the ratios us/PyTorch; with
 `--model DIR` both sides run that one checkpoint in every dtype instead of
-`--model-dir`/clip-l-llama-1b-<dtype>):
+`--model-dir`/clip-l-llama-1b-<dtype>, e.g. the 7B of make_random_checkpoint.py, whose hub config's
+stray `vision_feature_layer` the PyTorch side overrides with the five default layers):
 
     .venv/bin/python scripts/bench_pytorch.py --compare --vipllava target/release/vipllava \
         --model-dir bench-data --image bench-data/astronaut.png --dtypes f32,bf16,q8 \
@@ -38,7 +39,7 @@ T_START = time.time()
 
 import torch  # noqa: E402
 
-from common import bench_prompt_ids, log, torch_dtype  # noqa: E402
+from common import bench_prompt_ids, hub_config_overrides, log, torch_dtype  # noqa: E402
 
 
 def peak_rss_mb():
@@ -70,9 +71,8 @@ def decode_weight_bytes(config_path, dtype):
     with open(config_path) as f:
         written = json.load(f)["text_config"]
     # The 7B hub config leaves most of text_config to LlamaConfig's defaults (hidden 4096, 32
-    # layers, ...): fill them in as transformers does.
-    defaults = LlamaConfig().to_dict()
-    c = {k: written.get(k, defaults.get(k)) for k in set(defaults) | set(written)}
+    # layers, ...): resolved by transformers itself, derived fields (head_dim, kv heads) included.
+    c = LlamaConfig(**written).to_dict()
     h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
     heads, kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
     hd = c.get("head_dim", h // heads)
@@ -170,7 +170,7 @@ def main():
 
     dtype = torch_dtype(args.dtype)
     t0 = time.time()
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": dtype, **hub_config_overrides(args.model)}
     if args.attn:
         kwargs["attn_implementation"] = args.attn
     model = VipLlavaForConditionalGeneration.from_pretrained(args.model, **kwargs).eval()

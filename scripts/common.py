@@ -86,6 +86,23 @@ def to_hub4_key(k: str) -> str:
     raise KeyError(k)
 
 
+# VipLlava's five CLIP hidden states, what a hub 4.x config without the plural
+# `vision_feature_layers` key means.
+DEFAULT_LAYERS = [-2, -5, -8, -11, 6]
+
+
+def hub_config_overrides(model_dir) -> dict:
+    """`from_pretrained` keyword arguments that load a hub 4.x VipLlava directory as 4.x meant it:
+    the 7B hub config has no `vision_feature_layers` but a stray LLaVA `"vision_feature_layer": -2`,
+    which transformers 5.x reads as one layer (a 1024-wide projector) and then refuses the
+    5120-wide projector weights (DESIGN.md). Empty for every other config."""
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    if isinstance(config.get("vision_feature_layer"), int) and "vision_feature_layers" not in config:
+        return {"vision_feature_layer": list(DEFAULT_LAYERS)}
+    return {}
+
+
 # --------------------------------------------------------------------------------------------
 # processor files of the llava-hf hub repos
 # --------------------------------------------------------------------------------------------

@@ -96,13 +96,12 @@ from safetensors.torch import save_file
 from transformers import VipLlavaConfig, VipLlavaForConditionalGeneration
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from common import (CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, REPO_ROOT, added_token_json, clip_preprocessor_config,
+from common import (CHAT_TEMPLATE, CLIP_MEAN, CLIP_STD, DEFAULT_LAYERS, REPO_ROOT, added_token_json, clip_preprocessor_config,
                     deterministic_torch, fresh_dir, llava_processor_config, load_processor, log, to_hub4_key,
                     write_json)
 
 DEFAULT_OUT = REPO_ROOT / "tests" / "fixtures"
 
-DEFAULT_LAYERS = [-2, -5, -8, -11, 6]
 IMAGE_TOKEN = 500
 PAD_TOKEN = 501
 BOS, EOS = 1, 2

@@ -1719,12 +1719,19 @@ pub(super) mod tests {
             .collect()
     }
 
-    /// `len` 4-bit test values spanning -8..=7, shifted by 7 every 16 values so that the
-    /// rows of a 16-column tile differ (without the shift each row repeated the one before,
-    /// and a row swap inside a tile went unseen).
+    /// `len` 4-bit test values spanning -8..=7: the top 4 bits of a mixed hash of the index,
+    /// so that no two rows of a tile are equal for any width (a pattern that repeated every
+    /// 16 values made every row of a 16-column tile equal, and a row swap inside a tile went
+    /// unseen).
     pub(in crate::kernels) fn q4_values(len: usize) -> Vec<i8> {
-        (0..len)
-            .map(|i| (((i * 53 + i / 16 * 7) % 16) as i32 - 8) as i8)
+        (0..len as u64)
+            .map(|i| {
+                let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                x ^= x >> 29;
+                x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                x ^= x >> 32;
+                ((x >> 60) as i32 - 8) as i8
+            })
             .collect()
     }
 
