@@ -224,6 +224,7 @@ def cmd_gguf(args) -> None:
     require_converter_modules()
     work, out_dir = Path(args.work), gguf_dir(args)
     wanted = precisions(args.precisions)
+    out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = Path(args.model)
     llama_dir = out_dir / "llama-hf"
     # With F32 the converter writes F32, BF16 and Q8_0 and llama-quantize makes Q4_0 from F32;
@@ -258,9 +259,7 @@ def cmd_gguf(args) -> None:
 
 def gguf_dir(args) -> Path:
     """Where the GGUF files are: `--gguf-dir`, or the build's directory (`--work`)."""
-    path = Path(args.gguf_dir or args.work)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(args.gguf_dir or args.work)
 
 
 def llama_bench(work: Path, models: Path, precision: str) -> dict:

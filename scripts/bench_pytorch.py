@@ -74,8 +74,7 @@ def decode_weight_bytes(config_path, dtype):
     # layers, ...): resolved by transformers itself, derived fields (head_dim, kv heads) included.
     c = LlamaConfig(**written).to_dict()
     h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
-    heads, kv = c["num_attention_heads"], c.get("num_key_value_heads", c["num_attention_heads"])
-    hd = c.get("head_dim", h // heads)
+    heads, kv, hd = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     matrices = layers * (h * heads * hd * 2 + h * kv * hd * 2 + 3 * h * inter)
     rest = layers * 2 * h + h + h * c["vocab_size"]  # norms, final norm, lm_head
     if dtype == "q8":
