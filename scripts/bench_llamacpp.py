@@ -33,7 +33,8 @@ llama-quantize, and our side run on the same VipLlava directory in every precisi
 The comparison: decode tokens/s at a 617-token context (`llama-bench -p 0 -n 32 -d 617` vs the
 decode of `vipllava bench --batch-sizes 1`, whose prompt is 617 tokens with the image) and the
 prefill of 617 tokens (`llama-bench -p 617 -n 0` vs our prefill minus the image encoding), both
-with 2 threads. Precisions: f32 (F32 GGUF vs our f32), bf16 (BF16 vs `--dtype bf16`), q8 (Q8_0 vs
+with 2 threads. Precisions: f32 (F32 GGUF vs our f32), f16 (F16 vs `--dtype f16`, our side
+rounding the f32 files at load; not in the default set), bf16 (BF16 vs `--dtype bf16`), q8 (Q8_0 vs
 `--dtype bf16 --quantize q8 --quantize-lm-head q8`), q4 (Q4_0 vs `--dtype bf16 --quantize q4
 --quantize-lm-head q8`): llama.cpp's quantized files hold the output matrix quantized too (Q8_0 in
 its Q8_0 file, Q6_K in its Q4_0 file).
@@ -59,9 +60,12 @@ from common import REPO_ROOT, log
 WORK = REPO_ROOT / "bench-data" / "llamacpp"
 PACKAGE = "llama-cpp-python"
 # GGUF name per precision, and how each side runs it.
-GGUF = {"f32": "F32", "bf16": "BF16", "q8": "Q8_0", "q4": "Q4_0"}
+GGUF = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8": "Q8_0", "q4": "Q4_0"}
 OURS = {
     "f32": ("clip-l-llama-1b-f32", ["--dtype", "f32"]),
+    # f16 from the f32 files, rounded at load (the hub 7B's own dtype; llama.cpp's default
+    # conversion).
+    "f16": ("clip-l-llama-1b-f32", ["--dtype", "f16"]),
     "bf16": ("clip-l-llama-1b-bf16", ["--dtype", "bf16"]),
     # lm_head quantized as in llama.cpp's files: its Q8_0 conversion stores the output
     # matrix in Q8_0, llama-quantize's Q4_0 in Q6_K (we use q8, the nearer of ours above it).
@@ -229,8 +233,10 @@ def cmd_gguf(args) -> None:
     llama_dir = out_dir / "llama-hf"
     # With F32 the converter writes F32, BF16 and Q8_0 and llama-quantize makes Q4_0 from F32;
     # without it (a 7B, whose F32 file is 27 GB) only BF16 is converted, and the extracted
-    # directory (13 GB at 7B) is removed before Q8_0 and Q4_0 are quantized from BF16.
+    # directory (13 GB at 7B) is removed before Q8_0 and Q4_0 are quantized from BF16. F16 is
+    # always converted, when asked for.
     converted = ["f32", "bf16", "q8"] if "f32" in wanted else ["bf16"]
+    converted += ["f16"] if "f16" in wanted else []
     source = "F32" if "f32" in wanted else "BF16"
     missing = [p for p in converted if not (out_dir / f"llama-{GGUF[p]}.gguf").is_file()]
     if missing and not (llama_dir / "model.safetensors.index.json").is_file():

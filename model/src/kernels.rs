@@ -269,7 +269,7 @@ fn gemm_linear<const D: usize>(
     // first, on one thread).
     let bf16_products = match dtype {
         DType::BF16 if bf16_gemm_enabled() => true,
-        DType::BF16 | DType::F32 if f32_gemm_enabled() => false,
+        DType::BF16 | DType::F16 | DType::F32 if f32_gemm_enabled() => false,
         _ => return None,
     };
     if x.dtype() != dtype {
@@ -297,8 +297,20 @@ fn gemm_linear<const D: usize>(
         }
         bf16_gemm::matmul_bf16_gemm(xs, w, order, rows, k, n)?
     } else if dtype == DType::BF16 {
-        let xs = widen_bf16_values(input.storage::<bf16>().get(inputs)?);
+        let xs = widen_values(input.storage::<bf16>().get(inputs)?);
         f32_gemm::matmul_f32_gemm(&xs, &w.storage::<bf16>()[values], order, rows, k, n)?
+    } else if dtype == DType::F16 {
+        // f16 (the hub 7B's own dtype): with AMX as products of the values' bf16 halves,
+        // else widened as packed, as bf16 weights without `vdpbf16ps` are (Flex would widen
+        // the whole weight on every call, then multiply).
+        let (xs, w) = (input.storage::<f16>().get(inputs)?, &w.storage::<f16>()[values]);
+        let amx = bf16_gemm_enabled()
+            .then(|| bf16_gemm::matmul_f16_amx(xs, w, order, rows, k, n))
+            .flatten();
+        match amx {
+            Some(out) => out,
+            None => f32_gemm::matmul_f32_gemm(&widen_values(xs), w, order, rows, k, n)?,
+        }
     } else {
         let xs = input.storage::<f32>().get(inputs)?;
         f32_gemm::matmul_f32_gemm(xs, &w.storage::<f32>()[values], order, rows, k, n)?
@@ -330,18 +342,93 @@ fn bf16_output<const D: usize>(out: Vec<bf16>, x: &Tensor<D>, n: usize) -> Tenso
     Tensor::from_data(TensorData::new(out, shape), (&x.device(), DType::BF16))
 }
 
-/// bf16 values as f32, in parallel chunks for many.
-fn widen_bf16_values(xs: &[bf16]) -> Vec<f32> {
+/// bf16 or f16 values as f32, in parallel chunks for many.
+fn widen_values<T: Widen>(xs: &[T]) -> Vec<f32> {
     const CHUNK: usize = 1 << 14;
     let mut out = vec![0f32; xs.len()];
     for_each_chunk(&mut out, CHUNK, |i, out| {
         with_simd(|| {
             for (o, &x) in out.iter_mut().zip(&xs[i * CHUNK..]) {
-                *o = widen_bf16(x);
+                *o = x.widen();
             }
         })
     });
     out
+}
+
+/// `xs` widened into `out` (as long): 16 at a time where the CPU has AVX-512 F, the values
+/// of `f16::to_f32` either way.
+pub(crate) fn widen_f16_into(xs: &[f16], out: &mut [f32]) {
+    assert_eq!(xs.len(), out.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if Simd::best() == Simd::Avx512 {
+        done = xs.len() / 16 * 16;
+        for (o, x) in out.chunks_exact_mut(16).zip(xs.chunks_exact(16)) {
+            // SAFETY: the CPU has AVX-512 F (checked above); 16 values in and out.
+            unsafe { widen_f16x16(x.as_ptr(), o.as_mut_ptr()) };
+        }
+    }
+    for (o, x) in out[done..].iter_mut().zip(&xs[done..]) {
+        *o = x.to_f32();
+    }
+}
+
+/// `xs` rounded to f16 (to nearest even) into `out` (as long): 16 at a time where the CPU
+/// has AVX-512 F, the bits of `f16::from_f32` either way (NaN stays a NaN).
+pub(crate) fn round_f16_into(xs: &[f32], out: &mut [std::mem::MaybeUninit<f16>]) {
+    assert_eq!(xs.len(), out.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if Simd::best() == Simd::Avx512 {
+        done = xs.len() / 16 * 16;
+        for (o, x) in out.chunks_exact_mut(16).zip(xs.chunks_exact(16)) {
+            // SAFETY: the CPU has AVX-512 F (checked above); 16 values in and out.
+            unsafe { round_f16x16(x.as_ptr(), o.as_mut_ptr().cast()) };
+        }
+    }
+    for (o, &x) in out[done..].iter_mut().zip(&xs[done..]) {
+        o.write(f16::from_f32(x));
+    }
+}
+
+/// 16 f16 values at `src` as f32 at `dst`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `src` must hold 16 readable values and `dst` 16 writable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_f16x16(src: *const f16, dst: *mut f32) {
+    use std::arch::x86_64::*;
+    // SAFETY: as this function's.
+    unsafe { _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(src.cast()))) }
+}
+
+/// 16 f32 values at `src` rounded to f16 at `dst`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `src` must hold 16 readable values and `dst` 16 writable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn round_f16x16(src: *const f32, dst: *mut f16) {
+    use std::arch::x86_64::*;
+    // SAFETY: as this function's.
+    unsafe {
+        let halves =
+            _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_loadu_ps(src));
+        _mm256_storeu_si256(dst.cast(), halves)
+    }
+}
+
+/// `xs` rounded to f16 ([`round_f16_into`]), in parallel chunks for many.
+fn round_f16_values(xs: &[f32]) -> Vec<f16> {
+    const CHUNK: usize = 1 << 14;
+    // SAFETY: chunk `i` holds values `i * CHUNK..` of `xs`, each written.
+    unsafe {
+        written_in_chunks(xs.len(), CHUNK, |i, out| {
+            round_f16_into(&xs[i * CHUNK..][..out.len()], out)
+        })
+    }
 }
 
 /// A layer's bias on the host as f32: `Some(None)` for a layer without one, `None` when it
@@ -546,6 +633,11 @@ fn streamed_output<const D: usize>(
             }
         });
     }
+    if dtype == DType::F16 {
+        // In parallel, with the bits of Flex's cast (one thread, value by value).
+        let rounded = round_f16_values(&out);
+        return Tensor::<D>::from_data(TensorData::new(rounded, shape), (&x.device(), DType::F16));
+    }
     let y = Tensor::<D>::from_data(TensorData::new(out, shape), &x.device());
     if dtype == DType::F32 { y } else { y.cast(dtype) }
 }
@@ -604,7 +696,7 @@ pub fn sigmoid_gated<const D: usize>(
     let dtype = x.dtype();
     if !fast_paths_enabled()
         || !is_plain_flex(&x.device())
-        || !(dtype == DType::F32 || dtype == DType::BF16 && fma_available())
+        || !(dtype == DType::F32 || dtype == DType::F16 || dtype == DType::BF16 && fma_available())
         || up.is_some_and(|u| u.dims() != x.dims() || u.dtype() != dtype || u.device() != x.device())
     {
         return Err(x);
@@ -613,10 +705,66 @@ pub fn sigmoid_gated<const D: usize>(
         DType::F32 => gate_tensor(x, up, DType::F32, |x: &mut [f32], up| {
             gate_in_place_f32(x, up, gate)
         }),
+        DType::F16 => gate_tensor(x, up, DType::F16, |x: &mut [f16], up| {
+            gate_in_place_f16(x, up, gate)
+        }),
         _ => gate_tensor(x, up, DType::BF16, |x: &mut [bf16], up| {
             gate_in_place_bf16(x, up, gate)
         }),
     }
+}
+
+/// [`gate_in_place_bf16`] for f16: the activation of each of the 65536 f16 inputs from a
+/// table ([`gate_table_f16`]), times `up` in f32, rounded once.
+fn gate_in_place_f16(x: &mut [f16], up: Option<&[f16]>, gate: SigmoidGate) {
+    const CHUNK: usize = 1 << 14;
+    /// Values per table pass, then per product pass.
+    const STEP: usize = 256;
+    let table = gate_table_f16(gate);
+    if let Some(up) = up {
+        assert_eq!(up.len(), x.len());
+    }
+    for_each_chunk(x, CHUNK, |i, chunk| {
+        let (mut acts, mut ups) = ([0f32; STEP], [0f32; STEP]);
+        for (j, xs) in chunk.chunks_mut(STEP).enumerate() {
+            let len = xs.len();
+            for v in xs.iter_mut() {
+                *v = table[v.to_bits() as usize];
+            }
+            let Some(up) = up else { continue };
+            widen_f16_into(xs, &mut acts[..len]);
+            widen_f16_into(&up[i * CHUNK + j * STEP..][..len], &mut ups[..len]);
+            for (a, &u) in acts[..len].iter_mut().zip(&ups[..len]) {
+                *a *= u;
+            }
+            // SAFETY: `MaybeUninit<f16>` has the layout of `f16`, and every value is written.
+            let out = unsafe { &mut *(xs as *mut [f16] as *mut [std::mem::MaybeUninit<f16>]) };
+            round_f16_into(&acts[..len], out);
+        }
+    });
+}
+
+/// The f16 gates' arithmetic for every f16 input, by its bits: in f32 with the sigmoid of
+/// [`sigmoid_f32`], rounded to f16 where PyTorch's f16 ops round (as the bf16 ones,
+/// [`gate_chunk`]).
+fn gate_table_f16(gate: SigmoidGate) -> &'static [f16; 1 << 16] {
+    static TABLES: [std::sync::OnceLock<Box<[f16; 1 << 16]>>; 2] = [const { std::sync::OnceLock::new() }; 2];
+    let slot = match gate {
+        SigmoidGate::Silu => 0,
+        SigmoidGate::QuickGelu => 1,
+    };
+    TABLES[slot].get_or_init(|| {
+        let through = |v: f32| f16::from_f32(v).to_f32();
+        let mut table = Box::new([f16::ZERO; 1 << 16]);
+        for (bits, t) in table.iter_mut().enumerate() {
+            let v = f16::from_bits(bits as u16).to_f32();
+            *t = f16::from_f32(match gate {
+                SigmoidGate::Silu => v * sigmoid_f32(v),
+                SigmoidGate::QuickGelu => v * through(sigmoid_f32(through(1.702 * v))),
+            });
+        }
+        table
+    })
 }
 
 /// [`sigmoid_gated`] on the values of `x` (and `up`), of `dtype` on the plain Flex device,
@@ -1350,7 +1498,7 @@ fn f32_weight_linear<const D: usize>(
 }
 
 /// `f(values)` for `x`'s first `rows * k` values as f32, for [`f32_gemm`]: f32 read in
-/// place from a contiguous block, bf16 widened in parallel, f16 converted.
+/// place from a contiguous block, bf16 and f16 widened in parallel.
 fn with_gemm_inputs<const D: usize, R>(
     x: &Tensor<D>,
     rows: usize,
@@ -1360,7 +1508,8 @@ fn with_gemm_inputs<const D: usize, R>(
     let (input, inputs) = contiguous_rows(x, rows * k)?;
     match x.dtype() {
         DType::F32 => f(input.storage::<f32>().get(inputs)?),
-        DType::BF16 => f(&widen_bf16_values(input.storage::<bf16>().get(inputs)?)),
+        DType::BF16 => f(&widen_values(input.storage::<bf16>().get(inputs)?)),
+        DType::F16 => f(&widen_values(input.storage::<f16>().get(inputs)?)),
         _ => f(&host_f32(x.clone())?),
     }
 }
@@ -2318,74 +2467,75 @@ pub(crate) mod tests {
         assert!(gelu_bf16(f32s).is_err(), "f32 keeps Burn's op");
     }
 
-    /// PyTorch's bf16 sequence of roundings (see [`SigmoidGate`]) with the sigmoid computed in
-    /// f64: the one-pass kernel must give its bits, except where the f32 value before a rounding
-    /// lies within the exponential's error of a halfway point (then one bf16 step).
+    /// PyTorch's bf16 and f16 sequences of roundings (see [`SigmoidGate`]) with the sigmoid
+    /// computed in f64: the one-pass kernel must give their bits, except where the f32 value
+    /// before a rounding lies within the exponential's error of a halfway point (then one
+    /// step of the dtype).
     #[test]
     fn sigmoid_gates_round_where_pytorch_rounds() {
         let device = Device::flex();
         let (rows, cols) = (70, 1100); // over PARALLEL_VALUES: the parallel chunks, a partial last one
-        let bf16s = |v: Vec<f32>| v.into_iter().map(bf16::from_f32).collect::<Vec<_>>();
-        let x = bf16s(
-            (0..rows * cols)
-                .map(|i| ((i * 7919) % 2001) as f32 / 100.0 - 10.0)
-                .collect(),
-        );
-        let up = bf16s(
-            (0..rows * cols)
-                .map(|i| ((i * 104_729) % 301) as f32 / 50.0 - 3.0)
-                .collect(),
-        );
-        let tensor = |v: &[bf16]| {
-            Tensor::<2>::from_data(TensorData::new(v.to_vec(), [rows, cols]), (&device, DType::BF16))
-        };
-        let (xt, ut) = (tensor(&x), tensor(&up));
-        let round = |v: f64| bf16::from_f32(v as f32).to_f32() as f64;
-        let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());
-        for gate in [SigmoidGate::Silu, SigmoidGate::QuickGelu] {
-            for with_up in [false, true] {
-                let got = sigmoid_gated(xt.clone(), gate, with_up.then_some(&ut)).expect("applies");
-                assert_eq!((got.dims(), got.dtype()), ([rows, cols], DType::BF16));
-                let got = got.into_data().try_to_vec::<bf16>().expect("bf16");
-                let mut off = 0;
-                for (i, g) in got.iter().enumerate() {
-                    let v = x[i].to_f32() as f64;
-                    let act = match gate {
-                        SigmoidGate::Silu => round(v * sigmoid(v)),
-                        SigmoidGate::QuickGelu => round(v * round(sigmoid(round(1.702 * v)))),
-                    };
-                    let want = if with_up {
-                        round(act * up[i].to_f32() as f64)
-                    } else {
-                        act
-                    };
-                    let g = g.to_f32() as f64;
-                    if g != want {
-                        off += 1;
-                        assert!(
-                            (g - want).abs() <= want.abs() / 128.0 + 1e-30,
-                            "{gate:?} up {with_up} at {i} (x {v}): {g} vs {want}"
-                        );
-                    }
-                }
-                assert!(
-                    off * 1000 <= got.len(),
-                    "{gate:?} up {with_up}: {off} values one bf16 step off"
-                );
-            }
-            // `up` as a transposed view (read through a copy) gives the same bits, and the
-            // input, whose buffer `xt` still shares, is left as it was.
-            let transposed: Vec<bf16> = (0..rows * cols)
-                .map(|i| up[(i % rows) * cols + i / rows])
+        for (dtype, step) in [(DType::BF16, 128.0), (DType::F16, 1024.0)] {
+            let round = |v: f64| match dtype {
+                DType::BF16 => bf16::from_f64(v).to_f64(),
+                _ => f16::from_f64(v).to_f64(),
+            };
+            let x: Vec<f64> = (0..rows * cols)
+                .map(|i| round(((i * 7919) % 2001) as f64 / 100.0 - 10.0))
                 .collect();
-            let view =
-                Tensor::<2>::from_data(TensorData::new(transposed, [cols, rows]), (&device, DType::BF16))
-                    .transpose();
-            let bits = |t: Tensor<2>| t.into_data().try_to_vec::<bf16>().expect("bf16");
-            let through_view = sigmoid_gated(xt.clone(), gate, Some(&view)).expect("applies");
-            let direct = sigmoid_gated(xt.clone(), gate, Some(&ut)).expect("applies");
-            assert!(bits(through_view) == bits(direct), "{gate:?}: up as a view");
-            assert!(bits(xt.clone()) == x, "{gate:?}: the input changed");
+            let up: Vec<f64> = (0..rows * cols)
+                .map(|i| round(((i * 104_729) % 301) as f64 / 50.0 - 3.0))
+                .collect();
+            let tensor = |v: &[f64], shape: [usize; 2]| {
+                let v: Vec<f32> = v.iter().map(|&v| v as f32).collect();
+                Tensor::<2>::from_data(TensorData::new(v, shape), &device).cast(dtype)
+            };
+            let values = |t: Tensor<2>| -> Vec<f64> {
+                let v: Vec<f32> = t.into_data().convert::<f32>().try_into_vec().expect("floats");
+                v.into_iter().map(f64::from).collect()
+            };
+            let (xt, ut) = (tensor(&x, [rows, cols]), tensor(&up, [rows, cols]));
+            let sigmoid = |z: f64| 1.0 / (1.0 + (-z).exp());
+            for gate in [SigmoidGate::Silu, SigmoidGate::QuickGelu] {
+                for with_up in [false, true] {
+                    let got = sigmoid_gated(xt.clone(), gate, with_up.then_some(&ut)).expect("applies");
+                    assert_eq!((got.dims(), got.dtype()), ([rows, cols], dtype));
+                    let got = values(got);
+                    let mut off = 0;
+                    for (i, &g) in got.iter().enumerate() {
+                        let v = x[i];
+                        let act = match gate {
+                            SigmoidGate::Silu => round(v * sigmoid(v)),
+                            SigmoidGate::QuickGelu => round(v * round(sigmoid(round(1.702 * v)))),
+                        };
+                        let want = if with_up { round(act * up[i]) } else { act };
+                        if g != want {
+                            off += 1;
+                            assert!(
+                                (g - want).abs() <= want.abs() / step + 1e-30,
+                                "{dtype:?} {gate:?} up {with_up} at {i} (x {v}): {g} vs {want}"
+                            );
+                        }
+                    }
+                    assert!(
+                        off * 1000 <= got.len(),
+                        "{dtype:?} {gate:?} up {with_up}: {off} values one step off"
+                    );
+                }
+                // `up` as a transposed view (read through a copy) gives the same bits, and the
+                // input, whose buffer `xt` still shares, is left as it was.
+                let transposed: Vec<f64> = (0..rows * cols)
+                    .map(|i| up[(i % rows) * cols + i / rows])
+                    .collect();
+                let view = tensor(&transposed, [cols, rows]).transpose();
+                let through_view = sigmoid_gated(xt.clone(), gate, Some(&view)).expect("applies");
+                let direct = sigmoid_gated(xt.clone(), gate, Some(&ut)).expect("applies");
+                assert!(
+                    values(through_view) == values(direct),
+                    "{dtype:?} {gate:?}: up as a view"
+                );
+                assert!(values(xt.clone()) == x, "{dtype:?} {gate:?}: the input changed");
+            }
         }
         // Shapes that differ, and other dtypes, are given back.
         let x = Tensor::<2>::from_data(TensorData::new(vec![1f32; 6], [2, 3]), &device);
@@ -2399,7 +2549,57 @@ pub(crate) mod tests {
             .is_err()
         );
         assert!(sigmoid_gated(x.clone(), SigmoidGate::Silu, Some(&up)).is_err());
-        assert!(sigmoid_gated(x.cast(DType::F16), SigmoidGate::Silu, None).is_err());
+        assert!(sigmoid_gated(x.cast(DType::F64), SigmoidGate::Silu, None).is_err());
+    }
+
+    /// The f16 conversions give `half`'s bits for every f16 value, and for f32 values around
+    /// every f16 step (halfway points, the subnormal range, overflow), at lengths with and
+    /// without a partial last group of 16.
+    #[test]
+    fn f16_conversions_have_the_bits_of_half() {
+        let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let mut wide = vec![0f32; all.len()];
+        widen_f16_into(&all, &mut wide);
+        for (h, w) in all.iter().zip(&wide) {
+            let want = h.to_f32();
+            assert!(
+                w.to_bits() == want.to_bits() || w.is_nan() && want.is_nan(),
+                "{h:?}"
+            );
+        }
+        // Each finite f16, the next f32 up and down, and the midpoints to the next f16.
+        let mut xs: Vec<f32> = vec![
+            1e-9,
+            -7e-8,
+            65519.0,
+            65520.0,
+            -65520.0,
+            1e6,
+            f32::INFINITY,
+            f32::NAN,
+        ];
+        for h in all.iter().filter(|h| h.is_finite()) {
+            let v = h.to_f32();
+            let next = f16::from_bits(h.to_bits().wrapping_add(1)).to_f32();
+            xs.extend([
+                v,
+                f32::from_bits(v.to_bits() + 1),
+                f32::from_bits(v.to_bits().max(1) - 1),
+            ]);
+            if next.is_finite() {
+                xs.push((v + next) / 2.0);
+            }
+        }
+        for len in [xs.len(), xs.len() - 5, 7] {
+            let got = round_f16_values(&xs[..len]);
+            for (x, g) in xs.iter().zip(&got) {
+                let want = f16::from_f32(*x);
+                assert!(
+                    g.to_bits() == want.to_bits() || g.is_nan() && want.is_nan(),
+                    "{x:e}"
+                );
+            }
+        }
     }
 
     /// The f32 one-pass activations give the bits of Burn's ops (which the f32 parity tests

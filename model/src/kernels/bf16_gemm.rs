@@ -18,7 +18,7 @@
 
 use std::mem::MaybeUninit;
 
-use burn::tensor::bf16;
+use burn::tensor::{bf16, f16};
 use rayon::prelude::*;
 
 use super::amx;
@@ -168,6 +168,242 @@ pub fn matmul_bf16_amx_rounded_packed(
     )
 }
 
+/// `x [m, k] @ w [k, n]` for f16 activations and an f16 weight with AMX: f16 prefills
+/// (the hub 7B's own dtype) at bf16 tile speed instead of the f32 gemm's.
+///
+/// Every f16 value is the sum of two bf16 values (`hi`, its f32 value truncated to bf16,
+/// and `lo`, the rest: at most three significant bits), so `x * w` is the sum of the four
+/// products of the halves, each exact in f32. The product runs as a bf16 product of `4k`
+/// inputs: per input, the activation pairs `(x_hi, x_hi)` and `(x_lo, x_lo)` against the
+/// weight pair `(w_hi, w_lo)` twice. The sums are f32, as the f32 gemm's (grouped by the
+/// hardware), at four times a bf16 product's tile work. An infinite value becomes NaN
+/// (its `lo` is `inf - inf`). `None` without AMX-BF16 (or with `VIPLLAVA_AMX=0`), or
+/// when the sizes do not match.
+pub fn matmul_f16_amx(
+    x: &[f16],
+    w: &[f16],
+    order: WeightOrder,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Option<Vec<f32>> {
+    if !amx::amx_bf16_available()
+        || !bf16_gemm_available()
+        || x.len() != m * k
+        || w.len() != k * n
+        || m == 0
+        || k == 0
+        || n == 0
+    {
+        return None;
+    }
+    let halves = split_activations(x, m, k);
+    let pairs = Pairs::of(
+        bytemuck::cast_slice(&halves),
+        m,
+        4 * k,
+        AMX_ROWS,
+        amx::TILE_ROWS,
+        true,
+    );
+    drop(halves);
+    let weight = Weight {
+        values: Values::F16Split(w, order),
+        k: 4 * k,
+        n,
+    };
+    Some(amx_f32(&pairs, &weight, m, n))
+}
+
+/// `v` as the pair of bf16 values whose sum it is, `hi` in the low half (see
+/// [`matmul_f16_amx`]): `hi` is its f32 value truncated to bf16, `lo` the exact rest.
+pub(super) fn split_f16(v: f16) -> u32 {
+    let f = v.to_f32();
+    let hi = f.to_bits() & 0xFFFF_0000;
+    // Exact: `f` and `hi` share their exponent, and `f` has 11 significant bits.
+    let lo = f - f32::from_bits(hi);
+    (hi >> 16) | (lo.to_bits() & 0xFFFF_0000)
+}
+
+/// The activations of [`matmul_f16_amx`] as `[m, 2k]` pairs: per input, `(hi, hi)` then
+/// `(lo, lo)` (`[m, 4k]` bf16 values).
+fn split_activations(x: &[f16], m: usize, k: usize) -> Vec<u32> {
+    let mut out = vec![0u32; 2 * m * k];
+    let rows = out.par_chunks_mut(2 * k).zip(x.par_chunks(k));
+    rows.with_min_len((1 << 14) / k.max(1) + 1).for_each(|(out, xs)| {
+        let mut done = 0;
+        #[cfg(target_arch = "x86_64")]
+        if bf16_gemm_available() {
+            done = xs.len() / 16 * 16;
+            for (o, v) in out.chunks_exact_mut(32).zip(xs.chunks_exact(16)) {
+                // SAFETY: the CPU has AVX-512 F (checked above); 16 values in, 32 out.
+                unsafe { split16_doubled(v.as_ptr(), o.as_mut_ptr()) };
+            }
+        }
+        for (o, &v) in out[2 * done..].chunks_exact_mut(2).zip(&xs[done..]) {
+            let (hi, lo) = (split_f16(v) & 0xFFFF, split_f16(v) >> 16);
+            o[0] = hi | (hi << 16);
+            o[1] = lo | (lo << 16);
+        }
+    });
+    out
+}
+
+/// 16 f16 values at `src` split as [`split_f16`] does: their 16 pairs.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `src` must hold 16 readable values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn split16(src: *const f16) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    // SAFETY: 16 values (32 bytes) at `src` (this function's contract).
+    let f = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(src.cast()) });
+    let mask = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+    let hi = _mm512_and_si512(_mm512_castps_si512(f), mask);
+    let lo = _mm512_sub_ps(f, _mm512_castsi512_ps(hi));
+    _mm512_or_si512(
+        _mm512_srli_epi32::<16>(hi),
+        _mm512_and_si512(_mm512_castps_si512(lo), mask),
+    )
+}
+
+/// [`split_activations`] of 16 values at `src`: 32 pairs at `dst`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `src` must hold 16 readable values and `dst` 32 writable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn split16_doubled(src: *const f16, dst: *mut u32) {
+    use std::arch::x86_64::*;
+    // SAFETY: as this function's.
+    let pairs = unsafe { split16(src) };
+    let ones = _mm512_set1_epi32(0x0001_0001);
+    // `(hi, hi)` and `(lo, lo)`: each half times 0x10001.
+    let hi = _mm512_mullo_epi32(_mm512_and_si512(pairs, _mm512_set1_epi32(0xFFFF)), ones);
+    let lo = _mm512_mullo_epi32(_mm512_srli_epi32::<16>(pairs), ones);
+    // Value `i`'s two pairs side by side: `hi[i], lo[i]` for i in 0..8, then 8..16.
+    let first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    let second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    // SAFETY: 32 values at `dst` (this function's contract).
+    unsafe {
+        _mm512_storeu_si512(dst.cast(), _mm512_permutex2var_epi32(hi, first, lo));
+        _mm512_storeu_si512(dst.add(16).cast(), _mm512_permutex2var_epi32(hi, second, lo));
+    }
+}
+
+/// [`Weight::pack`] of 16-column tiles for an f16 weight (`[k, n]` values in `order`) of
+/// [`matmul_f16_amx`]: pairs `p0..p1` of columns `c0..c0 + cols`, pair `p` holding
+/// [`split_f16`] of input `p / 2`. Pairs past `2k` and columns past `cols` are zero.
+fn pack_f16_split(
+    w: &[f16],
+    order: WeightOrder,
+    (k, n): (usize, usize),
+    (p0, p1): (usize, usize),
+    (c0, cols): (usize, usize),
+    panel: &mut [u32],
+) {
+    const TILE: usize = 16;
+    let pairs = p1 - p0;
+    assert!(
+        w.len() == k * n
+            && p0.is_multiple_of(2)
+            && c0.is_multiple_of(TILE)
+            && c0 + cols <= n
+            && panel.len() >= pairs * TILE * cols.div_ceil(TILE)
+    );
+    let at = |kk: usize, c: usize| match order {
+        WeightOrder::InputMajor => w[kk * n + c],
+        WeightOrder::OutputMajor => w[c * k + kk],
+    };
+    for (t, chunk) in panel.chunks_mut(pairs * TILE).enumerate() {
+        let c = c0 + t * TILE;
+        let width = TILE.min(cols.saturating_sub(t * TILE));
+        // Pairs `p0..fast` in whole groups of 16 (8 inputs) from the registers.
+        let mut fast = p0;
+        #[cfg(target_arch = "x86_64")]
+        if width == TILE {
+            fast = p0 + (p1.min(2 * k).saturating_sub(p0)) / 16 * 16;
+            for q in (p0..fast).step_by(16) {
+                let rows = &mut chunk[(q - p0) * TILE..][..16 * TILE];
+                // SAFETY: the pack runs on AMX CPUs only (every one has AVX-512 F); inputs
+                // `q / 2..q / 2 + 8 <= k` of columns `c..c + 16 <= n`, and 16 rows of 16.
+                unsafe { split_group(w, order, (k, n), (q / 2, c), rows) };
+            }
+        }
+        for q in fast..p1 {
+            let row = &mut chunk[(q - p0) * TILE..][..TILE];
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = if j < width && q / 2 < k {
+                    split_f16(at(q / 2, c + j))
+                } else {
+                    0
+                };
+            }
+        }
+    }
+}
+
+/// 16 packed rows of [`pack_f16_split`]: inputs `kk..kk + 8` (two rows each) of columns
+/// `c..c + 16`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F; `kk + 8 <= k`, `c + 16 <= n`, `rows.len() >= 256`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn split_group(
+    w: &[f16],
+    order: WeightOrder,
+    (k, n): (usize, usize),
+    (kk, c): (usize, usize),
+    rows: &mut [u32],
+) {
+    use std::arch::x86_64::*;
+    assert!(kk + 8 <= k && c + 16 <= n && rows.len() >= 256 && w.len() == k * n);
+    match order {
+        WeightOrder::InputMajor => {
+            // Input `kk + i`'s 16 columns are in a row: its two packed rows.
+            for i in 0..8 {
+                // SAFETY: values `(kk + i) * n + c..+ 16` (asserted above); the CPU has
+                // AVX-512 F (this function's contract); rows `2i`, `2i + 1` of 16.
+                unsafe {
+                    let v = split16(w.as_ptr().add((kk + i) * n + c));
+                    _mm512_storeu_si512(rows.as_mut_ptr().add(32 * i).cast(), v);
+                    _mm512_storeu_si512(rows.as_mut_ptr().add(32 * i + 16).cast(), v);
+                }
+            }
+        }
+        WeightOrder::OutputMajor => {
+            // Column `c + j`'s 8 inputs are in a row: split, each pair twice, into row `j`
+            // of a 16 x 16 block, then transposed.
+            let double = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+            /// A 16 x 16 block of pairs on the stack, aligned for whole-line stores.
+            #[repr(align(64))]
+            struct Block([u32; 256]);
+            let mut block = Block([0; 256]);
+            for j in 0..16 {
+                // SAFETY: values `(c + j) * k + kk..+ 8` (asserted above), widened from 16
+                // of which only the first 8 are read (the rest are zeros).
+                unsafe {
+                    let eight = _mm_loadu_si128(w.as_ptr().add((c + j) * k + kk).cast());
+                    let f = _mm512_cvtph_ps(_mm256_zextsi128_si256(eight));
+                    let mask = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+                    let hi = _mm512_and_si512(_mm512_castps_si512(f), mask);
+                    let lo = _mm512_sub_ps(f, _mm512_castsi512_ps(hi));
+                    let pairs = _mm512_or_si512(
+                        _mm512_srli_epi32::<16>(hi),
+                        _mm512_and_si512(_mm512_castps_si512(lo), mask),
+                    );
+                    let v = _mm512_permutexvar_epi32(double, pairs);
+                    _mm512_store_si512(block.0.as_mut_ptr().add(16 * j).cast(), v);
+                }
+            }
+            // SAFETY: a 16 x 16 block of 64-byte rows in, 16 rows of 16 out.
+            unsafe { transpose16(block.0.as_ptr().cast(), 64, rows.as_mut_ptr(), 16) };
+        }
+    }
+}
+
 /// The body of [`matmul_bf16_amx_rounded`] and its packed twin.
 fn amx_rounded(x: &[bf16], weight: Weight, m: usize, bias: Option<&[f32]>) -> Option<Vec<bf16>> {
     let (k, n) = (weight.k, weight.n);
@@ -272,38 +508,39 @@ fn run(
         k,
         n,
     };
-    // AMX writes every output before it adds to it; the other kernels add from zero.
-    let mut out = if kernel == Kernel::Amx {
-        Vec::with_capacity(m * n)
-    } else {
-        vec![0f32; m * n]
-    };
+    if kernel == Kernel::Amx {
+        return Some(amx_f32(&pairs, &weight, m, n));
+    }
+    // The register tile adds from zero.
+    let mut out = vec![0f32; m * n];
     let target = Output(out.as_mut_ptr());
-    // AMX: whole task blocks, as its panels were tuned for. The register tile: tasks of
-    // whole tiles, as even as the thread count allows (whole 192-column tasks left a
-    // 1024-column product at 3 against 2.33 tasks of work on two threads; BENCHMARKS.md
+    // Tasks of whole tiles, as even as the thread count allows (whole 192-column tasks left
+    // a 1024-column product at 3 against 2.33 tasks of work on two threads; BENCHMARKS.md
     // round 28: 577 x 4096 x 1024 13.8-14.0 -> 12.7-12.8 ms on a Zen 4).
-    let (task_cols, col_unit) = if kernel == Kernel::Amx {
-        (AMX_TASK_COLS, AMX_TASK_COLS)
-    } else {
-        (TASK_COLS, TILE_COLS)
-    };
-    for_each_block_of(m, n, row_unit, col_unit, task_cols, |block| {
+    for_each_block_of(m, n, row_unit, TILE_COLS, TASK_COLS, |block| {
         // SAFETY: `out` holds `m * n` values and outlives the tasks; tasks write disjoint
         // (row range, column range) blocks of it.
-        unsafe {
-            match kernel {
-                Kernel::Amx => amx_columns(&pairs, &weight, block, Sums::F32(&target), n),
-                _ => columns(&pairs, &weight, block, &target, n, kernel == Kernel::Vdpbf16ps),
-            }
-        };
+        unsafe { columns(&pairs, &weight, block, &target, n, kernel == Kernel::Vdpbf16ps) };
     });
-    if kernel == Kernel::Amx {
-        // SAFETY: the tasks wrote all `m * n` values (every block of rows and columns, from
-        // its first slab on: `amx_columns`).
-        unsafe { out.set_len(m * n) };
-    }
     Some(out)
+}
+
+/// The AMX product of `pairs` (tiled) and `weight` as f32, in whole task blocks, as its
+/// panels were tuned for. The caller checks that AMX and AVX-512 BF16 are available.
+fn amx_f32(pairs: &Pairs, weight: &Weight, m: usize, n: usize) -> Vec<f32> {
+    assert!(amx::amx_bf16_available() && bf16_gemm_available());
+    // AMX writes every output before it adds to it.
+    let mut out = Vec::with_capacity(m * n);
+    let target = Output(out.as_mut_ptr());
+    for_each_block_of(m, n, AMX_ROWS, AMX_TASK_COLS, AMX_TASK_COLS, |block| {
+        // SAFETY: `out` holds `m * n` values and outlives the tasks; tasks write disjoint
+        // (row range, column range) blocks of it; AMX is available (asserted above).
+        unsafe { amx_columns(pairs, weight, block, Sums::F32(&target), n) };
+    });
+    // SAFETY: the tasks wrote all `m * n` values (every block of rows and columns, from its
+    // first slab on: `amx_columns`).
+    unsafe { out.set_len(m * n) };
+    out
 }
 
 /// Runs `task` on every block of an `[m, n]` product in parallel: at most [`TASK_COLS`]
@@ -552,6 +789,10 @@ enum Values<'a> {
     Bf16(&'a [bf16], WeightOrder),
     /// Quantized values packed for the decode kernels, dequantized in the pack (AMX only).
     Packed(&'a PackedWeight),
+    /// f16 values in this order, `[k / 4, n]`, each packed as the pair of its bf16 halves
+    /// ([`split_f16`]) for pairs `2i` and `2i + 1` of the product (AMX only; see
+    /// [`matmul_f16_amx`]).
+    F16Split(&'a [f16], WeightOrder),
 }
 
 impl Weight<'_> {
@@ -579,6 +820,13 @@ impl Weight<'_> {
                     "packed weights are only read by the AMX tasks"
                 );
                 return pack_dequantized(packed, p0, p1, c0, cols, panel);
+            }
+            Values::F16Split(w, order) => {
+                assert!(
+                    simd && tile_cols == 16,
+                    "f16 weights are only read by the AMX tasks"
+                );
+                return pack_f16_split(w, order, (k / 4, n), (p0, p1), (c0, cols), panel);
             }
         };
         let pairs = p1 - p0;
@@ -1335,6 +1583,105 @@ pub(super) mod tests {
                 }
             }
         }
+    }
+
+    /// f16 test values: both signs, magnitudes from 2^-6 to 2^2, all 11 significant bits
+    /// in use (so that the `lo` halves are not zero).
+    fn f16_values(len: usize, seed: usize) -> Vec<f16> {
+        (0..len)
+            .map(|i| {
+                let h = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                    ^ (seed as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                let h = h ^ (h >> 29);
+                let significand = 1.0 + (h & 0x3FF) as f32 / 1024.0;
+                let sign = if (h >> 10) & 1 == 1 { -1.0 } else { 1.0 };
+                f16::from_f32(sign * significand * 2f32.powi(((h >> 11) % 9) as i32 - 6))
+            })
+            .collect()
+    }
+
+    /// Every finite f16 is the exact sum of its two bf16 halves, and the activations' pairs
+    /// (vector and plain code, a row length that is not a multiple of 16) hold them in order.
+    #[test]
+    fn f16_values_are_the_sums_of_their_bf16_halves() {
+        for bits in 0..=u16::MAX {
+            let v = f16::from_bits(bits);
+            if v.is_finite() {
+                let pair = split_f16(v);
+                let (hi, lo) = (widen(pair as u16), widen((pair >> 16) as u16));
+                assert_eq!(hi as f64 + lo as f64, v.to_f64(), "{v:?}");
+                assert!(lo.abs() <= hi.abs() / 128.0, "{v:?}: {hi} + {lo}");
+            }
+        }
+        let (m, k) = (3, 37);
+        let x = f16_values(m * k, 5);
+        let got = split_activations(&x, m, k);
+        for (i, &v) in x.iter().enumerate() {
+            let pair = split_f16(v);
+            let (hi, lo) = (pair & 0xFFFF, pair >> 16);
+            assert_eq!(
+                [got[2 * i], got[2 * i + 1]],
+                [hi | (hi << 16), lo | (lo << 16)],
+                "value {i}"
+            );
+        }
+    }
+
+    /// The f16 AMX product is the f32 sum of the exact products of the f16 values, in both
+    /// weight orders: odd `k` and `n`, partial blocks and tiles, several slabs (k 1100 is
+    /// 2200 pairs of halves), inputs of whole register groups and of the plain code's rest.
+    #[test]
+    fn f16_amx_products_sum_the_exact_products_in_both_weight_orders() {
+        if !amx::amx_bf16_available() {
+            eprintln!("no AMX-BF16 on this CPU: skipped");
+            let (x, w) = (f16_values(4, 1), f16_values(8, 2));
+            assert!(matmul_f16_amx(&x, &w, WeightOrder::InputMajor, 2, 2, 4).is_none());
+            return;
+        }
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (3, 2, 48),
+            (8, 7, 5),
+            (33, 130, 49),
+            (17, 257, 200),
+            (70, 24, 64),
+            (9, 515, 33),
+            (40, 1100, 270),
+        ] {
+            let (x, w) = (f16_values(m * k, 1), f16_values(k * n, 2));
+            let file = transpose(&w, k, n);
+            for (order, w) in [(WeightOrder::InputMajor, &w), (WeightOrder::OutputMajor, &file)] {
+                let got = matmul_f16_amx(&x, w, order, m, k, n).expect("available");
+                for (i, &g) in got.iter().enumerate() {
+                    let (r, c) = (i / n, i % n);
+                    let term = |kk: usize| {
+                        let wv = match order {
+                            WeightOrder::InputMajor => w[kk * n + c],
+                            WeightOrder::OutputMajor => w[c * k + kk],
+                        };
+                        x[r * k + kk].to_f64() * wv.to_f64()
+                    };
+                    let want: f64 = (0..k).map(term).sum();
+                    let size: f64 = (0..k).map(|kk| term(kk).abs()).sum();
+                    // f32 sums of exact products: a few f32 steps of the terms' size.
+                    assert!(
+                        (g as f64 - want).abs() <= size / (1 << 21) as f64,
+                        "{m}x{k}x{n} {order:?} at {i}: {g} vs {want} (terms {size})"
+                    );
+                }
+            }
+        }
+        assert!(
+            matmul_f16_amx(
+                &f16_values(4, 1),
+                &f16_values(7, 2),
+                WeightOrder::InputMajor,
+                2,
+                2,
+                4
+            )
+            .is_none()
+        );
     }
 
     /// The rounded AMX product has the bits of the f32 one plus the bias, rounded: with and

@@ -6,11 +6,11 @@
 //! summed in parallel chunks by loops that vectorize, with the same bits (an f32 sum of the
 //! widened values, rounded to nearest even).
 
-use burn::tensor::{DType, Tensor, TensorData, bf16};
+use burn::tensor::{DType, Tensor, TensorData, bf16, f16};
 
 use super::{
-    PARALLEL_VALUES, contiguous_flex, fast_paths_enabled, is_plain_flex, round_bf16, widen_bf16, with_simd,
-    written_in_chunks,
+    PARALLEL_VALUES, contiguous_flex, fast_paths_enabled, is_plain_flex, round_bf16, round_f16_into,
+    widen_bf16, widen_f16_into, with_simd, written_in_chunks,
 };
 
 /// Values per task.
@@ -52,9 +52,38 @@ fn pooled_sum<const D: usize>(a: &Tensor<D>, b: &Tensor<D>) -> Option<Tensor<D>>
             let (xs, ys) = (&fa.storage::<f32>()[ra], &fb.storage::<f32>()[rb]);
             TensorData::new(sum_values(xs, ys, |x, y| x + y), shape)
         }
+        DType::F16 => {
+            let (xs, ys) = (&fa.storage::<f16>()[ra], &fb.storage::<f16>()[rb]);
+            TensorData::new(sum_f16(xs, ys), shape)
+        }
         _ => return None,
     };
     Some(Tensor::from_data(data, (&device, dtype)))
+}
+
+/// `x + y` of every pair of f16 values: widened, summed in f32 and rounded to nearest even
+/// (the bits of Flex's add), in parallel chunks, with the vector conversions of
+/// [`widen_f16_into`] and [`round_f16_into`] (`half`'s are a call per value).
+fn sum_f16(xs: &[f16], ys: &[f16]) -> Vec<f16> {
+    /// Values per conversion pass.
+    const STEP: usize = 256;
+    assert_eq!(xs.len(), ys.len());
+    // SAFETY: chunk `i` holds values `i * CHUNK..` of `xs` and `ys` (the same lengths),
+    // each written.
+    unsafe {
+        written_in_chunks(xs.len(), CHUNK, |i, chunk| {
+            let (mut a, mut b) = ([0f32; STEP], [0f32; STEP]);
+            for (j, out) in chunk.chunks_mut(STEP).enumerate() {
+                let (at, len) = (i * CHUNK + j * STEP, out.len());
+                widen_f16_into(&xs[at..][..len], &mut a[..len]);
+                widen_f16_into(&ys[at..][..len], &mut b[..len]);
+                for (a, &b) in a[..len].iter_mut().zip(&b[..len]) {
+                    *a += b;
+                }
+                round_f16_into(&a[..len], out);
+            }
+        })
+    }
 }
 
 /// `sum(x, y)` of every pair, in parallel chunks compiled for the CPU's vectors.
@@ -79,7 +108,7 @@ mod tests {
     use super::*;
     use burn::tensor::Distribution;
 
-    /// The bits of Burn's add for bf16 and f32, in place of it from [`PARALLEL_VALUES`] on
+    /// The bits of Burn's add for bf16, f16 and f32, in place of it from [`PARALLEL_VALUES`] on
     /// (a length past whole chunks), Burn's own below and for a broadcast.
     #[test]
     fn pooled_sums_have_the_bits_of_burns() {
@@ -88,7 +117,7 @@ mod tests {
             let values: Vec<f32> = t.into_data().convert::<f32>().try_into_vec().expect("f32");
             values.iter().map(|v| v.to_bits()).collect()
         };
-        for dtype in [DType::BF16, DType::F32] {
+        for dtype in [DType::BF16, DType::F16, DType::F32] {
             for rows in [3, 77] {
                 let random =
                     || Tensor::<2>::random([rows, 1001], Distribution::Normal(0.0, 3.0), &device).cast(dtype);
