@@ -252,9 +252,10 @@ fn file_order_linear<const D: usize>(
 }
 
 /// `x @ W (+ b)` for many rows with our own gemm, the weight in either order: bf16 with
-/// `vdpbf16ps` ([`bf16_gemm`]) instead of widening both to f32, f32 (and bf16 without
-/// `vdpbf16ps`, widened as packed) with AVX-512 or AVX2 FMA ([`f32_gemm`]) instead of
-/// Flex's gemm, which copies a file-order weight value by value;
+/// `vdpbf16ps` ([`bf16_gemm`]) instead of widening both to f32, f16 on AMX tiles as the
+/// products of its bf16 halves ([`bf16_gemm::matmul_f16_amx`]), f32 (and bf16 without
+/// `vdpbf16ps`, f16 without AMX, widened as packed) with AVX-512 or AVX2 FMA ([`f32_gemm`])
+/// instead of Flex's gemm, which copies a file-order weight value by value;
 /// `None` where the CPU lacks the instructions, the dtypes differ or the weight is not a
 /// plain `[k, n]` or `[n, k]` block of the Flex device.
 fn gemm_linear<const D: usize>(
@@ -266,10 +267,12 @@ fn gemm_linear<const D: usize>(
     let dtype = weight.dtype();
     // bf16 through the bf16 gemm where the CPU has AVX-512 BF16, else through the f32 gemm
     // with the weight widened as it is packed (AVX2 CPUs: Flex would widen the whole weight
-    // first, on one thread).
+    // first, on one thread); f16 through either (`VIPLLAVA_BF16_GEMM=0` and
+    // `VIPLLAVA_F32_GEMM=0` switch each off).
     let bf16_products = match dtype {
         DType::BF16 if bf16_gemm_enabled() => true,
-        DType::BF16 | DType::F16 | DType::F32 if f32_gemm_enabled() => false,
+        DType::F16 if bf16_gemm_enabled() || f32_gemm_enabled() => false,
+        DType::BF16 | DType::F32 if f32_gemm_enabled() => false,
         _ => return None,
     };
     if x.dtype() != dtype {
@@ -297,7 +300,7 @@ fn gemm_linear<const D: usize>(
         }
         bf16_gemm::matmul_bf16_gemm(xs, w, order, rows, k, n)?
     } else if dtype == DType::BF16 {
-        let xs = widen_values(input.storage::<bf16>().get(inputs)?);
+        let xs = widen_bf16_values(input.storage::<bf16>().get(inputs)?);
         f32_gemm::matmul_f32_gemm(&xs, &w.storage::<bf16>()[values], order, rows, k, n)?
     } else if dtype == DType::F16 {
         // f16 (the hub 7B's own dtype): with AMX as products of the values' bf16 halves,
@@ -309,7 +312,10 @@ fn gemm_linear<const D: usize>(
             .flatten();
         match amx {
             Some(out) => out,
-            None => f32_gemm::matmul_f32_gemm(&widen_values(xs), w, order, rows, k, n)?,
+            None if f32_gemm_enabled() => {
+                f32_gemm::matmul_f32_gemm(&widen_f16_values(xs), w, order, rows, k, n)?
+            }
+            None => return None,
         }
     } else {
         let xs = input.storage::<f32>().get(inputs)?;
@@ -342,16 +348,26 @@ fn bf16_output<const D: usize>(out: Vec<bf16>, x: &Tensor<D>, n: usize) -> Tenso
     Tensor::from_data(TensorData::new(out, shape), (&x.device(), DType::BF16))
 }
 
-/// bf16 or f16 values as f32, in parallel chunks for many.
-fn widen_values<T: Widen>(xs: &[T]) -> Vec<f32> {
+/// bf16 values as f32, in parallel chunks for many.
+fn widen_bf16_values(xs: &[bf16]) -> Vec<f32> {
     const CHUNK: usize = 1 << 14;
     let mut out = vec![0f32; xs.len()];
     for_each_chunk(&mut out, CHUNK, |i, out| {
         with_simd(|| {
             for (o, &x) in out.iter_mut().zip(&xs[i * CHUNK..]) {
-                *o = x.widen();
+                *o = widen_bf16(x);
             }
         })
+    });
+    out
+}
+
+/// f16 values as f32 ([`widen_f16_into`]), in parallel chunks for many.
+fn widen_f16_values(xs: &[f16]) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
+    let mut out = vec![0f32; xs.len()];
+    for_each_chunk(&mut out, CHUNK, |i, out| {
+        widen_f16_into(&xs[i * CHUNK..][..out.len()], out)
     });
     out
 }
@@ -679,6 +695,8 @@ pub enum SigmoidGate {
 ///   activation, after the product), so that a bf16 run follows transformers' bf16 run;
 ///   computed once per gate for all 65536 bf16 inputs ([`gate_table`]) and looked up, in
 ///   place on `x`'s buffer where Flex hands it over.
+/// - **f16:** as bf16 (PyTorch's f16 ops round at the same places), from a table of the
+///   65536 f16 inputs ([`gate_table_f16`]), times `up` in f32 and rounded once.
 /// - **f32:** the bits of Burn's ops ([`BurnGateF32`]: the same operations in the same
 ///   order, the exponential of `std`, or of glibc's steps vectorized where they give its
 ///   bits: [`libm_exp`]), which the f32 parity tests pin; only the passes and the threads
@@ -737,7 +755,8 @@ fn gate_in_place_f16(x: &mut [f16], up: Option<&[f16]>, gate: SigmoidGate) {
             for (a, &u) in acts[..len].iter_mut().zip(&ups[..len]) {
                 *a *= u;
             }
-            // SAFETY: `MaybeUninit<f16>` has the layout of `f16`, and every value is written.
+            // SAFETY: `MaybeUninit<f16>` has the layout of `f16`; `round_f16_into` only writes
+            // initialized values, and writes every one.
             let out = unsafe { &mut *(xs as *mut [f16] as *mut [std::mem::MaybeUninit<f16>]) };
             round_f16_into(&acts[..len], out);
         }
@@ -796,7 +815,7 @@ fn gate_tensor<const D: usize, T: burn::tensor::Element + bytemuck::Pod>(
             apply(values, ups);
             true
         }
-        // Flex keeps f32 and bf16 tensors as values of their dtype; should that change, the
+        // Flex keeps f32, f16 and bf16 tensors as values of their dtype; should that change, the
         // caller's Burn ops decide.
         _ => false,
     };
@@ -1508,8 +1527,8 @@ fn with_gemm_inputs<const D: usize, R>(
     let (input, inputs) = contiguous_rows(x, rows * k)?;
     match x.dtype() {
         DType::F32 => f(input.storage::<f32>().get(inputs)?),
-        DType::BF16 => f(&widen_values(input.storage::<bf16>().get(inputs)?)),
-        DType::F16 => f(&widen_values(input.storage::<f16>().get(inputs)?)),
+        DType::BF16 => f(&widen_bf16_values(input.storage::<bf16>().get(inputs)?)),
+        DType::F16 => f(&widen_f16_values(input.storage::<f16>().get(inputs)?)),
         _ => f(&host_f32(x.clone())?),
     }
 }
@@ -2581,11 +2600,10 @@ pub(crate) mod tests {
         for h in all.iter().filter(|h| h.is_finite()) {
             let v = h.to_f32();
             let next = f16::from_bits(h.to_bits().wrapping_add(1)).to_f32();
-            xs.extend([
-                v,
-                f32::from_bits(v.to_bits() + 1),
-                f32::from_bits(v.to_bits().max(1) - 1),
-            ]);
+            xs.extend([v, f32::from_bits(v.to_bits() + 1)]);
+            if v != 0.0 {
+                xs.push(f32::from_bits(v.to_bits() - 1));
+            }
             if next.is_finite() {
                 xs.push((v + next) / 2.0);
             }
@@ -2743,6 +2761,50 @@ pub(crate) mod tests {
             }
             if bf16_gemm_enabled() || f32_gemm_enabled() {
                 assert_eq!(got, twin, "linear and the gemm it dispatches to");
+            }
+        }
+    }
+
+    /// f16 many-row products through `linear` in both weight orders: the dispatch (AMX tiles
+    /// where the CPU has them, else the f32 gemm), the bias added in f32 and one rounding to
+    /// f16 (in parallel), within an f16 step of the exact result.
+    #[test]
+    fn many_f16_rows_through_linear_in_both_weight_orders() {
+        use burn::module::Param;
+        use burn::nn::LinearConfig;
+
+        let device = Device::flex();
+        let (rows, k, n) = (37, 70, 53);
+        let to_f16 = |v: Vec<f32>, shape: Vec<usize>| {
+            Tensor::<2>::from_data(TensorData::new(v, shape), &device).cast(DType::F16)
+        };
+        let w_kn = to_f16(activations(k, n).iter().map(|v| v * 0.25).collect(), vec![k, n]);
+        let bias = to_f16((0..n).map(|i| i as f32 * 0.01 - 0.2).collect(), vec![1, n]).reshape([n]);
+        let w_file = Tensor::<2>::from_data(w_kn.clone().transpose().into_data(), &device).swap_dims(0, 1);
+        assert!(weight_in_file_order(&w_file) && !weight_in_file_order(&w_kn));
+        let x = to_f16(activations(rows, k), vec![rows, k]);
+        let values = |t: Tensor<2>| t.cast(DType::F32).into_data().try_into_vec::<f32>().expect("f32");
+        let (wv, bv, xv) = (
+            values(w_kn.clone()),
+            values(bias.clone().unsqueeze()),
+            values(x.clone()),
+        );
+        for weight in [w_kn, w_file] {
+            let mut layer = LinearConfig::new(k, n).init(&device);
+            layer.weight = Param::from_tensor(weight);
+            layer.bias = Some(Param::from_tensor(bias.clone()));
+            let y = linear(&layer, x.clone());
+            assert_eq!((y.dims(), y.dtype()), ([rows, n], DType::F16));
+            for (i, &g) in values(y).iter().enumerate() {
+                let (r, c) = (i / n, i % n);
+                let sum: f64 = (0..k)
+                    .map(|kk| xv[r * k + kk] as f64 * wv[kk * n + c] as f64)
+                    .sum();
+                let exact = bv[c] as f64 + sum;
+                assert!(
+                    (g as f64 - exact).abs() <= exact.abs() / 1024.0 + 1e-4,
+                    "at {i}: {g} vs {exact}"
+                );
             }
         }
     }

@@ -788,7 +788,7 @@ mod tests {
     use super::*;
     use crate::kernels::bf16_gemm::tests::transpose;
     use crate::kernels::rows::tests::values;
-    use burn::tensor::bf16;
+    use burn::tensor::{bf16, f16};
 
     /// Per output, the sum over slabs of each slab's chain of FMAs (the kernel's contract),
     /// written as plainly as possible.
@@ -838,8 +838,13 @@ mod tests {
             let w16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             let file16 = transpose(&w16, k, n);
             let wide16: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+            // f16 weights alike (f16 prefills on CPUs without AMX).
+            let h16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let file_h16 = transpose(&h16, k, n);
+            let wide_h16: Vec<f32> = h16.iter().map(|v| v.to_f32()).collect();
             let want = chains(&x, &w, m, k, n);
             let want16 = chains(&x, &wide16, m, k, n);
+            let want_h16 = chains(&x, &wide_h16, m, k, n);
             for &isa in &isas {
                 let cases = [
                     (
@@ -861,6 +866,16 @@ mod tests {
                         "bf16 [n,k]",
                         run(&x, &file16, WeightOrder::OutputMajor, [m, k, n], isa),
                         &want16,
+                    ),
+                    (
+                        "f16 [k,n]",
+                        run(&x, &h16, WeightOrder::InputMajor, [m, k, n], isa),
+                        &want_h16,
+                    ),
+                    (
+                        "f16 [n,k]",
+                        run(&x, &file_h16, WeightOrder::OutputMajor, [m, k, n], isa),
+                        &want_h16,
                     ),
                 ];
                 for (name, got, want) in cases {

@@ -16,7 +16,7 @@ use super::{
 /// Values per task.
 const CHUNK: usize = 1 << 14;
 
-/// `a + b` for tensors of one shape: on the pool for a prefill's bf16 or f32 activations on
+/// `a + b` for tensors of one shape: on the pool for a prefill's bf16, f16 or f32 activations on
 /// Flex, with Burn's op otherwise (other devices or dtypes, broadcasts, autodiff, few values,
 /// `VIPLLAVA_FAST_PATHS=0`).
 pub fn add<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
