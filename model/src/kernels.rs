@@ -252,8 +252,8 @@ fn file_order_linear<const D: usize>(
 }
 
 /// `x @ W (+ b)` for many rows with our own gemm, the weight in either order: bf16 with
-/// `vdpbf16ps` ([`bf16_gemm`]) instead of widening both to f32, f16 on AMX tiles as the
-/// products of its bf16 halves ([`bf16_gemm::matmul_f16_amx`]), f32 (and bf16 without
+/// `vdpbf16ps` ([`bf16_gemm`]) instead of widening both to f32, f16 on AMX tiles as three of
+/// the four products of its bf16 halves ([`bf16_gemm::matmul_f16_amx`]), f32 (and bf16 without
 /// `vdpbf16ps`, f16 without AMX, widened as packed) with AVX-512 or AVX2 FMA ([`f32_gemm`])
 /// instead of Flex's gemm, which copies a file-order weight value by value;
 /// `None` where the CPU lacks the instructions, the dtypes differ or the weight is not a

@@ -176,9 +176,10 @@ pub fn matmul_bf16_amx_rounded_packed(
 /// of the value). `x * w` is `x_hi w_hi + x_lo w_hi + x_hi w_lo + x_lo w_lo`; the last term
 /// is at most `2^-16` of the product and left out, the other three are exact in f32. The
 /// product runs as a bf16 product of three pairs per two inputs ([`F16_BLOCK`] inputs
-/// at a time, see [`split_pair`]), at 1.5 times a bf16 product's tile work per input pair,
-/// three times per input. The sums are f32, as the f32 gemm's (grouped by the hardware).
-/// Infinities have a zero `lo`, so they and NaN propagate as in f32. `None` without AMX-BF16
+/// at a time, see [`split_pair`]): 1.5 pairs per input, three times a bf16 product's tile
+/// work. The sums are f32, as the f32 gemm's (grouped by the hardware). NaN propagates; an
+/// infinite value (its `lo` is zero) can give NaN where f32 gives an infinity, as `inf`
+/// meets a zero half of the other operand. `None` without AMX-BF16
 /// (or with `VIPLLAVA_AMX=0`), for an empty product, or when the sizes do not match.
 pub fn matmul_f16_amx(
     x: &[f16],
