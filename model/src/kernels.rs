@@ -382,7 +382,7 @@ pub(crate) fn widen_f16_into(xs: &[f16], out: &mut [f32]) {
         done = xs.len() / 16 * 16;
         for (o, x) in out.chunks_exact_mut(16).zip(xs.chunks_exact(16)) {
             // SAFETY: the CPU has AVX-512 F (checked above); 16 values in and out.
-            unsafe { widen_f16x16(x.as_ptr(), o.as_mut_ptr()) };
+            unsafe { std::arch::x86_64::_mm512_storeu_ps(o.as_mut_ptr(), widen16(x.as_ptr())) };
         }
     }
     for (o, x) in out[done..].iter_mut().zip(&xs[done..]) {
@@ -406,18 +406,6 @@ pub(crate) fn round_f16_into(xs: &[f32], out: &mut [std::mem::MaybeUninit<f16>])
     for (o, &x) in out[done..].iter_mut().zip(&xs[done..]) {
         o.write(f16::from_f32(x));
     }
-}
-
-/// 16 f16 values at `src` as f32 at `dst`.
-///
-/// # Safety
-/// The CPU must have AVX-512 F; `src` must hold 16 readable values and `dst` 16 writable.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn widen_f16x16(src: *const f16, dst: *mut f32) {
-    use std::arch::x86_64::*;
-    // SAFETY: as this function's.
-    unsafe { _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(src.cast()))) }
 }
 
 /// 16 f32 values at `src` rounded to f16 at `dst`.
@@ -686,6 +674,16 @@ pub enum SigmoidGate {
     QuickGelu,
 }
 
+impl SigmoidGate {
+    /// The gate's slot in the per-gate tables ([`gate_table`], [`gate_table_f16`]).
+    const fn table_slot(self) -> usize {
+        match self {
+            Self::Silu => 0,
+            Self::QuickGelu => 1,
+        }
+    }
+}
+
 /// An activation of [`SigmoidGate`], times `up` where given (Llama's gated MLP,
 /// `act(gate) * up`), in one pass over the values of the plain Flex device, in parallel
 /// chunks for a prefill's many values. Burn's ops need a pass per operation (three for quick
@@ -768,11 +766,7 @@ fn gate_in_place_f16(x: &mut [f16], up: Option<&[f16]>, gate: SigmoidGate) {
 /// [`gate_chunk`]).
 fn gate_table_f16(gate: SigmoidGate) -> &'static [f16; 1 << 16] {
     static TABLES: [std::sync::OnceLock<Box<[f16; 1 << 16]>>; 2] = [const { std::sync::OnceLock::new() }; 2];
-    let slot = match gate {
-        SigmoidGate::Silu => 0,
-        SigmoidGate::QuickGelu => 1,
-    };
-    TABLES[slot].get_or_init(|| {
+    TABLES[gate.table_slot()].get_or_init(|| {
         let through = |v: f32| f16::from_f32(v).to_f32();
         let mut table = Box::new([f16::ZERO; 1 << 16]);
         for (bits, t) in table.iter_mut().enumerate() {
@@ -1077,11 +1071,7 @@ fn through_bf16(v: f32) -> f32 {
 /// touch a small part.
 fn gate_table(gate: SigmoidGate) -> &'static [bf16; 1 << 16] {
     static TABLES: [std::sync::OnceLock<Box<[bf16; 1 << 16]>>; 2] = [const { std::sync::OnceLock::new() }; 2];
-    let slot = match gate {
-        SigmoidGate::Silu => 0,
-        SigmoidGate::QuickGelu => 1,
-    };
-    TABLES[slot].get_or_init(|| {
+    TABLES[gate.table_slot()].get_or_init(|| {
         // On this thread, not the pool: a pool task that waited here for a table that a
         // pool task builds could deadlock.
         let inputs: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();

@@ -359,8 +359,8 @@ unsafe fn split_block(src: *const f16, dst: *mut u32) {
 
 /// [`Weight::pack`] of 16-column tiles for an f16 weight (`[k, n]` values in `order`) of
 /// [`matmul_f16_amx`]: pairs `p0..p1` of columns `c0..c0 + cols`, pair `p` holding
-/// [`split_pair`] `p % 48` of block `p / 48`. Pairs past the last block and columns past
-/// `cols` are zero.
+/// [`split_pair`] `p % 48` of block `p / 48`. Inputs past `k` and columns past `cols` are
+/// zero.
 fn pack_f16_split(
     w: &[f16],
     order: WeightOrder,
@@ -371,9 +371,10 @@ fn pack_f16_split(
 ) {
     const TILE: usize = 16;
     let pairs = p1 - p0;
-    let blocks = k.div_ceil(F16_BLOCK);
+    // The product's pairs are the blocks' (its `k` is 96 per block): none past the last.
     assert!(
         w.len() == k * n
+            && p1 <= k.div_ceil(F16_BLOCK) * F16_PAIRS
             && p0.is_multiple_of(TILE)
             && c0.is_multiple_of(TILE)
             && c0 + cols <= n
@@ -388,7 +389,7 @@ fn pack_f16_split(
             let (b, r) = (q / F16_PAIRS, q % F16_PAIRS);
             let end = p1.min((b + 1) * F16_PAIRS);
             let rows = &mut chunk[(q - p0) * TILE..(end - p0) * TILE];
-            if b >= blocks || width == 0 {
+            if width == 0 {
                 rows.fill(0);
             } else if r == 0 && end == (b + 1) * F16_PAIRS {
                 split_weight_block_any(w, order, (k, n), (b, c, width), rows);
@@ -462,22 +463,23 @@ unsafe fn split_weight_block(
     };
     match order {
         WeightOrder::InputMajor => {
-            // Input `i0 + i`'s 16 columns are in a row: each pair row is one register.
+            // Input `i0 + i`'s 16 columns are in a row: each pair row is one register. Inputs
+            // `2j` and `2j + 1`, split once, give rows `2j` and `2j + 1` (`w_hi` doubled) and
+            // row `32 + j` (their `w_lo`).
             let (hi, lo) = (
                 _mm512_set1_epi32(0xFFFF),
                 _mm512_set1_epi32(0xFFFF_0000_u32 as i32),
             );
-            for i in 0..F16_BLOCK {
-                let v = split16((i0 + i) * n + c);
-                let doubled = _mm512_or_si512(_mm512_and_si512(v, hi), _mm512_slli_epi32::<16>(v));
-                // SAFETY: row `i < 32` of 16 (asserted above).
-                unsafe { _mm512_storeu_si512(rows.as_mut_ptr().add(16 * i).cast(), doubled) };
-            }
+            let doubled = |v: __m512i| _mm512_or_si512(_mm512_and_si512(v, hi), _mm512_slli_epi32::<16>(v));
             for j in 0..F16_BLOCK / 2 {
                 let (a, b) = (split16((i0 + 2 * j) * n + c), split16((i0 + 2 * j + 1) * n + c));
                 let pair = _mm512_or_si512(_mm512_srli_epi32::<16>(a), _mm512_and_si512(b, lo));
-                // SAFETY: row `32 + j < 48` of 16 (asserted above).
-                unsafe { _mm512_storeu_si512(rows.as_mut_ptr().add(16 * (F16_BLOCK + j)).cast(), pair) };
+                // SAFETY: rows `2j`, `2j + 1 < 32` and `32 + j < 48` of 16 (asserted above).
+                unsafe {
+                    _mm512_storeu_si512(rows.as_mut_ptr().add(16 * (2 * j)).cast(), doubled(a));
+                    _mm512_storeu_si512(rows.as_mut_ptr().add(16 * (2 * j + 1)).cast(), doubled(b));
+                    _mm512_storeu_si512(rows.as_mut_ptr().add(16 * (F16_BLOCK + j)).cast(), pair);
+                }
             }
         }
         WeightOrder::OutputMajor => {
