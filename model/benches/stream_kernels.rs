@@ -17,7 +17,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use burn::tensor::bf16;
+use burn::tensor::{bf16, f16};
 use vipllava_model::kernels::bf16_dot::{bf16_dot_available, matmul_bf16};
 use vipllava_model::kernels::int8::{ColumnBlocks, Int8Rows, matmul_int8, vnni_available};
 use vipllava_model::kernels::packed::{Bits, PackedWeight};
@@ -188,9 +188,9 @@ fn rows_table() {
 
     println!();
     println!(
-        "| k x n | bf16 [n,k] ms | bf16 [k,n] ms | bf16 x bf16 [n,k] ms | f32 [n,k] ms | f32 [k,n] ms |"
+        "| k x n | bf16 [n,k] ms | bf16 [k,n] ms | bf16 x bf16 [n,k] ms | f32 [n,k] ms | f32 [k,n] ms | f16 [n,k] ms | f16 [k,n] ms |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (k, n) in [
         (2048, 5632),
         (5632, 2048),
@@ -209,11 +209,15 @@ fn rows_table() {
             .iter()
             .map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect())
             .collect();
+        let wh: Vec<Vec<f16>> = wf
+            .iter()
+            .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
+            .collect();
         type Kernel<T> = fn(&[f32], &[T], usize, usize, usize) -> Vec<f32>;
         let bf: [Kernel<bf16>; 3] = [matmul_rows::<bf16>, matmul_stream::<bf16>, bf16_dot];
         let f: [Kernel<f32>; 2] = [matmul_rows::<f32>, matmul_stream::<f32>];
         // Interleaved rounds, medians of the per-round medians.
-        let mut rounds = [[0f64; 5]; 5];
+        let mut rounds = [[0f64; 7]; 5];
         for round in rounds.iter_mut() {
             for (c, kernel) in bf.iter().enumerate() {
                 let mut at = 0;
@@ -229,9 +233,18 @@ fn rows_table() {
                     black_box(kernel(black_box(&x), black_box(&wf[at]), 1, k, n));
                 });
             }
+            let mut at = 0;
+            round[5] = time(9, || {
+                at = (at + 1) % copies;
+                black_box(matmul_rows::<f16>(black_box(&x), black_box(&wh[at]), 1, k, n));
+            });
+            round[6] = time(9, || {
+                at = (at + 1) % copies;
+                black_box(matmul_stream::<f16>(black_box(&x), black_box(&wh[at]), 1, k, n));
+            });
         }
         let median = |c: usize| median_ms(&rounds, c);
-        let mut cells: Vec<String> = (0..5).map(|c| format!("{:.3}", median(c))).collect();
+        let mut cells: Vec<String> = (0..7).map(|c| format!("{:.3}", median(c))).collect();
         if !bf16_dot_available() {
             cells[2] = "(no AVX-512 BF16: the plain-Rust twin) ".to_string() + &cells[2];
         }

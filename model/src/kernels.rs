@@ -19,7 +19,7 @@
 use burn::backend::{BackendTensor, DispatchKindConversion, DispatchTensor, TensorMetadata};
 use burn::nn::Linear;
 use burn::tensor::quantization::{QuantMode, QuantValue, global_scale_dtype};
-use burn::tensor::{DType, Device, Tensor, TensorData, bf16, f16};
+use burn::tensor::{DType, Device, Element, Tensor, TensorData, bf16, f16};
 use burn_flex::{Flex, FlexQTensor, FlexTensor};
 
 use rayon::prelude::*;
@@ -385,8 +385,8 @@ pub(crate) fn widen_f16_into(xs: &[f16], out: &mut [f32]) {
             unsafe { std::arch::x86_64::_mm512_storeu_ps(o.as_mut_ptr(), widen16(x.as_ptr())) };
         }
     }
-    for (o, x) in out[done..].iter_mut().zip(&xs[done..]) {
-        *o = x.to_f32();
+    for (o, &x) in out[done..].iter_mut().zip(&xs[done..]) {
+        *o = widen_f16(x);
     }
 }
 
@@ -404,7 +404,7 @@ pub(crate) fn round_f16_into(xs: &[f32], out: &mut [std::mem::MaybeUninit<f16>])
         }
     }
     for (o, &x) in out[done..].iter_mut().zip(&xs[done..]) {
-        o.write(f16::from_f32(x));
+        o.write(round_f16(x));
     }
 }
 
@@ -649,6 +649,56 @@ fn streamed_output<const D: usize>(
 /// Outputs from which rounding and activations run on the rayon pool (a prefill's, not a
 /// decode step's).
 const PARALLEL_VALUES: usize = 1 << 16;
+
+/// `v` as f32: the bits of `f16::to_f32` (a NaN stays a NaN, quieted), written so that loops
+/// over it vectorize. `half` converts one value per call unless the whole build targets F16C,
+/// and a loop of those calls ran the f16 decode of a `[k, n]` weight (a burnpack's) at a
+/// quarter of the rate of the same loop over bf16.
+#[inline(always)]
+pub(crate) fn widen_f16(v: f16) -> f32 {
+    let half = v.to_bits() as u32;
+    let sign = (half & 0x8000) << 16;
+    let magnitude = half & 0x7fff;
+    // Exponent and mantissa in f32's places give the value times 2^-112, exactly, for
+    // normal and subnormal halves alike (a subnormal f32 times 2^112 is a normal one).
+    let finite = f32::from_bits(magnitude << 13) * f32::from_bits(0x7780_0000);
+    let quiet = if magnitude > 0x7c00 { 0x0040_0000 } else { 0 };
+    let special = 0x7f80_0000 | (magnitude << 13) | quiet;
+    let wide = if magnitude >= 0x7c00 {
+        special
+    } else {
+        finite.to_bits()
+    };
+    f32::from_bits(wide | sign)
+}
+
+/// `v` rounded to the nearest f16, ties to even, a NaN kept a quiet NaN with its payload's top
+/// bits: the bits of `f16::from_f32` (F16C's `vcvtps2ph`), written so that loops over it
+/// vectorize (see [`widen_f16`]).
+#[inline(always)]
+pub(crate) fn round_f16(v: f32) -> f16 {
+    let bits = v.to_bits();
+    let sign = (bits >> 16) & 0x8000;
+    let magnitude = bits & 0x7fff_ffff;
+    let rounded = if magnitude > 0x7f80_0000 {
+        // NaN: quiet, the top 10 bits of the payload kept.
+        0x7e00 | ((magnitude >> 13) & 0x3ff)
+    } else if magnitude >= 0x4780_0000 {
+        // 65536 and above (and infinity): infinite. From 65520 up the normal branch below
+        // also rounds to infinity.
+        0x7c00
+    } else if magnitude < 0x3880_0000 {
+        // Below 2^-14, f16's subnormals: adding 0.5 rounds the value to a multiple of 2^-24
+        // (f16's subnormal step) in the FPU, to nearest even; 0.5's bits leave the count.
+        (f32::from_bits(magnitude) + 0.5).to_bits() - 0x3f00_0000
+    } else {
+        // Normal: the exponent rebiased (127 -> 15), the 13 bits that go rounded to nearest
+        // even (a carry moves into the exponent, up to infinity).
+        let odd = (magnitude >> 13) & 1;
+        (magnitude - 0x3800_0000 + 0x0fff + odd) >> 13
+    };
+    f16::from_bits((rounded | sign) as u16)
+}
 
 /// `v` rounded to the nearest bf16, ties to even, NaN kept a (quiet) NaN: the bits of
 /// `bf16::from_f32`, written so that loops over it vectorize.
@@ -1888,7 +1938,7 @@ impl Widen for bf16 {
 impl Widen for f16 {
     #[inline(always)]
     fn widen(self) -> f32 {
-        self.to_f32()
+        widen_f16(self)
     }
 }
 
@@ -1964,19 +2014,159 @@ struct DenseRows<'a, T> {
     n: usize,
 }
 
-impl<T: Widen> StreamedWeight for DenseRows<'_, T> {
+impl<T: Widen + Element> StreamedWeight for DenseRows<'_, T> {
     fn n(&self) -> usize {
         self.n
     }
 
     #[inline(always)]
     fn accumulate(&self, x: &[f32], rows: usize, k: usize, k0: usize, k1: usize, acc: &mut [f32]) {
+        // f16 with F16C's conversion, which the compiler does not generate from scalar code.
+        // The 1.1B f16 decode from a burnpack (BENCHMARKS.md round 37): 1.4-2.2 tok/s with
+        // `half`'s call per value, 4.4-5.7 with the vectorized `widen_f16` (a handful of
+        // instructions per 16 values), 8.0-9.6 with this.
+        #[cfg(target_arch = "x86_64")]
+        if T::dtype() == DType::F16 {
+            let weight = WeightRows {
+                w: self.w,
+                n: self.n,
+                k0,
+                k1,
+            };
+            match Simd::best() {
+                // SAFETY: the CPU has this level's features (`Simd::best`).
+                Simd::Avx512 => return unsafe { weight.accumulate_avx512(x, rows, k, acc) },
+                // SAFETY: as above.
+                Simd::Avx2 => return unsafe { weight.accumulate_avx2(x, rows, k, acc) },
+                _ => {}
+            }
+        }
         accumulate_generic(x, self.w, rows, k, self.n, k0, k1, acc);
     }
 }
 
+/// Rows `k0..k1` of a `[k, n]` weight, for [`accumulate_generic`]'s loop written with
+/// intrinsics.
+#[cfg(target_arch = "x86_64")]
+struct WeightRows<'a, T> {
+    w: &'a [T],
+    n: usize,
+    k0: usize,
+    k1: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<T: Widen + Element> WeightRows<'_, T> {
+    /// The weight rows `kk..kk + R`, each `n` long.
+    fn rows<const R: usize>(&self, kk: usize) -> [&[T]; R] {
+        std::array::from_fn(|i| &self.w[(kk + i) * self.n..][..self.n])
+    }
+
+    /// [`accumulate_generic`] with 16 columns per register: the same multiply-adds in the
+    /// same order (four weight rows per pass, then one), so the same bits.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and FMA.
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn accumulate_avx512(&self, x: &[f32], rows: usize, k: usize, acc: &mut [f32]) {
+        use std::arch::x86_64::*;
+        /// `out[j] += a[0] w[0][j] + ... + a[R-1] w[R-1][j]`, one multiply-add after another.
+        #[inline(always)]
+        fn add_rows<T: Widen + Element, const R: usize>(out: &mut [f32], a: [f32; R], w: [&[T]; R]) {
+            let whole = out.len() / 16 * 16;
+            for j in (0..whole).step_by(16) {
+                // SAFETY: `j + 16 <= whole <= out.len()`, and each weight row is as long as
+                // `out`; the CPU has AVX-512 F and FMA (the caller's promise).
+                unsafe {
+                    let mut sum = _mm512_loadu_ps(out.as_ptr().add(j));
+                    for i in 0..R {
+                        sum = _mm512_fmadd_ps(_mm512_set1_ps(a[i]), widen16(w[i].as_ptr().add(j)), sum);
+                    }
+                    _mm512_storeu_ps(out.as_mut_ptr().add(j), sum);
+                }
+            }
+            add_rows_plain(&mut out[whole..], a, w.map(|w| &w[whole..]));
+        }
+        self.each_pass(x, rows, k, acc, add_rows::<T, 4>, add_rows::<T, 1>);
+    }
+
+    /// [`WeightRows::accumulate_avx512`] with 8 columns per register.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn accumulate_avx2(&self, x: &[f32], rows: usize, k: usize, acc: &mut [f32]) {
+        use std::arch::x86_64::*;
+        /// As in [`WeightRows::accumulate_avx512`].
+        #[inline(always)]
+        fn add_rows<T: Widen + Element, const R: usize>(out: &mut [f32], a: [f32; R], w: [&[T]; R]) {
+            let whole = out.len() / 8 * 8;
+            for j in (0..whole).step_by(8) {
+                // SAFETY: `j + 8 <= whole <= out.len()`, and each weight row is as long as
+                // `out`; the CPU has AVX2, FMA and F16C (the caller's promise).
+                unsafe {
+                    let mut sum = _mm256_loadu_ps(out.as_ptr().add(j));
+                    for i in 0..R {
+                        sum = _mm256_fmadd_ps(_mm256_set1_ps(a[i]), widen8(w[i].as_ptr().add(j)), sum);
+                    }
+                    _mm256_storeu_ps(out.as_mut_ptr().add(j), sum);
+                }
+            }
+            add_rows_plain(&mut out[whole..], a, w.map(|w| &w[whole..]));
+        }
+        self.each_pass(x, rows, k, acc, add_rows::<T, 4>, add_rows::<T, 1>);
+    }
+
+    /// [`accumulate_generic`]'s passes: four weight rows at a time, then one, each pass over
+    /// every activation row.
+    #[inline(always)]
+    fn each_pass(
+        &self,
+        x: &[f32],
+        rows: usize,
+        k: usize,
+        acc: &mut [f32],
+        four: impl Fn(&mut [f32], [f32; 4], [&[T]; 4]),
+        one: impl Fn(&mut [f32], [f32; 1], [&[T]; 1]),
+    ) {
+        let n = self.n;
+        let mut kk = self.k0;
+        while kk + 4 <= self.k1 {
+            let w = self.rows::<4>(kk);
+            for r in 0..rows {
+                four(
+                    &mut acc[r * n..][..n],
+                    std::array::from_fn(|i| x[r * k + kk + i]),
+                    w,
+                );
+            }
+            kk += 4;
+        }
+        while kk < self.k1 {
+            let w = self.rows::<1>(kk);
+            for r in 0..rows {
+                one(&mut acc[r * n..][..n], [x[r * k + kk]], w);
+            }
+            kk += 1;
+        }
+    }
+}
+
+/// `out[j] += a[0] w[0][j] + ... + a[R-1] w[R-1][j]`, one multiply-add after another.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn add_rows_plain<T: Widen, const R: usize>(out: &mut [f32], a: [f32; R], w: [&[T]; R]) {
+    for (j, o) in out.iter_mut().enumerate() {
+        let mut sum = *o;
+        for i in 0..R {
+            sum = a[i].mul_add(w[i][j].widen(), sum);
+        }
+        *o = sum;
+    }
+}
+
 /// `x [rows, k] @ w [k, n]` in f32, streaming `w` once.
-pub fn matmul_stream<T: Widen>(x: &[f32], w: &[T], rows: usize, k: usize, n: usize) -> Vec<f32> {
+pub fn matmul_stream<T: Widen + Element>(x: &[f32], w: &[T], rows: usize, k: usize, n: usize) -> Vec<f32> {
     stream(x, &DenseRows { w, n }, rows, k)
 }
 
@@ -2239,6 +2429,58 @@ pub(crate) mod tests {
                 assert!(
                     (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
                     "bf16 {rows}x{k}x{n}: {a} vs {b}"
+                );
+            }
+            let wh: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let wh32: Vec<f32> = wh.iter().map(|v| v.to_f32()).collect();
+            let got = matmul_stream(&x, &wh, rows, k, n);
+            let want = reference(&x, &wh32, rows, k, n);
+            for (a, b) in got.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "f16 {rows}x{k}x{n}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
+    /// The f16 `[k, n]` stream written with intrinsics gives the bits of the plain loop at
+    /// every level the CPU runs: widths with and without partial registers, slabs whose
+    /// length is not a multiple of four rows, one to three activation rows.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn f16_stream_levels_give_the_plain_bits() {
+        let mut next = xorshift(0x05ee_df16);
+        for &(rows, k, n, k0, k1) in &[
+            (1, 9, 1, 0, 9),
+            (2, 13, 7, 1, 12),
+            (3, 40, 17, 4, 39),
+            (1, 64, 67, 0, 64),
+            (2, 21, 200, 3, 20),
+        ] {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            let w: Vec<f16> = (0..k * n)
+                .map(|_| f16::from_bits((next() % 0x7c00) as u16 | ((next() % 2) << 15) as u16))
+                .collect();
+            let start: Vec<f32> = (0..rows * n).map(|i| i as f32 * 0.25 - 3.0).collect();
+            let mut plain = start.clone();
+            accumulate_generic(&x, &w, rows, k, n, k0, k1, &mut plain);
+            let weight = WeightRows { w: &w, n, k0, k1 };
+            for level in Simd::reachable_simd() {
+                let mut got = start.clone();
+                // SAFETY: the CPU runs `level` (`reachable_simd`).
+                match level {
+                    Simd::Avx512 => unsafe { weight.accumulate_avx512(&x, rows, k, &mut got) },
+                    Simd::Avx2 => unsafe { weight.accumulate_avx2(&x, rows, k, &mut got) },
+                    Simd::Plain => unreachable!("not a SIMD level"),
+                }
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&plain),
+                    "{level:?} {rows}x{k}x{n} rows {k0}..{k1}"
                 );
             }
         }
@@ -2575,6 +2817,8 @@ pub(crate) mod tests {
                 w.to_bits() == want.to_bits() || w.is_nan() && want.is_nan(),
                 "{h:?}"
             );
+            // The scalar form that loops vectorize: the same bits, NaN payloads included.
+            assert_eq!(widen_f16(*h).to_bits(), want.to_bits(), "{:#06x}", h.to_bits());
         }
         // Each finite f16, the next f32 up and down, and the midpoints to the next f16.
         let mut xs: Vec<f32> = vec![
@@ -2586,6 +2830,14 @@ pub(crate) mod tests {
             1e6,
             f32::INFINITY,
             f32::NAN,
+            -f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xffa1_2345),
+            f32::from_bits(0x7fff_ffff),
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            -0.0,
         ];
         for h in all.iter().filter(|h| h.is_finite()) {
             let v = h.to_f32();
@@ -2597,6 +2849,15 @@ pub(crate) mod tests {
             if next.is_finite() {
                 xs.push((v + next) / 2.0);
             }
+        }
+        for x in &xs {
+            let want = f16::from_f32(*x);
+            assert_eq!(
+                round_f16(*x).to_bits(),
+                want.to_bits(),
+                "{x:e} ({:#010x})",
+                x.to_bits()
+            );
         }
         for len in [xs.len(), xs.len() - 5, 7] {
             let got = round_f16_values(&xs[..len]);

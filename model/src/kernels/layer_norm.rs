@@ -40,11 +40,11 @@ impl Half for bf16 {
 impl Half for f16 {
     #[inline(always)]
     fn widen(self) -> f32 {
-        self.to_f32()
+        super::widen_f16(self)
     }
     #[inline(always)]
     fn narrow(v: f32) -> Self {
-        f16::from_f32(v)
+        super::round_f16(v)
     }
 }
 

@@ -40,7 +40,8 @@ impl Stored for bf16 {
 impl Stored for f16 {
     #[inline(always)]
     fn narrow(v: f32) -> Self {
-        f16::from_f32(v)
+        // The bits of `f16::from_f32`, in a form that vectorizes.
+        super::round_f16(v)
     }
 }
 
