@@ -3,6 +3,7 @@
 //! `STREAM_KERNELS=rows` for the file-order table alone, `STREAM_KERNELS=gemm` for the
 //! many-row bf16 table alone, `STREAM_KERNELS=amx-gemm` for its AMX column alone,
 //! `STREAM_KERNELS=amx-tile` for the AMX block loop alone (`AMX_THREADS`, `AMX_MISALIGN`),
+//! `STREAM_KERNELS=f16-amx` for the f16 AMX products in both weight orders,
 //! `STREAM_KERNELS=f32-gemm` for the many-row f32 table alone,
 //! `STREAM_KERNELS=prefill-attention` and
 //! `STREAM_KERNELS=decode-attention` for the attention tables alone, `STREAM_KERNELS=gate`
@@ -76,6 +77,7 @@ fn main() {
         Ok("gemm") => Some(gemm_table),
         Ok("amx-gemm") => Some(amx_gemm_table),
         Ok("amx-tile") => Some(amx_tile_table),
+        Ok("f16-amx") => Some(f16_amx_table),
         Ok("f32-gemm") => Some(f32_gemm_table),
         Ok("packed-memory") => Some(packed_memory_table),
         Ok("q4-gemm") => Some(q4_gemm_table),
@@ -391,6 +393,72 @@ fn amx_gemm_table() {
             "| {m} x {k} x {n} | {cached:.2} | {:.0} | {memory:.2} | {:.0} |",
             gflops(cached),
             gflops(memory)
+        );
+    }
+}
+
+/// Many-row f16 products on AMX tiles (three products of the values' bf16 halves), the
+/// weights from memory as a model's are, in both weight orders: the checkpoint's `[n, k]`
+/// (hub safetensors used in place) and Burn's `[k, n]` (a burnpack's).
+fn f16_amx_table() {
+    use vipllava_model::kernels::amx::amx_bf16_available;
+    use vipllava_model::kernels::bf16_gemm::{WeightOrder, matmul_bf16_amx, matmul_f16_amx};
+
+    if !amx_bf16_available() {
+        println!("no AMX-BF16 on this CPU");
+        return;
+    }
+    const FROM_MEMORY_BYTES: usize = 640 << 20;
+    println!("| m x k x n | f16 [n,k] ms | f16 [k,n] ms | bf16 [n,k] ms | f16 / bf16 |");
+    println!("|---|---|---|---|---|");
+    // The 1.1B's and CLIP-L's products, then the 7B Llama's.
+    let llama_7b = [(617, 4096, 11008), (617, 11008, 4096), (617, 4096, 4096)];
+    for (m, k, n) in PREFILL_PRODUCTS.into_iter().chain(llama_7b) {
+        let (x, w) = prefill_operands(m, k, n);
+        let (x, w): (Vec<f16>, Vec<f16>) = (
+            x.into_iter().map(f16::from_f32).collect(),
+            w.into_iter().map(f16::from_f32).collect(),
+        );
+        let copies = FROM_MEMORY_BYTES.div_ceil(2 * k * n);
+        let orders = [
+            (WeightOrder::OutputMajor, vec![checkpoint_order(&w, k, n); copies]),
+            (WeightOrder::InputMajor, vec![w; copies]),
+        ];
+        // The same values as bf16 (f16 values in this range are bf16 values times 1 + a
+        // few bits; the time does not depend on them): what the f16 product costs over it.
+        let xb: Vec<bf16> = x.iter().map(|v| bf16::from_f32(v.to_f32())).collect();
+        let wb = vec![
+            checkpoint_order(&orders[1].1[0], k, n)
+                .iter()
+                .map(|v| bf16::from_f32(v.to_f32()))
+                .collect::<Vec<_>>();
+            copies
+        ];
+        let mut next = 0;
+        let mut rounds = [[f64::NAN; 3]; 5];
+        for round in rounds.iter_mut() {
+            for (c, (order, weights)) in orders.iter().enumerate() {
+                round[c] = time(copies.min(15), || {
+                    next += 1;
+                    black_box(matmul_f16_amx(&x, &weights[next % copies], *order, m, k, n));
+                });
+            }
+            round[2] = time(copies.min(15), || {
+                next += 1;
+                black_box(matmul_bf16_amx(
+                    &xb,
+                    &wb[next % copies],
+                    WeightOrder::OutputMajor,
+                    m,
+                    k,
+                    n,
+                ));
+            });
+        }
+        let [f16_file, f16_burn, bf16_file] = [0, 1, 2].map(|c| median_ms(&rounds, c));
+        println!(
+            "| {m} x {k} x {n} | {f16_file:.2} | {f16_burn:.2} | {bf16_file:.2} | {:.2} |",
+            f16_file / bf16_file
         );
     }
 }
