@@ -427,7 +427,35 @@ fn quantize_runs(
             }
         }
     }
-    vectors.run(|| runs(values, block, range, scale_dtype, q, scales))
+    /// The arguments of [`runs`], as work for [`Vectors::run`].
+    struct Work<'a>(
+        &'a [f32],
+        usize,
+        (f32, f32),
+        ScaleDtype,
+        &'a mut [i8],
+        &'a mut [f32],
+    );
+    impl Loops for Work<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run(self) {
+            runs(self.0, self.1, self.2, self.3, self.4, self.5)
+        }
+    }
+    vectors.run(Work(values, block, range, scale_dtype, q, scales))
+}
+
+/// Loops that [`Vectors::run`] compiles for an instruction set: `run` (and what it calls)
+/// must be `#[inline(always)]`, so that it is compiled inside the function with the target
+/// features. A closure does not do: its body is a function of its own, which LLVM need not
+/// inline, and did not in `quantize_runs` (a `roundf` call per value, a third of a q8 load's
+/// samples at the 1.1B size).
+trait Loops {
+    /// What the loops return.
+    type Output;
+    /// Runs the loops.
+    fn run(self) -> Self::Output;
 }
 
 /// The instruction sets the quantizer's loops are compiled for, chosen at run time.
@@ -447,22 +475,22 @@ impl Vectors {
             .unwrap_or(Self::Baseline)
     }
 
-    /// Runs `work` compiled for these instructions, which must be available: the loops of
-    /// `work` (closures and `#[inline(always)]` functions) are inlined into a function with
-    /// the target features, where LLVM vectorizes (and rounds) with them.
+    /// Runs `work` compiled for these instructions, which must be available: its loops
+    /// ([`Loops::run`], inlined) are compiled inside a function with the target features,
+    /// where LLVM vectorizes (and rounds) with them.
     #[inline(always)]
-    fn run<R>(self, work: impl FnOnce() -> R) -> R {
+    fn run<W: Loops>(self, work: W) -> W::Output {
         #[cfg(target_arch = "x86_64")]
         {
             #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
             #[inline]
-            fn avx512<R>(work: impl FnOnce() -> R) -> R {
-                work()
+            fn avx512<W: Loops>(work: W) -> W::Output {
+                work.run()
             }
             #[target_feature(enable = "avx2")]
             #[inline]
-            fn avx2<R>(work: impl FnOnce() -> R) -> R {
-                work()
+            fn avx2<W: Loops>(work: W) -> W::Output {
+                work.run()
             }
             assert!(self.available(), "{self:?} on a CPU without it");
             match self {
@@ -473,7 +501,7 @@ impl Vectors {
                 Self::Baseline => {}
             }
         }
-        work()
+        work.run()
     }
 
     fn available(self) -> bool {
@@ -507,7 +535,16 @@ fn block_row_maxima(vectors: Vectors, values: &[f32], alpha: &mut [f32]) {
             }
         }
     }
-    vectors.run(|| maxima(values, alpha))
+    /// The arguments of [`maxima`], as work for [`Vectors::run`].
+    struct Work<'a>(&'a [f32], &'a mut [f32]);
+    impl Loops for Work<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run(self) {
+            maxima(self.0, self.1)
+        }
+    }
+    vectors.run(Work(values, alpha))
 }
 
 /// `q = round(v * inv[j]).clamp(low, high)` for every row of one block row (`inv` holds a
@@ -536,7 +573,16 @@ fn quantize_block_row(
             }
         }
     }
-    vectors.run(|| rows(values, inv, quantized, low, high))
+    /// The arguments of [`rows`], as work for [`Vectors::run`].
+    struct Work<'a>(&'a [f32], &'a [f32], &'a mut [i8], f32, f32);
+    impl Loops for Work<'_> {
+        type Output = ();
+        #[inline(always)]
+        fn run(self) {
+            rows(self.0, self.1, self.2, self.3, self.4)
+        }
+    }
+    vectors.run(Work(values, inv, quantized, low, high))
 }
 
 /// Whether `tensor` lives on the plain Flex device (not behind autodiff).
