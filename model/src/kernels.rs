@@ -659,9 +659,13 @@ pub(crate) fn widen_f16(v: f16) -> f32 {
     let half = v.to_bits() as u32;
     let sign = (half & 0x8000) << 16;
     let magnitude = half & 0x7fff;
-    // Exponent and mantissa in f32's places give the value times 2^-112, exactly, for
-    // normal and subnormal halves alike (a subnormal f32 times 2^112 is a normal one).
-    let finite = f32::from_bits(magnitude << 13) * f32::from_bits(0x7780_0000);
+    // Normal: exponent and mantissa in f32's places give the value times 2^-112, a normal
+    // f32, times 2^112 exactly. Subnormal: the count of 2^-24 steps, converted exactly. No
+    // operand is an f32 subnormal, which a CPU set to treat them as zero (DAZ) would read
+    // as zero, unlike F16C's conversion.
+    let normal = f32::from_bits(magnitude << 13) * f32::from_bits(0x7780_0000);
+    let subnormal = magnitude as f32 * f32::from_bits(0x3380_0000);
+    let finite = if magnitude < 0x400 { subnormal } else { normal };
     let quiet = if magnitude > 0x7c00 { 0x0040_0000 } else { 0 };
     let special = 0x7f80_0000 | (magnitude << 13) | quiet;
     let wide = if magnitude >= 0x7c00 {
@@ -2021,7 +2025,8 @@ impl<T: Widen + Element> StreamedWeight for DenseRows<'_, T> {
 
     #[inline(always)]
     fn accumulate(&self, x: &[f32], rows: usize, k: usize, k0: usize, k1: usize, acc: &mut [f32]) {
-        // f16 with F16C's conversion, which the compiler does not generate from scalar code.
+        // f16 with F16C's conversion, which the compiler does not generate from scalar code
+        // (the same bits for finite values; which NaN payload survives may differ).
         // The 1.1B f16 decode from a burnpack (BENCHMARKS.md round 37): 1.4-2.2 tok/s with
         // `half`'s call per value, 4.4-5.7 with the vectorized `widen_f16` (a handful of
         // instructions per 16 values), 8.0-9.6 with this.
@@ -2071,12 +2076,16 @@ impl<T: Widen + Element> WeightRows<'_, T> {
     unsafe fn accumulate_avx512(&self, x: &[f32], rows: usize, k: usize, acc: &mut [f32]) {
         use std::arch::x86_64::*;
         /// `out[j] += a[0] w[0][j] + ... + a[R-1] w[R-1][j]`, one multiply-add after another.
+        ///
+        /// # Safety
+        /// The CPU must have AVX-512 F and FMA.
         #[inline(always)]
-        fn add_rows<T: Widen + Element, const R: usize>(out: &mut [f32], a: [f32; R], w: [&[T]; R]) {
+        unsafe fn add_rows<T: Widen + Element, const R: usize>(out: &mut [f32], a: [f32; R], w: [&[T]; R]) {
+            let w = w.map(|w| &w[..out.len()]);
             let whole = out.len() / 16 * 16;
             for j in (0..whole).step_by(16) {
-                // SAFETY: `j + 16 <= whole <= out.len()`, and each weight row is as long as
-                // `out`; the CPU has AVX-512 F and FMA (the caller's promise).
+                // SAFETY: `j + 16 <= whole <= out.len()`, the length of each weight row
+                // (sliced above); the CPU has AVX-512 F and FMA (the caller's promise).
                 unsafe {
                     let mut sum = _mm512_loadu_ps(out.as_ptr().add(j));
                     for i in 0..R {
@@ -2087,7 +2096,15 @@ impl<T: Widen + Element> WeightRows<'_, T> {
             }
             add_rows_plain(&mut out[whole..], a, w.map(|w| &w[whole..]));
         }
-        self.each_pass(x, rows, k, acc, add_rows::<T, 4>, add_rows::<T, 1>);
+        // SAFETY: this function's features are the CPU's (the caller's promise).
+        self.each_pass(
+            x,
+            rows,
+            k,
+            acc,
+            |o, a, w| unsafe { add_rows::<T, 4>(o, a, w) },
+            |o, a, w| unsafe { add_rows::<T, 1>(o, a, w) },
+        );
     }
 
     /// [`WeightRows::accumulate_avx512`] with 8 columns per register.
@@ -2098,12 +2115,16 @@ impl<T: Widen + Element> WeightRows<'_, T> {
     unsafe fn accumulate_avx2(&self, x: &[f32], rows: usize, k: usize, acc: &mut [f32]) {
         use std::arch::x86_64::*;
         /// As in [`WeightRows::accumulate_avx512`].
+        ///
+        /// # Safety
+        /// The CPU must have AVX2, FMA and F16C.
         #[inline(always)]
-        fn add_rows<T: Widen + Element, const R: usize>(out: &mut [f32], a: [f32; R], w: [&[T]; R]) {
+        unsafe fn add_rows<T: Widen + Element, const R: usize>(out: &mut [f32], a: [f32; R], w: [&[T]; R]) {
+            let w = w.map(|w| &w[..out.len()]);
             let whole = out.len() / 8 * 8;
             for j in (0..whole).step_by(8) {
-                // SAFETY: `j + 8 <= whole <= out.len()`, and each weight row is as long as
-                // `out`; the CPU has AVX2, FMA and F16C (the caller's promise).
+                // SAFETY: `j + 8 <= whole <= out.len()`, the length of each weight row
+                // (sliced above); the CPU has AVX2, FMA and F16C (the caller's promise).
                 unsafe {
                     let mut sum = _mm256_loadu_ps(out.as_ptr().add(j));
                     for i in 0..R {
@@ -2114,7 +2135,15 @@ impl<T: Widen + Element> WeightRows<'_, T> {
             }
             add_rows_plain(&mut out[whole..], a, w.map(|w| &w[whole..]));
         }
-        self.each_pass(x, rows, k, acc, add_rows::<T, 4>, add_rows::<T, 1>);
+        // SAFETY: this function's features are the CPU's (the caller's promise).
+        self.each_pass(
+            x,
+            rows,
+            k,
+            acc,
+            |o, a, w| unsafe { add_rows::<T, 4>(o, a, w) },
+            |o, a, w| unsafe { add_rows::<T, 1>(o, a, w) },
+        );
     }
 
     /// [`accumulate_generic`]'s passes: four weight rows at a time, then one, each pass over
