@@ -1,6 +1,7 @@
 //! Rates of the decode kernels in isolation (weights streamed once per call):
 //! `cargo bench -p vipllava-model --bench stream_kernels` (set `RAYON_NUM_THREADS`;
-//! `STREAM_KERNELS=rows` for the file-order table alone, `STREAM_KERNELS=gemm` for the
+//! `STREAM_KERNELS=rows` for the file-order table alone, `STREAM_KERNELS=rows-batch` for its
+//! products of a few activation rows, `STREAM_KERNELS=gemm` for the
 //! many-row bf16 table alone, `STREAM_KERNELS=amx-gemm` for its AMX column alone,
 //! `STREAM_KERNELS=amx-tile` for the AMX block loop alone (`AMX_THREADS`, `AMX_MISALIGN`),
 //! `STREAM_KERNELS=f16-amx` for the f16 AMX products in both weight orders,
@@ -74,6 +75,7 @@ fn main() {
     // `STREAM_KERNELS=<table>` prints that table alone.
     let alone: Option<fn()> = match std::env::var("STREAM_KERNELS").as_deref() {
         Ok("rows") => Some(rows_table),
+        Ok("rows-batch") => Some(rows_batch_table),
         Ok("gemm") => Some(gemm_table),
         Ok("amx-gemm") => Some(amx_gemm_table),
         Ok("amx-tile") => Some(amx_tile_table),
@@ -251,6 +253,67 @@ fn rows_table() {
             cells[2] = "(no AVX-512 BF16: the plain-Rust twin) ".to_string() + &cells[2];
         }
         println!("| {k} x {n} | {} |", cells.join(" | "));
+    }
+}
+
+/// Decode products of a batch (a few activation rows, up to `MAX_STREAM_ROWS`) with the
+/// weight in the file's `[n, k]` order, each call on another copy of the weight (from
+/// memory, as in a decode step): milliseconds per call, and the time per activation row
+/// against one row's (1.0: a row costs what a lone row costs; 1/rows: free rows).
+fn rows_batch_table() {
+    use vipllava_model::kernels::rows::{matmul_rows, matmul_rows_bf16};
+
+    println!();
+    println!(
+        "| k x n | rows | bf16 x bf16 ms | per row / 1 row | f16 ms | per row / 1 row | f32 ms | per row / 1 row |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (k, n) in [(2048, 5632), (5632, 2048), (2048, 2048)] {
+        let copies = (512usize << 20).div_ceil(k * n * 4).max(2);
+        let wf: Vec<Vec<f32>> = (0..copies)
+            .map(|c| (0..k * n).map(|i| ((i + c) % 13) as f32 * 0.01).collect())
+            .collect();
+        let wb: Vec<Vec<bf16>> = wf
+            .iter()
+            .map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect())
+            .collect();
+        let wh: Vec<Vec<f16>> = wf
+            .iter()
+            .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
+            .collect();
+        let mut single = [0f64; 3];
+        for rows in [1, 2, 4, 8, 16] {
+            let x: Vec<f32> = (0..rows * k)
+                .map(|i| bf16::from_f32((i % 7) as f32 * 0.1).to_f32())
+                .collect();
+            // Interleaved rounds, medians of the per-round medians.
+            let mut rounds = [[0f64; 3]; 3];
+            for round in rounds.iter_mut() {
+                let mut at = 0;
+                round[0] = time(7, || {
+                    at = (at + 1) % copies;
+                    black_box(matmul_rows_bf16(black_box(&x), black_box(&wb[at]), rows, k, n).unwrap());
+                });
+                round[1] = time(7, || {
+                    at = (at + 1) % copies;
+                    black_box(matmul_rows::<f16>(black_box(&x), black_box(&wh[at]), rows, k, n));
+                });
+                round[2] = time(7, || {
+                    at = (at + 1) % copies;
+                    black_box(matmul_rows::<f32>(black_box(&x), black_box(&wf[at]), rows, k, n));
+                });
+            }
+            let cells: Vec<String> = (0..3)
+                .map(|c| {
+                    let ms = median_ms(&rounds, c);
+                    if rows == 1 {
+                        single[c] = ms;
+                    }
+                    format!("{ms:.3} | {:.2}", ms / rows as f64 / single[c])
+                })
+                .collect();
+            println!("| {k} x {n} | {rows} | {} |", cells.join(" | "));
+        }
     }
 }
 

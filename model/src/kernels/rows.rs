@@ -12,6 +12,11 @@
 //! on the vector extension. bf16 weights with bf16 activations use `vdpbf16ps` where the
 //! CPU has AVX-512 BF16: lane `l` then takes the pairs `2l, 2l + 1` of every 32 values
 //! (odd one first, as the instruction adds them), with the same final sum.
+//!
+//! A batch's decode step has several activation rows: the SIMD kernels take a group of them
+//! through each weight row at once (one accumulator per row and lane set), so each weight
+//! value is loaded and widened once per group rather than once per row. Every row's sum keeps
+//! the order above, so a row's result is the same alone or in a batch.
 
 use burn::tensor::{Element, bf16};
 
@@ -26,13 +31,23 @@ use super::{widen8, widen16};
 const LANES: usize = 16;
 /// Output columns per task (whole rows of the weight each).
 const COLUMNS_PER_TASK: usize = 32;
-/// How far ahead of its loads [`dot_avx512`] asks for the weight row's bytes. On the AMX
+/// Activation rows that the f32 and f16 SIMD kernels take through one pass over a weight row
+/// (a batch's decode step has several): each weight value is loaded and widened once for
+/// all of them. Row by row, a task's weight rows came from L2 again for each activation row
+/// after the first, and f16 widened every value again. Four rows' f32 activations (32 KB at
+/// k = 2048) stay in L1; with eight they did not, and the f16 and f32 products of 8 rows ran
+/// slower than with two groups of four (`stream_kernels`, `rows-batch` table, round 38).
+const ROW_GROUP: usize = 4;
+/// [`ROW_GROUP`] for bf16 weights with bf16 activations: `vdpbf16ps` takes 32 values per
+/// instruction, and eight rows' activations, 2 bytes a value, take what four f32 rows take.
+const BF16_ROW_GROUP: usize = 8;
+/// How far ahead of its loads [`dots_avx512`] asks for the weight row's bytes. On the AMX
 /// Xeon of round 26 (BENCHMARKS.md) the hardware prefetchers alone left the 1.1B f32 decode
 /// at 5.6-5.8 tok/s; with the hint 2048 bytes ahead 6.2-6.3 (1024: 6.0-6.1, 4096: 6.1-6.2,
 /// 8192: 5.9-6.0), about llama.cpp's rate there.
 const ROW_PREFETCH_BYTES: usize = 2048;
-/// How far ahead of its loads [`Bf16Dots::run_simd`] asks for the weight row's bytes (a task's
-/// rows are one sequential stream per activation row, so past a row's end the hint reaches
+/// How far ahead of its loads [`Bf16Dots::group_simd`] asks for the weight row's bytes (a
+/// task's rows are one sequential stream per group of activation rows, so past a row's end the hint reaches
 /// into the next; past the task's last row it asks for bytes nobody reads, at no risk).
 /// On the AMX Xeon of round 33 (BENCHMARKS.md) the 1.1B bf16 decode ran 8.8-9.2 tok/s without
 /// the hint, 10.2-10.7 with it 1024 bytes ahead, 10.7-11.8 at 2048 and 11.1-11.7 at 4096
@@ -185,26 +200,99 @@ impl<T: Widen + Element> DenseDots<'_, T> {
         }
     }
 
-    /// [`DenseDots::run`] with [`dot_avx512`].
+    /// The activation rows `r0..r0 + R`.
+    #[inline(always)]
+    fn row_group<const R: usize>(&self, r0: usize) -> [&[f32]; R] {
+        std::array::from_fn(|i| &self.x[(r0 + i) * self.k..(r0 + i + 1) * self.k])
+    }
+
+    /// [`DenseDots::run`] with [`dots_avx512`], [`ROW_GROUP`] activation rows per pass over
+    /// a weight row (the same sums).
     ///
     /// # Safety
     /// The CPU must have AVX-512 F and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn run_avx512(&self, out: &mut [f32]) {
-        // SAFETY: this function's features are the CPU's (the caller's promise).
-        self.run(out, |w, x| unsafe { dot_avx512(w, x) })
+        /// Rows `r0..r0 + R` of every column of the task.
+        ///
+        /// # Safety
+        /// As [`DenseDots::run_avx512`].
+        #[target_feature(enable = "avx512f,fma")]
+        unsafe fn group<T: Widen + Element, const R: usize>(
+            task: &DenseDots<'_, T>,
+            r0: usize,
+            out: &mut [f32],
+        ) {
+            let xs = task.row_group::<R>(r0);
+            for j in 0..out.len() / task.rows {
+                let w = &task.w[(task.j0 + j) * task.k..][..task.k];
+                // SAFETY: the caller's features; each weight row is `k` long, as each `xs` row.
+                let sums = unsafe { dots_avx512(w, xs) };
+                out[j * task.rows + r0..][..R].copy_from_slice(&sums);
+            }
+        }
+        for_row_groups(self.rows, ROW_GROUP, |r0, size| {
+            // SAFETY: this function's features are the CPU's (the caller's promise).
+            unsafe {
+                match size {
+                    1 => group::<T, 1>(self, r0, out),
+                    2 => group::<T, 2>(self, r0, out),
+                    3 => group::<T, 3>(self, r0, out),
+                    _ => group::<T, ROW_GROUP>(self, r0, out),
+                }
+            }
+        });
     }
 
-    /// [`DenseDots::run`] with [`dot_avx2`].
+    /// [`DenseDots::run`] with [`dots_avx2`], as [`DenseDots::run_avx512`] does.
     ///
     /// # Safety
     /// The CPU must have AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2(&self, out: &mut [f32]) {
-        // SAFETY: this function's features are the CPU's (the caller's promise).
-        self.run(out, |w, x| unsafe { dot_avx2(w, x) })
+        /// Rows `r0..r0 + R` of every column of the task.
+        ///
+        /// # Safety
+        /// As [`DenseDots::run_avx2`].
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn group<T: Widen + Element, const R: usize>(
+            task: &DenseDots<'_, T>,
+            r0: usize,
+            out: &mut [f32],
+        ) {
+            let xs = task.row_group::<R>(r0);
+            for j in 0..out.len() / task.rows {
+                let w = &task.w[(task.j0 + j) * task.k..][..task.k];
+                // SAFETY: the caller's features; each weight row is `k` long, as each `xs` row.
+                let sums = unsafe { dots_avx2(w, xs) };
+                out[j * task.rows + r0..][..R].copy_from_slice(&sums);
+            }
+        }
+        for_row_groups(self.rows, ROW_GROUP, |r0, size| {
+            // SAFETY: this function's features are the CPU's (the caller's promise).
+            unsafe {
+                match size {
+                    1 => group::<T, 1>(self, r0, out),
+                    2 => group::<T, 2>(self, r0, out),
+                    3 => group::<T, 3>(self, r0, out),
+                    _ => group::<T, ROW_GROUP>(self, r0, out),
+                }
+            }
+        });
+    }
+}
+
+/// Calls `f(r0, size)` for the groups of `group` rows (the last one smaller) of `rows`
+/// activation rows.
+#[inline(always)]
+fn for_row_groups(rows: usize, group: usize, mut f: impl FnMut(usize, usize)) {
+    let mut r0 = 0;
+    while r0 < rows {
+        let size = (rows - r0).min(group);
+        f(r0, size);
+        r0 += size;
     }
 }
 
@@ -235,18 +323,24 @@ fn finish<T: Widen>(mut lanes: [f32; LANES], w: &[T], x: &[f32], from: usize) ->
     lane_sum(lanes)
 }
 
-/// [`dot`] with one 16-lane register: the same fused multiply-adds in the same order.
+/// [`dot`] of one weight row with each of `R` activation rows, one 16-lane register per
+/// row: the same fused multiply-adds in the same order as [`dot`], each weight value widened
+/// once for all rows.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F and FMA; `w` must be at least as long as `x`.
+/// The CPU must have AVX-512 F and FMA; `w` and every row of `xs` must be equally long.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
 #[inline]
-unsafe fn dot_avx512<T: Widen + Element>(w: &[T], x: &[f32]) -> f32 {
+unsafe fn dots_avx512<T: Widen + Element, const R: usize>(w: &[T], xs: [&[f32]; R]) -> [f32; R] {
     use std::arch::x86_64::*;
-    debug_assert!(w.len() >= x.len());
-    let whole = x.len() / LANES * LANES;
-    let mut acc = _mm512_setzero_ps();
+    let k = w.len();
+    assert!(
+        xs.iter().all(|x| x.len() == k),
+        "activation rows as long as the weight row"
+    );
+    let whole = k / LANES * LANES;
+    let mut acc = [_mm512_setzero_ps(); R];
     for c in (0..whole).step_by(LANES) {
         // A hint only (never faults, changes no result), so it may point past the row.
         _mm_prefetch::<_MM_HINT_T0>(
@@ -255,44 +349,60 @@ unsafe fn dot_avx512<T: Widen + Element>(w: &[T], x: &[f32]) -> f32 {
                 .cast::<i8>()
                 .wrapping_add(ROW_PREFETCH_BYTES),
         );
-        // SAFETY: `c + 16 <= whole <= x.len() <= w.len()`.
-        let (xs, ws) = unsafe { (_mm512_loadu_ps(x.as_ptr().add(c)), widen16(w.as_ptr().add(c))) };
-        acc = _mm512_fmadd_ps(xs, ws, acc);
+        // SAFETY: `c + 16 <= whole <= k`, the length of `w` and of every row.
+        let ws = unsafe { widen16(w.as_ptr().add(c)) };
+        for (acc, x) in acc.iter_mut().zip(xs) {
+            // SAFETY: as above.
+            *acc = _mm512_fmadd_ps(unsafe { _mm512_loadu_ps(x.as_ptr().add(c)) }, ws, *acc);
+        }
     }
-    let mut lanes = [0f32; LANES];
-    // SAFETY: 16 f32 lanes into a 16-f32 array.
-    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
-    finish(lanes, w, x, whole)
+    std::array::from_fn(|r| {
+        let mut lanes = [0f32; LANES];
+        // SAFETY: 16 f32 lanes into a 16-f32 array.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
+        finish(lanes, w, xs[r], whole)
+    })
 }
 
-/// [`dot`] with two 8-lane registers (lanes 0-7 and 8-15): the same fused multiply-adds in
-/// the same order.
+/// [`dots_avx512`] with two 8-lane registers per row (lanes 0-7 and 8-15): the same fused
+/// multiply-adds in the same order.
 ///
 /// # Safety
-/// The CPU must have AVX2, FMA and F16C; `w` must be at least as long as `x`.
+/// The CPU must have AVX2, FMA and F16C; `w` and every row of `xs` must be equally long.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot_avx2<T: Widen + Element>(w: &[T], x: &[f32]) -> f32 {
+unsafe fn dots_avx2<T: Widen + Element, const R: usize>(w: &[T], xs: [&[f32]; R]) -> [f32; R] {
     use std::arch::x86_64::*;
-    debug_assert!(w.len() >= x.len());
-    let whole = x.len() / LANES * LANES;
-    let (mut low, mut high) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let k = w.len();
+    assert!(
+        xs.iter().all(|x| x.len() == k),
+        "activation rows as long as the weight row"
+    );
+    let whole = k / LANES * LANES;
+    let mut low = [_mm256_setzero_ps(); R];
+    let mut high = [_mm256_setzero_ps(); R];
     for c in (0..whole).step_by(LANES) {
-        // SAFETY: `c + 16 <= whole <= x.len() <= w.len()`.
-        unsafe {
-            let (x, w) = (x.as_ptr().add(c), w.as_ptr().add(c));
-            low = _mm256_fmadd_ps(_mm256_loadu_ps(x), widen8(w), low);
-            high = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(8)), widen8(w.add(8)), high);
+        // SAFETY: `c + 16 <= whole <= k`, the length of `w` and of every row.
+        let (w_low, w_high) = unsafe { (widen8(w.as_ptr().add(c)), widen8(w.as_ptr().add(c + 8))) };
+        for r in 0..R {
+            // SAFETY: as above.
+            unsafe {
+                let x = xs[r].as_ptr().add(c);
+                low[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x), w_low, low[r]);
+                high[r] = _mm256_fmadd_ps(_mm256_loadu_ps(x.add(8)), w_high, high[r]);
+            }
         }
     }
-    let mut lanes = [0f32; LANES];
-    // SAFETY: 2 x 8 f32 lanes into a 16-f32 array.
-    unsafe {
-        _mm256_storeu_ps(lanes.as_mut_ptr(), low);
-        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), high);
-    }
-    finish(lanes, w, x, whole)
+    std::array::from_fn(|r| {
+        let mut lanes = [0f32; LANES];
+        // SAFETY: 2 x 8 f32 lanes into a 16-f32 array.
+        unsafe {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), low[r]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), high[r]);
+        }
+        finish(lanes, w, xs[r], whole)
+    })
 }
 
 /// One task of [`matmul_rows_bf16`], on bf16 bits.
@@ -357,54 +467,85 @@ impl Bf16Dots<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn run_simd(&self, out: &mut [f32]) {
-        use std::arch::x86_64::*;
-
-        let (k, rows) = (self.k, self.rows);
-        let whole = k / (2 * LANES) * (2 * LANES);
-        let columns = out.len() / rows;
-        let load = |v: &[u16], at: usize| {
-            debug_assert!(at + 2 * LANES <= v.len());
-            // SAFETY: `at + 32 <= whole <= v.len()`.
-            as_bh(unsafe { _mm512_loadu_si512(v.as_ptr().add(at) as *const __m512i) })
-        };
-        let finish = |acc: __m512, x: &[u16], w: &[u16]| {
-            let mut lanes = [0f32; LANES];
-            // SAFETY: 16 f32 lanes into a 16-f32 array.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
-            Self::add_pairs_plain(x, w, whole, &mut lanes);
-            lane_sum(lanes)
-        };
+        let whole = self.k / (2 * LANES) * (2 * LANES);
         // One weight row at a time: each task reads its rows as one sequential stream. Four
         // rows per pass (one activation load for four) read four streams a row apart, which
         // the Zen 4 machine of round 13 read 15-40% slower (`stream_kernels`, rows table);
         // the activations stay in L1 either way. Each row's sum is the same either way.
-        for r in 0..rows {
-            let x = &self.x[r * k..(r + 1) * k];
-            for j in 0..columns {
-                let wr = self.row(j);
-                // Two chains of `vdpbf16ps` (even and odd blocks of 32 values): with one,
-                // each instruction waits on the one before, and a 1.1B bf16 decode ran 5%
-                // slower (medians of 10 alternated runs, BENCHMARKS.md round 18).
-                let (mut even, mut odd) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-                let mut c = 0;
-                while c + 4 * LANES <= whole {
-                    // Hints only (never fault, change no result): they may point past the
-                    // weight. Two, for the two cache lines that this step reads.
-                    let ahead = wr
-                        .as_ptr()
-                        .wrapping_add(c)
-                        .cast::<i8>()
-                        .wrapping_add(BF16_ROW_PREFETCH_BYTES);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-                    even = _mm512_dpbf16_ps(even, load(wr, c), load(x, c));
-                    odd = _mm512_dpbf16_ps(odd, load(wr, c + 2 * LANES), load(x, c + 2 * LANES));
-                    c += 4 * LANES;
+        // Activation rows go [`BF16_ROW_GROUP`] at a time through each weight row.
+        for_row_groups(self.rows, BF16_ROW_GROUP, |r0, size| {
+            // SAFETY: this function's features are the CPU's (the caller's promise).
+            unsafe {
+                match size {
+                    1 => self.group_simd::<1>(r0, whole, out),
+                    2 => self.group_simd::<2>(r0, whole, out),
+                    3 => self.group_simd::<3>(r0, whole, out),
+                    4 => self.group_simd::<4>(r0, whole, out),
+                    5 => self.group_simd::<5>(r0, whole, out),
+                    6 => self.group_simd::<6>(r0, whole, out),
+                    7 => self.group_simd::<7>(r0, whole, out),
+                    _ => self.group_simd::<BF16_ROW_GROUP>(r0, whole, out),
                 }
-                if c < whole {
-                    even = _mm512_dpbf16_ps(even, load(wr, c), load(x, c));
+            }
+        });
+    }
+
+    /// The activation rows `r0..r0 + R` of [`Bf16Dots::run_simd`] against every weight row
+    /// of the task, each weight load shared by the `R` rows.
+    ///
+    /// # Safety
+    /// As [`Bf16Dots::run_simd`]; `whole` is `k` rounded down to a multiple of 32.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[inline]
+    unsafe fn group_simd<const R: usize>(&self, r0: usize, whole: usize, out: &mut [f32]) {
+        use std::arch::x86_64::*;
+
+        let (k, rows) = (self.k, self.rows);
+        debug_assert!(whole <= k && whole.is_multiple_of(2 * LANES));
+        let xs: [&[u16]; R] = std::array::from_fn(|i| &self.x[(r0 + i) * k..(r0 + i + 1) * k]);
+        let load = |v: &[u16], at: usize| {
+            assert!(at + 2 * LANES <= v.len());
+            // SAFETY: 32 values from `at` lie inside `v` (checked above).
+            as_bh(unsafe { _mm512_loadu_si512(v.as_ptr().add(at) as *const __m512i) })
+        };
+        for j in 0..out.len() / rows {
+            let wr = self.row(j);
+            // Two chains of `vdpbf16ps` per row (even and odd blocks of 32 values): with one,
+            // each instruction waits on the one before, and a 1.1B bf16 decode ran 5%
+            // slower (medians of 10 alternated runs, BENCHMARKS.md round 18).
+            let mut even = [_mm512_setzero_ps(); R];
+            let mut odd = [_mm512_setzero_ps(); R];
+            let mut c = 0;
+            while c + 4 * LANES <= whole {
+                // Hints only (never fault, change no result): they may point past the
+                // weight. Two, for the two cache lines that this step reads.
+                let ahead = wr
+                    .as_ptr()
+                    .wrapping_add(c)
+                    .cast::<i8>()
+                    .wrapping_add(BF16_ROW_PREFETCH_BYTES);
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                let (w_even, w_odd) = (load(wr, c), load(wr, c + 2 * LANES));
+                for r in 0..R {
+                    even[r] = _mm512_dpbf16_ps(even[r], w_even, load(xs[r], c));
+                    odd[r] = _mm512_dpbf16_ps(odd[r], w_odd, load(xs[r], c + 2 * LANES));
                 }
-                out[j * rows + r] = finish(_mm512_add_ps(even, odd), x, wr);
+                c += 4 * LANES;
+            }
+            if c < whole {
+                let w_even = load(wr, c);
+                for r in 0..R {
+                    even[r] = _mm512_dpbf16_ps(even[r], w_even, load(xs[r], c));
+                }
+            }
+            for r in 0..R {
+                let mut lanes = [0f32; LANES];
+                // SAFETY: 16 f32 lanes into a 16-f32 array.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), _mm512_add_ps(even[r], odd[r])) };
+                Self::add_pairs_plain(xs[r], wr, whole, &mut lanes);
+                out[j * rows + r0 + r] = lane_sum(lanes);
             }
         }
     }
@@ -446,13 +587,18 @@ pub(super) mod tests {
         assert!(worst <= tolerance, "{what}: max |diff| {worst} > {tolerance}");
     }
 
-    const SHAPES: [(usize, usize, usize); 7] = [
+    /// Every group size of the SIMD kernels (groups of 4 rows, of 8 for bf16: 1-7 rows,
+    /// 8 + 3, 8 + 8), partial 16- and 32-value blocks, and task widths that do not divide 32.
+    const SHAPES: [(usize, usize, usize); 10] = [
         (1, 1, 1),
         (1, 15, 3),
         (2, 33, 37),
         (3, 64, 70),
         (16, 100, 65),
         (5, 257, 4),
+        (6, 95, 33),
+        (7, 130, 66),
+        (11, 70, 40),
         (1, 2048, 129),
     ];
 
