@@ -699,9 +699,10 @@ impl PackedWeight {
         let rows = x.rows();
         #[cfg(target_arch = "x86_64")]
         {
-            // Block row `kb`, all its tiles, up to four activation rows per call of `$tile::add`.
+            // Block row `kb`, all its tiles, up to `$most` activation rows per call of
+            // `$tile::add` (`$fewer`: the smaller counts, for the last rows).
             macro_rules! each_tile {
-                ($tile:ident) => {{
+                ($tile:ident, $most:literal, [$($fewer:literal),*]) => {{
                     let mut r = 0;
                     while r < rows {
                         // SAFETY: `Vnni` / `Avx2` are only passed where `runs_here` said the CPU
@@ -710,22 +711,18 @@ impl PackedWeight {
                         // and block row `kb < k / block`, and `out` holds `rows * n` values.
                         r += unsafe {
                             match (self.bits, rows - r) {
-                                (Bits::Eight, 1) => $tile::add::<1, 8>(self, x, kb, r, out),
-                                (Bits::Eight, 2) => $tile::add::<2, 8>(self, x, kb, r, out),
-                                (Bits::Eight, 3) => $tile::add::<3, 8>(self, x, kb, r, out),
-                                (Bits::Eight, _) => $tile::add::<4, 8>(self, x, kb, r, out),
-                                (Bits::Four, 1) => $tile::add::<1, 4>(self, x, kb, r, out),
-                                (Bits::Four, 2) => $tile::add::<2, 4>(self, x, kb, r, out),
-                                (Bits::Four, 3) => $tile::add::<3, 4>(self, x, kb, r, out),
-                                (Bits::Four, _) => $tile::add::<4, 4>(self, x, kb, r, out),
+                                $((Bits::Eight, $fewer) => $tile::add::<$fewer, 8>(self, x, kb, r, out),)*
+                                (Bits::Eight, _) => $tile::add::<$most, 8>(self, x, kb, r, out),
+                                $((Bits::Four, $fewer) => $tile::add::<$fewer, 4>(self, x, kb, r, out),)*
+                                (Bits::Four, _) => $tile::add::<$most, 4>(self, x, kb, r, out),
                             }
                         };
                     }
                 }};
             }
             match kernel {
-                Int8Kernel::Vnni => return each_tile!(vnni_tile),
-                Int8Kernel::Avx2 => return each_tile!(avx2_tile),
+                Int8Kernel::Vnni => return each_tile!(vnni_tile, 8, [1, 2, 3, 4, 5, 6, 7]),
+                Int8Kernel::Avx2 => return each_tile!(avx2_tile, 4, [1, 2, 3]),
                 Int8Kernel::Plain => {}
             }
         }
@@ -1738,7 +1735,8 @@ pub(super) mod tests {
     }
 
     /// Packing keeps every value and scale; the packed product equals the unpacked int8
-    /// product bit for bit (plain Rust and VNNI, 1 to 16 rows), and dequantizing equals
+    /// product bit for bit (plain Rust, VNNI and AVX2; 1 to 16 rows, every group size of the
+    /// SIMD kernels: 4 rows on AVX2, 8 on VNNI), and dequantizing equals
     /// `scale * q`; for both widths.
     #[test]
     fn packed_product_equals_the_unpacked_one() {
@@ -1753,6 +1751,8 @@ pub(super) mod tests {
                 (4, 512, 32, 32),
                 (5, 64, 80, 16),
                 (6, 64, 32, 8),
+                (7, 64, 48, 32),
+                (11, 128, 32, 16),
                 (16, 288, 16, 32),
             ] {
                 let case = format!("{bits:?} {rows}x{k}x{n}/{block}");
