@@ -256,7 +256,7 @@ fn rows_table() {
     }
 }
 
-/// Decode products of a batch (a few activation rows, up to `MAX_STREAM_ROWS`) with the
+/// Decode products of a batch (1 to 16 activation rows, whole and partial groups) with the
 /// weight in the file's `[n, k]` order, each call on another copy of the weight (from
 /// memory, as in a decode step): milliseconds per call, and the time per activation row
 /// against one row's (1.0: a row costs what a lone row costs; 1/rows: free rows).
@@ -282,7 +282,7 @@ fn rows_batch_table() {
             .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
             .collect();
         let mut single = [0f64; 3];
-        for rows in [1, 2, 4, 8, 16] {
+        for rows in [1, 2, 3, 4, 8, 12, 16] {
             let x: Vec<f32> = (0..rows * k)
                 .map(|i| bf16::from_f32((i % 7) as f32 * 0.1).to_f32())
                 .collect();

@@ -35,20 +35,25 @@ const COLUMNS_PER_TASK: usize = 32;
 /// (a batch's decode step has several): each weight value is loaded and widened once for
 /// all of them. Row by row, a task's weight rows came from L2 again for each activation row
 /// after the first, and f16 widened every value again. Four rows' f32 activations (32 KB at
-/// k = 2048) stay in L1; with eight they did not, and the f16 and f32 products of 8 rows ran
-/// slower than with two groups of four (`stream_kernels`, `rows-batch` table, round 38).
+/// k = 2048) fit a 48 KB L1; with eight they did not, and the f16 and f32 products of 8 rows
+/// ran slower than with two groups of four (`stream_kernels`, `rows-batch` table, round 38).
+/// At k = 5632 (the down projection) four rows are 90 KB and come from L2 either way.
 const ROW_GROUP: usize = 4;
 /// [`ROW_GROUP`] for bf16 weights with bf16 activations: `vdpbf16ps` takes 32 values per
 /// instruction, and eight rows' activations, 2 bytes a value, take what four f32 rows take.
 const BF16_ROW_GROUP: usize = 8;
+// The kernels' `match`es list every smaller group size and send the rest to the full group.
+const _: () = assert!(ROW_GROUP == 4 && BF16_ROW_GROUP == 8, "update the group matches");
 /// How far ahead of its loads [`dots_avx512`] asks for the weight row's bytes. On the AMX
 /// Xeon of round 26 (BENCHMARKS.md) the hardware prefetchers alone left the 1.1B f32 decode
 /// at 5.6-5.8 tok/s; with the hint 2048 bytes ahead 6.2-6.3 (1024: 6.0-6.1, 4096: 6.1-6.2,
-/// 8192: 5.9-6.0), about llama.cpp's rate there.
+/// 8192: 5.9-6.0), about llama.cpp's rate there. Tuned on one row per pass; with a group of
+/// rows per weight row the same distance is reached later in time (not re-tuned).
 const ROW_PREFETCH_BYTES: usize = 2048;
 /// How far ahead of its loads [`Bf16Dots::group_simd`] asks for the weight row's bytes (a
-/// task's rows are one sequential stream per group of activation rows, so past a row's end the hint reaches
-/// into the next; past the task's last row it asks for bytes nobody reads, at no risk).
+/// task's rows are one sequential stream per group of activation rows, so past a row's end
+/// the hint reaches into the next; past the task's last row it asks for bytes nobody reads,
+/// at no risk). Tuned on one activation row per pass, like [`ROW_PREFETCH_BYTES`].
 /// On the AMX Xeon of round 33 (BENCHMARKS.md) the 1.1B bf16 decode ran 8.8-9.2 tok/s without
 /// the hint, 10.2-10.7 with it 1024 bytes ahead, 10.7-11.8 at 2048 and 11.1-11.7 at 4096
 /// (interleaved, 4 rounds); in a slower window 2048 gave 9.7-10.2, 4096 10.1-10.6, 8192
@@ -288,6 +293,7 @@ impl<T: Widen + Element> DenseDots<'_, T> {
 /// activation rows.
 #[inline(always)]
 fn for_row_groups(rows: usize, group: usize, mut f: impl FnMut(usize, usize)) {
+    debug_assert!(group > 0);
     let mut r0 = 0;
     while r0 < rows {
         let size = (rows - r0).min(group);
@@ -467,24 +473,23 @@ impl Bf16Dots<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn run_simd(&self, out: &mut [f32]) {
-        let whole = self.k / (2 * LANES) * (2 * LANES);
-        // One weight row at a time: each task reads its rows as one sequential stream. Four
-        // rows per pass (one activation load for four) read four streams a row apart, which
-        // the Zen 4 machine of round 13 read 15-40% slower (`stream_kernels`, rows table);
-        // the activations stay in L1 either way. Each row's sum is the same either way.
-        // Activation rows go [`BF16_ROW_GROUP`] at a time through each weight row.
+        // Activation rows go [`BF16_ROW_GROUP`] at a time through the task's weight rows, and
+        // each group reads those one at a time, as one sequential stream. Four weight rows per
+        // pass (one activation load for four) read four streams a row apart, which the Zen 4
+        // machine of round 13 read 15-40% slower (`stream_kernels`, rows table). Each row's
+        // sum is the same either way.
         for_row_groups(self.rows, BF16_ROW_GROUP, |r0, size| {
             // SAFETY: this function's features are the CPU's (the caller's promise).
             unsafe {
                 match size {
-                    1 => self.group_simd::<1>(r0, whole, out),
-                    2 => self.group_simd::<2>(r0, whole, out),
-                    3 => self.group_simd::<3>(r0, whole, out),
-                    4 => self.group_simd::<4>(r0, whole, out),
-                    5 => self.group_simd::<5>(r0, whole, out),
-                    6 => self.group_simd::<6>(r0, whole, out),
-                    7 => self.group_simd::<7>(r0, whole, out),
-                    _ => self.group_simd::<BF16_ROW_GROUP>(r0, whole, out),
+                    1 => self.group_simd::<1>(r0, out),
+                    2 => self.group_simd::<2>(r0, out),
+                    3 => self.group_simd::<3>(r0, out),
+                    4 => self.group_simd::<4>(r0, out),
+                    5 => self.group_simd::<5>(r0, out),
+                    6 => self.group_simd::<6>(r0, out),
+                    7 => self.group_simd::<7>(r0, out),
+                    _ => self.group_simd::<BF16_ROW_GROUP>(r0, out),
                 }
             }
         });
@@ -494,19 +499,21 @@ impl Bf16Dots<'_> {
     /// of the task, each weight load shared by the `R` rows.
     ///
     /// # Safety
-    /// As [`Bf16Dots::run_simd`]; `whole` is `k` rounded down to a multiple of 32.
+    /// As [`Bf16Dots::run_simd`].
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[inline]
-    unsafe fn group_simd<const R: usize>(&self, r0: usize, whole: usize, out: &mut [f32]) {
+    unsafe fn group_simd<const R: usize>(&self, r0: usize, out: &mut [f32]) {
         use std::arch::x86_64::*;
 
         let (k, rows) = (self.k, self.rows);
-        debug_assert!(whole <= k && whole.is_multiple_of(2 * LANES));
+        let whole = k / (2 * LANES) * (2 * LANES);
+        // Every slice below is `k` long (sliced so), which the loads rely on.
         let xs: [&[u16]; R] = std::array::from_fn(|i| &self.x[(r0 + i) * k..(r0 + i + 1) * k]);
         let load = |v: &[u16], at: usize| {
-            assert!(at + 2 * LANES <= v.len());
-            // SAFETY: 32 values from `at` lie inside `v` (checked above).
+            debug_assert!(at + 2 * LANES <= v.len());
+            // SAFETY: `at + 32 <= whole <= k`, and `v` is an activation row or a weight row,
+            // `k` long each.
             as_bh(unsafe { _mm512_loadu_si512(v.as_ptr().add(at) as *const __m512i) })
         };
         for j in 0..out.len() / rows {
@@ -588,8 +595,9 @@ pub(super) mod tests {
     }
 
     /// Every group size of the SIMD kernels (groups of 4 rows, of 8 for bf16: 1-7 rows,
-    /// 8 + 3, 8 + 8), partial 16- and 32-value blocks, and task widths that do not divide 32.
-    const SHAPES: [(usize, usize, usize); 10] = [
+    /// 8 + 3, 8 + 4, 8 + 8), partial 16- and 32-value blocks, and task widths that do not
+    /// divide 32.
+    const SHAPES: [(usize, usize, usize); 11] = [
         (1, 1, 1),
         (1, 15, 3),
         (2, 33, 37),
@@ -599,6 +607,7 @@ pub(super) mod tests {
         (6, 95, 33),
         (7, 130, 66),
         (11, 70, 40),
+        (12, 96, 34),
         (1, 2048, 129),
     ];
 
@@ -670,6 +679,9 @@ pub(super) mod tests {
 
     #[test]
     fn bf16_rows_equal_the_plain_code_and_the_f64_sum() {
+        if !crate::kernels::bf16_dot::bf16_dot_available() {
+            eprintln!("no AVX-512 BF16 here: the vdpbf16ps rows are not checked");
+        }
         for &(rows, k, n) in &SHAPES {
             let x: Vec<f32> = values(rows * k, 5)
                 .iter()
