@@ -205,10 +205,21 @@ impl<T: Widen + Element> DenseDots<'_, T> {
         }
     }
 
-    /// The activation rows `r0..r0 + R`.
+    /// Fills rows `r0..r0 + R` of `out` (column by column, `rows` each) with `dots(weight
+    /// row, activation rows r0..r0 + R)`, one weight row at a time as [`DenseDots::run`] does.
     #[inline(always)]
-    fn row_group<const R: usize>(&self, r0: usize) -> [&[f32]; R] {
-        std::array::from_fn(|i| &self.x[(r0 + i) * self.k..(r0 + i + 1) * self.k])
+    fn group<const R: usize>(
+        &self,
+        r0: usize,
+        out: &mut [f32],
+        dots: impl Fn(&[T], [&[f32]; R]) -> [f32; R],
+    ) {
+        let (k, rows) = (self.k, self.rows);
+        let xs: [&[f32]; R] = std::array::from_fn(|i| &self.x[(r0 + i) * k..(r0 + i + 1) * k]);
+        for j in 0..out.len() / rows {
+            let sums = dots(&self.w[(self.j0 + j) * k..][..k], xs);
+            out[j * rows + r0..][..R].copy_from_slice(&sums);
+        }
     }
 
     /// [`DenseDots::run`] with [`dots_avx512`], [`ROW_GROUP`] activation rows per pass over
@@ -219,34 +230,13 @@ impl<T: Widen + Element> DenseDots<'_, T> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn run_avx512(&self, out: &mut [f32]) {
-        /// Rows `r0..r0 + R` of every column of the task.
-        ///
-        /// # Safety
-        /// As [`DenseDots::run_avx512`].
-        #[target_feature(enable = "avx512f,fma")]
-        unsafe fn group<T: Widen + Element, const R: usize>(
-            task: &DenseDots<'_, T>,
-            r0: usize,
-            out: &mut [f32],
-        ) {
-            let xs = task.row_group::<R>(r0);
-            for j in 0..out.len() / task.rows {
-                let w = &task.w[(task.j0 + j) * task.k..][..task.k];
-                // SAFETY: the caller's features; each weight row is `k` long, as each `xs` row.
-                let sums = unsafe { dots_avx512(w, xs) };
-                out[j * task.rows + r0..][..R].copy_from_slice(&sums);
-            }
-        }
-        for_row_groups(self.rows, ROW_GROUP, |r0, size| {
-            // SAFETY: this function's features are the CPU's (the caller's promise).
-            unsafe {
-                match size {
-                    1 => group::<T, 1>(self, r0, out),
-                    2 => group::<T, 2>(self, r0, out),
-                    3 => group::<T, 3>(self, r0, out),
-                    _ => group::<T, ROW_GROUP>(self, r0, out),
-                }
-            }
+        // SAFETY (each call of `dots_avx512`): this function's features are the CPU's (the
+        // caller's promise), and `group` passes rows of `k` values each.
+        for_row_groups(self.rows, ROW_GROUP, |r0, size| match size {
+            1 => self.group::<1>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
+            2 => self.group::<2>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
+            3 => self.group::<3>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
+            _ => self.group::<ROW_GROUP>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
         });
     }
 
@@ -257,34 +247,12 @@ impl<T: Widen + Element> DenseDots<'_, T> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2(&self, out: &mut [f32]) {
-        /// Rows `r0..r0 + R` of every column of the task.
-        ///
-        /// # Safety
-        /// As [`DenseDots::run_avx2`].
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn group<T: Widen + Element, const R: usize>(
-            task: &DenseDots<'_, T>,
-            r0: usize,
-            out: &mut [f32],
-        ) {
-            let xs = task.row_group::<R>(r0);
-            for j in 0..out.len() / task.rows {
-                let w = &task.w[(task.j0 + j) * task.k..][..task.k];
-                // SAFETY: the caller's features; each weight row is `k` long, as each `xs` row.
-                let sums = unsafe { dots_avx2(w, xs) };
-                out[j * task.rows + r0..][..R].copy_from_slice(&sums);
-            }
-        }
-        for_row_groups(self.rows, ROW_GROUP, |r0, size| {
-            // SAFETY: this function's features are the CPU's (the caller's promise).
-            unsafe {
-                match size {
-                    1 => group::<T, 1>(self, r0, out),
-                    2 => group::<T, 2>(self, r0, out),
-                    3 => group::<T, 3>(self, r0, out),
-                    _ => group::<T, ROW_GROUP>(self, r0, out),
-                }
-            }
+        // SAFETY (each call of `dots_avx2`): as in `run_avx512`, with this function's features.
+        for_row_groups(self.rows, ROW_GROUP, |r0, size| match size {
+            1 => self.group::<1>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
+            2 => self.group::<2>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
+            3 => self.group::<3>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
+            _ => self.group::<ROW_GROUP>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
         });
     }
 }
