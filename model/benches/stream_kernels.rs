@@ -1,7 +1,8 @@
 //! Rates of the decode kernels in isolation (weights streamed once per call):
 //! `cargo bench -p vipllava-model --bench stream_kernels` (set `RAYON_NUM_THREADS`;
 //! `STREAM_KERNELS=rows` for the file-order table alone, `STREAM_KERNELS=rows-batch` for its
-//! products of a few activation rows, `STREAM_KERNELS=gemm` for the
+//! products of a few activation rows, `STREAM_KERNELS=rows-step` for the products of whole
+//! decode steps of the 1.1B Llama, `STREAM_KERNELS=gemm` for the
 //! many-row bf16 table alone, `STREAM_KERNELS=amx-gemm` for its AMX column alone,
 //! `STREAM_KERNELS=amx-tile` for the AMX block loop alone (`AMX_THREADS`, `AMX_MISALIGN`),
 //! `STREAM_KERNELS=f16-amx` for the f16 AMX products in both weight orders,
@@ -76,6 +77,7 @@ fn main() {
     let alone: Option<fn()> = match std::env::var("STREAM_KERNELS").as_deref() {
         Ok("rows") => Some(rows_table),
         Ok("rows-batch") => Some(rows_batch_table),
+        Ok("rows-step") => Some(rows_step_table),
         Ok("gemm") => Some(gemm_table),
         Ok("amx-gemm") => Some(amx_gemm_table),
         Ok("amx-tile") => Some(amx_tile_table),
@@ -268,7 +270,14 @@ fn rows_batch_table() {
         "| k x n | rows | bf16 x bf16 ms | per row / 1 row | f16 ms | per row / 1 row | f32 ms | per row / 1 row |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    for (k, n) in [(2048, 5632), (5632, 2048), (2048, 2048)] {
+    // The 1.1B Llama's gate/up, down and q/o projections, then the 7B's gate/up and down.
+    for (k, n) in [
+        (2048, 5632),
+        (5632, 2048),
+        (2048, 2048),
+        (4096, 11008),
+        (11008, 4096),
+    ] {
         let copies = (512usize << 20).div_ceil(k * n * 4).max(2);
         let wf: Vec<Vec<f32>> = (0..copies)
             .map(|c| (0..k * n).map(|i| ((i + c) % 13) as f32 * 0.01).collect())
@@ -315,6 +324,105 @@ fn rows_batch_table() {
             println!("| {k} x {n} | {rows} | {} |", cells.join(" | "));
         }
     }
+}
+
+/// The products of whole decode steps of the 1.1B Llama (22 layers, each with its own
+/// weights: q, k, v, o, gate, up and down), in bf16 x bf16, f16 and f32, for 1-16 activation
+/// rows, as `vipllava bench` and `serve` run them; the attention and the rest are left out.
+/// Unlike `rows-batch`, every shape and its activations take their turn in the caches.
+fn rows_step_table() {
+    use vipllava_model::kernels::rows::{matmul_rows, matmul_rows_bf16};
+
+    const LAYERS: usize = 22;
+    const SHAPES: [(usize, usize); 7] = [
+        (2048, 2048),
+        (2048, 256),
+        (2048, 256),
+        (2048, 2048),
+        (2048, 5632),
+        (2048, 5632),
+        (5632, 2048),
+    ];
+    let rows_list = [1, 4, 8, 16];
+    println!();
+    println!("| dtype | rows | ms per step | tok/s (rows / step) |");
+    println!("|---|---|---|---|");
+    let weights_f32 = || -> Vec<Vec<f32>> {
+        (0..LAYERS)
+            .flat_map(|l| SHAPES.iter().map(move |&(k, n)| (l, k, n)))
+            .map(|(l, k, n)| (0..k * n).map(|i| ((i + l) % 13) as f32 * 0.01).collect())
+            .collect()
+    };
+    let inputs = |rows: usize| -> Vec<Vec<f32>> {
+        SHAPES
+            .iter()
+            .map(|&(k, _)| {
+                (0..rows * k)
+                    .map(|i| bf16::from_f32((i % 7) as f32 * 0.1).to_f32())
+                    .collect()
+            })
+            .collect()
+    };
+    let report = |dtype: &str, step: &dyn Fn(usize)| {
+        for rows in rows_list {
+            let mut rounds = [[0f64; 1]; 3];
+            for round in rounds.iter_mut() {
+                round[0] = time(3, || step(rows));
+            }
+            let ms = median_ms(&rounds, 0);
+            println!("| {dtype} | {rows} | {ms:.1} | {:.1} |", rows as f64 / ms * 1e3);
+        }
+    };
+    {
+        let wf = weights_f32();
+        let wb: Vec<Vec<bf16>> = wf
+            .iter()
+            .map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect())
+            .collect();
+        drop(wf);
+        report("bf16 x bf16", &|rows| {
+            let xs = inputs(rows);
+            for (i, w) in wb.iter().enumerate() {
+                let (k, n) = SHAPES[i % SHAPES.len()];
+                black_box(matmul_rows_bf16(black_box(&xs[i % SHAPES.len()]), w, rows, k, n).unwrap());
+            }
+        });
+    }
+    {
+        let wf = weights_f32();
+        let wh: Vec<Vec<f16>> = wf
+            .iter()
+            .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
+            .collect();
+        drop(wf);
+        report("f16", &|rows| {
+            let xs = inputs(rows);
+            for (i, w) in wh.iter().enumerate() {
+                let (k, n) = SHAPES[i % SHAPES.len()];
+                black_box(matmul_rows::<f16>(
+                    black_box(&xs[i % SHAPES.len()]),
+                    w,
+                    rows,
+                    k,
+                    n,
+                ));
+            }
+        });
+    }
+    let wf = weights_f32();
+    report("f32", &|rows| {
+        let xs = inputs(rows);
+        for (i, w) in wf.iter().enumerate() {
+            let (k, n) = SHAPES[i % SHAPES.len()];
+            black_box(matmul_rows::<f32>(
+                black_box(&xs[i % SHAPES.len()]),
+                w,
+                rows,
+                k,
+                n,
+            ));
+        }
+    });
 }
 
 /// Many-row bf16 products (prefill of a 617-token prompt, image encode of 577 patches): the

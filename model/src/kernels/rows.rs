@@ -59,6 +59,27 @@ const ROW_PREFETCH_BYTES: usize = 2048;
 /// (interleaved, 4 rounds); in a slower window 2048 gave 9.7-10.2, 4096 10.1-10.6, 8192
 /// 9.1-10.5, 16384 9.1-9.5.
 const BF16_ROW_PREFETCH_BYTES: usize = 4096;
+/// Bytes of a group's f32 activations that one pass over the task's weight rows reads
+/// (32 KB fits a 48 KB L1 beside the weight stream). In the f32 and f16 kernels a group
+/// whose rows are longer runs in blocks along `k`: each block of its activations goes
+/// through the same block of every weight row of the task, and each row's lanes carry over
+/// from block to block (so each sum keeps its order). Unblocked, four rows of the 1.1B down
+/// projection (k = 5632, 90 KB) came from L2 for every weight vector, and its f16 products
+/// of 8 rows took 1.3-1.6x the time of the gate projection's (k = 2048), which has as many
+/// values (`rows-batch` table, round 39). The bf16 x bf16 kernel takes its rows whole: in
+/// blocks (whole 64 values, 2 bytes a value) its decode steps of 4-16 rows ran 6-22% slower
+/// (`rows-step` table, round 39), the weight rows read in short segments.
+const GROUP_ACTIVATION_BYTES: usize = 32 * 1024;
+
+/// The length of the blocks along `k` for a group of `rows` f32 activation rows over the
+/// first `whole` values of a row (a multiple of 16): a multiple of 16, at most
+/// [`GROUP_ACTIVATION_BYTES`] for the group where that leaves 16 values, and the blocks
+/// about equal. `whole` itself (one block) when it fits.
+fn k_block(whole: usize, rows: usize) -> usize {
+    let most = (GROUP_ACTIVATION_BYTES / (rows * size_of::<f32>()) / LANES * LANES).max(LANES);
+    let blocks = whole.div_ceil(most).max(1);
+    whole.div_ceil(blocks).div_ceil(LANES) * LANES
+}
 
 /// `x [rows, k] @ w^T` for `w` stored `[n, k]`, in f32.
 pub fn matmul_rows<T: Widen + Element>(x: &[f32], w: &[T], rows: usize, k: usize, n: usize) -> Vec<f32> {
@@ -222,6 +243,46 @@ impl<T: Widen + Element> DenseDots<'_, T> {
         }
     }
 
+    /// [`DenseDots::group`] in blocks of `block` values along `k` (a multiple of 16):
+    /// `part(weight row, activation rows, c0, c1, lanes)` adds values `c0..c1` to each row's
+    /// 16 lanes, block by block through all the task's weight rows, and [`finish`] adds the
+    /// values after the last whole 16. A separate path, so that the unblocked one keeps its
+    /// sums in registers (through memory, with the blocks' code, the batch-1 decode
+    /// products ran 5-10% slower: `rows-step` table, round 39).
+    #[inline(always)]
+    fn group_blocked<const R: usize>(
+        &self,
+        r0: usize,
+        out: &mut [f32],
+        block: usize,
+        part: impl Fn(&[T], [&[f32]; R], usize, usize, &mut [[f32; LANES]; R]),
+    ) {
+        let (k, rows) = (self.k, self.rows);
+        let columns = out.len() / rows;
+        let xs: [&[f32]; R] = std::array::from_fn(|i| &self.x[(r0 + i) * k..(r0 + i + 1) * k]);
+        let row = |j: usize| &self.w[(self.j0 + j) * k..][..k];
+        let whole = k / LANES * LANES;
+        let mut sums = [[[0f32; LANES]; R]; COLUMNS_PER_TASK];
+        for c0 in (0..whole).step_by(block.max(LANES)) {
+            let c1 = (c0 + block).min(whole);
+            for (j, sums) in sums.iter_mut().enumerate().take(columns) {
+                part(row(j), xs, c0, c1, sums);
+            }
+        }
+        for (j, sums) in sums.iter().enumerate().take(columns) {
+            for (r, (&lanes, x)) in sums.iter().zip(xs).enumerate() {
+                out[j * rows + r0 + r] = finish(lanes, row(j), x, whole);
+            }
+        }
+    }
+
+    /// The length of the blocks along `k` for a group of `rows` activation rows, `None` when
+    /// the group takes its rows whole.
+    fn blocks(&self, rows: usize) -> Option<usize> {
+        let whole = self.k / LANES * LANES;
+        Some(k_block(whole, rows)).filter(|&block| block < whole)
+    }
+
     /// [`DenseDots::run`] with [`dots_avx512`], [`ROW_GROUP`] activation rows per pass over
     /// a weight row (the same sums).
     ///
@@ -230,13 +291,26 @@ impl<T: Widen + Element> DenseDots<'_, T> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn run_avx512(&self, out: &mut [f32]) {
-        // SAFETY (each call of `dots_avx512`): this function's features are the CPU's (the
-        // caller's promise), and `group` passes rows of `k` values each.
-        for_row_groups(self.rows, ROW_GROUP, |r0, size| match size {
-            1 => self.group::<1>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
-            2 => self.group::<2>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
-            3 => self.group::<3>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
-            _ => self.group::<ROW_GROUP>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
+        // SAFETY (each call of `dots_avx512` and `part_avx512`): this function's features are
+        // the CPU's (the caller's promise); `group` and `group_blocked` pass rows of `k`
+        // values each, and blocks of whole 16 values within them.
+        for_row_groups(self.rows, ROW_GROUP, |r0, size| match (size, self.blocks(size)) {
+            (1, None) => self.group::<1>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
+            (2, None) => self.group::<2>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
+            (3, None) => self.group::<3>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
+            (_, None) => self.group::<ROW_GROUP>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
+            (1, Some(b)) => self.group_blocked::<1>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
+                part_avx512(w, xs, c0, c1, lanes)
+            }),
+            (2, Some(b)) => self.group_blocked::<2>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
+                part_avx512(w, xs, c0, c1, lanes)
+            }),
+            (3, Some(b)) => self.group_blocked::<3>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
+                part_avx512(w, xs, c0, c1, lanes)
+            }),
+            (_, Some(b)) => self.group_blocked::<ROW_GROUP>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
+                part_avx512(w, xs, c0, c1, lanes)
+            }),
         });
     }
 
@@ -247,12 +321,25 @@ impl<T: Widen + Element> DenseDots<'_, T> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_avx2(&self, out: &mut [f32]) {
-        // SAFETY (each call of `dots_avx2`): as in `run_avx512`, with this function's features.
-        for_row_groups(self.rows, ROW_GROUP, |r0, size| match size {
-            1 => self.group::<1>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
-            2 => self.group::<2>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
-            3 => self.group::<3>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
-            _ => self.group::<ROW_GROUP>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
+        // SAFETY (each call of `dots_avx2` and `part_avx2`): as in `run_avx512`, with this
+        // function's features.
+        for_row_groups(self.rows, ROW_GROUP, |r0, size| match (size, self.blocks(size)) {
+            (1, None) => self.group::<1>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
+            (2, None) => self.group::<2>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
+            (3, None) => self.group::<3>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
+            (_, None) => self.group::<ROW_GROUP>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
+            (1, Some(b)) => self.group_blocked::<1>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
+                part_avx2(w, xs, c0, c1, lanes)
+            }),
+            (2, Some(b)) => self.group_blocked::<2>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
+                part_avx2(w, xs, c0, c1, lanes)
+            }),
+            (3, Some(b)) => self.group_blocked::<3>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
+                part_avx2(w, xs, c0, c1, lanes)
+            }),
+            (_, Some(b)) => self.group_blocked::<ROW_GROUP>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
+                part_avx2(w, xs, c0, c1, lanes)
+            }),
         });
     }
 }
@@ -308,14 +395,66 @@ fn finish<T: Widen>(mut lanes: [f32; LANES], w: &[T], x: &[f32], from: usize) ->
 #[inline]
 unsafe fn dots_avx512<T: Widen + Element, const R: usize>(w: &[T], xs: [&[f32]; R]) -> [f32; R] {
     use std::arch::x86_64::*;
-    let k = w.len();
+    let whole = w.len() / LANES * LANES;
+    // SAFETY: the caller's promises; `whole <= w.len()`.
+    let acc = unsafe { fma_avx512(w, xs, 0, whole, [_mm512_setzero_ps(); R]) };
+    std::array::from_fn(|r| {
+        let mut lanes = [0f32; LANES];
+        // SAFETY: 16 f32 lanes into a 16-f32 array.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
+        finish(lanes, w, xs[r], whole)
+    })
+}
+
+/// Adds values `c0..c1` (whole 16s) of the weight row `w` times the same values of each of
+/// `R` activation rows to the rows' `lanes`, as [`dots_avx512`] does: a block of
+/// [`DenseDots::group_blocked`].
+///
+/// # Safety
+/// As [`dots_avx512`]; `c1 - c0` a multiple of 16 and `c1 <= w.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+unsafe fn part_avx512<T: Widen + Element, const R: usize>(
+    w: &[T],
+    xs: [&[f32]; R],
+    c0: usize,
+    c1: usize,
+    lanes: &mut [[f32; LANES]; R],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY: 16 f32 lanes from a 16-f32 array.
+    let acc = std::array::from_fn(|r| unsafe { _mm512_loadu_ps(lanes[r].as_ptr()) });
+    // SAFETY: the caller's promises.
+    let acc = unsafe { fma_avx512(w, xs, c0, c1, acc) };
+    for (lanes, acc) in lanes.iter_mut().zip(acc) {
+        // SAFETY: 16 f32 lanes into a 16-f32 array.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc) };
+    }
+}
+
+/// The loop of [`dots_avx512`] and [`part_avx512`]: `acc[r]` plus values `c0..c1` of `w`
+/// times those of `xs[r]`, lane `i % 16` taking value `i`.
+///
+/// # Safety
+/// As [`part_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+#[inline]
+unsafe fn fma_avx512<T: Widen + Element, const R: usize>(
+    w: &[T],
+    xs: [&[f32]; R],
+    c0: usize,
+    c1: usize,
+    mut acc: [std::arch::x86_64::__m512; R],
+) -> [std::arch::x86_64::__m512; R] {
+    use std::arch::x86_64::*;
     assert!(
-        xs.iter().all(|x| x.len() == k),
+        c1 <= w.len() && xs.iter().all(|x| x.len() == w.len()),
         "activation rows as long as the weight row"
     );
-    let whole = k / LANES * LANES;
-    let mut acc = [_mm512_setzero_ps(); R];
-    for c in (0..whole).step_by(LANES) {
+    debug_assert_eq!((c1 - c0) % LANES, 0);
+    for c in (c0..c1).step_by(LANES) {
         // A hint only (never faults, changes no result), so it may point past the row.
         _mm_prefetch::<_MM_HINT_T0>(
             w.as_ptr()
@@ -323,19 +462,14 @@ unsafe fn dots_avx512<T: Widen + Element, const R: usize>(w: &[T], xs: [&[f32]; 
                 .cast::<i8>()
                 .wrapping_add(ROW_PREFETCH_BYTES),
         );
-        // SAFETY: `c + 16 <= whole <= k`, the length of `w` and of every row.
+        // SAFETY: `c + 16 <= c1 <= k`, the length of `w` and of every row.
         let ws = unsafe { widen16(w.as_ptr().add(c)) };
         for (acc, x) in acc.iter_mut().zip(xs) {
             // SAFETY: as above.
             *acc = _mm512_fmadd_ps(unsafe { _mm512_loadu_ps(x.as_ptr().add(c)) }, ws, *acc);
         }
     }
-    std::array::from_fn(|r| {
-        let mut lanes = [0f32; LANES];
-        // SAFETY: 16 f32 lanes into a 16-f32 array.
-        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[r]) };
-        finish(lanes, w, xs[r], whole)
-    })
+    acc
 }
 
 /// [`dots_avx512`] with two 8-lane registers per row (lanes 0-7 and 8-15): the same fused
@@ -348,16 +482,72 @@ unsafe fn dots_avx512<T: Widen + Element, const R: usize>(w: &[T], xs: [&[f32]; 
 #[inline]
 unsafe fn dots_avx2<T: Widen + Element, const R: usize>(w: &[T], xs: [&[f32]; R]) -> [f32; R] {
     use std::arch::x86_64::*;
-    let k = w.len();
+    let whole = w.len() / LANES * LANES;
+    let zero = [_mm256_setzero_ps(); R];
+    // SAFETY: the caller's promises; `whole <= w.len()`.
+    let (low, high) = unsafe { fma_avx2(w, xs, 0, whole, (zero, zero)) };
+    std::array::from_fn(|r| {
+        let mut lanes = [0f32; LANES];
+        // SAFETY: 2 x 8 f32 lanes into a 16-f32 array.
+        unsafe {
+            _mm256_storeu_ps(lanes.as_mut_ptr(), low[r]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), high[r]);
+        }
+        finish(lanes, w, xs[r], whole)
+    })
+}
+
+/// [`part_avx512`] with [`fma_avx2`].
+///
+/// # Safety
+/// As [`dots_avx2`]; `c1 - c0` a multiple of 16 and `c1 <= w.len()`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn part_avx2<T: Widen + Element, const R: usize>(
+    w: &[T],
+    xs: [&[f32]; R],
+    c0: usize,
+    c1: usize,
+    lanes: &mut [[f32; LANES]; R],
+) {
+    use std::arch::x86_64::*;
+    // SAFETY (both): 2 x 8 f32 lanes from a 16-f32 array.
+    let low = std::array::from_fn(|r| unsafe { _mm256_loadu_ps(lanes[r].as_ptr()) });
+    let high = std::array::from_fn(|r| unsafe { _mm256_loadu_ps(lanes[r].as_ptr().add(8)) });
+    // SAFETY: the caller's promises.
+    let (low, high) = unsafe { fma_avx2(w, xs, c0, c1, (low, high)) };
+    for r in 0..R {
+        // SAFETY: 2 x 8 f32 lanes into a 16-f32 array.
+        unsafe {
+            _mm256_storeu_ps(lanes[r].as_mut_ptr(), low[r]);
+            _mm256_storeu_ps(lanes[r].as_mut_ptr().add(8), high[r]);
+        }
+    }
+}
+
+/// [`fma_avx512`] with two 8-lane registers per row (lanes 0-7 and 8-15).
+///
+/// # Safety
+/// As [`part_avx2`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn fma_avx2<T: Widen + Element, const R: usize>(
+    w: &[T],
+    xs: [&[f32]; R],
+    c0: usize,
+    c1: usize,
+    (mut low, mut high): ([std::arch::x86_64::__m256; R], [std::arch::x86_64::__m256; R]),
+) -> ([std::arch::x86_64::__m256; R], [std::arch::x86_64::__m256; R]) {
+    use std::arch::x86_64::*;
     assert!(
-        xs.iter().all(|x| x.len() == k),
+        c1 <= w.len() && xs.iter().all(|x| x.len() == w.len()),
         "activation rows as long as the weight row"
     );
-    let whole = k / LANES * LANES;
-    let mut low = [_mm256_setzero_ps(); R];
-    let mut high = [_mm256_setzero_ps(); R];
-    for c in (0..whole).step_by(LANES) {
-        // SAFETY: `c + 16 <= whole <= k`, the length of `w` and of every row.
+    debug_assert_eq!((c1 - c0) % LANES, 0);
+    for c in (c0..c1).step_by(LANES) {
+        // SAFETY: `c + 16 <= c1 <= k`, the length of `w` and of every row.
         let (w_low, w_high) = unsafe { (widen8(w.as_ptr().add(c)), widen8(w.as_ptr().add(c + 8))) };
         for r in 0..R {
             // SAFETY: as above.
@@ -368,15 +558,7 @@ unsafe fn dots_avx2<T: Widen + Element, const R: usize>(w: &[T], xs: [&[f32]; R]
             }
         }
     }
-    std::array::from_fn(|r| {
-        let mut lanes = [0f32; LANES];
-        // SAFETY: 2 x 8 f32 lanes into a 16-f32 array.
-        unsafe {
-            _mm256_storeu_ps(lanes.as_mut_ptr(), low[r]);
-            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), high[r]);
-        }
-        finish(lanes, w, xs[r], whole)
-    })
+    (low, high)
 }
 
 /// One task of [`matmul_rows_bf16`], on bf16 bits.
@@ -564,8 +746,11 @@ pub(super) mod tests {
 
     /// Every group size of the SIMD kernels (groups of 4 rows, of 8 for bf16: 1-7 rows,
     /// 8 + 3, 8 + 4, 8 + 8), partial 16- and 32-value blocks, and task widths that do not
-    /// divide 32.
-    const SHAPES: [(usize, usize, usize); 11] = [
+    /// divide 32. The last three take the f32 and f16 kernels' groups in blocks along `k`
+    /// ([`GROUP_ACTIVATION_BYTES`]): two groups of 4 in 2 blocks with a partial 16 after
+    /// them, a group of 2 in 3 blocks, and a group of 4 in 2 blocks beside a row taken whole,
+    /// over two tasks.
+    const SHAPES: [(usize, usize, usize); 14] = [
         (1, 1, 1),
         (1, 15, 3),
         (2, 33, 37),
@@ -577,7 +762,25 @@ pub(super) mod tests {
         (11, 70, 40),
         (12, 96, 34),
         (1, 2048, 129),
+        (8, 2230, 5),
+        (2, 8300, 3),
+        (5, 4099, 40),
     ];
+
+    #[test]
+    fn k_blocks_are_whole_16s_within_the_budget() {
+        // (whole, rows) -> block length
+        assert_eq!(k_block(2048, 4), 2048, "the 1.1B gate projection: one block");
+        assert_eq!(k_block(5632, 4), 1888, "the down projection: three blocks");
+        assert_eq!(k_block(5632, 1), 5632, "one row of 5632 fits");
+        assert_eq!(k_block(11008, 4), 1840, "the 7B down projection: six blocks");
+        assert_eq!(k_block(0, 4), 0);
+        for (whole, rows) in [(2224, 4), (8288, 2), (16, 64)] {
+            let block = k_block(whole, rows);
+            assert_eq!(block % LANES, 0, "{whole} {rows}");
+            assert!(block > 0 && block * rows * 4 <= GROUP_ACTIVATION_BYTES.max(LANES * rows * 4));
+        }
+    }
 
     #[test]
     fn dense_rows_match_an_f64_sum_for_odd_shapes() {
