@@ -363,11 +363,12 @@ fn rows_step_table() {
             })
             .collect()
     };
-    let report = |dtype: &str, step: &dyn Fn(usize)| {
+    let report = |dtype: &str, step: &dyn Fn(&[Vec<f32>], usize)| {
         for rows in rows_list {
+            let xs = inputs(rows);
             let mut rounds = [[0f64; 1]; 3];
             for round in rounds.iter_mut() {
-                round[0] = time(3, || step(rows));
+                round[0] = time(3, || step(&xs, rows));
             }
             let ms = median_ms(&rounds, 0);
             println!("| {dtype} | {rows} | {ms:.1} | {:.1} |", rows as f64 / ms * 1e3);
@@ -380,8 +381,7 @@ fn rows_step_table() {
             .map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect())
             .collect();
         drop(wf);
-        report("bf16 x bf16", &|rows| {
-            let xs = inputs(rows);
+        report("bf16 x bf16", &|xs, rows| {
             for (i, w) in wb.iter().enumerate() {
                 let (k, n) = SHAPES[i % SHAPES.len()];
                 black_box(matmul_rows_bf16(black_box(&xs[i % SHAPES.len()]), w, rows, k, n).unwrap());
@@ -395,8 +395,7 @@ fn rows_step_table() {
             .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
             .collect();
         drop(wf);
-        report("f16", &|rows| {
-            let xs = inputs(rows);
+        report("f16", &|xs, rows| {
             for (i, w) in wh.iter().enumerate() {
                 let (k, n) = SHAPES[i % SHAPES.len()];
                 black_box(matmul_rows::<f16>(
@@ -410,8 +409,7 @@ fn rows_step_table() {
         });
     }
     let wf = weights_f32();
-    report("f32", &|rows| {
-        let xs = inputs(rows);
+    report("f32", &|xs, rows| {
         for (i, w) in wf.iter().enumerate() {
             let (k, n) = SHAPES[i % SHAPES.len()];
             black_box(matmul_rows::<f32>(

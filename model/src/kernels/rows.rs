@@ -37,7 +37,7 @@ const COLUMNS_PER_TASK: usize = 32;
 /// after the first, and f16 widened every value again. Four rows' f32 activations (32 KB at
 /// k = 2048) fit a 48 KB L1; with eight they did not, and the f16 and f32 products of 8 rows
 /// ran slower than with two groups of four (`stream_kernels`, `rows-batch` table, round 38).
-/// At k = 5632 (the down projection) four rows are 90 KB and come from L2 either way.
+/// Longer rows (the down projection's) run in blocks along `k` ([`GROUP_ACTIVATION_BYTES`]).
 const ROW_GROUP: usize = 4;
 /// [`ROW_GROUP`] for bf16 weights with bf16 activations: `vdpbf16ps` takes 32 values per
 /// instruction, and eight rows' activations, 2 bytes a value, take what four f32 rows take.
@@ -60,15 +60,16 @@ const ROW_PREFETCH_BYTES: usize = 2048;
 /// 9.1-10.5, 16384 9.1-9.5.
 const BF16_ROW_PREFETCH_BYTES: usize = 4096;
 /// Bytes of a group's f32 activations that one pass over the task's weight rows reads
-/// (32 KB fits a 48 KB L1 beside the weight stream). In the f32 and f16 kernels a group
-/// whose rows are longer runs in blocks along `k`: each block of its activations goes
-/// through the same block of every weight row of the task, and each row's lanes carry over
-/// from block to block (so each sum keeps its order). Unblocked, four rows of the 1.1B down
-/// projection (k = 5632, 90 KB) came from L2 for every weight vector, and its f16 products
-/// of 8 rows took 1.3-1.6x the time of the gate projection's (k = 2048), which has as many
-/// values (`rows-batch` table, round 39). The bf16 x bf16 kernel takes its rows whole: in
-/// blocks (whole 64 values, 2 bytes a value) its decode steps of 4-16 rows ran 6-22% slower
-/// (`rows-step` table, round 39), the weight rows read in short segments.
+/// (32 KB fits a 48 KB L1 beside the weight stream). In [`matmul_rows`] (f32 activations,
+/// f32, f16 or bf16 weights) a group whose rows are longer runs in blocks along `k`: each
+/// block of its activations goes through the same block of every weight row of the task,
+/// and each row's lanes carry over from block to block (so each sum keeps its order).
+/// Unblocked, four rows of the 1.1B down projection (k = 5632, 90 KB) came from L2 for every
+/// weight vector, and its f16 products of 8 rows took 1.6-1.9x the time of the gate
+/// projection's (k = 2048), which has as many values (`rows-batch` table, round 38). The
+/// bf16 x bf16 kernel ([`matmul_rows_bf16`]) takes its rows whole: in blocks (whole 64
+/// values, 2 bytes a value) its decode steps of 4-16 rows ran 6-22% slower (`rows-step`
+/// table, round 39), the weight rows read in short segments.
 const GROUP_ACTIVATION_BYTES: usize = 32 * 1024;
 
 /// The length of the blocks along `k` for a group of `rows` f32 activation rows over the
@@ -247,8 +248,8 @@ impl<T: Widen + Element> DenseDots<'_, T> {
     /// `part(weight row, activation rows, c0, c1, lanes)` adds values `c0..c1` to each row's
     /// 16 lanes, block by block through all the task's weight rows, and [`finish`] adds the
     /// values after the last whole 16. A separate path, so that the unblocked one keeps its
-    /// sums in registers (through memory, with the blocks' code, the batch-1 decode
-    /// products ran 5-10% slower: `rows-step` table, round 39).
+    /// sums in registers (through memory, with the blocks' code, the bf16 and f32 batch-1
+    /// decode steps ran 7-14% slower: `rows-step` table, round 39).
     #[inline(always)]
     fn group_blocked<const R: usize>(
         &self,
@@ -259,6 +260,7 @@ impl<T: Widen + Element> DenseDots<'_, T> {
     ) {
         let (k, rows) = (self.k, self.rows);
         let columns = out.len() / rows;
+        debug_assert!(columns <= COLUMNS_PER_TASK, "a task's columns");
         let xs: [&[f32]; R] = std::array::from_fn(|i| &self.x[(r0 + i) * k..(r0 + i + 1) * k]);
         let row = |j: usize| &self.w[(self.j0 + j) * k..][..k];
         let whole = k / LANES * LANES;
@@ -450,10 +452,13 @@ unsafe fn fma_avx512<T: Widen + Element, const R: usize>(
 ) -> [std::arch::x86_64::__m512; R] {
     use std::arch::x86_64::*;
     assert!(
-        c1 <= w.len() && xs.iter().all(|x| x.len() == w.len()),
+        c0 <= c1 && c1 <= w.len() && (c1 - c0).is_multiple_of(LANES),
+        "whole 16s within the weight row"
+    );
+    assert!(
+        xs.iter().all(|x| x.len() == w.len()),
         "activation rows as long as the weight row"
     );
-    debug_assert_eq!((c1 - c0) % LANES, 0);
     for c in (c0..c1).step_by(LANES) {
         // A hint only (never faults, changes no result), so it may point past the row.
         _mm_prefetch::<_MM_HINT_T0>(
@@ -542,10 +547,13 @@ unsafe fn fma_avx2<T: Widen + Element, const R: usize>(
 ) -> ([std::arch::x86_64::__m256; R], [std::arch::x86_64::__m256; R]) {
     use std::arch::x86_64::*;
     assert!(
-        c1 <= w.len() && xs.iter().all(|x| x.len() == w.len()),
+        c0 <= c1 && c1 <= w.len() && (c1 - c0).is_multiple_of(LANES),
+        "whole 16s within the weight row"
+    );
+    assert!(
+        xs.iter().all(|x| x.len() == w.len()),
         "activation rows as long as the weight row"
     );
-    debug_assert_eq!((c1 - c0) % LANES, 0);
     for c in (c0..c1).step_by(LANES) {
         // SAFETY: `c + 16 <= c1 <= k`, the length of `w` and of every row.
         let (w_low, w_high) = unsafe { (widen8(w.as_ptr().add(c)), widen8(w.as_ptr().add(c + 8))) };
@@ -746,11 +754,11 @@ pub(super) mod tests {
 
     /// Every group size of the SIMD kernels (groups of 4 rows, of 8 for bf16: 1-7 rows,
     /// 8 + 3, 8 + 4, 8 + 8), partial 16- and 32-value blocks, and task widths that do not
-    /// divide 32. The last three take the f32 and f16 kernels' groups in blocks along `k`
+    /// divide 32. The last five take [`matmul_rows`]'s groups in blocks along `k`
     /// ([`GROUP_ACTIVATION_BYTES`]): two groups of 4 in 2 blocks with a partial 16 after
-    /// them, a group of 2 in 3 blocks, and a group of 4 in 2 blocks beside a row taken whole,
-    /// over two tasks.
-    const SHAPES: [(usize, usize, usize); 14] = [
+    /// them, a group of 2 in 3 blocks, a group of 4 in 2 blocks beside a row taken whole over
+    /// two tasks, one row in 2 blocks, and a group of 3 in 2 blocks.
+    const SHAPES: [(usize, usize, usize); 16] = [
         (1, 1, 1),
         (1, 15, 3),
         (2, 33, 37),
@@ -765,6 +773,8 @@ pub(super) mod tests {
         (8, 2230, 5),
         (2, 8300, 3),
         (5, 4099, 40),
+        (1, 8220, 3),
+        (3, 2750, 5),
     ];
 
     #[test]
@@ -774,6 +784,9 @@ pub(super) mod tests {
         assert_eq!(k_block(5632, 4), 1888, "the down projection: three blocks");
         assert_eq!(k_block(5632, 1), 5632, "one row of 5632 fits");
         assert_eq!(k_block(11008, 4), 1840, "the 7B down projection: six blocks");
+        assert_eq!(k_block(11008, 1), 5504, "one row of 11008: two blocks");
+        assert_eq!(k_block(8208, 1), 4112, "the test's one row in blocks");
+        assert_eq!(k_block(2736, 3), 1376, "the test's group of 3 in blocks");
         assert_eq!(k_block(0, 4), 0);
         for (whole, rows) in [(2224, 4), (8288, 2), (16, 64)] {
             let block = k_block(whole, rows);
