@@ -375,12 +375,7 @@ fn rows_step_table() {
         }
     };
     {
-        let wf = weights_f32();
-        let wb: Vec<Vec<bf16>> = wf
-            .iter()
-            .map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect())
-            .collect();
-        drop(wf);
+        let wb = converted(weights_f32(), bf16::from_f32);
         report("bf16 x bf16", &|xs, rows| {
             for (i, w) in wb.iter().enumerate() {
                 let (k, n) = SHAPES[i % SHAPES.len()];
@@ -389,12 +384,7 @@ fn rows_step_table() {
         });
     }
     {
-        let wf = weights_f32();
-        let wh: Vec<Vec<f16>> = wf
-            .iter()
-            .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
-            .collect();
-        drop(wf);
+        let wh = converted(weights_f32(), f16::from_f32);
         report("f16", &|xs, rows| {
             for (i, w) in wh.iter().enumerate() {
                 let (k, n) = SHAPES[i % SHAPES.len()];
@@ -421,6 +411,14 @@ fn rows_step_table() {
             ));
         }
     });
+}
+
+/// Each weight of `weights` in another dtype (the f32 copies freed as they go).
+fn converted<T>(weights: Vec<Vec<f32>>, to: impl Fn(f32) -> T) -> Vec<Vec<T>> {
+    weights
+        .into_iter()
+        .map(|w| w.into_iter().map(&to).collect())
+        .collect()
 }
 
 /// Many-row bf16 products (prefill of a 617-token prompt, image encode of 577 patches): the

@@ -200,6 +200,35 @@ fn lane_sum(mut lanes: [f32; LANES]) -> f32 {
     lanes[0]
 }
 
+/// The body of [`DenseDots::run_avx512`] and [`DenseDots::run_avx2`]: each group of
+/// [`ROW_GROUP`] activation rows (or fewer) through [`DenseDots::group`] with `$dots`, or
+/// through [`DenseDots::group_blocked`] with `$part` where its rows are long. A macro, so
+/// that the kernels' closures are written inside the calling `#[target_feature]` function
+/// and inlined there (each group size is a const generic of its own).
+#[cfg(target_arch = "x86_64")]
+macro_rules! dense_groups {
+    ($dense:ident, $out:ident, $dots:ident, $part:ident) => {
+        for_row_groups($dense.rows, ROW_GROUP, |r0, size| {
+            macro_rules! arm {
+                ($r:expr) => {
+                    match $dense.blocks(size) {
+                        None => $dense.group::<{ $r }>(r0, $out, |w, xs| unsafe { $dots(w, xs) }),
+                        Some(b) => $dense.group_blocked::<{ $r }>(r0, $out, b, |w, xs, c0, c1, l| unsafe {
+                            $part(w, xs, c0, c1, l)
+                        }),
+                    }
+                };
+            }
+            match size {
+                1 => arm!(1),
+                2 => arm!(2),
+                3 => arm!(3),
+                _ => arm!(ROW_GROUP),
+            }
+        })
+    };
+}
+
 /// One task of [`matmul_rows`]: the output columns `j0..` (as many as `out` holds).
 struct DenseDots<'a, T> {
     x: &'a [f32],
@@ -296,24 +325,7 @@ impl<T: Widen + Element> DenseDots<'_, T> {
         // SAFETY (each call of `dots_avx512` and `part_avx512`): this function's features are
         // the CPU's (the caller's promise); `group` and `group_blocked` pass rows of `k`
         // values each, and blocks of whole 16 values within them.
-        for_row_groups(self.rows, ROW_GROUP, |r0, size| match (size, self.blocks(size)) {
-            (1, None) => self.group::<1>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
-            (2, None) => self.group::<2>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
-            (3, None) => self.group::<3>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
-            (_, None) => self.group::<ROW_GROUP>(r0, out, |w, xs| unsafe { dots_avx512(w, xs) }),
-            (1, Some(b)) => self.group_blocked::<1>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
-                part_avx512(w, xs, c0, c1, lanes)
-            }),
-            (2, Some(b)) => self.group_blocked::<2>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
-                part_avx512(w, xs, c0, c1, lanes)
-            }),
-            (3, Some(b)) => self.group_blocked::<3>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
-                part_avx512(w, xs, c0, c1, lanes)
-            }),
-            (_, Some(b)) => self.group_blocked::<ROW_GROUP>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
-                part_avx512(w, xs, c0, c1, lanes)
-            }),
-        });
+        dense_groups!(self, out, dots_avx512, part_avx512);
     }
 
     /// [`DenseDots::run`] with [`dots_avx2`], as [`DenseDots::run_avx512`] does.
@@ -325,24 +337,7 @@ impl<T: Widen + Element> DenseDots<'_, T> {
     unsafe fn run_avx2(&self, out: &mut [f32]) {
         // SAFETY (each call of `dots_avx2` and `part_avx2`): as in `run_avx512`, with this
         // function's features.
-        for_row_groups(self.rows, ROW_GROUP, |r0, size| match (size, self.blocks(size)) {
-            (1, None) => self.group::<1>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
-            (2, None) => self.group::<2>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
-            (3, None) => self.group::<3>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
-            (_, None) => self.group::<ROW_GROUP>(r0, out, |w, xs| unsafe { dots_avx2(w, xs) }),
-            (1, Some(b)) => self.group_blocked::<1>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
-                part_avx2(w, xs, c0, c1, lanes)
-            }),
-            (2, Some(b)) => self.group_blocked::<2>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
-                part_avx2(w, xs, c0, c1, lanes)
-            }),
-            (3, Some(b)) => self.group_blocked::<3>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
-                part_avx2(w, xs, c0, c1, lanes)
-            }),
-            (_, Some(b)) => self.group_blocked::<ROW_GROUP>(r0, out, b, |w, xs, c0, c1, lanes| unsafe {
-                part_avx2(w, xs, c0, c1, lanes)
-            }),
-        });
+        dense_groups!(self, out, dots_avx2, part_avx2);
     }
 }
 
