@@ -261,15 +261,17 @@ fn rows_table() {
 /// Decode products of a batch (1 to 16 activation rows, whole and partial groups) with the
 /// weight in the file's `[n, k]` order, each call on another copy of the weight (from
 /// memory, as in a decode step): milliseconds per call, and the time per activation row
-/// against one row's (1.0: a row costs what a lone row costs; 1/rows: free rows).
+/// against one row's (1.0: a row costs what a lone row costs; 1/rows: free rows). bf16 x
+/// bf16 twice: as the engine runs it (AMX tiles from 4 rows where the CPU has them) and
+/// with `vdpbf16ps` alone.
 fn rows_batch_table() {
-    use vipllava_model::kernels::rows::{matmul_rows, matmul_rows_bf16};
+    use vipllava_model::kernels::rows::{matmul_rows, matmul_rows_bf16, matmul_rows_bf16_dots};
 
     println!();
     println!(
-        "| k x n | rows | bf16 x bf16 ms | per row / 1 row | f16 ms | per row / 1 row | f32 ms | per row / 1 row |"
+        "| k x n | rows | bf16 x bf16 ms | per row / 1 row | bf16 vdpbf16ps ms | per row / 1 row | f16 ms | per row / 1 row | f32 ms | per row / 1 row |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     // The 1.1B Llama's gate/up, down and q/o projections, then the 7B's gate/up and down.
     for (k, n) in [
         (2048, 5632),
@@ -290,13 +292,13 @@ fn rows_batch_table() {
             .iter()
             .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
             .collect();
-        let mut single = [0f64; 3];
+        let mut single = [0f64; 4];
         for rows in [1, 2, 3, 4, 8, 12, 16] {
             let x: Vec<f32> = (0..rows * k)
                 .map(|i| bf16::from_f32((i % 7) as f32 * 0.1).to_f32())
                 .collect();
             // Interleaved rounds, medians of the per-round medians.
-            let mut rounds = [[0f64; 3]; 3];
+            let mut rounds = [[0f64; 4]; 3];
             for round in rounds.iter_mut() {
                 let mut at = 0;
                 round[0] = time(7, || {
@@ -305,14 +307,18 @@ fn rows_batch_table() {
                 });
                 round[1] = time(7, || {
                     at = (at + 1) % copies;
-                    black_box(matmul_rows::<f16>(black_box(&x), black_box(&wh[at]), rows, k, n));
+                    black_box(matmul_rows_bf16_dots(black_box(&x), black_box(&wb[at]), rows, k, n).unwrap());
                 });
                 round[2] = time(7, || {
+                    at = (at + 1) % copies;
+                    black_box(matmul_rows::<f16>(black_box(&x), black_box(&wh[at]), rows, k, n));
+                });
+                round[3] = time(7, || {
                     at = (at + 1) % copies;
                     black_box(matmul_rows::<f32>(black_box(&x), black_box(&wf[at]), rows, k, n));
                 });
             }
-            let cells: Vec<String> = (0..3)
+            let cells: Vec<String> = (0..4)
                 .map(|c| {
                     let ms = median_ms(&rounds, c);
                     if rows == 1 {
@@ -327,11 +333,12 @@ fn rows_batch_table() {
 }
 
 /// The products of whole decode steps of the 1.1B Llama (22 layers, each with its own
-/// weights: q, k, v, o, gate, up and down), in bf16 x bf16, f16 and f32, for 1-16 activation
-/// rows, as `vipllava bench` and `serve` run them; the attention and the rest are left out.
+/// weights: q, k, v, o, gate, up and down), in bf16 x bf16 (as the engine runs it, then with
+/// `vdpbf16ps` alone), f16 and f32, for 1-16 activation rows, as `vipllava bench` and
+/// `serve` run them; the attention and the rest are left out.
 /// Unlike `rows-batch`, every shape and its activations take their turn in the caches.
 fn rows_step_table() {
-    use vipllava_model::kernels::rows::{matmul_rows, matmul_rows_bf16};
+    use vipllava_model::kernels::rows::{matmul_rows, matmul_rows_bf16, matmul_rows_bf16_dots};
 
     const LAYERS: usize = 22;
     const SHAPES: [(usize, usize); 7] = [
@@ -380,6 +387,12 @@ fn rows_step_table() {
             for (i, w) in wb.iter().enumerate() {
                 let (k, n) = SHAPES[i % SHAPES.len()];
                 black_box(matmul_rows_bf16(black_box(&xs[i % SHAPES.len()]), w, rows, k, n).unwrap());
+            }
+        });
+        report("bf16 x bf16, vdpbf16ps", &|xs, rows| {
+            for (i, w) in wb.iter().enumerate() {
+                let (k, n) = SHAPES[i % SHAPES.len()];
+                black_box(matmul_rows_bf16_dots(black_box(&xs[i % SHAPES.len()]), w, rows, k, n).unwrap());
             }
         });
     }

@@ -231,6 +231,88 @@ impl Tiles {
         }
     }
 
+    /// Sums of 16 weight rows against up to 16 activation rows, for the decode products of a
+    /// batch ([`super::rows`]): `sums[j][r] = w_j . x_r` over `groups` groups of 32 values.
+    /// The weight rows are the checkpoint's `[n, k]` rows, read where they lie: row `j`'s
+    /// group `g` is the 64 bytes at `w + j w_stride + 64 g`, so 16 rows form one tile.
+    /// `x` holds one 1 KB tile of activation pairs per group (row `p`: values `2p, 2p + 1`
+    /// of the 16 activation rows, as pairs), group `g` at `1024 g`. Even and odd groups go
+    /// to two tiles of sums (one chain would wait on itself), stored to `sums[0]` and
+    /// `sums[1]` (16 rows of 16 f32: weight row by activation row); the caller adds them.
+    ///
+    /// Each weight row is a stream of its own; the loop asks for each row's lines
+    /// `prefetch` bytes ahead (hints only, which may point past the weight).
+    ///
+    /// # Safety
+    /// `w` must hold 16 rows of `64 groups` bytes at stride `w_stride`, `x` `1024 groups`
+    /// bytes.
+    pub unsafe fn weight_rows16(
+        &self,
+        w: *const u8,
+        w_stride: usize,
+        x: *const u8,
+        groups: usize,
+        prefetch: usize,
+        sums: &mut [[f32; 256]; 2],
+    ) {
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no tiles outside x86_64 ({w:?} {w_stride} {x:?} {groups} {prefetch} {sums:?})");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles were configured by `new` on this thread; the reads stay inside
+        // the bounds above (the prefetches are hints, which never fault); the stores write
+        // `sums`, 2 x 1 KB. The blocks of assembly share the tile registers, which no
+        // compiled code touches.
+        unsafe {
+            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            let ahead = |g: usize| {
+                for j in 0..TILE_ROWS {
+                    let line = w.wrapping_add(j * w_stride + 64 * g + prefetch).cast::<i8>();
+                    _mm_prefetch::<_MM_HINT_T0>(line);
+                    _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(64));
+                }
+            };
+            std::arch::asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+            let mut g = 0;
+            while g + 2 <= groups {
+                ahead(g);
+                std::arch::asm!(
+                    "tileloadd tmm4, [{w} + {ws}*1]",
+                    "tileloadd tmm6, [{x} + {row}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm5, [{w} + {ws}*1 + 64]",
+                    "tileloadd tmm7, [{x} + {row}*1 + 1024]",
+                    "tdpbf16ps tmm1, tmm5, tmm7",
+                    w = in(reg) w.add(64 * g),
+                    ws = in(reg) w_stride,
+                    x = in(reg) x.add(1024 * g),
+                    row = in(reg) ROW_BYTES,
+                    options(nostack, readonly),
+                );
+                g += 2;
+            }
+            if g < groups {
+                std::arch::asm!(
+                    "tileloadd tmm4, [{w} + {ws}*1]",
+                    "tileloadd tmm6, [{x} + {row}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    w = in(reg) w.add(64 * g),
+                    ws = in(reg) w_stride,
+                    x = in(reg) x.add(1024 * g),
+                    row = in(reg) ROW_BYTES,
+                    options(nostack, readonly),
+                );
+            }
+            std::arch::asm!(
+                "tilestored [{even} + {row}*1], tmm0",
+                "tilestored [{odd} + {row}*1], tmm1",
+                even = in(reg) sums[0].as_mut_ptr(),
+                odd = in(reg) sums[1].as_mut_ptr(),
+                row = in(reg) ROW_BYTES,
+                options(nostack),
+            );
+        }
+    }
+
     /// Attention scores of 16 query rows against 64 keys: `out[r][j] = q_r . k_j` in f32,
     /// over `groups` groups of 32 dimensions. `q` is 16 rows of bf16 (`q_stride` bytes
     /// apart, 64 bytes per group); `keys` holds per group four 1 KB tiles of 16 keys each

@@ -16,10 +16,15 @@
 //! A batch's decode step has several activation rows: the SIMD kernels take a group of them
 //! through each weight row at once (one accumulator per row and lane set), so each weight
 //! value is loaded and widened once per group rather than once per row. Every row's sum keeps
-//! the order above, so a row's result is the same alone or in a batch.
+//! the order above, so a row's result is the same alone or in a batch. The exception: bf16 x
+//! bf16 products of 4 to 16 rows run on AMX tiles where the CPU has them, 16 weight rows
+//! against all the activation rows per instruction, and add in the tiles' order (a row's
+//! result then depends on the row count reaching 4, never on the other rows' values).
 
 use burn::tensor::{Element, bf16};
 
+#[cfg(target_arch = "x86_64")]
+use super::amx;
 #[cfg(target_arch = "x86_64")]
 use super::bf16_dot::as_bh;
 use super::bf16_dot::widen;
@@ -71,6 +76,19 @@ const BF16_ROW_PREFETCH_BYTES: usize = 4096;
 /// values, 2 bytes a value) its decode steps of 4-16 rows ran 6-22% slower (`rows-step`
 /// table, round 39), the weight rows read in short segments.
 const GROUP_ACTIVATION_BYTES: usize = 32 * 1024;
+/// Activation rows from which [`matmul_rows_bf16`] multiplies on AMX tiles where the CPU has
+/// them ([`super::amx::amx_bf16_available`]): 16 weight rows, read where they lie, against
+/// all the rows at once ([`super::amx::Tiles::weight_rows16`]). `vdpbf16ps` takes each
+/// weight vector once per activation row, and from about 4 rows on a step's products wait
+/// on those instructions rather than on memory (`rows-step` table: 8 and 16 rows took 1.5x
+/// and 2.8x the time of one). On the AMX Xeon of round 40 (BENCHMARKS.md) a 1.1B
+/// step of 4 rows took 1.0-1.1x one row's time on tiles against 1.2-1.3x with `vdpbf16ps`;
+/// at 2-3 rows the two were level within the noise, and one row keeps `vdpbf16ps`.
+const AMX_MIN_ROWS: usize = 4;
+/// How far ahead of its tile loads [`super::amx::Tiles::weight_rows16`] asks for each
+/// weight row's bytes (16 streams at once, one per row of the tile). Round 40: 512 and
+/// 1024 level, 2048 slower, no hints slower still (1.1B steps of 8 and 16 rows).
+const AMX_ROW_PREFETCH_BYTES: usize = 512;
 
 /// The length of the blocks along `k` for a group of `rows` f32 activation rows over the
 /// first `whole` values of a row (a multiple of 16): a multiple of 16, at most
@@ -114,10 +132,21 @@ fn matmul_rows_on<T: Widen + Element>(
 }
 
 /// `x [rows, k] @ w^T` for bf16 `w` stored `[n, k]` and activations that are bf16 values
-/// (widened to f32), with `vdpbf16ps` where the CPU has it. `None` when an activation is
-/// not a bf16 value or the sizes do not match.
+/// (widened to f32), with `vdpbf16ps` where the CPU has it, and for [`AMX_MIN_ROWS`] rows or
+/// more (with `k` a multiple of 32) on AMX tiles where it has those: each sum then adds its
+/// products in the tiles' order, so a row's bits depend on whether its batch had that many
+/// rows (not on the other rows' values). `None` when an activation is not a bf16 value or
+/// the sizes do not match.
 pub fn matmul_rows_bf16(x: &[f32], w: &[bf16], rows: usize, k: usize, n: usize) -> Option<Vec<f32>> {
-    matmul_rows_bf16_with(x, w, rows, k, n, super::bf16_dot::bf16_dot_available())
+    let simd = super::bf16_dot::bf16_dot_available();
+    let tiles = simd && rows >= AMX_MIN_ROWS && super::amx::amx_bf16_available();
+    matmul_rows_bf16_with(x, w, rows, k, n, simd, tiles)
+}
+
+/// [`matmul_rows_bf16`] with `vdpbf16ps` for every row count (no AMX tiles), where the CPU
+/// has it; for the tests and the kernel tables.
+pub fn matmul_rows_bf16_dots(x: &[f32], w: &[bf16], rows: usize, k: usize, n: usize) -> Option<Vec<f32>> {
+    matmul_rows_bf16_with(x, w, rows, k, n, super::bf16_dot::bf16_dot_available(), false)
 }
 
 /// [`matmul_rows_bf16`] in plain Rust on every CPU (the same bits).
@@ -128,9 +157,11 @@ pub fn matmul_rows_bf16_reference(
     k: usize,
     n: usize,
 ) -> Option<Vec<f32>> {
-    matmul_rows_bf16_with(x, w, rows, k, n, false)
+    matmul_rows_bf16_with(x, w, rows, k, n, false, false)
 }
 
+/// `simd`: `vdpbf16ps` (the CPU must have AVX-512 F, BW and BF16); `tiles`: AMX tiles as
+/// well, for `k` a multiple of 32 and at most 16 rows (the CPU must have them, and `simd`).
 fn matmul_rows_bf16_with(
     x: &[f32],
     w: &[bf16],
@@ -138,6 +169,7 @@ fn matmul_rows_bf16_with(
     k: usize,
     n: usize,
     simd: bool,
+    tiles: bool,
 ) -> Option<Vec<f32>> {
     if x.len() != rows * k || w.len() != n * k || x.iter().any(|v| v.to_bits() & 0xFFFF != 0) {
         return None;
@@ -145,6 +177,12 @@ fn matmul_rows_bf16_with(
     let xb: Vec<u16> = x.iter().map(|v| (v.to_bits() >> 16) as u16).collect();
     // SAFETY of the reinterpretation: `bf16` is a `u16` bit pattern (`repr(transparent)`).
     let wb: &[u16] = bytemuck::cast_slice(w);
+    #[cfg(target_arch = "x86_64")]
+    if simd && tiles && k.is_multiple_of(2 * LANES) && rows <= amx::TILE_ROWS {
+        return Some(matmul_rows_bf16_amx(&xb, wb, rows, k, n));
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = tiles;
     Some(by_column_tasks(rows, n, |j0, out| {
         let dots = Bf16Dots {
             x: &xb,
@@ -163,6 +201,70 @@ fn matmul_rows_bf16_with(
         let _ = simd;
         dots.run_plain(out);
     }))
+}
+
+/// [`matmul_rows_bf16`] on AMX tiles: the activations packed once as tiles of pairs (16
+/// columns, the rows past `rows` zero), then per task 16 weight rows at a time against all
+/// of them; a task's last columns that do not fill a tile go through `vdpbf16ps`.
+/// `k` must be a multiple of 32, `rows` at most 16, and the CPU must have AMX-BF16 and
+/// AVX-512 BF16.
+#[cfg(target_arch = "x86_64")]
+fn matmul_rows_bf16_amx(xb: &[u16], w: &[u16], rows: usize, k: usize, n: usize) -> Vec<f32> {
+    const TILE: usize = amx::TILE_ROWS;
+    assert!(k.is_multiple_of(2 * LANES) && rows <= TILE && xb.len() == rows * k && w.len() == n * k);
+    let groups = k / (2 * LANES);
+    // Group `g`'s tile: row `p` holds the pair `2p, 2p + 1` of each activation row.
+    let mut pairs = super::aligned_zeros::<u32>(groups * TILE * TILE);
+    for (r, x) in xb.chunks_exact(k).enumerate() {
+        for (i, pair) in x.chunks_exact(2).enumerate() {
+            let (g, p) = (i / TILE, i % TILE);
+            pairs[(g * TILE + p) * TILE + r] = u32::from(pair[0]) | (u32::from(pair[1]) << 16);
+        }
+    }
+    /// The two tiles of sums, on cache lines (their stores are whole rows of 64 bytes).
+    #[repr(C, align(64))]
+    struct Sums([[f32; TILE * TILE]; 2]);
+    by_column_tasks(rows, n, |j0, out| {
+        let columns = out.len() / rows;
+        let Some(tiles) = amx::Tiles::new() else {
+            unreachable!("matmul_rows_bf16 checked that AMX is available")
+        };
+        let mut sums = Sums([[0f32; TILE * TILE]; 2]);
+        let mut t = 0;
+        while t + TILE <= columns {
+            // SAFETY: rows `j0 + t..j0 + t + 16` of `w` exist (`out` has a column for each),
+            // each `k` bf16 values (64 bytes per group), `2k` bytes apart; `pairs` holds
+            // `groups` tiles of 1 KB; the tiles are this thread's.
+            unsafe {
+                tiles.weight_rows16(
+                    w.as_ptr().add((j0 + t) * k).cast(),
+                    2 * k,
+                    pairs.as_ptr().cast(),
+                    groups,
+                    AMX_ROW_PREFETCH_BYTES,
+                    &mut sums.0,
+                )
+            };
+            let [even, odd] = &sums.0;
+            for j in 0..TILE {
+                for r in 0..rows {
+                    out[(t + j) * rows + r] = even[j * TILE + r] + odd[j * TILE + r];
+                }
+            }
+            t += TILE;
+        }
+        if t < columns {
+            let dots = Bf16Dots {
+                x: xb,
+                w,
+                rows,
+                k,
+                j0: j0 + t,
+            };
+            // SAFETY: the CPU has AVX-512 F, BW and BF16 (this function's contract).
+            unsafe { dots.run_simd(&mut out[t * rows..]) };
+        }
+    })
 }
 
 /// Runs `task(j0, out)` for each block of [`COLUMNS_PER_TASK`] output columns starting at
@@ -875,9 +977,67 @@ pub(super) mod tests {
                 k,
                 &format!("bf16 {rows}x{k}x{n}"),
             );
-            let fast = matmul_rows_bf16(&x, &w, rows, k, n).expect("bf16 activations");
+            let fast = matmul_rows_bf16_dots(&x, &w, rows, k, n).expect("bf16 activations");
             let same = fast.iter().zip(&plain).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "bf16 {rows}x{k}x{n}: SIMD and plain code differ");
+            // With AMX tiles where the CPU has them (rows 4 and more, `k` a multiple of 32).
+            assert_close(
+                &matmul_rows_bf16(&x, &w, rows, k, n).expect("bf16 activations"),
+                &reference(&x, &wf, rows, k, n),
+                k,
+                &format!("bf16 {rows}x{k}x{n}, any path"),
+            );
+        }
+    }
+
+    /// The AMX products of a batch ([`matmul_rows_bf16_amx`]): every row count from 1 to 16,
+    /// `k` from one group of 32 to the 7B down projection's, odd and even group counts, and
+    /// tasks whose last columns do not fill a tile (`n` below 16, 17, 33, 70). Each row's
+    /// bits do not depend on the other rows.
+    #[test]
+    fn bf16_rows_on_amx_tiles_match_the_f64_sum() {
+        if !(crate::kernels::bf16_dot::bf16_dot_available() && crate::kernels::amx::amx_bf16_available()) {
+            eprintln!("no AMX-BF16 here: the tile rows are not checked");
+            return;
+        }
+        let shapes = [
+            (1, 32, 16),
+            (2, 64, 17),
+            (3, 96, 3),
+            (4, 2048, 40),
+            (5, 160, 33),
+            (7, 1024, 70),
+            (8, 5632, 32),
+            (9, 11008, 16),
+            (12, 4096, 48),
+            (16, 352, 100),
+            (16, 32, 1),
+        ];
+        for (rows, k, n) in shapes {
+            let x: Vec<f32> = values(rows * k, 11)
+                .iter()
+                .map(|&v| bf16::from_f32(v).to_f32())
+                .collect();
+            let w: Vec<bf16> = values(n * k, 12).iter().map(|&v| bf16::from_f32(v)).collect();
+            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let tiles = |rows: usize| {
+                matmul_rows_bf16_with(&x[..rows * k], &w, rows, k, n, true, true).expect("bf16 activations")
+            };
+            let all = tiles(rows);
+            assert_close(
+                &all,
+                &reference(&x, &wf, rows, k, n),
+                k,
+                &format!("amx {rows}x{k}x{n}"),
+            );
+            for fewer in [1, rows / 2] {
+                let some = tiles(fewer);
+                assert_eq!(
+                    some,
+                    all[..fewer * n],
+                    "amx {rows}x{k}x{n}: the first {fewer} rows alone"
+                );
+            }
         }
     }
 
