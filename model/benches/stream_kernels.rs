@@ -262,16 +262,18 @@ fn rows_table() {
 /// weight in the file's `[n, k]` order, each call on another copy of the weight (from
 /// memory, as in a decode step): milliseconds per call, and the time per activation row
 /// against one row's (1.0: a row costs what a lone row costs; 1/rows: free rows). bf16 x
-/// bf16 twice: as the engine runs it (AMX tiles from 4 rows where the CPU has them) and
-/// with `vdpbf16ps` alone.
+/// bf16 and f16 twice: as the engine runs them (AMX tiles from 4 and 6 rows where the CPU
+/// has them) and with `vdpbf16ps` or f32 multiply-adds alone.
 fn rows_batch_table() {
-    use vipllava_model::kernels::rows::{matmul_rows, matmul_rows_bf16, matmul_rows_bf16_dots};
+    use vipllava_model::kernels::rows::{
+        matmul_rows, matmul_rows_bf16, matmul_rows_bf16_dots, matmul_rows_f16,
+    };
 
     println!();
     println!(
-        "| k x n | rows | bf16 x bf16 ms | per row / 1 row | bf16 vdpbf16ps ms | per row / 1 row | f16 ms | per row / 1 row | f32 ms | per row / 1 row |"
+        "| k x n | rows | bf16 x bf16 ms | per row / 1 row | bf16 vdpbf16ps ms | per row / 1 row | f16 ms | per row / 1 row | f16 FMA ms | per row / 1 row | f32 ms | per row / 1 row |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     // The 1.1B Llama's gate/up, down and q/o projections, then the 7B's gate/up and down.
     for (k, n) in [
         (2048, 5632),
@@ -292,13 +294,13 @@ fn rows_batch_table() {
             .iter()
             .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
             .collect();
-        let mut single = [0f64; 4];
+        let mut single = [0f64; 5];
         for rows in [1, 2, 3, 4, 8, 12, 16] {
             let x: Vec<f32> = (0..rows * k)
                 .map(|i| bf16::from_f32((i % 7) as f32 * 0.1).to_f32())
                 .collect();
             // Interleaved rounds, medians of the per-round medians.
-            let mut rounds = [[0f64; 4]; 3];
+            let mut rounds = [[0f64; 5]; 3];
             for round in rounds.iter_mut() {
                 let mut at = 0;
                 round[0] = time(7, || {
@@ -311,14 +313,18 @@ fn rows_batch_table() {
                 });
                 round[2] = time(7, || {
                     at = (at + 1) % copies;
-                    black_box(matmul_rows::<f16>(black_box(&x), black_box(&wh[at]), rows, k, n));
+                    black_box(matmul_rows_f16(black_box(&x), black_box(&wh[at]), rows, k, n));
                 });
                 round[3] = time(7, || {
+                    at = (at + 1) % copies;
+                    black_box(matmul_rows::<f16>(black_box(&x), black_box(&wh[at]), rows, k, n));
+                });
+                round[4] = time(7, || {
                     at = (at + 1) % copies;
                     black_box(matmul_rows::<f32>(black_box(&x), black_box(&wf[at]), rows, k, n));
                 });
             }
-            let cells: Vec<String> = (0..4)
+            let cells: Vec<String> = (0..5)
                 .map(|c| {
                     let ms = median_ms(&rounds, c);
                     if rows == 1 {
@@ -333,12 +339,15 @@ fn rows_batch_table() {
 }
 
 /// The products of whole decode steps of the 1.1B Llama (22 layers, each with its own
-/// weights: q, k, v, o, gate, up and down), in bf16 x bf16 (as the engine runs it, then with
-/// `vdpbf16ps` alone), f16 and f32, for 1-16 activation rows, as `vipllava bench` and
-/// `serve` run them; the attention and the rest are left out.
+/// weights: q, k, v, o, gate, up and down), in bf16 x bf16 and f16 (as the engine runs them,
+/// then with `vdpbf16ps` or f32 multiply-adds alone, without AMX tiles) and f32, for 1-16
+/// activation rows, as `vipllava bench` and `serve` run them; the attention and the rest are
+/// left out.
 /// Unlike `rows-batch`, every shape and its activations take their turn in the caches.
 fn rows_step_table() {
-    use vipllava_model::kernels::rows::{matmul_rows, matmul_rows_bf16, matmul_rows_bf16_dots};
+    use vipllava_model::kernels::rows::{
+        matmul_rows, matmul_rows_bf16, matmul_rows_bf16_dots, matmul_rows_f16,
+    };
 
     const LAYERS: usize = 22;
     const SHAPES: [(usize, usize); 7] = [
@@ -350,7 +359,11 @@ fn rows_step_table() {
         (2048, 5632),
         (5632, 2048),
     ];
-    let rows_list = [1, 4, 8, 16];
+    // `ROWS_STEP_ROWS=4,6,8` for other row counts.
+    let rows_list: Vec<usize> = std::env::var("ROWS_STEP_ROWS")
+        .ok()
+        .and_then(|v| v.split(',').map(|r| r.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 4, 8, 16]);
     println!();
     println!("| dtype | rows | ms per step | tok/s (rows / step) |");
     println!("|---|---|---|---|");
@@ -371,7 +384,7 @@ fn rows_step_table() {
             .collect()
     };
     let report = |dtype: &str, step: &dyn Fn(&[Vec<f32>], usize)| {
-        for rows in rows_list {
+        for &rows in &rows_list {
             let xs = inputs(rows);
             let mut rounds = [[0f64; 1]; 3];
             for round in rounds.iter_mut() {
@@ -399,6 +412,12 @@ fn rows_step_table() {
     {
         let wh = converted(weights_f32(), f16::from_f32);
         report("f16", &|xs, rows| {
+            for (i, w) in wh.iter().enumerate() {
+                let (k, n) = SHAPES[i % SHAPES.len()];
+                black_box(matmul_rows_f16(black_box(&xs[i % SHAPES.len()]), w, rows, k, n));
+            }
+        });
+        report("f16, f32 multiply-adds", &|xs, rows| {
             for (i, w) in wh.iter().enumerate() {
                 let (k, n) = SHAPES[i % SHAPES.len()];
                 black_box(matmul_rows::<f16>(

@@ -556,7 +556,7 @@ fn stream_linear<const D: usize>(
                     .flatten()
                     .unwrap_or_else(|| rows::matmul_rows(&xs, w, rows, k, n))
             }
-            DType::F16 => rows::matmul_rows(&xs, &w.storage::<f16>()[offset..offset + k * n], rows, k, n),
+            DType::F16 => rows::matmul_rows_f16(&xs, &w.storage::<f16>()[offset..offset + k * n], rows, k, n),
             _ => return None,
         };
         return Some(streamed_output(out, bias.as_deref(), x, n, dtype));

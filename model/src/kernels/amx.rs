@@ -313,6 +313,105 @@ impl Tiles {
         }
     }
 
+    /// Zeroes the two tiles of sums of [`Tiles::f16_block32`] and [`Tiles::f16_block16`].
+    pub fn f16_sums_zero(&self) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles were configured by `new` on this thread; no memory is touched.
+        unsafe {
+            std::arch::asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+        }
+    }
+
+    /// One block of 32 inputs of an f16 decode product split into bf16 halves
+    /// ([`super::rows::matmul_rows_f16`]) for 32 weight rows: `sums[h] += a[3h + g] . b[g]`
+    /// over the block's three groups `g` of 16 pairs, for the two halves `h` of the weight
+    /// rows (tiles 0 and 1: 16 weight rows by 16 activation rows each), zeroed by
+    /// [`Tiles::f16_sums_zero`] and stored by [`Tiles::f16_sums_store`]. `a` holds six 1 KB
+    /// tiles of weight pairs (row `j`: weight row `j` of the half), `b` three 1 KB tiles of
+    /// activation pairs (row `p`: pair `p` of the 16 activation rows), loaded once for both
+    /// halves: the activations come from L2, and with a pass per 16 weight rows their
+    /// traffic was three times the weight's.
+    ///
+    /// # Safety
+    /// `a` must hold 6 KB and `b` 3 KB.
+    pub unsafe fn f16_block32(&self, a: *const u8, b: *const u8) {
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no tiles outside x86_64 ({a:?} {b:?})");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles were configured by `new` on this thread; the reads stay inside
+        // the bounds above; only these blocks of assembly touch the tile registers.
+        unsafe {
+            std::arch::asm!(
+                "tileloadd tmm5, [{b} + {row}*1]",
+                "tileloadd tmm2, [{a} + {row}*1]",
+                "tdpbf16ps tmm0, tmm2, tmm5",
+                "tileloadd tmm3, [{a} + {row}*1 + 3072]",
+                "tdpbf16ps tmm1, tmm3, tmm5",
+                "tileloadd tmm6, [{b} + {row}*1 + 1024]",
+                "tileloadd tmm4, [{a} + {row}*1 + 1024]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm2, [{a} + {row}*1 + 4096]",
+                "tdpbf16ps tmm1, tmm2, tmm6",
+                "tileloadd tmm7, [{b} + {row}*1 + 2048]",
+                "tileloadd tmm3, [{a} + {row}*1 + 2048]",
+                "tdpbf16ps tmm0, tmm3, tmm7",
+                "tileloadd tmm4, [{a} + {row}*1 + 5120]",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                a = in(reg) a,
+                b = in(reg) b,
+                row = in(reg) ROW_BYTES,
+                options(nostack, readonly),
+            );
+        }
+    }
+
+    /// [`Tiles::f16_block32`] for 16 weight rows: `sums[0] += a[g] . b[g]`, `a` three 1 KB
+    /// tiles.
+    ///
+    /// # Safety
+    /// `a` and `b` must hold 3 KB each.
+    pub unsafe fn f16_block16(&self, a: *const u8, b: *const u8) {
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no tiles outside x86_64 ({a:?} {b:?})");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as in `f16_block32`.
+        unsafe {
+            std::arch::asm!(
+                "tileloadd tmm5, [{b} + {row}*1]",
+                "tileloadd tmm2, [{a} + {row}*1]",
+                "tdpbf16ps tmm0, tmm2, tmm5",
+                "tileloadd tmm6, [{b} + {row}*1 + 1024]",
+                "tileloadd tmm3, [{a} + {row}*1 + 1024]",
+                "tdpbf16ps tmm0, tmm3, tmm6",
+                "tileloadd tmm7, [{b} + {row}*1 + 2048]",
+                "tileloadd tmm4, [{a} + {row}*1 + 2048]",
+                "tdpbf16ps tmm0, tmm4, tmm7",
+                a = in(reg) a,
+                b = in(reg) b,
+                row = in(reg) ROW_BYTES,
+                options(nostack, readonly),
+            );
+        }
+    }
+
+    /// Stores the two tiles of sums of [`Tiles::f16_block32`] to `sums`.
+    pub fn f16_sums_store(&self, sums: &mut [[f32; 256]; 2]) {
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no tiles outside x86_64 ({sums:?})");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles were configured by `new` on this thread; each store writes 1 KB
+        // of `sums`.
+        unsafe {
+            std::arch::asm!(
+                "tilestored [{s} + {row}*1], tmm0",
+                "tilestored [{s} + {row}*1 + 1024], tmm1",
+                s = in(reg) sums.as_mut_ptr(),
+                row = in(reg) ROW_BYTES,
+                options(nostack),
+            );
+        }
+    }
+
     /// Attention scores of 16 query rows against 64 keys: `out[r][j] = q_r . k_j` in f32,
     /// over `groups` groups of 32 dimensions. `q` is 16 rows of bf16 (`q_stride` bytes
     /// apart, 64 bytes per group); `keys` holds per group four 1 KB tiles of 16 keys each

@@ -16,12 +16,13 @@
 //! A batch's decode step has several activation rows: the SIMD kernels take a group of them
 //! through each weight row at once (one accumulator per row and lane set), so each weight
 //! value is loaded and widened once per group rather than once per row. Every row's sum keeps
-//! the order above, so a row's result is the same alone or in a batch. The exception: bf16 x
-//! bf16 products of 4 to 16 rows run on AMX tiles where the CPU has them, 16 weight rows
-//! against all the activation rows per instruction, and add in the tiles' order (a row's
-//! result then depends on the row count reaching 4, never on the other rows' values).
+//! the order above, so a row's result is the same alone or in a batch. The exceptions: bf16 x
+//! bf16 products of 4 to 16 rows, and f16 products of 6 to 16 rows, run on AMX tiles where
+//! the CPU has them, 16 weight rows against all the activation rows per instruction, and add
+//! in the tiles' order (a row's result then depends on the row count reaching 4 or 6, never
+//! on the other rows' values).
 
-use burn::tensor::{Element, bf16};
+use burn::tensor::{Element, bf16, f16};
 
 #[cfg(target_arch = "x86_64")]
 use super::amx;
@@ -89,6 +90,10 @@ const AMX_MIN_ROWS: usize = 4;
 /// weight row's bytes (16 streams at once, one per row of the tile). Round 40: 512 and
 /// 1024 level, 2048 slower, no hints slower still (1.1B steps of 8 and 16 rows).
 const AMX_ROW_PREFETCH_BYTES: usize = 512;
+/// Activation rows from which [`matmul_rows_f16`] multiplies on AMX tiles, each f16 value
+/// split into two bf16 halves: the weight's split costs the same for any row count, so it
+/// pays only where the f32 multiply-adds of several rows cost more.
+const F16_AMX_MIN_ROWS: usize = 6;
 
 /// The length of the blocks along `k` for a group of `rows` f32 activation rows over the
 /// first `whole` values of a row (a multiple of 16): a multiple of 16, at most
@@ -131,8 +136,219 @@ fn matmul_rows_on<T: Widen + Element>(
     })
 }
 
+/// [`matmul_rows`] for an f16 weight, and for 6 to 16 rows (`F16_AMX_MIN_ROWS`) (with `k` a
+/// multiple of 32 and activations that are f16 values) on AMX tiles where the CPU has them.
+/// There each f16 value `v` is the exact sum of two bf16 values: `v_hi`, its first 8
+/// significant bits (the upper half of its f32), and `v_lo`, the rest (at most 3 bits, below
+/// `2^-7` of `v`). `x w` is `x_hi w_hi + x_lo w_hi + x_hi w_lo + x_lo w_lo`; the last term,
+/// below `2^-14` of the product, is left out, and the other three are exact in f32 and added
+/// in the tiles' order. A row's result then depends on whether its batch had that many rows
+/// (never on the other rows' values). NaN propagates; an infinite weight or activation gives
+/// NaN (its rest is `inf - inf`).
+pub fn matmul_rows_f16(x: &[f32], w: &[f16], rows: usize, k: usize, n: usize) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if (F16_AMX_MIN_ROWS..=amx::TILE_ROWS).contains(&rows)
+        && super::amx::amx_bf16_available()
+        && super::bf16_gemm::bf16_gemm_available()
+        && let Some(out) = matmul_rows_f16_amx(x, w, rows, k, n)
+    {
+        return out;
+    }
+    matmul_rows(x, w, rows, k, n)
+}
+
+/// [`matmul_rows_f16`] on AMX tiles: the activations split and packed once, three tiles per
+/// 32 inputs ([`f16_activation_tiles`]), then per task 32 weight rows at a time (16 for a
+/// last half), each block of 32 values split in registers into three tiles of weight pairs
+/// ([`f16_tiles`]); a task's last columns that do not fill a tile take [`matmul_rows`]'s
+/// path. `None` when `k` is not a multiple of 32 or an activation is not an f16 value. The
+/// CPU must have AMX-BF16 and AVX-512 F, BW and BF16.
+#[cfg(target_arch = "x86_64")]
+fn matmul_rows_f16_amx(x: &[f32], w: &[f16], rows: usize, k: usize, n: usize) -> Option<Vec<f32>> {
+    const TILE: usize = amx::TILE_ROWS;
+    assert!(rows <= TILE && x.len() == rows * k && w.len() == n * k, "sizes");
+    if k == 0 || !k.is_multiple_of(2 * LANES) {
+        return None;
+    }
+    let pairs = f16_activation_tiles(x, rows, k)?;
+    by_column_tasks(rows, n, |j0, out| {
+        let columns = out.len() / rows;
+        let Some(tiles) = amx::Tiles::new() else {
+            unreachable!("matmul_rows_f16 checked that AMX is available")
+        };
+        let mut sums = TileSums([[0f32; TILE * TILE]; 2]);
+        let mut t = 0;
+        while t + TILE <= columns {
+            let halves = if t + 2 * TILE <= columns { 2 } else { 1 };
+            let ws = &w[(j0 + t) * k..(j0 + t + halves * TILE) * k];
+            // SAFETY: the CPU has AMX-BF16 and AVX-512 F, BW and BF16 (this function's
+            // contract); `ws` is 16 or 32 rows of `k` values, `pairs` three tiles per 32
+            // values.
+            unsafe {
+                match halves {
+                    2 => f16_tiles::<2>(&tiles, ws, k, &pairs, &mut sums.0),
+                    _ => f16_tiles::<1>(&tiles, ws, k, &pairs, &mut sums.0),
+                }
+            };
+            for (h, sums) in sums.0.iter().enumerate().take(halves) {
+                for j in 0..TILE {
+                    let column = &mut out[(t + h * TILE + j) * rows..][..rows];
+                    column.copy_from_slice(&sums[j * TILE..][..rows]);
+                }
+            }
+            t += halves * TILE;
+        }
+        if t < columns {
+            let dots = DenseDots {
+                x,
+                w,
+                rows,
+                k,
+                j0: j0 + t,
+            };
+            // SAFETY: the CPU has AVX-512 F (this function's contract).
+            unsafe { dots.run_avx512(&mut out[t * rows..]) };
+        }
+    })
+    .into()
+}
+
+/// The activation tiles of [`matmul_rows_f16_amx`], three per block of 32 inputs (16
+/// columns each, those past `rows` zero): row `p` of the first holds `(x_hi, x_lo)` of input
+/// `p` of each activation row, of the second the same for input `16 + p`, of the third
+/// `(x_hi, x_hi)` of inputs `2p` and `2p + 1`. Against the weight pairs of
+/// [`weight_groups`] they give `x_hi w_hi + x_lo w_hi` and `x_hi w_lo`. `None` when a value
+/// is not an f16 value (NaN included).
+fn f16_activation_tiles(x: &[f32], rows: usize, k: usize) -> Option<super::AlignedVec<u32>> {
+    const TILE: usize = 16;
+    assert!(rows <= TILE && x.len() == rows * k && k.is_multiple_of(2 * TILE));
+    let mut tiles = super::aligned_zeros::<u32>(k / (2 * TILE) * 3 * TILE * TILE);
+    for (r, row) in x.chunks_exact(k).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            if f16::from_f32(v).to_f32() != v {
+                return None;
+            }
+            let hi = v.to_bits() >> 16;
+            // Exact, and so a bf16 value (its lower half zero): `v` has 11 significant bits.
+            let lo = (v - f32::from_bits(hi << 16)).to_bits() >> 16;
+            let (b, within) = (i / (2 * TILE), i % (2 * TILE));
+            // Block `b`'s tiles start at tile `3b`.
+            tiles[((3 * b + within / TILE) * TILE + within % TILE) * TILE + r] = hi | (lo << 16);
+            let third = &mut tiles[((3 * b + 2) * TILE + within / 2) * TILE + r];
+            *third |= hi << (16 * (within % 2));
+        }
+    }
+    Some(tiles)
+}
+
+/// Tiles of sums, on cache lines (their stores are whole rows of 64 bytes).
+#[repr(C, align(64))]
+struct TileSums<const N: usize>([[f32; 256]; N]);
+
+/// Rows of `len` pairs (`rows` of them, at most 16) as AMX tiles of activation pairs: tile
+/// `t`'s row `p` holds pair `16 t + p` of each row (16 columns, those past `rows` zero).
+fn tile_pairs(pairs: &[u32], rows: usize, len: usize) -> super::AlignedVec<u32> {
+    const TILE: usize = 16;
+    assert!(rows <= TILE && pairs.len() == rows * len && len.is_multiple_of(TILE));
+    let mut tiles = super::aligned_zeros::<u32>(len * TILE);
+    for (r, row) in pairs.chunks_exact(len).enumerate() {
+        for (i, &pair) in row.iter().enumerate() {
+            tiles[i * TILE + r] = pair;
+        }
+    }
+    tiles
+}
+
+/// Sums of `16 H` f16 weight rows (`ws`, `k` values each, `k` a multiple of 32; `H` 1 or 2)
+/// against the activation tiles `pairs` ([`f16_activation_tiles`]) into `sums[..H]`: per
+/// block of 32 values, each row split into its three 64-byte rows of weight pairs
+/// ([`weight_groups`]), then the tile products ([`super::amx::Tiles::f16_block32`] or
+/// [`super::amx::Tiles::f16_block16`]). Each row's bytes are asked for
+/// [`AMX_ROW_PREFETCH_BYTES`] ahead.
+///
+/// # Safety
+/// The CPU must have AMX-BF16 and AVX-512 F, BW and BF16, and `tiles` be this thread's;
+/// `ws` must hold `16 H k` values and `pairs` `3 k / 32` tiles of 256 pairs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn f16_tiles<const H: usize>(
+    tiles: &amx::Tiles,
+    ws: &[f16],
+    k: usize,
+    pairs: &[u32],
+    sums: &mut [[f32; 256]; 2],
+) {
+    use std::arch::x86_64::*;
+    const TILE: usize = amx::TILE_ROWS;
+    let blocks = k / (2 * LANES);
+    assert!((1..=2).contains(&H) && ws.len() == H * TILE * k && pairs.len() >= blocks * 3 * TILE * TILE);
+    // The three tiles of weight pairs of each half, for one block.
+    let mut a = TileSums([[0f32; TILE * TILE]; 6]);
+    tiles.f16_sums_zero();
+    for b in 0..blocks {
+        for j in 0..H * TILE {
+            // SAFETY: values `b * 32..b * 32 + 32` of row `j`, inside `ws` (asserted above);
+            // the prefetch is a hint, which never faults.
+            unsafe {
+                let src = ws.as_ptr().add(j * k + b * 2 * LANES);
+                _mm_prefetch::<_MM_HINT_T0>(src.cast::<i8>().wrapping_add(AMX_ROW_PREFETCH_BYTES));
+                let first = _mm512_cvtph_ps(_mm256_loadu_si256(src.cast()));
+                let second = _mm512_cvtph_ps(_mm256_loadu_si256(src.add(LANES).cast()));
+                let (h, row) = (j / TILE, j % TILE);
+                for (g, v) in weight_groups(first, second).into_iter().enumerate() {
+                    _mm512_store_si512(a.0[3 * h + g].as_mut_ptr().add(row * TILE).cast(), v);
+                }
+            }
+        }
+        let b_tiles = pairs[b * 3 * TILE * TILE..].as_ptr().cast();
+        // SAFETY: `a` holds 6 KB (3 KB per half), and block `b`'s three activation tiles
+        // are 3 KB of `pairs`.
+        unsafe {
+            if H == 2 {
+                tiles.f16_block32(a.0.as_ptr().cast(), b_tiles);
+            } else {
+                tiles.f16_block16(a.0.as_ptr().cast(), b_tiles);
+            }
+        }
+    }
+    tiles.f16_sums_store(sums);
+}
+
+/// The three 64-byte rows of weight pairs of 32 f16 weights (`first`: values `0..16`,
+/// `second`: `16..32`, widened to f32) for the tiles of [`f16_activation_tiles`]:
+/// `(w_hi, w_hi)` of each of the 32 values, then `(w_lo, w_lo)` of each two. `w_hi` is the
+/// upper half of each f32, `w_lo` the exact rest as bf16 (its f32's lower half is zero).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn weight_groups(
+    first: std::arch::x86_64::__m512,
+    second: std::arch::x86_64::__m512,
+) -> [std::arch::x86_64::__m512i; 3] {
+    use std::arch::x86_64::*;
+    let upper = _mm512_set1_epi32(0xFFFF_0000_u32 as i32);
+    // `(f >> 16) | (f & upper)`: the upper half twice (0xF8 = a | (b & c)).
+    let doubled = |f: __m512| {
+        let f = _mm512_castps_si512(f);
+        _mm512_ternarylogic_epi32::<0xF8>(_mm512_srli_epi32::<16>(f), f, upper)
+    };
+    let rest = |f: __m512| {
+        let hi = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(f), upper));
+        _mm512_castps_si512(_mm512_sub_ps(f, hi))
+    };
+    // 16-bit lanes 1, 3, .. of the first rest, then of the second: each `w_lo` as bf16.
+    let odd = _mm512_set_epi16(
+        63, 61, 59, 57, 55, 53, 51, 49, 47, 45, 43, 41, 39, 37, 35, 33, 31, 29, 27, 25, 23, 21, 19, 17, 15,
+        13, 11, 9, 7, 5, 3, 1,
+    );
+    [
+        doubled(first),
+        doubled(second),
+        _mm512_permutex2var_epi16(rest(first), odd, rest(second)),
+    ]
+}
+
 /// `x [rows, k] @ w^T` for bf16 `w` stored `[n, k]` and activations that are bf16 values
-/// (widened to f32), with `vdpbf16ps` where the CPU has it, and for [`AMX_MIN_ROWS`] rows or
+/// (widened to f32), with `vdpbf16ps` where the CPU has it, and for 4 rows (`AMX_MIN_ROWS`) or
 /// more (with `k` a multiple of 32) on AMX tiles where it has those: each sum then adds its
 /// products in the tiles' order, so a row's bits depend on whether its batch had that many
 /// rows (not on the other rows' values). `None` when an activation is not a bf16 value or
@@ -214,22 +430,17 @@ fn matmul_rows_bf16_amx(xb: &[u16], w: &[u16], rows: usize, k: usize, n: usize) 
     assert!(k.is_multiple_of(2 * LANES) && rows <= TILE && xb.len() == rows * k && w.len() == n * k);
     let groups = k / (2 * LANES);
     // Group `g`'s tile: row `p` holds the pair `2p, 2p + 1` of each activation row.
-    let mut pairs = super::aligned_zeros::<u32>(groups * TILE * TILE);
-    for (r, x) in xb.chunks_exact(k).enumerate() {
-        for (i, pair) in x.chunks_exact(2).enumerate() {
-            let (g, p) = (i / TILE, i % TILE);
-            pairs[(g * TILE + p) * TILE + r] = u32::from(pair[0]) | (u32::from(pair[1]) << 16);
-        }
-    }
-    /// The two tiles of sums, on cache lines (their stores are whole rows of 64 bytes).
-    #[repr(C, align(64))]
-    struct Sums([[f32; TILE * TILE]; 2]);
+    let bf16_pairs: Vec<u32> = xb
+        .chunks_exact(2)
+        .map(|pair| u32::from(pair[0]) | (u32::from(pair[1]) << 16))
+        .collect();
+    let pairs = tile_pairs(&bf16_pairs, rows, k / 2);
     by_column_tasks(rows, n, |j0, out| {
         let columns = out.len() / rows;
         let Some(tiles) = amx::Tiles::new() else {
             unreachable!("matmul_rows_bf16 checked that AMX is available")
         };
-        let mut sums = Sums([[0f32; TILE * TILE]; 2]);
+        let mut sums = TileSums([[0f32; TILE * TILE]; 2]);
         let mut t = 0;
         while t + TILE <= columns {
             // SAFETY: rows `j0 + t..j0 + t + 16` of `w` exist (`out` has a column for each),
@@ -990,30 +1201,32 @@ pub(super) mod tests {
         }
     }
 
-    /// The AMX products of a batch ([`matmul_rows_bf16_amx`]): every row count from 1 to 16,
-    /// `k` from one group of 32 to the 7B down projection's, odd and even group counts, and
-    /// tasks whose last columns do not fill a tile (`n` below 16, 17, 33, 70). Each row's
-    /// bits do not depend on the other rows.
+    /// Shapes of the AMX products of a batch: row counts from 1 to 16, `k` from one group of
+    /// 32 to the 7B down projection's, odd and even group counts, and tasks whose last
+    /// columns do not fill a tile (`n` below 16, 17, 33, 70).
+    const AMX_SHAPES: [(usize, usize, usize); 11] = [
+        (1, 32, 16),
+        (2, 64, 17),
+        (3, 96, 3),
+        (4, 2048, 40),
+        (5, 160, 33),
+        (7, 1024, 70),
+        (8, 5632, 32),
+        (9, 11008, 16),
+        (12, 4096, 48),
+        (16, 352, 100),
+        (16, 32, 1),
+    ];
+
+    /// The bf16 AMX products of a batch ([`matmul_rows_bf16_amx`]) on [`AMX_SHAPES`]. Each
+    /// row's bits do not depend on the other rows.
     #[test]
     fn bf16_rows_on_amx_tiles_match_the_f64_sum() {
         if !(crate::kernels::bf16_dot::bf16_dot_available() && crate::kernels::amx::amx_bf16_available()) {
             eprintln!("no AMX-BF16 here: the tile rows are not checked");
             return;
         }
-        let shapes = [
-            (1, 32, 16),
-            (2, 64, 17),
-            (3, 96, 3),
-            (4, 2048, 40),
-            (5, 160, 33),
-            (7, 1024, 70),
-            (8, 5632, 32),
-            (9, 11008, 16),
-            (12, 4096, 48),
-            (16, 352, 100),
-            (16, 32, 1),
-        ];
-        for (rows, k, n) in shapes {
+        for (rows, k, n) in AMX_SHAPES {
             let x: Vec<f32> = values(rows * k, 11)
                 .iter()
                 .map(|&v| bf16::from_f32(v).to_f32())
@@ -1039,6 +1252,87 @@ pub(super) mod tests {
                 );
             }
         }
+    }
+
+    /// The f16 AMX products of a batch ([`matmul_rows_f16_amx`]) on [`AMX_SHAPES`]: against
+    /// the f64 sum of the three products of halves that it keeps (`x_hi w_hi + x_hi w_lo +
+    /// x_lo w_hi`, each exact), within the f32 sums' rounding; and against the f64 sum of
+    /// the f16 values themselves, with room for the left-out `x_lo w_lo` (below `2^-14` of
+    /// each product).
+    #[test]
+    fn f16_rows_on_amx_tiles_match_the_f64_sum() {
+        if !(crate::kernels::bf16_gemm::bf16_gemm_available() && crate::kernels::amx::amx_bf16_available()) {
+            eprintln!("no AMX-BF16 here: the f16 tile rows are not checked");
+            return;
+        }
+        // The halves of an f16 value: its f32's upper half, and the rest.
+        let halves = |v: f32| {
+            let hi = f32::from_bits(v.to_bits() & 0xFFFF_0000);
+            (hi as f64, (v - hi) as f64)
+        };
+        for (rows, k, n) in AMX_SHAPES {
+            let x: Vec<f32> = values(rows * k, 13)
+                .iter()
+                .map(|&v| f16::from_f32(v).to_f32())
+                .collect();
+            let w: Vec<f16> = values(n * k, 14).iter().map(|&v| f16::from_f32(v)).collect();
+            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let tiles =
+                |rows: usize| matmul_rows_f16_amx(&x[..rows * k], &w, rows, k, n).expect("f16 activations");
+            let all = tiles(rows);
+            let mut kept = vec![0f64; rows * n];
+            for r in 0..rows {
+                for j in 0..n {
+                    kept[r * n + j] = (0..k)
+                        .map(|i| {
+                            let ((xh, xl), (wh, wl)) = (halves(x[r * k + i]), halves(wf[j * k + i]));
+                            xh * wh + xh * wl + xl * wh
+                        })
+                        .sum();
+                }
+            }
+            assert_close(
+                &all,
+                &kept,
+                k,
+                &format!("f16 amx {rows}x{k}x{n}, the kept products"),
+            );
+            let want = reference(&x, &wf, rows, k, n);
+            let worst = all
+                .iter()
+                .zip(&want)
+                .map(|(&g, &w)| (g as f64 - w).abs())
+                .fold(0f64, f64::max);
+            let tolerance = 2e-6 * k as f64 + 1.1 * 1.1 * k as f64 / 16384.0;
+            assert!(
+                worst <= tolerance,
+                "f16 amx {rows}x{k}x{n}: max |diff| {worst} > {tolerance}"
+            );
+            for fewer in [1, rows / 2] {
+                assert_eq!(
+                    tiles(fewer),
+                    all[..fewer * n],
+                    "f16 amx {rows}x{k}x{n}: the first {fewer} rows alone"
+                );
+            }
+            if rows >= F16_AMX_MIN_ROWS {
+                assert_eq!(
+                    matmul_rows_f16(&x, &w, rows, k, n),
+                    all,
+                    "f16 {rows}x{k}x{n}: the engine's path"
+                );
+            }
+        }
+        let w = vec![f16::from_f32(0.5); 64 * 16];
+        assert!(
+            matmul_rows_f16_amx(&[0.1f32; 64 * 8], &w, 8, 64, 16).is_none(),
+            "0.1 is not an f16 value"
+        );
+        assert!(
+            matmul_rows_f16_amx(&[0.5f32; 48 * 8], &w[..48 * 16], 8, 48, 16).is_none(),
+            "k = 48"
+        );
+        assert!(matmul_rows_f16_amx(&[0.5f32; 64 * 8], &w, 8, 64, 16).is_some());
     }
 
     #[test]
