@@ -295,7 +295,7 @@ fn rows_batch_table() {
             .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
             .collect();
         let mut single = [0f64; 5];
-        for rows in [1, 2, 3, 4, 8, 12, 16] {
+        for rows in [1, 2, 3, 4, 6, 8, 12, 16] {
             let x: Vec<f32> = (0..rows * k)
                 .map(|i| bf16::from_f32((i % 7) as f32 * 0.1).to_f32())
                 .collect();
@@ -383,41 +383,48 @@ fn rows_step_table() {
             })
             .collect()
     };
-    let report = |dtype: &str, step: &dyn Fn(&[Vec<f32>], usize)| {
+    type Step<'a> = (&'a str, &'a dyn Fn(&[Vec<f32>], usize));
+    // The variants of one dtype interleaved in each round (medians of 3 rounds).
+    let report = |variants: &[Step]| {
         for &rows in &rows_list {
             let xs = inputs(rows);
-            let mut rounds = [[0f64; 1]; 3];
+            let mut rounds = [[0f64; 2]; 3];
             for round in rounds.iter_mut() {
-                round[0] = time(3, || step(&xs, rows));
+                for (c, (_, step)) in variants.iter().enumerate() {
+                    round[c] = time(3, || step(&xs, rows));
+                }
             }
-            let ms = median_ms(&rounds, 0);
-            println!("| {dtype} | {rows} | {ms:.1} | {:.1} |", rows as f64 / ms * 1e3);
+            for (c, (dtype, _)) in variants.iter().enumerate() {
+                let ms = median_ms(&rounds, c);
+                println!("| {dtype} | {rows} | {ms:.1} | {:.1} |", rows as f64 / ms * 1e3);
+            }
         }
     };
     {
         let wb = converted(weights_f32(), bf16::from_f32);
-        report("bf16 x bf16", &|xs, rows| {
+        let engine = |xs: &[Vec<f32>], rows: usize| {
             for (i, w) in wb.iter().enumerate() {
                 let (k, n) = SHAPES[i % SHAPES.len()];
                 black_box(matmul_rows_bf16(black_box(&xs[i % SHAPES.len()]), w, rows, k, n).unwrap());
             }
-        });
-        report("bf16 x bf16, vdpbf16ps", &|xs, rows| {
+        };
+        let dots = |xs: &[Vec<f32>], rows: usize| {
             for (i, w) in wb.iter().enumerate() {
                 let (k, n) = SHAPES[i % SHAPES.len()];
                 black_box(matmul_rows_bf16_dots(black_box(&xs[i % SHAPES.len()]), w, rows, k, n).unwrap());
             }
-        });
+        };
+        report(&[("bf16 x bf16", &engine), ("bf16 x bf16, vdpbf16ps", &dots)]);
     }
     {
         let wh = converted(weights_f32(), f16::from_f32);
-        report("f16", &|xs, rows| {
+        let engine = |xs: &[Vec<f32>], rows: usize| {
             for (i, w) in wh.iter().enumerate() {
                 let (k, n) = SHAPES[i % SHAPES.len()];
                 black_box(matmul_rows_f16(black_box(&xs[i % SHAPES.len()]), w, rows, k, n));
             }
-        });
-        report("f16, f32 multiply-adds", &|xs, rows| {
+        };
+        let fmas = |xs: &[Vec<f32>], rows: usize| {
             for (i, w) in wh.iter().enumerate() {
                 let (k, n) = SHAPES[i % SHAPES.len()];
                 black_box(matmul_rows::<f16>(
@@ -428,10 +435,11 @@ fn rows_step_table() {
                     n,
                 ));
             }
-        });
+        };
+        report(&[("f16", &engine), ("f16, f32 multiply-adds", &fmas)]);
     }
     let wf = weights_f32();
-    report("f32", &|xs, rows| {
+    report(&[("f32", &|xs: &[Vec<f32>], rows: usize| {
         for (i, w) in wf.iter().enumerate() {
             let (k, n) = SHAPES[i % SHAPES.len()];
             black_box(matmul_rows::<f32>(
@@ -442,7 +450,7 @@ fn rows_step_table() {
                 n,
             ));
         }
-    });
+    })]);
 }
 
 /// Each weight of `weights` in another dtype (the f32 copies freed as they go).

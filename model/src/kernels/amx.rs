@@ -1,5 +1,6 @@
-//! Intel AMX tiles for the bf16 gemm ([`super::bf16_gemm`]) and the bf16 prefill attention
-//! ([`super::attention`]): one `tdpbf16ps` multiplies a
+//! Intel AMX tiles for the bf16 gemm ([`super::bf16_gemm`]), the bf16 prefill attention
+//! ([`super::attention`]) and the bf16 and f16 decode products of a batch
+//! ([`super::rows`]): one `tdpbf16ps` multiplies a
 //! 16 x 32 bf16 block by a 32 x 16 one into 16 x 16 f32 sums, 16 times the work of a
 //! `vdpbf16ps`. Sapphire Rapids and later Xeons have them; PyTorch's CPU bf16 gemm (oneDNN)
 //! uses them, so without them a bf16 prefill cannot keep up there.
@@ -78,7 +79,9 @@ fn request_tile_state() -> bool {
 /// 64 bytes. In [`Tiles::block`] tiles 0-3 hold a 32 x 32 block of sums, 4-5 two 16-row
 /// blocks of activations, 6-7 two 16-column blocks of weight pairs; the attention kernels
 /// ([`Tiles::scores16x64`], [`Tiles::values16x64`]) give 0-3 (or 0) to sums, 4-5 to
-/// queries or probabilities, 5-7 to keys or values.
+/// queries or probabilities, 5-7 to keys or values; the decode products give 0-1 to sums,
+/// 4-5 ([`Tiles::weight_rows16`]) or 2-4 ([`Tiles::f16_block32`]) to weight rows, 6-7 or
+/// 5-7 to activations.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
