@@ -317,9 +317,15 @@ impl Tiles {
     }
 
     /// Zeroes the two tiles of sums of [`Tiles::f16_block32`] and [`Tiles::f16_block16`].
-    pub fn f16_sums_zero(&self) {
+    ///
+    /// # Safety
+    /// No other `Tiles` of this thread may have been dropped since this one was made (its
+    /// `tilerelease` clears the configuration, and the instruction would then fault), as for
+    /// every method here.
+    pub unsafe fn f16_sums_zero(&self) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the tiles were configured by `new` on this thread; no memory is touched.
+        // SAFETY: the tiles were configured by `new` on this thread (and are still, the
+        // caller's promise); no memory is touched.
         unsafe {
             std::arch::asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
         }
@@ -398,12 +404,15 @@ impl Tiles {
     }
 
     /// Stores the two tiles of sums of [`Tiles::f16_block32`] to `sums`.
-    pub fn f16_sums_store(&self, sums: &mut [[f32; 256]; 2]) {
+    ///
+    /// # Safety
+    /// As [`Tiles::f16_sums_zero`].
+    pub unsafe fn f16_sums_store(&self, sums: &mut [[f32; 256]; 2]) {
         #[cfg(not(target_arch = "x86_64"))]
         unreachable!("no tiles outside x86_64 ({sums:?})");
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the tiles were configured by `new` on this thread; each store writes 1 KB
-        // of `sums`.
+        // SAFETY: the tiles were configured by `new` on this thread (and are still, the
+        // caller's promise); each store writes 1 KB of `sums`.
         unsafe {
             std::arch::asm!(
                 "tilestored [{s} + {row}*1], tmm0",

@@ -286,8 +286,8 @@ fn tile_pairs(pairs: &[u32], rows: usize, len: usize) -> super::AlignedVec<u32> 
 /// [`AMX_ROW_PREFETCH_BYTES`] ahead.
 ///
 /// # Safety
-/// The CPU must have AMX-BF16 and AVX-512 F, BW and BF16, and `tiles` be this thread's;
-/// `ws` must hold `16 H k` values and `pairs` `3 k / 32` tiles of 256 pairs.
+/// The CPU must have AMX-BF16 and AVX-512 F, BW and BF16, and `tiles` be this thread's
+/// only one; `ws` must hold `16 H k` values and `pairs` `3 k / 32` tiles of 256 pairs.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn f16_tiles<const H: usize>(
@@ -303,7 +303,8 @@ unsafe fn f16_tiles<const H: usize>(
     assert!((1..=2).contains(&H) && ws.len() == H * TILE * k && pairs.len() >= blocks * 3 * TILE * TILE);
     // The three tiles of weight pairs of each half, for one block.
     let mut a = TileSums([[0f32; TILE * TILE]; 6]);
-    tiles.f16_sums_zero();
+    // SAFETY: `tiles` is this thread's only one (the caller's promise).
+    unsafe { tiles.f16_sums_zero() };
     for b in 0..blocks {
         for j in 0..H * TILE {
             // SAFETY: values `b * 32..b * 32 + 32` of row `j`, inside `ws` (asserted above);
@@ -330,7 +331,8 @@ unsafe fn f16_tiles<const H: usize>(
             }
         }
     }
-    tiles.f16_sums_store(sums);
+    // SAFETY: as above.
+    unsafe { tiles.f16_sums_store(sums) };
 }
 
 /// The three 64-byte rows of weight pairs of 32 f16 weights (`first`: values `0..16`,
