@@ -264,15 +264,17 @@ fn f16_activation_tiles(x: &[f32], rows: usize, k: usize) -> Option<super::Align
 #[repr(C, align(64))]
 struct TileSums<const N: usize>([[f32; 256]; N]);
 
-/// Rows of `len` pairs (`rows` of them, at most 16) as AMX tiles of activation pairs: tile
-/// `t`'s row `p` holds pair `16 t + p` of each row (16 columns, those past `rows` zero).
-fn tile_pairs(pairs: &[u32], rows: usize, len: usize) -> super::AlignedVec<u32> {
+/// The activation tiles of [`matmul_rows_bf16_amx`] from `rows` (at most 16) rows of `k`
+/// bf16 values (`k` a multiple of 32), one tile per 32 values: group `g`'s row `p` holds the
+/// pair `32 g + 2p, 32 g + 2p + 1` of each row (16 columns, those past `rows` zero), paired
+/// as they are read, without a copy of the pairs first.
+fn bf16_tiles(xb: &[u16], rows: usize, k: usize) -> super::AlignedVec<u32> {
     const TILE: usize = 16;
-    assert!(rows <= TILE && pairs.len() == rows * len && len.is_multiple_of(TILE));
-    let mut tiles = super::aligned_zeros::<u32>(len * TILE);
-    for (r, row) in pairs.chunks_exact(len).enumerate() {
-        for (i, &pair) in row.iter().enumerate() {
-            tiles[i * TILE + r] = pair;
+    assert!(rows <= TILE && xb.len() == rows * k && k.is_multiple_of(2 * TILE));
+    let mut tiles = super::aligned_zeros::<u32>(k / 2 * TILE);
+    for (r, row) in xb.chunks_exact(k).enumerate() {
+        for (i, pair) in row.chunks_exact(2).enumerate() {
+            tiles[i * TILE + r] = u32::from(pair[0]) | (u32::from(pair[1]) << 16);
         }
     }
     tiles
@@ -459,12 +461,7 @@ unsafe fn matmul_rows_bf16_amx(xb: &[u16], w: &[u16], rows: usize, k: usize, n: 
     const TILE: usize = amx::TILE_ROWS;
     assert!(k.is_multiple_of(2 * LANES) && rows <= TILE && xb.len() == rows * k && w.len() == n * k);
     let groups = k / (2 * LANES);
-    // Group `g`'s tile: row `p` holds the pair `2p, 2p + 1` of each activation row.
-    let bf16_pairs: Vec<u32> = xb
-        .chunks_exact(2)
-        .map(|pair| u32::from(pair[0]) | (u32::from(pair[1]) << 16))
-        .collect();
-    let pairs = tile_pairs(&bf16_pairs, rows, k / 2);
+    let pairs = bf16_tiles(xb, rows, k);
     by_column_tasks(rows, n, |j0, out| {
         let columns = out.len() / rows;
         let Some(tiles) = amx::Tiles::new() else {
