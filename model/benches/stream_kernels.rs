@@ -342,7 +342,7 @@ fn rows_batch_table() {
 /// weights: q, k, v, o, gate, up and down), in bf16 x bf16 and f16 (as the engine runs them,
 /// then with `vdpbf16ps` or f32 multiply-adds alone, without AMX tiles) and f32, for 1-16
 /// activation rows, as `vipllava bench` and `serve` run them; the attention and the rest are
-/// left out.
+/// left out; q8 and q4 with int8 activations too (the engine's kernel, then VNNI alone).
 /// Unlike `rows-batch`, every shape and its activations take their turn in the caches.
 fn rows_step_table() {
     use vipllava_model::kernels::rows::{
@@ -364,6 +364,13 @@ fn rows_step_table() {
         .ok()
         .and_then(|v| v.split(',').map(|r| r.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 4, 8, 16]);
+    // `ROWS_STEP_DTYPES=q8,q4` for some of bf16, f16, q8, q4 and f32.
+    let dtypes = std::env::var("ROWS_STEP_DTYPES").ok();
+    let wanted = |dtype: &str| {
+        dtypes
+            .as_deref()
+            .is_none_or(|d| d.split(',').any(|d| d.trim() == dtype))
+    };
     println!();
     println!("| dtype | rows | ms per step | tok/s (rows / step) |");
     println!("|---|---|---|---|");
@@ -400,7 +407,7 @@ fn rows_step_table() {
             }
         }
     };
-    {
+    if wanted("bf16") {
         let wb = converted(weights_f32(), bf16::from_f32);
         let engine = |xs: &[Vec<f32>], rows: usize| {
             for (i, w) in wb.iter().enumerate() {
@@ -416,7 +423,7 @@ fn rows_step_table() {
         };
         report(&[("bf16 x bf16", &engine), ("bf16 x bf16, vdpbf16ps", &dots)]);
     }
-    {
+    if wanted("f16") {
         let wh = converted(weights_f32(), f16::from_f32);
         let engine = |xs: &[Vec<f32>], rows: usize| {
             for (i, w) in wh.iter().enumerate() {
@@ -437,6 +444,65 @@ fn rows_step_table() {
             }
         };
         report(&[("f16", &engine), ("f16, f32 multiply-adds", &fmas)]);
+    }
+    if wanted("q8") || wanted("q4") {
+        // q8 and q4 weights in blocks of 32 with int8 activations, as `--quantize q8|q4`
+        // runs them: the engine's kernel (AMX tiles from `AMX_INT8_MIN_ROWS` rows where the
+        // CPU has AMX-INT8) against VNNI alone.
+        use vipllava_model::kernels::int8::Int8Rows;
+        use vipllava_model::kernels::packed::Int8Kernel;
+        const BLOCK: usize = 32;
+        for (bits, name, vnni_name) in [
+            (Bits::Eight, "q8 x int8", "q8 x int8, VNNI"),
+            (Bits::Four, "q4 x int8", "q4 x int8, VNNI"),
+        ] {
+            if !wanted(if bits == Bits::Eight { "q8" } else { "q4" }) {
+                continue;
+            }
+            let (low, span) = if bits == Bits::Eight {
+                (-127i32, 255usize)
+            } else {
+                (-8, 16)
+            };
+            let packed: Vec<PackedWeight> = (0..LAYERS)
+                .flat_map(|l| SHAPES.iter().map(move |&(k, n)| (l, k, n)))
+                .map(|(l, k, n)| {
+                    let q: Vec<i8> = (0..k * n)
+                        .map(|i| (low + ((i * 7 + l) % span) as i32) as i8)
+                        .collect();
+                    let scales: Vec<f32> = (0..k * n / BLOCK)
+                        .map(|i| 0.01 + (i % 5) as f32 * 0.001)
+                        .collect();
+                    let scales: Vec<f32> = scales.iter().map(|&s| f16::from_f32(s).to_f32()).collect();
+                    let columns = ColumnBlocks {
+                        q: &q,
+                        scales: &scales,
+                        k,
+                        n,
+                        block: BLOCK,
+                    };
+                    PackedWeight::pack(&columns, bits).unwrap()
+                })
+                .collect();
+            let step = |kernel: Int8Kernel| {
+                let packed = &packed;
+                move |xs: &[Vec<f32>], rows: usize| {
+                    for (i, w) in packed.iter().enumerate() {
+                        let k = SHAPES[i % SHAPES.len()].0;
+                        let xq =
+                            Int8Rows::quantize(black_box(&xs[i % SHAPES.len()]), rows, k, BLOCK).unwrap();
+                        black_box(w.matmul_int8_on(&xq, kernel).unwrap());
+                    }
+                }
+            };
+            let (engine, vnni) = (step(Int8Kernel::best()), step(Int8Kernel::Vnni));
+            if Int8Kernel::Vnni.runs_here() {
+                report(&[(name, &engine), (vnni_name, &vnni)]);
+            }
+        }
+    }
+    if !wanted("f32") {
+        return;
     }
     let wf = weights_f32();
     report(&[("f32", &|xs: &[Vec<f32>], rows: usize| {

@@ -1,6 +1,7 @@
 //! Intel AMX tiles for the bf16 gemm ([`super::bf16_gemm`]), the bf16 prefill attention
-//! ([`super::attention`]) and the bf16 and f16 decode products of a batch
-//! ([`super::rows`]): one `tdpbf16ps` multiplies a
+//! ([`super::attention`]), the bf16 and f16 decode products of a batch ([`super::rows`]) and
+//! its q8/q4 ones with int8 activations ([`Int8Tiles`], [`super::packed`]): one `tdpbf16ps`
+//! multiplies a
 //! 16 x 32 bf16 block by a 32 x 16 one into 16 x 16 f32 sums, 16 times the work of a
 //! `vdpbf16ps`. Sapphire Rapids and later Xeons have them; PyTorch's CPU bf16 gemm (oneDNN)
 //! uses them, so without them a bf16 prefill cannot keep up there.
@@ -41,10 +42,30 @@ pub fn amx_bf16_available() -> bool {
     })
 }
 
-#[cfg(target_arch = "x86_64")]
+/// Whether this CPU has AMX-TILE and AMX-INT8 and the kernel let this process use them
+/// (checked once; off with `VIPLLAVA_AMX=0` as well, which keeps the VNNI decode products).
+pub fn amx_int8_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::env::var("VIPLLAVA_AMX").map_or(true, |v| v != "0")
+            && cpu_has_amx(AMX_INT8)
+            && request_tile_state()
+    })
+}
+
+/// CPUID leaf 7, sub-leaf 0, EDX bits: AMX-BF16, AMX-TILE, AMX-INT8.
+const AMX_BF16: u32 = 1 << 22;
+const AMX_TILE: u32 = 1 << 24;
+const AMX_INT8: u32 = 1 << 25;
+
 fn cpu_has_amx_bf16() -> bool {
+    cpu_has_amx(AMX_BF16)
+}
+
+/// Whether the CPU reports AMX-TILE and the `feature` bit of CPUID leaf 7's EDX.
+#[cfg(target_arch = "x86_64")]
+fn cpu_has_amx(feature: u32) -> bool {
     use std::arch::x86_64::{__cpuid, __cpuid_count};
-    // CPUID leaf 7, sub-leaf 0, EDX: bit 22 AMX-BF16, bit 24 AMX-TILE.
     #[allow(unused_unsafe)]
     // SAFETY: CPUID exists on every x86_64 CPU; leaf 7 is read only when leaf 0 reports it.
     let edx = unsafe {
@@ -53,11 +74,11 @@ fn cpu_has_amx_bf16() -> bool {
         }
         __cpuid_count(7, 0).edx
     };
-    edx & (1 << 22) != 0 && edx & (1 << 24) != 0
+    edx & feature != 0 && edx & AMX_TILE != 0
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn cpu_has_amx_bf16() -> bool {
+fn cpu_has_amx(_feature: u32) -> bool {
     false
 }
 
@@ -81,7 +102,7 @@ fn request_tile_state() -> bool {
 /// ([`Tiles::scores16x64`], [`Tiles::values16x64`]) give 0-3 (or 0) to sums, 4-5 to
 /// queries or probabilities, 5-7 to keys or values; the decode products give 0-1 to sums,
 /// 4-5 ([`Tiles::weight_rows16`]) or 2-4 ([`Tiles::f16_block32`]) to weight rows, 6-7 or
-/// 5-7 to activations.
+/// 5-7 to activations. [`Int8Tiles`] loads a configuration of its own.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
 
@@ -621,6 +642,144 @@ unsafe fn sums_to((c, ldc): (*mut u8, usize), both_halves: bool) {
                 ldc = in(reg) ldc,
                 options(nostack),
             );
+        }
+    }
+}
+
+/// The tile registers of the calling thread configured for int8 block products (the q8/q4
+/// decode products of a batch, [`super::packed`]): tiles 0-3 hold four independent sets of
+/// `rows` x 16 int32 sums, tiles 4-5 `rows` activation rows of `k_step` signed bytes, tiles
+/// 6-7 `k_step / 4` rows of 16 weight columns of four unsigned bytes (the order `vpdpbusd`
+/// reads, in which the packed q8 weights lie already). Four sets of sums let four products
+/// run at once: one product's load, multiply and store wait on each other. Released when
+/// dropped; a thread holds one configuration at a time, so no [`Tiles`] may be used while
+/// this lives.
+pub struct Int8Tiles {
+    k_step: usize,
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+/// The sets of sums of [`Int8Tiles`].
+pub const INT8_SLOTS: usize = 4;
+
+impl Int8Tiles {
+    /// Configures the tiles for `rows` (1-16) activation rows and `k_step` (4-64, a multiple
+    /// of 4) inputs per product; `None` where [`amx_int8_available`] is false or the shape
+    /// does not fit a tile.
+    pub fn new(rows: usize, k_step: usize) -> Option<Self> {
+        if !amx_int8_available()
+            || !(1..=TILE_ROWS).contains(&rows)
+            || !(4..=64).contains(&k_step)
+            || !k_step.is_multiple_of(4)
+        {
+            return None;
+        }
+        let mut config = TileConfig([0; 64]);
+        config.0[0] = 1;
+        for t in 0..8 {
+            let (tile_rows, bytes) = match t {
+                0..4 => (rows, ROW_BYTES),
+                4 | 5 => (rows, k_step),
+                _ => (k_step / 4, ROW_BYTES),
+            };
+            config.0[16 + 2 * t] = bytes as u8;
+            config.0[48 + t] = tile_rows as u8;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AMX-TILE and the process holds the tile state (checked
+        // above); the configuration is 64 valid bytes (palette 1, rows and bytes in range).
+        unsafe {
+            std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+        }
+        Some(Self {
+            k_step,
+            _thread: std::marker::PhantomData,
+        })
+    }
+
+    /// Sums `slot` (0-3) `= sum over s of a_s . b_s` for `steps` steps of `k_step` inputs,
+    /// with `tdpbsud` (signed activations by unsigned weights, exact int32 sums): step `s`
+    /// of the activations is at `a + s k_step` (rows `a_stride` bytes apart), of the weights
+    /// `k_step / 4` rows of 64 bytes from `b + 16 s k_step`. Even slots load their operands
+    /// into tiles 4 and 6, odd ones into 5 and 7. [`Int8Tiles::store`] writes the sums.
+    /// (Starting the sums from memory instead of zero, to fold in an offset, made a product
+    /// twice as slow as the tile load it adds.)
+    ///
+    /// # Safety
+    /// `slot < 4`; the reads must stay inside `a` and `b` as described; no other tile
+    /// configuration may have been loaded on this thread since this one.
+    #[inline(always)]
+    pub unsafe fn product(&self, slot: usize, a: *const u8, a_stride: usize, b: *const u8, steps: usize) {
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no tiles outside x86_64 ({slot} {a:?} {a_stride} {b:?} {steps})");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles were configured by `new` on this thread (and are still, the
+        // caller's promise); the reads stay inside the bounds above.
+        unsafe {
+            macro_rules! product {
+                ($c:literal, $a:literal, $b:literal) => {{
+                    std::arch::asm!(concat!("tilezero tmm", $c), options(nostack, nomem));
+                    for s in 0..steps {
+                        std::arch::asm!(
+                            concat!("tileloadd tmm", $a, ", [{a} + {stride}*1]"),
+                            concat!("tileloadd tmm", $b, ", [{b} + {row}*1]"),
+                            concat!("tdpbsud tmm", $c, ", tmm", $a, ", tmm", $b),
+                            a = in(reg) a.add(s * self.k_step),
+                            stride = in(reg) a_stride,
+                            b = in(reg) b.add(16 * s * self.k_step),
+                            row = in(reg) ROW_BYTES,
+                            options(nostack, readonly),
+                        );
+                    }
+                }};
+            }
+            match slot {
+                0 => product!("0", "4", "6"),
+                1 => product!("1", "5", "7"),
+                2 => product!("2", "4", "6"),
+                _ => product!("3", "5", "7"),
+            }
+        }
+    }
+
+    /// Stores sums `slot` (0-3) of [`Int8Tiles::product`] as rows of 64 bytes at `sums`.
+    ///
+    /// # Safety
+    /// `slot < 4` and `sums` must have room for the configured rows; no other tile
+    /// configuration may have been loaded on this thread since this one.
+    #[inline(always)]
+    pub unsafe fn store(&self, slot: usize, sums: *mut u8) {
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("no tiles outside x86_64 ({slot} {sums:?})");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as this function's.
+        unsafe {
+            macro_rules! store {
+                ($c:literal) => {
+                    std::arch::asm!(
+                        concat!("tilestored [{s} + {row}*1], tmm", $c),
+                        s = in(reg) sums,
+                        row = in(reg) ROW_BYTES,
+                        options(nostack),
+                    )
+                };
+            }
+            match slot {
+                0 => store!("0"),
+                1 => store!("1"),
+                2 => store!("2"),
+                _ => store!("3"),
+            }
+        }
+    }
+}
+
+impl Drop for Int8Tiles {
+    fn drop(&mut self) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the tiles were configured by `new` on this thread.
+        unsafe {
+            std::arch::asm!("tilerelease", options(nostack, nomem));
         }
     }
 }

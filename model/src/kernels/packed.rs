@@ -684,6 +684,19 @@ impl PackedWeight {
 
     /// `kernel` must run on this CPU ([`Int8Kernel::runs_here`]).
     fn add_slab_with(&self, x: &Int8Rows, k0: usize, k1: usize, kernel: Int8Kernel, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if kernel == Int8Kernel::Amx && x.rows() >= AMX_INT8_MIN_ROWS {
+            // SAFETY: `Amx` runs here (AMX-INT8 and AVX-512 VNNI, the caller's promise); `x`
+            // matches the weight, `k0..k1` are whole blocks inside it and `out` holds
+            // `rows * n` values (as for every kernel).
+            unsafe { amx_int8::add_slab(self, x, k0, k1, out) };
+            return;
+        }
+        let kernel = if kernel == Int8Kernel::Amx {
+            Int8Kernel::Vnni
+        } else {
+            kernel
+        };
         for kb in k0 / self.block..k1 / self.block {
             self.add_block(x, kb, kernel, out);
         }
@@ -721,7 +734,7 @@ impl PackedWeight {
                 }};
             }
             match kernel {
-                Int8Kernel::Vnni => return each_tile!(vnni_tile, 8, [1, 2, 3, 4, 5, 6, 7]),
+                Int8Kernel::Vnni | Int8Kernel::Amx => return each_tile!(vnni_tile, 8, [1, 2, 3, 4, 5, 6, 7]),
                 Int8Kernel::Avx2 => return each_tile!(avx2_tile, 4, [1, 2, 3]),
                 Int8Kernel::Plain => {}
             }
@@ -748,6 +761,9 @@ impl PackedWeight {
 /// gives the bits of the plain loop: the int32 sums of a block are exact on all three.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Int8Kernel {
+    /// AMX-INT8 tiles (`tdpbsud`, 16 x 16 x 64 products per instruction) for products of
+    /// [`AMX_INT8_MIN_ROWS`] rows or more, VNNI for fewer: Sapphire Rapids and later Xeons.
+    Amx,
     /// AVX-512 VNNI (`vpdpbusd`, 64 products per instruction).
     Vnni,
     /// AVX2 (`vpmaddubsw` then `vpmaddwd`, 32 products per pair), with FMA and F16C: CPUs
@@ -760,7 +776,9 @@ pub enum Int8Kernel {
 impl Int8Kernel {
     /// The fastest kernel this CPU runs.
     pub fn best() -> Self {
-        if Self::Vnni.runs_here() {
+        if Self::Amx.runs_here() {
+            Self::Amx
+        } else if Self::Vnni.runs_here() {
             Self::Vnni
         } else if Self::Avx2.runs_here() {
             Self::Avx2
@@ -774,6 +792,7 @@ impl Int8Kernel {
         #[cfg(target_arch = "x86_64")]
         {
             match self {
+                Self::Amx => vnni_available() && super::amx::amx_int8_available(),
                 Self::Vnni => vnni_available(),
                 Self::Avx2 => {
                     std::arch::is_x86_feature_detected!("avx2")
@@ -911,6 +930,250 @@ mod vnni_tile {
             }
         }
         R
+    }
+}
+
+/// Activation rows from which [`Int8Kernel::Amx`] multiplies on tiles.
+pub const AMX_INT8_MIN_ROWS: usize = 12;
+
+/// How many 16-column tiles ahead [`amx_int8`] asks for each block row's packed bytes.
+const AMX_INT8_PREFETCH_TILES: usize = 4;
+
+/// The products of [`Int8Kernel::Amx`]: per K slab, per 16-column tile, per block, one
+/// `tdpbsud` of up to 16 activation rows by the block's weight tile, read where it lies (the
+/// packed q8 order is the tile's; q4 nibbles are spread to bytes first). Each product is
+/// stored and scaled as [`vnni_tile::add`] scales its int32 sums, block after block in the
+/// same order, so the result has the VNNI kernel's bits; the sums of a tile's rows stay in
+/// registers across the slab's blocks instead of going through `out` once per block.
+#[cfg(target_arch = "x86_64")]
+mod amx_int8 {
+    use std::arch::x86_64::*;
+
+    use super::super::amx::{INT8_SLOTS, Int8Tiles};
+    use super::{
+        AMX_INT8_MIN_ROWS, AMX_INT8_PREFETCH_TILES, Bits, GROUP_BYTES, Int8Rows, PackedWeight, TILE, f16,
+    };
+
+    /// One tile row: 64 bytes, on a cache line.
+    #[repr(C, align(64))]
+    #[derive(Clone, Copy)]
+    struct Line([i32; 16]);
+
+    /// Adds weight rows `k0..k1` (whole blocks) of `x @ w` to `out [rows, n]`, 16 rows at a
+    /// time; a last group of fewer than [`AMX_INT8_MIN_ROWS`] rows takes the VNNI kernel.
+    ///
+    /// # Safety
+    /// The CPU must have AMX-INT8 (with the tile state) and AVX-512 F, BW and VNNI; `x` must
+    /// match `w`, `k0..k1` be whole blocks of it and `out` hold `x.rows() * n` values.
+    pub unsafe fn add_slab(w: &PackedWeight, x: &Int8Rows, k0: usize, k1: usize, out: &mut [f32]) {
+        let rows = x.rows();
+        let mut r0 = 0;
+        while r0 < rows {
+            let r = (rows - r0).min(16);
+            // SAFETY: as this function's, rows `r0..r0 + r` inside `x`.
+            let done = unsafe {
+                const _: () = assert!(AMX_INT8_MIN_ROWS == 12, "the arms below start there");
+                match r {
+                    12 => rows_of::<12>(w, x, k0, k1, r0, out),
+                    13 => rows_of::<13>(w, x, k0, k1, r0, out),
+                    14 => rows_of::<14>(w, x, k0, k1, r0, out),
+                    15 => rows_of::<15>(w, x, k0, k1, r0, out),
+                    16 => rows_of::<16>(w, x, k0, k1, r0, out),
+                    _ => false,
+                }
+            };
+            if !done {
+                // Fewer than `AMX_INT8_MIN_ROWS` rows (or no tiles after all): the VNNI
+                // kernel, one call per block and at most 8 rows at a time.
+                let end = r0 + r;
+                let mut from = r0;
+                while from < end {
+                    let take = (end - from).min(8);
+                    for kb in k0 / w.block..k1 / w.block {
+                        // SAFETY: as this function's; rows `from..from + take` inside `x`.
+                        unsafe { vnni_rows(w, x, kb, from, take, out) };
+                    }
+                    from += take;
+                }
+            }
+            r0 += r;
+        }
+    }
+
+    /// [`super::vnni_tile::add`] for `take` (1-8) rows from `r`.
+    ///
+    /// # Safety
+    /// As [`super::vnni_tile::add`]'s.
+    unsafe fn vnni_rows(w: &PackedWeight, x: &Int8Rows, kb: usize, r: usize, take: usize, out: &mut [f32]) {
+        use super::vnni_tile::add;
+        macro_rules! rows {
+            ($($n:literal),*) => {
+                // SAFETY: as this function's.
+                unsafe {
+                    match (w.bits, take) {
+                        $((Bits::Eight, $n) => add::<$n, 8>(w, x, kb, r, out),)*
+                        $((Bits::Four, $n) => add::<$n, 4>(w, x, kb, r, out),)*
+                        (Bits::Eight, _) => add::<8, 8>(w, x, kb, r, out),
+                        (Bits::Four, _) => add::<8, 4>(w, x, kb, r, out),
+                    }
+                }
+            };
+        }
+        rows!(1, 2, 3, 4, 5, 6, 7);
+    }
+
+    /// [`add_slab`] for rows `r0..r0 + R` (at most 16); `false` (nothing done) where the
+    /// tiles cannot be configured for them.
+    ///
+    /// # Safety
+    /// As [`add_slab`]'s, with `r0 + R <= x.rows()`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn rows_of<const R: usize>(
+        w: &PackedWeight,
+        x: &Int8Rows,
+        k0: usize,
+        k1: usize,
+        r0: usize,
+        out: &mut [f32],
+    ) -> bool {
+        let (n, block) = (w.n, w.block);
+        let k_step = block.min(64);
+        let steps = block / k_step;
+        let Some(tiles) = Int8Tiles::new(R, k_step) else {
+            return false;
+        };
+        let (kb0, blocks) = (k0 / block, (k1 - k0) / block);
+        let offset = w.bits.offset();
+        // Per block of the slab: the rows' activations (`R` rows of `block` bytes, copied
+        // out of rows `k` bytes apart), what the stored unsigned weights add to each row's
+        // sums (`offset * sum(x_q)`, subtracted as the VNNI kernel subtracts it) and the
+        // rows' scales.
+        let mut a = vec![0i8; blocks * R * block];
+        let mut offsets = vec![0i32; blocks * R];
+        let mut dx = vec![0f32; blocks * R];
+        for j in 0..blocks {
+            let kb = kb0 + j;
+            for r in 0..R {
+                let at = (j * R + r) * block;
+                a[at..at + block].copy_from_slice(&x.row(r0 + r)[kb * block..(kb + 1) * block]);
+                let (scale, sum) = x.block_of(r0 + r, kb);
+                offsets[j * R + r] = offset * sum;
+                dx[j * R + r] = scale;
+            }
+        }
+        // The work in units of up to `INT8_SLOTS` blocks of one tile: the tile products of
+        // the next unit are started before the sums of this one are scaled, into the other
+        // of two buffers, so that the tiles and the vector registers work at once.
+        let per_unit = blocks.min(INT8_SLOTS);
+        let units_per_tile = blocks.div_ceil(per_unit);
+        let units = n / TILE * units_per_tile;
+        let mut sums = vec![[Line([0; 16]); 16]; 2 * INT8_SLOTS];
+        // Each slot's q4 weight tile with its nibbles spread to bytes (`block / 4` rows).
+        let spread_lines = if w.bits == Bits::Four { block / 4 } else { 0 };
+        let mut spread = vec![Line([0; 16]); INT8_SLOTS * spread_lines];
+        let (block_bytes, tile_bytes) = (w.block_bytes(), w.tile_bytes());
+        let (bytes, scales): (&[u8], &[f16]) = (&w.bytes, &w.scales);
+        let mask = _mm512_set1_epi8(0x0F);
+        // The blocks `j` of unit `u` (of tile `u / units_per_tile`).
+        let unit_blocks = |u: usize| {
+            let first = u % units_per_tile * per_unit;
+            first..(first + per_unit).min(blocks)
+        };
+        let mut acc = [_mm512_setzero_ps(); R];
+        // Step `u` starts the products of unit `u` (its sums stored to buffer `u % 2`) and
+        // scales those of unit `u - 1`. One loop without calls: a call would spill the
+        // accumulators.
+        for step in 0..=units {
+            if step < units {
+                let u = step;
+                let c = u / units_per_tile * TILE;
+                for (slot, j) in unit_blocks(u).enumerate() {
+                    let kb = kb0 + j;
+                    let src = &bytes[kb * block_bytes + c / TILE * tile_bytes..][..tile_bytes];
+                    for line in (0..tile_bytes).step_by(64) {
+                        // A hint, which never faults (past the end of the weight too).
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            src.as_ptr()
+                                .wrapping_add(AMX_INT8_PREFETCH_TILES * tile_bytes + line)
+                                as *const i8,
+                        );
+                    }
+                    // The block row's scales, read tile by tile too.
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        scales
+                            .as_ptr()
+                            .wrapping_add(kb * n + c + AMX_INT8_PREFETCH_TILES * TILE)
+                            as *const i8,
+                    );
+                    let b = match w.bits {
+                        Bits::Eight => src.as_ptr(),
+                        Bits::Four => {
+                            let spread = &mut spread[slot * spread_lines..(slot + 1) * spread_lines];
+                            for (g, group) in src.chunks_exact(GROUP_BYTES).enumerate() {
+                                // SAFETY: 64 bytes in, two of the slot's lines out
+                                // (`2 g < block / 4`).
+                                unsafe {
+                                    let packed = _mm512_loadu_si512(group.as_ptr() as *const __m512i);
+                                    let lo = _mm512_and_si512(packed, mask);
+                                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), mask);
+                                    _mm512_store_si512(spread[2 * g].0.as_mut_ptr() as *mut __m512i, lo);
+                                    _mm512_store_si512(spread[2 * g + 1].0.as_mut_ptr() as *mut __m512i, hi);
+                                }
+                            }
+                            spread.as_ptr() as *const u8
+                        }
+                    };
+                    // SAFETY: the tiles are this thread's, configured for `R` rows and
+                    // `k_step`; `slot < INT8_SLOTS`; `a` holds block `j`'s `R` rows of
+                    // `block` bytes, `b` the block's `block / 4` rows of 64 bytes.
+                    unsafe {
+                        tiles.product(slot, a[j * R * block..].as_ptr() as *const u8, block, b, steps);
+                    }
+                }
+                for slot in 0..unit_blocks(u).len() {
+                    // SAFETY: as above; 16 lines of room.
+                    unsafe { tiles.store(slot, sums[(u % 2) * INT8_SLOTS + slot].as_mut_ptr() as *mut u8) };
+                }
+            }
+            let Some(u) = step.checked_sub(1) else {
+                continue;
+            };
+            let (t, g) = (u / units_per_tile, u % units_per_tile);
+            let c = t * TILE;
+            if g == 0 {
+                acc = std::array::from_fn(|r| {
+                    let at = &out[(r0 + r) * n + c..(r0 + r) * n + c + TILE];
+                    // SAFETY: 16 values.
+                    unsafe { _mm512_loadu_ps(at.as_ptr()) }
+                });
+            }
+            for (slot, j) in unit_blocks(u).enumerate() {
+                let kb = kb0 + j;
+                let sums = &sums[(u % 2) * INT8_SLOTS + slot];
+                // SAFETY: columns `c..c + 16` of block row `kb`'s scales; f16 widens to f32
+                // exactly.
+                let sw = unsafe {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(
+                        scales[kb * n + c..kb * n + c + TILE].as_ptr() as *const __m256i
+                    ))
+                };
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: an aligned line of 16 int32.
+                    let sum = unsafe { _mm512_load_si512(sums[r].0.as_ptr() as *const __m512i) };
+                    let exact =
+                        _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_set1_epi32(offsets[j * R + r])));
+                    *acc = _mm512_fmadd_ps(_mm512_mul_ps(exact, _mm512_set1_ps(dx[j * R + r])), sw, *acc);
+                }
+            }
+            if g + 1 == units_per_tile {
+                for (r, acc) in acc.iter().enumerate() {
+                    let at = &mut out[(r0 + r) * n + c..(r0 + r) * n + c + TILE];
+                    // SAFETY: 16 values.
+                    unsafe { _mm512_storeu_ps(at.as_mut_ptr(), *acc) };
+                }
+            }
+        }
+        true
     }
 }
 
@@ -1796,11 +2059,102 @@ pub(super) mod tests {
                 let unpacked = matmul_int8_reference(&xq, &w).expect("unpacked");
                 let plain = packed.matmul_int8_reference(&xq).expect("plain");
                 assert_eq!(plain, unpacked, "{case}: plain packed product");
-                for kernel in [Int8Kernel::Vnni, Int8Kernel::Avx2] {
+                for kernel in [Int8Kernel::Amx, Int8Kernel::Vnni, Int8Kernel::Avx2] {
                     match packed.matmul_int8_on(&xq, kernel) {
                         Some(fast) => assert_eq!(fast, unpacked, "{case}: {kernel:?} packed product"),
                         None => eprintln!("{kernel:?} does not run on this CPU: not checked"),
                     }
+                }
+            }
+        }
+    }
+
+    /// The AMX-INT8 products of a batch ([`Int8Kernel::Amx`]) give the bits of the int8
+    /// product on the unpacked values: every row count from 1 to 18 (VNNI below
+    /// [`AMX_INT8_MIN_ROWS`], and for a last group of fewer past 16), blocks of 8 to 256 (one
+    /// to four tile products per block), one and several K slabs, one and several tiles,
+    /// and units of one to four blocks, random values
+    /// and the extremes (every weight at either end of its range, activations at +-127, so
+    /// the offset the stored unsigned weights carry is as large as it gets).
+    #[test]
+    fn amx_int8_products_have_the_bits_of_the_int8_product() {
+        if !Int8Kernel::Amx.runs_here() {
+            eprintln!("no AMX-INT8 on this CPU: not checked");
+            return;
+        }
+        // Every tile shape used below can be configured (else the kernel would fall back
+        // to VNNI unseen).
+        for k_step in [8, 16, 32, 64] {
+            for rows in AMX_INT8_MIN_ROWS..=16 {
+                assert!(
+                    crate::kernels::amx::Int8Tiles::new(rows, k_step).is_some(),
+                    "{rows} x {k_step}"
+                );
+            }
+        }
+        let mut next = crate::kernels::tests::xorshift(0x9E37_79B9_7F4A_7C15);
+        let mut cases = Vec::new();
+        for rows in 1..=18 {
+            cases.push((rows, 512, 48, 32));
+        }
+        cases.extend([
+            (21, 768, 32, 256),
+            (28, 768, 32, 256),
+            (16, 512, 16, 128),
+            (13, 256, 80, 64),
+            (12, 96, 32, 16),
+            (14, 64, 16, 8),
+            (16, 2048, 64, 32),
+        ]);
+        for bits in [Bits::Eight, Bits::Four] {
+            for &(rows, k, n, block) in &cases {
+                for extreme in [false, true] {
+                    let case = format!("{bits:?} {rows}x{k}x{n}/{block} extreme {extreme}");
+                    let (low, span) = match bits {
+                        Bits::Eight => (-128i32, 256u64),
+                        Bits::Four => (-8, 16),
+                    };
+                    let q: Vec<i8> = (0..k * n)
+                        .map(|i: usize| {
+                            if extreme {
+                                // Whole blocks at the top or the bottom of the range.
+                                if (i / n / block + i % n).is_multiple_of(2) {
+                                    (low + span as i32 - 1) as i8
+                                } else {
+                                    low as i8
+                                }
+                            } else {
+                                (low + (next() % span) as i32) as i8
+                            }
+                        })
+                        .collect();
+                    let x: Vec<f32> = (0..rows * k)
+                        .map(|i: usize| {
+                            if extreme {
+                                if (i / 7).is_multiple_of(2) { 1.5 } else { -1.5 }
+                            } else {
+                                (next() % 2001) as f32 / 1000.0 - 1.0
+                            }
+                        })
+                        .collect();
+                    let scales = f16_scales(k * n / block);
+                    let w = ColumnBlocks {
+                        q: &q,
+                        scales: &scales,
+                        k,
+                        n,
+                        block,
+                    };
+                    let packed = PackedWeight::pack(&w, bits).expect("pack");
+                    let xq = Int8Rows::quantize(&x, rows, k, block).expect("quantize");
+                    let unpacked = matmul_int8_reference(&xq, &w).expect("unpacked");
+                    let tiles = packed
+                        .matmul_int8_on(&xq, Int8Kernel::Amx)
+                        .expect("AMX runs here");
+                    assert_eq!(tiles, unpacked, "{case}");
+                    // The dispatched product takes them.
+                    assert_eq!(Int8Kernel::best(), Int8Kernel::Amx);
+                    assert_eq!(packed.matmul_int8(&xq), Some(unpacked), "{case}: dispatched");
                 }
             }
         }
