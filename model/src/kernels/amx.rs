@@ -38,7 +38,9 @@ pub const TILE_ROWS: usize = 16;
 pub fn amx_bf16_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE.get_or_init(|| {
-        std::env::var("VIPLLAVA_AMX").map_or(true, |v| v != "0") && cpu_has_amx_bf16() && request_tile_state()
+        std::env::var("VIPLLAVA_AMX").map_or(true, |v| v != "0")
+            && cpu_has_amx(AMX_BF16)
+            && request_tile_state()
     })
 }
 
@@ -55,12 +57,9 @@ pub fn amx_int8_available() -> bool {
 
 /// CPUID leaf 7, sub-leaf 0, EDX bits: AMX-BF16, AMX-TILE, AMX-INT8.
 const AMX_BF16: u32 = 1 << 22;
+#[cfg(target_arch = "x86_64")]
 const AMX_TILE: u32 = 1 << 24;
 const AMX_INT8: u32 = 1 << 25;
-
-fn cpu_has_amx_bf16() -> bool {
-    cpu_has_amx(AMX_BF16)
-}
 
 /// Whether the CPU reports AMX-TILE and the `feature` bit of CPUID leaf 7's EDX.
 #[cfg(target_arch = "x86_64")]
@@ -96,8 +95,25 @@ fn request_tile_state() -> bool {
     false
 }
 
-/// The tile configuration every kernel here uses: palette 1, all eight tiles 16 rows of
-/// 64 bytes. In [`Tiles::block`] tiles 0-3 hold a 32 x 32 block of sums, 4-5 two 16-row
+/// Which configuration the calling thread's tiles hold, so that [`Tiles`] and [`Int8Tiles`]
+/// never live on one thread at once (each one's methods assume its own configuration, and
+/// each one's drop releases the tiles).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Configured {
+    /// No tiles of this module live on the thread.
+    Released,
+    /// A [`Tiles`] lives.
+    Full,
+    /// An [`Int8Tiles`] lives.
+    Int8,
+}
+
+thread_local! {
+    static CONFIGURED: std::cell::Cell<Configured> = const { std::cell::Cell::new(Configured::Released) };
+}
+
+/// The tile configuration every kernel here but [`Int8Tiles`] uses: palette 1, all eight
+/// tiles 16 rows of 64 bytes. In [`Tiles::block`] tiles 0-3 hold a 32 x 32 block of sums, 4-5 two 16-row
 /// blocks of activations, 6-7 two 16-column blocks of weight pairs; the attention kernels
 /// ([`Tiles::scores16x64`], [`Tiles::values16x64`]) give 0-3 (or 0) to sums, 4-5 to
 /// queries or probabilities, 5-7 to keys or values; the decode products give 0-1 to sums,
@@ -128,8 +144,10 @@ pub struct Tiles(std::marker::PhantomData<*const ()>);
 
 impl Tiles {
     /// Loads the configuration; `None` where [`amx_bf16_available`] is false.
+    /// `None` as well while an [`Int8Tiles`] lives on this thread (its configuration is
+    /// another).
     pub fn new() -> Option<Self> {
-        if !amx_bf16_available() {
+        if !amx_bf16_available() || CONFIGURED.with(|c| c.get()) == Configured::Int8 {
             return None;
         }
         #[cfg(target_arch = "x86_64")]
@@ -138,6 +156,7 @@ impl Tiles {
         unsafe {
             std::arch::asm!("ldtilecfg [{}]", in(reg) CONFIG.0.as_ptr(), options(nostack, readonly));
         }
+        CONFIGURED.with(|c| c.set(Configured::Full));
         Some(Self(std::marker::PhantomData))
     }
 
@@ -655,6 +674,7 @@ unsafe fn sums_to((c, ldc): (*mut u8, usize), both_halves: bool) {
 /// dropped; a thread holds one configuration at a time, so no [`Tiles`] may be used while
 /// this lives.
 pub struct Int8Tiles {
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     k_step: usize,
     _thread: std::marker::PhantomData<*const ()>,
 }
@@ -664,10 +684,11 @@ pub const INT8_SLOTS: usize = 4;
 
 impl Int8Tiles {
     /// Configures the tiles for `rows` (1-16) activation rows and `k_step` (4-64, a multiple
-    /// of 4) inputs per product; `None` where [`amx_int8_available`] is false or the shape
-    /// does not fit a tile.
+    /// of 4) inputs per product; `None` where [`amx_int8_available`] is false, the shape
+    /// does not fit a tile, or tiles of either kind live on this thread already.
     pub fn new(rows: usize, k_step: usize) -> Option<Self> {
         if !amx_int8_available()
+            || CONFIGURED.with(|c| c.get()) != Configured::Released
             || !(1..=TILE_ROWS).contains(&rows)
             || !(4..=64).contains(&k_step)
             || !k_step.is_multiple_of(4)
@@ -691,6 +712,7 @@ impl Int8Tiles {
         unsafe {
             std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
         }
+        CONFIGURED.with(|c| c.set(Configured::Int8));
         Some(Self {
             k_step,
             _thread: std::marker::PhantomData,
@@ -703,7 +725,7 @@ impl Int8Tiles {
     /// `k_step / 4` rows of 64 bytes from `b + 16 s k_step`. Even slots load their operands
     /// into tiles 4 and 6, odd ones into 5 and 7. [`Int8Tiles::store`] writes the sums.
     /// (Starting the sums from memory instead of zero, to fold in an offset, made a product
-    /// twice as slow as the tile load it adds.)
+    /// about 1.4x as slow: BENCHMARKS.md, round 41.)
     ///
     /// # Safety
     /// `slot < 4`; the reads must stay inside `a` and `b` as described; no other tile
@@ -781,6 +803,7 @@ impl Drop for Int8Tiles {
         unsafe {
             std::arch::asm!("tilerelease", options(nostack, nomem));
         }
+        CONFIGURED.with(|c| c.set(Configured::Released));
     }
 }
 
@@ -791,12 +814,34 @@ impl Drop for Tiles {
         unsafe {
             std::arch::asm!("tilerelease", options(nostack, nomem));
         }
+        CONFIGURED.with(|c| c.set(Configured::Released));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A thread never holds both kinds of tiles: each refuses while the other lives, and
+    /// either is made again once the other is dropped.
+    #[test]
+    fn one_kind_of_tiles_per_thread() {
+        if !amx_bf16_available() || !amx_int8_available() {
+            eprintln!("no AMX-BF16 and AMX-INT8 on this CPU: skipped");
+            return;
+        }
+        let full = Tiles::new().expect("tiles");
+        assert!(
+            Int8Tiles::new(16, 32).is_none(),
+            "int8 tiles beside the full configuration"
+        );
+        drop(full);
+        let int8 = Int8Tiles::new(16, 32).expect("int8 tiles");
+        assert!(Tiles::new().is_none(), "full tiles beside the int8 configuration");
+        assert!(Int8Tiles::new(12, 64).is_none(), "two int8 configurations");
+        drop(int8);
+        assert!(Tiles::new().is_some(), "tiles once the int8 ones are dropped");
+    }
 
     #[test]
     fn one_block_sums_pairs_of_products() {

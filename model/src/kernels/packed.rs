@@ -15,8 +15,9 @@
 //!
 //! `vpdpbusd` multiplies unsigned weights by signed activations, so the offset comes off each
 //! block's int32 sum as `offset * sum(x_q)`, which is exact, as in [`super::int8`]. CPUs
-//! without AVX-512 VNNI read the same bytes as two 256-bit halves ([`Int8Kernel::Avx2`]). The
-//! products are those of [`super::int8::matmul_int8`] on the unpacked values, in the same
+//! without AVX-512 VNNI read the same bytes as two 256-bit halves ([`Int8Kernel::Avx2`]); on
+//! CPUs with AMX-INT8 a product of 12-16 rows takes each block's 16-column tile of q8 bytes as
+//! a tile operand where it lies ([`Int8Kernel::Amx`]). The products are those of [`super::int8::matmul_int8`] on the unpacked values, in the same
 //! order (the same K slabs, one FMA per block): packing changes memory and speed, not a
 //! single bit of the result.
 //!
@@ -608,7 +609,7 @@ impl PackedWeight {
         }
     }
 
-    /// `x @ w` as `[rows, n]` f32 with int8 activations (VNNI or AVX2 where the CPU has
+    /// `x @ w` as `[rows, n]` f32 with int8 activations (AMX, VNNI or AVX2 where the CPU has
     /// them, [`Int8Kernel::best`]): equal bit for bit to [`super::int8::matmul_int8`] on the
     /// unpacked values. `None` when `x` does not match the weight.
     pub fn matmul_int8(&self, x: &Int8Rows) -> Option<Vec<f32>> {
@@ -692,11 +693,7 @@ impl PackedWeight {
             unsafe { amx_int8::add_slab(self, x, k0, k1, out) };
             return;
         }
-        let kernel = if kernel == Int8Kernel::Amx {
-            Int8Kernel::Vnni
-        } else {
-            kernel
-        };
+        // `Amx` with fewer rows: `add_block` runs VNNI for it.
         for kb in k0 / self.block..k1 / self.block {
             self.add_block(x, kb, kernel, out);
         }
@@ -718,8 +715,8 @@ impl PackedWeight {
                 ($tile:ident, $most:literal, [$($fewer:literal),*]) => {{
                     let mut r = 0;
                     while r < rows {
-                        // SAFETY: `Vnni` / `Avx2` are only passed where `runs_here` said the CPU
-                        // has AVX-512 F/BW/VNNI / AVX2, FMA and F16C; `matmul_int8_on` checked
+                        // SAFETY: `Vnni` (or `Amx`) / `Avx2` are only passed where `runs_here` said
+                        // the CPU has AVX-512 F/BW/VNNI / AVX2, FMA and F16C; `matmul_int8_on` checked
                         // that `x` matches the weight; each call covers rows `r..r + R <= rows`
                         // and block row `kb < k / block`, and `out` holds `rows * n` values.
                         r += unsafe {
@@ -758,11 +755,12 @@ impl PackedWeight {
 }
 
 /// The instruction sets [`PackedWeight::matmul_int8`] runs on, chosen at run time. Each
-/// gives the bits of the plain loop: the int32 sums of a block are exact on all three.
+/// gives the bits of the plain loop: the int32 sums of a block are exact on all four.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Int8Kernel {
-    /// AMX-INT8 tiles (`tdpbsud`, 16 x 16 x 64 products per instruction) for products of
-    /// [`AMX_INT8_MIN_ROWS`] rows or more, VNNI for fewer: Sapphire Rapids and later Xeons.
+    /// AMX-INT8 tiles (`tdpbsud`, up to 16 x 16 x 64 products per instruction, here one
+    /// block of 16 columns) for products of [`AMX_INT8_MIN_ROWS`] rows or more, VNNI for
+    /// fewer: Sapphire Rapids and later Xeons.
     Amx,
     /// AVX-512 VNNI (`vpdpbusd`, 64 products per instruction).
     Vnni,
@@ -937,10 +935,12 @@ mod vnni_tile {
 pub const AMX_INT8_MIN_ROWS: usize = 12;
 
 /// How many 16-column tiles ahead [`amx_int8`] asks for each block row's packed bytes.
+#[cfg(target_arch = "x86_64")]
 const AMX_INT8_PREFETCH_TILES: usize = 4;
 
 /// The products of [`Int8Kernel::Amx`]: per K slab, per 16-column tile, per block, one
-/// `tdpbsud` of up to 16 activation rows by the block's weight tile, read where it lies (the
+/// `tdpbsud` per 64 inputs (one for the usual blocks of 32) of up to 16 activation rows by
+/// the block's weight tile, read where it lies (the
 /// packed q8 order is the tile's; q4 nibbles are spread to bytes first). Each product is
 /// stored and scaled as [`vnni_tile::add`] scales its int32 sums, block after block in the
 /// same order, so the result has the VNNI kernel's bits; the sums of a tile's rows stay in
@@ -2073,12 +2073,17 @@ pub(super) mod tests {
     /// product on the unpacked values: every row count from 1 to 18 (VNNI below
     /// [`AMX_INT8_MIN_ROWS`], and for a last group of fewer past 16), blocks of 8 to 256 (one
     /// to four tile products per block), one and several K slabs, one and several tiles,
-    /// and units of one to four blocks, random values
+    /// units of one to four blocks and a last unit of one or three, random values
     /// and the extremes (every weight at either end of its range, activations at +-127, so
     /// the offset the stored unsigned weights carry is as large as it gets).
     #[test]
     fn amx_int8_products_have_the_bits_of_the_int8_product() {
         if !Int8Kernel::Amx.runs_here() {
+            // `VIPLLAVA_REQUIRE_AMX=1` on a machine that has the tiles: a skip is a failure.
+            assert!(
+                std::env::var("VIPLLAVA_REQUIRE_AMX").map_or(true, |v| v != "1"),
+                "VIPLLAVA_REQUIRE_AMX=1 but AMX-INT8 does not run here"
+            );
             eprintln!("no AMX-INT8 on this CPU: not checked");
             return;
         }
@@ -2103,6 +2108,8 @@ pub(super) mod tests {
             (16, 512, 16, 128),
             (13, 256, 80, 64),
             (12, 96, 32, 16),
+            (12, 80, 16, 16),
+            (12, 96, 32, 32),
             (14, 64, 16, 8),
             (16, 2048, 64, 32),
         ]);
