@@ -113,8 +113,9 @@ thread_local! {
 }
 
 /// The tile configuration every kernel here but [`Int8Tiles`] uses: palette 1, all eight
-/// tiles 16 rows of 64 bytes. In [`Tiles::block`] tiles 0-3 hold a 32 x 32 block of sums, 4-5 two 16-row
-/// blocks of activations, 6-7 two 16-column blocks of weight pairs; the attention kernels
+/// tiles 16 rows of 64 bytes. In [`Tiles::block`] tiles 0-3 hold a 32 x 32 block of sums,
+/// 4-5 two 16-row blocks of activations, 6-7 two 16-column blocks of weight pairs; the
+/// attention kernels
 /// ([`Tiles::scores16x64`], [`Tiles::values16x64`]) give 0-3 (or 0) to sums, 4-5 to
 /// queries or probabilities, 5-7 to keys or values; the decode products give 0-1 to sums,
 /// 4-5 ([`Tiles::weight_rows16`]) or 2-4 ([`Tiles::f16_block32`]) to weight rows, 6-7 or
@@ -143,9 +144,8 @@ static CONFIG: TileConfig = TileConfig::full();
 pub struct Tiles(std::marker::PhantomData<*const ()>);
 
 impl Tiles {
-    /// Loads the configuration; `None` where [`amx_bf16_available`] is false.
-    /// `None` as well while an [`Int8Tiles`] lives on this thread (its configuration is
-    /// another).
+    /// Loads the configuration; `None` where [`amx_bf16_available`] is false, or while an
+    /// [`Int8Tiles`] lives on this thread (its configuration is another).
     pub fn new() -> Option<Self> {
         if !amx_bf16_available() || CONFIGURED.with(|c| c.get()) == Configured::Int8 {
             return None;

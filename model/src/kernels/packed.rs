@@ -17,9 +17,9 @@
 //! block's int32 sum as `offset * sum(x_q)`, which is exact, as in [`super::int8`]. CPUs
 //! without AVX-512 VNNI read the same bytes as two 256-bit halves ([`Int8Kernel::Avx2`]); on
 //! CPUs with AMX-INT8 a product of 12-16 rows takes each block's 16-column tile of q8 bytes as
-//! a tile operand where it lies ([`Int8Kernel::Amx`]). The products are those of [`super::int8::matmul_int8`] on the unpacked values, in the same
-//! order (the same K slabs, one FMA per block): packing changes memory and speed, not a
-//! single bit of the result.
+//! a tile operand where it lies ([`Int8Kernel::Amx`]). The products are those of
+//! [`super::int8::matmul_int8`] on the unpacked values, in the same order (the same K slabs,
+//! one FMA per block): packing changes memory and speed, not a single bit of the result.
 //!
 //! [`pack_weight`] replaces a parameter by a lazy one whose initializer unpacks it, so any
 //! Burn operation that reads the parameter still sees the quantized tensor it had; the
