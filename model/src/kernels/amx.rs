@@ -37,22 +37,20 @@ pub const TILE_ROWS: usize = 16;
 /// (checked once; off with `VIPLLAVA_AMX=0`, which keeps the `vdpbf16ps` gemm).
 pub fn amx_bf16_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        std::env::var("VIPLLAVA_AMX").map_or(true, |v| v != "0")
-            && cpu_has_amx(AMX_BF16)
-            && request_tile_state()
-    })
+    *AVAILABLE.get_or_init(|| amx_usable(AMX_BF16))
 }
 
 /// Whether this CPU has AMX-TILE and AMX-INT8 and the kernel let this process use them
 /// (checked once; off with `VIPLLAVA_AMX=0` as well, which keeps the VNNI decode products).
 pub fn amx_int8_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        std::env::var("VIPLLAVA_AMX").map_or(true, |v| v != "0")
-            && cpu_has_amx(AMX_INT8)
-            && request_tile_state()
-    })
+    *AVAILABLE.get_or_init(|| amx_usable(AMX_INT8))
+}
+
+/// Whether `VIPLLAVA_AMX` allows the tiles, the CPU has AMX-TILE and `feature`, and Linux
+/// gave this process the tile state.
+fn amx_usable(feature: u32) -> bool {
+    std::env::var("VIPLLAVA_AMX").map_or(true, |v| v != "0") && cpu_has_amx(feature) && request_tile_state()
 }
 
 /// CPUID leaf 7, sub-leaf 0, EDX bits: AMX-BF16, AMX-TILE, AMX-INT8.
@@ -796,25 +794,30 @@ impl Int8Tiles {
     }
 }
 
+/// Releases the calling thread's tiles (the drop of [`Tiles`] and of [`Int8Tiles`]).
+///
+/// # Safety
+/// The tiles must have been configured on this thread.
+unsafe fn release() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: as this function's.
+    unsafe {
+        std::arch::asm!("tilerelease", options(nostack, nomem));
+    }
+    CONFIGURED.with(|c| c.set(Configured::Released));
+}
+
 impl Drop for Int8Tiles {
     fn drop(&mut self) {
-        #[cfg(target_arch = "x86_64")]
         // SAFETY: the tiles were configured by `new` on this thread.
-        unsafe {
-            std::arch::asm!("tilerelease", options(nostack, nomem));
-        }
-        CONFIGURED.with(|c| c.set(Configured::Released));
+        unsafe { release() };
     }
 }
 
 impl Drop for Tiles {
     fn drop(&mut self) {
-        #[cfg(target_arch = "x86_64")]
         // SAFETY: the tiles were configured by `new` on this thread.
-        unsafe {
-            std::arch::asm!("tilerelease", options(nostack, nomem));
-        }
-        CONFIGURED.with(|c| c.set(Configured::Released));
+        unsafe { release() };
     }
 }
 

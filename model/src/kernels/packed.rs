@@ -695,7 +695,7 @@ impl PackedWeight {
         }
         // `Amx` with fewer rows: `add_block` runs VNNI for it.
         for kb in k0 / self.block..k1 / self.block {
-            self.add_block(x, kb, kernel, out);
+            self.add_block(x, kb, kernel, 0..x.rows(), out);
         }
     }
 
@@ -704,23 +704,24 @@ impl PackedWeight {
         x.width() == self.k && x.block() == self.block
     }
 
-    /// `out[r, :] += (isum[r, :] * dx[r, kb]) * sw[kb, :]` for block row `kb`.
-    fn add_block(&self, x: &Int8Rows, kb: usize, kernel: Int8Kernel, out: &mut [f32]) {
-        let rows = x.rows();
+    /// `out[r, :] += (isum[r, :] * dx[r, kb]) * sw[kb, :]` for block row `kb` and the
+    /// activation rows `r` in `rows` (all of them, or a group [`amx_int8`] leaves to VNNI).
+    fn add_block(&self, x: &Int8Rows, kb: usize, kernel: Int8Kernel, rows: Range<usize>, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
             // Block row `kb`, all its tiles, up to `$most` activation rows per call of
             // `$tile::add` (`$fewer`: the smaller counts, for the last rows).
             macro_rules! each_tile {
                 ($tile:ident, $most:literal, [$($fewer:literal),*]) => {{
-                    let mut r = 0;
-                    while r < rows {
+                    let mut r = rows.start;
+                    while r < rows.end {
                         // SAFETY: `Vnni` (or `Amx`) / `Avx2` are only passed where `runs_here` said
                         // the CPU has AVX-512 F/BW/VNNI / AVX2, FMA and F16C; `matmul_int8_on` checked
-                        // that `x` matches the weight; each call covers rows `r..r + R <= rows`
-                        // and block row `kb < k / block`, and `out` holds `rows * n` values.
+                        // that `x` matches the weight; each call covers rows `r..r + R <= rows.end
+                        // <= x.rows()` and block row `kb < k / block`, and `out` holds
+                        // `x.rows() * n` values.
                         r += unsafe {
-                            match (self.bits, rows - r) {
+                            match (self.bits, rows.end - r) {
                                 $((Bits::Eight, $fewer) => $tile::add::<$fewer, 8>(self, x, kb, r, out),)*
                                 (Bits::Eight, _) => $tile::add::<$most, 8>(self, x, kb, r, out),
                                 $((Bits::Four, $fewer) => $tile::add::<$fewer, 4>(self, x, kb, r, out),)*
@@ -741,7 +742,7 @@ impl PackedWeight {
         let n = self.n;
         let src = &self.bytes[kb * self.block_bytes()..][..self.block_bytes()];
         let mut isum = vec![0i32; n];
-        for r in 0..rows {
+        for r in rows {
             let xr = x.row(r);
             isum.fill(0);
             self.for_each_value(kb, src, |kk, c, q| isum[c] += q as i32 * xr[kk] as i32);
@@ -951,7 +952,8 @@ mod amx_int8 {
 
     use super::super::amx::{INT8_SLOTS, Int8Tiles};
     use super::{
-        AMX_INT8_MIN_ROWS, AMX_INT8_PREFETCH_TILES, Bits, GROUP_BYTES, Int8Rows, PackedWeight, TILE, f16,
+        AMX_INT8_MIN_ROWS, AMX_INT8_PREFETCH_TILES, Bits, GROUP_BYTES, Int8Kernel, Int8Rows, PackedWeight,
+        TILE, f16,
     };
 
     /// One tile row: 64 bytes, on a cache line.
@@ -984,42 +986,13 @@ mod amx_int8 {
             };
             if !done {
                 // Fewer than `AMX_INT8_MIN_ROWS` rows (or no tiles after all): the VNNI
-                // kernel, one call per block and at most 8 rows at a time.
-                let end = r0 + r;
-                let mut from = r0;
-                while from < end {
-                    let take = (end - from).min(8);
-                    for kb in k0 / w.block..k1 / w.block {
-                        // SAFETY: as this function's; rows `from..from + take` inside `x`.
-                        unsafe { vnni_rows(w, x, kb, from, take, out) };
-                    }
-                    from += take;
+                // kernel, block by block.
+                for kb in k0 / w.block..k1 / w.block {
+                    w.add_block(x, kb, Int8Kernel::Vnni, r0..r0 + r, out);
                 }
             }
             r0 += r;
         }
-    }
-
-    /// [`super::vnni_tile::add`] for `take` (1-8) rows from `r`.
-    ///
-    /// # Safety
-    /// As [`super::vnni_tile::add`]'s.
-    unsafe fn vnni_rows(w: &PackedWeight, x: &Int8Rows, kb: usize, r: usize, take: usize, out: &mut [f32]) {
-        use super::vnni_tile::add;
-        macro_rules! rows {
-            ($($n:literal),*) => {
-                // SAFETY: as this function's.
-                unsafe {
-                    match (w.bits, take) {
-                        $((Bits::Eight, $n) => add::<$n, 8>(w, x, kb, r, out),)*
-                        $((Bits::Four, $n) => add::<$n, 4>(w, x, kb, r, out),)*
-                        (Bits::Eight, _) => add::<8, 8>(w, x, kb, r, out),
-                        (Bits::Four, _) => add::<8, 4>(w, x, kb, r, out),
-                    }
-                }
-            };
-        }
-        rows!(1, 2, 3, 4, 5, 6, 7);
     }
 
     /// [`add_slab`] for rows `r0..r0 + R` (at most 16); `false` (nothing done) where the
@@ -1973,6 +1946,30 @@ pub(super) mod tests {
         PackedWeight::pack(&w, bits).expect("pack")
     }
 
+    /// The weight `q [k, n]` with [`f16_scales`] packed with `bits`, the activations
+    /// `x [rows, k]` quantized per block, and their int8 product on the unpacked values: what
+    /// each packed product is checked against.
+    fn packed_product_case(
+        bits: Bits,
+        q: &[i8],
+        x: &[f32],
+        [rows, k, n]: [usize; 3],
+        block: usize,
+    ) -> (PackedWeight, Int8Rows, Vec<f32>) {
+        let scales = f16_scales(k * n / block);
+        let w = ColumnBlocks {
+            q,
+            scales: &scales,
+            k,
+            n,
+            block,
+        };
+        let packed = PackedWeight::pack(&w, bits).expect("pack");
+        let xq = Int8Rows::quantize(x, rows, k, block).expect("quantize");
+        let unpacked = matmul_int8_reference(&xq, &w).expect("unpacked");
+        (packed, xq, unpacked)
+    }
+
     /// [`block_scales`] rounded to f16 (what the CPU quantizer writes).
     pub(in crate::kernels) fn f16_scales(count: usize) -> Vec<f32> {
         block_scales(count)
@@ -2144,17 +2141,7 @@ pub(super) mod tests {
                             }
                         })
                         .collect();
-                    let scales = f16_scales(k * n / block);
-                    let w = ColumnBlocks {
-                        q: &q,
-                        scales: &scales,
-                        k,
-                        n,
-                        block,
-                    };
-                    let packed = PackedWeight::pack(&w, bits).expect("pack");
-                    let xq = Int8Rows::quantize(&x, rows, k, block).expect("quantize");
-                    let unpacked = matmul_int8_reference(&xq, &w).expect("unpacked");
+                    let (packed, xq, unpacked) = packed_product_case(bits, &q, &x, [rows, k, n], block);
                     let tiles = packed
                         .matmul_int8_on(&xq, Int8Kernel::Amx)
                         .expect("AMX runs here");
@@ -2200,17 +2187,7 @@ pub(super) mod tests {
                         }
                     })
                     .collect();
-                let scales = f16_scales(k * n / block);
-                let w = ColumnBlocks {
-                    q: &q,
-                    scales: &scales,
-                    k,
-                    n,
-                    block,
-                };
-                let packed = PackedWeight::pack(&w, Bits::Four).expect("pack");
-                let xq = Int8Rows::quantize(&x, rows, k, block).expect("quantize");
-                let want = matmul_int8_reference(&xq, &w).expect("unpacked");
+                let (packed, xq, want) = packed_product_case(Bits::Four, &q, &x, [rows, k, n], block);
                 match packed.matmul_int8_gemm(&xq) {
                     Some(got) => {
                         ran = true;
