@@ -871,59 +871,74 @@ fn f32_gemm_table() {
     }
 }
 
-/// Many-row q4 products (a prefill's): the packed weight dequantized into the f32 gemm's
-/// panels against the activations quantized to int8 and the int8 q4 gemm (quantization
-/// included, and alone), 3 interleaved rounds, medians.
+/// Many-row q8 and q4 products (a prefill's): the packed weight dequantized into the f32
+/// gemm's panels against the activations quantized to int8 and the int8 gemm (AMX-INT8, or
+/// q4 on AVX2 without VNNI; quantization included, and alone), 3 interleaved rounds,
+/// medians. `INT8_GEMM_BITS=8` or `4` picks one width.
 fn q4_gemm_table() {
     use vipllava_model::kernels::f32_gemm::matmul_f32_gemm_packed;
 
+    let widths: Vec<(Bits, &str)> = match std::env::var("INT8_GEMM_BITS").as_deref() {
+        Ok("8") => vec![(Bits::Eight, "q8")],
+        Ok("4") => vec![(Bits::Four, "q4")],
+        _ => vec![(Bits::Eight, "q8"), (Bits::Four, "q4")],
+    };
     println!();
     println!(
-        "| m x k x n | f32 gemm, dequantized in the pack ms | int8 x q4 gemm ms (with quantization) | quantization alone ms | f32 / int8 | int8 GFLOP/s |"
+        "| weights | m x k x n | f32 gemm, dequantized in the pack ms | int8 gemm ms (with quantization) | quantization alone ms | f32 / int8 | int8 GFLOP/s |"
     );
-    println!("|---|---|---|---|---|---|");
-    for &(m, k, n) in &PREFILL_PRODUCTS[..6] {
-        let (x, _) = prefill_operands(m, k, 0);
-        let q: Vec<i8> = (0..k * n).map(|i| ((i * 7 + i / 3) % 16) as i8 - 8).collect();
-        let scales: Vec<f32> = (0..k * n / 32).map(|i| 0.01 + (i % 5) as f32 * 0.001).collect();
-        let scales: Vec<f32> = scales
-            .iter()
-            .map(|&s| burn::tensor::f16::from_f32(s).to_f32())
-            .collect();
-        let columns = ColumnBlocks {
-            q: &q,
-            scales: &scales,
-            k,
-            n,
-            block: 32,
-        };
-        let w = PackedWeight::pack(&columns, Bits::Four).unwrap();
-        if !w.int8_gemm_applies() {
-            println!("| {m} x {k} x {n} | | (the int8 q4 gemm needs AVX2 without VNNI) | | | |");
-            continue;
+    println!("|---|---|---|---|---|---|---|");
+    for &(bits, name) in &widths {
+        for &(m, k, n) in &PREFILL_PRODUCTS[..6] {
+            let (x, _) = prefill_operands(m, k, 0);
+            let q: Vec<i8> = (0..k * n)
+                .map(|i| match bits {
+                    Bits::Four => ((i * 7 + i / 3) % 16) as i8 - 8,
+                    Bits::Eight => ((i * 7 + i / 3) % 256) as u8 as i8,
+                })
+                .collect();
+            let scales: Vec<f32> = (0..k * n / 32).map(|i| 0.01 + (i % 5) as f32 * 0.001).collect();
+            let scales: Vec<f32> = scales
+                .iter()
+                .map(|&s| burn::tensor::f16::from_f32(s).to_f32())
+                .collect();
+            let columns = ColumnBlocks {
+                q: &q,
+                scales: &scales,
+                k,
+                n,
+                block: 32,
+            };
+            let w = PackedWeight::pack(&columns, bits).unwrap();
+            if !w.int8_gemm_applies() {
+                println!(
+                    "| {name} | {m} x {k} x {n} | | (the int8 gemm needs AMX-INT8, or AVX2 without VNNI for q4) | | | |"
+                );
+                continue;
+            }
+            let mut rounds = [[f64::NAN; 3]; 3];
+            for round in rounds.iter_mut() {
+                round[0] = time(3, || {
+                    black_box(matmul_f32_gemm_packed(&x, &w, m, false));
+                });
+                round[1] = time(3, || {
+                    let xq = Int8Rows::quantize(&x, m, k, 32).unwrap();
+                    black_box(w.matmul_int8_gemm(&xq));
+                });
+                round[2] = time(3, || {
+                    black_box(Int8Rows::quantize(&x, m, k, 32));
+                });
+            }
+            let median = |c: usize| median_ms(&rounds, c);
+            println!(
+                "| {name} | {m} x {k} x {n} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |",
+                median(0),
+                median(1),
+                median(2),
+                median(0) / median(1),
+                2.0 * (m * k * n) as f64 / median(1) / 1e6
+            );
         }
-        let mut rounds = [[f64::NAN; 3]; 3];
-        for round in rounds.iter_mut() {
-            round[0] = time(3, || {
-                black_box(matmul_f32_gemm_packed(&x, &w, m, false));
-            });
-            round[1] = time(3, || {
-                let xq = Int8Rows::quantize(&x, m, k, 32).unwrap();
-                black_box(w.matmul_int8_gemm(&xq));
-            });
-            round[2] = time(3, || {
-                black_box(Int8Rows::quantize(&x, m, k, 32));
-            });
-        }
-        let median = |c: usize| median_ms(&rounds, c);
-        println!(
-            "| {m} x {k} x {n} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |",
-            median(0),
-            median(1),
-            median(2),
-            median(0) / median(1),
-            2.0 * (m * k * n) as f64 / median(1) / 1e6
-        );
     }
 }
 

@@ -114,7 +114,9 @@ pub fn f32_gemm_enabled() -> bool {
 }
 
 /// Whether decode products with q8/q4 weights quantized along K quantize the activations
-/// to int8 too (the VNNI or AVX2 kernels of [`packed`], [`packed::Int8Kernel`]): on by
+/// to int8 too (the AMX, VNNI or AVX2 kernels of [`packed`], [`packed::Int8Kernel`]), and
+/// f32/f16 prefill products where an int8 gemm runs
+/// ([`packed::PackedWeight::matmul_int8_gemm`]): on by
 /// default where the CPU has AVX-512 VNNI or AVX2, off with `VIPLLAVA_INT8_ACTIVATIONS=0`
 /// or inside [`with_int8_activations`]`(false, ..)`, which keeps the f32 activations (the
 /// weights' error only).
@@ -1405,9 +1407,12 @@ pub fn dequantize_flex(tensor: FlexQTensor) -> Result<Vec<f32>, Box<FlexQTensor>
 /// streamed: with int8 activations and integer products when the blocks run along K
 /// and [`int8_activations_enabled`], otherwise as `(x * scale) * q` in f32 (the result is
 /// then the f32 product with the dequantized weights up to f32 rounding). For many rows
-/// the weight is dequantized to f32 in parallel (`scale * q`, exactly as Burn's
-/// `dequantize`) for the f32 gemm, or with bf16 activations rounded to bf16 for the bf16
-/// gemm ([`dequantized_linear`]). The result is rounded once to the activation dtype.
+/// with f32 or f16 activations, the int8 gemm where the CPU has one and int8 activations
+/// are on ([`packed::PackedWeight::matmul_int8_gemm`]: the decode product's bits, the weight
+/// packed for the call); otherwise the weight is dequantized to f32 in parallel (`scale *
+/// q`, exactly as Burn's `dequantize`) for the f32 gemm, or with bf16 activations rounded
+/// to bf16 for the bf16 gemm ([`dequantized_linear`]). The result is rounded once to the
+/// activation dtype.
 /// (Burn's own `q_matmul`, used with `VIPLLAVA_FAST_PATHS=0`, dequantizes into a bf16/f16
 /// activation's dtype and multiplies there: less accurate.)
 fn quantized_linear<const D: usize>(
@@ -1450,14 +1455,15 @@ fn quantized_linear<const D: usize>(
         };
         return output_with_bias(out, bias.as_ref(), x, n, dtype);
     }
-    // A q4 weight that could be packed takes the packed weight's int8 gemm where it runs
-    // (packed for the call, half the bytes of the dequantized copy it replaces): packing
-    // changes no result.
+    // A weight that could be packed takes the packed weight's int8 gemm where it runs
+    // (packed for the call, a quarter or an eighth of the bytes of the dequantized copy it
+    // replaces): packing changes no result.
     if quantized.axis == BlockAxis::Input
         && int8_activations_enabled()
+        && !(dtype == DType::BF16 && bf16_gemm_enabled())
         && let DType::QFloat(scheme) = quantized.tensor.dtype()
-        && packed::bits_of(&scheme) == Some(packed::Bits::Four)
-        && packed::PackedWeight::int8_gemm_runs(packed::Bits::Four, quantized.block)
+        && let Some(bits) = packed::bits_of(&scheme)
+        && packed::PackedWeight::int8_gemm_runs(bits, quantized.block)
         && let Some(w) = packed::PackedWeight::pack(
             &ColumnBlocks {
                 q: values,
@@ -1466,7 +1472,7 @@ fn quantized_linear<const D: usize>(
                 n,
                 block: quantized.block,
             },
-            packed::Bits::Four,
+            bits,
         )
         && let Some(out) = packed_int8_gemm(&w, x, rows)
     {
@@ -1596,9 +1602,11 @@ fn bf16_weight_linear<const D: usize>(
 /// `x @ W (+ b)` for a packed `W` ([`packed::PackedWeight`]), with the arithmetic of
 /// [`quantized_linear`] on the unpacked weight: the same bits. Few rows with int8
 /// activations multiply the nibbles in place; few rows with f32 activations (the slower,
-/// exact option) unpack the weight for the call; many rows dequantize it as they pack it:
-/// into the AMX panels for bf16 activations where the CPU has AMX, into the f32 gemm's
-/// otherwise (or, without the f32 gemm, into a copy for the call).
+/// exact option) unpack the weight for the call; many rows dequantize it as they pack it
+/// into the AMX panels for bf16 activations where the CPU has AMX; many f32 or f16 rows
+/// take the int8 gemm with int8 activations where the CPU has one (AMX-INT8; q4 on AVX2
+/// without VNNI); the rest dequantize into the f32 gemm's panels (or, without the f32
+/// gemm, into a copy for the call).
 /// `None` when `x` is not on the plain Flex device or not a float of the model's dtypes.
 fn packed_linear<const D: usize>(
     layer: &Linear,
@@ -1641,8 +1649,9 @@ fn packed_linear<const D: usize>(
     {
         return Some(out);
     }
-    // Without the bf16 gemm: a q4 weight on a CPU without VNNI multiplies int8 activations
-    // in a gemm of its own (the decode kernel's bits); otherwise our f32 gemm dequantizes
+    // Without the bf16 gemm: the int8 gemm where the CPU has one (AMX-INT8; q4 on AVX2
+    // without VNNI) multiplies int8 activations (the decode kernel's bits); otherwise our
+    // f32 gemm dequantizes
     // the weight tile by tile as it packs (the bits of `dequantized_linear`'s weights,
     // without their f32 copy).
     if !(dtype == DType::BF16 && bf16_gemm_enabled())
@@ -1679,8 +1688,8 @@ fn packed_amx_linear<const D: usize>(
 }
 
 /// `x [rows, k] @ w` with the activations quantized to int8 per block, through
-/// [`packed::PackedWeight::matmul_int8_gemm`] (q4 weights on CPUs with AVX2 but not
-/// AVX-512 VNNI); `None` where that gemm does not apply or int8 activations are off.
+/// [`packed::PackedWeight::matmul_int8_gemm`] (AMX-INT8; q4 weights on CPUs with AVX2 but
+/// not AVX-512 VNNI); `None` where that gemm does not apply or int8 activations are off.
 fn packed_int8_gemm<const D: usize>(
     w: &packed::PackedWeight,
     x: &Tensor<D>,
@@ -3175,8 +3184,8 @@ pub(crate) mod tests {
             layer.weight = Param::from_tensor(quantized.clone());
             let unpacked = with_int8_activations(false, || values(linear(&layer, x.clone())));
             layer.weight = packed::pack_weight(Param::from_tensor(quantized));
-            // f32 activations (a q4 weight takes int8 ones by default where the int8 gemm
-            // runs: `many_rows_through_a_packed_q4_weight_give_the_bits_of_decode_steps`).
+            // f32 activations (q8/q4 weights take int8 ones by default where the int8 gemm
+            // runs: `many_rows_through_a_packed_weight_give_the_bits_of_decode_steps`).
             let got = with_int8_activations(false, || values(linear(&layer, x.clone())));
             assert_eq!(got, unpacked, "{value:?}: packed and unpacked weights");
             for (i, &g) in got.iter().enumerate() {
@@ -3192,12 +3201,13 @@ pub(crate) mod tests {
         }
     }
 
-    /// A prefill's many rows through a q4 weight, with int8 activations (the default):
-    /// packed and unpacked give the same bits; where the int8 q4 gemm runs, they are the
-    /// bits of the same rows fed as decode steps (the decode kernel, with its bias and cast)
-    /// and differ from f32 activations'. f32 and bf16 activations.
+    /// A prefill's many rows through a q8 or q4 weight, with int8 activations (the default):
+    /// packed and unpacked give the same bits; where the int8 gemm runs (AMX-INT8; q4 on
+    /// AVX2 without VNNI) for the activations' dtype (not bf16 where the bf16 gemm takes
+    /// it), they are the bits of the same rows fed as decode steps (the decode kernel, with
+    /// its bias and cast) and differ from f32 activations'. f32, f16 and bf16 activations.
     #[test]
-    fn many_rows_through_a_packed_q4_weight_give_the_bits_of_decode_steps() {
+    fn many_rows_through_a_packed_weight_give_the_bits_of_decode_steps() {
         use burn::module::Param;
         use burn::nn::LinearConfig;
         use burn::tensor::quantization::{QuantScheme, ScaleDtype};
@@ -3205,38 +3215,44 @@ pub(crate) mod tests {
         let device = Device::flex();
         let (rows, k, n) = (45, 320, 48);
         let values = |t: Tensor<2>| t.cast(DType::F32).into_data().try_into_vec::<f32>().expect("f32");
-        let scheme = QuantScheme::default()
-            .with_value(QuantValue::Q4S)
-            .per_block([32, 1], ScaleDtype::F16);
-        for dtype in [DType::F32, DType::BF16] {
-            let x =
-                Tensor::<2>::from_data(TensorData::new(activations(rows, k), [rows, k]), &device).cast(dtype);
-            let mut layer = LinearConfig::new(k, n).init(&device);
-            let bias = layer.bias.take().expect("bias").val().cast(dtype);
-            layer.bias = Some(Param::from_tensor(bias));
-            let quantized = layer.weight.val().quantize_dynamic(&scheme);
-            layer.weight = Param::from_tensor(quantized.clone());
-            let unpacked = with_int8_activations(true, || values(linear(&layer, x.clone())));
-            layer.weight = packed::pack_weight(Param::from_tensor(quantized));
-            let w = packed::packed_weight(&layer.weight).expect("packed");
-            let got = with_int8_activations(true, || values(linear(&layer, x.clone())));
-            assert_eq!(got, unpacked, "{dtype:?}: packed and unpacked weights");
-            if w.int8_gemm_applies() {
-                let steps: Vec<f32> = (0..rows)
-                    .step_by(MAX_STREAM_ROWS)
-                    .flat_map(|r0| {
-                        let r1 = (r0 + MAX_STREAM_ROWS).min(rows);
-                        with_int8_activations(true, || {
-                            values(linear(&layer, x.clone().narrow(0, r0, r1 - r0)))
+        let mut checked = 0;
+        for value in [QuantValue::Q8S, QuantValue::Q4S] {
+            let scheme = QuantScheme::default()
+                .with_value(value)
+                .per_block([32, 1], ScaleDtype::F16);
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                let case = format!("{value:?} {dtype:?}");
+                let x = Tensor::<2>::from_data(TensorData::new(activations(rows, k), [rows, k]), &device)
+                    .cast(dtype);
+                let mut layer = LinearConfig::new(k, n).init(&device);
+                let bias = layer.bias.take().expect("bias").val().cast(dtype);
+                layer.bias = Some(Param::from_tensor(bias));
+                let quantized = layer.weight.val().quantize_dynamic(&scheme);
+                layer.weight = Param::from_tensor(quantized.clone());
+                let unpacked = with_int8_activations(true, || values(linear(&layer, x.clone())));
+                layer.weight = packed::pack_weight(Param::from_tensor(quantized));
+                let w = packed::packed_weight(&layer.weight).expect("packed");
+                let got = with_int8_activations(true, || values(linear(&layer, x.clone())));
+                assert_eq!(got, unpacked, "{case}: packed and unpacked weights");
+                if w.int8_gemm_applies() && !(dtype == DType::BF16 && bf16_gemm_enabled()) {
+                    let steps: Vec<f32> = (0..rows)
+                        .step_by(MAX_STREAM_ROWS)
+                        .flat_map(|r0| {
+                            let r1 = (r0 + MAX_STREAM_ROWS).min(rows);
+                            with_int8_activations(true, || {
+                                values(linear(&layer, x.clone().narrow(0, r0, r1 - r0)))
+                            })
                         })
-                    })
-                    .collect();
-                assert_eq!(got, steps, "{dtype:?}: a prefill and decode steps");
-                let f32s = with_int8_activations(false, || values(linear(&layer, x.clone())));
-                assert_ne!(got, f32s, "{dtype:?}: int8 activations left no trace");
-            } else {
-                eprintln!("the int8 q4 gemm does not run on this CPU: not checked");
+                        .collect();
+                    assert_eq!(got, steps, "{case}: a prefill and decode steps");
+                    let f32s = with_int8_activations(false, || values(linear(&layer, x.clone())));
+                    assert_ne!(got, f32s, "{case}: int8 activations left no trace");
+                    checked += 1;
+                }
             }
+        }
+        if checked == 0 {
+            eprintln!("no int8 gemm runs on this CPU: not checked");
         }
     }
 

@@ -76,21 +76,28 @@ const Q4_LOGIT_BOUND: f32 = 10.0;
 /// Largest logit change of a decode step from int8 activations measured on the fixtures
 /// (q8 0.074-0.117, q4 0.125-0.132 at logit scales 6.3-9.8 after an f32-activation prefill;
 /// after a q4 prefill through the int8 gemm, AVX2 without VNNI: q8 0.115-0.187, q4
+/// 0.105-0.195; after q8 and q4 prefills through the AMX-INT8 gemm: q8 0.084-0.183, q4
 /// 0.105-0.195; the q8 weights' own error there is 0.13-0.26), with a 1.5-2x margin.
 const INT8_ACTIVATION_LOGIT_BOUND: f32 = 0.3;
 
 /// Largest prefill logit change from int8 activations measured on the fixtures (q4
 /// weights through the int8 gemm on an AVX2 CPU without VNNI: 0.092-0.259 at logit scales
-/// 7.4-8.4, the same greedy token; q8 prefills of at most 16 rows, which take the decode
-/// kernel: 0.055-0.064; the q4 weights' own error is bounded by 10), with a 2x margin.
+/// 7.4-8.4, the same greedy token; q8 and q4 through the AMX-INT8 gemm: q8 0.153-0.199,
+/// q4 0.092-0.259; q8 prefills of at most 16 rows, which take the decode kernel:
+/// 0.055-0.064; the q4 weights' own error is bounded by 10), with a 2x margin.
 const INT8_ACTIVATION_PREFILL_LOGIT_BOUND: f32 = 0.5;
 
-/// Whether a q4 prefill takes the int8 gemm on this CPU (AVX2 without AVX-512 VNNI).
-fn int8_q4_gemm_runs() -> bool {
-    Int8Kernel::best() == Int8Kernel::Avx2
+/// Whether an f32 prefill with `level` weights takes the int8 gemm on this CPU (AMX-INT8;
+/// q4 on AVX2 without AVX-512 VNNI).
+fn int8_gemm_runs(level: Quantization) -> bool {
+    match Int8Kernel::best() {
+        Int8Kernel::Amx => true,
+        Int8Kernel::Avx2 => level == Quantization::Q4,
+        Int8Kernel::Vnni | Int8Kernel::Plain => false,
+    }
 }
 
-/// The prefill of each fixture with int8 activations against f32 ones (where q4 weights
+/// The prefill of each fixture with int8 activations against f32 ones (where the weights
 /// take the int8 gemm), then decode steps with int8 activations (the VNNI or AVX2 kernel,
 /// on CPUs that have one)
 /// against the same steps with f32 activations, over the same quantized weights: the logits
@@ -118,8 +125,8 @@ fn int8_activations_add_a_bounded_error() {
                 .expect("prepare");
             let (first, cache) =
                 with_int8_activations(true, || pipeline.prefill(&prepared)).expect("prefill");
-            // The prefill: int8 activations where a q4 weight's many rows take the int8
-            // gemm (AVX2 without VNNI), f32 activations elsewhere.
+            // The prefill: int8 activations where the weights' many rows take the int8
+            // gemm (AMX-INT8; q4 on AVX2 without VNNI), f32 activations elsewhere.
             let (first_f32, _) =
                 with_int8_activations(false, || pipeline.prefill(&prepared)).expect("prefill");
             let prefill_diff = max_slice_diff(&first, &first_f32);
@@ -130,7 +137,7 @@ fn int8_activations_add_a_bounded_error() {
             );
             // (A prefill of at most 16 rows, as the tiny towers' can be, takes the decode
             // kernel and so int8 activations too, q8 as well.)
-            if level == Quantization::Q4 && int8_q4_gemm_runs() {
+            if int8_gemm_runs(level) {
                 assert!(
                     prefill_diff > 0.0,
                     "{name} {level}: the prefill kept f32 activations"

@@ -672,7 +672,6 @@ unsafe fn sums_to((c, ldc): (*mut u8, usize), both_halves: bool) {
 /// dropped; a thread holds one configuration at a time, so no [`Tiles`] may be used while
 /// this lives.
 pub struct Int8Tiles {
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     k_step: usize,
     _thread: std::marker::PhantomData<*const ()>,
 }
@@ -693,28 +692,46 @@ impl Int8Tiles {
         {
             return None;
         }
+        let tiles = Self {
+            k_step,
+            _thread: std::marker::PhantomData,
+        };
+        tiles.load(rows);
+        CONFIGURED.with(|c| c.set(Configured::Int8));
+        Some(tiles)
+    }
+
+    /// Configures the tiles for `rows` (1-16) activation rows instead, with the same
+    /// `k_step`: a gemm's last group of fewer rows. `false` (nothing changed) outside
+    /// that range.
+    pub fn set_rows(&mut self, rows: usize) -> bool {
+        if !(1..=TILE_ROWS).contains(&rows) {
+            return false;
+        }
+        self.load(rows);
+        true
+    }
+
+    /// Loads the configuration for `rows` (1-16) rows and this `k_step`.
+    fn load(&self, rows: usize) {
         let mut config = TileConfig([0; 64]);
         config.0[0] = 1;
         for t in 0..8 {
             let (tile_rows, bytes) = match t {
                 0..4 => (rows, ROW_BYTES),
-                4 | 5 => (rows, k_step),
-                _ => (k_step / 4, ROW_BYTES),
+                4 | 5 => (rows, self.k_step),
+                _ => (self.k_step / 4, ROW_BYTES),
             };
             config.0[16 + 2 * t] = bytes as u8;
             config.0[48 + t] = tile_rows as u8;
         }
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AMX-TILE and the process holds the tile state (checked
-        // above); the configuration is 64 valid bytes (palette 1, rows and bytes in range).
+        // SAFETY: the CPU has AMX-TILE and the process holds the tile state (checked by
+        // `new`, the only way to an `Int8Tiles`); the configuration is 64 valid bytes
+        // (palette 1, rows and bytes in range: `new` and `set_rows` checked them).
         unsafe {
             std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
         }
-        CONFIGURED.with(|c| c.set(Configured::Int8));
-        Some(Self {
-            k_step,
-            _thread: std::marker::PhantomData,
-        })
     }
 
     /// Sums `slot` (0-3) `= sum over s of a_s . b_s` for `steps` steps of `k_step` inputs,

@@ -48,7 +48,15 @@ impl Int8Rows {
         // step's (at most `MAX_STREAM_ROWS`) on the calling thread, inside its own team.
         let chunk_blocks = (CHUNK_VALUES / block).max(1);
         let chunk = chunk_blocks * block;
+        #[cfg(target_arch = "x86_64")]
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
         let quantize = |x: &[f32], values: &mut [i8], scales: &mut [f32], sums: &mut [i32]| {
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: the CPU has AVX-512 F (checked above); the slices hold whole
+                // blocks, one scale and one sum per block.
+                return unsafe { quantize_avx512::blocks(x, values, scales, sums, block) };
+            }
             super::vectorized(QuantizeBlocks {
                 x,
                 values,
@@ -300,6 +308,83 @@ impl super::Vectorized for QuantizeBlocks<'_> {
     }
 }
 
+/// [`QuantizeBlocks`] in AVX-512 registers, with its bits: the maximum of the magnitudes
+/// (a NaN leaves it as `f32::max` does), the same scale and inverse, and `round` (half away
+/// from zero) as truncation plus one step where the exact remainder reaches one half. The
+/// plain loop's `round` did not vectorize: 12-14 cycles per value, a tenth of a q8 prefill
+/// through the AMX-INT8 gemm.
+#[cfg(target_arch = "x86_64")]
+mod quantize_avx512 {
+    use std::arch::x86_64::*;
+
+    /// Quantizes each block of `block` values of `x` into `values`, its scale and value sum.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F; `x` and `values` hold whole blocks (`block` a multiple
+    /// of 8), `scales` and `sums` one entry per block.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn blocks(x: &[f32], values: &mut [i8], scales: &mut [f32], sums: &mut [i32], block: usize) {
+        let magnitude = _mm512_set1_epi32(0x7FFF_FFFF);
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let (half, one) = (_mm512_set1_ps(0.5), _mm512_set1_epi32(1f32.to_bits() as i32));
+        let (low, high) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
+        // The lanes of the 16 values from `i` that are inside the block.
+        let lanes = |i: usize| -> __mmask16 {
+            if block - i >= 16 {
+                0xFFFF
+            } else {
+                (1 << (block - i)) - 1
+            }
+        };
+        for (((xb, qb), scale), sum) in x
+            .chunks_exact(block)
+            .zip(values.chunks_exact_mut(block))
+            .zip(scales.iter_mut())
+            .zip(sums.iter_mut())
+        {
+            let mut amax = _mm512_setzero_ps();
+            for i in (0..block).step_by(16) {
+                // SAFETY: the lanes inside the block.
+                let v = unsafe { _mm512_maskz_loadu_ps(lanes(i), xb.as_ptr().add(i)) };
+                let a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), magnitude));
+                // `vmaxps` returns its second operand where either is NaN.
+                amax = _mm512_max_ps(a, amax);
+            }
+            let amax = _mm512_reduce_max_ps(amax);
+            let d = amax / 127.0;
+            let inv = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let mut total = _mm512_setzero_si512();
+            for i in (0..block).step_by(16) {
+                let m = lanes(i);
+                // SAFETY: as above.
+                let v = unsafe { _mm512_maskz_loadu_ps(m, xb.as_ptr().add(i)) };
+                let p = _mm512_mul_ps(v, inv);
+                let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(p);
+                // `p - t` is exact: the fraction's bits of `p`.
+                let fraction = _mm512_castsi512_ps(_mm512_and_si512(
+                    _mm512_castps_si512(_mm512_sub_ps(p, t)),
+                    magnitude,
+                ));
+                let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(fraction, half);
+                let step = _mm512_castsi512_ps(_mm512_or_si512(
+                    _mm512_and_si512(_mm512_castps_si512(p), sign),
+                    one,
+                ));
+                let r = _mm512_mask_add_ps(t, away, t, step);
+                let r = _mm512_min_ps(_mm512_max_ps(r, low), high);
+                // `NaN as i8` is 0 (the product of an infinite or NaN input).
+                let number = _mm512_cmp_ps_mask::<_CMP_ORD_Q>(p, p);
+                let q = _mm512_maskz_cvttps_epi32(m & number, r);
+                total = _mm512_add_epi32(total, q);
+                // SAFETY: the lanes inside the block.
+                unsafe { _mm512_mask_cvtepi32_storeu_epi8(qb.as_mut_ptr().add(i), m, q) };
+            }
+            *scale = d;
+            *sum = _mm512_reduce_add_epi32(total);
+        }
+    }
+}
+
 #[cfg(test)]
 fn column_reference(
     x: &Int8Rows,
@@ -474,7 +559,65 @@ mod vnni_tile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::Vectorized;
     use crate::kernels::tests::{activations, block_scales, int8_values};
+
+    /// The AVX-512 quantization gives the plain loop's values, scales and sums: random
+    /// values, values whose products land on and beside halves, zeros, a block of zeros,
+    /// infinities and NaN, blocks of 8 to 64.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_quantization_has_the_plain_bits() {
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512 F on this CPU: not checked");
+            return;
+        }
+        let mut next = crate::kernels::tests::xorshift(0xBB67_AE85_84CA_A73B);
+        for block in [8, 16, 24, 32, 64] {
+            let blocks = 12;
+            let mut x: Vec<f32> = (0..blocks * block)
+                .map(|_| {
+                    ((next() % 200_001) as f32 / 1000.0 - 100.0) * if next() % 7 == 0 { 1e-3 } else { 1.0 }
+                })
+                .collect();
+            // Block 1: maximum 127, so values k + 0.5 are halves after scaling (`inv` 1).
+            for (i, v) in x[block..2 * block].iter_mut().enumerate() {
+                *v = if i == 0 { 127.0 } else { (i as f32 - 12.0) + 0.5 };
+            }
+            // Block 2: zeros, one negative. Block 3: the largest float below a half, and
+            // its negation, beside halves.
+            x[2 * block..3 * block].fill(0.0);
+            x[2 * block + 1] = -0.0;
+            for (i, v) in x[3 * block..4 * block].iter_mut().enumerate() {
+                *v = match i % 4 {
+                    0 => 127.0,
+                    1 => 0.499_999_97,
+                    2 => -0.499_999_97,
+                    _ => -(i as f32) - 0.5,
+                };
+            }
+            // Block 4: an infinity; block 5: a NaN beside finite values.
+            x[4 * block + 3] = f32::INFINITY;
+            x[5 * block + 2] = f32::NAN;
+            x[5 * block + 5] = -f32::INFINITY;
+            let mut want = (vec![0i8; x.len()], vec![0f32; blocks], vec![0i32; blocks]);
+            QuantizeBlocks {
+                x: &x,
+                values: &mut want.0,
+                scales: &mut want.1,
+                sums: &mut want.2,
+                block,
+            }
+            .run();
+            let mut got = (vec![0i8; x.len()], vec![0f32; blocks], vec![0i32; blocks]);
+            // SAFETY: AVX-512 F checked above; whole blocks.
+            unsafe { quantize_avx512::blocks(&x, &mut got.0, &mut got.1, &mut got.2, block) };
+            assert_eq!(got.0, want.0, "block {block}: values");
+            let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.1), bits(&want.1), "block {block}: scales");
+            assert_eq!(got.2, want.2, "block {block}: sums");
+        }
+    }
 
     /// Every output of the int8 product equals `sum_kb dx*isum*sw` computed in f64 to f32
     /// rounding, and the VNNI tiles (when this CPU has them) equal the plain Rust path bit

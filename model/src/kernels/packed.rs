@@ -17,7 +17,8 @@
 //! block's int32 sum as `offset * sum(x_q)`, which is exact, as in [`super::int8`]. CPUs
 //! without AVX-512 VNNI read the same bytes as two 256-bit halves ([`Int8Kernel::Avx2`]); on
 //! CPUs with AMX-INT8 a product of 12-16 rows takes each block's 16-column tile of q8 bytes as
-//! a tile operand where it lies ([`Int8Kernel::Amx`]). The products are those of
+//! a tile operand where it lies ([`Int8Kernel::Amx`]), and so does the gemm of a prefill
+//! ([`PackedWeight::matmul_int8_gemm`]). The products are those of
 //! [`super::int8::matmul_int8`] on the unpacked values, in the same order (the same K slabs,
 //! one FMA per block): packing changes memory and speed, not a single bit of the result.
 //!
@@ -637,11 +638,15 @@ impl PackedWeight {
     }
 
     /// Whether [`PackedWeight::matmul_int8_gemm`] runs on this CPU for weights of `bits`
-    /// per value in blocks of `block`.
+    /// per value in blocks of `block` (any block that packs, on AMX-INT8).
     pub fn int8_gemm_runs(bits: Bits, block: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            bits == Bits::Four && block <= q4_gemm_avx2::MAX_BLOCK && Int8Kernel::best() == Int8Kernel::Avx2
+            match Int8Kernel::best() {
+                Int8Kernel::Amx => true,
+                Int8Kernel::Avx2 => bits == Bits::Four && block <= q4_gemm_avx2::MAX_BLOCK,
+                Int8Kernel::Vnni | Int8Kernel::Plain => false,
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -650,21 +655,45 @@ impl PackedWeight {
         }
     }
 
-    /// [`PackedWeight::matmul_int8`] for many rows (a prefill) of a q4 weight on CPUs
-    /// without AVX-512 VNNI: the same bits, computed as a gemm. Each task keeps a 16-column
-    /// strip of the weight in L1 while groups of 4 activation rows pass along it, the
-    /// weight's unsigned nibbles multiplied by the activations with `vpmaddubsw` (a pair of
-    /// products is at most `2 * 15 * 127`, so a whole block of 32 sums in int16 with no
-    /// saturation), where the decode kernel spends a sign operation per row and group and
-    /// widens every group to int32. `None` where it does not apply (q8, blocks over 32, a
-    /// CPU with VNNI or without AVX2, or `x` not matching).
+    /// [`PackedWeight::matmul_int8`] for many rows (a prefill), with the same bits, computed
+    /// as a gemm where a CPU has the instructions for one:
+    /// - AMX-INT8 (q8 and q4): each task takes a block of columns and rows, and per K slab
+    ///   passes its rows 16 at a time along the slab's weight tiles, which stay in cache
+    ///   (the decode kernel streams the whole weight once per 16 rows);
+    /// - AVX2 without AVX-512 VNNI (q4, blocks of at most 32): each task keeps a 16-column
+    ///   strip of the weight in L1 while groups of 4 activation rows pass along it, the
+    ///   weight's unsigned nibbles multiplied by the activations with `vpmaddubsw` (a pair
+    ///   of products is at most `2 * 15 * 127`, so a whole block of 32 sums in int16 with no
+    ///   saturation), where the decode kernel spends a sign operation per row and group and
+    ///   widens every group to int32.
+    ///
+    /// `None` where it does not apply ([`PackedWeight::int8_gemm_runs`]) or `x` does not
+    /// match.
     pub fn matmul_int8_gemm(&self, x: &Int8Rows) -> Option<Vec<f32>> {
         #[cfg(target_arch = "x86_64")]
         if self.int8_gemm_applies() && self.accepts(x) {
+            use super::bf16_gemm::{Output, for_each_block, for_each_block_of};
             let (rows, n) = (x.rows(), self.n);
             let mut out = vec![0f32; rows * n];
-            let target = super::bf16_gemm::Output(out.as_mut_ptr());
-            super::bf16_gemm::for_each_block(rows, n, q4_gemm_avx2::ROWS, TILE, |block| {
+            let target = Output(out.as_mut_ptr());
+            if Int8Kernel::best() == Int8Kernel::Amx {
+                let refused = std::sync::atomic::AtomicBool::new(false);
+                for_each_block_of(rows, n, 16, TILE, AMX_INT8_TASK_COLS, |block| {
+                    // SAFETY: `Amx` runs here (AMX-INT8, AVX-512 VNNI); `x` matches the
+                    // weight; `out` holds `rows * n` zeros and outlives the tasks, which
+                    // write disjoint blocks of whole 16-column tiles.
+                    if !unsafe { amx_int8::gemm_block(self, x, block, &target) } {
+                        refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+                // A task whose thread held tiles of the other kind (a stolen task, inside
+                // another kernel's): the decode kernels, which give the same bits.
+                if refused.into_inner() {
+                    return self.matmul_int8_on(x, Int8Kernel::Vnni);
+                }
+                return Some(out);
+            }
+            for_each_block(rows, n, q4_gemm_avx2::ROWS, TILE, |block| {
                 // SAFETY: the CPU has AVX2, FMA and F16C (`Int8Kernel::Avx2` is the best
                 // kernel); the weight holds 4 bits per value with blocks of at most
                 // `MAX_BLOCK`, `x` matches it; `out` holds `rows * n` values and outlives
@@ -935,6 +964,10 @@ mod vnni_tile {
 /// Activation rows from which [`Int8Kernel::Amx`] multiplies on tiles.
 pub const AMX_INT8_MIN_ROWS: usize = 12;
 
+/// Output columns per task of the AMX-INT8 gemm ([`PackedWeight::matmul_int8_gemm`]).
+#[cfg(target_arch = "x86_64")]
+const AMX_INT8_TASK_COLS: usize = 256;
+
 /// How many 16-column tiles ahead [`amx_int8`] asks for each block row's packed bytes.
 #[cfg(target_arch = "x86_64")]
 const AMX_INT8_PREFETCH_TILES: usize = 4;
@@ -949,8 +982,11 @@ const AMX_INT8_PREFETCH_TILES: usize = 4;
 #[cfg(target_arch = "x86_64")]
 mod amx_int8 {
     use std::arch::x86_64::*;
+    use std::ops::Range;
 
+    use super::super::K_BLOCK;
     use super::super::amx::{INT8_SLOTS, Int8Tiles};
+    use super::super::bf16_gemm::{Block, Output};
     use super::{
         AMX_INT8_MIN_ROWS, AMX_INT8_PREFETCH_TILES, Bits, GROUP_BYTES, Int8Kernel, Int8Rows, PackedWeight,
         TILE, f16,
@@ -961,6 +997,29 @@ mod amx_int8 {
     #[derive(Clone, Copy)]
     struct Line([i32; 16]);
 
+    /// The working buffers of [`rows_of`], kept from call to call (a gemm task calls it once
+    /// per slab and group of rows).
+    #[derive(Default)]
+    pub struct Scratch {
+        /// Per block of the slab, the rows' activations (`R` rows of `block` bytes).
+        a: Vec<i8>,
+        /// Per block and row, `offset * sum(x_q)`.
+        offsets: Vec<i32>,
+        /// Per block and row, the activations' scale.
+        dx: Vec<f32>,
+        /// Two sets of [`INT8_SLOTS`] stored tile products.
+        sums: Vec<[Line; 16]>,
+        /// Each slot's q4 weight tile with its nibbles spread to bytes.
+        spread: Vec<Line>,
+    }
+
+    /// The inputs of one tile product for blocks of `block` values: the whole block, up to
+    /// the 64 bytes of a tile row (the blocks that packing allows, multiples of 8 dividing
+    /// 256, are whole numbers of them).
+    fn k_step(block: usize) -> usize {
+        block.min(64)
+    }
+
     /// Adds weight rows `k0..k1` (whole blocks) of `x @ w` to `out [rows, n]`, 16 rows at a
     /// time; a last group of fewer than [`AMX_INT8_MIN_ROWS`] rows takes the VNNI kernel.
     ///
@@ -969,61 +1028,164 @@ mod amx_int8 {
     /// match `w`, `k0..k1` be whole blocks of it and `out` hold `x.rows() * n` values.
     pub unsafe fn add_slab(w: &PackedWeight, x: &Int8Rows, k0: usize, k1: usize, out: &mut [f32]) {
         let rows = x.rows();
+        assert!(out.len() >= rows * w.n, "the output holds every row");
+        let mut scratch = Scratch::default();
         let mut r0 = 0;
         while r0 < rows {
             let r = (rows - r0).min(16);
-            // SAFETY: as this function's, rows `r0..r0 + r` inside `x`.
-            let done = unsafe {
-                const _: () = assert!(AMX_INT8_MIN_ROWS == 12, "the arms below start there");
-                match r {
-                    12 => rows_of::<12>(w, x, k0, k1, r0, out),
-                    13 => rows_of::<13>(w, x, k0, k1, r0, out),
-                    14 => rows_of::<14>(w, x, k0, k1, r0, out),
-                    15 => rows_of::<15>(w, x, k0, k1, r0, out),
-                    16 => rows_of::<16>(w, x, k0, k1, r0, out),
-                    _ => false,
-                }
+            let tiles = if r >= AMX_INT8_MIN_ROWS {
+                Int8Tiles::new(r, k_step(w.block))
+            } else {
+                None
             };
-            if !done {
+            match tiles {
+                // SAFETY: as this function's; rows `r0..r0 + r` inside `x`, every tile of
+                // the weight, `out` checked above.
+                Some(tiles) => unsafe {
+                    rows_of_count(
+                        r,
+                        w,
+                        x,
+                        &tiles,
+                        [k0, k1],
+                        r0,
+                        0..w.n / TILE,
+                        out.as_mut_ptr(),
+                        &mut scratch,
+                    )
+                },
                 // Fewer than `AMX_INT8_MIN_ROWS` rows (or no tiles after all): the VNNI
                 // kernel, block by block.
-                for kb in k0 / w.block..k1 / w.block {
-                    w.add_block(x, kb, Int8Kernel::Vnni, r0..r0 + r, out);
+                None => {
+                    for kb in k0 / w.block..k1 / w.block {
+                        w.add_block(x, kb, Int8Kernel::Vnni, r0..r0 + r, out);
+                    }
                 }
             }
             r0 += r;
         }
     }
 
-    /// [`add_slab`] for rows `r0..r0 + R` (at most 16); `false` (nothing done) where the
-    /// tiles cannot be configured for them.
+    /// One task of [`PackedWeight::matmul_int8_gemm`] on the tiles: rows `r0..r1` of the
+    /// task's columns, slab after slab of [`K_BLOCK`] inputs (each slab's sums from zero,
+    /// then added to `out`, as [`super::super::sum_over_slabs`] adds the slabs of the decode
+    /// product: the same bits), within a slab group after group of 16 rows, so that the
+    /// slab's weight tiles stay in cache while the rows pass. A last group of fewer rows
+    /// takes tiles configured for its count. `false` (nothing done) where the tiles cannot be
+    /// configured.
     ///
     /// # Safety
-    /// As [`add_slab`]'s, with `r0 + R <= x.rows()`.
+    /// As [`add_slab`]'s, with `out` pointing to `x.rows() * n` zeroed values of which no one
+    /// else touches the block, whose columns are whole tiles.
+    pub unsafe fn gemm_block(w: &PackedWeight, x: &Int8Rows, block: Block, out: &Output) -> bool {
+        let Block { c0, cols, r0, r1 } = block;
+        let tiles = c0 / TILE..(c0 + cols) / TILE;
+        let full_end = r0 + (r1 - r0) / 16 * 16;
+        // The groups of 16 rows, then the last one of fewer, if any: `(rows, first rows)`.
+        let passes = [(16, r0..full_end), (r1 - full_end, full_end..r1)];
+        let mut passes = passes.into_iter().filter(|(_, rows)| !rows.is_empty());
+        let Some((rows, first)) = passes.next() else {
+            return true;
+        };
+        let Some(mut config) = Int8Tiles::new(rows, k_step(w.block)) else {
+            return false;
+        };
+        let mut scratch = Scratch::default();
+        for (rows, groups) in std::iter::once((rows, first)).chain(passes) {
+            let configured = config.set_rows(rows);
+            debug_assert!(configured, "1 to 16 rows");
+            for k0 in (0..w.k).step_by(K_BLOCK) {
+                let k1 = (k0 + K_BLOCK).min(w.k);
+                for g in groups.clone().step_by(rows) {
+                    // SAFETY: as this function's; rows `g..g + rows` inside `r0..r1`, the
+                    // tiles configured for `rows` rows just above.
+                    unsafe {
+                        rows_of_count(
+                            rows,
+                            w,
+                            x,
+                            &config,
+                            [k0, k1],
+                            g,
+                            tiles.clone(),
+                            out.0,
+                            &mut scratch,
+                        )
+                    };
+                }
+            }
+        }
+        true
+    }
+
+    /// [`rows_of`] for a run-time row count `rows` (1-16), which `tiles` were configured for.
+    ///
+    /// # Safety
+    /// As [`rows_of`]'s.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows_of_count(
+        rows: usize,
+        w: &PackedWeight,
+        x: &Int8Rows,
+        tiles: &Int8Tiles,
+        ks: [usize; 2],
+        r0: usize,
+        columns: Range<usize>,
+        out: *mut f32,
+        scratch: &mut Scratch,
+    ) {
+        macro_rules! each_count {
+            ($($r:literal)*) => {
+                match rows {
+                    // SAFETY: as this function's.
+                    $($r => unsafe { rows_of::<$r>(w, x, tiles, ks, r0, columns, out, scratch) },)*
+                    _ => unreachable!("1 to 16 rows"),
+                }
+            };
+        }
+        each_count!(1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
+    }
+
+    /// Adds weight rows `ks[0]..ks[1]` (whole blocks) of `x` rows `r0..r0 + R` times the
+    /// 16-column tiles `columns` of `w` to `out [rows, n]`: per tile, the blocks' products
+    /// summed from zero in registers, then added to `out`.
+    ///
+    /// # Safety
+    /// The CPU must have AMX-INT8 and AVX-512 F and BW; `tiles` configured on this thread
+    /// for `R` rows and `k_step(w.block)` inputs (the last configuration loaded); `x` must
+    /// match `w`, `ks` be whole blocks of it, `r0 + R <= x.rows()`, `columns` tiles of
+    /// `w`, and `out` point to `x.rows() * n` values whose rows and columns here no one else
+    /// uses meanwhile.
     #[target_feature(enable = "avx512f,avx512bw")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn rows_of<const R: usize>(
         w: &PackedWeight,
         x: &Int8Rows,
-        k0: usize,
-        k1: usize,
+        tiles: &Int8Tiles,
+        [k0, k1]: [usize; 2],
         r0: usize,
-        out: &mut [f32],
-    ) -> bool {
+        columns: Range<usize>,
+        out: *mut f32,
+        scratch: &mut Scratch,
+    ) {
         let (n, block) = (w.n, w.block);
-        let k_step = block.min(64);
-        let steps = block / k_step;
-        let Some(tiles) = Int8Tiles::new(R, k_step) else {
-            return false;
-        };
+        let steps = block / k_step(block);
         let (kb0, blocks) = (k0 / block, (k1 - k0) / block);
         let offset = w.bits.offset();
+        let Scratch {
+            a,
+            offsets,
+            dx,
+            sums,
+            spread,
+        } = scratch;
         // Per block of the slab: the rows' activations (`R` rows of `block` bytes, copied
         // out of rows `k` bytes apart), what the stored unsigned weights add to each row's
         // sums (`offset * sum(x_q)`, subtracted as the VNNI kernel subtracts it) and the
         // rows' scales.
-        let mut a = vec![0i8; blocks * R * block];
-        let mut offsets = vec![0i32; blocks * R];
-        let mut dx = vec![0f32; blocks * R];
+        a.resize(blocks * R * block, 0);
+        offsets.resize(blocks * R, 0);
+        dx.resize(blocks * R, 0.0);
         for j in 0..blocks {
             let kb = kb0 + j;
             for r in 0..R {
@@ -1039,15 +1201,15 @@ mod amx_int8 {
         // of two buffers, so that the tiles and the vector registers work at once.
         let per_unit = blocks.min(INT8_SLOTS);
         let units_per_tile = blocks.div_ceil(per_unit);
-        let units = n / TILE * units_per_tile;
-        let mut sums = vec![[Line([0; 16]); 16]; 2 * INT8_SLOTS];
-        // Each slot's q4 weight tile with its nibbles spread to bytes (`block / 4` rows).
+        let units = columns.len() * units_per_tile;
+        // Every line is stored before it is read.
+        sums.resize(2 * INT8_SLOTS, [Line([0; 16]); 16]);
         let spread_lines = if w.bits == Bits::Four { block / 4 } else { 0 };
-        let mut spread = vec![Line([0; 16]); INT8_SLOTS * spread_lines];
+        spread.resize(INT8_SLOTS * spread_lines, Line([0; 16]));
         let (block_bytes, tile_bytes) = (w.block_bytes(), w.tile_bytes());
         let (bytes, scales): (&[u8], &[f16]) = (&w.bytes, &w.scales);
         let mask = _mm512_set1_epi8(0x0F);
-        // The blocks `j` of unit `u` (of tile `u / units_per_tile`).
+        // The blocks `j` of unit `u` (of tile `columns.start + u / units_per_tile`).
         let unit_blocks = |u: usize| {
             let first = u % units_per_tile * per_unit;
             first..(first + per_unit).min(blocks)
@@ -1059,7 +1221,7 @@ mod amx_int8 {
         for step in 0..=units {
             if step < units {
                 let u = step;
-                let c = u / units_per_tile * TILE;
+                let c = (columns.start + u / units_per_tile) * TILE;
                 for (slot, j) in unit_blocks(u).enumerate() {
                     let kb = kb0 + j;
                     let src = &bytes[kb * block_bytes + c / TILE * tile_bytes..][..tile_bytes];
@@ -1111,14 +1273,10 @@ mod amx_int8 {
             let Some(u) = step.checked_sub(1) else {
                 continue;
             };
-            let (t, g) = (u / units_per_tile, u % units_per_tile);
-            let c = t * TILE;
+            let g = u % units_per_tile;
+            let c = (columns.start + u / units_per_tile) * TILE;
             if g == 0 {
-                acc = std::array::from_fn(|r| {
-                    let at = &out[(r0 + r) * n + c..(r0 + r) * n + c + TILE];
-                    // SAFETY: 16 values.
-                    unsafe { _mm512_loadu_ps(at.as_ptr()) }
-                });
+                acc = [_mm512_setzero_ps(); R];
             }
             for (slot, j) in unit_blocks(u).enumerate() {
                 let kb = kb0 + j;
@@ -1130,23 +1288,33 @@ mod amx_int8 {
                         scales[kb * n + c..kb * n + c + TILE].as_ptr() as *const __m256i
                     ))
                 };
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    // SAFETY: an aligned line of 16 int32.
-                    let sum = unsafe { _mm512_load_si512(sums[r].0.as_ptr() as *const __m512i) };
-                    let exact =
-                        _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_set1_epi32(offsets[j * R + r])));
-                    *acc = _mm512_fmadd_ps(_mm512_mul_ps(exact, _mm512_set1_ps(dx[j * R + r])), sw, *acc);
+                let (offsets, dx) = (&offsets[j * R..][..R], &dx[j * R..][..R]);
+                // Row after row with constant indices (a loop kept the sums on the stack).
+                macro_rules! scale_rows {
+                    ($($r:literal)*) => {$(
+                        if $r < R {
+                            // SAFETY: an aligned line of 16 int32.
+                            let sum = unsafe { _mm512_load_si512(sums[$r].0.as_ptr() as *const __m512i) };
+                            let exact =
+                                _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_set1_epi32(offsets[$r])));
+                            acc[$r] = _mm512_fmadd_ps(_mm512_mul_ps(exact, _mm512_set1_ps(dx[$r])), sw, acc[$r]);
+                        }
+                    )*};
                 }
+                scale_rows!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15);
             }
             if g + 1 == units_per_tile {
                 for (r, acc) in acc.iter().enumerate() {
-                    let at = &mut out[(r0 + r) * n + c..(r0 + r) * n + c + TILE];
-                    // SAFETY: 16 values.
-                    unsafe { _mm512_storeu_ps(at.as_mut_ptr(), *acc) };
+                    // SAFETY: 16 values of row `r0 + r` inside `out` (this function's
+                    // promise). The slab's sums from zero, added as a slab's partial
+                    // product is added.
+                    unsafe {
+                        let at = out.add((r0 + r) * n + c);
+                        _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), *acc));
+                    }
                 }
             }
         }
-        true
     }
 }
 
@@ -2200,7 +2368,74 @@ pub(super) mod tests {
             }
         }
         if !ran {
-            eprintln!("the q4 gemm does not run on this CPU (it needs AVX2 without VNNI): not checked");
+            eprintln!("the int8 gemm does not run on this CPU (AMX-INT8, or AVX2 without VNNI): not checked");
+        }
+    }
+
+    /// The AMX-INT8 gemm of a prefill gives the bits of the int8 product on the unpacked
+    /// values (the decode kernels'): q8 and q4, row counts that end on every kind of last
+    /// group (16 rows, 13, 8, one) and that split into several row parts (a narrow
+    /// product), one slab, several, and a short last one along K, blocks of 8 to 256,
+    /// widths of one tile to several tasks with a short last one, random values and the
+    /// extremes of both ranges.
+    #[test]
+    fn amx_int8_gemm_has_the_bits_of_the_int8_product() {
+        if !Int8Kernel::Amx.runs_here() {
+            assert!(
+                std::env::var("VIPLLAVA_REQUIRE_AMX").map_or(true, |v| v != "1"),
+                "VIPLLAVA_REQUIRE_AMX=1 but AMX-INT8 does not run here"
+            );
+            eprintln!("no AMX-INT8 on this CPU: not checked");
+            return;
+        }
+        let mut next = crate::kernels::tests::xorshift(0x6A09_E667_F3BC_C908);
+        for bits in [Bits::Eight, Bits::Four] {
+            assert!(PackedWeight::int8_gemm_runs(bits, 32), "{bits:?}");
+            for &(rows, k, n, block) in &[
+                (17, 256, 16, 32),
+                (29, 288, 48, 32),
+                (40, 768, 272, 32),
+                (33, 512, 528, 64),
+                (64, 96, 32, 8),
+                (100, 256, 64, 256),
+                (21, 128, 16, 16),
+                (45, 1024, 1040, 128),
+            ] {
+                for extreme in [false, true] {
+                    let case = format!("{bits:?} {rows}x{k}x{n}/{block} extreme {extreme}");
+                    let (low, span) = match bits {
+                        Bits::Eight => (-128i32, 256u64),
+                        Bits::Four => (-8, 16),
+                    };
+                    let q: Vec<i8> = (0..k * n)
+                        .map(|i: usize| {
+                            if extreme {
+                                if (i / n / block + i % n).is_multiple_of(2) {
+                                    (low + span as i32 - 1) as i8
+                                } else {
+                                    low as i8
+                                }
+                            } else {
+                                (low + (next() % span) as i32) as i8
+                            }
+                        })
+                        .collect();
+                    let x: Vec<f32> = (0..rows * k)
+                        .map(|i: usize| {
+                            if extreme {
+                                if (i / 5).is_multiple_of(2) { 2.0 } else { -2.0 }
+                            } else {
+                                (next() % 2001) as f32 / 1000.0 - 1.0
+                            }
+                        })
+                        .collect();
+                    let (packed, xq, want) = packed_product_case(bits, &q, &x, [rows, k, n], block);
+                    let got = packed.matmul_int8_gemm(&xq).expect("the AMX gemm runs here");
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(g.to_bits(), e.to_bits(), "{case} at {i}: {g} vs {e}");
+                    }
+                }
+            }
         }
     }
 
