@@ -1011,6 +1011,56 @@ mod amx_int8 {
         sums: Vec<[Line; 16]>,
         /// Each slot's q4 weight tile with its nibbles spread to bytes.
         spread: Vec<Line>,
+        /// A gemm task's q4 weight tiles of one slab with their nibbles spread, block after
+        /// block, tile after tile: spread once for every group of rows that passes.
+        slab: Vec<Line>,
+        /// Whether `slab` holds the tiles of the slab and columns [`rows_of`] is called for.
+        slab_spread: bool,
+    }
+
+    /// One 64-byte group of q4 nibbles as two lines of bytes: the low nibbles (rows `i`),
+    /// then the high ones (rows `4 + i`), each lane of four bytes one column's four rows.
+    #[inline(always)]
+    fn spread_group(group: &[u8], lines: &mut [Line], mask: __m512i) {
+        assert!(group.len() >= GROUP_BYTES && lines.len() >= 2);
+        // SAFETY: 64 bytes in, two aligned lines out (checked above); AVX-512 F and BW are
+        // enabled in the callers, which inline this.
+        unsafe {
+            let packed = _mm512_loadu_si512(group.as_ptr() as *const __m512i);
+            let lo = _mm512_and_si512(packed, mask);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), mask);
+            _mm512_store_si512(lines[0].0.as_mut_ptr() as *mut __m512i, lo);
+            _mm512_store_si512(lines[1].0.as_mut_ptr() as *mut __m512i, hi);
+        }
+    }
+
+    /// Spreads the nibbles of the q4 weight tiles `columns` of the blocks in `k0..k1` into
+    /// `slab` (`block / 4` lines per tile, the order [`rows_of`] reads).
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW; `w` holds 4 bits per value, `k0..k1` whole blocks
+    /// and `columns` tiles of it.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn spread_slab(
+        w: &PackedWeight,
+        [k0, k1]: [usize; 2],
+        columns: Range<usize>,
+        slab: &mut Vec<Line>,
+    ) {
+        let lines = w.block / 4;
+        let (block_bytes, tile_bytes) = (w.block_bytes(), w.tile_bytes());
+        let bytes: &[u8] = &w.bytes;
+        let mask = _mm512_set1_epi8(0x0F);
+        slab.resize((k1 - k0) / w.block * columns.len() * lines, Line([0; 16]));
+        let mut out = slab.chunks_exact_mut(2);
+        for kb in k0 / w.block..k1 / w.block {
+            for t in columns.clone() {
+                let src = &bytes[kb * block_bytes + t * tile_bytes..][..tile_bytes];
+                for (group, pair) in src.chunks_exact(GROUP_BYTES).zip(&mut out) {
+                    spread_group(group, pair, mask);
+                }
+            }
+        }
     }
 
     /// The inputs of one tile product for blocks of `block` values: the whole block, up to
@@ -1070,9 +1120,10 @@ mod amx_int8 {
     /// task's columns, slab after slab of [`K_BLOCK`] inputs (each slab's sums from zero,
     /// then added to `out`, as [`super::super::sum_over_slabs`] adds the slabs of the decode
     /// product: the same bits), within a slab group after group of 16 rows, so that the
-    /// slab's weight tiles stay in cache while the rows pass. A last group of fewer rows
-    /// takes tiles configured for its count. `false` (nothing done) where the tiles cannot be
-    /// configured.
+    /// slab's weight tiles stay in cache while the rows pass (q4 tiles spread to bytes once
+    /// per slab, not once per group: the q4 gemm 1.2-1.6x as fast, BENCHMARKS.md round 42).
+    /// A last group of fewer rows takes tiles configured for its count. `false` (nothing
+    /// done) where the tiles cannot be configured.
     ///
     /// # Safety
     /// As [`add_slab`]'s, with `out` pointing to `x.rows() * n` zeroed values of which no one
@@ -1096,6 +1147,12 @@ mod amx_int8 {
             debug_assert!(configured, "1 to 16 rows");
             for k0 in (0..w.k).step_by(K_BLOCK) {
                 let k1 = (k0 + K_BLOCK).min(w.k);
+                if w.bits == Bits::Four {
+                    // SAFETY: as this function's (AVX-512 F and BW come with AMX-INT8's
+                    // promise of VNNI).
+                    unsafe { spread_slab(w, [k0, k1], tiles.clone(), &mut scratch.slab) };
+                    scratch.slab_spread = true;
+                }
                 for g in groups.clone().step_by(rows) {
                     // SAFETY: as this function's; rows `g..g + rows` inside `r0..r1`, the
                     // tiles configured for `rows` rows just above.
@@ -1178,6 +1235,8 @@ mod amx_int8 {
             dx,
             sums,
             spread,
+            slab,
+            slab_spread,
         } = scratch;
         // Per block of the slab: the rows' activations (`R` rows of `block` bytes, copied
         // out of rows `k` bytes apart), what the stored unsigned weights add to each row's
@@ -1225,7 +1284,12 @@ mod amx_int8 {
                 for (slot, j) in unit_blocks(u).enumerate() {
                     let kb = kb0 + j;
                     let src = &bytes[kb * block_bytes + c / TILE * tile_bytes..][..tile_bytes];
-                    for line in (0..tile_bytes).step_by(64) {
+                    // The q4 tile where the gemm spread the slab, if it did.
+                    let spread_tile = (w.bits == Bits::Four && *slab_spread).then(|| {
+                        let tile = j * columns.len() + c / TILE - columns.start;
+                        slab[tile * spread_lines..(tile + 1) * spread_lines].as_ptr() as *const u8
+                    });
+                    for line in (0..tile_bytes).step_by(64).take_while(|_| spread_tile.is_none()) {
                         // A hint, which never faults (past the end of the weight too).
                         _mm_prefetch::<_MM_HINT_T0>(
                             src.as_ptr()
@@ -1233,27 +1297,21 @@ mod amx_int8 {
                                 as *const i8,
                         );
                     }
-                    // The block row's scales, read tile by tile too.
+                    // The block row's scales, read tile by tile too (a hint).
                     _mm_prefetch::<_MM_HINT_T0>(
                         scales
                             .as_ptr()
                             .wrapping_add(kb * n + c + AMX_INT8_PREFETCH_TILES * TILE)
                             as *const i8,
                     );
-                    let b = match w.bits {
-                        Bits::Eight => src.as_ptr(),
-                        Bits::Four => {
+                    let b = match (spread_tile, w.bits) {
+                        (Some(b), _) => b,
+                        (None, Bits::Eight) => src.as_ptr(),
+                        (None, Bits::Four) => {
                             let spread = &mut spread[slot * spread_lines..(slot + 1) * spread_lines];
-                            for (g, group) in src.chunks_exact(GROUP_BYTES).enumerate() {
-                                // SAFETY: 64 bytes in, two of the slot's lines out
-                                // (`2 g < block / 4`).
-                                unsafe {
-                                    let packed = _mm512_loadu_si512(group.as_ptr() as *const __m512i);
-                                    let lo = _mm512_and_si512(packed, mask);
-                                    let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(packed), mask);
-                                    _mm512_store_si512(spread[2 * g].0.as_mut_ptr() as *mut __m512i, lo);
-                                    _mm512_store_si512(spread[2 * g + 1].0.as_mut_ptr() as *mut __m512i, hi);
-                                }
+                            for (group, pair) in src.chunks_exact(GROUP_BYTES).zip(spread.chunks_exact_mut(2))
+                            {
+                                spread_group(group, pair, mask);
                             }
                             spread.as_ptr() as *const u8
                         }
