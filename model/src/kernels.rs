@@ -381,27 +381,28 @@ pub(crate) fn widen_f16_into(xs: &[f16], out: &mut [f32]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if Simd::best() == Simd::Avx512 {
-        done = xs.len() / 16 * 16;
-        for (o, x) in out.chunks_exact_mut(16).zip(xs.chunks_exact(16)) {
-            // SAFETY: the CPU has AVX-512 F (checked above); 16 values in and out.
-            unsafe { widen_f16x16(x.as_ptr(), o.as_mut_ptr()) };
-        }
+        // SAFETY: the CPU has AVX-512 F (checked above).
+        done = unsafe { widen_f16_avx512(xs, out) };
     }
     for (o, &x) in out[done..].iter_mut().zip(&xs[done..]) {
         *o = widen_f16(x);
     }
 }
 
-/// 16 f16 values at `src` widened to f32 at `dst`, in one function compiled for AVX-512 (the
-/// store, called from the loop above without the feature, was a call per 16 values).
+/// The whole groups of 16 of [`widen_f16_into`], in one function compiled for AVX-512 (the
+/// store, called from a loop without the feature, was a call per 16 values); returns how
+/// many values it widened.
 ///
 /// # Safety
-/// The CPU must have AVX-512 F; `src` must hold 16 readable values and `dst` 16 writable.
+/// The CPU must have AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn widen_f16x16(src: *const f16, dst: *mut f32) {
-    // SAFETY: as this function's.
-    unsafe { std::arch::x86_64::_mm512_storeu_ps(dst, widen16(src)) }
+unsafe fn widen_f16_avx512(xs: &[f16], out: &mut [f32]) -> usize {
+    for (o, x) in out.chunks_exact_mut(16).zip(xs.chunks_exact(16)) {
+        // SAFETY: 16 values in and out; AVX-512 F, this function's promise.
+        unsafe { std::arch::x86_64::_mm512_storeu_ps(o.as_mut_ptr(), widen16(x.as_ptr())) };
+    }
+    xs.len().min(out.len()) / 16 * 16
 }
 
 /// `xs` rounded to f16 (to nearest even) into `out` (as long): 16 at a time where the CPU
@@ -1663,9 +1664,8 @@ fn packed_linear<const D: usize>(
     }
     // Without the bf16 gemm: the int8 gemm where the CPU has one (AMX-INT8; q4 on AVX2
     // without VNNI) multiplies int8 activations (the decode kernel's bits); otherwise our
-    // f32 gemm dequantizes
-    // the weight tile by tile as it packs (the bits of `dequantized_linear`'s weights,
-    // without their f32 copy).
+    // f32 gemm dequantizes the weight tile by tile as it packs (the bits of
+    // `dequantized_linear`'s weights, without their f32 copy).
     if !(dtype == DType::BF16 && bf16_gemm_enabled())
         && let Some(out) = packed_int8_gemm(w, x, rows).or_else(|| {
             f32_gemm_enabled()

@@ -87,14 +87,14 @@ const INT8_ACTIVATION_LOGIT_BOUND: f32 = 0.3;
 /// 0.055-0.064; the q4 weights' own error is bounded by 10), with a 2x margin.
 const INT8_ACTIVATION_PREFILL_LOGIT_BOUND: f32 = 0.5;
 
-/// Whether an f32 prefill with `level` weights takes the int8 gemm on this CPU (AMX-INT8;
-/// q4 on AVX2 without AVX-512 VNNI).
+/// Whether an f32 prefill with `level` weights (blocks of 32) takes the int8 gemm on this
+/// CPU (AMX-INT8; q4 on AVX2 without AVX-512 VNNI).
 fn int8_gemm_runs(level: Quantization) -> bool {
-    match Int8Kernel::best() {
-        Int8Kernel::Amx => true,
-        Int8Kernel::Avx2 => level == Quantization::Q4,
-        Int8Kernel::Vnni | Int8Kernel::Plain => false,
-    }
+    let bits = match level {
+        Quantization::Q8 => packed::Bits::Eight,
+        Quantization::Q4 => packed::Bits::Four,
+    };
+    packed::PackedWeight::int8_gemm_runs(bits, 32)
 }
 
 /// The prefill of each fixture with int8 activations against f32 ones (where the weights

@@ -267,12 +267,13 @@ fn plain_columns(
     }
 }
 
-/// Output `(r, j)` in plain Rust, one column at a time: per block the exact int32 sum,
-/// scaled by the activation scale, then accumulated with the weight scale by one FMA (the
-/// VNNI kernel's order). The reference of [`plain_columns`].
-/// The blocks of [`Int8Rows::quantize`], as [`Vectorized`](super::Vectorized) work: compiled
-/// for AVX-512 or AVX2, the rounding is a few vector instructions instead of a call to
-/// `roundf` per value (the same round-half-away-from-zero).
+/// The blocks of [`Int8Rows::quantize`], as [`Vectorized`](super::Vectorized) work: on CPUs
+/// without AVX-512 (compiled for AVX2 there), where [`quantize_avx512`] does not run. Per
+/// block, `scale = max|x| / 127` (a NaN ignored, as `f32::max` ignores it) and `q =
+/// round(x / scale)`, halfway away from zero, clamped to +-127, NaN to 0. Eight lanes of
+/// maxima (exact in any order) and an unchecked conversion of the clamped value let LLVM
+/// vectorize the loops; `as i8` (saturating, lane by lane) had kept them scalar, with a
+/// `roundf` call per value.
 struct QuantizeBlocks<'a> {
     x: &'a [f32],
     values: &'a mut [i8],
@@ -294,13 +295,24 @@ impl super::Vectorized for QuantizeBlocks<'_> {
             .zip(self.scales.iter_mut())
             .zip(self.sums.iter_mut())
         {
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let mut lanes = [0f32; 8];
+            for part in xb.chunks(8) {
+                for (m, v) in lanes.iter_mut().zip(part) {
+                    *m = m.max(v.abs());
+                }
+            }
+            let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
             let d = amax / 127.0;
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             let mut s = 0i32;
             for (q, &v) in qb.iter_mut().zip(xb) {
-                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                s += *q as i32;
+                let t = (v * inv).round().clamp(-127.0, 127.0);
+                let t = if t.is_nan() { 0.0 } else { t };
+                // SAFETY: `t` is finite and within +-127 (a NaN was replaced above): the
+                // value of `t as i8`, converted in vectors.
+                let t = unsafe { t.to_int_unchecked::<i32>() };
+                *q = t as i8;
+                s += t;
             }
             *scale = d;
             *sum = s;
@@ -311,8 +323,8 @@ impl super::Vectorized for QuantizeBlocks<'_> {
 /// [`QuantizeBlocks`] in AVX-512 registers, with its bits: the maximum of the magnitudes
 /// (a NaN leaves it as `f32::max` does), the same scale and inverse, and `round` (half away
 /// from zero) as truncation plus one step where the exact remainder reaches one half. The
-/// plain loop's `round` did not vectorize: 12-14 cycles per value, a tenth of a q8 prefill
-/// through the AMX-INT8 gemm.
+/// plain loop had kept a `roundf` call per value (12-14 cycles, a tenth of a q8 prefill
+/// through the AMX-INT8 gemm).
 #[cfg(target_arch = "x86_64")]
 mod quantize_avx512 {
     use std::arch::x86_64::*;
@@ -385,6 +397,9 @@ mod quantize_avx512 {
     }
 }
 
+/// Output `(r, j)` in plain Rust, one column at a time: per block the exact int32 sum,
+/// scaled by the activation scale, then accumulated with the weight scale by one FMA (the
+/// VNNI kernel's order). The reference of [`plain_columns`].
 #[cfg(test)]
 fn column_reference(
     x: &Int8Rows,
@@ -559,25 +574,22 @@ mod vnni_tile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::Vectorized;
     use crate::kernels::tests::{activations, block_scales, int8_values};
 
-    /// The AVX-512 quantization gives the plain loop's values, scales and sums: random
-    /// values, values whose products land on and beside halves, zeros, a block of zeros,
-    /// infinities and NaN, blocks of 8 to 64.
-    #[cfg(target_arch = "x86_64")]
+    /// Both quantization loops ([`QuantizeBlocks`] on this CPU's vector extension, and
+    /// [`quantize_avx512`] where it runs) give the values, scales and sums of the plain
+    /// definition: random values, values whose products land on and beside halves, zeros,
+    /// a block whose maximum is subnormal (its inverse scale overflows: +-127), an
+    /// infinity, a NaN alone and beside infinities, blocks of 8 to 64.
     #[test]
-    fn avx512_quantization_has_the_plain_bits() {
-        if !std::arch::is_x86_feature_detected!("avx512f") {
-            eprintln!("no AVX-512 F on this CPU: not checked");
-            return;
-        }
+    fn quantization_loops_have_the_plain_bits() {
         let mut next = crate::kernels::tests::xorshift(0xBB67_AE85_84CA_A73B);
         for block in [8, 16, 24, 32, 64] {
             let blocks = 12;
             let mut x: Vec<f32> = (0..blocks * block)
                 .map(|_| {
-                    ((next() % 200_001) as f32 / 1000.0 - 100.0) * if next() % 7 == 0 { 1e-3 } else { 1.0 }
+                    ((next() % 200_001) as f32 / 1000.0 - 100.0)
+                        * if next().is_multiple_of(7) { 1e-3 } else { 1.0 }
                 })
                 .collect();
             // Block 1: maximum 127, so values k + 0.5 are halves after scaling (`inv` 1).
@@ -596,26 +608,56 @@ mod tests {
                     _ => -(i as f32) - 0.5,
                 };
             }
-            // Block 4: an infinity; block 5: a NaN beside finite values.
+            // Block 4: an infinity; block 5: a NaN beside infinities; block 6: a NaN alone
+            // (the maximum must skip it); block 7: a subnormal maximum.
             x[4 * block + 3] = f32::INFINITY;
             x[5 * block + 2] = f32::NAN;
             x[5 * block + 5] = -f32::INFINITY;
-            let mut want = (vec![0i8; x.len()], vec![0f32; blocks], vec![0i32; blocks]);
-            QuantizeBlocks {
-                x: &x,
-                values: &mut want.0,
-                scales: &mut want.1,
-                sums: &mut want.2,
-                block,
+            x[6 * block + 1] = f32::NAN;
+            for (i, v) in x[7 * block..8 * block].iter_mut().enumerate() {
+                *v = if i % 2 == 0 { 1e-40 } else { -3e-41 };
             }
-            .run();
-            let mut got = (vec![0i8; x.len()], vec![0f32; blocks], vec![0i32; blocks]);
-            // SAFETY: AVX-512 F checked above; whole blocks.
-            unsafe { quantize_avx512::blocks(&x, &mut got.0, &mut got.1, &mut got.2, block) };
-            assert_eq!(got.0, want.0, "block {block}: values");
+            let mut want = (vec![0i8; x.len()], vec![0f32; blocks], vec![0i32; blocks]);
+            for (kb, xb) in x.chunks(block).enumerate() {
+                let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                for (i, &v) in xb.iter().enumerate() {
+                    let q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                    want.0[kb * block + i] = q;
+                    want.2[kb] += q as i32;
+                }
+                want.1[kb] = d;
+            }
+            assert!(
+                want.1[6].is_finite() && want.1[6] > 0.0,
+                "block 6 keeps its scale"
+            );
+            assert!(want.0[7 * block..8 * block].iter().any(|&q| q.abs() == 127));
             let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got.1), bits(&want.1), "block {block}: scales");
-            assert_eq!(got.2, want.2, "block {block}: sums");
+            let check = |name: &str, got: (Vec<i8>, Vec<f32>, Vec<i32>)| {
+                assert_eq!(got.0, want.0, "{name}, block {block}: values");
+                assert_eq!(bits(&got.1), bits(&want.1), "{name}, block {block}: scales");
+                assert_eq!(got.2, want.2, "{name}, block {block}: sums");
+            };
+            let mut got = (vec![0i8; x.len()], vec![0f32; blocks], vec![0i32; blocks]);
+            crate::kernels::vectorized(QuantizeBlocks {
+                x: &x,
+                values: &mut got.0,
+                scales: &mut got.1,
+                sums: &mut got.2,
+                block,
+            });
+            check("vectorized loop", got);
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                let mut got = (vec![0i8; x.len()], vec![0f32; blocks], vec![0i32; blocks]);
+                // SAFETY: AVX-512 F checked above; whole blocks.
+                unsafe { quantize_avx512::blocks(&x, &mut got.0, &mut got.1, &mut got.2, block) };
+                check("AVX-512", got);
+            } else {
+                eprintln!("no AVX-512 F on this CPU: its loop not checked");
+            }
         }
     }
 

@@ -707,7 +707,9 @@ impl PackedWeight {
 
     /// Adds weight rows `k0..k1` (whole blocks) of `x @ w` to `out [rows, n]`: one slab of
     /// [`PackedWeight::matmul_int8`], for callers that run several products' slabs as one
-    /// set of tasks. `x` must match the weight ([`PackedWeight::accepts`]).
+    /// set of tasks. `x` must match the weight ([`PackedWeight::accepts`]). `out` must be
+    /// zeroed: the AMX groups add the slab's sums to it once, the VNNI ones block by block,
+    /// which gives the same bits only from zero.
     pub(crate) fn add_slab(&self, x: &Int8Rows, k0: usize, k1: usize, out: &mut [f32]) {
         self.add_slab_with(x, k0, k1, Int8Kernel::best(), out);
     }
@@ -1020,11 +1022,11 @@ mod amx_int8 {
 
     /// One 64-byte group of q4 nibbles as two lines of bytes: the low nibbles (rows `i`),
     /// then the high ones (rows `4 + i`), each lane of four bytes one column's four rows.
-    #[inline(always)]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    #[inline]
     fn spread_group(group: &[u8], lines: &mut [Line], mask: __m512i) {
         assert!(group.len() >= GROUP_BYTES && lines.len() >= 2);
-        // SAFETY: 64 bytes in, two aligned lines out (checked above); AVX-512 F and BW are
-        // enabled in the callers, which inline this.
+        // SAFETY: 64 bytes in, two aligned lines out (checked above).
         unsafe {
             let packed = _mm512_loadu_si512(group.as_ptr() as *const __m512i);
             let lo = _mm512_and_si512(packed, mask);
@@ -1121,7 +1123,8 @@ mod amx_int8 {
     /// then added to `out`, as [`super::super::sum_over_slabs`] adds the slabs of the decode
     /// product: the same bits), within a slab group after group of 16 rows, so that the
     /// slab's weight tiles stay in cache while the rows pass (q4 tiles spread to bytes once
-    /// per slab, not once per group: the q4 gemm 1.2-1.6x as fast, BENCHMARKS.md round 42).
+    /// per slab, not once per group: f32 gemm / q4 gemm 1.23-1.75 against 1.07-1.33 before,
+    /// BENCHMARKS.md round 42).
     /// A last group of fewer rows takes tiles configured for its count. `false` (nothing
     /// done) where the tiles cannot be configured.
     ///
@@ -1132,7 +1135,8 @@ mod amx_int8 {
         let Block { c0, cols, r0, r1 } = block;
         let tiles = c0 / TILE..(c0 + cols) / TILE;
         let full_end = r0 + (r1 - r0) / 16 * 16;
-        // The groups of 16 rows, then the last one of fewer, if any: `(rows, first rows)`.
+        // The groups of 16 rows, then the last one of fewer, if any: `(rows per group,
+        // the rows)`.
         let passes = [(16, r0..full_end), (r1 - full_end, full_end..r1)];
         let mut passes = passes.into_iter().filter(|(_, rows)| !rows.is_empty());
         let Some((rows, first)) = passes.next() else {
@@ -1355,7 +1359,8 @@ mod amx_int8 {
                             let sum = unsafe { _mm512_load_si512(sums[$r].0.as_ptr() as *const __m512i) };
                             let exact =
                                 _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_set1_epi32(offsets[$r])));
-                            acc[$r] = _mm512_fmadd_ps(_mm512_mul_ps(exact, _mm512_set1_ps(dx[$r])), sw, acc[$r]);
+                            let scaled = _mm512_mul_ps(exact, _mm512_set1_ps(dx[$r]));
+                            acc[$r] = _mm512_fmadd_ps(scaled, sw, acc[$r]);
                         }
                     )*};
                 }
