@@ -2201,6 +2201,34 @@ pub(super) mod tests {
         (packed, xq, unpacked)
     }
 
+    /// A `[k, n]` weight's values for the packed-product tests: pseudo-random over the
+    /// whole range of `bits`, or (`extreme`) whole blocks at the top or the bottom of it.
+    fn weight_values(
+        bits: Bits,
+        [k, n]: [usize; 2],
+        block: usize,
+        extreme: bool,
+        next: &mut impl FnMut() -> u64,
+    ) -> Vec<i8> {
+        let (low, span) = match bits {
+            Bits::Eight => (-128i32, 256u64),
+            Bits::Four => (-8, 16),
+        };
+        (0..k * n)
+            .map(|i: usize| {
+                if extreme {
+                    if (i / n / block + i % n).is_multiple_of(2) {
+                        (low + span as i32 - 1) as i8
+                    } else {
+                        low as i8
+                    }
+                } else {
+                    (low + (next() % span) as i32) as i8
+                }
+            })
+            .collect()
+    }
+
     /// [`block_scales`] rounded to f16 (what the CPU quantizer writes).
     pub(in crate::kernels) fn f16_scales(count: usize) -> Vec<f32> {
         block_scales(count)
@@ -2345,24 +2373,7 @@ pub(super) mod tests {
             for &(rows, k, n, block) in &cases {
                 for extreme in [false, true] {
                     let case = format!("{bits:?} {rows}x{k}x{n}/{block} extreme {extreme}");
-                    let (low, span) = match bits {
-                        Bits::Eight => (-128i32, 256u64),
-                        Bits::Four => (-8, 16),
-                    };
-                    let q: Vec<i8> = (0..k * n)
-                        .map(|i: usize| {
-                            if extreme {
-                                // Whole blocks at the top or the bottom of the range.
-                                if (i / n / block + i % n).is_multiple_of(2) {
-                                    (low + span as i32 - 1) as i8
-                                } else {
-                                    low as i8
-                                }
-                            } else {
-                                (low + (next() % span) as i32) as i8
-                            }
-                        })
-                        .collect();
+                    let q = weight_values(bits, [k, n], block, extreme, &mut next);
                     let x: Vec<f32> = (0..rows * k)
                         .map(|i: usize| {
                             if extreme {
@@ -2466,23 +2477,7 @@ pub(super) mod tests {
             ] {
                 for extreme in [false, true] {
                     let case = format!("{bits:?} {rows}x{k}x{n}/{block} extreme {extreme}");
-                    let (low, span) = match bits {
-                        Bits::Eight => (-128i32, 256u64),
-                        Bits::Four => (-8, 16),
-                    };
-                    let q: Vec<i8> = (0..k * n)
-                        .map(|i: usize| {
-                            if extreme {
-                                if (i / n / block + i % n).is_multiple_of(2) {
-                                    (low + span as i32 - 1) as i8
-                                } else {
-                                    low as i8
-                                }
-                            } else {
-                                (low + (next() % span) as i32) as i8
-                            }
-                        })
-                        .collect();
+                    let q = weight_values(bits, [k, n], block, extreme, &mut next);
                     let x: Vec<f32> = (0..rows * k)
                         .map(|i: usize| {
                             if extreme {
