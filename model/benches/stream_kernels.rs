@@ -448,7 +448,7 @@ fn rows_step_table() {
     if wanted("q8") || wanted("q4") {
         // q8 and q4 weights in blocks of 32 with int8 activations, as `--quantize q8|q4`
         // runs them: the engine's kernel (AMX tiles from `AMX_INT8_MIN_ROWS` rows where the
-        // CPU has AMX-INT8) against VNNI alone.
+        // CPU has AMX-INT8) against VNNI alone (the engine's alone where VNNI does not run).
         use vipllava_model::kernels::int8::Int8Rows;
         use vipllava_model::kernels::packed::Int8Kernel;
         const BLOCK: usize = 32;
@@ -496,8 +496,12 @@ fn rows_step_table() {
                 }
             };
             let (engine, vnni) = (step(Int8Kernel::best()), step(Int8Kernel::Vnni));
+            // Without VNNI (AVX2 CPUs) the engine's kernel alone: the table printed nothing
+            // there before.
             if Int8Kernel::Vnni.runs_here() {
                 report(&[(name, &engine), (vnni_name, &vnni)]);
+            } else {
+                report(&[(name, &engine)]);
             }
         }
     }
@@ -830,7 +834,7 @@ fn f32_gemm_table() {
 
     let device = Device::flex();
     println!();
-    println!("AVX-512 F: {}", f32_gemm_available());
+    println!("f32 gemm (AVX-512 F or AVX2 + FMA): {}", f32_gemm_available());
     println!(
         "| m x k x n | Flex [n,k] ms | ours [k,n] ms | ours [n,k] ms | GFLOP/s (ours [n,k]) | Flex / ours [n,k] |"
     );
@@ -857,7 +861,7 @@ fn f32_gemm_table() {
         }
         let median = |c: usize| median_ms(&rounds, c);
         if !f32_gemm_available() {
-            println!("| {m} x {k} x {n} | {:.1} | (no AVX-512 F) | | | |", median(0));
+            println!("| {m} x {k} x {n} | {:.1} | (no f32 gemm) | | | |", median(0));
             continue;
         }
         let gflops = 2.0 * (m * k * n) as f64 / median(2) / 1e6;
