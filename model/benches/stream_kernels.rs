@@ -448,7 +448,8 @@ fn rows_step_table() {
     if wanted("q8") || wanted("q4") {
         // q8 and q4 weights in blocks of 32 with int8 activations, as `--quantize q8|q4`
         // runs them: the engine's kernel (AMX tiles from `AMX_INT8_MIN_ROWS` rows where the
-        // CPU has AMX-INT8) against VNNI alone (the engine's alone where VNNI does not run).
+        // CPU has AMX-INT8), and VNNI alone beside it where the engine is AMX (elsewhere the
+        // engine's kernel is the only one: VNNI itself, AVX2 or plain).
         use vipllava_model::kernels::int8::Int8Rows;
         use vipllava_model::kernels::packed::Int8Kernel;
         const BLOCK: usize = 32;
@@ -496,13 +497,11 @@ fn rows_step_table() {
                 }
             };
             let (engine, vnni) = (step(Int8Kernel::best()), step(Int8Kernel::Vnni));
-            // Without VNNI (AVX2 CPUs) the engine's kernel alone: the table printed nothing
-            // there before.
-            if Int8Kernel::Vnni.runs_here() {
-                report(&[(name, &engine), (vnni_name, &vnni)]);
-            } else {
-                report(&[(name, &engine)]);
+            let mut variants: Vec<Step> = vec![(name, &engine)];
+            if Int8Kernel::best() == Int8Kernel::Amx {
+                variants.push((vnni_name, &vnni));
             }
+            report(&variants);
         }
     }
     if !wanted("f32") {
