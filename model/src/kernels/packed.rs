@@ -2396,12 +2396,14 @@ pub(super) mod tests {
         }
     }
 
-    /// The q4 gemm for many rows gives the bits of the int8 product on the unpacked values
-    /// (the decode kernels'): pseudo-random nibbles and activations, row counts that end on
-    /// every row of its 4-row tile, one and several slabs along K, blocks of 8 to 32, widths
-    /// of one tile to several tasks, and the largest int16 sums a block can reach.
+    /// The q4 gemm for many rows, and the decode kernels of every instruction set this CPU
+    /// runs, give the bits of the int8 product on the unpacked values: pseudo-random
+    /// nibbles and activations, row counts that end on every row of the 4-row tiles, one
+    /// and several slabs along K, blocks of 8 to 32 (the gemm's) and of 64 to 256 (the
+    /// decode kernels' only), widths of one tile to several tasks, and the largest int16
+    /// sums a block can reach.
     #[test]
-    fn q4_gemm_has_the_bits_of_the_int8_product() {
+    fn q4_gemm_and_decode_kernels_have_the_bits_of_the_int8_product() {
         let mut next = crate::kernels::tests::xorshift(0x2545_F491_4F6C_DD1D);
         let mut ran = false;
         for &(rows, k, n, block) in &[
@@ -2412,6 +2414,9 @@ pub(super) mod tests {
             (9, 64, 16, 8),
             (37, 512, 400, 32),
             (130, 1024, 96, 32),
+            (3, 128, 32, 64),
+            (6, 384, 48, 128),
+            (2, 512, 16, 256),
         ] {
             for extreme in [false, true] {
                 let case = format!("{rows}x{k}x{n}/{block} extreme {extreme}");
@@ -2438,6 +2443,17 @@ pub(super) mod tests {
                         }
                     }
                     None => assert!(!packed.int8_gemm_applies(), "{case}: refused where it applies"),
+                }
+                for kernel in [Int8Kernel::Vnni, Int8Kernel::Avx2]
+                    .into_iter()
+                    .filter(|k| k.runs_here())
+                {
+                    let got = packed
+                        .matmul_int8_on(&xq, kernel)
+                        .expect("a kernel this CPU runs");
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(g.to_bits(), e.to_bits(), "{case} {kernel:?} at {i}: {g} vs {e}");
+                    }
                 }
             }
         }
