@@ -302,8 +302,8 @@ fn gemm_linear<const D: usize>(
         }
         bf16_gemm::matmul_bf16_gemm(xs, w, order, rows, k, n)?
     } else if dtype == DType::BF16 {
-        let xs = widen_bf16_values(input.storage::<bf16>().get(inputs)?);
-        f32_gemm::matmul_f32_gemm(&xs, &w.storage::<bf16>()[values], order, rows, k, n)?
+        let xs = input.storage::<bf16>().get(inputs)?;
+        f32_gemm::matmul_f32_gemm(xs, &w.storage::<bf16>()[values], order, rows, k, n)?
     } else if dtype == DType::F16 {
         // f16 (the hub 7B's own dtype): with AMX as products of the values' bf16 halves,
         // else widened as packed, as bf16 weights without `vdpbf16ps` are (Flex would widen
@@ -314,9 +314,7 @@ fn gemm_linear<const D: usize>(
             .flatten();
         match amx {
             Some(out) => out,
-            None if f32_gemm_enabled() => {
-                f32_gemm::matmul_f32_gemm(&widen_f16_values(xs), w, order, rows, k, n)?
-            }
+            None if f32_gemm_enabled() => f32_gemm::matmul_f32_gemm(xs, w, order, rows, k, n)?,
             None => return None,
         }
     } else {
@@ -374,15 +372,18 @@ fn widen_f16_values(xs: &[f16]) -> Vec<f32> {
     out
 }
 
-/// `xs` widened into `out` (as long): 16 at a time where the CPU has AVX-512 F, the values
-/// of `f16::to_f32` either way.
+/// `xs` widened into `out` (as long): 16 at a time where the CPU has AVX-512 F, 8 with
+/// AVX2 and F16C, the values of `f16::to_f32` either way.
 pub(crate) fn widen_f16_into(xs: &[f16], out: &mut [f32]) {
     assert_eq!(xs.len(), out.len());
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if Simd::best() == Simd::Avx512 {
-        // SAFETY: the CPU has AVX-512 F (checked above).
-        done = unsafe { widen_f16_avx512(xs, out) };
+    match Simd::best() {
+        // SAFETY: the CPU has AVX-512 F (checked).
+        Simd::Avx512 => done = unsafe { widen_f16_avx512(xs, out) },
+        // SAFETY: `Simd::Avx2` is only chosen on CPUs with AVX2, FMA and F16C.
+        Simd::Avx2 => done = unsafe { widen_f16_avx2(xs, out) },
+        Simd::Plain => {}
     }
     for (o, &x) in out[done..].iter_mut().zip(&xs[done..]) {
         *o = widen_f16(x);
@@ -406,21 +407,68 @@ unsafe fn widen_f16_avx512(xs: &[f16], out: &mut [f32]) -> usize {
 }
 
 /// `xs` rounded to f16 (to nearest even) into `out` (as long): 16 at a time where the CPU
-/// has AVX-512 F, the bits of `f16::from_f32` either way (NaN stays a NaN).
+/// has AVX-512 F, 8 with AVX2 and F16C, the bits of `f16::from_f32` either way (NaN stays
+/// a NaN).
 pub(crate) fn round_f16_into(xs: &[f32], out: &mut [std::mem::MaybeUninit<f16>]) {
     assert_eq!(xs.len(), out.len());
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if Simd::best() == Simd::Avx512 {
-        done = xs.len() / 16 * 16;
-        for (o, x) in out.chunks_exact_mut(16).zip(xs.chunks_exact(16)) {
-            // SAFETY: the CPU has AVX-512 F (checked above); 16 values in and out.
-            unsafe { round_f16x16(x.as_ptr(), o.as_mut_ptr().cast()) };
+    match Simd::best() {
+        Simd::Avx512 => {
+            done = xs.len() / 16 * 16;
+            for (o, x) in out.chunks_exact_mut(16).zip(xs.chunks_exact(16)) {
+                // SAFETY: the CPU has AVX-512 F (checked); 16 values in and out.
+                unsafe { round_f16x16(x.as_ptr(), o.as_mut_ptr().cast()) };
+            }
         }
+        // SAFETY: `Simd::Avx2` is only chosen on CPUs with AVX2, FMA and F16C.
+        Simd::Avx2 => done = unsafe { round_f16_avx2(xs, out) },
+        Simd::Plain => {}
     }
     for (o, &x) in out[done..].iter_mut().zip(&xs[done..]) {
         o.write(round_f16(x));
     }
+}
+
+/// The whole groups of 8 of [`widen_f16_into`] with F16C (`vcvtph2ps`, exact, and not
+/// subject to the denormals-are-zero mode: it reads f16 operands); returns how many values
+/// it widened.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn widen_f16_avx2(xs: &[f16], out: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    for (o, x) in out.chunks_exact_mut(8).zip(xs.chunks_exact(8)) {
+        // SAFETY: 8 values in and out; F16C, this function's promise.
+        unsafe {
+            _mm256_storeu_ps(
+                o.as_mut_ptr(),
+                _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().cast())),
+            )
+        };
+    }
+    xs.len().min(out.len()) / 8 * 8
+}
+
+/// The whole groups of 8 of [`round_f16_into`] with F16C (`vcvtps2ph`, to nearest even);
+/// returns how many values it rounded.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn round_f16_avx2(xs: &[f32], out: &mut [std::mem::MaybeUninit<f16>]) -> usize {
+    use std::arch::x86_64::*;
+    for (o, x) in out.chunks_exact_mut(8).zip(xs.chunks_exact(8)) {
+        // SAFETY: 8 values in and out; F16C, this function's promise.
+        unsafe {
+            let halves = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(x.as_ptr()));
+            _mm_storeu_si128(o.as_mut_ptr().cast(), halves);
+        }
+    }
+    xs.len().min(out.len()) / 8 * 8
 }
 
 /// 16 f32 values at `src` rounded to f16 at `dst`.

@@ -8,7 +8,9 @@
 //! once per product (`GroupedRows`), and an 8-row x 48-column tile of f32 accumulators
 //! takes one FMA per weight register and row. AVX2: 8 x 8 transposes, groups of 6 rows,
 //! and 6-row x 16-column tiles (the 12 accumulators that 16 registers allow). bf16 and f16
-//! weights are widened as they are packed (CPUs without a bf16 gemm).
+//! weights are widened as they are packed (CPUs without a bf16 gemm), and bf16 and f16
+//! activations as they are grouped (an f32 copy of them first, with its fresh pages, cost
+//! more than the grouping itself).
 //!
 //! Every output is a sum over slabs of [`SLAB`] inputs, in order, of each slab's chain of
 //! FMAs from zero (one long chain would add rounding errors over all `k` inputs; these grow
@@ -56,10 +58,11 @@ pub fn f32_gemm_available() -> bool {
 }
 
 /// `x [m, k] @ w [k, n]` with AVX-512 FMA or AVX2 and FMA, a bf16 or f16 `w` widened to
-/// f32 as it is packed; `None` on other CPUs (the caller uses Flex's gemm instead) or when
-/// the sizes do not match.
-pub fn matmul_f32_gemm<T: Widen + Element>(
-    x: &[f32],
+/// f32 as it is packed, and bf16 or f16 activations as they are grouped (no f32 copy of
+/// them first); `None` on other CPUs (the caller uses Flex's gemm instead) or when the
+/// sizes do not match.
+pub fn matmul_f32_gemm<X: Widen + Element, T: Widen + Element>(
+    x: &[X],
     w: &[T],
     order: WeightOrder,
     m: usize,
@@ -97,8 +100,8 @@ pub fn matmul_f32_gemm_packed_reference(
 }
 
 /// [`matmul_f32_gemm`]'s arithmetic in plain Rust, on every CPU (for tests).
-pub fn matmul_f32_gemm_reference<T: Widen + Element>(
-    x: &[f32],
+pub fn matmul_f32_gemm_reference<X: Widen + Element, T: Widen + Element>(
+    x: &[X],
     w: &[T],
     order: WeightOrder,
     m: usize,
@@ -108,8 +111,8 @@ pub fn matmul_f32_gemm_reference<T: Widen + Element>(
     run(x, w, order, [m, k, n], Simd::Plain)
 }
 
-fn run<T: Widen + Element>(
-    x: &[f32],
+fn run<X: Widen + Element, T: Widen + Element>(
+    x: &[X],
     w: &[T],
     order: WeightOrder,
     [m, k, n]: [usize; 3],
@@ -122,7 +125,7 @@ fn run<T: Widen + Element>(
 }
 
 /// `x [m, k] @ w`, the panels packed by `weight`.
-fn run_from<S: Panels>(x: &[f32], weight: &S, m: usize, isa: Simd) -> Option<Vec<f32>> {
+fn run_from<X: Widen + Element, S: Panels>(x: &[X], weight: &S, m: usize, isa: Simd) -> Option<Vec<f32>> {
     let [k, n] = weight.shape();
     if x.len() != m * k || m == 0 || k == 0 || n == 0 {
         return None;
@@ -159,7 +162,7 @@ struct GroupedRows {
 }
 
 impl GroupedRows {
-    fn of(x: &[f32], m: usize, k: usize, size: usize, isa: Simd) -> Self {
+    fn of<X: Widen + Element>(x: &[X], m: usize, k: usize, size: usize, isa: Simd) -> Self {
         let rows = m.next_multiple_of(size);
         let mut values = Vec::with_capacity(rows * k);
         // Every value written once, input by input (no zeroing pass first).
@@ -188,13 +191,21 @@ impl GroupedRows {
 }
 
 /// One group of [`GroupedRows`]: inputs `k0..` of `rows` (whole rows of `k` values, at most
-/// `size` of them; missing rows zero) into `group`, input by input. A whole group of 8 rows
-/// goes 8 x 8 blocks at a time, transposed in registers.
-fn fill_group(group: &mut [MaybeUninit<f32>], rows: &[f32], k: usize, k0: usize, size: usize, isa: Simd) {
+/// `size` of them; missing rows zero) into `group`, input by input, widened to f32. 8
+/// inputs at a time transposed in registers: a whole group of 8 rows (AVX-512's), any group
+/// of AVX2's 6.
+fn fill_group<X: Widen + Element>(
+    group: &mut [MaybeUninit<f32>],
+    rows: &[X],
+    k: usize,
+    k0: usize,
+    size: usize,
+    isa: Simd,
+) {
     let (live, depth) = (rows.len() / k, group.len() / size);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa != Simd::Plain && live == 8 {
+    if isa != Simd::Plain && live == 8 && size == 8 {
         done = depth / 8 * 8;
         for i in (0..done).step_by(8) {
             let to = &mut group[i * 8..i * 8 + 64];
@@ -204,12 +215,25 @@ fn fill_group(group: &mut [MaybeUninit<f32>], rows: &[f32], k: usize, k0: usize,
             // rows of 8 values.
             unsafe { transpose8(rows[k0 + i..].as_ptr(), k, to.as_mut_ptr().cast(), 8) };
         }
+    } else if isa != Simd::Plain && size == AVX2_ROWS && live > 0 {
+        done = depth / 8 * 8;
+        for i in (0..done).step_by(8) {
+            let to = &mut group[i * AVX2_ROWS..(i + 8) * AVX2_ROWS];
+            assert!((live - 1) * k + k0 + i + 8 <= rows.len());
+            // SAFETY: as above; rows `0..live` hold inputs `k0 + i..k0 + i + 8` (asserted)
+            // and `to` 8 slots of 6 values.
+            unsafe { transpose_group6(rows[k0 + i..].as_ptr(), k, live, to.as_mut_ptr().cast()) };
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = isa;
     for (i, slot) in group.chunks_exact_mut(size).enumerate().skip(done) {
         for (j, value) in slot.iter_mut().enumerate() {
-            value.write(if j < live { rows[j * k + k0 + i] } else { 0.0 });
+            value.write(if j < live {
+                rows[j * k + k0 + i].widen()
+            } else {
+                0.0
+            });
         }
     }
 }
@@ -340,10 +364,55 @@ impl<T: Widen + Element> Panels for Weight<'_, T> {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn transpose8<T: Widen + Element>(src: *const T, step: usize, dst: *mut f32, dst_step: usize) {
+    // SAFETY: the 8 source rows are readable (this function's contract).
+    let r: [_; 8] = std::array::from_fn(|i| unsafe { super::widen8(src.add(i * step)) });
+    for (j, column) in transposed8(r).into_iter().enumerate() {
+        // SAFETY: destination row `j` (this function's contract).
+        unsafe { std::arch::x86_64::_mm256_storeu_ps(dst.add(j * dst_step), column) };
+    }
+}
+
+/// Values `i..i + 8` of `live` rows of `T` (at most 6, rows `step` values apart from
+/// `src`; the group's other rows zero) widened to f32 into 8 consecutive slots of 6 values
+/// from `dst`, one per input: an AVX2 group of [`GroupedRows`] 8 inputs at a time.
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; the `live` source rows of 8 values and the 48 values
+/// from `dst` must be valid.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn transpose_group6<T: Widen + Element>(src: *const T, step: usize, live: usize, dst: *mut f32) {
     use std::arch::x86_64::*;
 
-    // SAFETY: the 8 source rows are readable (this function's contract).
-    let r: [__m256; 8] = std::array::from_fn(|i| unsafe { super::widen8(src.add(i * step)) });
+    assert!(live <= AVX2_ROWS && AVX2_ROWS == 6);
+    // SAFETY: the `live` source rows are readable (this function's contract).
+    let r: [__m256; 8] = std::array::from_fn(|i| {
+        if i < live {
+            unsafe { super::widen8(src.add(i * step)) }
+        } else {
+            _mm256_setzero_ps()
+        }
+    });
+    for (j, column) in transposed8(r).into_iter().enumerate() {
+        // SAFETY: slot `j < 8` of 6 values from `dst` (this function's contract): the
+        // column's first four, then its fifth and sixth.
+        unsafe {
+            _mm_storeu_ps(dst.add(6 * j), _mm256_castps256_ps128(column));
+            _mm_storel_epi64(
+                dst.add(6 * j + 4).cast(),
+                _mm_castps_si128(_mm256_extractf128_ps::<1>(column)),
+            );
+        }
+    }
+}
+
+/// The transpose of 8 rows of 8 values in registers: `out[j]` holds value `j` of each row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn transposed8(r: [std::arch::x86_64::__m256; 8]) -> [std::arch::x86_64::__m256; 8] {
+    use std::arch::x86_64::*;
+
     // Within each 128-bit half: pairs of rows interleaved, then groups of four rows.
     let t = [
         _mm256_unpacklo_ps(r[0], r[1]),
@@ -367,19 +436,14 @@ unsafe fn transpose8<T: Widen + Element>(src: *const T, step: usize, dst: *mut f
         _mm256_shuffle_ps::<0x44>(t[5], t[7]),
         _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
     ];
-    for q in 0..4 {
-        // SAFETY: destination rows `q` and `q + 4` (this function's contract).
-        unsafe {
-            _mm256_storeu_ps(
-                dst.add(q * dst_step),
-                _mm256_permute2f128_ps::<0x20>(u[q], u[4 + q]),
-            );
-            _mm256_storeu_ps(
-                dst.add((q + 4) * dst_step),
-                _mm256_permute2f128_ps::<0x31>(u[q], u[4 + q]),
-            );
+    std::array::from_fn(|j| {
+        let q = j % 4;
+        if j < 4 {
+            _mm256_permute2f128_ps::<0x20>(u[q], u[4 + q])
+        } else {
+            _mm256_permute2f128_ps::<0x31>(u[q], u[4 + q])
         }
-    }
+    })
 }
 
 /// A packed q8/q4 weight, dequantized 16 columns at a time into the panels.
@@ -845,6 +909,13 @@ mod tests {
             let want = chains(&x, &w, m, k, n);
             let want16 = chains(&x, &wide16, m, k, n);
             let want_h16 = chains(&x, &wide_h16, m, k, n);
+            // bf16 and f16 activations (bf16 and f16 prefills), widened as they are grouped.
+            let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+            let xh: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+            let xb_wide: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+            let xh_wide: Vec<f32> = xh.iter().map(|v| v.to_f32()).collect();
+            let want_bb = chains(&xb_wide, &wide16, m, k, n);
+            let want_hh = chains(&xh_wide, &wide_h16, m, k, n);
             for &isa in &isas {
                 let cases = [
                     (
@@ -876,6 +947,21 @@ mod tests {
                         "f16 [n,k]",
                         run(&x, &file_h16, WeightOrder::OutputMajor, [m, k, n], isa),
                         &want_h16,
+                    ),
+                    (
+                        "bf16 x, bf16 [n,k]",
+                        run(&xb, &file16, WeightOrder::OutputMajor, [m, k, n], isa),
+                        &want_bb,
+                    ),
+                    (
+                        "f16 x, f16 [n,k]",
+                        run(&xh, &file_h16, WeightOrder::OutputMajor, [m, k, n], isa),
+                        &want_hh,
+                    ),
+                    (
+                        "f16 x, f16 [k,n]",
+                        run(&xh, &h16, WeightOrder::InputMajor, [m, k, n], isa),
+                        &want_hh,
                     ),
                 ];
                 for (name, got, want) in cases {
@@ -999,6 +1085,6 @@ mod tests {
         assert!(matmul_f32_gemm_reference(&x, &w, WeightOrder::InputMajor, 1, 4, 3).is_some());
         assert!(matmul_f32_gemm_reference(&x[..3], &w, WeightOrder::InputMajor, 1, 4, 3).is_none());
         assert!(matmul_f32_gemm_reference(&x, &w[..11], WeightOrder::OutputMajor, 1, 4, 3).is_none());
-        assert!(matmul_f32_gemm_reference(&[], &w, WeightOrder::InputMajor, 0, 4, 3).is_none());
+        assert!(matmul_f32_gemm_reference::<f32, _>(&[], &w, WeightOrder::InputMajor, 0, 4, 3).is_none());
     }
 }
