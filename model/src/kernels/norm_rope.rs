@@ -285,6 +285,21 @@ impl<T: Stored> Vectorized for RotateHead<'_, T> {
     #[inline(always)]
     fn run(self) {
         let d = self.view.d;
+        // f16 with F16C: each narrowing one instruction per 8 values (`round_f16` takes a
+        // dozen per value, and this loop three per value: 2% of an f16 prefill on AVX2).
+        #[cfg(target_arch = "x86_64")]
+        if T::dtype() == DType::F16 && super::Simd::best() != super::Simd::Plain && d % 16 == 0 {
+            let x: &[f16] = bytemuck::cast_slice(self.x);
+            let out: &mut [f16] = bytemuck::cast_slice_mut(self.out);
+            for (i, out) in out.chunks_exact_mut(d).enumerate() {
+                let row = &x[self.view.at(self.bi, self.h, i)..][..d];
+                let (c, s) = (&self.cos[i * d..(i + 1) * d], &self.sin[i * d..(i + 1) * d]);
+                // SAFETY: `Simd::Avx2` and `Simd::Avx512` are only chosen on CPUs with AVX2,
+                // FMA and F16C.
+                unsafe { rotate_f16(out, row, c, s) };
+            }
+            return;
+        }
         for (i, out) in self.out.chunks_exact_mut(d).enumerate() {
             let row = &self.x[self.view.at(self.bi, self.h, i)..][..d];
             let (c, s) = (&self.cos[i * d..(i + 1) * d], &self.sin[i * d..(i + 1) * d]);
@@ -303,6 +318,45 @@ impl<T: Stored> Vectorized for RotateHead<'_, T> {
             let (s_first, s_second) = s.split_at(d / 2);
             rotate(out_first, first, second, -1.0, c_first, s_first);
             rotate(out_second, second, first, 1.0, c_second, s_second);
+        }
+    }
+}
+
+/// [`RotateHead`]'s row for f16 with F16C: `out = narrow(narrow(x * c) + narrow(sign * r
+/// * s))` 8 values at a time, `r` the other half of the row and `sign` -1 in the first half,
+/// the operations and roundings of the plain loop (`vcvtps2ph` rounds to nearest even as
+/// `round_f16` does).
+///
+/// # Safety
+/// The CPU must have AVX2 and F16C; `out`, `row`, `c` and `s` must hold the same number of
+/// values, a multiple of 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn rotate_f16(out: &mut [f16], row: &[f16], c: &[f32], s: &[f32]) {
+    use std::arch::x86_64::*;
+
+    let d = row.len();
+    assert!(d % 16 == 0 && out.len() == d && c.len() == d && s.len() == d);
+    let half = d / 2;
+    const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT;
+    let round = |v: __m256| _mm256_cvtph_ps(_mm256_cvtps_ph::<NEAREST>(v));
+    for (at, other, sign) in [(0, half, -1.0f32), (half, 0, 1.0)] {
+        let sign = _mm256_set1_ps(sign);
+        for j in (0..half).step_by(8) {
+            // SAFETY: values `at + j..at + j + 8` and `other + j..other + j + 8` lie in the
+            // slices of `d` values (asserted above).
+            unsafe {
+                let x = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(at + j).cast()));
+                let r = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(other + j).cast()));
+                let (cv, sv) = (
+                    _mm256_loadu_ps(c.as_ptr().add(at + j)),
+                    _mm256_loadu_ps(s.as_ptr().add(at + j)),
+                );
+                let straight = round(_mm256_mul_ps(x, cv));
+                let turned = round(_mm256_mul_ps(_mm256_mul_ps(sign, r), sv));
+                let sum = _mm256_cvtps_ph::<NEAREST>(_mm256_add_ps(straight, turned));
+                _mm_storeu_si128(out.as_mut_ptr().add(at + j).cast(), sum);
+            }
         }
     }
 }
