@@ -2399,9 +2399,9 @@ pub(super) mod tests {
     /// The q4 gemm for many rows, and the decode kernels of every instruction set this CPU
     /// runs, give the bits of the int8 product on the unpacked values: pseudo-random
     /// nibbles and activations, row counts that end on every row of the 4-row tiles, one
-    /// and several slabs along K, blocks of 8 to 32 (the gemm's) and of 64 to 256 (the
-    /// decode kernels' only), widths of one tile to several tasks, and the largest int16
-    /// sums a block can reach.
+    /// and several slabs along K, blocks of 8 to 256 (past 32 the AVX2 gemm refuses them,
+    /// and only the decode kernels run there), widths of one tile to several tasks, and the
+    /// largest int16 sums a block can reach.
     #[test]
     fn q4_gemm_and_decode_kernels_have_the_bits_of_the_int8_product() {
         let mut next = crate::kernels::tests::xorshift(0x2545_F491_4F6C_DD1D);
