@@ -191,9 +191,8 @@ impl GroupedRows {
 }
 
 /// One group of [`GroupedRows`]: inputs `k0..` of `rows` (whole rows of `k` values, at most
-/// `size` of them; missing rows zero) into `group`, input by input, widened to f32. 8
-/// inputs at a time transposed in registers: a whole group of 8 rows (AVX-512's), any group
-/// of AVX2's 6.
+/// `size` of them; missing rows zero) into `group`, input by input, widened to f32: 8 inputs
+/// at a time transposed in registers ([`transpose_group`]), the rest value by value.
 fn fill_group<X: Widen + Element>(
     group: &mut [MaybeUninit<f32>],
     rows: &[X],
@@ -205,24 +204,15 @@ fn fill_group<X: Widen + Element>(
     let (live, depth) = (rows.len() / k, group.len() / size);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if isa != Simd::Plain && live == 8 && size == 8 {
+    if isa != Simd::Plain && live > 0 {
         done = depth / 8 * 8;
         for i in (0..done).step_by(8) {
-            let to = &mut group[i * 8..i * 8 + 64];
-            assert!(7 * k + k0 + i + 8 <= rows.len());
-            // SAFETY: `Simd::Avx2` and `Simd::Avx512` are only chosen on CPUs with AVX2, FMA
-            // and F16C; rows 0..8 hold inputs `k0 + i..k0 + i + 8` (asserted) and `to` 8
-            // rows of 8 values.
-            unsafe { transpose8(rows[k0 + i..].as_ptr(), k, to.as_mut_ptr().cast(), 8) };
-        }
-    } else if isa != Simd::Plain && size == AVX2_ROWS && live > 0 {
-        done = depth / 8 * 8;
-        for i in (0..done).step_by(8) {
-            let to = &mut group[i * AVX2_ROWS..(i + 8) * AVX2_ROWS];
+            let to = &mut group[i * size..(i + 8) * size];
             assert!((live - 1) * k + k0 + i + 8 <= rows.len());
-            // SAFETY: as above; rows `0..live` hold inputs `k0 + i..k0 + i + 8` (asserted)
-            // and `to` 8 slots of 6 values.
-            unsafe { transpose_group6(rows[k0 + i..].as_ptr(), k, live, to.as_mut_ptr().cast()) };
+            // SAFETY: `Simd::Avx2` and `Simd::Avx512` are only chosen on CPUs with AVX2, FMA
+            // and F16C; rows `0..live` hold inputs `k0 + i..k0 + i + 8` (asserted) and `to` 8
+            // slots of `size` values (a tile's rows: 8 or 6).
+            unsafe { transpose_group(rows[k0 + i..].as_ptr(), k, live, to.as_mut_ptr().cast(), size) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -372,19 +362,26 @@ unsafe fn transpose8<T: Widen + Element>(src: *const T, step: usize, dst: *mut f
     }
 }
 
-/// Values `i..i + 8` of `live` rows of `T` (at most 6, rows `step` values apart from
-/// `src`; the group's other rows zero) widened to f32 into 8 consecutive slots of 6 values
-/// from `dst`, one per input: an AVX2 group of [`GroupedRows`] 8 inputs at a time.
+/// Values `i..i + 8` of `live` rows of `T` (at most `size`, rows `step` values apart from
+/// `src`; the group's other rows zero) widened to f32 into 8 consecutive slots of `size`
+/// values from `dst`, one per input: a group of [`GroupedRows`] (AVX-512's 8 rows or AVX2's
+/// 6) 8 inputs at a time.
 ///
 /// # Safety
-/// The CPU must have AVX2 and F16C; the `live` source rows of 8 values and the 48 values
-/// from `dst` must be valid.
+/// The CPU must have AVX2 and F16C; `size` must be 8 or 6, and the `live` source rows of 8
+/// values and the `8 * size` values from `dst` valid.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn transpose_group6<T: Widen + Element>(src: *const T, step: usize, live: usize, dst: *mut f32) {
+unsafe fn transpose_group<T: Widen + Element>(
+    src: *const T,
+    step: usize,
+    live: usize,
+    dst: *mut f32,
+    size: usize,
+) {
     use std::arch::x86_64::*;
 
-    assert!(live <= AVX2_ROWS && AVX2_ROWS == 6);
+    assert!(live <= size && (size == TILE_ROWS || size == AVX2_ROWS));
     // SAFETY: the `live` source rows are readable (this function's contract).
     let r: [__m256; 8] = std::array::from_fn(|i| {
         if i < live {
@@ -394,14 +391,19 @@ unsafe fn transpose_group6<T: Widen + Element>(src: *const T, step: usize, live:
         }
     });
     for (j, column) in transposed8(r).into_iter().enumerate() {
-        // SAFETY: slot `j < 8` of 6 values from `dst` (this function's contract): the
-        // column's first four, then its fifth and sixth.
+        // SAFETY: slot `j < 8` of `size` values from `dst` (this function's contract): the
+        // whole column, or its first four values and then its fifth and sixth.
         unsafe {
-            _mm_storeu_ps(dst.add(6 * j), _mm256_castps256_ps128(column));
-            _mm_storel_epi64(
-                dst.add(6 * j + 4).cast(),
-                _mm_castps_si128(_mm256_extractf128_ps::<1>(column)),
-            );
+            let at = dst.add(size * j);
+            if size == TILE_ROWS {
+                _mm256_storeu_ps(at, column);
+            } else {
+                _mm_storeu_ps(at, _mm256_castps256_ps128(column));
+                _mm_storel_epi64(
+                    at.add(4).cast(),
+                    _mm_castps_si128(_mm256_extractf128_ps::<1>(column)),
+                );
+            }
         }
     }
 }

@@ -346,8 +346,8 @@ unsafe fn rotate_f16(out: &mut [f16], row: &[f16], c: &[f32], s: &[f32]) {
             // SAFETY: values `at + j..at + j + 8` and `other + j..other + j + 8` lie in the
             // slices of `d` values (asserted above).
             unsafe {
-                let x = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(at + j).cast()));
-                let r = _mm256_cvtph_ps(_mm_loadu_si128(row.as_ptr().add(other + j).cast()));
+                let x = super::widen8(row.as_ptr().add(at + j));
+                let r = super::widen8(row.as_ptr().add(other + j));
                 let (cv, sv) = (
                     _mm256_loadu_ps(c.as_ptr().add(at + j)),
                     _mm256_loadu_ps(s.as_ptr().add(at + j)),
