@@ -13,13 +13,13 @@ Steps (each skips what is already there under --work, default bench-data/llamacp
     # 1. download and build llama-bench and llama-quantize (about 10 minutes on 2 cores)
     .venv/bin/python scripts/bench_llamacpp.py build
     # 2. the Llama of a VipLlava checkpoint as a LlamaForCausalLM directory (checked: equal
-    #    logits in transformers), converted by llama.cpp's convert_hf_to_gguf.py to F32, BF16
-    #    and Q8_0 (the converter also needs `.venv/bin/pip install sentencepiece`), and
+    #    logits in transformers), converted by llama.cpp's convert_hf_to_gguf.py to F32, F16,
+    #    BF16 and Q8_0 (the converter also needs `.venv/bin/pip install sentencepiece`), and
     #    quantized by llama-quantize to Q4_0
     .venv/bin/python scripts/bench_llamacpp.py gguf --model bench-data/clip-l-llama-1b-f32 --check
     # 3. interleaved: per round and precision, llama-bench then vipllava bench; medians, ratios
     .venv/bin/python scripts/bench_llamacpp.py compare --vipllava target/release/vipllava \\
-        --model-dir bench-data --image bench-data/astronaut.png --precisions f32,bf16,q8,q4 --rounds 2
+        --model-dir bench-data --image bench-data/astronaut.png --rounds 2
 
 At the 7B size (scripts/make_random_checkpoint.py; its F32 file would not fit 24 GiB of memory):
 the GGUF files in a directory of their own, BF16 converted, Q8_0 and Q4_0 quantized from it by
@@ -34,7 +34,7 @@ The comparison: decode tokens/s at a 617-token context (`llama-bench -p 0 -n 32 
 decode of `vipllava bench --batch-sizes 1`, whose prompt is 617 tokens with the image) and the
 prefill of 617 tokens (`llama-bench -p 617 -n 0` vs our prefill minus the image encoding), both
 with 2 threads. Precisions: f32 (F32 GGUF vs our f32), f16 (F16 vs `--dtype f16`, our side
-rounding the f32 files at load; not in the default set), bf16 (BF16 vs `--dtype bf16`), q8 (Q8_0 vs
+rounding the f32 files at load), bf16 (BF16 vs `--dtype bf16`), q8 (Q8_0 vs
 `--dtype bf16 --quantize q8 --quantize-lm-head q8`), q4 (Q4_0 vs `--dtype bf16 --quantize q4
 --quantize-lm-head q8`): llama.cpp's quantized files hold the output matrix quantized too (Q8_0 in
 its Q8_0 file, Q6_K in its Q4_0 file).
@@ -61,6 +61,8 @@ WORK = REPO_ROOT / "bench-data" / "llamacpp"
 PACKAGE = "llama-cpp-python"
 # GGUF name per precision, and how each side runs it.
 GGUF = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8": "Q8_0", "q4": "Q4_0"}
+# Every precision both sides run (f16 too: the hub 7B's own dtype).
+ALL_PRECISIONS = ",".join(GGUF)
 OURS = {
     "f32": ("clip-l-llama-1b-f32", ["--dtype", "f32"]),
     # f16 from the f32 files, rounded at load (the hub 7B's own dtype; llama.cpp's default
@@ -345,7 +347,7 @@ def main() -> None:
     g.add_argument("--model", required=True, help="a VipLlava HF directory (f32 for the F32/BF16/Q8_0/Q4_0 set)")
     g.add_argument("--check", action="store_true", help="check the extracted Llama's logits in transformers")
     g.add_argument("--keep-hf", action="store_true", help="keep the extracted LlamaForCausalLM directory")
-    g.add_argument("--precisions", default="f32,bf16,q8,q4",
+    g.add_argument("--precisions", default=ALL_PRECISIONS,
                    help="GGUF files to make; without f32, Q8_0 and Q4_0 are quantized from BF16")
     c = sub.add_parser("compare", help="llama-bench and vipllava bench, interleaved")
     c.add_argument("--vipllava", default=str(REPO_ROOT / "target" / "release" / "vipllava"))
@@ -353,7 +355,7 @@ def main() -> None:
                    help="holds the benchmark's clip-l-llama-1b-f32 and -bf16 checkpoints")
     c.add_argument("--model", default="", help="one VipLlava directory for every precision instead (a 7B)")
     c.add_argument("--image", default=str(REPO_ROOT / "bench-data" / "astronaut.png"))
-    c.add_argument("--precisions", default="f32,bf16,q8,q4")
+    c.add_argument("--precisions", default=ALL_PRECISIONS, help="some of " + ALL_PRECISIONS)
     c.add_argument("--rounds", type=int, default=2)
     c.add_argument("--json", action="store_true", help="also print one JSON line per measurement")
     args = ap.parse_args()

@@ -270,6 +270,11 @@ fn rows_batch_table() {
     };
 
     println!();
+    if !bf16_dot_available() {
+        println!(
+            "(no AVX-512 BF16: the first bf16 column is the engine's f32 multiply-adds on bf16 weights)"
+        );
+    }
     println!(
         "| k x n | rows | bf16 x bf16 ms | per row / 1 row | bf16 vdpbf16ps ms | per row / 1 row | f16 ms | per row / 1 row | f16 FMA ms | per row / 1 row | f32 ms | per row / 1 row |"
     );
@@ -303,14 +308,25 @@ fn rows_batch_table() {
             let mut rounds = [[0f64; 5]; 3];
             for round in rounds.iter_mut() {
                 let mut at = 0;
-                round[0] = time(7, || {
-                    at = (at + 1) % copies;
-                    black_box(matmul_rows_bf16(black_box(&x), black_box(&wb[at]), rows, k, n).unwrap());
-                });
-                round[1] = time(7, || {
-                    at = (at + 1) % copies;
-                    black_box(matmul_rows_bf16_dots(black_box(&x), black_box(&wb[at]), rows, k, n).unwrap());
-                });
+                if bf16_dot_available() {
+                    round[0] = time(7, || {
+                        at = (at + 1) % copies;
+                        black_box(matmul_rows_bf16(black_box(&x), black_box(&wb[at]), rows, k, n).unwrap());
+                    });
+                    round[1] = time(7, || {
+                        at = (at + 1) % copies;
+                        black_box(
+                            matmul_rows_bf16_dots(black_box(&x), black_box(&wb[at]), rows, k, n).unwrap(),
+                        );
+                    });
+                } else {
+                    // The engine's bf16 path without `vdpbf16ps` (`kernels::linear`): f32
+                    // multiply-adds on the widened weights; no second column.
+                    round[0] = time(7, || {
+                        at = (at + 1) % copies;
+                        black_box(matmul_rows::<bf16>(black_box(&x), black_box(&wb[at]), rows, k, n));
+                    });
+                }
                 round[2] = time(7, || {
                     at = (at + 1) % copies;
                     black_box(matmul_rows_f16(black_box(&x), black_box(&wh[at]), rows, k, n));
@@ -326,6 +342,9 @@ fn rows_batch_table() {
             }
             let cells: Vec<String> = (0..5)
                 .map(|c| {
+                    if c == 1 && !bf16_dot_available() {
+                        return "- | -".to_string();
+                    }
                     let ms = median_ms(&rounds, c);
                     if rows == 1 {
                         single[c] = ms;
@@ -421,7 +440,26 @@ fn rows_step_table() {
                 black_box(matmul_rows_bf16_dots(black_box(&xs[i % SHAPES.len()]), w, rows, k, n).unwrap());
             }
         };
-        report(&[("bf16 x bf16", &engine), ("bf16 x bf16, vdpbf16ps", &dots)]);
+        let fmas = |xs: &[Vec<f32>], rows: usize| {
+            for (i, w) in wb.iter().enumerate() {
+                let (k, n) = SHAPES[i % SHAPES.len()];
+                black_box(matmul_rows::<bf16>(
+                    black_box(&xs[i % SHAPES.len()]),
+                    w,
+                    rows,
+                    k,
+                    n,
+                ));
+            }
+        };
+        if bf16_dot_available() {
+            report(&[("bf16 x bf16", &engine), ("bf16 x bf16, vdpbf16ps", &dots)]);
+        } else {
+            // Without `vdpbf16ps` the engine widens the bf16 weights for f32 multiply-adds
+            // (`kernels::linear`); the bf16 x bf16 twin is plain Rust there, one scalar
+            // multiply-add per value, and no engine path.
+            report(&[("bf16, f32 multiply-adds", &fmas)]);
+        }
     }
     if wanted("f16") {
         let wh = converted(weights_f32(), f16::from_f32);
