@@ -100,7 +100,9 @@ def compare(args):
     for label, dtype, extra, torch_dtype in variants:
         # `--model` compares on that one checkpoint in every dtype (e.g. the 7B architecture
         # from make_random_checkpoint.py); otherwise the bench checkpoint stored in each dtype.
-        model = args.model or os.path.join(args.model_dir, f"clip-l-llama-1b-{dtype}")
+        # f16 reads the f32 files (rounded at load on both sides), as bench_llamacpp.py does.
+        stored = "f32" if dtype == "f16" else dtype
+        model = args.model or os.path.join(args.model_dir, f"clip-l-llama-1b-{stored}")
         runs = {"vipllava": [], "pytorch": []}
         for r in range(args.rounds):
             ours = [args.vipllava, "bench", "--model", model, "--image", args.image, "--dtype", dtype,
@@ -150,7 +152,7 @@ def main():
     ap.add_argument("--compare", action="store_true", help="run the interleaved comparison driver")
     ap.add_argument("--vipllava", default="target/release/vipllava")
     ap.add_argument("--model-dir", default="bench-data")
-    ap.add_argument("--dtypes", default="f32,bf16", help="f32, bf16 and/or q8 (ours q8 vs PyTorch f32)")
+    ap.add_argument("--dtypes", default="f32,bf16", help="f32, bf16, f16 and/or q8 (ours q8 vs PyTorch f32)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"])
     ap.add_argument("--threads", type=int, default=2)

@@ -56,6 +56,14 @@ const _: () = assert!(ROW_GROUP == 4 && BF16_ROW_GROUP == 8, "update the group m
 /// 8192: 5.9-6.0), about llama.cpp's rate there. Tuned on one row per pass; with a group of
 /// rows per weight row the same distance is reached later in time (not re-tuned).
 const ROW_PREFETCH_BYTES: usize = 2048;
+/// How far ahead of its loads [`fma_avx2`] asks for a 2-byte (f16, bf16) weight row's bytes.
+/// f32 rows keep up with memory without it (94% of the read bound in round 45); f16 and bf16
+/// rows, widened 8 values per instruction, reached 65-71% there. On that Zen 3 (round 45,
+/// BENCHMARKS.md) a 1.1B decode step's products (`rows-step` table, 1 row) took 0.72-0.99x
+/// their time without the hint at 1024 bytes ahead (8 alternations; 2048 and 4096 were
+/// within the noise); a C loop of the same widening multiply-adds read 16-19 GB/s
+/// without it and 19-25 GB/s with it (1-8 KB ahead) on two threads.
+const HALF_ROW_PREFETCH_BYTES: usize = 1024;
 /// How far ahead of its loads [`Bf16Dots::group_simd`] asks for the weight row's bytes (a
 /// task's rows are one sequential stream per group of activation rows, so past a row's end
 /// the hint reaches into the next; past the task's last row it asks for bytes nobody reads,
@@ -890,6 +898,15 @@ unsafe fn fma_avx2<T: Widen + Element, const R: usize>(
         "activation rows as long as the weight row"
     );
     for c in (c0..c1).step_by(LANES) {
+        if size_of::<T>() == 2 {
+            // A hint only (never faults, changes no result), so it may point past the row.
+            _mm_prefetch::<_MM_HINT_T0>(
+                w.as_ptr()
+                    .wrapping_add(c)
+                    .cast::<i8>()
+                    .wrapping_add(HALF_ROW_PREFETCH_BYTES),
+            );
+        }
         // SAFETY: `c + 16 <= c1 <= k`, the length of `w` and of every row.
         let (w_low, w_high) = unsafe { (widen8(w.as_ptr().add(c)), widen8(w.as_ptr().add(c + 8))) };
         for r in 0..R {
