@@ -59,9 +59,9 @@ const ROW_PREFETCH_BYTES: usize = 2048;
 /// How far ahead of its loads [`fma_avx2`] asks for a 2-byte (f16, bf16) weight row's bytes.
 /// f32 rows keep up with memory without it (94% of the read bound in round 45); f16 and bf16
 /// rows, widened 8 values per instruction, reached 65-71% there. On that Zen 3 (round 45,
-/// BENCHMARKS.md) a 1.1B decode step's products (`rows-step` table, 1 row) took 0.72-0.99x
-/// their time without the hint at 1024 bytes ahead (8 alternations; 2048 and 4096 were
-/// within the noise); a C loop of the same widening multiply-adds read 16-19 GB/s
+/// BENCHMARKS.md) a 1.1B decode step's products (`rows-step` table, 1 row) took 0.87-0.88x
+/// their time without the hint at 1024 bytes ahead (medians of 8 alternations; 2048 and 4096
+/// were within the noise); a C loop of the same widening multiply-adds read 16-19 GB/s
 /// without it and 19-25 GB/s with it (1-8 KB ahead) on two threads.
 const HALF_ROW_PREFETCH_BYTES: usize = 1024;
 /// How far ahead of its loads [`Bf16Dots::group_simd`] asks for the weight row's bytes (a
