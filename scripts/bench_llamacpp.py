@@ -344,7 +344,7 @@ def main() -> None:
     b.add_argument("--no-amx", action="store_true",
                    help="build for AVX-512 (VNNI, BF16) without AMX instead of -march=native")
     g = sub.add_parser("gguf", help="extract the Llama and convert it to GGUF")
-    g.add_argument("--model", required=True, help="a VipLlava HF directory (f32 for the F32/BF16/Q8_0/Q4_0 set)")
+    g.add_argument("--model", required=True, help="a VipLlava HF directory (f32 for the F32/F16/BF16/Q8_0/Q4_0 set)")
     g.add_argument("--check", action="store_true", help="check the extracted Llama's logits in transformers")
     g.add_argument("--keep-hf", action="store_true", help="keep the extracted LlamaForCausalLM directory")
     g.add_argument("--precisions", default=ALL_PRECISIONS,

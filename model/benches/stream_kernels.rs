@@ -263,7 +263,8 @@ fn rows_table() {
 /// memory, as in a decode step): milliseconds per call, and the time per activation row
 /// against one row's (1.0: a row costs what a lone row costs; 1/rows: free rows). bf16 x
 /// bf16 and f16 twice: as the engine runs them (AMX tiles from 4 and 6 rows where the CPU
-/// has them) and with `vdpbf16ps` or f32 multiply-adds alone.
+/// has them) and with `vdpbf16ps` or f32 multiply-adds alone; without AVX-512 BF16 the first
+/// bf16 column is the engine's path there (f32 multiply-adds) and the second is empty.
 fn rows_batch_table() {
     use vipllava_model::kernels::rows::{
         matmul_rows, matmul_rows_bf16, matmul_rows_bf16_dots, matmul_rows_f16,
@@ -362,7 +363,8 @@ fn rows_batch_table() {
 /// then with `vdpbf16ps` or f32 multiply-adds alone, without AMX tiles) and f32, for 1-16
 /// activation rows, as `vipllava bench` and `serve` run them; the attention and the rest are
 /// left out; q8 and q4 with int8 activations too (the engine's kernel, then VNNI alone).
-/// Unlike `rows-batch`, every shape and its activations take their turn in the caches.
+/// Without AVX-512 BF16, bf16 is timed once, as the engine runs it there: f32 multiply-adds
+/// on the widened weights. Unlike `rows-batch`, every shape and its activations take their turn in the caches.
 fn rows_step_table() {
     use vipllava_model::kernels::rows::{
         matmul_rows, matmul_rows_bf16, matmul_rows_bf16_dots, matmul_rows_f16,

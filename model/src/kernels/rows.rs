@@ -874,7 +874,8 @@ unsafe fn part_avx2<T: Widen + Element, const R: usize>(
     }
 }
 
-/// [`fma_avx512`] with two 8-lane registers per row (lanes 0-7 and 8-15).
+/// [`fma_avx512`] with two 8-lane registers per row (lanes 0-7 and 8-15); 2-byte weights
+/// are asked for [`HALF_ROW_PREFETCH_BYTES`] ahead.
 ///
 /// # Safety
 /// As [`part_avx2`].
