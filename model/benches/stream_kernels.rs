@@ -411,6 +411,18 @@ fn rows_step_table() {
             })
             .collect()
     };
+    /// A step's products with f32 multiply-adds on widened weights (`matmul_rows`), for
+    /// every layer's weights in turn.
+    fn fma_step<T: vipllava_model::kernels::Widen + burn::tensor::Element>(
+        weights: &[Vec<T>],
+        xs: &[Vec<f32>],
+        rows: usize,
+    ) {
+        for (i, w) in weights.iter().enumerate() {
+            let (k, n) = SHAPES[i % SHAPES.len()];
+            black_box(matmul_rows::<T>(black_box(&xs[i % SHAPES.len()]), w, rows, k, n));
+        }
+    }
     type Step<'a> = (&'a str, &'a dyn Fn(&[Vec<f32>], usize));
     // The variants of one dtype interleaved in each round (medians of 3 rounds).
     let report = |variants: &[Step]| {
@@ -442,18 +454,7 @@ fn rows_step_table() {
                 black_box(matmul_rows_bf16_dots(black_box(&xs[i % SHAPES.len()]), w, rows, k, n).unwrap());
             }
         };
-        let fmas = |xs: &[Vec<f32>], rows: usize| {
-            for (i, w) in wb.iter().enumerate() {
-                let (k, n) = SHAPES[i % SHAPES.len()];
-                black_box(matmul_rows::<bf16>(
-                    black_box(&xs[i % SHAPES.len()]),
-                    w,
-                    rows,
-                    k,
-                    n,
-                ));
-            }
-        };
+        let fmas = |xs: &[Vec<f32>], rows: usize| fma_step(&wb, xs, rows);
         if bf16_dot_available() {
             report(&[("bf16 x bf16", &engine), ("bf16 x bf16, vdpbf16ps", &dots)]);
         } else {
@@ -471,18 +472,7 @@ fn rows_step_table() {
                 black_box(matmul_rows_f16(black_box(&xs[i % SHAPES.len()]), w, rows, k, n));
             }
         };
-        let fmas = |xs: &[Vec<f32>], rows: usize| {
-            for (i, w) in wh.iter().enumerate() {
-                let (k, n) = SHAPES[i % SHAPES.len()];
-                black_box(matmul_rows::<f16>(
-                    black_box(&xs[i % SHAPES.len()]),
-                    w,
-                    rows,
-                    k,
-                    n,
-                ));
-            }
-        };
+        let fmas = |xs: &[Vec<f32>], rows: usize| fma_step(&wh, xs, rows);
         report(&[("f16", &engine), ("f16, f32 multiply-adds", &fmas)]);
     }
     if wanted("q8") || wanted("q4") {
