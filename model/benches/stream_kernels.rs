@@ -364,7 +364,8 @@ fn rows_batch_table() {
 /// activation rows, as `vipllava bench` and `serve` run them; the attention and the rest are
 /// left out; q8 and q4 with int8 activations too (the engine's kernel, then VNNI alone).
 /// Without AVX-512 BF16, bf16 is timed once, as the engine runs it there: f32 multiply-adds
-/// on the widened weights. Unlike `rows-batch`, every shape and its activations take their turn in the caches.
+/// on the widened weights. f16 and f32 are timed through the prefill's f32 gemm as well.
+/// Unlike `rows-batch`, every shape and its activations take their turn in the caches.
 fn rows_step_table() {
     use vipllava_model::kernels::rows::{
         matmul_rows, matmul_rows_bf16, matmul_rows_bf16_dots, matmul_rows_f16,
@@ -423,12 +424,35 @@ fn rows_step_table() {
             black_box(matmul_rows::<T>(black_box(&xs[i % SHAPES.len()]), w, rows, k, n));
         }
     }
+    /// A step's products through the prefill's f32 gemm (`matmul_f32_gemm`, f16 weights
+    /// widened as they are packed), for every layer's weights in turn: what a batch would
+    /// cost past `kernels::MAX_STREAM_ROWS`, where the engine leaves the row kernels.
+    fn gemm_step<T: vipllava_model::kernels::Widen + burn::tensor::Element>(
+        weights: &[Vec<T>],
+        xs: &[Vec<f32>],
+        rows: usize,
+    ) {
+        use vipllava_model::kernels::bf16_gemm::WeightOrder;
+        use vipllava_model::kernels::f32_gemm::matmul_f32_gemm;
+        for (i, w) in weights.iter().enumerate() {
+            let (k, n) = SHAPES[i % SHAPES.len()];
+            let x = black_box(&xs[i % SHAPES.len()]);
+            black_box(matmul_f32_gemm::<f32, T>(
+                x,
+                w,
+                WeightOrder::OutputMajor,
+                rows,
+                k,
+                n,
+            ));
+        }
+    }
     type Step<'a> = (&'a str, &'a dyn Fn(&[Vec<f32>], usize));
     // The variants of one dtype interleaved in each round (medians of 3 rounds).
     let report = |variants: &[Step]| {
         for &rows in &rows_list {
             let xs = inputs(rows);
-            let mut rounds = [[0f64; 2]; 3];
+            let mut rounds = [[0f64; 3]; 3];
             for round in rounds.iter_mut() {
                 for (c, (_, step)) in variants.iter().enumerate() {
                     round[c] = time(3, || step(&xs, rows));
@@ -473,7 +497,12 @@ fn rows_step_table() {
             }
         };
         let fmas = |xs: &[Vec<f32>], rows: usize| fma_step(&wh, xs, rows);
-        report(&[("f16", &engine), ("f16, f32 multiply-adds", &fmas)]);
+        let gemm = |xs: &[Vec<f32>], rows: usize| gemm_step(&wh, xs, rows);
+        report(&[
+            ("f16", &engine),
+            ("f16, f32 multiply-adds", &fmas),
+            ("f16, f32 gemm", &gemm),
+        ]);
     }
     if wanted("q8") || wanted("q4") {
         // q8 and q4 weights in blocks of 32 with int8 activations, as `--quantize q8|q4`
@@ -538,18 +567,9 @@ fn rows_step_table() {
         return;
     }
     let wf = weights_f32();
-    report(&[("f32", &|xs: &[Vec<f32>], rows: usize| {
-        for (i, w) in wf.iter().enumerate() {
-            let (k, n) = SHAPES[i % SHAPES.len()];
-            black_box(matmul_rows::<f32>(
-                black_box(&xs[i % SHAPES.len()]),
-                w,
-                rows,
-                k,
-                n,
-            ));
-        }
-    })]);
+    let gemm = |xs: &[Vec<f32>], rows: usize| gemm_step(&wf, xs, rows);
+    let rows_kernel = |xs: &[Vec<f32>], rows: usize| fma_step(&wf, xs, rows);
+    report(&[("f32", &rows_kernel), ("f32, f32 gemm", &gemm)]);
 }
 
 /// Each weight of `weights` in another dtype (the f32 copies freed as they go).
