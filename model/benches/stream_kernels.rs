@@ -414,21 +414,26 @@ fn rows_step_table() {
             })
             .collect()
     };
-    /// A step's products with f32 multiply-adds on widened weights (`matmul_rows`), for
-    /// every layer's weights in turn.
+    /// One step: `product(activations, weight, k, n)` for every layer's weights in turn.
+    fn each_layer<W>(weights: &[W], xs: &[Vec<f32>], mut product: impl FnMut(&[f32], &W, usize, usize)) {
+        for (i, w) in weights.iter().enumerate() {
+            let (k, n) = SHAPES[i % SHAPES.len()];
+            product(black_box(&xs[i % SHAPES.len()]), w, k, n);
+        }
+    }
+    /// A step's products with f32 multiply-adds on widened weights (`matmul_rows`).
     fn fma_step<T: vipllava_model::kernels::Widen + burn::tensor::Element>(
         weights: &[Vec<T>],
         xs: &[Vec<f32>],
         rows: usize,
     ) {
-        for (i, w) in weights.iter().enumerate() {
-            let (k, n) = SHAPES[i % SHAPES.len()];
-            black_box(matmul_rows::<T>(black_box(&xs[i % SHAPES.len()]), w, rows, k, n));
-        }
+        each_layer(weights, xs, |x, w, k, n| {
+            black_box(matmul_rows::<T>(x, w, rows, k, n));
+        });
     }
     /// A step's products through the prefill's f32 gemm (`matmul_f32_gemm`, f16 weights
-    /// widened as they are packed), for every layer's weights in turn: what a batch would
-    /// cost past `kernels::MAX_STREAM_ROWS`, where the engine leaves the row kernels.
+    /// widened as they are packed): what a batch would cost past
+    /// `kernels::MAX_STREAM_ROWS`, where the engine leaves the row kernels.
     fn gemm_step<T: vipllava_model::kernels::Widen + burn::tensor::Element>(
         weights: &[Vec<T>],
         xs: &[Vec<f32>],
@@ -436,14 +441,12 @@ fn rows_step_table() {
     ) {
         use vipllava_model::kernels::bf16_gemm::WeightOrder;
         use vipllava_model::kernels::f32_gemm::matmul_f32_gemm;
-        for (i, w) in weights.iter().enumerate() {
-            let (k, n) = SHAPES[i % SHAPES.len()];
-            let x = black_box(&xs[i % SHAPES.len()]);
+        each_layer(weights, xs, |x, w, k, n| {
             black_box(
                 matmul_f32_gemm::<f32, T>(x, w, WeightOrder::OutputMajor, rows, k, n)
                     .expect("the f32 gemm runs on this CPU (checked by the caller)"),
             );
-        }
+        });
     }
     type Step<'a> = (&'a str, &'a dyn Fn(&[Vec<f32>], usize));
     // The variants of one dtype interleaved in each round (medians of 3 rounds).
@@ -465,16 +468,14 @@ fn rows_step_table() {
     if wanted("bf16") {
         let wb = converted(weights_f32(), bf16::from_f32);
         let engine = |xs: &[Vec<f32>], rows: usize| {
-            for (i, w) in wb.iter().enumerate() {
-                let (k, n) = SHAPES[i % SHAPES.len()];
-                black_box(matmul_rows_bf16(black_box(&xs[i % SHAPES.len()]), w, rows, k, n).unwrap());
-            }
+            each_layer(&wb, xs, |x, w, k, n| {
+                black_box(matmul_rows_bf16(x, w, rows, k, n).unwrap());
+            })
         };
         let dots = |xs: &[Vec<f32>], rows: usize| {
-            for (i, w) in wb.iter().enumerate() {
-                let (k, n) = SHAPES[i % SHAPES.len()];
-                black_box(matmul_rows_bf16_dots(black_box(&xs[i % SHAPES.len()]), w, rows, k, n).unwrap());
-            }
+            each_layer(&wb, xs, |x, w, k, n| {
+                black_box(matmul_rows_bf16_dots(x, w, rows, k, n).unwrap());
+            })
         };
         let fmas = |xs: &[Vec<f32>], rows: usize| fma_step(&wb, xs, rows);
         if bf16_dot_available() {
@@ -489,10 +490,9 @@ fn rows_step_table() {
     if wanted("f16") {
         let wh = converted(weights_f32(), f16::from_f32);
         let engine = |xs: &[Vec<f32>], rows: usize| {
-            for (i, w) in wh.iter().enumerate() {
-                let (k, n) = SHAPES[i % SHAPES.len()];
-                black_box(matmul_rows_f16(black_box(&xs[i % SHAPES.len()]), w, rows, k, n));
-            }
+            each_layer(&wh, xs, |x, w, k, n| {
+                black_box(matmul_rows_f16(x, w, rows, k, n));
+            })
         };
         let fmas = |xs: &[Vec<f32>], rows: usize| fma_step(&wh, xs, rows);
         let gemm = |xs: &[Vec<f32>], rows: usize| gemm_step(&wh, xs, rows);
@@ -545,12 +545,10 @@ fn rows_step_table() {
             let step = |kernel: Int8Kernel| {
                 let packed = &packed;
                 move |xs: &[Vec<f32>], rows: usize| {
-                    for (i, w) in packed.iter().enumerate() {
-                        let k = SHAPES[i % SHAPES.len()].0;
-                        let xq =
-                            Int8Rows::quantize(black_box(&xs[i % SHAPES.len()]), rows, k, BLOCK).unwrap();
+                    each_layer(packed, xs, |x, w, k, _| {
+                        let xq = Int8Rows::quantize(x, rows, k, BLOCK).unwrap();
                         black_box(w.matmul_int8_on(&xq, kernel).unwrap());
-                    }
+                    })
                 }
             };
             let (engine, vnni) = (step(Int8Kernel::best()), step(Int8Kernel::Vnni));
