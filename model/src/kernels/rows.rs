@@ -85,6 +85,13 @@ const BF16_ROW_PREFETCH_BYTES: usize = 4096;
 /// values, 2 bytes a value) its decode steps of 4-16 rows ran 6-22% slower (`rows-step`
 /// table, round 39), the weight rows read in short segments.
 const GROUP_ACTIVATION_BYTES: usize = 32 * 1024;
+/// [`GROUP_ACTIVATION_BYTES`] for groups of 2 or more rows on AVX2. Four f32 rows of 2048
+/// values fill Zen 3's whole 32 KB L1, so the weight stream evicted them and every weight
+/// vector's four activation loads came from L2. In 16 KB blocks the segments of the weight
+/// rows ran slower still (round 45), until each block asked for the segment the task reads
+/// next ([`fma_avx2`]'s `ahead`): the hardware prefetchers do not follow a jump to the next
+/// row's segment. One row keeps the budget above (its decode reads at the memory's rate).
+const AVX2_GROUP_ACTIVATION_BYTES: usize = 16 * 1024;
 /// Activation rows from which [`matmul_rows_bf16`] multiplies on AMX tiles where the CPU has
 /// them ([`super::amx::amx_bf16_available`]): 16 weight rows, read where they lie, against
 /// all the rows at once ([`super::amx::Tiles::weight_rows16`]). `vdpbf16ps` takes each
@@ -104,11 +111,11 @@ const AMX_ROW_PREFETCH_BYTES: usize = 512;
 const F16_AMX_MIN_ROWS: usize = 6;
 
 /// The length of the blocks along `k` for a group of `rows` f32 activation rows over the
-/// first `whole` values of a row (a multiple of 16): a multiple of 16, at most
-/// [`GROUP_ACTIVATION_BYTES`] for the group where that leaves 16 values, and the blocks
-/// about equal. `whole` itself (one block) when it fits.
-fn k_block(whole: usize, rows: usize) -> usize {
-    let most = (GROUP_ACTIVATION_BYTES / (rows * size_of::<f32>()) / LANES * LANES).max(LANES);
+/// first `whole` values of a row (a multiple of 16): a multiple of 16, at most `budget`
+/// bytes for the group where that leaves 16 values, and the blocks about equal. `whole`
+/// itself (one block) when it fits.
+fn k_block(whole: usize, rows: usize, budget: usize) -> usize {
+    let most = (budget / (rows * size_of::<f32>()) / LANES * LANES).max(LANES);
     let blocks = whole.div_ceil(most).max(1);
     whole.div_ceil(blocks).div_ceil(LANES) * LANES
 }
@@ -555,15 +562,18 @@ fn lane_sum(mut lanes: [f32; LANES]) -> f32 {
 /// and inlined there (each group size is a const generic of its own).
 #[cfg(target_arch = "x86_64")]
 macro_rules! dense_groups {
-    ($dense:ident, $out:ident, $dots:ident, $part:ident) => {
+    ($dense:ident, $out:ident, $dots:ident, $part:ident, $budget:expr) => {
         for_row_groups($dense.rows, ROW_GROUP, |r0, size| {
+            let budget: fn(usize) -> usize = $budget;
             macro_rules! arm {
                 ($r:expr) => {
-                    match $dense.blocks(size) {
+                    match $dense.blocks(size, budget(size)) {
                         None => $dense.group::<{ $r }>(r0, $out, |w, xs| unsafe { $dots(w, xs) }),
-                        Some(b) => $dense.group_blocked::<{ $r }>(r0, $out, b, |w, xs, c0, c1, l| unsafe {
-                            $part(w, xs, c0, c1, l)
-                        }),
+                        Some(b) => {
+                            $dense.group_blocked::<{ $r }>(r0, $out, b, |w, xs, c0, c1, l, ahead| unsafe {
+                                $part(w, xs, c0, c1, l, ahead)
+                            })
+                        }
                     }
                 };
             }
@@ -622,18 +632,20 @@ impl<T: Widen + Element> DenseDots<'_, T> {
     }
 
     /// [`DenseDots::group`] in blocks of `block` values along `k` (a multiple of 16):
-    /// `part(weight row, activation rows, c0, c1, lanes)` adds values `c0..c1` to each row's
-    /// 16 lanes, block by block through all the task's weight rows, and [`finish`] adds the
-    /// values after the last whole 16. A separate path, so that the unblocked one keeps its
-    /// sums in registers (through memory, with the blocks' code, the bf16 and f32 batch-1
-    /// decode steps ran 7-14% slower: `rows-step` table, round 39).
+    /// `part(weight row, activation rows, c0, c1, lanes, ahead)` adds values `c0..c1` to
+    /// each row's 16 lanes, block by block through all the task's weight rows, and
+    /// [`finish`] adds the values after the last whole 16. `ahead` is where the task reads
+    /// after that block of that row (the same block of the next row, or the next block of
+    /// the first), for a prefetch hint; null after the last. A separate path, so that the
+    /// unblocked one keeps its sums in registers (through memory, with the blocks' code, the
+    /// bf16 and f32 batch-1 decode steps ran 7-14% slower: `rows-step` table, round 39).
     #[inline(always)]
     fn group_blocked<const R: usize>(
         &self,
         r0: usize,
         out: &mut [f32],
         block: usize,
-        part: impl Fn(&[T], [&[f32]; R], usize, usize, &mut [[f32; LANES]; R]),
+        part: impl Fn(&[T], [&[f32]; R], usize, usize, &mut [[f32; LANES]; R], *const T),
     ) {
         let (k, rows) = (self.k, self.rows);
         let columns = out.len() / rows;
@@ -645,7 +657,14 @@ impl<T: Widen + Element> DenseDots<'_, T> {
         for c0 in (0..whole).step_by(block.max(LANES)) {
             let c1 = (c0 + block).min(whole);
             for (j, sums) in sums.iter_mut().enumerate().take(columns) {
-                part(row(j), xs, c0, c1, sums);
+                let ahead = if j + 1 < columns {
+                    row(j + 1)[c0..].as_ptr()
+                } else if c1 < whole {
+                    row(0)[c1..].as_ptr()
+                } else {
+                    std::ptr::null()
+                };
+                part(row(j), xs, c0, c1, sums, ahead);
             }
         }
         for (j, sums) in sums.iter().enumerate().take(columns) {
@@ -655,11 +674,11 @@ impl<T: Widen + Element> DenseDots<'_, T> {
         }
     }
 
-    /// The length of the blocks along `k` for a group of `rows` activation rows, `None` when
-    /// the group takes its rows whole.
-    fn blocks(&self, rows: usize) -> Option<usize> {
+    /// The length of the blocks along `k` for a group of `rows` activation rows within
+    /// `budget` bytes ([`k_block`]), `None` when the group takes its rows whole.
+    fn blocks(&self, rows: usize, budget: usize) -> Option<usize> {
         let whole = self.k / LANES * LANES;
-        Some(k_block(whole, rows)).filter(|&block| block < whole)
+        Some(k_block(whole, rows, budget)).filter(|&block| block < whole)
     }
 
     /// [`DenseDots::run`] with [`dots_avx512`], [`ROW_GROUP`] activation rows per pass over
@@ -673,7 +692,7 @@ impl<T: Widen + Element> DenseDots<'_, T> {
         // SAFETY (each call of `dots_avx512` and `part_avx512`): this function's features are
         // the CPU's (the caller's promise); `group` and `group_blocked` pass rows of `k`
         // values each, and blocks of whole 16 values within them.
-        dense_groups!(self, out, dots_avx512, part_avx512);
+        dense_groups!(self, out, dots_avx512, part_avx512, |_| GROUP_ACTIVATION_BYTES);
     }
 
     /// [`DenseDots::run`] with [`dots_avx2`], as [`DenseDots::run_avx512`] does.
@@ -685,7 +704,13 @@ impl<T: Widen + Element> DenseDots<'_, T> {
     unsafe fn run_avx2(&self, out: &mut [f32]) {
         // SAFETY (each call of `dots_avx2` and `part_avx2`): as in `run_avx512`, with this
         // function's features.
-        dense_groups!(self, out, dots_avx2, part_avx2);
+        dense_groups!(self, out, dots_avx2, part_avx2, |rows| {
+            if rows > 1 {
+                AVX2_GROUP_ACTIVATION_BYTES
+            } else {
+                GROUP_ACTIVATION_BYTES
+            }
+        });
     }
 }
 
@@ -753,7 +778,8 @@ unsafe fn dots_avx512<T: Widen + Element, const R: usize>(w: &[T], xs: [&[f32]; 
 
 /// Adds values `c0..c1` (whole 16s) of the weight row `w` times the same values of each of
 /// `R` activation rows to the rows' `lanes`, as [`dots_avx512`] does: a block of
-/// [`DenseDots::group_blocked`].
+/// [`DenseDots::group_blocked`] (which blocks only the longest rows on AVX-512, so `ahead`,
+/// [`part_avx2`]'s hint, is not used here: untried on such a CPU).
 ///
 /// # Safety
 /// As [`dots_avx512`]; `c1 - c0` a multiple of 16 and `c1 <= w.len()`.
@@ -766,6 +792,7 @@ unsafe fn part_avx512<T: Widen + Element, const R: usize>(
     c0: usize,
     c1: usize,
     lanes: &mut [[f32; LANES]; R],
+    _ahead: *const T,
 ) {
     use std::arch::x86_64::*;
     // SAFETY: 16 f32 lanes from a 16-f32 array.
@@ -833,7 +860,7 @@ unsafe fn dots_avx2<T: Widen + Element, const R: usize>(w: &[T], xs: [&[f32]; R]
     let whole = w.len() / LANES * LANES;
     let zero = [_mm256_setzero_ps(); R];
     // SAFETY: the caller's promises; `whole <= w.len()`.
-    let (low, high) = unsafe { fma_avx2(w, xs, 0, whole, (zero, zero)) };
+    let (low, high) = unsafe { fma_avx2(w, xs, 0, whole, (zero, zero), std::ptr::null()) };
     std::array::from_fn(|r| {
         let mut lanes = [0f32; LANES];
         // SAFETY: 2 x 8 f32 lanes into a 16-f32 array.
@@ -858,13 +885,14 @@ unsafe fn part_avx2<T: Widen + Element, const R: usize>(
     c0: usize,
     c1: usize,
     lanes: &mut [[f32; LANES]; R],
+    ahead: *const T,
 ) {
     use std::arch::x86_64::*;
     // SAFETY (both): 2 x 8 f32 lanes from a 16-f32 array.
     let low = std::array::from_fn(|r| unsafe { _mm256_loadu_ps(lanes[r].as_ptr()) });
     let high = std::array::from_fn(|r| unsafe { _mm256_loadu_ps(lanes[r].as_ptr().add(8)) });
     // SAFETY: the caller's promises.
-    let (low, high) = unsafe { fma_avx2(w, xs, c0, c1, (low, high)) };
+    let (low, high) = unsafe { fma_avx2(w, xs, c0, c1, (low, high), ahead) };
     for r in 0..R {
         // SAFETY: 2 x 8 f32 lanes into a 16-f32 array.
         unsafe {
@@ -874,8 +902,9 @@ unsafe fn part_avx2<T: Widen + Element, const R: usize>(
     }
 }
 
-/// [`fma_avx512`] with two 8-lane registers per row (lanes 0-7 and 8-15); 2-byte weights
-/// are asked for [`HALF_ROW_PREFETCH_BYTES`] ahead.
+/// [`fma_avx512`] with two 8-lane registers per row (lanes 0-7 and 8-15). The bytes at
+/// `ahead` (the block [`DenseDots::group_blocked`] reads next) are asked for as this block's
+/// are read; without it (null), 2-byte weights [`HALF_ROW_PREFETCH_BYTES`] ahead in the row.
 ///
 /// # Safety
 /// As [`part_avx2`].
@@ -888,6 +917,7 @@ unsafe fn fma_avx2<T: Widen + Element, const R: usize>(
     c0: usize,
     c1: usize,
     (mut low, mut high): ([std::arch::x86_64::__m256; R], [std::arch::x86_64::__m256; R]),
+    ahead: *const T,
 ) -> ([std::arch::x86_64::__m256; R], [std::arch::x86_64::__m256; R]) {
     use std::arch::x86_64::*;
     assert!(
@@ -899,7 +929,11 @@ unsafe fn fma_avx2<T: Widen + Element, const R: usize>(
         "activation rows as long as the weight row"
     );
     for c in (c0..c1).step_by(LANES) {
-        if size_of::<T>() == 2 {
+        if !ahead.is_null() {
+            // A hint only, as below: the block the task reads next, as far ahead as this one
+            // is long.
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(c - c0).cast::<i8>());
+        } else if size_of::<T>() == 2 {
             // A hint only (never faults, changes no result), so it may point past the row.
             _mm_prefetch::<_MM_HINT_T0>(
                 w.as_ptr()
@@ -1110,7 +1144,9 @@ pub(super) mod tests {
     /// divide 32. The last five take [`matmul_rows`]'s groups in blocks along `k`
     /// ([`GROUP_ACTIVATION_BYTES`]): two groups of 4 in 2 blocks with a partial 16 after
     /// them, a group of 2 in 3 blocks, a group of 4 in 2 blocks beside a row taken whole over
-    /// two tasks, one row in 2 blocks, and a group of 3 in 2 blocks.
+    /// two tasks, one row in 2 blocks, and a group of 3 in 2 blocks; on AVX2
+    /// ([`AVX2_GROUP_ACTIVATION_BYTES`]) the groups of 2 or more rows in more blocks (3, 5,
+    /// 4 and 3).
     const SHAPES: [(usize, usize, usize); 16] = [
         (1, 1, 1),
         (1, 15, 3),
@@ -1133,18 +1169,31 @@ pub(super) mod tests {
     #[test]
     fn k_blocks_are_whole_16s_within_the_budget() {
         // (whole, rows) -> block length
-        assert_eq!(k_block(2048, 4), 2048, "the 1.1B gate projection: one block");
-        assert_eq!(k_block(5632, 4), 1888, "the down projection: three blocks");
-        assert_eq!(k_block(5632, 1), 5632, "one row of 5632 fits");
-        assert_eq!(k_block(11008, 4), 1840, "the 7B down projection: six blocks");
-        assert_eq!(k_block(11008, 1), 5504, "one row of 11008: two blocks");
-        assert_eq!(k_block(8208, 1), 4112, "the test's one row in blocks");
-        assert_eq!(k_block(2736, 3), 1376, "the test's group of 3 in blocks");
-        assert_eq!(k_block(0, 4), 0);
-        for (whole, rows) in [(2224, 4), (8288, 2), (16, 64)] {
-            let block = k_block(whole, rows);
-            assert_eq!(block % LANES, 0, "{whole} {rows}");
-            assert!(block > 0 && block * rows * 4 <= GROUP_ACTIVATION_BYTES.max(LANES * rows * 4));
+        let wide = |whole, rows| k_block(whole, rows, GROUP_ACTIVATION_BYTES);
+        assert_eq!(wide(2048, 4), 2048, "the 1.1B gate projection: one block");
+        assert_eq!(wide(5632, 4), 1888, "the down projection: three blocks");
+        assert_eq!(wide(5632, 1), 5632, "one row of 5632 fits");
+        assert_eq!(wide(11008, 4), 1840, "the 7B down projection: six blocks");
+        assert_eq!(wide(11008, 1), 5504, "one row of 11008: two blocks");
+        assert_eq!(wide(8208, 1), 4112, "the test's one row in blocks");
+        assert_eq!(wide(2736, 3), 1376, "the test's group of 3 in blocks");
+        assert_eq!(wide(0, 4), 0);
+        // The AVX2 budget of groups of 2 or more rows.
+        let avx2 = |whole, rows| k_block(whole, rows, AVX2_GROUP_ACTIVATION_BYTES);
+        assert_eq!(
+            avx2(2048, 4),
+            1024,
+            "the 1.1B gate projection on AVX2: two blocks"
+        );
+        assert_eq!(avx2(5632, 4), 944, "the down projection on AVX2: six blocks");
+        assert_eq!(avx2(2048, 2), 2048, "two rows of 2048 fit");
+        assert_eq!(avx2(2224, 4), 752, "the test's group of 4 in three blocks");
+        for budget in [GROUP_ACTIVATION_BYTES, AVX2_GROUP_ACTIVATION_BYTES] {
+            for (whole, rows) in [(2224, 4), (8288, 2), (16, 64)] {
+                let block = k_block(whole, rows, budget);
+                assert_eq!(block % LANES, 0, "{whole} {rows}");
+                assert!(block > 0 && block * rows * 4 <= budget.max(LANES * rows * 4));
+            }
         }
     }
 
