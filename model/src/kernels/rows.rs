@@ -90,7 +90,8 @@ const GROUP_ACTIVATION_BYTES: usize = 32 * 1024;
 /// vector's four activation loads came from L2. In 16 KB blocks the segments of the weight
 /// rows ran slower still (round 45), until each block asked for the segment the task reads
 /// next ([`fma_avx2`]'s `ahead`): the hardware prefetchers do not follow a jump to the next
-/// row's segment. One row keeps the budget above (its decode reads at the memory's rate).
+/// row's segment. One row keeps the budget above and its hint (its decode reads at the
+/// memory's rate).
 const AVX2_GROUP_ACTIVATION_BYTES: usize = 16 * 1024;
 /// Activation rows from which [`matmul_rows_bf16`] multiplies on AMX tiles where the CPU has
 /// them ([`super::amx::amx_bf16_available`]): 16 weight rows, read where they lie, against
@@ -891,6 +892,9 @@ unsafe fn part_avx2<T: Widen + Element, const R: usize>(
     // SAFETY (both): 2 x 8 f32 lanes from a 16-f32 array.
     let low = std::array::from_fn(|r| unsafe { _mm256_loadu_ps(lanes[r].as_ptr()) });
     let high = std::array::from_fn(|r| unsafe { _mm256_loadu_ps(lanes[r].as_ptr().add(8)) });
+    // One row (blocked only past 32 KB, the 7B down projection) keeps the hint within its
+    // row that round 45 tuned: the next block's is tuned for groups.
+    let ahead = if R > 1 { ahead } else { std::ptr::null() };
     // SAFETY: the caller's promises.
     let (low, high) = unsafe { fma_avx2(w, xs, c0, c1, (low, high), ahead) };
     for r in 0..R {
