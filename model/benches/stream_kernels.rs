@@ -83,6 +83,7 @@ fn main() {
         Ok("amx-tile") => Some(amx_tile_table),
         Ok("f16-amx") => Some(f16_amx_table),
         Ok("f32-gemm") => Some(f32_gemm_table),
+        Ok("f16-gemm") => Some(f16_gemm_table),
         Ok("packed-memory") => Some(packed_memory_table),
         Ok("q4-gemm") => Some(q4_gemm_table),
         Ok("decode-attention") => Some(attention_table),
@@ -920,6 +921,54 @@ fn f32_gemm_table() {
             median(1),
             median(2),
             median(0) / median(2)
+        );
+    }
+}
+
+/// Many-row f16 products (an f16 prefill's on AVX2): the f32 gemm with the f16 weight
+/// widened as packed against the dot products of f16 rows (`f16_gemm`), both on the
+/// checkpoint's `[n, k]` weight and f16 activations, 3 interleaved rounds, medians.
+fn f16_gemm_table() {
+    use burn::tensor::f16;
+    use vipllava_model::kernels::bf16_gemm::WeightOrder;
+    use vipllava_model::kernels::f16_gemm::{f16_dot_available, matmul_f16_dot};
+    use vipllava_model::kernels::f32_gemm::matmul_f32_gemm;
+
+    println!();
+    println!("f16 dot products (AVX2): {}", f16_dot_available());
+    println!("| m x k x n | f32 gemm ms | f16 dot ms | f32 gemm GFLOP/s | f16 dot GFLOP/s | gemm / dot |");
+    println!("|---|---|---|---|---|---|");
+    // The prefill's products, then the 7B's MLP (the hub checkpoint's own dtype is f16).
+    let shapes = PREFILL_PRODUCTS
+        .into_iter()
+        .chain([(617, 4096, 11008), (617, 11008, 4096)]);
+    for (m, k, n) in shapes {
+        let (x, w) = prefill_operands(m, k, n);
+        let x: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
+        let file: Vec<f16> = checkpoint_order(&w, k, n)
+            .iter()
+            .map(|&v| f16::from_f32(v))
+            .collect();
+        let mut rounds = [[f64::NAN; 2]; 3];
+        for round in rounds.iter_mut() {
+            round[0] = time(3, || {
+                black_box(matmul_f32_gemm(&x, &file, WeightOrder::OutputMajor, m, k, n));
+            });
+            if f16_dot_available() {
+                round[1] = time(3, || {
+                    black_box(matmul_f16_dot(&x, &file, m, k, n));
+                });
+            }
+        }
+        let median = |c: usize| median_ms(&rounds, c);
+        let gflops = |c: usize| 2.0 * (m * k * n) as f64 / median(c) / 1e6;
+        println!(
+            "| {m} x {k} x {n} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} |",
+            median(0),
+            median(1),
+            gflops(0),
+            gflops(1),
+            median(0) / median(1)
         );
     }
 }

@@ -12,7 +12,8 @@
 //! [`packed`]).
 //!
 //! Many rows (prefill, image encode) go to our gemms where the CPU runs them: bf16 with
-//! `vdpbf16ps` or AMX ([`bf16_gemm`]), f32 and bf16 without those with AVX-512 or AVX2 FMA
+//! `vdpbf16ps` or AMX ([`bf16_gemm`]), f16 on AVX2 as dot products of f16 rows
+//! ([`f16_gemm`]), f32 and bf16 without those (and f16 elsewhere) with AVX-512 or AVX2 FMA
 //! ([`f32_gemm`]). Everything else (other backends, odd layouts, other CPUs) goes to Burn's
 //! own ops; bf16/f16 weights are then widened to f32 once per call for Burn's f32 gemm.
 
@@ -70,6 +71,7 @@ pub mod amx;
 pub mod attention;
 pub mod bf16_dot;
 pub mod bf16_gemm;
+pub mod f16_gemm;
 pub mod f32_gemm;
 pub mod int8;
 pub mod layer_norm;
@@ -305,14 +307,20 @@ fn gemm_linear<const D: usize>(
         let xs = input.storage::<bf16>().get(inputs)?;
         f32_gemm::matmul_f32_gemm(xs, &w.storage::<bf16>()[values], order, rows, k, n)?
     } else if dtype == DType::F16 {
-        // f16 (the hub 7B's own dtype): with AMX as products of the values' bf16 halves,
-        // else widened as packed, as bf16 weights without `vdpbf16ps` are (Flex would widen
-        // the whole weight on every call, then multiply).
+        // f16 (the hub 7B's own dtype): with AMX as products of the values' bf16 halves; on
+        // AVX2 a file-order weight as dot products of f16 rows ([`f16_gemm`]); else widened
+        // as packed, as bf16 weights without `vdpbf16ps` are (Flex would widen the whole
+        // weight on every call, then multiply).
         let (xs, w) = (input.storage::<f16>().get(inputs)?, &w.storage::<f16>()[values]);
         let amx = bf16_gemm_enabled()
             .then(|| bf16_gemm::matmul_f16_amx(xs, w, order, rows, k, n))
             .flatten();
-        match amx {
+        let dot = || {
+            (order == bf16_gemm::WeightOrder::OutputMajor)
+                .then(|| f16_gemm::matmul_f16_dot(xs, w, rows, k, n))
+                .flatten()
+        };
+        match amx.or_else(dot) {
             Some(out) => out,
             None if f32_gemm_enabled() => f32_gemm::matmul_f32_gemm(xs, w, order, rows, k, n)?,
             None => return None,
