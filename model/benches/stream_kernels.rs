@@ -454,7 +454,7 @@ fn rows_step_table() {
     let report = |variants: &[Step]| {
         for &rows in &rows_list {
             let xs = inputs(rows);
-            let mut rounds = [[0f64; 3]; 3];
+            let mut rounds = [[0f64; 4]; 3];
             for round in rounds.iter_mut() {
                 for (c, (_, step)) in variants.iter().enumerate() {
                     round[c] = time(3, || step(&xs, rows));
@@ -497,9 +497,28 @@ fn rows_step_table() {
         };
         let fmas = |xs: &[Vec<f32>], rows: usize| fma_step(&wh, xs, rows);
         let gemm = |xs: &[Vec<f32>], rows: usize| gemm_step(&wh, xs, rows);
+        // The f16 prefill's dot products on AVX2 (`f16_gemm`), its f16 activations made
+        // once per row count, outside the timing.
+        let halves = std::cell::RefCell::new(std::collections::HashMap::<usize, Vec<Vec<f16>>>::new());
+        let dot = |xs: &[Vec<f32>], rows: usize| {
+            use vipllava_model::kernels::f16_gemm::matmul_f16_dot;
+            let mut halves = halves.borrow_mut();
+            let xh = halves.entry(rows).or_insert_with(|| {
+                xs.iter()
+                    .map(|x| x.iter().map(|&v| f16::from_f32(v)).collect())
+                    .collect()
+            });
+            for (i, w) in wh.iter().enumerate() {
+                let (k, n) = SHAPES[i % SHAPES.len()];
+                black_box(matmul_f16_dot(black_box(&xh[i % SHAPES.len()]), w, rows, k, n));
+            }
+        };
         let mut variants: Vec<Step> = vec![("f16", &engine), ("f16, f32 multiply-adds", &fmas)];
         if f32_gemm_available() {
             variants.push(("f16, f32 gemm", &gemm));
+        }
+        if vipllava_model::kernels::f16_gemm::f16_dot_available() {
+            variants.push(("f16, f16 dot products", &dot));
         }
         report(&variants);
     }

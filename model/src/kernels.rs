@@ -193,6 +193,7 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
         };
     }
     if rows <= MAX_STREAM_ROWS
+        && !f16_dot_takes(&weight, &x, rows)
         && let Some(out) = stream_linear(layer, weight.clone(), &x, rows)
     {
         return out;
@@ -214,6 +215,18 @@ pub fn linear<const D: usize>(layer: &Linear, x: Tensor<D>) -> Tensor<D> {
         return y.cast(wdtype);
     }
     layer.forward(x)
+}
+
+/// Whether a batch's few f16 rows go to [`f16_gemm`]'s dot products (through
+/// [`gemm_linear`]) instead of the row kernels: on AVX2, from
+/// [`f16_gemm::F16_DOT_MIN_ROWS`] rows, for a file-order weight and f16 activations.
+fn f16_dot_takes<const D: usize>(weight: &Tensor<2>, x: &Tensor<D>, rows: usize) -> bool {
+    rows >= f16_gemm::F16_DOT_MIN_ROWS
+        && weight.dtype() == DType::F16
+        && x.dtype() == DType::F16
+        && f16_gemm::f16_dot_available()
+        && weight.dims()[0].is_multiple_of(8)
+        && weight_in_file_order(weight)
 }
 
 /// Whether `weight` (`[k, n]`, a `Linear`'s) is a transposed view of contiguous `[n, k]`
@@ -3057,8 +3070,12 @@ pub(crate) mod tests {
         let bias = to_bf16((0..n).map(|i| i as f32 * 0.01 - 0.2).collect(), vec![1, n]).reshape([n]);
         // `[n, k]` rows seen as `[k, n]`, as the loader does with a checkpoint's weight.
         let w_file = w_kn.clone().transpose().into_data();
-        let w_file = Tensor::<2>::from_data(w_file, &device).swap_dims(0, 1);
+        // (`from_data` makes f32 values: cast back.)
+        let w_file = Tensor::<2>::from_data(w_file, &device)
+            .cast(DType::BF16)
+            .swap_dims(0, 1);
         assert!(weight_in_file_order(&w_file) && !weight_in_file_order(&w_kn));
+        assert_eq!(w_file.dtype(), DType::BF16);
         // `[batch, seq, k]` activations stored as `[seq, batch, k]`.
         let x = to_bf16(activations(rows, k), vec![seq * batch, k])
             .reshape([seq, batch, k])
@@ -3117,46 +3134,90 @@ pub(crate) mod tests {
     }
 
     /// f16 many-row products through `linear` in both weight orders: the dispatch (AMX tiles
-    /// where the CPU has them, else the f32 gemm), the bias added in f32 and one rounding to
-    /// f16 (in parallel), within an f16 step of the exact result.
+    /// where the CPU has them, the dot products of f16 rows on AVX2, else the f32 gemm), the
+    /// bias added in f32 and one rounding to f16 (in parallel), within an f16 step of the
+    /// exact result. With `k` a multiple of 8 on AVX2, a file-order weight's rows, down to a
+    /// batch's few decode rows ([`f16_gemm::F16_DOT_MIN_ROWS`]), have the dot products' bits.
     #[test]
     fn many_f16_rows_through_linear_in_both_weight_orders() {
         use burn::module::Param;
         use burn::nn::LinearConfig;
 
         let device = Device::flex();
-        let (rows, k, n) = (37, 70, 53);
+        let n = 53;
         let to_f16 = |v: Vec<f32>, shape: Vec<usize>| {
             Tensor::<2>::from_data(TensorData::new(v, shape), &device).cast(DType::F16)
         };
-        let w_kn = to_f16(activations(k, n).iter().map(|v| v * 0.25).collect(), vec![k, n]);
-        let bias = to_f16((0..n).map(|i| i as f32 * 0.01 - 0.2).collect(), vec![1, n]).reshape([n]);
-        let w_file = Tensor::<2>::from_data(w_kn.clone().transpose().into_data(), &device).swap_dims(0, 1);
-        assert!(weight_in_file_order(&w_file) && !weight_in_file_order(&w_kn));
-        let x = to_f16(activations(rows, k), vec![rows, k]);
         let values = |t: Tensor<2>| t.cast(DType::F32).into_data().try_into_vec::<f32>().expect("f32");
-        let (wv, bv, xv) = (
-            values(w_kn.clone()),
-            values(bias.clone().unsqueeze()),
-            values(x.clone()),
-        );
-        for weight in [w_kn, w_file] {
-            let mut layer = LinearConfig::new(k, n).init(&device);
-            layer.weight = Param::from_tensor(weight);
-            layer.bias = Some(Param::from_tensor(bias.clone()));
-            let y = linear(&layer, x.clone());
-            assert_eq!((y.dims(), y.dtype()), ([rows, n], DType::F16));
-            for (i, &g) in values(y).iter().enumerate() {
-                let (r, c) = (i / n, i % n);
-                let sum: f64 = (0..k)
-                    .map(|kk| xv[r * k + kk] as f64 * wv[kk * n + c] as f64)
-                    .sum();
-                let exact = bv[c] as f64 + sum;
-                assert!(
-                    (g as f64 - exact).abs() <= exact.abs() / 1024.0 + 1e-4,
-                    "at {i}: {g} vs {exact}"
-                );
+        let halves = |t: Tensor<2>| t.into_data().try_into_vec::<f16>().expect("f16");
+        for (rows, k) in [(37, 70), (37, 72), (16, 72), (3, 72), (2, 72)] {
+            // Values whose sums round (multiples of 1/8 would add exactly in any order, and
+            // every summation order would give the same bits).
+            let w_kn = to_f16(activations(k, n).iter().map(|v| v * 0.283).collect(), vec![k, n]);
+            let bias = to_f16((0..n).map(|i| i as f32 * 0.01 - 0.2).collect(), vec![1, n]).reshape([n]);
+            // `[n, k]` f16 rows (`from_data` makes f32 values: cast back), seen as `[k, n]`.
+            let w_file = Tensor::<2>::from_data(w_kn.clone().transpose().into_data(), &device)
+                .cast(DType::F16)
+                .swap_dims(0, 1);
+            assert!(weight_in_file_order(&w_file) && !weight_in_file_order(&w_kn));
+            assert_eq!(w_file.dtype(), DType::F16);
+            let x = to_f16(
+                activations(rows, k).iter().map(|v| v * 0.917).collect(),
+                vec![rows, k],
+            );
+            let (wv, bv, xv) = (
+                values(w_kn.clone()),
+                values(bias.clone().unsqueeze()),
+                values(x.clone()),
+            );
+            let dot_rows = f16_gemm::matmul_f16_dot_reference(
+                &halves(x.clone()),
+                &halves(w_kn.clone().transpose()),
+                rows,
+                k,
+                n,
+            );
+            // A batch's rows go to the dot products exactly where they run (the f16 sums,
+            // rounded, rarely tell the two summation orders apart).
+            let dots_run = f16_gemm::f16_dot_available() && k % 8 == 0;
+            assert_eq!(
+                f16_dot_takes(&w_file, &x, rows),
+                dots_run && rows >= f16_gemm::F16_DOT_MIN_ROWS
+            );
+            assert!(!f16_dot_takes(&w_kn, &x, rows));
+            assert!(!f16_dot_takes(&w_file, &x.clone().cast(DType::F32), rows));
+            for (file_order, weight) in [(false, w_kn), (true, w_file)] {
+                let mut layer = LinearConfig::new(k, n).init(&device);
+                layer.weight = Param::from_tensor(weight);
+                layer.bias = Some(Param::from_tensor(bias.clone()));
+                let y = linear(&layer, x.clone());
+                assert_eq!((y.dims(), y.dtype()), ([rows, n], DType::F16));
+                let got = values(y);
+                for (i, &g) in got.iter().enumerate() {
+                    let (r, c) = (i / n, i % n);
+                    let sum: f64 = (0..k)
+                        .map(|kk| xv[r * k + kk] as f64 * wv[kk * n + c] as f64)
+                        .sum();
+                    let exact = bv[c] as f64 + sum;
+                    assert!(
+                        (g as f64 - exact).abs() <= exact.abs() / 1024.0 + 1e-4,
+                        "{rows}x{k} at {i}: {g} vs {exact}"
+                    );
+                }
+                if file_order
+                    && rows >= f16_gemm::F16_DOT_MIN_ROWS
+                    && dots_run
+                    && let Some(dots) = &dot_rows
+                {
+                    let twin: Vec<f32> = dots
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| f16::from_f32(v + bv[i % n]).to_f32())
+                        .collect();
+                    assert_eq!(got, twin, "{rows}x{k}: linear and the dot products");
+                }
             }
+            assert_eq!(dot_rows.is_some(), k % 8 == 0);
         }
     }
 

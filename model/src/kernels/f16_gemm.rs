@@ -33,6 +33,13 @@ const TILE_ROWS: usize = 3;
 /// tiles: 295 KB of f16 activations at k = 2048, in Zen 3's 512 KB L2).
 const TOKEN_BLOCK: usize = 24 * TILE_ROWS;
 
+/// Rows from which a decode step's f16 products (a batch's) take [`matmul_f16_dot`] rather
+/// than the row kernels of [`super::rows`]: the 1.1B model's step products on Zen 3 took
+/// 0.90x their time at 3 and 4 rows, 0.67-0.76x at 5-6, 0.61x at 16 (2 rows: 1.04x). Each
+/// row's bits then differ from those it gets alone (another summation order), as the AMX
+/// row tiles' do.
+pub const F16_DOT_MIN_ROWS: usize = 3;
+
 /// Whether this CPU runs [`matmul_f16_dot`]: AVX2 with FMA and F16C, and not AVX-512 F
 /// (whose 16-lane f32 gemm is left in place: this kernel was measured on AVX2 only).
 pub fn f16_dot_available() -> bool {
