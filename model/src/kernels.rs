@@ -284,11 +284,11 @@ fn gemm_linear<const D: usize>(
     let dtype = weight.dtype();
     // bf16 through the bf16 gemm where the CPU has AVX-512 BF16, else through the f32 gemm
     // with the weight widened as it is packed (AVX2 CPUs: Flex would widen the whole weight
-    // first, on one thread); f16 through either (`VIPLLAVA_BF16_GEMM=0` and
-    // `VIPLLAVA_F32_GEMM=0` switch each off).
+    // first, on one thread); f16 through either, or `f16_gemm`'s dot products on AVX2
+    // (`VIPLLAVA_BF16_GEMM=0` and `VIPLLAVA_F32_GEMM=0` switch the gemms off).
     let bf16_products = match dtype {
         DType::BF16 if bf16_gemm_enabled() => true,
-        DType::F16 if bf16_gemm_enabled() || f32_gemm_enabled() => false,
+        DType::F16 if bf16_gemm_enabled() || f32_gemm_enabled() || f16_gemm::f16_dot_available() => false,
         DType::BF16 | DType::F32 if f32_gemm_enabled() => false,
         _ => return None,
     };
