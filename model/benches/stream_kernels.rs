@@ -6,7 +6,8 @@
 //! many-row bf16 table alone, `STREAM_KERNELS=amx-gemm` for its AMX column alone,
 //! `STREAM_KERNELS=amx-tile` for the AMX block loop alone (`AMX_THREADS`, `AMX_MISALIGN`),
 //! `STREAM_KERNELS=f16-amx` for the f16 AMX products in both weight orders,
-//! `STREAM_KERNELS=f32-gemm` for the many-row f32 table alone,
+//! `STREAM_KERNELS=f32-gemm` for the many-row f32 table alone, `STREAM_KERNELS=f16-gemm`
+//! for the many-row f16 products (the f32 gemm against AVX2's f16 dot products),
 //! `STREAM_KERNELS=prefill-attention` and
 //! `STREAM_KERNELS=decode-attention` for the attention tables alone, `STREAM_KERNELS=gate`
 //! for the MLP gates (SiLU times `up`, quick GELU) at prefill sizes,
