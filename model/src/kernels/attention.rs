@@ -643,15 +643,21 @@ impl<T: Widen + burn::tensor::Element> Head<'_, T> {
     }
 }
 
-/// The sum of the 8 lanes of `v` in [`lane_sums8`]'s order: lanes `l` and `l + 4`, then
-/// `l + 2`, then `l + 1`.
+/// The sum of the 8 lanes of `v` in [`lane_sums8`]'s order ([`sum_lanes8`]).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx")]
 #[inline]
-fn sum8(v: std::arch::x86_64::__m256) -> f32 {
+pub(super) fn sum8(v: std::arch::x86_64::__m256) -> f32 {
     let mut lanes = [0f32; AVX2_LANES];
     // SAFETY: 8 f32 lanes into an 8-f32 array.
     unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+    sum_lanes8(&lanes)
+}
+
+/// The sum of 8 lanes in the AVX2 kernels' order, in plain Rust: lanes `l` and `l + 4`,
+/// then `l + 2`, then `l + 1`.
+#[inline]
+pub(super) fn sum_lanes8(lanes: &[f32; AVX2_LANES]) -> f32 {
     let half: [f32; 4] = std::array::from_fn(|l| lanes[l] + lanes[l + 4]);
     (half[0] + half[2]) + (half[1] + half[3])
 }

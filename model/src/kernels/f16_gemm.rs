@@ -21,6 +21,7 @@
 use burn::tensor::f16;
 
 use super::Simd;
+use super::attention::sum_lanes8;
 use super::bf16_gemm::{Block, Output, for_each_block};
 
 /// Lanes of one accumulator (inputs per step).
@@ -80,20 +81,15 @@ fn run(x: &[f16], w: &[f16], [m, k, n]: [usize; 3], isa: Simd) -> Option<Vec<f32
     Some(out)
 }
 
-/// One output's bits: the lanes' FMA chains, then their sum in the kernel's order.
+/// One output's bits: the lanes' FMA chains (`w * x + acc`, rounded once), then their sum
+/// in the kernel's order.
 fn dot(x: &[f16], w: &[f16]) -> f32 {
     let mut lanes = [0f32; LANES];
     for (i, (a, b)) in x.iter().zip(w).enumerate() {
         let lane = &mut lanes[i % LANES];
-        *lane = w_times_x(b.to_f32(), a.to_f32(), *lane);
+        *lane = b.to_f32().mul_add(a.to_f32(), *lane);
     }
-    let half: [f32; 4] = std::array::from_fn(|l| lanes[l] + lanes[l + 4]);
-    (half[0] + half[2]) + (half[1] + half[3])
-}
-
-/// `w * x + acc` rounded once (the kernel's FMA).
-fn w_times_x(w: f32, x: f32, acc: f32) -> f32 {
-    w.mul_add(x, acc)
+    sum_lanes8(&lanes)
 }
 
 fn plain_block(x: &[f16], w: &[f16], k: usize, n: usize, block: Block, out: &Output) {
@@ -112,6 +108,7 @@ mod avx2 {
 
     use burn::tensor::f16;
 
+    use super::super::attention::sum8;
     use super::{Block, LANES, Output, TILE_COLS, TILE_ROWS, TOKEN_BLOCK};
 
     /// A task's block: [`TOKEN_BLOCK`] activation rows at a time, each group of
@@ -227,7 +224,7 @@ mod avx2 {
             let sums = [[a00, a01, a02, a03], [a10, a11, a12, a13], [a20, a21, a22, a23]];
             for (r, row) in sums.iter().enumerate() {
                 for (c, &sum) in row.iter().enumerate() {
-                    dst.add(r * n + c).write(lane_sum(sum));
+                    dst.add(r * n + c).write(sum8(sum));
                 }
             }
         }
@@ -264,20 +261,10 @@ mod avx2 {
             }
             for (r, sums) in acc.iter().enumerate() {
                 for (c, &sum) in sums.iter().enumerate() {
-                    dst.add(r * n + c).write(lane_sum(sum));
+                    dst.add(r * n + c).write(sum8(sum));
                 }
             }
         }
-    }
-
-    /// The 8 lanes' sum in the kernel's order: lanes `l` and `l + 4`, then `l + 2`, then
-    /// `l + 1`.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn lane_sum(v: __m256) -> f32 {
-        let half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
     }
 }
 
