@@ -3150,7 +3150,7 @@ pub(crate) mod tests {
         };
         let values = |t: Tensor<2>| t.cast(DType::F32).into_data().try_into_vec::<f32>().expect("f32");
         let halves = |t: Tensor<2>| t.into_data().try_into_vec::<f16>().expect("f16");
-        for (rows, k) in [(37, 70), (37, 72), (16, 72), (3, 72), (2, 72)] {
+        for (rows, k) in [(37, 70), (37, 72), (16, 72), (3, 72), (2, 72), (1, 72)] {
             // Values whose sums round (multiples of 1/8 would add exactly in any order, and
             // every summation order would give the same bits).
             let w_kn = to_f16(activations(k, n).iter().map(|v| v * 0.283).collect(), vec![k, n]);

@@ -36,7 +36,10 @@ const TOKEN_BLOCK: usize = 24 * TILE_ROWS;
 
 /// Rows from which a decode step's f16 products (a batch's) take [`matmul_f16_dot`] rather
 /// than the row kernels of [`super::rows`]: the 1.1B model's step products on Zen 3 took
-/// 0.90x their time at 3 and 4 rows, 0.67-0.76x at 5-6, 0.61x at 16 (2 rows: 1.04x). Each
+/// 0.70-0.98x their time at 3 and 4 rows, 0.67-0.76x at 5-6, 0.61x at 16. At 2 rows the
+/// products alone were level or a little faster (0.92-1.04x) but whole decode steps slower
+/// (`bench --batch-sizes 2 --dtype f16`: 0.76-1.01x the tokens per second, median 0.88),
+/// while at 3 rows the row kernels' steps gave 0.92-0.97x the dot products' rate. Each
 /// row's bits then differ from those it gets alone (another summation order), as the AMX
 /// row tiles' do.
 pub const F16_DOT_MIN_ROWS: usize = 3;
