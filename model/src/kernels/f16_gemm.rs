@@ -225,11 +225,7 @@ mod avx2 {
                 options(nostack, readonly),
             );
             let sums = [[a00, a01, a02, a03], [a10, a11, a12, a13], [a20, a21, a22, a23]];
-            for (r, row) in sums.iter().enumerate() {
-                for (c, &sum) in row.iter().enumerate() {
-                    dst.add(r * n + c).write(sum8(sum));
-                }
-            }
+            write_sums(&sums, dst, n);
         }
     }
 
@@ -262,10 +258,26 @@ mod avx2 {
                 }
                 i += LANES;
             }
-            for (r, sums) in acc.iter().enumerate() {
-                for (c, &sum) in sums.iter().enumerate() {
-                    dst.add(r * n + c).write(sum8(sum));
-                }
+            write_sums(&acc, dst, n);
+        }
+    }
+
+    /// A tile's accumulators, each summed across its lanes, to `dst[row * n + col]`.
+    ///
+    /// # Safety
+    /// The CPU runs AVX2; `dst[row * n + col]` lies in the caller's block for every `row <
+    /// ROWS` and `col < COLS`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn write_sums<const COLS: usize, const ROWS: usize>(
+        acc: &[[__m256; COLS]; ROWS],
+        dst: *mut f32,
+        n: usize,
+    ) {
+        for (r, sums) in acc.iter().enumerate() {
+            for (c, &sum) in sums.iter().enumerate() {
+                // SAFETY: the caller's.
+                unsafe { dst.add(r * n + c).write(sum8(sum)) };
             }
         }
     }
